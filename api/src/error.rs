@@ -1,0 +1,173 @@
+//! The one place where errors become HTTP: every failure is an [`ApiError`] with a stable [`ErrorCode`], rendered
+//! as an RFC 9457 problem document. Internal causes are logged with their whole chain and never sent to clients.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use cloud_domain::api::{ErrorCode, Problem};
+use cloud_domain::names::NameError;
+use cloud_domain::ports::PortSpecError;
+use cloud_store::{BundleError, StoreError};
+
+/// A failed request: what the client is told, and (for server faults) what the log gets.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: ErrorCode,
+    /// The message for the client.
+    pub detail: String,
+    /// Extra response headers (e.g. `Allow`, `WWW-Authenticate`).
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    /// An error with the usual status of its code.
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            status: status_of(code),
+            code,
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A server-side fault: the cause is logged, the client gets a generic message.
+    pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(error = %chain(cause), "internal error");
+        Self::new(
+            ErrorCode::InternalError,
+            "an internal error occurred; the server log has the details",
+        )
+    }
+
+    /// Adds a response header.
+    pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.headers.push((name, HeaderValue::from_static(value)));
+        self
+    }
+
+    /// The problem document.
+    pub fn problem(&self) -> Problem {
+        Problem {
+            type_uri: format!("urn:cloud:error:{}", self.code.as_str()),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+            code: self.code,
+        }
+    }
+}
+
+/// The status each code is answered with.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    use ErrorCode::*;
+    match code {
+        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName
+        | InvalidDomain | InvalidPortSpec | InvalidCursor | InvalidImage => StatusCode::BAD_REQUEST,
+        MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
+        InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
+        NotFound | RouteNotFound => StatusCode::NOT_FOUND,
+        MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        AlreadyExists
+        | DomainTaken
+        | PortConflict
+        | ServiceHasInstances
+        | ImageInUse
+        | InvalidStateTransition
+        | IdempotencyKeyInProgress
+        | TenantNotEmpty => StatusCode::CONFLICT,
+        PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        CapacityExhausted | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// `a: b: c` for an error and its sources.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.detail)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status);
+        res.content_type("application/problem+json");
+        for (name, value) in &self.headers {
+            res.insert_header((name.clone(), value.clone()));
+        }
+        res.json(self.problem())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        use ErrorCode as C;
+        let detail = e.to_string();
+        match e {
+            StoreError::NotFound { .. } => Self::new(C::NotFound, detail),
+            StoreError::AlreadyExists { .. } => Self::new(C::AlreadyExists, detail),
+            StoreError::DomainTaken { .. } => Self::new(C::DomainTaken, detail),
+            StoreError::PortTaken { .. } => Self::new(C::PortConflict, detail),
+            StoreError::ServiceHasInstances { .. } => Self::new(C::ServiceHasInstances, detail),
+            StoreError::ImageInUse { .. } => Self::new(C::ImageInUse, detail),
+            StoreError::TenantNotEmpty { .. } => Self::new(C::TenantNotEmpty, detail),
+            StoreError::QuotaExceeded { .. } => Self::new(C::QuotaExceeded, detail),
+            StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
+            StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
+            StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
+            ref e if e.is_unavailable() => {
+                tracing::warn!(error = %chain(e), "database unavailable");
+                Self::new(C::Unavailable, "the database is unreachable; retry shortly")
+                    .with_header(header::RETRY_AFTER, "2")
+            }
+            other => Self::internal(&other),
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        let code = match e.code() {
+            "reserved_name" => ErrorCode::ReservedName,
+            "invalid_domain" => ErrorCode::InvalidDomain,
+            _ => ErrorCode::InvalidName,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<PortSpecError> for ApiError {
+    fn from(e: PortSpecError) -> Self {
+        Self::new(ErrorCode::InvalidPortSpec, e.to_string())
+    }
+}
+
+impl From<BundleError> for ApiError {
+    fn from(e: BundleError) -> Self {
+        Self::new(ErrorCode::InvalidImage, e.to_string())
+    }
+}
+
+/// Handlers' result type.
+pub type ApiResult<T> = Result<T, ApiError>;

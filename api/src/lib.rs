@@ -1,0 +1,174 @@
+//! The tenant API: HTTP in, store operations out.
+//!
+//! A request goes through authentication ([`auth::Auth`]), validation with the domain rules (`validate`), one
+//! store transaction, and back as JSON; any failure is an [`error::ApiError`] rendered as problem+json in one
+//! place. Routes are annotated for utoipa, so the OpenAPI document ([`openapi`]) is generated from the code that
+//! serves it and checked in under `openapi/`.
+
+pub mod auth;
+pub mod error;
+mod idempotency;
+mod metrics;
+mod routes;
+mod validate;
+
+use std::net::TcpListener;
+
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpRequest, HttpServer, web};
+use cloud_domain::api::ErrorCode;
+use cloud_store::{ChangeFeed, Store, StoreError};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_actix_web::AppExt;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use auth::{Auth, TokenSigner, issue_token};
+pub use error::{ApiError, ApiResult};
+pub use metrics::Metrics;
+
+/// Limits and knobs of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest JSON body accepted.
+    pub max_json_bytes: usize,
+    /// Largest image bundle accepted.
+    pub max_image_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_json_bytes: 256 * 1024,
+            max_image_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// The platform state.
+    pub store: Store,
+    /// Token signing and verification.
+    pub signer: TokenSigner,
+    /// The newest committed change, for event streams.
+    pub feed: ChangeFeed,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Limits.
+    pub config: ApiConfig,
+}
+
+impl AppState {
+    /// Loads the signing key and starts following the change feed.
+    pub async fn new(store: Store, config: ApiConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            signer: TokenSigner::from_store(&store).await?,
+            feed: ChangeFeed::start(store.clone()).await?,
+            metrics: Metrics::new(),
+            store,
+            config,
+        })
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Cloud platform API",
+        description = "Tenants create services (public FQDNs with port mappings) and instances (private IPs and \
+                       FQDNs). Errors are RFC 9457 problem documents whose `code` is one of `ErrorCode`.",
+        version = "1"
+    ),
+    components(schemas(cloud_domain::api::ErrorCode, cloud_domain::api::Problem)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tenants", description = "Tenants and quotas (admin scope)."),
+        (name = "tokens", description = "API tokens: JWTs that can be revoked."),
+        (name = "services", description = "Public names with port mappings."),
+        (name = "instances", description = "Running copies of images with private IPs."),
+        (name = "images", description = "Bundles with a manifest naming command and port."),
+        (name = "events", description = "The tenant's change stream."),
+        (name = "system", description = "Health, readiness and metrics.")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(routes::configure)
+        .split_for_parts()
+        .1
+}
+
+/// Starts serving on a bound listener. The returned server runs until stopped or dropped.
+pub fn serve(
+    state: web::Data<AppState>,
+    listener: TcpListener,
+) -> std::io::Result<actix_web::dev::Server> {
+    let json_limit = state.config.max_json_bytes;
+    let server = HttpServer::new(move || {
+        let (app, api) = App::new()
+            .into_utoipa_app()
+            .openapi(ApiDoc::openapi())
+            .app_data(state.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(json_limit)
+                    .error_handler(|e, _| validate::json_error(e).into()),
+            )
+            .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                ApiError::new(
+                    ErrorCode::InvalidQuery,
+                    format!("invalid query string: {e}"),
+                )
+                .into()
+            }))
+            .app_data(web::PathConfig::default().error_handler(|e, _| {
+                ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {e}")).into()
+            }))
+            .configure(routes::configure)
+            .split_for_parts();
+        app.wrap(from_fn(idempotency::middleware))
+            .wrap(from_fn(metrics::middleware))
+            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
+            .route(
+                "/docs",
+                web::get().to(|| async { web::Redirect::to("/docs/").permanent() }),
+            )
+            .default_service(web::to(not_found))
+    })
+    .workers(2)
+    .shutdown_timeout(5)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}
+
+async fn not_found(req: HttpRequest) -> ApiResult<actix_web::HttpResponse> {
+    Err(ApiError::new(
+        ErrorCode::RouteNotFound,
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
+}

@@ -1,0 +1,186 @@
+//! Instances.
+
+use actix_web::{HttpResponse, delete, get, post, web};
+use cloud_domain::api::{
+    CreateInstance, CreatedInstances, ErrorCode, Instance, Page, Problem, Scope,
+};
+use cloud_domain::names::NameKind;
+use cloud_store::NewInstances;
+
+use crate::error::{ApiError, ApiResult};
+use crate::validate::{self, ListQuery};
+use crate::{AppState, Auth};
+
+/// Variables the platform sets for every instance.
+const PLATFORM_ENV: [&str; 4] = ["PORT", "PRIVATE_IP", "INSTANCE", "SERVICE"];
+
+/// Create instances of an image, attached to a service, to a new ephemeral service (`ports`), or to none.
+#[utoipa::path(tag = "instances", security(("bearer" = [])), request_body = CreateInstance, responses(
+    (status = 201, description = "Created", body = CreatedInstances),
+    (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/instances")]
+pub(crate) async fn create_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    body: web::Json<CreateInstance>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Write)?;
+    let body = body.into_inner();
+    let invalid = |msg: String| ApiError::new(ErrorCode::InvalidRequest, msg);
+    if body.image.is_empty() {
+        return Err(invalid("image must name an image".into()));
+    }
+    if !(1..=64).contains(&body.replicas) {
+        return Err(invalid(format!(
+            "replicas must be 1 to 64, got {}",
+            body.replicas
+        )));
+    }
+    if let Some(name) = &body.name {
+        validate::name(NameKind::Instance, name)?;
+        if body.replicas > 1 {
+            validate::name(NameKind::Instance, &format!("{name}-{}", body.replicas))?;
+        }
+    }
+    let memory_mb = body.memory_mb.unwrap_or(128);
+    if !(16..=65536).contains(&memory_mb) {
+        return Err(invalid(format!(
+            "memory_mb must be 16 to 65536, got {memory_mb}"
+        )));
+    }
+    for key in body.env.keys() {
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(invalid(format!(
+                "env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if PLATFORM_ENV.contains(&key.as_str()) {
+            return Err(invalid(format!(
+                "env name \"{key}\" is set by the platform and cannot be overridden"
+            )));
+        }
+    }
+    if body.service.is_some() && body.ports.is_some() {
+        return Err(invalid(
+            "give either service (attach to an existing service) or ports (create an ephemeral one), not both".into(),
+        ));
+    }
+    let ports = body
+        .ports
+        .as_deref()
+        .map(|p| validate::ports(p, state.store.settings()))
+        .transpose()?;
+    let new = NewInstances {
+        image: body.image,
+        name: body.name,
+        env: body.env,
+        args: body.args,
+        service: body.service,
+        ports,
+        replicas: body.replicas,
+        restart_policy: body.restart_policy,
+        memory_mb,
+        start: body.start,
+    };
+    let created = state.store.create_instances(auth.tenant, new).await?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// List the tenant's instances, oldest first.
+#[utoipa::path(tag = "instances", security(("bearer" = [])), params(ListQuery), responses(
+    (status = 200, description = "A page of instances", body = Page<Instance>),
+    (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/instances")]
+pub(crate) async fn list_instances(
+    state: web::Data<AppState>,
+    auth: Auth,
+    query: web::Query<ListQuery>,
+) -> ApiResult<web::Json<Page<Instance>>> {
+    auth.require(Scope::Read)?;
+    let (cursor, limit) = query.parse()?;
+    let (items, next) = state
+        .store
+        .list_instances(auth.tenant, cursor, limit)
+        .await?;
+    Ok(web::Json(super::page(items, next)))
+}
+
+/// Get an instance by name or id.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id")),
+    responses(
+        (status = 200, description = "The instance", body = Instance),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/instances/{instance}")]
+pub(crate) async fn get_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+) -> ApiResult<web::Json<Instance>> {
+    auth.require(Scope::Read)?;
+    Ok(web::Json(state.store.instance(auth.tenant, &path).await?))
+}
+
+/// Delete an instance. Its ephemeral service goes with it when it was the last instance.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[delete("/instances/{instance}")]
+pub(crate) async fn delete_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Write)?;
+    state.store.delete_instance(auth.tenant, &path).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Start a stopped or failed instance.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id")),
+    responses(
+        (status = 200, description = "The instance, now pending", body = Instance),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/instances/{instance}/start")]
+pub(crate) async fn start_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+) -> ApiResult<web::Json<Instance>> {
+    auth.require(Scope::Write)?;
+    Ok(web::Json(
+        state.store.start_instance(auth.tenant, &path).await?,
+    ))
+}
+
+/// Stop an instance.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id")),
+    responses(
+        (status = 200, description = "The instance, stopping or stopped", body = Instance),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/instances/{instance}/stop")]
+pub(crate) async fn stop_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+) -> ApiResult<web::Json<Instance>> {
+    auth.require(Scope::Write)?;
+    Ok(web::Json(
+        state.store.stop_instance(auth.tenant, &path).await?,
+    ))
+}

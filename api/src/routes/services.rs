@@ -1,0 +1,155 @@
+//! Services.
+
+use actix_web::{HttpResponse, delete, get, patch, post, web};
+use cloud_domain::api::{CreateService, Page, Problem, Scope, Service, UpdateService};
+use cloud_domain::names::NameKind;
+use cloud_store::{NewService, ServiceChange};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::error::ApiResult;
+use crate::validate::{self, ListQuery};
+use crate::{AppState, Auth};
+
+/// Create a service with a generated FQDN `<name>-<8 random>.<region>.<base_domain>`.
+#[utoipa::path(tag = "services", security(("bearer" = [])), request_body = CreateService, responses(
+    (status = 201, description = "Created", body = Service),
+    (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/services")]
+pub(crate) async fn create_service(
+    state: web::Data<AppState>,
+    auth: Auth,
+    body: web::Json<CreateService>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Write)?;
+    let body = body.into_inner();
+    let settings = state.store.settings();
+    if let Some(name) = &body.name {
+        validate::name(NameKind::Service, name)?;
+    }
+    let ports = validate::ports(&body.ports, settings)?;
+    validate::limits(body.soft_limit, body.hard_limit)?;
+    let domains = validate::domains(&body.domains, settings)?;
+    let new = NewService {
+        name: body.name,
+        ports,
+        soft_limit: body.soft_limit,
+        hard_limit: body.hard_limit,
+        domains,
+        persistent: true,
+    };
+    let service = state.store.create_service(auth.tenant, new).await?;
+    Ok(HttpResponse::Created().json(service))
+}
+
+/// List the tenant's services, oldest first.
+#[utoipa::path(tag = "services", security(("bearer" = [])), params(ListQuery), responses(
+    (status = 200, description = "A page of services", body = Page<Service>),
+    (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/services")]
+pub(crate) async fn list_services(
+    state: web::Data<AppState>,
+    auth: Auth,
+    query: web::Query<ListQuery>,
+) -> ApiResult<web::Json<Page<Service>>> {
+    auth.require(Scope::Read)?;
+    let (cursor, limit) = query.parse()?;
+    let (items, next) = state
+        .store
+        .list_services(auth.tenant, cursor, limit)
+        .await?;
+    Ok(web::Json(super::page(items, next)))
+}
+
+/// Get a service by name or id.
+#[utoipa::path(tag = "services", security(("bearer" = [])),
+    params(("service" = String, Path, description = "Service name or id")),
+    responses(
+        (status = 200, description = "The service", body = Service),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/services/{service}")]
+pub(crate) async fn get_service(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+) -> ApiResult<web::Json<Service>> {
+    auth.require(Scope::Read)?;
+    Ok(web::Json(state.store.service(auth.tenant, &path).await?))
+}
+
+/// Change a service's ports, limits or domains.
+#[utoipa::path(tag = "services", security(("bearer" = [])), request_body = UpdateService,
+    params(("service" = String, Path, description = "Service name or id")),
+    responses(
+        (status = 200, description = "The changed service", body = Service),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[patch("/services/{service}")]
+pub(crate) async fn update_service(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+    body: web::Json<UpdateService>,
+) -> ApiResult<web::Json<Service>> {
+    auth.require(Scope::Write)?;
+    let body = body.into_inner();
+    let settings = state.store.settings();
+    let ports = body
+        .ports
+        .as_deref()
+        .map(|p| validate::ports(p, settings))
+        .transpose()?;
+    validate::limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
+    let domains = body
+        .domains
+        .as_deref()
+        .map(|d| validate::domains(d, settings))
+        .transpose()?;
+    let change = ServiceChange {
+        ports,
+        soft_limit: body.soft_limit,
+        hard_limit: body.hard_limit,
+        domains,
+    };
+    Ok(web::Json(
+        state
+            .store
+            .update_service(auth.tenant, &path, change)
+            .await?,
+    ))
+}
+
+/// Options of a service deletion.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeleteQuery {
+    /// Also delete the service's instances.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Delete a service. A persistent service with instances is refused unless `force=true`.
+#[utoipa::path(tag = "services", security(("bearer" = [])),
+    params(("service" = String, Path, description = "Service name or id"), DeleteQuery),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[delete("/services/{service}")]
+pub(crate) async fn delete_service(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+    query: web::Query<DeleteQuery>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Write)?;
+    state
+        .store
+        .delete_service(auth.tenant, &path, query.force)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,60 @@
+//! Health, readiness, metrics and the caller's identity.
+
+use actix_web::{HttpResponse, get, web};
+use cloud_domain::api::{ErrorCode, Problem, WhoAmI};
+
+use crate::error::{ApiError, ApiResult};
+use crate::{AppState, Auth};
+
+/// Liveness: the process serves requests.
+#[utoipa::path(tag = "system", responses((status = 200, description = "The process is alive", body = String)))]
+#[get("/healthz")]
+pub(crate) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(tag = "system", responses(
+    (status = 200, description = "Ready to serve", body = String),
+    (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/readyz")]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let up = state.store.ping().await;
+    state.metrics.database_up.set(up as i64);
+    if up {
+        Ok(HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n"))
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the database is unreachable",
+        ))
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(tag = "system", responses((status = 200, description = "Metrics", body = String)))]
+#[get("/metrics")]
+pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// The caller's tenant and token.
+#[utoipa::path(tag = "tokens", security(("bearer" = [])), responses(
+    (status = 200, description = "The caller", body = WhoAmI),
+    (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/whoami")]
+pub(crate) async fn whoami(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<WhoAmI>> {
+    let tenant = state.store.tenant(&auth.tenant.to_string()).await?;
+    Ok(web::Json(WhoAmI {
+        tenant,
+        token_id: auth.token_id,
+        scopes: auth.scopes,
+        expires_at: auth.expires_at,
+    }))
+}

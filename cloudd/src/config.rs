@@ -1,0 +1,219 @@
+//! `cloudd` configuration: one TOML file, every key optional with a default, environment overrides on top.
+//! The environment is read through a function, so tests never mutate the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// The whole configuration. See `docs/configuration.md` for every key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL URL; without it `cloudd dev` runs an embedded cluster (other roles require it).
+    pub database_url: Option<String>,
+    /// API role settings.
+    pub api: ApiSection,
+    /// Names and address pools of the platform.
+    pub platform: PlatformSection,
+    /// `cloudd dev` settings.
+    pub dev: DevSection,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// Largest image bundle upload, in bytes.
+    pub max_image_bytes: usize,
+    /// Database connections per API process.
+    pub max_connections: u32,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        let d = cloud_api::ApiConfig::default();
+        Self {
+            listen: "127.0.0.1:7300".parse().expect("literal"),
+            max_json_bytes: d.max_json_bytes,
+            max_image_bytes: d.max_image_bytes,
+            max_connections: 20,
+        }
+    }
+}
+
+/// `[platform]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformSection {
+    /// Region label in service FQDNs.
+    pub region: String,
+    /// Base domain of service FQDNs (`<name>-<8>.<region>.<base_domain>`).
+    pub base_domain: String,
+    /// Pool that tenants' private networks are carved from.
+    pub tenant_pool: Ipv4Net,
+    /// Prefix length of each tenant's network.
+    pub tenant_prefix: u8,
+    /// Range of public ports for raw TCP services, `LOW-HIGH`.
+    pub tcp_ports: String,
+}
+
+impl Default for PlatformSection {
+    fn default() -> Self {
+        let s = cloud_store::Settings::default();
+        Self {
+            region: s.region,
+            base_domain: s.base_domain,
+            tenant_pool: s.tenant_pool,
+            tenant_prefix: s.tenant_prefix,
+            tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
+        }
+    }
+}
+
+/// `[dev]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevSection {
+    /// Where the embedded PostgreSQL cluster lives. Default: `/var/lib/cloudd` as root, else
+    /// `$XDG_DATA_HOME/cloudd` (`~/.local/share/cloudd`).
+    pub data_dir: Option<PathBuf>,
+    /// Name of the tenant `cloudd dev` creates and logs cloudctl into.
+    pub tenant: String,
+}
+
+impl Default for DevSection {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            tenant: "default".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (when given) and applies the environment overrides.
+    pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let mut cfg: Config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = env("DATABASE_URL").filter(|v| !v.is_empty()) {
+            cfg.database_url = Some(v);
+        }
+        if let Some(v) = env("CLOUD_API_LISTEN") {
+            cfg.api.listen = v
+                .parse()
+                .with_context(|| format!("CLOUD_API_LISTEN={v} is not an address:port"))?;
+        }
+        if let Some(v) = env("CLOUD_REGION") {
+            cfg.platform.region = v;
+        }
+        if let Some(v) = env("CLOUD_BASE_DOMAIN") {
+            cfg.platform.base_domain = v;
+        }
+        if let Some(v) = env("CLOUD_DATA_DIR") {
+            cfg.dev.data_dir = Some(v.into());
+        }
+        cfg.store_settings()?;
+        Ok(cfg)
+    }
+
+    /// The store's settings, checked.
+    pub fn store_settings(&self) -> anyhow::Result<cloud_store::Settings> {
+        let p = &self.platform;
+        let (lo, hi) = p
+            .tcp_ports
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| 0 < *a && a <= b)
+            .with_context(|| {
+                format!(
+                    "platform.tcp_ports = {:?} must be LOW-HIGH, e.g. 30000-32767",
+                    p.tcp_ports
+                )
+            })?;
+        if p.tenant_prefix < p.tenant_pool.prefix_len() || p.tenant_prefix > 30 {
+            bail!(
+                "platform.tenant_prefix = {} must be between the pool's prefix ({}) and 30",
+                p.tenant_prefix,
+                p.tenant_pool.prefix_len()
+            );
+        }
+        if p.region.contains('.')
+            || cloud_domain::names::validate_domain_name(&format!("{}.x", p.region)).is_err()
+        {
+            bail!("platform.region = {:?} must be one DNS label", p.region);
+        }
+        cloud_domain::names::validate_domain_name(&p.base_domain).with_context(|| {
+            format!(
+                "platform.base_domain = {:?} must be a domain name",
+                p.base_domain
+            )
+        })?;
+        Ok(cloud_store::Settings {
+            region: p.region.clone(),
+            base_domain: p.base_domain.clone(),
+            tenant_pool: p.tenant_pool,
+            tenant_prefix: p.tenant_prefix,
+            tcp_ports: lo..=hi,
+        })
+    }
+
+    /// The API's limits.
+    pub fn api_config(&self) -> cloud_api::ApiConfig {
+        cloud_api::ApiConfig {
+            max_json_bytes: self.api.max_json_bytes,
+            max_image_bytes: self.api.max_image_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_config_parses_with_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cloudd.example.toml");
+        let cfg = Config::load(Some(&path), |_| None).unwrap();
+        assert_eq!(cfg.platform.region, "dev");
+        assert_eq!(cfg.api.listen.port(), 7300);
+        assert_eq!(cfg.store_settings().unwrap().tcp_ports, 30000..=32767);
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_bad_values_are_named() {
+        let cfg = Config::load(None, |k| (k == "CLOUD_REGION").then(|| "fra".to_owned())).unwrap();
+        assert_eq!(cfg.platform.region, "fra");
+        let err = Config::load(None, |k| {
+            (k == "CLOUD_API_LISTEN").then(|| "nope".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("CLOUD_API_LISTEN=nope"), "{err}");
+        let mut bad = Config::default();
+        bad.platform.tcp_ports = "9-1".into();
+        assert!(
+            bad.store_settings()
+                .unwrap_err()
+                .to_string()
+                .contains("platform.tcp_ports")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Config>("[api]\nlisten_addr = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+}

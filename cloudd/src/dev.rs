@@ -1,0 +1,243 @@
+//! `cloudd dev`: the platform in one process on an embedded PostgreSQL, with a default tenant and a ready
+//! `local` cloudctl remote.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use chrono::Duration;
+use cloud_api::{AppState, issue_token};
+use cloud_domain::api::{CreatedToken, QuotasPatch, Scope};
+use cloud_embedded_pg::{EmbeddedPg, Options};
+use cloud_store::{Store, StoreError};
+
+use crate::config::Config;
+
+/// The database `cloudd dev` keeps its state in, inside the embedded cluster.
+const DEV_DATABASE: &str = "cloud";
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut embedded = None;
+    let url = match &cfg.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let dir = cfg.dev.data_dir.clone().unwrap_or_else(default_data_dir);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating the data dir {}", dir.display()))?;
+            let pg = EmbeddedPg::start(Options {
+                data_dir: dir.join("postgres"),
+                port: None,
+                bin_dir: None,
+            })
+            .await
+            .context("starting the embedded PostgreSQL")?;
+            create_database(&pg.url("postgres"), DEV_DATABASE).await?;
+            let url = pg.url(DEV_DATABASE);
+            embedded = Some(pg);
+            url
+        }
+    };
+    let result = serve_dev(&cfg, &url).await;
+    if let Some(pg) = embedded {
+        pg.stop()
+            .await
+            .context("stopping the embedded PostgreSQL")?;
+    }
+    result
+}
+
+async fn serve_dev(cfg: &Config, url: &str) -> anyhow::Result<()> {
+    let store = crate::open_store(url, cfg).await?;
+    let created = ensure_admin_token(
+        &store,
+        &cfg.dev.tenant,
+        365,
+        "cloudd dev: local cloudctl remote",
+    )
+    .await?;
+    let server = start_api(cfg, store).await?;
+    let api_url = format!("http://{}", cfg.api.listen);
+    let config_path = write_local_remote(&api_url, &created.jwt)?;
+    println!("cloudd dev is up.");
+    println!("  API:       {api_url}/v1   (docs: {api_url}/docs/)");
+    println!(
+        "  tenant:    {} (admin token in {}, `cloudd token` prints it)",
+        cfg.dev.tenant,
+        config_path.display()
+    );
+    println!("  try:       curl -H \"Authorization: Bearer $(cloudd token)\" {api_url}/v1/whoami");
+    println!("Ctrl-C stops it; the next start reuses the data.");
+    wait_for_shutdown().await;
+    tracing::info!("shutting down");
+    server.stop(true).await;
+    Ok(())
+}
+
+/// Starts the API on the configured address.
+pub async fn start_api(cfg: &Config, store: Store) -> anyhow::Result<actix_web::dev::ServerHandle> {
+    let state = AppState::new(store, cfg.api_config())
+        .await
+        .context("preparing the API")?;
+    let listener = TcpListener::bind(cfg.api.listen)
+        .with_context(|| format!("binding the API to {}", cfg.api.listen))?;
+    let server = cloud_api::serve(actix_web::web::Data::new(state), listener)?;
+    let handle = server.handle();
+    tokio::spawn(server);
+    tracing::info!(listen = %cfg.api.listen, "API serving");
+    Ok(handle)
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Creates the tenant when missing and issues an admin token for it.
+pub async fn ensure_admin_token(
+    store: &Store,
+    tenant: &str,
+    days: i64,
+    why: &str,
+) -> anyhow::Result<CreatedToken> {
+    cloud_domain::names::validate_name(cloud_domain::names::NameKind::Tenant, tenant)?;
+    let tenant = match store.tenant(tenant).await {
+        Ok(t) => t,
+        Err(StoreError::NotFound { .. }) => {
+            store.create_tenant(tenant, QuotasPatch::default()).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let signer = cloud_api::TokenSigner::from_store(store).await?;
+    let scopes = [Scope::Read, Scope::Write, Scope::Admin];
+    issue_token(
+        store,
+        &signer,
+        tenant.id,
+        &scopes,
+        Duration::days(days),
+        why,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("issuing a token: {e}"))
+}
+
+async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let pool = cloud_store::connect(admin_url, 1)
+        .await
+        .context("connecting to the embedded PostgreSQL")?;
+    let (exists,): (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&pool)
+            .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&pool)
+            .await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// Root runs the cluster in a system location its unprivileged PostgreSQL account can reach; a user in their
+/// XDG data directory.
+fn default_data_dir() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/cloudd");
+    }
+    match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("cloudd"),
+        None => home().join(".local/share/cloudd"),
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// cloudctl's configuration file: `$XDG_CONFIG_HOME/cloudctl/config.toml` (`~/.config/cloudctl/config.toml`).
+pub fn cloudctl_config_path() -> PathBuf {
+    match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("cloudctl/config.toml"),
+        None => home().join(".config/cloudctl/config.toml"),
+    }
+}
+
+/// Registers (or refreshes) the `local` remote in cloudctl's configuration, keeping other remotes, and makes
+/// it the default when none is set. The file holds tokens: it is written with mode 0600.
+fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = cloudctl_config_path();
+    let mut doc: toml::Table = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("parsing {}", path.display()))?,
+        Err(_) => toml::Table::new(),
+    };
+    let remotes = doc
+        .entry("remotes")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    let Some(remotes) = remotes.as_table_mut() else {
+        bail!("{}: `remotes` is not a table", path.display())
+    };
+    let mut local = toml::Table::new();
+    local.insert("url".into(), url.into());
+    local.insert("token".into(), token.into());
+    remotes.insert("local".into(), toml::Value::Table(local));
+    doc.entry("default_remote")
+        .or_insert_with(|| "local".into());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(toml::to_string(&doc)?.as_bytes())?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The URL and token of the `local` remote.
+pub fn local_remote() -> anyhow::Result<(String, String)> {
+    let path = cloudctl_config_path();
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (has `cloudd dev` run as this user?)",
+            path.display()
+        )
+    })?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let local = doc.get("remotes").and_then(|r| r.get("local"));
+    match (
+        local.and_then(|l| l.get("url")?.as_str()),
+        local.and_then(|l| l.get("token")?.as_str()),
+    ) {
+        (Some(url), Some(token)) => Ok((url.to_owned(), token.to_owned())),
+        _ => bail!(
+            "{} has no `local` remote with a url and token; run `cloudd dev`",
+            path.display()
+        ),
+    }
+}

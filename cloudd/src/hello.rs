@@ -1,0 +1,52 @@
+//! The built-in `hello` image: answers every HTTP request with the instance's name and private IP, so a
+//! response tells which instance served it.
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub async fn serve() -> anyhow::Result<()> {
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    let ip = std::env::var("PRIVATE_IP").unwrap_or_else(|_| "0.0.0.0".into());
+    let instance = std::env::var("INSTANCE").unwrap_or_else(|_| "hello".into());
+    let body = format!("hello from {instance} ({ip})\n");
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("binding port {port}"))?;
+    tracing::info!(port, %instance, "hello serving");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let body = body.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut seen = 0;
+            // Answer each request on a keep-alive connection; requests have no body worth reading.
+            loop {
+                let Ok(n) = conn.read(&mut buf[seen..]).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                seen += n;
+                while let Some(end) = buf[..seen].windows(4).position(|w| w == b"\r\n\r\n") {
+                    let res = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(res.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    buf.copy_within(end + 4..seen, 0);
+                    seen -= end + 4;
+                }
+                if seen == buf.len() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,147 @@
+//! `cloudd`: one binary for every role of the platform, and `cloudd dev` for all of them in one process on an
+//! embedded PostgreSQL.
+
+mod config;
+mod dev;
+mod hello;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use cloud_store::Store;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "cloudd",
+    version,
+    about = "The cloud platform daemon: one subcommand per role"
+)]
+struct Cli {
+    /// TOML configuration file (see docs/configuration.md); environment variables override it.
+    #[arg(long, short, global = true, env = "CLOUD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process, on an embedded PostgreSQL unless DATABASE_URL is set.
+    Dev,
+    /// Run the tenant API (needs DATABASE_URL).
+    Api,
+    /// Apply database migrations and exit (needs DATABASE_URL).
+    Migrate,
+    /// Create a tenant if it does not exist and print an admin token for it (needs DATABASE_URL).
+    Bootstrap {
+        /// Tenant name.
+        #[arg(long, default_value = "admin")]
+        tenant: String,
+        /// Token lifetime in days.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
+    /// Print the token of cloudctl's `local` remote, as written by `cloudd dev`.
+    Token,
+    /// Print the OpenAPI document of the API (what `scripts/openapi` checks in).
+    Openapi,
+    /// Serve the built-in `hello` image: an HTTP server answering with its instance name and private IP.
+    Hello,
+    /// Run the edge (not implemented yet).
+    Edge,
+    /// Run the authoritative DNS (not implemented yet).
+    Dns,
+    /// Run a node agent (not implemented yet).
+    Node,
+    /// Run the certificate manager (not implemented yet).
+    Certs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let load = || Config::load(cli.config.as_deref(), |k| std::env::var(k).ok());
+    match cli.command {
+        Command::Dev => dev::run(load()?).await,
+        Command::Api => run_api(load()?).await,
+        Command::Migrate => {
+            let cfg = load()?;
+            connect(&cfg).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Bootstrap { tenant, days } => {
+            let store = connect(&load()?).await?;
+            let created =
+                dev::ensure_admin_token(&store, &tenant, days, "cloudd bootstrap").await?;
+            println!("{}", created.jwt);
+            Ok(())
+        }
+        Command::Token => {
+            let (_, token) = dev::local_remote()?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", cloud_api::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Command::Hello => hello::serve().await,
+        Command::Edge => not_yet("edge", 5),
+        Command::Dns => not_yet("dns", 6),
+        Command::Node => not_yet("node", 3),
+        Command::Certs => not_yet("certs", 7),
+    }
+}
+
+fn not_yet(role: &str, issue: u32) -> anyhow::Result<()> {
+    bail!(
+        "the {role} role is not implemented yet (issue {issue}); `cloudd dev` and `cloudd api` are available"
+    )
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CLOUD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("CLOUD_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Connects to the configured database and applies migrations.
+async fn connect(cfg: &Config) -> anyhow::Result<Store> {
+    let Some(url) = &cfg.database_url else {
+        bail!(
+            "DATABASE_URL (or database_url in the config file) is required for this role; `cloudd dev` embeds one"
+        )
+    };
+    open_store(url, cfg).await
+}
+
+/// Opens the store on a URL and applies migrations.
+pub(crate) async fn open_store(url: &str, cfg: &Config) -> anyhow::Result<Store> {
+    let pool = cloud_store::connect(url, cfg.api.max_connections)
+        .await
+        .context("connecting to PostgreSQL (is DATABASE_URL right and the server up?)")?;
+    let store = Store::new(pool, cfg.store_settings()?);
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+async fn run_api(cfg: Config) -> anyhow::Result<()> {
+    let store = connect(&cfg).await?;
+    let server = dev::start_api(&cfg, store).await?;
+    dev::wait_for_shutdown().await;
+    server.stop(true).await;
+    Ok(())
+}

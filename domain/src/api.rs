@@ -1,0 +1,664 @@
+//! The public API's request and response types, shared by the server and `cloudctl` so they cannot disagree.
+//!
+//! Field names follow the anchors where one exists (Unikraft Cloud's `port`, `destination_port`, `handlers`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::ports::{PortMapping, PortSpec};
+use crate::state::{DesiredState, InstanceState, RestartPolicy};
+
+/// Stable, machine-readable error codes carried in every problem document's `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The body is not valid JSON, has a wrong type, a missing or an unknown field.
+    InvalidJson,
+    /// A query parameter is malformed or out of range.
+    InvalidQuery,
+    /// A request value breaks a rule not covered by a more specific code.
+    InvalidRequest,
+    /// A resource name is not a valid DNS label.
+    InvalidName,
+    /// A resource name is reserved by the platform.
+    ReservedName,
+    /// A custom domain is not a valid domain name.
+    InvalidDomain,
+    /// A port spec does not parse, breaks a port rule, or repeats a public port of the same request.
+    InvalidPortSpec,
+    /// The raw TCP public port asked for belongs to another service.
+    PortConflict,
+    /// A pagination cursor was not issued by this API.
+    InvalidCursor,
+    /// The request body exceeds the size limit.
+    PayloadTooLarge,
+    /// The request body has a content type this endpoint does not accept.
+    UnsupportedMediaType,
+    /// An uploaded image bundle is not a valid tar.gz with a manifest.
+    InvalidImage,
+    /// No bearer token was sent.
+    MissingToken,
+    /// The bearer token is malformed or its signature does not verify.
+    InvalidToken,
+    /// The bearer token has expired.
+    TokenExpired,
+    /// The bearer token was revoked.
+    TokenRevoked,
+    /// The token lacks the scope this operation needs.
+    InsufficientScope,
+    /// The resource does not exist, or belongs to another tenant.
+    NotFound,
+    /// No route matches the request path.
+    RouteNotFound,
+    /// The route exists but not with this method.
+    MethodNotAllowed,
+    /// A resource with this name already exists.
+    AlreadyExists,
+    /// The domain is already attached to a service.
+    DomainTaken,
+    /// A persistent service still has instances; delete them first or force.
+    ServiceHasInstances,
+    /// The image is used by instances.
+    ImageInUse,
+    /// The instance cannot make this state change from its current state.
+    InvalidStateTransition,
+    /// The tenant's quota does not allow this.
+    QuotaExceeded,
+    /// The Idempotency-Key was used before with a different request.
+    IdempotencyKeyReused,
+    /// A request with this Idempotency-Key is still being processed.
+    IdempotencyKeyInProgress,
+    /// The platform ran out of a shared resource (tenant networks, private IPs, TCP ports).
+    CapacityExhausted,
+    /// The tenant still owns services, instances or images.
+    TenantNotEmpty,
+    /// The service is temporarily unavailable (e.g. the database is unreachable).
+    Unavailable,
+    /// An unexpected server error; the server log has details.
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The snake_case spelling used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidQuery => "invalid_query",
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidName => "invalid_name",
+            Self::ReservedName => "reserved_name",
+            Self::InvalidDomain => "invalid_domain",
+            Self::InvalidPortSpec => "invalid_port_spec",
+            Self::PortConflict => "port_conflict",
+            Self::InvalidCursor => "invalid_cursor",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::InvalidImage => "invalid_image",
+            Self::MissingToken => "missing_token",
+            Self::InvalidToken => "invalid_token",
+            Self::TokenExpired => "token_expired",
+            Self::TokenRevoked => "token_revoked",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::NotFound => "not_found",
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::AlreadyExists => "already_exists",
+            Self::DomainTaken => "domain_taken",
+            Self::ServiceHasInstances => "service_has_instances",
+            Self::ImageInUse => "image_in_use",
+            Self::InvalidStateTransition => "invalid_state_transition",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
+            Self::CapacityExhausted => "capacity_exhausted",
+            Self::TenantNotEmpty => "tenant_not_empty",
+            Self::Unavailable => "unavailable",
+            Self::InternalError => "internal_error",
+        }
+    }
+}
+
+/// An RFC 9457 problem document (`application/problem+json`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `urn:cloud:error:<code>`.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    /// A short summary of the problem type.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request, naming the offending value.
+    pub detail: String,
+    /// The stable error code.
+    pub code: ErrorCode,
+}
+
+/// A token scope. `read` lists and gets, `write` creates and changes, `admin` manages tenants and quotas.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// List and get resources.
+    Read,
+    /// Create, change and delete resources.
+    Write,
+    /// Manage tenants, quotas and other tenants' tokens.
+    Admin,
+}
+
+impl Scope {
+    /// The lowercase spelling used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses the wire spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A page of a list, in a stable order. Pass `next_cursor` as `cursor` to get the next page.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    /// The items of this page.
+    pub items: Vec<T>,
+    /// Absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A tenant's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Quotas {
+    /// Services the tenant may have at once.
+    pub max_services: u32,
+    /// Instances the tenant may have at once.
+    pub max_instances: u32,
+    /// Sum of the memory of all the tenant's instances, in MiB.
+    pub max_memory_mb: u64,
+    /// Images the tenant may have uploaded at once.
+    pub max_images: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            max_services: 100,
+            max_instances: 200,
+            max_memory_mb: 64 * 1024,
+            max_images: 100,
+        }
+    }
+}
+
+/// A change to some quotas; absent fields stay as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasPatch {
+    /// Services the tenant may have at once.
+    pub max_services: Option<u32>,
+    /// Instances the tenant may have at once.
+    pub max_instances: Option<u32>,
+    /// Sum of the memory of all the tenant's instances, in MiB.
+    pub max_memory_mb: Option<u64>,
+    /// Images the tenant may have uploaded at once.
+    pub max_images: Option<u32>,
+}
+
+impl QuotasPatch {
+    /// The quotas after this change.
+    pub fn apply(self, q: Quotas) -> Quotas {
+        Quotas {
+            max_services: self.max_services.unwrap_or(q.max_services),
+            max_instances: self.max_instances.unwrap_or(q.max_instances),
+            max_memory_mb: self.max_memory_mb.unwrap_or(q.max_memory_mb),
+            max_images: self.max_images.unwrap_or(q.max_images),
+        }
+    }
+}
+
+/// What a tenant currently uses, against its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    /// Services now.
+    pub services: u32,
+    /// Instances now.
+    pub instances: u32,
+    /// Memory of all instances, in MiB.
+    pub memory_mb: u64,
+    /// Uploaded images now.
+    pub images: u32,
+}
+
+/// A tenant: an isolated owner of services, instances, images and a private network.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Tenant {
+    /// Unique id.
+    pub id: Uuid,
+    /// Unique name, a DNS label (used in `<instance>.<tenant>.internal`).
+    pub name: String,
+    /// The tenant's private network; instances get addresses from it.
+    #[schema(value_type = String, example = "10.96.0.0/22")]
+    pub network: String,
+    /// Limits.
+    pub quotas: Quotas,
+    /// Current use.
+    pub usage: Usage,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Create a tenant (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// Unique name, a DNS label.
+    pub name: String,
+    /// Quotas; defaults apply for absent fields.
+    #[serde(default)]
+    pub quotas: QuotasPatch,
+}
+
+/// Change a tenant (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    /// New quotas; absent fields stay as they are.
+    #[serde(default)]
+    pub quotas: QuotasPatch,
+}
+
+/// An API token. The secret JWT is shown once, at creation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    /// Token id (the JWT's `jti`).
+    pub id: Uuid,
+    /// Owning tenant's name.
+    pub tenant: String,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Free text to recognise the token.
+    pub description: String,
+    /// Expiry.
+    pub expires_at: DateTime<Utc>,
+    /// Set once revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Create a token for the caller's tenant, or (admin) for another tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Tenant name or id; only admins may name another tenant. Default: the caller's tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Scopes; only scopes the caller holds may be granted. Default: read and write.
+    #[serde(default)]
+    pub scopes: Option<Vec<Scope>>,
+    /// Lifetime in seconds (60 s to 10 years). Default: 30 days.
+    #[serde(default)]
+    pub expires_in_seconds: Option<u64>,
+    /// Free text to recognise the token.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A newly created token with its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    /// The token's record.
+    #[serde(flatten)]
+    pub token: Token,
+    /// The bearer JWT. It is not stored and cannot be shown again.
+    pub jwt: String,
+}
+
+/// Who the caller is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    /// The caller's tenant.
+    pub tenant: Tenant,
+    /// The token in use.
+    pub token_id: Uuid,
+    /// Its scopes.
+    pub scopes: Vec<Scope>,
+    /// Its expiry.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A port in a request: a spec string such as `"443:8080"` or `"8443:8080/tls"`, or an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PortInput {
+    /// The string grammar `PUBLIC[:DEST][/HANDLER[+HANDLER]]`.
+    Spec(String),
+    /// The structured form.
+    Object(PortSpec),
+}
+
+impl<'de> Deserialize<'de> for PortInput {
+    // Untagged enums lose the inner error ("did not match any variant"): dispatch by JSON type instead, so an
+    // unknown field in the object form is named.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Ok(Self::Spec(s)),
+            v @ serde_json::Value::Object(_) => serde_json::from_value(v)
+                .map(Self::Object)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(
+                "a port is a spec string such as \"443:8080\" or an object {\"port\", \"destination_port\", \"handlers\"}",
+            )),
+        }
+    }
+}
+
+/// A domain name attached to a service.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Domain {
+    /// The fully qualified name, without trailing dot.
+    pub name: String,
+    /// True for a domain outside the platform's zone, which needs an ownership check.
+    pub custom: bool,
+    /// True once the platform may route it (always true for platform subdomains).
+    pub verified: bool,
+    /// For an unverified custom domain: the DNS records to create.
+    pub verification: Option<DomainVerification>,
+}
+
+/// The DNS records that prove ownership of a custom domain and route it to the platform.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DomainVerification {
+    /// Name of the TXT record to create.
+    pub txt_name: String,
+    /// Value of the TXT record.
+    pub txt_value: String,
+    /// The CNAME target to route the domain (or use A/AAAA records to the edge addresses for an apex).
+    pub cname_target: String,
+}
+
+/// A brief view of an instance inside a service.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceSummary {
+    /// Instance id.
+    pub id: Uuid,
+    /// Instance name.
+    pub name: String,
+    /// Observed state.
+    pub state: InstanceState,
+    /// Private IP.
+    #[schema(value_type = String)]
+    pub private_ip: IpAddr,
+}
+
+/// A service: a public name with port mappings, load-balancing over its instances.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Service {
+    /// Unique id.
+    pub id: Uuid,
+    /// Name, unique per tenant.
+    pub name: String,
+    /// Generated public FQDN, globally unique.
+    pub fqdn: String,
+    /// Expanded port mappings.
+    pub ports: Vec<PortMapping>,
+    /// In-flight requests (http) or connections (tcp) per instance above which others are preferred.
+    pub soft_limit: Option<u32>,
+    /// In-flight requests or connections per instance above which requests are refused (503).
+    pub hard_limit: Option<u32>,
+    /// False for services created by `deploy -p`, deleted with their last instance.
+    pub persistent: bool,
+    /// Extra names routed to this service.
+    pub domains: Vec<Domain>,
+    /// The service's instances.
+    pub instances: Vec<InstanceSummary>,
+    /// Private name `<service>.internal`.
+    pub private_fqdn: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Create a service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    /// Name; a generated `<adjective>-<noun>` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Port specs, e.g. `["443:8080"]`.
+    #[serde(default)]
+    pub ports: Vec<PortInput>,
+    /// Soft limit per instance.
+    #[serde(default)]
+    pub soft_limit: Option<u32>,
+    /// Hard limit per instance.
+    #[serde(default)]
+    pub hard_limit: Option<u32>,
+    /// Extra names: `name` for `name.<region>.<base_domain>`, or a fully qualified custom domain with a
+    /// trailing dot (`www.example.com.`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// Change a service; absent fields stay as they are, `null` clears a limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateService {
+    /// Replaces all port mappings.
+    #[serde(default)]
+    pub ports: Option<Vec<PortInput>>,
+    /// New soft limit, or `null` to remove it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>)]
+    pub soft_limit: Option<Option<u32>>,
+    /// New hard limit, or `null` to remove it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>)]
+    pub hard_limit: Option<Option<u32>>,
+    /// Replaces all extra names (same forms as at creation).
+    #[serde(default)]
+    pub domains: Option<Vec<String>>,
+}
+
+/// Tells an absent field (`None`, via `default`) from an explicit `null` (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The service an instance belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceRef {
+    /// Service id.
+    pub id: Uuid,
+    /// Service name.
+    pub name: String,
+    /// Service FQDN.
+    pub fqdn: String,
+}
+
+/// An instance: one running copy of an image with a private IP.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    /// Unique id.
+    pub id: Uuid,
+    /// Name, unique per tenant.
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// Image digest.
+    pub image_digest: String,
+    /// The service it serves, if any.
+    pub service: Option<ServiceRef>,
+    /// What the tenant asked for.
+    pub desired_state: DesiredState,
+    /// What the platform observes.
+    pub state: InstanceState,
+    /// Why it is in this state (failures, restarts).
+    pub state_reason: Option<String>,
+    /// Private IP in the tenant's network.
+    #[schema(value_type = String)]
+    pub private_ip: IpAddr,
+    /// `<instance>.internal`, resolvable from the tenant's own instances.
+    pub private_fqdn: String,
+    /// `<instance>.<tenant>.internal`.
+    pub tenant_private_fqdn: String,
+    /// Node running it, once scheduled.
+    pub node: Option<String>,
+    /// Arguments appended to the image's command.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Memory limit, MiB.
+    pub memory_mb: u32,
+    /// Restart policy.
+    pub restart_policy: RestartPolicy,
+    /// Restarts so far.
+    pub restart_count: u32,
+    /// Exit code of the last run.
+    pub exit_code: Option<i32>,
+    /// Create-to-ready time of the last start, in microseconds.
+    pub boot_time_us: Option<u64>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Last start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Last stop.
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Create instances.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    /// Image name or id.
+    pub image: String,
+    /// Name; `<image>-<5 random>` when absent. With replicas > 1 a given name gets `-1`, `-2`, ... suffixes.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Arguments appended to the image's command.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Attach to this service (name or id).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Create an ephemeral service with these ports, deleted with its last instance. Excludes `service`.
+    #[serde(default)]
+    pub ports: Option<Vec<PortInput>>,
+    /// How many instances to create (1 to 64).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Memory limit in MiB (default 128).
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    /// Start at once (default true); false leaves the instances stopped.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+/// The result of creating instances.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedInstances {
+    /// The new instances.
+    pub instances: Vec<Instance>,
+    /// Their service, when attached to one (including an auto-created ephemeral one).
+    pub service: Option<Service>,
+}
+
+/// An image: a content-addressed bundle with a manifest naming its command and port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// Unique id.
+    pub id: Uuid,
+    /// Name, unique per tenant (built-in images are shared by all tenants).
+    pub name: String,
+    /// `sha256:<hex>` of the bundle.
+    pub digest: String,
+    /// Bundle size in bytes.
+    pub size_bytes: u64,
+    /// The command run in the bundle's directory.
+    pub command: Vec<String>,
+    /// The port the command listens on.
+    pub port: u16,
+    /// True for the platform's built-in images.
+    pub builtin: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The manifest inside an image bundle, as `manifest.json` at its root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageManifest {
+    /// The command and its arguments, relative to the bundle's root or on the node's PATH.
+    pub command: Vec<String>,
+    /// The port the command listens on (also given to it as `PORT`).
+    pub port: u16,
+}
+
+/// What kind of change an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventAction {
+    /// The resource was created.
+    Created,
+    /// The resource changed.
+    Updated,
+    /// The resource was deleted.
+    Deleted,
+}
+
+/// One committed change, as streamed by `GET /v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Position in the change feed; resume with `since=<version>`.
+    pub version: i64,
+    /// `tenant`, `token`, `service`, `instance` or `image`.
+    pub resource_type: String,
+    /// The resource's id.
+    pub resource_id: Uuid,
+    /// What happened.
+    pub action: EventAction,
+    /// The resource after the change (before it, for deletions).
+    pub resource: serde_json::Value,
+    /// Commit time.
+    pub created_at: DateTime<Utc>,
+}

@@ -1,0 +1,507 @@
+//! Instances: desired state recorded for the tenant, private IPs from the tenant's network, ephemeral services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use chrono::{DateTime, Utc};
+use cloud_domain::api::{CreatedInstances, EventAction, Instance, ServiceRef};
+use cloud_domain::ports::PortMapping;
+use cloud_domain::state::{self, DesiredState, InstanceState, RestartPolicy};
+use cloud_domain::{generate, ipam};
+use uuid::Uuid;
+
+use crate::page::{self, Cursor};
+use crate::services::RowLock;
+use crate::{NewService, Store, StoreError, as_uuid, record_event, violated_constraint};
+
+/// Validated instances to create.
+#[derive(Debug, Clone)]
+pub struct NewInstances {
+    /// Image name or id.
+    pub image: String,
+    /// Validated name; with several replicas it gets `-1`, `-2`, ... suffixes.
+    pub name: Option<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Extra arguments.
+    pub args: Vec<String>,
+    /// Attach to this service (name or id).
+    pub service: Option<String>,
+    /// Or create an ephemeral service with these mappings.
+    pub ports: Option<Vec<PortMapping>>,
+    /// How many.
+    pub replicas: u32,
+    /// Restart policy.
+    pub restart_policy: RestartPolicy,
+    /// Memory limit, MiB.
+    pub memory_mb: u32,
+    /// Start at once.
+    pub start: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct InstanceRow {
+    id: Uuid,
+    name: String,
+    image_name: String,
+    image_digest: String,
+    service_id: Option<Uuid>,
+    service_name: Option<String>,
+    service_fqdn: Option<String>,
+    desired_state: String,
+    state: String,
+    state_reason: Option<String>,
+    private_ip: IpAddr,
+    tenant_name: String,
+    node_name: Option<String>,
+    args: Vec<String>,
+    env: sqlx::types::Json<BTreeMap<String, String>>,
+    memory_mb: i32,
+    restart_policy: String,
+    restart_count: i32,
+    exit_code: Option<i32>,
+    boot_time_us: Option<i64>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    stopped_at: Option<DateTime<Utc>>,
+}
+
+const SELECT_INSTANCE: &str = "SELECT i.id, i.name, m.name AS image_name, i.image_digest, i.service_id,
+        s.name AS service_name, s.fqdn AS service_fqdn, i.desired_state, i.state, i.state_reason, i.private_ip,
+        t.name AS tenant_name, n.name AS node_name, i.args, i.env, i.memory_mb, i.restart_policy,
+        i.restart_count, i.exit_code, i.boot_time_us, i.created_at, i.updated_at, i.started_at, i.stopped_at
+    FROM instances i
+    JOIN images m ON m.id = i.image_id
+    JOIN tenants t ON t.id = i.tenant_id
+    LEFT JOIN services s ON s.id = i.service_id
+    LEFT JOIN nodes n ON n.id = i.node_id";
+
+impl From<InstanceRow> for Instance {
+    fn from(r: InstanceRow) -> Self {
+        let service = match (r.service_id, r.service_name, r.service_fqdn) {
+            (Some(id), Some(name), Some(fqdn)) => Some(ServiceRef { id, name, fqdn }),
+            _ => None,
+        };
+        Instance {
+            private_fqdn: format!("{}.internal", r.name),
+            tenant_private_fqdn: format!("{}.{}.internal", r.name, r.tenant_name),
+            id: r.id,
+            name: r.name,
+            image: r.image_name,
+            image_digest: r.image_digest,
+            service,
+            desired_state: r.desired_state.parse().unwrap_or(DesiredState::Stopped),
+            state: r.state.parse().unwrap_or(InstanceState::Pending),
+            state_reason: r.state_reason,
+            private_ip: r.private_ip,
+            node: r.node_name,
+            args: r.args,
+            env: r.env.0,
+            memory_mb: r.memory_mb as u32,
+            restart_policy: r.restart_policy.parse().unwrap_or_default(),
+            restart_count: r.restart_count as u32,
+            exit_code: r.exit_code,
+            boot_time_us: r.boot_time_us.map(|v| v as u64),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            started_at: r.started_at,
+            stopped_at: r.stopped_at,
+        }
+    }
+}
+
+impl Store {
+    async fn instance_view(
+        conn: &mut sqlx::PgConnection,
+        id: Uuid,
+    ) -> Result<Instance, StoreError> {
+        let row: InstanceRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_INSTANCE} WHERE i.id = $1"
+        )))
+        .bind(id)
+        .fetch_one(conn)
+        .await?;
+        Ok(row.into())
+    }
+
+    /// Creates instances (and an ephemeral service when ports are given) in one transaction.
+    pub async fn create_instances(
+        &self,
+        tenant: Uuid,
+        new: NewInstances,
+    ) -> Result<CreatedInstances, StoreError> {
+        if new.service.is_some() && new.ports.is_some() {
+            return Err(StoreError::Invalid(
+                "give either a service to attach to or ports for a new ephemeral service, not both"
+                    .into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
+
+        let image: Option<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT id, name, digest FROM images WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
+             ORDER BY tenant_id NULLS LAST LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(&new.image)
+        .bind(as_uuid(&new.image))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (image_id, image_name, digest) = image.ok_or_else(|| StoreError::NotFound {
+            kind: "image",
+            key: new.image.clone(),
+        })?;
+
+        let (count, memory): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&mut *tx)
+        .await?;
+        let replicas = new.replicas as i64;
+        if count + replicas > quotas.max_instances as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_instances is {} and the tenant has {count}; {replicas} more do not fit",
+                    quotas.max_instances
+                ),
+            });
+        }
+        let wanted = replicas * new.memory_mb as i64;
+        if memory + wanted > quotas.max_memory_mb as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_memory_mb is {} and the tenant uses {memory}; {wanted} more do not fit",
+                    quotas.max_memory_mb
+                ),
+            });
+        }
+
+        let mut names = Vec::new();
+        for i in 1..=new.replicas {
+            names.push(match (&new.name, new.replicas) {
+                (Some(n), 1) => Some(n.clone()),
+                (Some(n), _) => Some(format!("{n}-{i}")),
+                (None, _) => None,
+            });
+        }
+
+        let service_id = match (&new.service, &new.ports) {
+            (Some(key), _) => Some(
+                Self::service_id(&mut tx, tenant, key, RowLock::Share)
+                    .await?
+                    .0,
+            ),
+            (None, Some(ports)) => {
+                // The ephemeral service is named after its first instance when that name is free.
+                let first = names[0]
+                    .clone()
+                    .unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                names[0] = Some(first.clone());
+                let mut spec = NewService {
+                    name: Some(first),
+                    ports: ports.clone(),
+                    soft_limit: None,
+                    hard_limit: None,
+                    domains: Vec::new(),
+                    persistent: false,
+                };
+                let id = match self.insert_service(&mut tx, tenant, spec.clone()).await {
+                    Err(StoreError::AlreadyExists { .. }) => {
+                        spec.name = None;
+                        self.insert_service(&mut tx, tenant, spec).await?
+                    }
+                    other => other?,
+                };
+                let view = self.service_in(&mut tx, tenant, id).await?;
+                record_event(
+                    &mut tx,
+                    Some(tenant),
+                    "service",
+                    id,
+                    EventAction::Created,
+                    &view,
+                )
+                .await?;
+                Some(id)
+            }
+            (None, None) => None,
+        };
+
+        let used: Vec<(IpAddr,)> =
+            sqlx::query_as("SELECT private_ip FROM instances WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut used: BTreeSet<Ipv4Addr> = used
+            .into_iter()
+            .filter_map(|(ip,)| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+
+        let (desired, state) = if new.start {
+            (DesiredState::Running, InstanceState::Pending)
+        } else {
+            (DesiredState::Stopped, InstanceState::Stopped)
+        };
+        let mut created = Vec::new();
+        for name in names {
+            let ip =
+                ipam::first_free_host(network, &used).ok_or(StoreError::CapacityExhausted {
+                    what: "private IPs in the tenant network",
+                })?;
+            used.insert(ip);
+            let id = Uuid::new_v4();
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let chosen = name
+                    .clone()
+                    .unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                sqlx::query("SAVEPOINT insert_instance")
+                    .execute(&mut *tx)
+                    .await?;
+                let res = sqlx::query(
+                    "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
+                         memory_mb, restart_policy, desired_state, state, private_ip)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .bind(id)
+                .bind(tenant)
+                .bind(service_id)
+                .bind(image_id)
+                .bind(&digest)
+                .bind(&chosen)
+                .bind(&new.args)
+                .bind(sqlx::types::Json(&new.env))
+                .bind(new.memory_mb as i32)
+                .bind(new.restart_policy.as_str())
+                .bind(desired.as_str())
+                .bind(state.as_str())
+                .bind(IpAddr::V4(ip))
+                .execute(&mut *tx)
+                .await;
+                match res {
+                    Ok(_) => break,
+                    Err(e)
+                        if violated_constraint(&e).as_deref()
+                            == Some("instances_tenant_id_name_key") =>
+                    {
+                        sqlx::query("ROLLBACK TO SAVEPOINT insert_instance")
+                            .execute(&mut *tx)
+                            .await?;
+                        if name.is_some() {
+                            return Err(StoreError::AlreadyExists {
+                                kind: "instance",
+                                name: chosen,
+                            });
+                        }
+                        if attempt >= 8 {
+                            return Err(StoreError::CapacityExhausted {
+                                what: "generated instance names",
+                            });
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let view = Self::instance_view(&mut tx, id).await?;
+            record_event(
+                &mut tx,
+                Some(tenant),
+                "instance",
+                id,
+                EventAction::Created,
+                &view,
+            )
+            .await?;
+            created.push(view);
+        }
+        let service = match service_id {
+            Some(id) => {
+                let view = self.service_in(&mut tx, tenant, id).await?;
+                if new.service.is_some() {
+                    record_event(
+                        &mut tx,
+                        Some(tenant),
+                        "service",
+                        id,
+                        EventAction::Updated,
+                        &view,
+                    )
+                    .await?;
+                }
+                Some(view)
+            }
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(CreatedInstances {
+            instances: created,
+            service,
+        })
+    }
+
+    /// An instance of the tenant by name or id.
+    pub async fn instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
+        let row: Option<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_INSTANCE} WHERE i.tenant_id = $1 AND (i.name = $2 OR i.id = $3)"
+        )))
+        .bind(tenant)
+        .bind(key)
+        .bind(as_uuid(key))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Instance::from).ok_or_else(|| StoreError::NotFound {
+            kind: "instance",
+            key: key.to_owned(),
+        })
+    }
+
+    /// A page of the tenant's instances in creation order.
+    pub async fn list_instances(
+        &self,
+        tenant: Uuid,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<Instance>, Option<Cursor>), StoreError> {
+        let (ts, id) = page::after(cursor);
+        let rows: Vec<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_INSTANCE} WHERE i.tenant_id = $1
+               AND ($2::timestamptz IS NULL OR (i.created_at, i.id) > ($2, $3))
+             ORDER BY i.created_at, i.id LIMIT $4"
+        )))
+        .bind(tenant)
+        .bind(ts)
+        .bind(id)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows.into_iter().map(Instance::from).collect();
+        Ok(page::finish(rows, limit, |i: &Instance| Cursor {
+            created_at: i.created_at,
+            id: i.id,
+        }))
+    }
+
+    /// Deletes an instance; an ephemeral service left without instances goes in the same transaction.
+    pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<(Uuid, Option<Uuid>)> = sqlx::query_as(
+            "SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(as_uuid(key))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (id, service) = found.ok_or_else(|| StoreError::NotFound {
+            kind: "instance",
+            key: key.to_owned(),
+        })?;
+        if let Some(service) = service {
+            // Serialises with other deletions of the service's instances, so exactly one of two concurrent
+            // deletions of the last instances sees none left.
+            sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE")
+                .bind(service)
+                .execute(&mut *tx)
+                .await?;
+        }
+        self.delete_instances_in(&mut tx, tenant, &[id]).await?;
+        if let Some(service) = service {
+            self.reap_ephemeral(&mut tx, tenant, service).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes instances inside the caller's transaction and records their events.
+    pub(crate) async fn delete_instances_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        for id in ids {
+            let Ok(view) = Self::instance_view(conn, *id).await else {
+                continue;
+            };
+            let deleted = sqlx::query("DELETE FROM instances WHERE id = $1 AND tenant_id = $2")
+                .bind(id)
+                .bind(tenant)
+                .execute(&mut *conn)
+                .await?;
+            if deleted.rows_affected() == 1 {
+                record_event(
+                    conn,
+                    Some(tenant),
+                    "instance",
+                    *id,
+                    EventAction::Deleted,
+                    &view,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for an instance to run (from stopped or failed).
+    pub async fn start_instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
+        self.transition(tenant, key, state::start).await
+    }
+
+    /// Asks for an instance to stop.
+    pub async fn stop_instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
+        self.transition(tenant, key, state::stop).await
+    }
+
+    async fn transition(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        rule: fn(InstanceState) -> Result<state::Transition, state::StateError>,
+    ) -> Result<Instance, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, state FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(as_uuid(key))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (id, current) = found.ok_or_else(|| StoreError::NotFound {
+            kind: "instance",
+            key: key.to_owned(),
+        })?;
+        let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
+        let next = rule(current)?;
+        sqlx::query(
+            "UPDATE instances SET desired_state = $2, state = $3, state_reason = NULL, updated_at = now(),
+                 stopped_at = CASE WHEN $3 = 'stopped' THEN now() ELSE stopped_at END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(next.desired.as_str())
+        .bind(next.state.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let view = Self::instance_view(&mut tx, id).await?;
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "instance",
+            id,
+            EventAction::Updated,
+            &view,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(view)
+    }
+}

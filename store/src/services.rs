@@ -1,0 +1,607 @@
+//! Services: public names, port mappings, limits and extra domains.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use cloud_domain::api::{Domain, DomainVerification, EventAction, InstanceSummary, Service};
+use cloud_domain::generate;
+use cloud_domain::ports::{self, Handler, PortMapping};
+use cloud_domain::state::InstanceState;
+use uuid::Uuid;
+
+use crate::page::{self, Cursor};
+use crate::{Store, StoreError, as_uuid, record_event, violated_constraint};
+
+/// A validated service to create.
+#[derive(Debug, Clone)]
+pub struct NewService {
+    /// Validated name; `None` generates `<adjective>-<noun>`.
+    pub name: Option<String>,
+    /// Expanded, validated port mappings (a tcp port 0 is allocated here).
+    pub ports: Vec<PortMapping>,
+    /// Soft limit per instance.
+    pub soft_limit: Option<u32>,
+    /// Hard limit per instance.
+    pub hard_limit: Option<u32>,
+    /// Extra domains: (fully qualified name, custom).
+    pub domains: Vec<(String, bool)>,
+    /// False for ephemeral services.
+    pub persistent: bool,
+}
+
+/// A validated change to a service; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceChange {
+    /// New port mappings.
+    pub ports: Option<Vec<PortMapping>>,
+    /// New soft limit (`Some(None)` clears it).
+    pub soft_limit: Option<Option<u32>>,
+    /// New hard limit (`Some(None)` clears it).
+    pub hard_limit: Option<Option<u32>>,
+    /// New extra domains.
+    pub domains: Option<Vec<(String, bool)>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ServiceRow {
+    id: Uuid,
+    name: String,
+    fqdn: String,
+    soft_limit: Option<i32>,
+    hard_limit: Option<i32>,
+    persistent: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, persistent, created_at, updated_at FROM services";
+
+/// The row lock a lookup takes for the rest of its transaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowLock {
+    /// Read only.
+    None,
+    /// Others may read and share-lock, nobody may delete or update (attaching instances).
+    Share,
+    /// Exclusive (changing or deleting the service).
+    Update,
+}
+
+/// Advisory lock key serialising raw TCP port allocation platform-wide.
+const TCP_PORT_LOCK: i64 = 7_265_747;
+
+impl Store {
+    /// Creates a service in its own transaction.
+    pub async fn create_service(
+        &self,
+        tenant: Uuid,
+        new: NewService,
+    ) -> Result<Service, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM services WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+        if count >= quotas.max_services as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_services is {} and the tenant has {count}",
+                    quotas.max_services
+                ),
+            });
+        }
+        let id = self.insert_service(&mut tx, tenant, new).await?;
+        let service = self.service_in(&mut tx, tenant, id).await?;
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "service",
+            id,
+            EventAction::Created,
+            &service,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(service)
+    }
+
+    /// Inserts a service inside the caller's transaction (which holds the tenant lock); returns its id.
+    pub(crate) async fn insert_service(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        new: NewService,
+    ) -> Result<Uuid, StoreError> {
+        let id = Uuid::new_v4();
+        let generated = new.name.is_none();
+        // A generated name or FQDN may collide; a few retries make that vanishingly unlikely to surface.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (name, fqdn) = {
+                let mut rng = rand::rng();
+                let name = new
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| generate::random_service_name(&mut rng));
+                let fqdn = generate::service_fqdn(
+                    &name,
+                    &self.settings.region,
+                    &self.settings.base_domain,
+                    &mut rng,
+                );
+                (name, fqdn)
+            };
+            sqlx::query("SAVEPOINT insert_service")
+                .execute(&mut *conn)
+                .await?;
+            let res = sqlx::query(
+                "INSERT INTO services (id, tenant_id, name, fqdn, soft_limit, hard_limit, persistent)
+                 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM domains WHERE name = $4)",
+            )
+            .bind(id)
+            .bind(tenant)
+            .bind(&name)
+            .bind(&fqdn)
+            .bind(new.soft_limit.map(|v| v as i32))
+            .bind(new.hard_limit.map(|v| v as i32))
+            .bind(new.persistent)
+            .execute(&mut *conn)
+            .await;
+            let retry = match res {
+                Ok(r) => r.rows_affected() == 0,
+                Err(e) => match violated_constraint(&e).as_deref() {
+                    Some("services_tenant_id_name_key") | Some("services_fqdn_key") => true,
+                    _ => return Err(e.into()),
+                },
+            };
+            if !retry {
+                break;
+            }
+            // Undo the failed insert only, so the caller's transaction stays usable (it may retry with another name).
+            sqlx::query("ROLLBACK TO SAVEPOINT insert_service")
+                .execute(&mut *conn)
+                .await?;
+            if !generated {
+                let (taken,): (bool,) = sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM services WHERE tenant_id = $1 AND name = $2)",
+                )
+                .bind(tenant)
+                .bind(&name)
+                .fetch_one(&mut *conn)
+                .await?;
+                if taken {
+                    return Err(StoreError::AlreadyExists {
+                        kind: "service",
+                        name,
+                    });
+                }
+            }
+            if attempt >= 8 {
+                return Err(StoreError::CapacityExhausted {
+                    what: "generated service names",
+                });
+            }
+        }
+        self.insert_ports(conn, id, &new.ports, &[]).await?;
+        self.insert_domains(conn, tenant, id, &new.domains).await?;
+        Ok(id)
+    }
+
+    /// Inserts port mappings, allocating raw TCP public ports given as 0. `previous` lets a re-submitted
+    /// `0:DEST/tcp` keep the port it was allocated before.
+    async fn insert_ports(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        service: Uuid,
+        mappings: &[PortMapping],
+        previous: &[PortMapping],
+    ) -> Result<(), StoreError> {
+        let needs_tcp = mappings.iter().any(|m| m.handlers.contains(&Handler::Tcp));
+        let mut used = BTreeSet::new();
+        if needs_tcp {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(TCP_PORT_LOCK)
+                .execute(&mut *conn)
+                .await?;
+            let rows: Vec<(i32,)> =
+                sqlx::query_as("SELECT port FROM service_ports WHERE tcp AND service_id <> $1")
+                    .bind(service)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            used.extend(rows.into_iter().map(|(p,)| p as u16));
+        }
+        let range = &self.settings.tcp_ports;
+        for m in mappings {
+            let mut port = m.port;
+            if port == 0 {
+                let kept = previous
+                    .iter()
+                    .find(|p| p.handlers == m.handlers && p.destination_port == m.destination_port)
+                    .map(|p| p.port)
+                    .filter(|p| !used.contains(p) && !mappings.iter().any(|o| o.port == *p));
+                port = match kept {
+                    Some(p) => p,
+                    None => ports::allocate_tcp_port(range, &used)
+                        .ok_or(StoreError::CapacityExhausted { what: "tcp ports" })?,
+                };
+            }
+            used.insert(port);
+            let handlers: Vec<String> = m.handlers.iter().map(|h| h.to_string()).collect();
+            let res = sqlx::query(
+                "INSERT INTO service_ports (service_id, port, destination_port, handlers, proxy)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(service)
+            .bind(port as i32)
+            .bind(m.destination_port as i32)
+            .bind(&handlers)
+            .bind(m.proxy)
+            .execute(&mut *conn)
+            .await;
+            if let Err(e) = res {
+                return Err(match violated_constraint(&e).as_deref() {
+                    Some("service_ports_tcp_unique") => StoreError::PortTaken { port },
+                    _ => e.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert_domains(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        service: Uuid,
+        domains: &[(String, bool)],
+    ) -> Result<(), StoreError> {
+        for (name, custom) in domains {
+            let (taken,): (bool,) =
+                sqlx::query_as("SELECT EXISTS (SELECT 1 FROM services WHERE fqdn = $1)")
+                    .bind(name)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if taken {
+                return Err(StoreError::DomainTaken { name: name.clone() });
+            }
+            let token = generate::random_suffix(&mut rand::rng(), 32);
+            let res = sqlx::query(
+                "INSERT INTO domains (id, tenant_id, service_id, name, custom, verification_token, verified_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $5 THEN NULL ELSE now() END)",
+            )
+            .bind(Uuid::new_v4())
+            .bind(tenant)
+            .bind(service)
+            .bind(name)
+            .bind(custom)
+            .bind(token)
+            .execute(&mut *conn)
+            .await;
+            if let Err(e) = res {
+                return Err(match violated_constraint(&e).as_deref() {
+                    Some("domains_name_key") => StoreError::DomainTaken { name: name.clone() },
+                    _ => e.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The full view of one service of the tenant.
+    pub(crate) async fn service_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<Service, StoreError> {
+        let row: ServiceRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_SERVICE} WHERE tenant_id = $1 AND id = $2"
+        )))
+        .bind(tenant)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let mut views = self.views(conn, vec![row]).await?;
+        Ok(views.remove(0))
+    }
+
+    /// Builds full views of services with three batched queries, whatever the number of services.
+    async fn views(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rows: Vec<ServiceRow>,
+    ) -> Result<Vec<Service>, StoreError> {
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let port_rows: Vec<(Uuid, i32, i32, Vec<String>, bool)> = sqlx::query_as(
+            "SELECT service_id, port, destination_port, handlers, proxy FROM service_ports
+             WHERE service_id = ANY($1) ORDER BY port",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        let domain_rows: Vec<(Uuid, String, bool, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT service_id, name, custom, verification_token, verified_at FROM domains
+             WHERE service_id = ANY($1) ORDER BY name",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        let instance_rows: Vec<(Uuid, Uuid, String, String, IpAddr)> = sqlx::query_as(
+            "SELECT service_id, id, name, state, private_ip FROM instances
+             WHERE service_id = ANY($1) ORDER BY created_at, id",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+
+        let mut by_id: HashMap<Uuid, Service> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            by_id.insert(
+                r.id,
+                Service {
+                    id: r.id,
+                    name: r.name.clone(),
+                    fqdn: r.fqdn.clone(),
+                    ports: Vec::new(),
+                    soft_limit: r.soft_limit.map(|v| v as u32),
+                    hard_limit: r.hard_limit.map(|v| v as u32),
+                    persistent: r.persistent,
+                    domains: Vec::new(),
+                    instances: Vec::new(),
+                    private_fqdn: format!("{}.internal", r.name),
+                    created_at: r.created_at,
+                    updated_at: r.updated_at,
+                },
+            );
+        }
+        for (sid, port, dest, handlers, proxy) in port_rows {
+            if let Some(s) = by_id.get_mut(&sid) {
+                let mut handlers: Vec<Handler> =
+                    handlers.iter().filter_map(|h| parse_handler(h)).collect();
+                handlers.sort();
+                s.ports.push(PortMapping {
+                    port: port as u16,
+                    destination_port: dest as u16,
+                    handlers,
+                    proxy,
+                });
+            }
+        }
+        for (sid, name, custom, token, verified_at) in domain_rows {
+            if let Some(s) = by_id.get_mut(&sid) {
+                let verified = verified_at.is_some();
+                let verification = (!verified).then(|| DomainVerification {
+                    txt_name: format!("_cloud-challenge.{}", name.trim_start_matches("*.")),
+                    txt_value: format!("cloud-verify={token}"),
+                    cname_target: s.fqdn.clone(),
+                });
+                s.domains.push(Domain {
+                    name,
+                    custom,
+                    verified,
+                    verification,
+                });
+            }
+        }
+        for (sid, id, name, state, private_ip) in instance_rows {
+            if let Some(s) = by_id.get_mut(&sid) {
+                let state: InstanceState = state.parse().unwrap_or(InstanceState::Pending);
+                s.instances.push(InstanceSummary {
+                    id,
+                    name,
+                    state,
+                    private_ip,
+                });
+            }
+        }
+        Ok(rows.iter().filter_map(|r| by_id.remove(&r.id)).collect())
+    }
+
+    /// Resolves a service name or id of the tenant to (id, name, persistent), taking a row lock as asked.
+    pub(crate) async fn service_id(
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        key: &str,
+        lock: RowLock,
+    ) -> Result<(Uuid, String, bool), StoreError> {
+        let sql = match lock {
+            RowLock::Update => {
+                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR UPDATE"
+            }
+            RowLock::Share => {
+                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR SHARE"
+            }
+            RowLock::None => {
+                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3)"
+            }
+        };
+        let row: Option<(Uuid, String, bool)> = sqlx::query_as(sql)
+            .bind(tenant)
+            .bind(key)
+            .bind(as_uuid(key))
+            .fetch_optional(conn)
+            .await?;
+        row.ok_or_else(|| StoreError::NotFound {
+            kind: "service",
+            key: key.to_owned(),
+        })
+    }
+
+    /// A service of the tenant by name or id.
+    pub async fn service(&self, tenant: Uuid, key: &str) -> Result<Service, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let (id, _, _) = Self::service_id(&mut conn, tenant, key, RowLock::None).await?;
+        self.service_in(&mut conn, tenant, id).await
+    }
+
+    /// A page of the tenant's services in creation order.
+    pub async fn list_services(
+        &self,
+        tenant: Uuid,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<Service>, Option<Cursor>), StoreError> {
+        let (ts, id) = page::after(cursor);
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<ServiceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_SERVICE} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+             ORDER BY created_at, id LIMIT $4"
+        )))
+        .bind(tenant)
+        .bind(ts)
+        .bind(id)
+        .bind(limit as i64 + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+        let views = self.views(&mut conn, rows).await?;
+        Ok(page::finish(views, limit, |s: &Service| Cursor {
+            created_at: s.created_at,
+            id: s.id,
+        }))
+    }
+
+    /// Changes a service.
+    pub async fn update_service(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        change: ServiceChange,
+    ) -> Result<Service, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (id, _, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
+        let before = self.service_in(&mut tx, tenant, id).await?;
+        let soft = change.soft_limit.unwrap_or(before.soft_limit);
+        let hard = change.hard_limit.unwrap_or(before.hard_limit);
+        if let (Some(s), Some(h)) = (soft, hard)
+            && s > h
+        {
+            return Err(StoreError::Invalid(format!(
+                "soft_limit {s} must not exceed hard_limit {h}"
+            )));
+        }
+        sqlx::query("UPDATE services SET soft_limit = $2, hard_limit = $3, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(soft.map(|v| v as i32))
+            .bind(hard.map(|v| v as i32))
+            .execute(&mut *tx)
+            .await?;
+        if let Some(ports) = &change.ports {
+            sqlx::query("DELETE FROM service_ports WHERE service_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            self.insert_ports(&mut tx, id, ports, &before.ports).await?;
+        }
+        if let Some(domains) = &change.domains {
+            // Keep the records (and verification state) of domains that stay.
+            let keep: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
+            sqlx::query("DELETE FROM domains WHERE service_id = $1 AND NOT (name = ANY($2))")
+                .bind(id)
+                .bind(&keep)
+                .execute(&mut *tx)
+                .await?;
+            let existing: BTreeSet<&str> = before.domains.iter().map(|d| d.name.as_str()).collect();
+            let new: Vec<(String, bool)> = domains
+                .iter()
+                .filter(|(n, _)| !existing.contains(n.as_str()))
+                .cloned()
+                .collect();
+            self.insert_domains(&mut tx, tenant, id, &new).await?;
+        }
+        let service = self.service_in(&mut tx, tenant, id).await?;
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "service",
+            id,
+            EventAction::Updated,
+            &service,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(service)
+    }
+
+    /// Deletes a service. With instances, a persistent service is refused unless `force`, which deletes them too.
+    pub async fn delete_service(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        force: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (id, name, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
+        let service = self.service_in(&mut tx, tenant, id).await?;
+        if !service.instances.is_empty() {
+            if !force {
+                return Err(StoreError::ServiceHasInstances {
+                    name,
+                    count: service.instances.len() as i64,
+                });
+            }
+            let ids: Vec<Uuid> = service.instances.iter().map(|i| i.id).collect();
+            self.delete_instances_in(&mut tx, tenant, &ids).await?;
+        }
+        sqlx::query("DELETE FROM services WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "service",
+            id,
+            EventAction::Deleted,
+            &service,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes the service inside the caller's transaction when it is ephemeral and has no instances left.
+    pub(crate) async fn reap_ephemeral(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        service: Uuid,
+    ) -> Result<(), StoreError> {
+        let row: Option<(bool, i64)> = sqlx::query_as(
+            "SELECT s.persistent, (SELECT count(*) FROM instances i WHERE i.service_id = s.id)
+             FROM services s WHERE s.id = $1 FOR UPDATE",
+        )
+        .bind(service)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((false, 0)) = row {
+            let view = self.service_in(conn, tenant, service).await?;
+            sqlx::query("DELETE FROM services WHERE id = $1")
+                .bind(service)
+                .execute(&mut *conn)
+                .await?;
+            record_event(
+                conn,
+                Some(tenant),
+                "service",
+                service,
+                EventAction::Deleted,
+                &view,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_handler(s: &str) -> Option<Handler> {
+    match s {
+        "tls" => Some(Handler::Tls),
+        "http" => Some(Handler::Http),
+        "redirect" => Some(Handler::Redirect),
+        "tcp" => Some(Handler::Tcp),
+        _ => None,
+    }
+}

@@ -1,0 +1,287 @@
+//! Tenants, their private networks and quotas.
+
+use chrono::{DateTime, Utc};
+use cloud_domain::api::{EventAction, Quotas, QuotasPatch, Tenant, Usage};
+use cloud_domain::ipam;
+use ipnet::Ipv4Net;
+use uuid::Uuid;
+
+use crate::page::{self, Cursor};
+use crate::{Store, StoreError, as_uuid, record_event, violated_constraint};
+
+#[derive(sqlx::FromRow)]
+struct TenantRow {
+    id: Uuid,
+    name: String,
+    network: String,
+    max_services: i32,
+    max_instances: i32,
+    max_memory_mb: i64,
+    max_images: i32,
+    created_at: DateTime<Utc>,
+    services: i64,
+    instances: i64,
+    memory_mb: i64,
+    images: i64,
+}
+
+const SELECT_TENANT: &str = "SELECT t.id, t.name, t.network::text AS network, t.max_services, t.max_instances,
+        t.max_memory_mb, t.max_images, t.created_at,
+        (SELECT count(*) FROM services s WHERE s.tenant_id = t.id) AS services,
+        (SELECT count(*) FROM instances i WHERE i.tenant_id = t.id) AS instances,
+        (SELECT coalesce(sum(i.memory_mb), 0)::bigint FROM instances i WHERE i.tenant_id = t.id) AS memory_mb,
+        (SELECT count(*) FROM images m WHERE m.tenant_id = t.id) AS images
+    FROM tenants t";
+
+impl From<TenantRow> for Tenant {
+    fn from(r: TenantRow) -> Self {
+        Tenant {
+            id: r.id,
+            name: r.name,
+            network: r.network,
+            quotas: Quotas {
+                max_services: r.max_services as u32,
+                max_instances: r.max_instances as u32,
+                max_memory_mb: r.max_memory_mb as u64,
+                max_images: r.max_images as u32,
+            },
+            usage: Usage {
+                services: r.services as u32,
+                instances: r.instances as u32,
+                memory_mb: r.memory_mb as u64,
+                images: r.images as u32,
+            },
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// Clamps a quota to what the database column holds.
+fn to_i32(v: u32) -> i32 {
+    v.min(i32::MAX as u32) as i32
+}
+
+impl Store {
+    /// Creates a tenant with its own private network carved from the platform pool.
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        quotas: QuotasPatch,
+    ) -> Result<Tenant, StoreError> {
+        let q = quotas.apply(Quotas::default());
+        // Two replicas may pick the same free subnet; the exclusion constraint refuses the loser, which retries.
+        for _ in 0..8 {
+            let used: Vec<(String,)> = sqlx::query_as("SELECT network::text FROM tenants")
+                .fetch_all(&self.pool)
+                .await?;
+            let used: Vec<Ipv4Net> = used.iter().filter_map(|(n,)| n.parse().ok()).collect();
+            let Some(network) = ipam::next_free_subnet(
+                self.settings.tenant_pool,
+                self.settings.tenant_prefix,
+                &used,
+            ) else {
+                return Err(StoreError::CapacityExhausted {
+                    what: "tenant networks",
+                });
+            };
+            let id = Uuid::new_v4();
+            let mut tx = self.pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO tenants (id, name, network, max_services, max_instances, max_memory_mb, max_images)
+                 VALUES ($1, $2, $3::cidr, $4, $5, $6, $7)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(network.to_string())
+            .bind(to_i32(q.max_services))
+            .bind(to_i32(q.max_instances))
+            .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
+            .bind(to_i32(q.max_images))
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {}
+                Err(e) => match violated_constraint(&e).as_deref() {
+                    Some("tenants_name_key") => {
+                        return Err(StoreError::AlreadyExists {
+                            kind: "tenant",
+                            name: name.to_owned(),
+                        });
+                    }
+                    Some("tenants_network_disjoint") => continue,
+                    _ => return Err(e.into()),
+                },
+            }
+            let tenant = Self::tenant_in(&mut tx, id).await?;
+            record_event(
+                &mut tx,
+                Some(id),
+                "tenant",
+                id,
+                EventAction::Created,
+                &tenant,
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(tenant);
+        }
+        Err(StoreError::CapacityExhausted {
+            what: "tenant networks (too much contention)",
+        })
+    }
+
+    async fn tenant_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Tenant, StoreError> {
+        let row: TenantRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TENANT} WHERE t.id = $1"
+        )))
+        .bind(id)
+        .fetch_one(conn)
+        .await?;
+        Ok(row.into())
+    }
+
+    /// A tenant by name or id.
+    pub async fn tenant(&self, key: &str) -> Result<Tenant, StoreError> {
+        let row: Option<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2"
+        )))
+        .bind(key)
+        .bind(as_uuid(key))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Tenant::from).ok_or_else(|| StoreError::NotFound {
+            kind: "tenant",
+            key: key.to_owned(),
+        })
+    }
+
+    /// A page of tenants in creation order.
+    pub async fn list_tenants(
+        &self,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<Tenant>, Option<Cursor>), StoreError> {
+        let (ts, id) = page::after(cursor);
+        let rows: Vec<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TENANT} WHERE ($1::timestamptz IS NULL OR (t.created_at, t.id) > ($1, $2))
+             ORDER BY t.created_at, t.id LIMIT $3"
+        )))
+        .bind(ts)
+        .bind(id)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows.into_iter().map(Tenant::from).collect();
+        Ok(page::finish(rows, limit, |t: &Tenant| Cursor {
+            created_at: t.created_at,
+            id: t.id,
+        }))
+    }
+
+    /// Changes a tenant's quotas. Lowering a quota below current use is allowed: it only blocks new resources.
+    pub async fn update_tenant(
+        &self,
+        key: &str,
+        quotas: QuotasPatch,
+    ) -> Result<Tenant, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = self.tenant(key).await?;
+        let q = quotas.apply(current.quotas);
+        sqlx::query(
+            "UPDATE tenants SET max_services = $2, max_instances = $3, max_memory_mb = $4, max_images = $5,
+                 updated_at = now() WHERE id = $1",
+        )
+        .bind(current.id)
+        .bind(to_i32(q.max_services))
+        .bind(to_i32(q.max_instances))
+        .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
+        .bind(to_i32(q.max_images))
+        .execute(&mut *tx)
+        .await?;
+        let tenant = Self::tenant_in(&mut tx, current.id).await?;
+        record_event(
+            &mut tx,
+            Some(tenant.id),
+            "tenant",
+            tenant.id,
+            EventAction::Updated,
+            &tenant,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(tenant)
+    }
+
+    /// Deletes an empty tenant and its tokens.
+    pub async fn delete_tenant(&self, key: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let tenant = self.tenant(key).await?;
+        sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(tenant.id)
+            .execute(&mut *tx)
+            .await?;
+        let tenant = Self::tenant_in(&mut tx, tenant.id).await?;
+        let u = tenant.usage;
+        let mut left = Vec::new();
+        for (n, what) in [
+            (u.services, "service(s)"),
+            (u.instances, "instance(s)"),
+            (u.images, "image(s)"),
+        ] {
+            if n > 0 {
+                left.push(format!("{n} {what}"));
+            }
+        }
+        if !left.is_empty() {
+            return Err(StoreError::TenantNotEmpty {
+                name: tenant.name,
+                what: left.join(", "),
+            });
+        }
+        sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(tenant.id)
+            .execute(&mut *tx)
+            .await?;
+        record_event(
+            &mut tx,
+            Some(tenant.id),
+            "tenant",
+            tenant.id,
+            EventAction::Deleted,
+            &tenant,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Locks the tenant row for the rest of the transaction and returns its quotas and network. Creations that
+    /// count against quotas or allocate addresses take this lock, so concurrent requests cannot both pass a check
+    /// that only one of them may.
+    pub(crate) async fn lock_tenant(
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+    ) -> Result<(Quotas, Ipv4Net, String), StoreError> {
+        let row: Option<(i32, i32, i64, i32, String, String)> = sqlx::query_as(
+            "SELECT max_services, max_instances, max_memory_mb, max_images, network::text, name
+             FROM tenants WHERE id = $1 FOR UPDATE",
+        )
+        .bind(tenant)
+        .fetch_optional(conn)
+        .await?;
+        let (s, i, m, im, net, name) = row.ok_or_else(|| StoreError::NotFound {
+            kind: "tenant",
+            key: tenant.to_string(),
+        })?;
+        let network = net
+            .parse()
+            .map_err(|_| StoreError::Invalid(format!("tenant network {net} is not IPv4")))?;
+        let quotas = Quotas {
+            max_services: s as u32,
+            max_instances: i as u32,
+            max_memory_mb: m as u64,
+            max_images: im as u32,
+        };
+        Ok((quotas, network, name))
+    }
+}

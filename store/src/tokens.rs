@@ -1,0 +1,164 @@
+//! API token records. The JWT itself is never stored: the record is what revocation and listing need.
+
+use chrono::{DateTime, Utc};
+use cloud_domain::api::{EventAction, Scope, Token};
+use uuid::Uuid;
+
+use crate::page::{self, Cursor};
+use crate::{Store, StoreError, record_event};
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: Uuid,
+    tenant: String,
+    scopes: Vec<String>,
+    description: String,
+    expires_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<TokenRow> for Token {
+    fn from(r: TokenRow) -> Self {
+        Token {
+            id: r.id,
+            tenant: r.tenant,
+            scopes: r.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+            description: r.description,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// What authentication needs to know about a token id.
+#[derive(Debug, Clone)]
+pub struct TokenStatus {
+    /// Owning tenant.
+    pub tenant_id: Uuid,
+    /// Expiry as recorded.
+    pub expires_at: DateTime<Utc>,
+    /// Set when revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+const SELECT_TOKEN: &str =
+    "SELECT k.id, t.name AS tenant, k.scopes, k.description, k.expires_at, k.revoked_at,
+        k.created_at FROM tokens k JOIN tenants t ON t.id = k.tenant_id";
+
+impl Store {
+    /// Records a new token for a tenant.
+    pub async fn create_token(
+        &self,
+        tenant: Uuid,
+        scopes: &[Scope],
+        expires_at: DateTime<Utc>,
+        description: &str,
+    ) -> Result<Token, StoreError> {
+        let id = Uuid::new_v4();
+        let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO tokens (id, tenant_id, scopes, expires_at, description) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(tenant)
+            .bind(&scopes)
+            .bind(expires_at)
+            .bind(description)
+            .execute(&mut *tx)
+            .await?;
+        let token: Token = sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TOKEN} WHERE k.id = $1"
+        )))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .into();
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "token",
+            id,
+            EventAction::Created,
+            &token,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    /// The state of a token, for authentication.
+    pub async fn token_status(&self, id: Uuid) -> Result<Option<TokenStatus>, StoreError> {
+        let row: Option<(Uuid, DateTime<Utc>, Option<DateTime<Utc>>)> =
+            sqlx::query_as("SELECT tenant_id, expires_at, revoked_at FROM tokens WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(tenant_id, expires_at, revoked_at)| TokenStatus {
+            tenant_id,
+            expires_at,
+            revoked_at,
+        }))
+    }
+
+    /// A page of a tenant's tokens.
+    pub async fn list_tokens(
+        &self,
+        tenant: Uuid,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<Token>, Option<Cursor>), StoreError> {
+        let (ts, id) = page::after(cursor);
+        let rows: Vec<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TOKEN} WHERE k.tenant_id = $1 AND ($2::timestamptz IS NULL OR (k.created_at, k.id) > ($2, $3))
+             ORDER BY k.created_at, k.id LIMIT $4"
+        )))
+        .bind(tenant)
+        .bind(ts)
+        .bind(id)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows.into_iter().map(Token::from).collect();
+        Ok(page::finish(rows, limit, |t: &Token| Cursor {
+            created_at: t.created_at,
+            id: t.id,
+        }))
+    }
+
+    /// Revokes a token of the tenant (idempotent: revoking twice keeps the first time).
+    pub async fn revoke_token(&self, tenant: Uuid, id: Uuid) -> Result<Token, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(id)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound {
+                kind: "token",
+                key: id.to_string(),
+            });
+        }
+        let token: Token = sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!(
+            "{SELECT_TOKEN} WHERE k.id = $1"
+        )))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .into();
+        record_event(
+            &mut tx,
+            Some(tenant),
+            "token",
+            id,
+            EventAction::Updated,
+            &token,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+}

@@ -1,0 +1,198 @@
+//! The test harness: real PostgreSQL, real servers on port 0, no shared state between tests.
+//!
+//! Each test gets a fresh database on one server per test binary: the server named by `DATABASE_URL` (any
+//! database on it; the harness creates new ones beside it), or else a private cluster started from the system's
+//! PostgreSQL binaries that dies with the test process.
+
+use std::net::TcpListener;
+
+use cloud_api::{ApiConfig, AppState, issue_token};
+use cloud_domain::api::{CreatedToken, QuotasPatch, Scope, Tenant};
+use cloud_embedded_pg::{EmbeddedPg, Options};
+use cloud_store::{Settings, Store};
+use tokio::sync::OnceCell;
+
+/// Where test databases are created.
+enum Server {
+    External(String),
+    Embedded(EmbeddedPg),
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+
+async fn server() -> &'static Server {
+    SERVER
+        .get_or_init(|| async {
+            if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+                return Server::External(url);
+            }
+            let dir = std::env::temp_dir().join(format!("cloud-tests-pg-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let pg = EmbeddedPg::start_ephemeral(Options {
+                data_dir: dir,
+                port: None,
+                bin_dir: None,
+            })
+            .await
+            .expect("starting an embedded PostgreSQL for the tests");
+            Server::Embedded(pg)
+        })
+        .await
+}
+
+/// Replaces the database name of a PostgreSQL URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = match server().await {
+        Server::External(url) => url.clone(),
+        Server::Embedded(pg) => pg.url("postgres"),
+    };
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let pool = cloud_store::connect(&admin, 1)
+        .await
+        .expect("connecting to the test server");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("CREATE DATABASE");
+    pool.close().await;
+    with_database(&admin, &name)
+}
+
+/// A migrated store on a fresh database.
+pub async fn fresh_store() -> Store {
+    fresh_store_with(Settings::default()).await
+}
+
+/// A migrated store on a fresh database, with the given settings.
+pub async fn fresh_store_with(settings: Settings) -> Store {
+    let url = fresh_database().await;
+    let pool = cloud_store::connect(&url, 10)
+        .await
+        .expect("connecting to the test database");
+    let store = Store::new(pool, settings);
+    store.migrate().await.expect("migrations");
+    store
+}
+
+/// A running API on port 0 over a fresh database, with one tenant and its admin token.
+pub struct TestApi {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// The store behind the API.
+    pub store: Store,
+    /// The first tenant (`acme`).
+    pub tenant: Tenant,
+    /// An admin token of `acme`.
+    pub token: String,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl TestApi {
+    /// Starts the API with default limits.
+    pub async fn start() -> Self {
+        Self::start_with(ApiConfig::default()).await
+    }
+
+    /// Starts the API with the given limits.
+    pub async fn start_with(config: ApiConfig) -> Self {
+        let store = fresh_store().await;
+        let state = AppState::new(store.clone(), config)
+            .await
+            .expect("API state");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
+        let handle = server.handle();
+        tokio::spawn(server);
+        let (tenant, created) =
+            tenant_with_token(&store, "acme", &[Scope::Read, Scope::Write, Scope::Admin]).await;
+        Self {
+            base,
+            store,
+            tenant,
+            token: created.jwt,
+            handle,
+        }
+    }
+
+    /// A new tenant and a token with the given scopes.
+    pub async fn tenant(&self, name: &str, scopes: &[Scope]) -> (Tenant, String) {
+        let (t, c) = tenant_with_token(&self.store, name, scopes).await;
+        (t, c.jwt)
+    }
+
+    /// The URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        // Stop accepting; the workers end with the test's runtime.
+        drop(self.handle.stop(false));
+    }
+}
+
+/// Creates a tenant and issues it a token.
+pub async fn tenant_with_token(
+    store: &Store,
+    name: &str,
+    scopes: &[Scope],
+) -> (Tenant, CreatedToken) {
+    let tenant = store
+        .create_tenant(name, QuotasPatch::default())
+        .await
+        .expect("tenant");
+    let signer = cloud_api::TokenSigner::from_store(store)
+        .await
+        .expect("signer");
+    let created = issue_token(
+        store,
+        &signer,
+        tenant.id,
+        scopes,
+        chrono::Duration::days(1),
+        "test",
+    )
+    .await
+    .expect("token");
+    (tenant, created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_names_are_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres", "x"),
+            "postgres://u:p@h:5/x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h:5", "x"),
+            "postgres://u:p@h:5/x"
+        );
+        assert_eq!(
+            with_database("postgres://h/db?sslmode=disable", "x"),
+            "postgres://h/x?sslmode=disable"
+        );
+    }
+}
