@@ -56,11 +56,7 @@ impl TokenSigner {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub", "jti"]);
-        Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
-        }
+        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
     }
 
     /// The signer over the platform's key, creating the key on first use.
@@ -70,23 +66,17 @@ impl TokenSigner {
 
     /// Signs claims.
     pub fn sign(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
-            .expect("HS256 signing cannot fail")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding).expect("HS256 signing cannot fail")
     }
 
     /// Verifies signature and expiry.
     pub fn verify(&self, jwt: &str) -> ApiResult<Claims> {
-        jsonwebtoken::decode::<Claims>(jwt, &self.decoding, &self.validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => {
-                    ApiError::new(ErrorCode::TokenExpired, "the token has expired")
-                }
-                _ => ApiError::new(
-                    ErrorCode::InvalidToken,
-                    "the token is malformed or its signature does not verify",
-                ),
-            })
+        jsonwebtoken::decode::<Claims>(jwt, &self.decoding, &self.validation).map(|d| d.claims).map_err(|e| {
+            match e.kind() {
+                ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::TokenExpired, "the token has expired"),
+                _ => ApiError::new(ErrorCode::InvalidToken, "the token is malformed or its signature does not verify"),
+            }
+        })
     }
 }
 
@@ -101,11 +91,8 @@ pub async fn issue_token(
 ) -> ApiResult<CreatedToken> {
     let now = Utc::now();
     // Whole seconds, as in the JWT, so the record and the claim agree.
-    let expires_at =
-        DateTime::from_timestamp((now + lifetime).timestamp(), 0).unwrap_or(now + lifetime);
-    let token = store
-        .create_token(tenant, scopes, expires_at, description)
-        .await?;
+    let expires_at = DateTime::from_timestamp((now + lifetime).timestamp(), 0).unwrap_or(now + lifetime);
+    let token = store.create_token(tenant, scopes, expires_at, description).await?;
     let jwt = signer.sign(&Claims {
         sub: tenant,
         jti: token.id,
@@ -137,11 +124,7 @@ impl Auth {
         } else {
             Err(ApiError::new(
                 ErrorCode::InsufficientScope,
-                format!(
-                    "this operation needs the '{}' scope; the token has {:?}",
-                    scope.as_str(),
-                    self.scope_names()
-                ),
+                format!("this operation needs the '{}' scope; the token has {:?}", scope.as_str(), self.scope_names()),
             ))
         }
     }
@@ -159,20 +142,14 @@ impl Auth {
 /// The bearer token of a request, if any.
 pub(crate) fn bearer(req: &HttpRequest) -> ApiResult<&str> {
     let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::MissingToken,
-            "no bearer token: send 'Authorization: Bearer <token>'",
-        )
-        .with_header(header::WWW_AUTHENTICATE, "Bearer")
+        ApiError::new(ErrorCode::MissingToken, "no bearer token: send 'Authorization: Bearer <token>'")
+            .with_header(header::WWW_AUTHENTICATE, "Bearer")
     })?;
     let value = value.to_str().unwrap_or_default();
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidToken,
-            "the Authorization header must be 'Bearer <token>'",
-        )
-        .with_header(header::WWW_AUTHENTICATE, "Bearer"));
+        return Err(ApiError::new(ErrorCode::InvalidToken, "the Authorization header must be 'Bearer <token>'")
+            .with_header(header::WWW_AUTHENTICATE, "Bearer"));
     }
     Ok(token.trim())
 }
@@ -185,43 +162,24 @@ impl FromRequest for Auth {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let claims = bearer(req).and_then(|jwt| match &state {
             Some(s) => s.signer.verify(jwt),
-            None => Err(ApiError::internal(&std::io::Error::other(
-                "AppState missing",
-            ))),
+            None => Err(ApiError::internal(&std::io::Error::other("AppState missing"))),
         });
         Box::pin(async move {
             let claims = claims?;
             let state = state.expect("checked above");
             let Some(record) = state.store.token_status(claims.jti).await? else {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidToken,
-                    "the token is not known to this platform",
-                ));
+                return Err(ApiError::new(ErrorCode::InvalidToken, "the token is not known to this platform"));
             };
             if record.tenant_id != claims.sub {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidToken,
-                    "the token does not match its record",
-                ));
+                return Err(ApiError::new(ErrorCode::InvalidToken, "the token does not match its record"));
             }
             if record.revoked_at.is_some() {
-                return Err(ApiError::new(
-                    ErrorCode::TokenRevoked,
-                    "the token has been revoked",
-                ));
+                return Err(ApiError::new(ErrorCode::TokenRevoked, "the token has been revoked"));
             }
             if record.expires_at <= Utc::now() {
-                return Err(ApiError::new(
-                    ErrorCode::TokenExpired,
-                    "the token has expired",
-                ));
+                return Err(ApiError::new(ErrorCode::TokenExpired, "the token has expired"));
             }
-            Ok(Auth {
-                tenant: claims.sub,
-                token_id: claims.jti,
-                scopes: claims.scopes,
-                expires_at: record.expires_at,
-            })
+            Ok(Auth { tenant: claims.sub, token_id: claims.jti, scopes: claims.scopes, expires_at: record.expires_at })
         })
     }
 }

@@ -25,21 +25,13 @@ pub struct ApiError {
 impl ApiError {
     /// An error with the usual status of its code.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self {
-            status: status_of(code),
-            code,
-            detail: detail.into(),
-            headers: Vec::new(),
-        }
+        Self { status: status_of(code), code, detail: detail.into(), headers: Vec::new() }
     }
 
     /// A server-side fault: the cause is logged, the client gets a generic message.
     pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %chain(cause), "internal error");
-        Self::new(
-            ErrorCode::InternalError,
-            "an internal error occurred; the server log has the details",
-        )
+        Self::new(ErrorCode::InternalError, "an internal error occurred; the server log has the details")
     }
 
     /// Adds a response header.
@@ -64,8 +56,8 @@ impl ApiError {
 pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
-        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName
-        | InvalidDomain | InvalidPortSpec | InvalidCursor | InvalidImage => StatusCode::BAD_REQUEST,
+        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName | InvalidDomain | InvalidPortSpec
+        | InvalidCursor | InvalidImage => StatusCode::BAD_REQUEST,
         MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
         InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
         NotFound | RouteNotFound => StatusCode::NOT_FOUND,

@@ -23,29 +23,17 @@ pub(crate) async fn middleware(
     let key = match req.headers().get(HEADER) {
         Some(k) if req.method() == Method::POST => k.to_str().unwrap_or("\u{0}").to_owned(),
         _ => {
-            return next
-                .call(req)
-                .await
-                .map(ServiceResponse::map_into_boxed_body);
+            return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
         }
     };
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .cloned()
-        .expect("AppState is registered");
+    let state = req.app_data::<web::Data<AppState>>().cloned().expect("AppState is registered");
     if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        let e = ApiError::new(
-            ErrorCode::InvalidRequest,
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-        );
+        let e = ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must be 1 to 255 visible ASCII characters");
         return Ok(req.into_response(e.error_response()));
     }
     // Keys are per tenant. Without a valid token there is nothing to key on: the handler will refuse anyway.
     let Ok(claims) = bearer(req.request()).and_then(|jwt| state.signer.verify(jwt)) else {
-        return next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_boxed_body);
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
     };
     let body = req.extract::<Bytes>().await?;
     let mut hash = Sha256::new();
@@ -62,11 +50,7 @@ pub(crate) async fn middleware(
         Err(e) => return Ok(req.into_response(ApiError::from(e).error_response())),
     };
     match begin {
-        IdempotencyBegin::Replay {
-            status,
-            content_type,
-            body,
-        } => {
+        IdempotencyBegin::Replay { status, content_type, body } => {
             let res = HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
                 .content_type(content_type)
                 .insert_header(("idempotent-replayed", "true"))
@@ -97,23 +81,13 @@ pub(crate) async fn middleware(
             let outcome = if status.is_server_error() {
                 state.store.idempotency_abandon(claims.sub, &key).await
             } else {
-                let ct = res
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                state
-                    .store
-                    .idempotency_finish(claims.sub, &key, status.as_u16(), ct, &bytes)
-                    .await
+                let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                state.store.idempotency_finish(claims.sub, &key, status.as_u16(), ct, &bytes).await
             };
             if let Err(e) = outcome {
                 tracing::warn!(error = %crate::error::chain(&e), "could not record an idempotency key");
             }
-            Ok(ServiceResponse::new(
-                http_req,
-                res.set_body(bytes).map_into_boxed_body(),
-            ))
+            Ok(ServiceResponse::new(http_req, res.set_body(bytes).map_into_boxed_body()))
         }
     }
 }

@@ -38,10 +38,7 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self {
-            max_json_bytes: 256 * 1024,
-            max_image_bytes: 256 * 1024 * 1024,
-        }
+        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024 }
     }
 }
 
@@ -102,61 +99,39 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
         );
     }
 }
 
 /// The OpenAPI document, generated from the routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    App::new()
-        .into_utoipa_app()
-        .openapi(ApiDoc::openapi())
-        .configure(routes::configure)
-        .split_for_parts()
-        .1
+    App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes::configure).split_for_parts().1
 }
 
 /// Starts serving on a bound listener. The returned server runs until stopped or dropped.
-pub fn serve(
-    state: web::Data<AppState>,
-    listener: TcpListener,
-) -> std::io::Result<actix_web::dev::Server> {
+pub fn serve(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
     let json_limit = state.config.max_json_bytes;
     let server = HttpServer::new(move || {
         let (app, api) = App::new()
             .into_utoipa_app()
             .openapi(ApiDoc::openapi())
             .app_data(state.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(json_limit)
-                    .error_handler(|e, _| validate::json_error(e).into()),
-            )
+            .app_data(web::JsonConfig::default().limit(json_limit).error_handler(|e, _| validate::json_error(e).into()))
             .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                ApiError::new(
-                    ErrorCode::InvalidQuery,
-                    format!("invalid query string: {e}"),
-                )
-                .into()
+                ApiError::new(ErrorCode::InvalidQuery, format!("invalid query string: {e}")).into()
             }))
-            .app_data(web::PathConfig::default().error_handler(|e, _| {
-                ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {e}")).into()
-            }))
+            .app_data(
+                web::PathConfig::default().error_handler(|e, _| {
+                    ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {e}")).into()
+                }),
+            )
             .configure(routes::configure)
             .split_for_parts();
         app.wrap(from_fn(idempotency::middleware))
             .wrap(from_fn(metrics::middleware))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
-            .route(
-                "/docs",
-                web::get().to(|| async { web::Redirect::to("/docs/").permanent() }),
-            )
+            .route("/docs", web::get().to(|| async { web::Redirect::to("/docs/").permanent() }))
             .default_service(web::to(not_found))
     })
     .workers(2)
@@ -167,8 +142,5 @@ pub fn serve(
 }
 
 async fn not_found(req: HttpRequest) -> ApiResult<actix_web::HttpResponse> {
-    Err(ApiError::new(
-        ErrorCode::RouteNotFound,
-        format!("no route for {} {}", req.method(), req.path()),
-    ))
+    Err(ApiError::new(ErrorCode::RouteNotFound, format!("no route for {} {}", req.method(), req.path())))
 }

@@ -13,22 +13,15 @@ use crate::error::{ApiError, ApiResult};
 /// Renders JSON body failures with the parser's own words (which name the field and position).
 pub(crate) fn json_error(e: JsonPayloadError) -> ApiError {
     match e {
-        JsonPayloadError::Overflow { limit }
-        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the JSON body exceeds the limit of {limit} bytes"),
-        ),
+        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            ApiError::new(ErrorCode::PayloadTooLarge, format!("the JSON body exceeds the limit of {limit} bytes"))
+        }
         JsonPayloadError::ContentType => ApiError::new(
             ErrorCode::UnsupportedMediaType,
             "the body must be JSON with 'Content-Type: application/json'",
         ),
-        JsonPayloadError::Deserialize(e) => {
-            ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}"))
-        }
-        other => ApiError::new(
-            ErrorCode::InvalidJson,
-            format!("invalid JSON body: {other}"),
-        ),
+        JsonPayloadError::Deserialize(e) => ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")),
+        other => ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {other}")),
     }
 }
 
@@ -49,24 +42,14 @@ impl ListQuery {
     pub fn parse(&self) -> ApiResult<(Option<Cursor>, usize)> {
         let limit = match self.limit.as_deref() {
             None => 50,
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|l| (1..=500).contains(l))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidQuery,
-                        format!("limit must be a number from 1 to 500, got \"{text}\""),
-                    )
-                })?,
+            Some(text) => text.parse::<u32>().ok().filter(|l| (1..=500).contains(l)).ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidQuery, format!("limit must be a number from 1 to 500, got \"{text}\""))
+            })?,
         };
         let cursor = match &self.cursor {
             None => None,
             Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::InvalidCursor,
-                    "the cursor is not one this API issued; start without one",
-                )
+                ApiError::new(ErrorCode::InvalidCursor, "the cursor is not one this API issued; start without one")
             })?),
         };
         Ok((cursor, limit as usize))
@@ -87,31 +70,20 @@ pub(crate) fn ports(inputs: &[PortInput], settings: &Settings) -> ApiResult<Vec<
             PortInput::Object(o) => Ok(o.clone()),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ports::expand(
-        &specs,
-        &PortPolicy {
-            tcp_ports: settings.tcp_ports.clone(),
-        },
-    )?)
+    Ok(ports::expand(&specs, &PortPolicy { tcp_ports: settings.tcp_ports.clone() })?)
 }
 
 /// Soft and hard limits must be positive, and soft at most hard.
 pub(crate) fn limits(soft: Option<u32>, hard: Option<u32>) -> ApiResult<()> {
     for (what, v) in [("soft_limit", soft), ("hard_limit", hard)] {
         if v == Some(0) || v.is_some_and(|v| v > i32::MAX as u32) {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("{what} must be between 1 and {}", i32::MAX),
-            ));
+            return Err(ApiError::new(ErrorCode::InvalidRequest, format!("{what} must be between 1 and {}", i32::MAX)));
         }
     }
     if let (Some(s), Some(h)) = (soft, hard)
         && s > h
     {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("soft_limit {s} must not exceed hard_limit {h}"),
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidRequest, format!("soft_limit {s} must not exceed hard_limit {h}")));
     }
     Ok(())
 }
@@ -130,10 +102,7 @@ pub(crate) fn domains(inputs: &[String], settings: &Settings) -> ApiResult<Vec<(
                         names::validate_name(NameKind::Service, label)?;
                         (fqdn.to_owned(), false)
                     }
-                    _ if fqdn == zone
-                        || fqdn.ends_with(&format!(".{zone}"))
-                        || fqdn == settings.base_domain =>
-                    {
+                    _ if fqdn == zone || fqdn.ends_with(&format!(".{zone}")) || fqdn == settings.base_domain => {
                         return Err(ApiError::new(
                             ErrorCode::InvalidDomain,
                             format!(
@@ -168,16 +137,9 @@ mod tests {
     #[test]
     fn domains_resolve_platform_and_custom_names() {
         let s = Settings::default();
-        let got = domains(
-            &[
-                "shop".into(),
-                "www.example.com.".into(),
-                "api2.dev.cloud.localhost.".into(),
-                "shop".into(),
-            ],
-            &s,
-        )
-        .unwrap();
+        let got =
+            domains(&["shop".into(), "www.example.com.".into(), "api2.dev.cloud.localhost.".into(), "shop".into()], &s)
+                .unwrap();
         assert_eq!(
             got,
             [
@@ -186,13 +148,7 @@ mod tests {
                 ("api2.dev.cloud.localhost".to_owned(), false)
             ]
         );
-        for bad in [
-            "a.b.dev.cloud.localhost.",
-            "dev.cloud.localhost.",
-            "www.example.com",
-            "Shop",
-            "-x.",
-        ] {
+        for bad in ["a.b.dev.cloud.localhost.", "dev.cloud.localhost.", "www.example.com", "Shop", "-x."] {
             let e = domains(&[bad.into()], &s).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{bad}: {e}");
         }
@@ -202,17 +158,7 @@ mod tests {
     fn limits_are_positive_and_ordered() {
         assert!(limits(Some(1), Some(1)).is_ok());
         assert!(limits(None, Some(5)).is_ok());
-        assert!(
-            limits(Some(0), None)
-                .unwrap_err()
-                .detail
-                .contains("soft_limit must be")
-        );
-        assert!(
-            limits(Some(6), Some(5))
-                .unwrap_err()
-                .detail
-                .contains("must not exceed")
-        );
+        assert!(limits(Some(0), None).unwrap_err().detail.contains("soft_limit must be"));
+        assert!(limits(Some(6), Some(5)).unwrap_err().detail.contains("must not exceed"));
     }
 }

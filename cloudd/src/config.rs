@@ -20,6 +20,20 @@ pub struct Config {
     pub platform: PlatformSection,
     /// `cloudd dev` settings.
     pub dev: DevSection,
+    /// Node agent settings.
+    pub node: NodeSection,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Unique node name. Default: the host name.
+    pub name: Option<String>,
+    /// Where the node keeps unpacked images. Default: `/var/lib/cloudd/node` (`<dev.data_dir>/node` in dev).
+    pub state_dir: Option<PathBuf>,
+    /// Memory offered to instances, MiB. Default: 80% of the machine's.
+    pub memory_mb: Option<u64>,
 }
 
 /// `[api]`
@@ -90,10 +104,7 @@ pub struct DevSection {
 
 impl Default for DevSection {
     fn default() -> Self {
-        Self {
-            data_dir: None,
-            tenant: "default".into(),
-        }
+        Self { data_dir: None, tenant: "default".into() }
     }
 }
 
@@ -102,8 +113,7 @@ impl Config {
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let mut cfg: Config = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => Config::default(),
@@ -112,9 +122,7 @@ impl Config {
             cfg.database_url = Some(v);
         }
         if let Some(v) = env("CLOUD_API_LISTEN") {
-            cfg.api.listen = v
-                .parse()
-                .with_context(|| format!("CLOUD_API_LISTEN={v} is not an address:port"))?;
+            cfg.api.listen = v.parse().with_context(|| format!("CLOUD_API_LISTEN={v} is not an address:port"))?;
         }
         if let Some(v) = env("CLOUD_REGION") {
             cfg.platform.region = v;
@@ -137,12 +145,7 @@ impl Config {
             .split_once('-')
             .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
             .filter(|(a, b)| 0 < *a && a <= b)
-            .with_context(|| {
-                format!(
-                    "platform.tcp_ports = {:?} must be LOW-HIGH, e.g. 30000-32767",
-                    p.tcp_ports
-                )
-            })?;
+            .with_context(|| format!("platform.tcp_ports = {:?} must be LOW-HIGH, e.g. 30000-32767", p.tcp_ports))?;
         if p.tenant_prefix < p.tenant_pool.prefix_len() || p.tenant_prefix > 30 {
             bail!(
                 "platform.tenant_prefix = {} must be between the pool's prefix ({}) and 30",
@@ -150,17 +153,11 @@ impl Config {
                 p.tenant_pool.prefix_len()
             );
         }
-        if p.region.contains('.')
-            || cloud_domain::names::validate_domain_name(&format!("{}.x", p.region)).is_err()
-        {
+        if p.region.contains('.') || cloud_domain::names::validate_domain_name(&format!("{}.x", p.region)).is_err() {
             bail!("platform.region = {:?} must be one DNS label", p.region);
         }
-        cloud_domain::names::validate_domain_name(&p.base_domain).with_context(|| {
-            format!(
-                "platform.base_domain = {:?} must be a domain name",
-                p.base_domain
-            )
-        })?;
+        cloud_domain::names::validate_domain_name(&p.base_domain)
+            .with_context(|| format!("platform.base_domain = {:?} must be a domain name", p.base_domain))?;
         Ok(cloud_store::Settings {
             region: p.region.clone(),
             base_domain: p.base_domain.clone(),
@@ -170,12 +167,25 @@ impl Config {
         })
     }
 
+    /// The node agent's settings; `state_dir` is used when the file names none.
+    pub fn node_config(&self, state_dir: PathBuf) -> anyhow::Result<cloud_runtime::NodeConfig> {
+        let name = match &self.node.name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".into()),
+        };
+        let exe = std::env::current_exe().context("finding the cloudd executable")?;
+        let mut cfg = cloud_runtime::NodeConfig::new(name, self.node.state_dir.clone().unwrap_or(state_dir), exe);
+        if let Some(m) = self.node.memory_mb {
+            cfg.memory_mb = m;
+        }
+        Ok(cfg)
+    }
+
     /// The API's limits.
     pub fn api_config(&self) -> cloud_api::ApiConfig {
-        cloud_api::ApiConfig {
-            max_json_bytes: self.api.max_json_bytes,
-            max_image_bytes: self.api.max_image_bytes,
-        }
+        cloud_api::ApiConfig { max_json_bytes: self.api.max_json_bytes, max_image_bytes: self.api.max_image_bytes }
     }
 }
 
@@ -196,19 +206,11 @@ mod tests {
     fn environment_overrides_the_file_and_bad_values_are_named() {
         let cfg = Config::load(None, |k| (k == "CLOUD_REGION").then(|| "fra".to_owned())).unwrap();
         assert_eq!(cfg.platform.region, "fra");
-        let err = Config::load(None, |k| {
-            (k == "CLOUD_API_LISTEN").then(|| "nope".to_owned())
-        })
-        .unwrap_err();
+        let err = Config::load(None, |k| (k == "CLOUD_API_LISTEN").then(|| "nope".to_owned())).unwrap_err();
         assert!(err.to_string().contains("CLOUD_API_LISTEN=nope"), "{err}");
         let mut bad = Config::default();
         bad.platform.tcp_ports = "9-1".into();
-        assert!(
-            bad.store_settings()
-                .unwrap_err()
-                .to_string()
-                .contains("platform.tcp_ports")
-        );
+        assert!(bad.store_settings().unwrap_err().to_string().contains("platform.tcp_ports"));
     }
 
     #[test]

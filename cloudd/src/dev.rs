@@ -18,68 +18,66 @@ const DEV_DATABASE: &str = "cloud";
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut embedded = None;
+    let dir = cfg.dev.data_dir.clone().unwrap_or_else(default_data_dir);
     let url = match &cfg.database_url {
         Some(url) => url.clone(),
         None => {
-            let dir = cfg.dev.data_dir.clone().unwrap_or_else(default_data_dir);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating the data dir {}", dir.display()))?;
-            let pg = EmbeddedPg::start(Options {
-                data_dir: dir.join("postgres"),
-                port: None,
-                bin_dir: None,
-            })
-            .await
-            .context("starting the embedded PostgreSQL")?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating the data dir {}", dir.display()))?;
+            let pg = EmbeddedPg::start(Options { data_dir: dir.join("postgres"), port: None, bin_dir: None })
+                .await
+                .context("starting the embedded PostgreSQL")?;
             create_database(&pg.url("postgres"), DEV_DATABASE).await?;
             let url = pg.url(DEV_DATABASE);
             embedded = Some(pg);
             url
         }
     };
-    let result = serve_dev(&cfg, &url).await;
+    let result = serve_dev(&cfg, &url, dir).await;
     if let Some(pg) = embedded {
-        pg.stop()
-            .await
-            .context("stopping the embedded PostgreSQL")?;
+        pg.stop().await.context("stopping the embedded PostgreSQL")?;
     }
     result
 }
 
-async fn serve_dev(cfg: &Config, url: &str) -> anyhow::Result<()> {
+async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result<()> {
     let store = crate::open_store(url, cfg).await?;
-    let created = ensure_admin_token(
-        &store,
-        &cfg.dev.tenant,
-        365,
-        "cloudd dev: local cloudctl remote",
-    )
-    .await?;
+    let created = ensure_admin_token(&store, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
+    let node = if nix_is_root() {
+        Some(start_node(cfg, store.clone(), data_dir.join("node")).await?)
+    } else {
+        tracing::warn!("not root: no node agent runs, so instances stay pending (see docs/configuration.md)");
+        None
+    };
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
     println!("cloudd dev is up.");
     println!("  API:       {api_url}/v1   (docs: {api_url}/docs/)");
-    println!(
-        "  tenant:    {} (admin token in {}, `cloudd token` prints it)",
-        cfg.dev.tenant,
-        config_path.display()
-    );
+    println!("  tenant:    {} (admin token in {}, `cloudd token` prints it)", cfg.dev.tenant, config_path.display());
     println!("  try:       curl -H \"Authorization: Bearer $(cloudd token)\" {api_url}/v1/whoami");
     println!("Ctrl-C stops it; the next start reuses the data.");
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
+    if let Some(node) = node {
+        node.shutdown().await;
+    }
     Ok(())
+}
+
+/// Starts a node agent following the change feed.
+pub async fn start_node(cfg: &Config, store: Store, state_dir: PathBuf) -> anyhow::Result<cloud_runtime::NodeHandle> {
+    let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
+    let node =
+        cloud_runtime::start(store, feed, cfg.node_config(state_dir)?).await.context("starting the node agent")?;
+    Ok(node)
 }
 
 /// Starts the API on the configured address.
 pub async fn start_api(cfg: &Config, store: Store) -> anyhow::Result<actix_web::dev::ServerHandle> {
-    let state = AppState::new(store, cfg.api_config())
-        .await
-        .context("preparing the API")?;
-    let listener = TcpListener::bind(cfg.api.listen)
-        .with_context(|| format!("binding the API to {}", cfg.api.listen))?;
+    let state = AppState::new(store, cfg.api_config()).await.context("preparing the API")?;
+    let listener =
+        TcpListener::bind(cfg.api.listen).with_context(|| format!("binding the API to {}", cfg.api.listen))?;
     let server = cloud_api::serve(actix_web::web::Data::new(state), listener)?;
     let handle = server.handle();
     tokio::spawn(server);
@@ -89,8 +87,7 @@ pub async fn start_api(cfg: &Config, store: Store) -> anyhow::Result<actix_web::
 
 /// Waits for Ctrl-C or SIGTERM.
 pub async fn wait_for_shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -98,47 +95,28 @@ pub async fn wait_for_shutdown() {
 }
 
 /// Creates the tenant when missing and issues an admin token for it.
-pub async fn ensure_admin_token(
-    store: &Store,
-    tenant: &str,
-    days: i64,
-    why: &str,
-) -> anyhow::Result<CreatedToken> {
+pub async fn ensure_admin_token(store: &Store, tenant: &str, days: i64, why: &str) -> anyhow::Result<CreatedToken> {
     cloud_domain::names::validate_name(cloud_domain::names::NameKind::Tenant, tenant)?;
     let tenant = match store.tenant(tenant).await {
         Ok(t) => t,
-        Err(StoreError::NotFound { .. }) => {
-            store.create_tenant(tenant, QuotasPatch::default()).await?
-        }
+        Err(StoreError::NotFound { .. }) => store.create_tenant(tenant, QuotasPatch::default()).await?,
         Err(e) => return Err(e.into()),
     };
     let signer = cloud_api::TokenSigner::from_store(store).await?;
     let scopes = [Scope::Read, Scope::Write, Scope::Admin];
-    issue_token(
-        store,
-        &signer,
-        tenant.id,
-        &scopes,
-        Duration::days(days),
-        why,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("issuing a token: {e}"))
+    issue_token(store, &signer, tenant.id, &scopes, Duration::days(days), why)
+        .await
+        .map_err(|e| anyhow::anyhow!("issuing a token: {e}"))
 }
 
 async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
-    let pool = cloud_store::connect(admin_url, 1)
-        .await
-        .context("connecting to the embedded PostgreSQL")?;
-    let (exists,): (bool,) =
-        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&pool)
-            .await?;
+    let pool = cloud_store::connect(admin_url, 1).await.context("connecting to the embedded PostgreSQL")?;
+    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&pool)
+        .await?;
     if !exists {
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&pool)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&pool).await?;
     }
     pool.close().await;
     Ok(())
@@ -157,15 +135,11 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn nix_is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/"))
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"))
 }
 
 /// cloudctl's configuration file: `$XDG_CONFIG_HOME/cloudctl/config.toml` (`~/.config/cloudctl/config.toml`).
@@ -184,23 +158,16 @@ fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
 
     let path = cloudctl_config_path();
     let mut doc: toml::Table = match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .parse()
-            .with_context(|| format!("parsing {}", path.display()))?,
+        Ok(text) => text.parse().with_context(|| format!("parsing {}", path.display()))?,
         Err(_) => toml::Table::new(),
     };
-    let remotes = doc
-        .entry("remotes")
-        .or_insert_with(|| toml::Value::Table(Default::default()));
-    let Some(remotes) = remotes.as_table_mut() else {
-        bail!("{}: `remotes` is not a table", path.display())
-    };
+    let remotes = doc.entry("remotes").or_insert_with(|| toml::Value::Table(Default::default()));
+    let Some(remotes) = remotes.as_table_mut() else { bail!("{}: `remotes` is not a table", path.display()) };
     let mut local = toml::Table::new();
     local.insert("url".into(), url.into());
     local.insert("token".into(), token.into());
     remotes.insert("local".into(), toml::Value::Table(local));
-    doc.entry("default_remote")
-        .or_insert_with(|| "local".into());
+    doc.entry("default_remote").or_insert_with(|| "local".into());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -220,24 +187,12 @@ fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
 /// The URL and token of the `local` remote.
 pub fn local_remote() -> anyhow::Result<(String, String)> {
     let path = cloudctl_config_path();
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (has `cloudd dev` run as this user?)",
-            path.display()
-        )
-    })?;
-    let doc: toml::Table = text
-        .parse()
-        .with_context(|| format!("parsing {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (has `cloudd dev` run as this user?)", path.display()))?;
+    let doc: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
     let local = doc.get("remotes").and_then(|r| r.get("local"));
-    match (
-        local.and_then(|l| l.get("url")?.as_str()),
-        local.and_then(|l| l.get("token")?.as_str()),
-    ) {
+    match (local.and_then(|l| l.get("url")?.as_str()), local.and_then(|l| l.get("token")?.as_str())) {
         (Some(url), Some(token)) => Ok((url.to_owned(), token.to_owned())),
-        _ => bail!(
-            "{} has no `local` remote with a url and token; run `cloudd dev`",
-            path.display()
-        ),
+        _ => bail!("{} has no `local` remote with a url and token; run `cloudd dev`", path.display()),
     }
 }

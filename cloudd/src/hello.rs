@@ -6,16 +6,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub async fn serve() -> anyhow::Result<()> {
-    let port: u16 = std::env::var("PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8080);
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
     let ip = std::env::var("PRIVATE_IP").unwrap_or_else(|_| "0.0.0.0".into());
     let instance = std::env::var("INSTANCE").unwrap_or_else(|_| "hello".into());
     let body = format!("hello from {instance} ({ip})\n");
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .with_context(|| format!("binding port {port}"))?;
+    let listener = TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding port {port}"))?;
     tracing::info!(port, %instance, "hello serving");
     loop {
         let (mut conn, _) = listener.accept().await?;

@@ -14,11 +14,7 @@ use cloud_store::Store;
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "cloudd",
-    version,
-    about = "The cloud platform daemon: one subcommand per role"
-)]
+#[command(name = "cloudd", version, about = "The cloud platform daemon: one subcommand per role")]
 struct Cli {
     /// TOML configuration file (see docs/configuration.md); environment variables override it.
     #[arg(long, short, global = true, env = "CLOUD_CONFIG")]
@@ -54,7 +50,7 @@ enum Command {
     Edge,
     /// Run the authoritative DNS (not implemented yet).
     Dns,
-    /// Run a node agent (not implemented yet).
+    /// Run a node agent: runs the instances scheduled on this machine (needs root and DATABASE_URL).
     Node,
     /// Run the certificate manager (not implemented yet).
     Certs,
@@ -76,8 +72,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bootstrap { tenant, days } => {
             let store = connect(&load()?).await?;
-            let created =
-                dev::ensure_admin_token(&store, &tenant, days, "cloudd bootstrap").await?;
+            let created = dev::ensure_admin_token(&store, &tenant, days, "cloudd bootstrap").await?;
             println!("{}", created.jwt);
             Ok(())
         }
@@ -93,24 +88,29 @@ async fn main() -> anyhow::Result<()> {
         Command::Hello => hello::serve().await,
         Command::Edge => not_yet("edge", 5),
         Command::Dns => not_yet("dns", 6),
-        Command::Node => not_yet("node", 3),
+        Command::Node => {
+            let cfg = load()?;
+            let store = connect(&cfg).await?;
+            let node = dev::start_node(&cfg, store, "/var/lib/cloudd/node".into()).await?;
+            dev::wait_for_shutdown().await;
+            node.shutdown().await;
+            Ok(())
+        }
         Command::Certs => not_yet("certs", 7),
     }
 }
 
 fn not_yet(role: &str, issue: u32) -> anyhow::Result<()> {
-    bail!(
-        "the {role} role is not implemented yet (issue {issue}); `cloudd dev` and `cloudd api` are available"
-    )
+    bail!("the {role} role is not implemented yet (issue {issue}); `cloudd dev` and `cloudd api` are available")
 }
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CLOUD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("CLOUD_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // Colours only for a terminal: instance output (e.g. the built-in hello's) ends up in log lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {
         builder.json().init();
     } else {
@@ -121,9 +121,7 @@ fn init_tracing() {
 /// Connects to the configured database and applies migrations.
 async fn connect(cfg: &Config) -> anyhow::Result<Store> {
     let Some(url) = &cfg.database_url else {
-        bail!(
-            "DATABASE_URL (or database_url in the config file) is required for this role; `cloudd dev` embeds one"
-        )
+        bail!("DATABASE_URL (or database_url in the config file) is required for this role; `cloudd dev` embeds one")
     };
     open_store(url, cfg).await
 }

@@ -141,9 +141,7 @@ pub struct Problem {
 }
 
 /// A token scope. `read` lists and gets, `write` creates and changes, `admin` manages tenants and quotas.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// List and get resources.
@@ -199,12 +197,7 @@ pub struct Quotas {
 
 impl Default for Quotas {
     fn default() -> Self {
-        Self {
-            max_services: 100,
-            max_instances: 200,
-            max_memory_mb: 64 * 1024,
-            max_images: 100,
-        }
+        Self { max_services: 100, max_instances: 200, max_memory_mb: 64 * 1024, max_images: 100 }
     }
 }
 
@@ -362,9 +355,7 @@ impl<'de> Deserialize<'de> for PortInput {
         use serde::de::Error;
         match serde_json::Value::deserialize(d)? {
             serde_json::Value::String(s) => Ok(Self::Spec(s)),
-            v @ serde_json::Value::Object(_) => serde_json::from_value(v)
-                .map(Self::Object)
-                .map_err(D::Error::custom),
+            v @ serde_json::Value::Object(_) => serde_json::from_value(v).map(Self::Object).map_err(D::Error::custom),
             _ => Err(D::Error::custom(
                 "a port is a spec string such as \"443:8080\" or an object {\"port\", \"destination_port\", \"handlers\"}",
             )),
@@ -482,9 +473,7 @@ pub struct UpdateService {
 }
 
 /// Tells an absent field (`None`, via `default`) from an explicit `null` (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -661,4 +650,17 @@ pub struct Event {
     pub resource: serde_json::Value,
     /// Commit time.
     pub created_at: DateTime<Utc>,
+}
+
+/// One line of an instance's output, as served by `GET /v1/instances/{instance}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    /// Position in the instance's log; pass it as `after` to continue.
+    pub seq: i64,
+    /// When the node read it.
+    pub at: DateTime<Utc>,
+    /// `stdout`, `stderr`, or `system` for the platform's own notes (starts, exits, failures).
+    pub stream: String,
+    /// The text, without its newline.
+    pub line: String,
 }

@@ -10,31 +10,26 @@ const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 pub const FQDN_SUFFIX_LEN: usize = 8;
 
 const ADJECTIVES: &[&str] = &[
-    "amber", "ancient", "bold", "brave", "breezy", "bright", "calm", "clever", "cosmic", "crimson",
-    "crisp", "curious", "daring", "dusty", "eager", "early", "electric", "emerald", "fancy",
-    "fast", "fierce", "gentle", "giant", "golden", "grand", "happy", "hidden", "humble", "icy",
-    "jolly", "keen", "kind", "lively", "lucky", "mellow", "merry", "mighty", "misty", "modest",
-    "noble", "odd", "patient", "polished", "proud", "quick", "quiet", "rapid", "rosy", "rustic",
-    "sharp", "shiny", "silent", "silver", "sleek", "smooth", "snowy", "solar", "steady", "sunny",
-    "swift", "tidy", "tiny", "vivid", "warm", "wild", "wise", "witty", "young", "zesty",
+    "amber", "ancient", "bold", "brave", "breezy", "bright", "calm", "clever", "cosmic", "crimson", "crisp", "curious",
+    "daring", "dusty", "eager", "early", "electric", "emerald", "fancy", "fast", "fierce", "gentle", "giant", "golden",
+    "grand", "happy", "hidden", "humble", "icy", "jolly", "keen", "kind", "lively", "lucky", "mellow", "merry",
+    "mighty", "misty", "modest", "noble", "odd", "patient", "polished", "proud", "quick", "quiet", "rapid", "rosy",
+    "rustic", "sharp", "shiny", "silent", "silver", "sleek", "smooth", "snowy", "solar", "steady", "sunny", "swift",
+    "tidy", "tiny", "vivid", "warm", "wild", "wise", "witty", "young", "zesty",
 ];
 
 const NOUNS: &[&str] = &[
-    "anchor", "aurora", "badger", "beacon", "bird", "boat", "breeze", "brook", "canyon", "cedar",
-    "cloud", "comet", "coral", "crane", "creek", "dawn", "delta", "dune", "eagle", "ember",
-    "falcon", "fern", "field", "finch", "fjord", "forest", "fox", "galaxy", "garden", "glacier",
-    "harbor", "hawk", "heron", "hill", "island", "lake", "lantern", "leaf", "lion", "lotus",
-    "maple", "meadow", "meteor", "moon", "mountain", "ocean", "orbit", "otter", "panda", "pebble",
-    "pine", "planet", "prairie", "rain", "reef", "river", "rocket", "sea", "shadow", "sky", "snow",
-    "sparrow", "star", "stone", "storm", "sun", "thunder", "tiger", "valley", "wave", "willow",
-    "wind", "wolf",
+    "anchor", "aurora", "badger", "beacon", "bird", "boat", "breeze", "brook", "canyon", "cedar", "cloud", "comet",
+    "coral", "crane", "creek", "dawn", "delta", "dune", "eagle", "ember", "falcon", "fern", "field", "finch", "fjord",
+    "forest", "fox", "galaxy", "garden", "glacier", "harbor", "hawk", "heron", "hill", "island", "lake", "lantern",
+    "leaf", "lion", "lotus", "maple", "meadow", "meteor", "moon", "mountain", "ocean", "orbit", "otter", "panda",
+    "pebble", "pine", "planet", "prairie", "rain", "reef", "river", "rocket", "sea", "shadow", "sky", "snow",
+    "sparrow", "star", "stone", "storm", "sun", "thunder", "tiger", "valley", "wave", "willow", "wind", "wolf",
 ];
 
 /// `len` random characters from `[a-z0-9]`.
 pub fn random_suffix<R: Rng + ?Sized>(rng: &mut R, len: usize) -> String {
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 /// Cuts a label to `max` characters without leaving a trailing '-'.
@@ -45,17 +40,9 @@ fn cut(label: &str, max: usize) -> &str {
 
 /// A service FQDN: `<name>-<8 random [a-z0-9]>.<region>.<base_domain>`. A name longer than 54 characters is cut
 /// so the first label stays within 63.
-pub fn service_fqdn<R: Rng + ?Sized>(
-    name: &str,
-    region: &str,
-    base_domain: &str,
-    rng: &mut R,
-) -> String {
+pub fn service_fqdn<R: Rng + ?Sized>(name: &str, region: &str, base_domain: &str, rng: &mut R) -> String {
     let name = cut(name, MAX_LABEL - FQDN_SUFFIX_LEN - 1);
-    format!(
-        "{name}-{}.{region}.{base_domain}",
-        random_suffix(rng, FQDN_SUFFIX_LEN)
-    )
+    format!("{name}-{}.{region}.{base_domain}", random_suffix(rng, FQDN_SUFFIX_LEN))
 }
 
 /// A friendly name for an unnamed service: `<adjective>-<noun>`.
@@ -68,10 +55,7 @@ pub fn random_service_name<R: Rng + ?Sized>(rng: &mut R) -> String {
 /// An instance name: `<image>-<5 random [a-z0-9]>`, the image part being the last path segment of the image
 /// name made into a valid label.
 pub fn instance_name<R: Rng + ?Sized>(image: &str, rng: &mut R) -> String {
-    let last = image
-        .rsplit(['/', ':', '@'])
-        .find(|s| !s.is_empty())
-        .unwrap_or("");
+    let last = image.rsplit(['/', ':', '@']).find(|s| !s.is_empty()).unwrap_or("");
     let mut label = String::with_capacity(last.len());
     for c in last.chars() {
         let c = c.to_ascii_lowercase();
@@ -103,12 +87,7 @@ mod tests {
             assert_eq!(rest, "dev.cloud.localhost");
             let suffix = label.strip_prefix("my-service-").unwrap();
             assert_eq!(suffix.len(), 8);
-            assert!(
-                suffix
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
-                "{fqdn}"
-            );
+            assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{fqdn}");
         }
         let long = format!("{}-{}", "a".repeat(53), "b".repeat(9));
         let fqdn = service_fqdn(&long, "dev", "x.io", &mut rng);

@@ -9,10 +9,7 @@ use ipnet::Ipv4Net;
 /// The lowest subnet of `prefix_len` inside `pool` that overlaps none of `used`.
 pub fn next_free_subnet(pool: Ipv4Net, prefix_len: u8, used: &[Ipv4Net]) -> Option<Ipv4Net> {
     let subnets = pool.subnets(prefix_len).ok()?;
-    let overlaps = |n: &Ipv4Net| {
-        used.iter()
-            .any(|u| u.contains(&n.network()) || n.contains(&u.network()))
-    };
+    let overlaps = |n: &Ipv4Net| used.iter().any(|u| u.contains(&n.network()) || n.contains(&u.network()));
     subnets.into_iter().find(|n| !overlaps(n))
 }
 
@@ -54,17 +51,10 @@ mod tests {
         let used = [net("10.96.0.0/22"), net("10.96.8.0/22")];
         assert_eq!(next_free_subnet(pool, 22, &used), Some(net("10.96.4.0/22")));
         // A larger used network blocks all subnets inside it.
-        assert_eq!(
-            next_free_subnet(pool, 22, &[net("10.96.0.0/16")]),
-            Some(net("10.97.0.0/22"))
-        );
+        assert_eq!(next_free_subnet(pool, 22, &[net("10.96.0.0/16")]), Some(net("10.97.0.0/22")));
         let full = [pool];
         assert_eq!(next_free_subnet(pool, 22, &full), None);
-        assert_eq!(
-            next_free_subnet(net("10.0.0.0/24"), 16, &[]),
-            None,
-            "prefix shorter than the pool"
-        );
+        assert_eq!(next_free_subnet(net("10.0.0.0/24"), 16, &[]), None, "prefix shorter than the pool");
     }
 
     #[test]
@@ -73,34 +63,19 @@ mod tests {
         assert_eq!(gateway(n), Ipv4Addr::new(10, 96, 0, 1));
         let mut used = BTreeSet::new();
         assert_eq!(first_free_host(n, &used), Some(Ipv4Addr::new(10, 96, 0, 2)));
-        used.extend([
-            Ipv4Addr::new(10, 96, 0, 2),
-            Ipv4Addr::new(10, 96, 0, 3),
-            Ipv4Addr::new(10, 96, 0, 5),
-        ]);
+        used.extend([Ipv4Addr::new(10, 96, 0, 2), Ipv4Addr::new(10, 96, 0, 3), Ipv4Addr::new(10, 96, 0, 5)]);
         assert_eq!(first_free_host(n, &used), Some(Ipv4Addr::new(10, 96, 0, 4)));
         // A /30 has two hosts: the gateway and one instance.
         let small = net("10.0.0.0/30");
-        assert_eq!(
-            first_free_host(small, &BTreeSet::new()),
-            Some(Ipv4Addr::new(10, 0, 0, 2))
-        );
-        assert_eq!(
-            first_free_host(small, &BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)])),
-            None
-        );
+        assert_eq!(first_free_host(small, &BTreeSet::new()), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(first_free_host(small, &BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)])), None);
         assert_eq!(first_free_host(net("10.0.0.0/31"), &BTreeSet::new()), None);
     }
 
     #[test]
     fn allocation_in_a_huge_network_is_cheap() {
         let n = net("10.0.0.0/8");
-        let used: BTreeSet<Ipv4Addr> = (2..100_002u32)
-            .map(|i| Ipv4Addr::from(u32::from(n.network()) + i))
-            .collect();
-        assert_eq!(
-            first_free_host(n, &used),
-            Some(Ipv4Addr::from(u32::from(n.network()) + 100_002))
-        );
+        let used: BTreeSet<Ipv4Addr> = (2..100_002u32).map(|i| Ipv4Addr::from(u32::from(n.network()) + i)).collect();
+        assert_eq!(first_free_host(n, &used), Some(Ipv4Addr::from(u32::from(n.network()) + 100_002)));
     }
 }

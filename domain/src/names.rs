@@ -73,9 +73,7 @@ pub enum NameError {
         len: usize,
     },
     /// A character outside `[a-z0-9-]`.
-    #[error(
-        "{kind} name \"{name}\": invalid character {ch:?} (names use lowercase letters, digits and '-')"
-    )]
+    #[error("{kind} name \"{name}\": invalid character {ch:?} (names use lowercase letters, digits and '-')")]
     InvalidChar {
         /// What was being named.
         kind: NameKind,
@@ -93,9 +91,7 @@ pub enum NameError {
         name: String,
     },
     /// Looks like a UUID, which would be ambiguous where resources are addressed by name or id.
-    #[error(
-        "{kind} name \"{name}\" looks like a UUID; resources are addressed by name or UUID, so pick another name"
-    )]
+    #[error("{kind} name \"{name}\" looks like a UUID; resources are addressed by name or UUID, so pick another name")]
     LooksLikeUuid {
         /// What was being named.
         kind: NameKind,
@@ -139,10 +135,7 @@ fn label_problem(label: &str) -> Option<Result<char, &'static str>> {
     if label.len() > MAX_LABEL {
         return Some(Err("long"));
     }
-    if let Some(ch) = label
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
+    if let Some(ch) = label.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
         return Some(Ok(ch));
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -154,10 +147,7 @@ fn label_problem(label: &str) -> Option<Result<char, &'static str>> {
 fn looks_like_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Validates a resource name: a DNS label of `[a-z0-9-]`, 1 to 63 characters, no leading or trailing '-', not
@@ -166,38 +156,21 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
     match label_problem(name) {
         Some(Err("empty")) => return Err(NameError::Empty { kind }),
         Some(Err("long")) => {
-            return Err(NameError::TooLong {
-                kind,
-                name: name.into(),
-                len: name.chars().count(),
-            });
+            return Err(NameError::TooLong { kind, name: name.into(), len: name.chars().count() });
         }
         Some(Ok(ch)) => {
-            return Err(NameError::InvalidChar {
-                kind,
-                name: name.into(),
-                ch,
-            });
+            return Err(NameError::InvalidChar { kind, name: name.into(), ch });
         }
         Some(Err(_)) => {
-            return Err(NameError::Hyphen {
-                kind,
-                name: name.into(),
-            });
+            return Err(NameError::Hyphen { kind, name: name.into() });
         }
         None => {}
     }
     if looks_like_uuid(name) {
-        return Err(NameError::LooksLikeUuid {
-            kind,
-            name: name.into(),
-        });
+        return Err(NameError::LooksLikeUuid { kind, name: name.into() });
     }
     if RESERVED_NAMES.contains(&name) {
-        return Err(NameError::Reserved {
-            kind,
-            name: name.into(),
-        });
+        return Err(NameError::Reserved { kind, name: name.into() });
     }
     Ok(())
 }
@@ -205,16 +178,10 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
 /// Validates a fully qualified domain name without its trailing dot: lowercase labels as for names (reserved
 /// words allowed), at least two labels, at most 253 characters, optionally `*.` in front for a wildcard.
 pub fn validate_domain_name(name: &str) -> Result<(), NameError> {
-    let err = |reason: String| NameError::Domain {
-        name: name.into(),
-        reason,
-    };
+    let err = |reason: String| NameError::Domain { name: name.into(), reason };
     let bare = name.strip_prefix("*.").unwrap_or(name);
     if name.len() > 253 {
-        return Err(err(format!(
-            "must be at most 253 characters (got {})",
-            name.len()
-        )));
+        return Err(err(format!("must be at most 253 characters (got {})", name.len())));
     }
     let labels: Vec<&str> = bare.split('.').collect();
     if labels.len() < 2 {
@@ -224,19 +191,13 @@ pub fn validate_domain_name(name: &str) -> Result<(), NameError> {
         match label_problem(label) {
             Some(Err("empty")) => return Err(err("has an empty label".into())),
             Some(Err("long")) => {
-                return Err(err(format!(
-                    "label \"{label}\" is longer than 63 characters"
-                )));
+                return Err(err(format!("label \"{label}\" is longer than 63 characters")));
             }
             Some(Ok(ch)) => {
-                return Err(err(format!(
-                    "invalid character {ch:?} (use lowercase letters, digits, '-' and '.')"
-                )));
+                return Err(err(format!("invalid character {ch:?} (use lowercase letters, digits, '-' and '.')")));
             }
             Some(Err(_)) => {
-                return Err(err(format!(
-                    "label \"{label}\" must not start or end with '-'"
-                )));
+                return Err(err(format!("label \"{label}\" must not start or end with '-'")));
             }
             None => {}
         }
@@ -274,26 +235,10 @@ mod tests {
                 "invalid_name",
                 "service name \"a.b\": invalid character '.' (names use lowercase letters, digits and '-')",
             ),
-            (
-                "-a",
-                "invalid_name",
-                "service name \"-a\" must not start or end with '-'",
-            ),
-            (
-                "a-",
-                "invalid_name",
-                "service name \"a-\" must not start or end with '-'",
-            ),
-            (
-                "internal",
-                "reserved_name",
-                "service name \"internal\" is reserved by the platform",
-            ),
-            (
-                "localhost",
-                "reserved_name",
-                "service name \"localhost\" is reserved by the platform",
-            ),
+            ("-a", "invalid_name", "service name \"-a\" must not start or end with '-'"),
+            ("a-", "invalid_name", "service name \"a-\" must not start or end with '-'"),
+            ("internal", "reserved_name", "service name \"internal\" is reserved by the platform"),
+            ("localhost", "reserved_name", "service name \"localhost\" is reserved by the platform"),
             (
                 "123e4567-e89b-12d3-a456-426614174000",
                 "invalid_name",
@@ -306,21 +251,12 @@ mod tests {
         }
         let long = "a".repeat(64);
         let e = validate_name(NameKind::Instance, &long).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!("instance name \"{long}\" must be at most 63 characters (got 64)")
-        );
+        assert_eq!(e.to_string(), format!("instance name \"{long}\" must be at most 63 characters (got 64)"));
     }
 
     #[test]
     fn domains() {
-        for ok in [
-            "example.com",
-            "www.example.com",
-            "*.example.com",
-            "internal.example.com",
-            "a-b.c0.io",
-        ] {
+        for ok in ["example.com", "www.example.com", "*.example.com", "internal.example.com", "a-b.c0.io"] {
             assert_eq!(validate_domain_name(ok), Ok(()), "{ok}");
         }
         let cases = [
@@ -336,11 +272,6 @@ mod tests {
             assert!(e.to_string().contains(needle), "{name}: {e}");
         }
         let long = format!("{}.com", vec!["a".repeat(63); 4].join("."));
-        assert!(
-            validate_domain_name(&long)
-                .unwrap_err()
-                .to_string()
-                .contains("at most 253")
-        );
+        assert!(validate_domain_name(&long).unwrap_err().to_string().contains("at most 253"));
     }
 }

@@ -14,9 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// What the edge does with a port's traffic.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Handler {
     /// Terminate TLS (certificate chosen by SNI).
@@ -155,9 +153,7 @@ pub struct PortPolicy {
 
 impl Default for PortPolicy {
     fn default() -> Self {
-        Self {
-            tcp_ports: 30000..=32767,
-        }
+        Self { tcp_ports: 30000..=32767 }
     }
 }
 
@@ -167,14 +163,9 @@ impl FromStr for PortSpec {
     type Err = PortSpecError;
 
     fn from_str(spec: &str) -> Result<Self, PortSpecError> {
-        let syntax = |reason: String| PortSpecError::Syntax {
-            spec: spec.to_owned(),
-            reason,
-        };
+        let syntax = |reason: String| PortSpecError::Syntax { spec: spec.to_owned(), reason };
         if spec.is_empty() {
-            return Err(syntax(
-                "is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080".into(),
-            ));
+            return Err(syntax("is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080".into()));
         }
         let (ports, handlers) = match spec.split_once('/') {
             Some((p, h)) => (p, Some(h)),
@@ -186,8 +177,7 @@ impl FromStr for PortSpec {
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax(format!("{what} port \"{text}\" is not a number")));
             }
-            text.parse::<u16>()
-                .map_err(|_| syntax(format!("{what} port {text} is out of range (1-65535)")))
+            text.parse::<u16>().map_err(|_| syntax(format!("{what} port {text} is out of range (1-65535)")))
         };
         let port = number("public", parts.next())?;
         let destination_port = match parts.next() {
@@ -214,9 +204,7 @@ impl FromStr for PortSpec {
                     }
                     "proxy" => return Err(syntax("names proxy twice".into())),
                     other => {
-                        return Err(syntax(format!(
-                            "unknown handler \"{other}\" (valid: {HANDLER_NAMES})"
-                        )));
+                        return Err(syntax(format!("unknown handler \"{other}\" (valid: {HANDLER_NAMES})")));
                     }
                 };
                 if list.contains(&handler) {
@@ -226,12 +214,7 @@ impl FromStr for PortSpec {
             }
         }
         let handlers = (!list.is_empty()).then_some(list);
-        Ok(PortSpec {
-            port,
-            destination_port,
-            handlers,
-            proxy,
-        })
+        Ok(PortSpec { port, destination_port, handlers, proxy })
     }
 }
 
@@ -247,10 +230,7 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
     let mut out: Vec<Expanded> = Vec::new();
     for spec in specs {
         let text = spec.to_string();
-        let rule = |rule: String| PortSpecError::Rule {
-            spec: text.clone(),
-            rule,
-        };
+        let rule = |rule: String| PortSpecError::Rule { spec: text.clone(), rule };
         let in_tcp_range = policy.tcp_ports.contains(&spec.port);
         let mut handlers = match &spec.handlers {
             Some(h) => {
@@ -259,9 +239,7 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
                     return Err(rule("names a handler twice".into()));
                 }
                 if set.is_empty() {
-                    return Err(rule(format!(
-                        "needs at least one handler ({HANDLER_NAMES})"
-                    )));
+                    return Err(rule(format!("needs at least one handler ({HANDLER_NAMES})")));
                 }
                 set.into_iter().collect::<Vec<_>>()
             }
@@ -279,9 +257,7 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
             Some(d) => d,
             None if has(Handler::Redirect) => 443,
             None if spec.port == 0 => {
-                return Err(rule(
-                    "public port 0 (allocate) needs a destination port".into(),
-                ));
+                return Err(rule("public port 0 (allocate) needs a destination port".into()));
             }
             None => spec.port,
         };
@@ -289,42 +265,29 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
             return Err(rule("destination port must be 1-65535".into()));
         }
         if has(Handler::Tcp) && handlers.len() > 1 {
-            return Err(rule(
-                "tcp forwards raw bytes and cannot combine with tls, http or redirect".into(),
-            ));
+            return Err(rule("tcp forwards raw bytes and cannot combine with tls, http or redirect".into()));
         }
         match spec.port {
             0 if !has(Handler::Tcp) => {
-                return Err(rule(
-                    "public port 0 allocates a raw tcp port; it needs the tcp handler".into(),
-                ));
+                return Err(rule("public port 0 allocates a raw tcp port; it needs the tcp handler".into()));
             }
             443 if handlers != [Handler::Tls, Handler::Http] => {
-                return Err(rule(
-                    "port 443 serves https: its handlers are exactly tls+http".into(),
-                ));
+                return Err(rule("port 443 serves https: its handlers are exactly tls+http".into()));
             }
             80 if has(Handler::Tls) => {
                 return Err(rule("port 80 serves plain http and never tls".into()));
             }
             80 if !has(Handler::Http) => {
-                return Err(rule(
-                    "port 80 serves plain http: it needs the http handler".into(),
-                ));
+                return Err(rule("port 80 serves plain http: it needs the http handler".into()));
             }
             _ => {}
         }
         if has(Handler::Redirect) {
             if spec.port != 80 {
-                return Err(rule(format!(
-                    "redirect is only for port 80, not {}",
-                    spec.port
-                )));
+                return Err(rule(format!("redirect is only for port 80, not {}", spec.port)));
             }
             if destination_port != 443 {
-                return Err(rule(format!(
-                    "redirect goes to https on 443, not {destination_port}"
-                )));
+                return Err(rule(format!("redirect goes to https on 443, not {destination_port}")));
             }
         }
         if ![0, 80, 443].contains(&spec.port) {
@@ -352,18 +315,11 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
             }
         }
         if spec.proxy && !(has(Handler::Tcp) || handlers == [Handler::Tls]) {
-            return Err(rule(
-                "proxy needs a raw stream: tcp, or tls without http".into(),
-            ));
+            return Err(rule("proxy needs a raw stream: tcp, or tls without http".into()));
         }
         let implicit_redirect = spec.handlers.is_none() && spec.port == 443;
         out.push(Expanded {
-            mapping: PortMapping {
-                port: spec.port,
-                destination_port,
-                handlers,
-                proxy: spec.proxy,
-            },
+            mapping: PortMapping { port: spec.port, destination_port, handlers, proxy: spec.proxy },
             spec: text.clone(),
             implicit: false,
         });
@@ -394,9 +350,7 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
                 port: e.mapping.port,
             });
         }
-        if e.mapping.handlers.contains(&Handler::Redirect)
-            && !out.iter().any(|o| o.mapping.port == 443)
-        {
+        if e.mapping.handlers.contains(&Handler::Redirect) && !out.iter().any(|o| o.mapping.port == 443) {
             return Err(PortSpecError::Rule {
                 spec: e.spec.clone(),
                 rule: "redirect goes to https on 443, but no spec maps port 443".into(),
@@ -409,14 +363,8 @@ pub fn expand(specs: &[PortSpec], policy: &PortPolicy) -> Result<Vec<PortMapping
 }
 
 /// Parses spec strings and expands them.
-pub fn parse_specs<S: AsRef<str>>(
-    specs: &[S],
-    policy: &PortPolicy,
-) -> Result<Vec<PortMapping>, PortSpecError> {
-    let parsed = specs
-        .iter()
-        .map(|s| s.as_ref().parse())
-        .collect::<Result<Vec<PortSpec>, _>>()?;
+pub fn parse_specs<S: AsRef<str>>(specs: &[S], policy: &PortPolicy) -> Result<Vec<PortMapping>, PortSpecError> {
+    let parsed = specs.iter().map(|s| s.as_ref().parse()).collect::<Result<Vec<PortSpec>, _>>()?;
     expand(&parsed, policy)
 }
 
@@ -438,25 +386,13 @@ mod tests {
     #[test]
     fn accepted_specs_and_their_expansion() {
         let cases: &[(&[&str], &[&str])] = &[
-            (
-                &["443:8080"],
-                &["80:443/http+redirect", "443:8080/tls+http"],
-            ),
+            (&["443:8080"], &["80:443/http+redirect", "443:8080/tls+http"]),
             (&["443"], &["80:443/http+redirect", "443:443/tls+http"]),
             (&["443:8080/tls+http"], &["443:8080/tls+http"]),
             (&["443:8080/http+tls"], &["443:8080/tls+http"]),
-            (
-                &["443:8080", "80:8080"],
-                &["80:8080/http", "443:8080/tls+http"],
-            ),
-            (
-                &["80:8080", "443:8080"],
-                &["80:8080/http", "443:8080/tls+http"],
-            ),
-            (
-                &["443:8080/tls+http", "80/http+redirect"],
-                &["80:443/http+redirect", "443:8080/tls+http"],
-            ),
+            (&["443:8080", "80:8080"], &["80:8080/http", "443:8080/tls+http"]),
+            (&["80:8080", "443:8080"], &["80:8080/http", "443:8080/tls+http"]),
+            (&["443:8080/tls+http", "80/http+redirect"], &["80:443/http+redirect", "443:8080/tls+http"]),
             (&["80:8080"], &["80:8080/http"]),
             (&["80"], &["80:80/http"]),
             (&["8443:8080"], &["8443:8080/tls"]),
@@ -471,11 +407,7 @@ mod tests {
             (&[], &[]),
         ];
         for (specs, want) in cases {
-            assert_eq!(
-                expand_str(specs),
-                Ok(want.iter().map(|s| s.to_string()).collect()),
-                "{specs:?}"
-            );
+            assert_eq!(expand_str(specs), Ok(want.iter().map(|s| s.to_string()).collect()), "{specs:?}");
         }
     }
 
@@ -483,71 +415,23 @@ mod tests {
     fn every_rule_refuses_with_a_message_naming_spec_and_rule() {
         let syntax = "invalid_port_spec";
         let cases: &[(&[&str], &str, &str)] = &[
-            (
-                &[""],
-                syntax,
-                "port spec \"\": is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080",
-            ),
-            (
-                &["abc"],
-                syntax,
-                "port spec \"abc\": public port \"abc\" is not a number",
-            ),
-            (
-                &["-1"],
-                syntax,
-                "port spec \"-1\": public port \"-1\" is not a number",
-            ),
-            (
-                &[" 443"],
-                syntax,
-                "port spec \" 443\": public port \" 443\" is not a number",
-            ),
-            (
-                &["70000:80"],
-                syntax,
-                "port spec \"70000:80\": public port 70000 is out of range (1-65535)",
-            ),
-            (
-                &["443:"],
-                syntax,
-                "port spec \"443:\": destination port \"\" is not a number",
-            ),
-            (
-                &["443:99999"],
-                syntax,
-                "port spec \"443:99999\": destination port 99999 is out of range (1-65535)",
-            ),
-            (
-                &["1:2:3"],
-                syntax,
-                "port spec \"1:2:3\": has more than one ':'; write PUBLIC[:DEST]",
-            ),
-            (
-                &["443/"],
-                syntax,
-                "port spec \"443/\": has '/' but no handler after it",
-            ),
+            (&[""], syntax, "port spec \"\": is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080"),
+            (&["abc"], syntax, "port spec \"abc\": public port \"abc\" is not a number"),
+            (&["-1"], syntax, "port spec \"-1\": public port \"-1\" is not a number"),
+            (&[" 443"], syntax, "port spec \" 443\": public port \" 443\" is not a number"),
+            (&["70000:80"], syntax, "port spec \"70000:80\": public port 70000 is out of range (1-65535)"),
+            (&["443:"], syntax, "port spec \"443:\": destination port \"\" is not a number"),
+            (&["443:99999"], syntax, "port spec \"443:99999\": destination port 99999 is out of range (1-65535)"),
+            (&["1:2:3"], syntax, "port spec \"1:2:3\": has more than one ':'; write PUBLIC[:DEST]"),
+            (&["443/"], syntax, "port spec \"443/\": has '/' but no handler after it"),
             (
                 &["443:8080/bogus"],
                 syntax,
                 "port spec \"443:8080/bogus\": unknown handler \"bogus\" (valid: tls, http, redirect, tcp, proxy)",
             ),
-            (
-                &["443:8080/tls+tls"],
-                syntax,
-                "port spec \"443:8080/tls+tls\": names tls twice",
-            ),
-            (
-                &["8443/tls+proxy+proxy"],
-                syntax,
-                "port spec \"8443/tls+proxy+proxy\": names proxy twice",
-            ),
-            (
-                &["443:0"],
-                syntax,
-                "port spec \"443:0\": destination port must be 1-65535",
-            ),
+            (&["443:8080/tls+tls"], syntax, "port spec \"443:8080/tls+tls\": names tls twice"),
+            (&["8443/tls+proxy+proxy"], syntax, "port spec \"8443/tls+proxy+proxy\": names proxy twice"),
+            (&["443:0"], syntax, "port spec \"443:0\": destination port must be 1-65535"),
             (
                 &["443:8080/http"],
                 syntax,
@@ -558,16 +442,8 @@ mod tests {
                 syntax,
                 "port spec \"443:8080/tls\": port 443 serves https: its handlers are exactly tls+http",
             ),
-            (
-                &["80:8080/tls"],
-                syntax,
-                "port spec \"80:8080/tls\": port 80 serves plain http and never tls",
-            ),
-            (
-                &["80:8080/tls+http"],
-                syntax,
-                "port spec \"80:8080/tls+http\": port 80 serves plain http and never tls",
-            ),
+            (&["80:8080/tls"], syntax, "port spec \"80:8080/tls\": port 80 serves plain http and never tls"),
+            (&["80:8080/tls+http"], syntax, "port spec \"80:8080/tls+http\": port 80 serves plain http and never tls"),
             (
                 &["80:8080/tcp"],
                 syntax,
@@ -613,11 +489,7 @@ mod tests {
                 syntax,
                 "port spec \"0:80/tls\": public port 0 allocates a raw tcp port; it needs the tcp handler",
             ),
-            (
-                &["0/tcp"],
-                syntax,
-                "port spec \"0/tcp\": public port 0 (allocate) needs a destination port",
-            ),
+            (&["0/tcp"], syntax, "port spec \"0/tcp\": public port 0 (allocate) needs a destination port"),
             (
                 &["443:8080/tls+http+proxy"],
                 syntax,
@@ -648,44 +520,20 @@ mod tests {
     #[test]
     fn structured_specs_follow_the_same_rules() {
         let p = PortPolicy::default();
-        let spec = PortSpec {
-            port: 443,
-            destination_port: Some(8080),
-            handlers: None,
-            proxy: false,
-        };
+        let spec = PortSpec { port: 443, destination_port: Some(8080), handlers: None, proxy: false };
         assert_eq!(expand(std::slice::from_ref(&spec), &p).unwrap().len(), 2);
-        let dup = PortSpec {
-            handlers: Some(vec![Handler::Tls, Handler::Tls]),
-            ..spec.clone()
-        };
-        assert!(
-            expand(&[dup], &p)
-                .unwrap_err()
-                .to_string()
-                .contains("twice")
-        );
-        let none = PortSpec {
-            handlers: Some(vec![]),
-            ..spec
-        };
-        assert!(
-            expand(&[none], &p)
-                .unwrap_err()
-                .to_string()
-                .contains("at least one handler")
-        );
-        let json: PortSpec =
-            serde_json::from_str(r#"{"port": 8443, "handlers": ["tls"], "proxy": true}"#).unwrap();
+        let dup = PortSpec { handlers: Some(vec![Handler::Tls, Handler::Tls]), ..spec.clone() };
+        assert!(expand(&[dup], &p).unwrap_err().to_string().contains("twice"));
+        let none = PortSpec { handlers: Some(vec![]), ..spec };
+        assert!(expand(&[none], &p).unwrap_err().to_string().contains("at least one handler"));
+        let json: PortSpec = serde_json::from_str(r#"{"port": 8443, "handlers": ["tls"], "proxy": true}"#).unwrap();
         assert_eq!(json.to_string(), "8443/tls+proxy");
         assert!(serde_json::from_str::<PortSpec>(r#"{"port": 1, "extra": 2}"#).is_err());
     }
 
     #[test]
     fn custom_tcp_range() {
-        let p = PortPolicy {
-            tcp_ports: 40000..=40001,
-        };
+        let p = PortPolicy { tcp_ports: 40000..=40001 };
         assert_eq!(parse_specs(&["40000:22/tcp"], &p).unwrap()[0].port, 40000);
         assert!(parse_specs(&["30001:22/tcp"], &p).is_err());
         assert!(parse_specs(&["30001:22/tls"], &p).is_ok());
@@ -695,13 +543,7 @@ mod tests {
     fn tcp_ports_are_allocated_lowest_first() {
         let range = 30000..=30002;
         assert_eq!(allocate_tcp_port(&range, &BTreeSet::new()), Some(30000));
-        assert_eq!(
-            allocate_tcp_port(&range, &BTreeSet::from([30000, 30002])),
-            Some(30001)
-        );
-        assert_eq!(
-            allocate_tcp_port(&range, &BTreeSet::from([30000, 30001, 30002])),
-            None
-        );
+        assert_eq!(allocate_tcp_port(&range, &BTreeSet::from([30000, 30002])), Some(30001));
+        assert_eq!(allocate_tcp_port(&range, &BTreeSet::from([30000, 30001, 30002])), None);
     }
 }

@@ -121,35 +121,21 @@ impl StateError {
 pub fn start(current: InstanceState) -> Result<Transition, StateError> {
     use InstanceState::*;
     match current {
-        Stopped | Failed => Ok(Transition {
-            desired: DesiredState::Running,
-            state: Pending,
-        }),
-        Stopping => Err(StateError::NotAllowed(
-            "instance is stopping; start it once it is stopped".into(),
-        )),
+        Stopped | Failed => Ok(Transition { desired: DesiredState::Running, state: Pending }),
+        Stopping => Err(StateError::NotAllowed("instance is stopping; start it once it is stopped".into())),
         Deleted => Err(StateError::NotAllowed("instance is deleted".into())),
-        Pending | Starting | Running => Err(StateError::NotAllowed(format!(
-            "instance is already {current}"
-        ))),
+        Pending | Starting | Running => Err(StateError::NotAllowed(format!("instance is already {current}"))),
     }
 }
 
 /// Asks an instance to stop. One that never started is stopped at once.
 pub fn stop(current: InstanceState) -> Result<Transition, StateError> {
     use InstanceState::*;
-    let to = |state| {
-        Ok(Transition {
-            desired: DesiredState::Stopped,
-            state,
-        })
-    };
+    let to = |state| Ok(Transition { desired: DesiredState::Stopped, state });
     match current {
         Pending | Failed => to(Stopped),
         Starting | Running => to(Stopping),
-        Stopping | Stopped => Err(StateError::NotAllowed(format!(
-            "instance is already {current}"
-        ))),
+        Stopping | Stopped => Err(StateError::NotAllowed(format!("instance is already {current}"))),
         Deleted => Err(StateError::NotAllowed("instance is deleted".into())),
     }
 }
@@ -161,89 +147,33 @@ mod tests {
 
     #[test]
     fn start_and_stop_follow_the_table() {
-        let run = |s| Transition {
-            desired: DesiredState::Running,
-            state: s,
-        };
-        let halt = |s| Transition {
-            desired: DesiredState::Stopped,
-            state: s,
-        };
-        let cases: [(
-            InstanceState,
-            Result<Transition, &str>,
-            Result<Transition, &str>,
-        ); 7] = [
-            (
-                Pending,
-                Err("instance is already pending"),
-                Ok(halt(Stopped)),
-            ),
-            (
-                Starting,
-                Err("instance is already starting"),
-                Ok(halt(Stopping)),
-            ),
-            (
-                Running,
-                Err("instance is already running"),
-                Ok(halt(Stopping)),
-            ),
-            (
-                Stopping,
-                Err("instance is stopping; start it once it is stopped"),
-                Err("instance is already stopping"),
-            ),
-            (
-                Stopped,
-                Ok(run(Pending)),
-                Err("instance is already stopped"),
-            ),
+        let run = |s| Transition { desired: DesiredState::Running, state: s };
+        let halt = |s| Transition { desired: DesiredState::Stopped, state: s };
+        let cases: [(InstanceState, Result<Transition, &str>, Result<Transition, &str>); 7] = [
+            (Pending, Err("instance is already pending"), Ok(halt(Stopped))),
+            (Starting, Err("instance is already starting"), Ok(halt(Stopping))),
+            (Running, Err("instance is already running"), Ok(halt(Stopping))),
+            (Stopping, Err("instance is stopping; start it once it is stopped"), Err("instance is already stopping")),
+            (Stopped, Ok(run(Pending)), Err("instance is already stopped")),
             (Failed, Ok(run(Pending)), Ok(halt(Stopped))),
-            (
-                Deleted,
-                Err("instance is deleted"),
-                Err("instance is deleted"),
-            ),
+            (Deleted, Err("instance is deleted"), Err("instance is deleted")),
         ];
         for (state, want_start, want_stop) in cases {
-            assert_eq!(
-                start(state).map_err(|e| e.to_string()),
-                want_start.map_err(String::from),
-                "start {state}"
-            );
-            assert_eq!(
-                stop(state).map_err(|e| e.to_string()),
-                want_stop.map_err(String::from),
-                "stop {state}"
-            );
+            assert_eq!(start(state).map_err(|e| e.to_string()), want_start.map_err(String::from), "start {state}");
+            assert_eq!(stop(state).map_err(|e| e.to_string()), want_stop.map_err(String::from), "stop {state}");
         }
-        assert_eq!(
-            stop(Stopped).unwrap_err().code(),
-            "invalid_state_transition"
-        );
+        assert_eq!(stop(Stopped).unwrap_err().code(), "invalid_state_transition");
     }
 
     #[test]
     fn wire_spellings_round_trip() {
-        for p in [
-            RestartPolicy::Never,
-            RestartPolicy::Always,
-            RestartPolicy::OnFailure,
-        ] {
+        for p in [RestartPolicy::Never, RestartPolicy::Always, RestartPolicy::OnFailure] {
             assert_eq!(p.as_str().parse::<RestartPolicy>(), Ok(p));
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }
         assert_eq!(RestartPolicy::OnFailure.as_str(), "on-failure");
-        assert!(
-            "sometimes"
-                .parse::<RestartPolicy>()
-                .unwrap_err()
-                .contains("on-failure")
-        );
-        for s in [
-            Pending, Starting, Running, Stopping, Stopped, Failed, Deleted,
-        ] {
+        assert!("sometimes".parse::<RestartPolicy>().unwrap_err().contains("on-failure"));
+        for s in [Pending, Starting, Running, Stopping, Stopped, Failed, Deleted] {
             assert_eq!(s.as_str().parse::<InstanceState>(), Ok(s));
         }
     }

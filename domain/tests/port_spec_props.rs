@@ -6,24 +6,11 @@ use cloud_domain::ports::{Handler, PortPolicy, PortSpec, expand};
 use proptest::prelude::*;
 
 fn handler() -> impl Strategy<Value = Handler> {
-    prop_oneof![
-        Just(Handler::Tls),
-        Just(Handler::Http),
-        Just(Handler::Redirect),
-        Just(Handler::Tcp)
-    ]
+    prop_oneof![Just(Handler::Tls), Just(Handler::Http), Just(Handler::Redirect), Just(Handler::Tcp)]
 }
 
 fn port() -> impl Strategy<Value = u16> {
-    prop_oneof![
-        Just(0u16),
-        Just(80),
-        Just(443),
-        Just(8443),
-        Just(30001),
-        Just(30002),
-        any::<u16>()
-    ]
+    prop_oneof![Just(0u16), Just(80), Just(443), Just(8443), Just(30001), Just(30002), any::<u16>()]
 }
 
 fn spec() -> impl Strategy<Value = PortSpec> {
@@ -33,12 +20,7 @@ fn spec() -> impl Strategy<Value = PortSpec> {
         proptest::option::of(proptest::collection::vec(handler(), 0..4)),
         any::<bool>(),
     )
-        .prop_map(|(port, destination_port, handlers, proxy)| PortSpec {
-            port,
-            destination_port,
-            handlers,
-            proxy,
-        })
+        .prop_map(|(port, destination_port, handlers, proxy)| PortSpec { port, destination_port, handlers, proxy })
 }
 
 proptest! {

@@ -129,10 +129,7 @@ impl EmbeddedPg {
 
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
-            self.password, self.port
-        )
+        format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
     }
 
     /// Stops the server (fast shutdown) and waits for it.
@@ -162,9 +159,7 @@ impl Drop for EmbeddedPg {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -210,16 +205,10 @@ impl Account {
         let find = |name: &str| {
             passwd.lines().find_map(|l| {
                 let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 3 && f[0] == name)
-                    .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-                    .flatten()
+                (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
             })
         };
-        Self {
-            switch: find("postgres")
-                .or_else(|| find("nobody"))
-                .or(Some((65534, 65534))),
-        }
+        Self { switch: find("postgres").or_else(|| find("nobody")).or(Some((65534, 65534))) }
     }
 
     fn command(&self, program: PathBuf) -> Command {
@@ -235,8 +224,7 @@ impl Account {
         let Some((uid, gid)) = self.switch else {
             return Ok(());
         };
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-            .map_err(io("changing the owner of", dir))?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io("changing the owner of", dir))?;
         for ancestor in dir.ancestors().skip(1) {
             let Ok(meta) = fs::metadata(ancestor) else {
                 continue;
@@ -250,10 +238,7 @@ impl Account {
                 mode & 0o001 != 0
             };
             if !can {
-                return Err(Error::Unreachable {
-                    dir: ancestor.to_owned(),
-                    uid,
-                });
+                return Err(Error::Unreachable { dir: ancestor.to_owned(), uid });
             }
         }
         Ok(())
@@ -298,9 +283,7 @@ fn random_password() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..32)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
+    (0..32).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
 }
 
 fn initdb(bin: &Path, dir: &Path, account: Account) -> Result<String, Error> {
@@ -309,22 +292,13 @@ fn initdb(bin: &Path, dir: &Path, account: Account) -> Result<String, Error> {
     let pwfile = dir.with_extension("initdb-password");
     fs::write(&pwfile, &password).map_err(io("writing", &pwfile))?;
     if let Some((uid, gid)) = account.switch {
-        std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid))
-            .map_err(io("changing the owner of", &pwfile))?;
+        std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).map_err(io("changing the owner of", &pwfile))?;
     }
     let out = account
         .command(bin.join("initdb"))
         .arg("-D")
         .arg(dir)
-        .args([
-            "-U",
-            SUPERUSER,
-            "--auth=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-instructions",
-        ])
+        .args(["-U", SUPERUSER, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-instructions"])
         .arg(format!("--pwfile={}", pwfile.display()))
         .stdin(Stdio::null())
         .output()
@@ -332,20 +306,12 @@ fn initdb(bin: &Path, dir: &Path, account: Account) -> Result<String, Error> {
     let _ = fs::remove_file(&pwfile);
     let out = out?;
     if !out.status.success() {
-        let output = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return Err(Error::Initdb {
-            status: out.status,
-            output: output.trim().to_owned(),
-        });
+        let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        return Err(Error::Initdb { status: out.status, output: output.trim().to_owned() });
     }
     let stored = dir.join(PASSWORD_FILE);
     fs::write(&stored, &password).map_err(io("writing", &stored))?;
-    fs::set_permissions(&stored, fs::Permissions::from_mode(0o600))
-        .map_err(io("protecting", &stored))?;
+    fs::set_permissions(&stored, fs::Permissions::from_mode(0o600)).map_err(io("protecting", &stored))?;
     Ok(password)
 }
 
@@ -355,36 +321,24 @@ fn clear_stale_pid(dir: &Path) -> Result<(), Error> {
     let Ok(text) = fs::read_to_string(&pidfile) else {
         return Ok(());
     };
-    let pid: i32 = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0);
-    let alive = pid > 0
-        && fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim().starts_with("postgres"));
+    let pid: i32 = text.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let alive =
+        pid > 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("postgres"));
     if alive {
-        return Err(Error::AlreadyRunning {
-            pid,
-            data_dir: dir.to_owned(),
-        });
+        return Err(Error::AlreadyRunning { pid, data_dir: dir.to_owned() });
     }
     tracing::info!(pid, "removing a stale postmaster.pid");
     fs::remove_file(&pidfile).map_err(io("removing", &pidfile))
 }
 
 fn free_port() -> Result<u16, Error> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(io("finding a free port near", Path::new("127.0.0.1")))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(io("finding a free port near", Path::new("127.0.0.1")))
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port near", Path::new("127.0.0.1")))?;
+    l.local_addr().map(|a| a.port()).map_err(io("finding a free port near", Path::new("127.0.0.1")))
 }
 
 fn log_tail(log: &Path) -> String {
-    let lines: Vec<String> = fs::File::open(log)
-        .map(|f| BufReader::new(f).lines().map_while(Result::ok).collect())
-        .unwrap_or_default();
+    let lines: Vec<String> =
+        fs::File::open(log).map(|f| BufReader::new(f).lines().map_while(Result::ok).collect()).unwrap_or_default();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
@@ -400,10 +354,7 @@ fn start(opts: Options, extra: &[&str], ephemeral: bool) -> Result<EmbeddedPg, E
     account.own(&dir)?;
     let password = if dir.join("PG_VERSION").exists() {
         let file = dir.join(PASSWORD_FILE);
-        fs::read_to_string(&file)
-            .map_err(io("reading", &file))?
-            .trim()
-            .to_owned()
+        fs::read_to_string(&file).map_err(io("reading", &file))?.trim().to_owned()
     } else {
         tracing::info!(data_dir = %dir.display(), "creating a PostgreSQL cluster");
         initdb(&bin, &dir, account)?
@@ -432,8 +383,7 @@ fn start(opts: Options, extra: &[&str], ephemeral: bool) -> Result<EmbeddedPg, E
             }
             // Another process took the port between our probe and the server's bind: try another.
             Err(Error::Start { log_tail, .. })
-                if log_tail.contains("could not bind")
-                    || log_tail.contains("Address already in use") =>
+                if log_tail.contains("could not bind") || log_tail.contains("Address already in use") =>
             {
                 last = Some(log_tail);
             }
@@ -458,21 +408,12 @@ fn launch(
     account: Account,
 ) -> Result<(i32, mpsc::Receiver<ExitStatus>), Error> {
     let log = dir.join(LOG_FILE);
-    let log_file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(io("opening", &log))?;
+    let log_file = fs::OpenOptions::new().create(true).append(true).open(&log).map_err(io("opening", &log))?;
     let err_file = log_file.try_clone().map_err(io("opening", &log))?;
     let mut cmd = account.command(bin.join("postgres"));
     cmd.arg("-D").arg(dir).arg("-p").arg(port.to_string());
-    for setting in [
-        "listen_addresses=127.0.0.1",
-        "unix_socket_directories=",
-        "logging_collector=off",
-    ]
-    .iter()
-    .chain(extra)
+    for setting in
+        ["listen_addresses=127.0.0.1", "unix_socket_directories=", "logging_collector=off"].iter().chain(extra)
     {
         cmd.arg("-c").arg(setting);
     }
@@ -498,22 +439,14 @@ fn launch(
         .map_err(io("starting a thread for", dir))?;
     let pid = started_rx
         .recv()
-        .map_err(|_| Error::Start {
-            reason: "spawn thread died".into(),
-            log: log.clone(),
-            log_tail: String::new(),
-        })?
+        .map_err(|_| Error::Start { reason: "spawn thread died".into(), log: log.clone(), log_tail: String::new() })?
         .map_err(io("running postgres for", dir))?;
 
     let deadline = Instant::now() + START_TIMEOUT;
     let isready = bin.join("pg_isready");
     loop {
         if let Ok(status) = exited_rx.try_recv() {
-            return Err(Error::Start {
-                reason: format!("it exited with {status}"),
-                log_tail: log_tail(&log),
-                log,
-            });
+            return Err(Error::Start { reason: format!("it exited with {status}"), log_tail: log_tail(&log), log });
         }
         let up = if isready.exists() {
             Command::new(&isready)
@@ -529,10 +462,7 @@ fn launch(
         if Instant::now() > deadline {
             signal(pid, libc::SIGKILL);
             return Err(Error::Start {
-                reason: format!(
-                    "not accepting connections after {}s",
-                    START_TIMEOUT.as_secs()
-                ),
+                reason: format!("not accepting connections after {}s", START_TIMEOUT.as_secs()),
                 log_tail: log_tail(&log),
                 log,
             });
@@ -584,41 +514,23 @@ mod tests {
     #[tokio::test]
     async fn a_cluster_keeps_its_data_across_restarts_and_stops_cleanly() {
         let root = scratch();
-        let opts = Options {
-            data_dir: root.join("pg"),
-            port: None,
-            bin_dir: None,
-        };
+        let opts = Options { data_dir: root.join("pg"), port: None, bin_dir: None };
         let pg = EmbeddedPg::start(opts.clone()).await.unwrap();
         assert_eq!(query(&pg, "select 1").unwrap(), "1");
-        query(
-            &pg,
-            "create table kept (v int); insert into kept values (42)",
-        )
-        .unwrap();
+        query(&pg, "create table kept (v int); insert into kept values (42)").unwrap();
         let port = pg.port();
         pg.stop().await.unwrap();
-        assert!(
-            TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "the port is closed after stop"
-        );
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "the port is closed after stop");
 
         let pg = EmbeddedPg::start(opts).await.unwrap();
         assert_eq!(query(&pg, "select v from kept").unwrap(), "42");
         // A wrong password is refused: the cluster is not open to anyone on the machine.
         let wrong = pg.url("postgres").replace(&pg.password, "nope");
-        let out = Command::new("psql")
-            .arg(wrong)
-            .args(["-XAtq", "-c", "select 1"])
-            .output()
-            .unwrap();
+        let out = Command::new("psql").arg(wrong).args(["-XAtq", "-c", "select 1"]).output().unwrap();
         assert!(!out.status.success());
         let port = pg.port();
         drop(pg);
-        assert!(
-            TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "dropping stops the server"
-        );
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "dropping stops the server");
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -626,13 +538,8 @@ mod tests {
     async fn a_stale_pid_file_is_recovered_and_ephemeral_clusters_clean_up() {
         let root = scratch();
         let dir = root.join("pg");
-        let pg = EmbeddedPg::start_ephemeral(Options {
-            data_dir: dir.clone(),
-            port: None,
-            bin_dir: None,
-        })
-        .await
-        .unwrap();
+        let pg =
+            EmbeddedPg::start_ephemeral(Options { data_dir: dir.clone(), port: None, bin_dir: None }).await.unwrap();
         assert_eq!(query(&pg, "show fsync").unwrap(), "off");
         // Kill it hard: it leaves postmaster.pid behind, as a crash would.
         signal(pg.pid, libc::SIGKILL);
@@ -642,13 +549,8 @@ mod tests {
         pg.stopped = true;
         drop(pg);
         // Shared memory of the killed server may linger a moment; the restart must still succeed.
-        let pg = EmbeddedPg::start_ephemeral(Options {
-            data_dir: dir.clone(),
-            port: None,
-            bin_dir: None,
-        })
-        .await
-        .unwrap();
+        let pg =
+            EmbeddedPg::start_ephemeral(Options { data_dir: dir.clone(), port: None, bin_dir: None }).await.unwrap();
         assert_eq!(query(&pg, "select 2").unwrap(), "2");
         pg.stop().await.unwrap();
         assert!(!dir.exists(), "an ephemeral cluster removes its data dir");
@@ -664,17 +566,9 @@ mod tests {
         let closed = root.join("closed");
         fs::create_dir_all(&closed).unwrap();
         fs::set_permissions(&closed, fs::Permissions::from_mode(0o700)).unwrap();
-        let err = EmbeddedPg::start(Options {
-            data_dir: closed.join("pg"),
-            port: None,
-            bin_dir: None,
-        })
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(&err, Error::Unreachable { dir, .. } if dir == &closed),
-            "{err}"
-        );
+        let err =
+            EmbeddedPg::start(Options { data_dir: closed.join("pg"), port: None, bin_dir: None }).await.unwrap_err();
+        assert!(matches!(&err, Error::Unreachable { dir, .. } if dir == &closed), "{err}");
         assert!(err.to_string().contains("/var/lib/cloudd"));
         fs::remove_dir_all(root).unwrap();
     }

@@ -1,3 +1,314 @@
-//! The node agent role: runs instances in network namespaces with private IPs and reports their state.
+//! The node agent: registers the node, heartbeats, schedules pending instances onto live nodes, and reconciles
+//! the instances assigned to it, desired state against observed, reporting what it observes.
 //!
-//! Not implemented yet (issue 3). `cloudd node` says so and exits with an error rather than pretend.
+//! Each instance runs in its own network namespace with a veth into its tenant's bridge, as an unprivileged
+//! account, in a memory cgroup where one is available. State lives in PostgreSQL and in the kernel (namespaces
+//! and bridges by name); the agent itself keeps nothing that a restart would lose: a restarted agent deletes the
+//! namespaces it finds and starts again what should run. It needs root.
+
+mod images;
+mod net;
+mod process;
+mod supervise;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloud_domain::state::{DesiredState, InstanceState};
+use cloud_store::{Assignment, ChangeFeed, Store, StoreError};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub use net::NetError;
+
+/// The network namespace an instance runs in on a node (`ip netns exec <name> ...` enters it).
+pub fn netns_name(node: Uuid, instance: Uuid) -> String {
+    net::Sandboxes::new(node).netns(instance)
+}
+
+/// How a node agent runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Unique node name (default: the host name).
+    pub name: String,
+    /// Address other roles reach the node's instances through (informational for now).
+    pub address: String,
+    /// Memory the node offers to instances, MiB.
+    pub memory_mb: u64,
+    /// Where unpacked images live.
+    pub state_dir: PathBuf,
+    /// The `cloudd` executable, run for images whose command is `cloudd` (the built-in `hello`).
+    pub self_exe: PathBuf,
+    /// Account instances run as (default `nobody`).
+    pub user: (u32, u32),
+    /// How long a started instance has to accept connections on its port.
+    pub ready_timeout: Duration,
+    /// How long a stopping instance has between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// A node is live (schedulable) if it heartbeated within this window.
+    pub live_window: Duration,
+    /// A node silent for this long is lost: its instances are rescheduled.
+    pub lost_after: Duration,
+    /// First restart delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest restart delay.
+    pub max_backoff: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node storing its state in `state_dir`.
+    pub fn new(name: String, state_dir: PathBuf, self_exe: PathBuf) -> Self {
+        Self {
+            name,
+            address: "127.0.0.1".into(),
+            memory_mb: total_memory_mb() * 4 / 5,
+            state_dir,
+            self_exe,
+            user: (65534, 65534),
+            ready_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(2),
+            live_window: Duration::from_secs(10),
+            lost_after: Duration::from_secs(15),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+fn total_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(4096, |kb| kb / 1024)
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The agent needs root for namespaces, bridges and nftables.
+    #[error("the node agent needs root (network namespaces, bridges, nftables); run it as root")]
+    NotRoot,
+    /// The database failed.
+    #[error("database")]
+    Store(#[from] StoreError),
+    /// Host networking failed.
+    #[error("host networking")]
+    Net(#[from] NetError),
+}
+
+/// What the agent shares with its supervisors.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub store: Store,
+    pub config: NodeConfig,
+    pub node: Uuid,
+    pub sandboxes: net::Sandboxes,
+    pub images: images::ImageCache,
+    pub logs: mpsc::Sender<LogEntry>,
+}
+
+/// One line of output on its way to the database.
+#[derive(Debug)]
+pub(crate) struct LogEntry {
+    pub instance: Uuid,
+    pub at: DateTime<Utc>,
+    pub stream: &'static str,
+    pub line: String,
+}
+
+/// What a supervisor should do with its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Want {
+    Run(Box<Assignment>),
+    Stop,
+    /// Deleted, or the agent is shutting down: stop and clean up without reporting.
+    Remove,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The node's id.
+    pub node: Uuid,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// Stops every instance, cleans up the host, hands the node's instances back for rescheduling and stops.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Stops the agent abruptly, as a crash would: instance processes die with it, namespaces stay behind.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Registers the node and starts the agent.
+pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    if current_uid() != 0 {
+        return Err(NodeError::NotRoot);
+    }
+    net::install_firewall().await?;
+    let node = store.register_node(&config.name, &config.address, config.memory_mb).await?;
+    let sandboxes = net::Sandboxes::new(node);
+    // Whatever a previous run of this node left behind: its processes died with it; clean their namespaces.
+    for leftover in sandboxes.existing() {
+        tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
+        let _ = sandboxes.destroy(leftover).await;
+    }
+    net::remove_idle_bridges().await;
+    let (logs_tx, logs_rx) = mpsc::channel(4096);
+    let shared = Arc::new(Shared {
+        images: images::ImageCache::new(config.state_dir.join("images")),
+        store: store.clone(),
+        config,
+        node,
+        sandboxes,
+        logs: logs_tx,
+    });
+    tracing::info!(%node, name = %shared.config.name, "node agent up");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx));
+    Ok(NodeHandle { node, stop: stop_tx, task })
+}
+
+#[allow(unsafe_code)]
+fn current_uid() -> u32 {
+    // SAFETY: getuid(2) touches no memory.
+    unsafe { libc::getuid() }
+}
+
+struct Supervisor {
+    want: watch::Sender<Want>,
+    task: tokio::task::AbortHandle,
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    feed: ChangeFeed,
+    mut stop: watch::Receiver<bool>,
+    logs_rx: mpsc::Receiver<LogEntry>,
+) {
+    let shipper = tokio::spawn(ship_logs(shared.store.clone(), logs_rx));
+    let mut changes = feed.subscribe();
+    // Owned here, so that aborting the agent aborts every supervisor, whose child processes then die.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut supervisors: HashMap<Uuid, Supervisor> = HashMap::new();
+    let heartbeat = {
+        let (store, node, every) = (shared.store.clone(), shared.node, shared.config.heartbeat);
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = store.heartbeat(node).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
+    loop {
+        while tasks.try_join_next().is_some() {}
+        supervisors.retain(|_, s| !s.task.is_finished());
+        if let Err(e) = reconcile(&shared, &mut supervisors, &mut tasks).await {
+            tracing::warn!(error = %e, "reconcile failed; retrying");
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(shared.config.heartbeat) => {}
+        }
+    }
+    tracing::info!("node agent stopping");
+    heartbeat.abort();
+    for s in supervisors.values() {
+        let _ = s.want.send(Want::Remove);
+    }
+    while tasks.join_next().await.is_some() {}
+    net::remove_idle_bridges().await;
+    if let Err(e) = shared.store.release_node(shared.node).await {
+        tracing::warn!(error = %e, "could not hand instances back for rescheduling");
+    }
+    drop(shared);
+    let _ = shipper.await;
+}
+
+async fn reconcile(
+    shared: &Arc<Shared>,
+    supervisors: &mut HashMap<Uuid, Supervisor>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), StoreError> {
+    let store = &shared.store;
+    store.reap_lost_nodes(shared.config.lost_after).await?;
+    store.schedule_pending(shared.config.live_window).await?;
+    let assigned = store.assignments(shared.node).await?;
+    let mut seen = std::collections::HashSet::new();
+    for a in assigned {
+        seen.insert(a.id);
+        let want = match a.desired {
+            DesiredState::Running => Want::Run(Box::new(a.clone())),
+            DesiredState::Stopped => Want::Stop,
+        };
+        match supervisors.get(&a.id) {
+            Some(s) => {
+                s.want.send_if_modified(|w| {
+                    let changed = *w != want;
+                    *w = want.clone();
+                    changed
+                });
+            }
+            None => {
+                let active =
+                    matches!(a.state, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping);
+                if a.desired == DesiredState::Running || active {
+                    let (tx, rx) = watch::channel(want);
+                    let task = tasks.spawn(supervise::supervise(shared.clone(), a.clone(), rx));
+                    supervisors.insert(a.id, Supervisor { want: tx, task });
+                }
+            }
+        }
+    }
+    for (id, s) in supervisors.iter() {
+        if !seen.contains(id) {
+            let _ = s.want.send(Want::Remove);
+        }
+    }
+    Ok(())
+}
+
+/// Batches output lines into the database, a few times a second.
+async fn ship_logs(store: Store, mut rx: mpsc::Receiver<LogEntry>) {
+    let mut batch: HashMap<Uuid, Vec<(DateTime<Utc>, &'static str, String)>> = HashMap::new();
+    loop {
+        let first = rx.recv().await;
+        let Some(first) = first else { break };
+        batch.entry(first.instance).or_default().push((first.at, first.stream, first.line));
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                e = rx.recv() => match e {
+                    Some(e) => batch.entry(e.instance).or_default().push((e.at, e.stream, e.line)),
+                    None => break,
+                },
+            }
+        }
+        for (id, lines) in batch.drain() {
+            let lines: Vec<(DateTime<Utc>, &str, String)> = lines;
+            if let Err(e) = store.append_logs(id, &lines).await {
+                tracing::warn!(error = %e, instance = %id, "could not store log lines");
+            }
+        }
+    }
+}

@@ -39,9 +39,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
     let mut archive = tar::Archive::new(GzDecoder::new(bytes));
     let mut manifest = None;
     let (mut total, mut count) = (0u64, 0usize);
-    let entries = archive
-        .entries()
-        .map_err(|e| BundleError::Archive(e.to_string()))?;
+    let entries = archive.entries().map_err(|e| BundleError::Archive(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| BundleError::Archive(e.to_string()))?;
         count += 1;
@@ -49,10 +47,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
         if count > MAX_ENTRIES || total > MAX_UNPACKED_BYTES {
             return Err(BundleError::TooLarge);
         }
-        let path = entry
-            .path()
-            .map_err(|e| BundleError::Archive(e.to_string()))?
-            .into_owned();
+        let path = entry.path().map_err(|e| BundleError::Archive(e.to_string()))?.into_owned();
         let shown = path.display().to_string();
         let mut normal = Vec::new();
         for c in path.components() {
@@ -69,15 +64,12 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
                 .take(64 * 1024)
                 .read_to_string(&mut text)
                 .map_err(|e| BundleError::Manifest(e.to_string()))?;
-            let m: ImageManifest =
-                serde_json::from_str(&text).map_err(|e| BundleError::Manifest(e.to_string()))?;
+            let m: ImageManifest = serde_json::from_str(&text).map_err(|e| BundleError::Manifest(e.to_string()))?;
             if m.command.is_empty() || m.command[0].is_empty() {
                 return Err(BundleError::Manifest("command must name a program".into()));
             }
             if m.port == 0 {
-                return Err(BundleError::Manifest(
-                    "port must be between 1 and 65535".into(),
-                ));
+                return Err(BundleError::Manifest("port must be between 1 and 65535".into()));
             }
             manifest = Some(m);
         }
@@ -94,24 +86,17 @@ pub(crate) fn digest(bytes: &[u8]) -> String {
 /// The built-in `hello` image: a manifest only. Its command is served by the `cloudd` binary itself, so the
 /// image needs no files and its digest is the same on every build.
 pub fn hello_bundle() -> Vec<u8> {
-    let manifest = serde_json::to_vec_pretty(&ImageManifest {
-        command: vec!["cloudd".into(), "hello".into()],
-        port: 8080,
-    })
-    .expect("manifest serialises");
+    let manifest =
+        serde_json::to_vec_pretty(&ImageManifest { command: vec!["cloudd".into(), "hello".into()], port: 8080 })
+            .expect("manifest serialises");
     let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
     let mut header = tar::Header::new_gnu();
     header.set_size(manifest.len() as u64);
     header.set_mode(0o644);
     header.set_mtime(0);
     header.set_cksum();
-    builder
-        .append_data(&mut header, "manifest.json", manifest.as_slice())
-        .expect("in-memory tar");
-    builder
-        .into_inner()
-        .and_then(|gz| gz.finish())
-        .expect("in-memory gzip")
+    builder.append_data(&mut header, "manifest.json", manifest.as_slice()).expect("in-memory tar");
+    builder.into_inner().and_then(|gz| gz.finish()).expect("in-memory gzip")
 }
 
 #[cfg(test)]
@@ -149,14 +134,8 @@ mod tests {
         let cases: [(&[(&str, &[u8])], &str); 5] = [
             (&[("server", b"x")], "no manifest.json"),
             (&[("manifest.json", b"{")], "manifest.json is invalid"),
-            (
-                &[("manifest.json", br#"{"command":[],"port":80}"#)],
-                "command must name a program",
-            ),
-            (
-                &[("manifest.json", br#"{"command":["a"],"port":80,"x":1}"#)],
-                "unknown field",
-            ),
+            (&[("manifest.json", br#"{"command":[],"port":80}"#)], "command must name a program"),
+            (&[("manifest.json", br#"{"command":["a"],"port":80,"x":1}"#)], "unknown field"),
             (&[("manifest.json", ok), ("../evil", b"x")], "climbs out"),
         ];
         for (files, want) in cases {

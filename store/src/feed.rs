@@ -107,19 +107,12 @@ struct EventRow {
 impl Store {
     /// The newest committed version (0 before any change).
     pub async fn current_version(&self) -> Result<i64, StoreError> {
-        let (v,): (Option<i64>,) = sqlx::query_as("SELECT max(version) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
+        let (v,): (Option<i64>,) = sqlx::query_as("SELECT max(version) FROM events").fetch_one(&self.pool).await?;
         Ok(v.unwrap_or(0))
     }
 
     /// Up to `limit` events after `since`, oldest first; only the tenant's when `tenant` is given.
-    pub async fn events_since(
-        &self,
-        tenant: Option<Uuid>,
-        since: i64,
-        limit: i64,
-    ) -> Result<Vec<Event>, StoreError> {
+    pub async fn events_since(&self, tenant: Option<Uuid>, since: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT version, resource_type, resource_id, action, payload, created_at FROM events
              WHERE version > $1 AND ($2::uuid IS NULL OR tenant_id = $2) ORDER BY version LIMIT $3",
@@ -148,16 +141,10 @@ impl Store {
 
     /// A consistent read-only snapshot and the version it includes: read the state through the transaction,
     /// then follow events after the version.
-    pub async fn begin_snapshot(
-        &self,
-    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, i64), StoreError> {
+    pub async fn begin_snapshot(&self) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, i64), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let (v,): (Option<i64>,) = sqlx::query_as("SELECT max(version) FROM events")
-            .fetch_one(&mut *tx)
-            .await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let (v,): (Option<i64>,) = sqlx::query_as("SELECT max(version) FROM events").fetch_one(&mut *tx).await?;
         Ok((tx, v.unwrap_or(0)))
     }
 }

@@ -98,13 +98,11 @@ impl Store {
 
     /// Releases a claimed key without a stored response (the request failed on our side), so a retry runs.
     pub async fn idempotency_abandon(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status IS NULL",
-        )
-        .bind(tenant)
-        .bind(key)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status IS NULL")
+            .bind(tenant)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

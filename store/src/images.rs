@@ -35,8 +35,7 @@ impl From<ImageRow> for Image {
     }
 }
 
-const SELECT_IMAGE: &str =
-    "SELECT id, name, digest, size_bytes, command, port, builtin, created_at FROM images";
+const SELECT_IMAGE: &str = "SELECT id, name, digest, size_bytes, command, port, builtin, created_at FROM images";
 
 impl Store {
     /// Stores a checked bundle under a name; pushing a name again points it at the new bundle (instances keep
@@ -51,19 +50,15 @@ impl Store {
         let digest = digest(bundle);
         let mut tx = self.pool.begin().await?;
         let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
-        let (count, exists): (i64, bool) = sqlx::query_as(
-            "SELECT count(*), coalesce(bool_or(name = $2), false) FROM images WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (count, exists): (i64, bool) =
+            sqlx::query_as("SELECT count(*), coalesce(bool_or(name = $2), false) FROM images WHERE tenant_id = $1")
+                .bind(tenant)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
         if !exists && count >= quotas.max_images as i64 {
             return Err(StoreError::QuotaExceeded {
-                detail: format!(
-                    "max_images is {} and the tenant has {count}",
-                    quotas.max_images
-                ),
+                detail: format!("max_images is {} and the tenant has {count}", quotas.max_images),
             });
         }
         sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
@@ -89,11 +84,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let image = Image::from(row);
-        let action = if exists {
-            EventAction::Updated
-        } else {
-            EventAction::Created
-        };
+        let action = if exists { EventAction::Updated } else { EventAction::Created };
         record_event(&mut tx, Some(tenant), "image", image.id, action, &image).await?;
         tx.commit().await?;
         Ok(image)
@@ -110,23 +101,16 @@ impl Store {
         .bind(as_uuid(key))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(Image::from).ok_or_else(|| StoreError::NotFound {
-            kind: "image",
-            key: key.to_owned(),
-        })
+        row.map(Image::from).ok_or_else(|| StoreError::NotFound { kind: "image", key: key.to_owned() })
     }
 
     /// The bundle bytes of a digest.
     pub async fn image_bundle(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
-        let row: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT data FROM image_blobs WHERE digest = $1")
-                .bind(digest)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|(d,)| d).ok_or_else(|| StoreError::NotFound {
-            kind: "image bundle",
-            key: digest.to_owned(),
-        })
+        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT data FROM image_blobs WHERE digest = $1")
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(d,)| d).ok_or_else(|| StoreError::NotFound { kind: "image bundle", key: digest.to_owned() })
     }
 
     /// A page of the images visible to the tenant (built-in and its own) in creation order.
@@ -149,35 +133,23 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let rows = rows.into_iter().map(Image::from).collect();
-        Ok(page::finish(rows, limit, |i: &Image| Cursor {
-            created_at: i.created_at,
-            id: i.id,
-        }))
+        Ok(page::finish(rows, limit, |i: &Image| Cursor { created_at: i.created_at, id: i.id }))
     }
 
     /// Deletes one of the tenant's images, refused while instances use it; an unreferenced bundle goes too.
     pub async fn delete_image(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
         let image = self.image(tenant, key).await?;
         if image.builtin {
-            return Err(StoreError::Invalid(format!(
-                "image \"{}\" is built in and cannot be deleted",
-                image.name
-            )));
+            return Err(StoreError::Invalid(format!("image \"{}\" is built in and cannot be deleted", image.name)));
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT 1 FROM images WHERE id = $1 FOR UPDATE")
-            .bind(image.id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT 1 FROM images WHERE id = $1 FOR UPDATE").bind(image.id).execute(&mut *tx).await?;
         let (users,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances WHERE image_id = $1")
             .bind(image.id)
             .fetch_one(&mut *tx)
             .await?;
         if users > 0 {
-            return Err(StoreError::ImageInUse {
-                name: image.name,
-                count: users,
-            });
+            return Err(StoreError::ImageInUse { name: image.name, count: users });
         }
         sqlx::query("DELETE FROM images WHERE id = $1 AND tenant_id = $2")
             .bind(image.id)
@@ -192,15 +164,7 @@ impl Store {
         .bind(&image.digest)
         .execute(&mut *tx)
         .await?;
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "image",
-            image.id,
-            EventAction::Deleted,
-            &image,
-        )
-        .await?;
+        record_event(&mut tx, Some(tenant), "image", image.id, EventAction::Deleted, &image).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -208,8 +172,7 @@ impl Store {
     /// Registers (or refreshes) the built-in images.
     pub(crate) async fn ensure_builtin_images(&self) -> Result<(), StoreError> {
         let bundle = hello_bundle();
-        let (manifest, digest) =
-            parse_bundle(&bundle).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (manifest, digest) = parse_bundle(&bundle).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
             .bind(&digest)

@@ -112,29 +112,19 @@ impl From<InstanceRow> for Instance {
 }
 
 impl Store {
-    async fn instance_view(
-        conn: &mut sqlx::PgConnection,
-        id: Uuid,
-    ) -> Result<Instance, StoreError> {
-        let row: InstanceRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_INSTANCE} WHERE i.id = $1"
-        )))
-        .bind(id)
-        .fetch_one(conn)
-        .await?;
+    pub(crate) async fn instance_view(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Instance, StoreError> {
+        let row: InstanceRow = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_INSTANCE} WHERE i.id = $1")))
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
         Ok(row.into())
     }
 
     /// Creates instances (and an ephemeral service when ports are given) in one transaction.
-    pub async fn create_instances(
-        &self,
-        tenant: Uuid,
-        new: NewInstances,
-    ) -> Result<CreatedInstances, StoreError> {
+    pub async fn create_instances(&self, tenant: Uuid, new: NewInstances) -> Result<CreatedInstances, StoreError> {
         if new.service.is_some() && new.ports.is_some() {
             return Err(StoreError::Invalid(
-                "give either a service to attach to or ports for a new ephemeral service, not both"
-                    .into(),
+                "give either a service to attach to or ports for a new ephemeral service, not both".into(),
             ));
         }
         let mut tx = self.pool.begin().await?;
@@ -149,17 +139,14 @@ impl Store {
         .bind(as_uuid(&new.image))
         .fetch_optional(&mut *tx)
         .await?;
-        let (image_id, image_name, digest) = image.ok_or_else(|| StoreError::NotFound {
-            kind: "image",
-            key: new.image.clone(),
-        })?;
+        let (image_id, image_name, digest) =
+            image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
 
-        let (count, memory): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (count, memory): (i64, i64) =
+            sqlx::query_as("SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await?;
         let replicas = new.replicas as i64;
         if count + replicas > quotas.max_instances as i64 {
             return Err(StoreError::QuotaExceeded {
@@ -189,16 +176,10 @@ impl Store {
         }
 
         let service_id = match (&new.service, &new.ports) {
-            (Some(key), _) => Some(
-                Self::service_id(&mut tx, tenant, key, RowLock::Share)
-                    .await?
-                    .0,
-            ),
+            (Some(key), _) => Some(Self::service_id(&mut tx, tenant, key, RowLock::Share).await?.0),
             (None, Some(ports)) => {
                 // The ephemeral service is named after its first instance when that name is free.
-                let first = names[0]
-                    .clone()
-                    .unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                let first = names[0].clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
                 names[0] = Some(first.clone());
                 let mut spec = NewService {
                     name: Some(first),
@@ -216,25 +197,16 @@ impl Store {
                     other => other?,
                 };
                 let view = self.service_in(&mut tx, tenant, id).await?;
-                record_event(
-                    &mut tx,
-                    Some(tenant),
-                    "service",
-                    id,
-                    EventAction::Created,
-                    &view,
-                )
-                .await?;
+                record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &view).await?;
                 Some(id)
             }
             (None, None) => None,
         };
 
-        let used: Vec<(IpAddr,)> =
-            sqlx::query_as("SELECT private_ip FROM instances WHERE tenant_id = $1")
-                .bind(tenant)
-                .fetch_all(&mut *tx)
-                .await?;
+        let used: Vec<(IpAddr,)> = sqlx::query_as("SELECT private_ip FROM instances WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut used: BTreeSet<Ipv4Addr> = used
             .into_iter()
             .filter_map(|(ip,)| match ip {
@@ -250,21 +222,15 @@ impl Store {
         };
         let mut created = Vec::new();
         for name in names {
-            let ip =
-                ipam::first_free_host(network, &used).ok_or(StoreError::CapacityExhausted {
-                    what: "private IPs in the tenant network",
-                })?;
+            let ip = ipam::first_free_host(network, &used)
+                .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
             used.insert(ip);
             let id = Uuid::new_v4();
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let chosen = name
-                    .clone()
-                    .unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
-                sqlx::query("SAVEPOINT insert_instance")
-                    .execute(&mut *tx)
-                    .await?;
+                let chosen = name.clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
                 let res = sqlx::query(
                     "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
                          memory_mb, restart_policy, desired_state, state, private_ip)
@@ -287,63 +253,34 @@ impl Store {
                 .await;
                 match res {
                     Ok(_) => break,
-                    Err(e)
-                        if violated_constraint(&e).as_deref()
-                            == Some("instances_tenant_id_name_key") =>
-                    {
-                        sqlx::query("ROLLBACK TO SAVEPOINT insert_instance")
-                            .execute(&mut *tx)
-                            .await?;
+                    Err(e) if violated_constraint(&e).as_deref() == Some("instances_tenant_id_name_key") => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT insert_instance").execute(&mut *tx).await?;
                         if name.is_some() {
-                            return Err(StoreError::AlreadyExists {
-                                kind: "instance",
-                                name: chosen,
-                            });
+                            return Err(StoreError::AlreadyExists { kind: "instance", name: chosen });
                         }
                         if attempt >= 8 {
-                            return Err(StoreError::CapacityExhausted {
-                                what: "generated instance names",
-                            });
+                            return Err(StoreError::CapacityExhausted { what: "generated instance names" });
                         }
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
             let view = Self::instance_view(&mut tx, id).await?;
-            record_event(
-                &mut tx,
-                Some(tenant),
-                "instance",
-                id,
-                EventAction::Created,
-                &view,
-            )
-            .await?;
+            record_event(&mut tx, Some(tenant), "instance", id, EventAction::Created, &view).await?;
             created.push(view);
         }
         let service = match service_id {
             Some(id) => {
                 let view = self.service_in(&mut tx, tenant, id).await?;
                 if new.service.is_some() {
-                    record_event(
-                        &mut tx,
-                        Some(tenant),
-                        "service",
-                        id,
-                        EventAction::Updated,
-                        &view,
-                    )
-                    .await?;
+                    record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &view).await?;
                 }
                 Some(view)
             }
             None => None,
         };
         tx.commit().await?;
-        Ok(CreatedInstances {
-            instances: created,
-            service,
-        })
+        Ok(CreatedInstances { instances: created, service })
     }
 
     /// An instance of the tenant by name or id.
@@ -356,10 +293,7 @@ impl Store {
         .bind(as_uuid(key))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(Instance::from).ok_or_else(|| StoreError::NotFound {
-            kind: "instance",
-            key: key.to_owned(),
-        })
+        row.map(Instance::from).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
     }
 
     /// A page of the tenant's instances in creation order.
@@ -382,34 +316,24 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let rows = rows.into_iter().map(Instance::from).collect();
-        Ok(page::finish(rows, limit, |i: &Instance| Cursor {
-            created_at: i.created_at,
-            id: i.id,
-        }))
+        Ok(page::finish(rows, limit, |i: &Instance| Cursor { created_at: i.created_at, id: i.id }))
     }
 
     /// Deletes an instance; an ephemeral service left without instances goes in the same transaction.
     pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let found: Option<(Uuid, Option<Uuid>)> = sqlx::query_as(
-            "SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)",
-        )
-        .bind(tenant)
-        .bind(key)
-        .bind(as_uuid(key))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (id, service) = found.ok_or_else(|| StoreError::NotFound {
-            kind: "instance",
-            key: key.to_owned(),
-        })?;
+        let found: Option<(Uuid, Option<Uuid>)> =
+            sqlx::query_as("SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
+                .bind(tenant)
+                .bind(key)
+                .bind(as_uuid(key))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (id, service) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
         if let Some(service) = service {
             // Serialises with other deletions of the service's instances, so exactly one of two concurrent
             // deletions of the last instances sees none left.
-            sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE")
-                .bind(service)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE").bind(service).execute(&mut *tx).await?;
         }
         self.delete_instances_in(&mut tx, tenant, &[id]).await?;
         if let Some(service) = service {
@@ -436,15 +360,7 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
             if deleted.rows_affected() == 1 {
-                record_event(
-                    conn,
-                    Some(tenant),
-                    "instance",
-                    *id,
-                    EventAction::Deleted,
-                    &view,
-                )
-                .await?;
+                record_event(conn, Some(tenant), "instance", *id, EventAction::Deleted, &view).await?;
             }
         }
         Ok(())
@@ -475,10 +391,7 @@ impl Store {
         .bind(as_uuid(key))
         .fetch_optional(&mut *tx)
         .await?;
-        let (id, current) = found.ok_or_else(|| StoreError::NotFound {
-            kind: "instance",
-            key: key.to_owned(),
-        })?;
+        let (id, current) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
         let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
         let next = rule(current)?;
         sqlx::query(
@@ -492,15 +405,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let view = Self::instance_view(&mut tx, id).await?;
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "instance",
-            id,
-            EventAction::Updated,
-            &view,
-        )
-        .await?;
+        record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
         tx.commit().await?;
         Ok(view)
     }

@@ -13,6 +13,7 @@ mod feed;
 mod idempotency;
 mod images;
 mod instances;
+mod nodes;
 mod page;
 mod services;
 mod tenants;
@@ -30,6 +31,7 @@ pub use bundle::{BundleError, hello_bundle, parse_bundle};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
+pub use nodes::{Assignment, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use services::{NewService, ServiceChange};
 pub use tokens::TokenStatus;
@@ -159,12 +161,7 @@ impl From<sqlx::Error> for StoreError {
 impl StoreError {
     /// True when the database could not be reached (as opposed to refusing the operation).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-            )
-        )
+        matches!(self, Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed))
     }
 }
 
@@ -180,11 +177,7 @@ fn violated_constraint(e: &sqlx::Error) -> Option<String> {
 
 /// Connects a pool with timeouts suited to an API: fail fast when PostgreSQL is down rather than hang.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
+    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(5)).connect(url).await
 }
 
 /// Access to the platform state.
@@ -232,11 +225,10 @@ impl Store {
             .bind(&fresh)
             .execute(&self.pool)
             .await?;
-        let (value,): (Vec<u8>,) =
-            sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
-                .bind(name)
-                .fetch_one(&self.pool)
-                .await?;
+        let (value,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(value)
     }
 }

@@ -17,11 +17,7 @@ pub struct Cursor {
 impl Cursor {
     /// The opaque form given to clients.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!(
-            "v1:{}:{}",
-            self.created_at.timestamp_micros(),
-            self.id
-        ))
+        URL_SAFE_NO_PAD.encode(format!("v1:{}:{}", self.created_at.timestamp_micros(), self.id))
     }
 
     /// Parses a cursor issued by [`Cursor::encode`]; `None` for anything else.
@@ -33,19 +29,12 @@ impl Cursor {
         }
         let micros: i64 = parts.next()?.parse().ok()?;
         let id = Uuid::parse_str(parts.next()?).ok()?;
-        Some(Self {
-            created_at: DateTime::from_timestamp_micros(micros)?,
-            id,
-        })
+        Some(Self { created_at: DateTime::from_timestamp_micros(micros)?, id })
     }
 }
 
 /// Splits one extra fetched row off a page to know whether another page follows.
-pub(crate) fn finish<T>(
-    mut rows: Vec<T>,
-    limit: usize,
-    key: impl Fn(&T) -> Cursor,
-) -> (Vec<T>, Option<Cursor>) {
+pub(crate) fn finish<T>(mut rows: Vec<T>, limit: usize, key: impl Fn(&T) -> Cursor) -> (Vec<T>, Option<Cursor>) {
     if rows.len() > limit {
         rows.truncate(limit);
         let next = rows.last().map(key);
@@ -67,18 +56,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_foreign_strings() {
-        let c = Cursor {
-            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
-            id: Uuid::new_v4(),
-        };
+        let c =
+            Cursor { created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: Uuid::new_v4() };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for bad in [
-            "",
-            "x",
-            "djE6",
-            "!!!",
-            &URL_SAFE_NO_PAD.encode("v2:1:00000000-0000-0000-0000-000000000000"),
-        ] {
+        for bad in ["", "x", "djE6", "!!!", &URL_SAFE_NO_PAD.encode("v2:1:00000000-0000-0000-0000-000000000000")] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
     }

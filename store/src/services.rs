@@ -55,7 +55,8 @@ struct ServiceRow {
     updated_at: DateTime<Utc>,
 }
 
-const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, persistent, created_at, updated_at FROM services";
+const SELECT_SERVICE: &str =
+    "SELECT id, name, fqdn, soft_limit, hard_limit, persistent, created_at, updated_at FROM services";
 
 /// The row lock a lookup takes for the rest of its transaction.
 #[derive(Debug, Clone, Copy)]
@@ -73,11 +74,7 @@ const TCP_PORT_LOCK: i64 = 7_265_747;
 
 impl Store {
     /// Creates a service in its own transaction.
-    pub async fn create_service(
-        &self,
-        tenant: Uuid,
-        new: NewService,
-    ) -> Result<Service, StoreError> {
+    pub async fn create_service(&self, tenant: Uuid, new: NewService) -> Result<Service, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
         let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM services WHERE tenant_id = $1")
@@ -86,23 +83,12 @@ impl Store {
             .await?;
         if count >= quotas.max_services as i64 {
             return Err(StoreError::QuotaExceeded {
-                detail: format!(
-                    "max_services is {} and the tenant has {count}",
-                    quotas.max_services
-                ),
+                detail: format!("max_services is {} and the tenant has {count}", quotas.max_services),
             });
         }
         let id = self.insert_service(&mut tx, tenant, new).await?;
         let service = self.service_in(&mut tx, tenant, id).await?;
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "service",
-            id,
-            EventAction::Created,
-            &service,
-        )
-        .await?;
+        record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &service).await?;
         tx.commit().await?;
         Ok(service)
     }
@@ -122,21 +108,11 @@ impl Store {
             attempt += 1;
             let (name, fqdn) = {
                 let mut rng = rand::rng();
-                let name = new
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| generate::random_service_name(&mut rng));
-                let fqdn = generate::service_fqdn(
-                    &name,
-                    &self.settings.region,
-                    &self.settings.base_domain,
-                    &mut rng,
-                );
+                let name = new.name.clone().unwrap_or_else(|| generate::random_service_name(&mut rng));
+                let fqdn = generate::service_fqdn(&name, &self.settings.region, &self.settings.base_domain, &mut rng);
                 (name, fqdn)
             };
-            sqlx::query("SAVEPOINT insert_service")
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query("SAVEPOINT insert_service").execute(&mut *conn).await?;
             let res = sqlx::query(
                 "INSERT INTO services (id, tenant_id, name, fqdn, soft_limit, hard_limit, persistent)
                  SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM domains WHERE name = $4)",
@@ -161,28 +137,20 @@ impl Store {
                 break;
             }
             // Undo the failed insert only, so the caller's transaction stays usable (it may retry with another name).
-            sqlx::query("ROLLBACK TO SAVEPOINT insert_service")
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query("ROLLBACK TO SAVEPOINT insert_service").execute(&mut *conn).await?;
             if !generated {
-                let (taken,): (bool,) = sqlx::query_as(
-                    "SELECT EXISTS (SELECT 1 FROM services WHERE tenant_id = $1 AND name = $2)",
-                )
-                .bind(tenant)
-                .bind(&name)
-                .fetch_one(&mut *conn)
-                .await?;
+                let (taken,): (bool,) =
+                    sqlx::query_as("SELECT EXISTS (SELECT 1 FROM services WHERE tenant_id = $1 AND name = $2)")
+                        .bind(tenant)
+                        .bind(&name)
+                        .fetch_one(&mut *conn)
+                        .await?;
                 if taken {
-                    return Err(StoreError::AlreadyExists {
-                        kind: "service",
-                        name,
-                    });
+                    return Err(StoreError::AlreadyExists { kind: "service", name });
                 }
             }
             if attempt >= 8 {
-                return Err(StoreError::CapacityExhausted {
-                    what: "generated service names",
-                });
+                return Err(StoreError::CapacityExhausted { what: "generated service names" });
             }
         }
         self.insert_ports(conn, id, &new.ports, &[]).await?;
@@ -202,15 +170,11 @@ impl Store {
         let needs_tcp = mappings.iter().any(|m| m.handlers.contains(&Handler::Tcp));
         let mut used = BTreeSet::new();
         if needs_tcp {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(TCP_PORT_LOCK)
-                .execute(&mut *conn)
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(TCP_PORT_LOCK).execute(&mut *conn).await?;
+            let rows: Vec<(i32,)> = sqlx::query_as("SELECT port FROM service_ports WHERE tcp AND service_id <> $1")
+                .bind(service)
+                .fetch_all(&mut *conn)
                 .await?;
-            let rows: Vec<(i32,)> =
-                sqlx::query_as("SELECT port FROM service_ports WHERE tcp AND service_id <> $1")
-                    .bind(service)
-                    .fetch_all(&mut *conn)
-                    .await?;
             used.extend(rows.into_iter().map(|(p,)| p as u16));
         }
         let range = &self.settings.tcp_ports;
@@ -259,11 +223,10 @@ impl Store {
         domains: &[(String, bool)],
     ) -> Result<(), StoreError> {
         for (name, custom) in domains {
-            let (taken,): (bool,) =
-                sqlx::query_as("SELECT EXISTS (SELECT 1 FROM services WHERE fqdn = $1)")
-                    .bind(name)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let (taken,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM services WHERE fqdn = $1)")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await?;
             if taken {
                 return Err(StoreError::DomainTaken { name: name.clone() });
             }
@@ -297,23 +260,18 @@ impl Store {
         tenant: Uuid,
         id: Uuid,
     ) -> Result<Service, StoreError> {
-        let row: ServiceRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_SERVICE} WHERE tenant_id = $1 AND id = $2"
-        )))
-        .bind(tenant)
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?;
+        let row: ServiceRow =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_SERVICE} WHERE tenant_id = $1 AND id = $2")))
+                .bind(tenant)
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
         let mut views = self.views(conn, vec![row]).await?;
         Ok(views.remove(0))
     }
 
     /// Builds full views of services with three batched queries, whatever the number of services.
-    async fn views(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        rows: Vec<ServiceRow>,
-    ) -> Result<Vec<Service>, StoreError> {
+    async fn views(&self, conn: &mut sqlx::PgConnection, rows: Vec<ServiceRow>) -> Result<Vec<Service>, StoreError> {
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let port_rows: Vec<(Uuid, i32, i32, Vec<String>, bool)> = sqlx::query_as(
             "SELECT service_id, port, destination_port, handlers, proxy FROM service_ports
@@ -359,15 +317,9 @@ impl Store {
         }
         for (sid, port, dest, handlers, proxy) in port_rows {
             if let Some(s) = by_id.get_mut(&sid) {
-                let mut handlers: Vec<Handler> =
-                    handlers.iter().filter_map(|h| parse_handler(h)).collect();
+                let mut handlers: Vec<Handler> = handlers.iter().filter_map(|h| parse_handler(h)).collect();
                 handlers.sort();
-                s.ports.push(PortMapping {
-                    port: port as u16,
-                    destination_port: dest as u16,
-                    handlers,
-                    proxy,
-                });
+                s.ports.push(PortMapping { port: port as u16, destination_port: dest as u16, handlers, proxy });
             }
         }
         for (sid, name, custom, token, verified_at) in domain_rows {
@@ -378,23 +330,13 @@ impl Store {
                     txt_value: format!("cloud-verify={token}"),
                     cname_target: s.fqdn.clone(),
                 });
-                s.domains.push(Domain {
-                    name,
-                    custom,
-                    verified,
-                    verification,
-                });
+                s.domains.push(Domain { name, custom, verified, verification });
             }
         }
         for (sid, id, name, state, private_ip) in instance_rows {
             if let Some(s) = by_id.get_mut(&sid) {
                 let state: InstanceState = state.parse().unwrap_or(InstanceState::Pending);
-                s.instances.push(InstanceSummary {
-                    id,
-                    name,
-                    state,
-                    private_ip,
-                });
+                s.instances.push(InstanceSummary { id, name, state, private_ip });
             }
         }
         Ok(rows.iter().filter_map(|r| by_id.remove(&r.id)).collect())
@@ -418,16 +360,9 @@ impl Store {
                 "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3)"
             }
         };
-        let row: Option<(Uuid, String, bool)> = sqlx::query_as(sql)
-            .bind(tenant)
-            .bind(key)
-            .bind(as_uuid(key))
-            .fetch_optional(conn)
-            .await?;
-        row.ok_or_else(|| StoreError::NotFound {
-            kind: "service",
-            key: key.to_owned(),
-        })
+        let row: Option<(Uuid, String, bool)> =
+            sqlx::query_as(sql).bind(tenant).bind(key).bind(as_uuid(key)).fetch_optional(conn).await?;
+        row.ok_or_else(|| StoreError::NotFound { kind: "service", key: key.to_owned() })
     }
 
     /// A service of the tenant by name or id.
@@ -457,19 +392,11 @@ impl Store {
         .fetch_all(&mut *conn)
         .await?;
         let views = self.views(&mut conn, rows).await?;
-        Ok(page::finish(views, limit, |s: &Service| Cursor {
-            created_at: s.created_at,
-            id: s.id,
-        }))
+        Ok(page::finish(views, limit, |s: &Service| Cursor { created_at: s.created_at, id: s.id }))
     }
 
     /// Changes a service.
-    pub async fn update_service(
-        &self,
-        tenant: Uuid,
-        key: &str,
-        change: ServiceChange,
-    ) -> Result<Service, StoreError> {
+    pub async fn update_service(&self, tenant: Uuid, key: &str, change: ServiceChange) -> Result<Service, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (id, _, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
         let before = self.service_in(&mut tx, tenant, id).await?;
@@ -478,9 +405,7 @@ impl Store {
         if let (Some(s), Some(h)) = (soft, hard)
             && s > h
         {
-            return Err(StoreError::Invalid(format!(
-                "soft_limit {s} must not exceed hard_limit {h}"
-            )));
+            return Err(StoreError::Invalid(format!("soft_limit {s} must not exceed hard_limit {h}")));
         }
         sqlx::query("UPDATE services SET soft_limit = $2, hard_limit = $3, updated_at = now() WHERE id = $1")
             .bind(id)
@@ -489,10 +414,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if let Some(ports) = &change.ports {
-            sqlx::query("DELETE FROM service_ports WHERE service_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM service_ports WHERE service_id = $1").bind(id).execute(&mut *tx).await?;
             self.insert_ports(&mut tx, id, ports, &before.ports).await?;
         }
         if let Some(domains) = &change.domains {
@@ -504,60 +426,30 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let existing: BTreeSet<&str> = before.domains.iter().map(|d| d.name.as_str()).collect();
-            let new: Vec<(String, bool)> = domains
-                .iter()
-                .filter(|(n, _)| !existing.contains(n.as_str()))
-                .cloned()
-                .collect();
+            let new: Vec<(String, bool)> =
+                domains.iter().filter(|(n, _)| !existing.contains(n.as_str())).cloned().collect();
             self.insert_domains(&mut tx, tenant, id, &new).await?;
         }
         let service = self.service_in(&mut tx, tenant, id).await?;
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "service",
-            id,
-            EventAction::Updated,
-            &service,
-        )
-        .await?;
+        record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &service).await?;
         tx.commit().await?;
         Ok(service)
     }
 
     /// Deletes a service. With instances, a persistent service is refused unless `force`, which deletes them too.
-    pub async fn delete_service(
-        &self,
-        tenant: Uuid,
-        key: &str,
-        force: bool,
-    ) -> Result<(), StoreError> {
+    pub async fn delete_service(&self, tenant: Uuid, key: &str, force: bool) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let (id, name, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
         let service = self.service_in(&mut tx, tenant, id).await?;
         if !service.instances.is_empty() {
             if !force {
-                return Err(StoreError::ServiceHasInstances {
-                    name,
-                    count: service.instances.len() as i64,
-                });
+                return Err(StoreError::ServiceHasInstances { name, count: service.instances.len() as i64 });
             }
             let ids: Vec<Uuid> = service.instances.iter().map(|i| i.id).collect();
             self.delete_instances_in(&mut tx, tenant, &ids).await?;
         }
-        sqlx::query("DELETE FROM services WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "service",
-            id,
-            EventAction::Deleted,
-            &service,
-        )
-        .await?;
+        sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        record_event(&mut tx, Some(tenant), "service", id, EventAction::Deleted, &service).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -578,19 +470,8 @@ impl Store {
         .await?;
         if let Some((false, 0)) = row {
             let view = self.service_in(conn, tenant, service).await?;
-            sqlx::query("DELETE FROM services WHERE id = $1")
-                .bind(service)
-                .execute(&mut *conn)
-                .await?;
-            record_event(
-                conn,
-                Some(tenant),
-                "service",
-                service,
-                EventAction::Deleted,
-                &view,
-            )
-            .await?;
+            sqlx::query("DELETE FROM services WHERE id = $1").bind(service).execute(&mut *conn).await?;
+            record_event(conn, Some(tenant), "service", service, EventAction::Deleted, &view).await?;
         }
         Ok(())
     }

@@ -63,26 +63,16 @@ fn to_i32(v: u32) -> i32 {
 
 impl Store {
     /// Creates a tenant with its own private network carved from the platform pool.
-    pub async fn create_tenant(
-        &self,
-        name: &str,
-        quotas: QuotasPatch,
-    ) -> Result<Tenant, StoreError> {
+    pub async fn create_tenant(&self, name: &str, quotas: QuotasPatch) -> Result<Tenant, StoreError> {
         let q = quotas.apply(Quotas::default());
         // Two replicas may pick the same free subnet; the exclusion constraint refuses the loser, which retries.
         for _ in 0..8 {
-            let used: Vec<(String,)> = sqlx::query_as("SELECT network::text FROM tenants")
-                .fetch_all(&self.pool)
-                .await?;
+            let used: Vec<(String,)> =
+                sqlx::query_as("SELECT network::text FROM tenants").fetch_all(&self.pool).await?;
             let used: Vec<Ipv4Net> = used.iter().filter_map(|(n,)| n.parse().ok()).collect();
-            let Some(network) = ipam::next_free_subnet(
-                self.settings.tenant_pool,
-                self.settings.tenant_prefix,
-                &used,
-            ) else {
-                return Err(StoreError::CapacityExhausted {
-                    what: "tenant networks",
-                });
+            let Some(network) = ipam::next_free_subnet(self.settings.tenant_pool, self.settings.tenant_prefix, &used)
+            else {
+                return Err(StoreError::CapacityExhausted { what: "tenant networks" });
             };
             let id = Uuid::new_v4();
             let mut tx = self.pool.begin().await?;
@@ -103,56 +93,37 @@ impl Store {
                 Ok(_) => {}
                 Err(e) => match violated_constraint(&e).as_deref() {
                     Some("tenants_name_key") => {
-                        return Err(StoreError::AlreadyExists {
-                            kind: "tenant",
-                            name: name.to_owned(),
-                        });
+                        return Err(StoreError::AlreadyExists { kind: "tenant", name: name.to_owned() });
                     }
                     Some("tenants_network_disjoint") => continue,
                     _ => return Err(e.into()),
                 },
             }
             let tenant = Self::tenant_in(&mut tx, id).await?;
-            record_event(
-                &mut tx,
-                Some(id),
-                "tenant",
-                id,
-                EventAction::Created,
-                &tenant,
-            )
-            .await?;
+            record_event(&mut tx, Some(id), "tenant", id, EventAction::Created, &tenant).await?;
             tx.commit().await?;
             return Ok(tenant);
         }
-        Err(StoreError::CapacityExhausted {
-            what: "tenant networks (too much contention)",
-        })
+        Err(StoreError::CapacityExhausted { what: "tenant networks (too much contention)" })
     }
 
     async fn tenant_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Tenant, StoreError> {
-        let row: TenantRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TENANT} WHERE t.id = $1"
-        )))
-        .bind(id)
-        .fetch_one(conn)
-        .await?;
+        let row: TenantRow = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TENANT} WHERE t.id = $1")))
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
         Ok(row.into())
     }
 
     /// A tenant by name or id.
     pub async fn tenant(&self, key: &str) -> Result<Tenant, StoreError> {
-        let row: Option<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2"
-        )))
-        .bind(key)
-        .bind(as_uuid(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(Tenant::from).ok_or_else(|| StoreError::NotFound {
-            kind: "tenant",
-            key: key.to_owned(),
-        })
+        let row: Option<TenantRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2")))
+                .bind(key)
+                .bind(as_uuid(key))
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(Tenant::from).ok_or_else(|| StoreError::NotFound { kind: "tenant", key: key.to_owned() })
     }
 
     /// A page of tenants in creation order.
@@ -172,18 +143,11 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let rows = rows.into_iter().map(Tenant::from).collect();
-        Ok(page::finish(rows, limit, |t: &Tenant| Cursor {
-            created_at: t.created_at,
-            id: t.id,
-        }))
+        Ok(page::finish(rows, limit, |t: &Tenant| Cursor { created_at: t.created_at, id: t.id }))
     }
 
     /// Changes a tenant's quotas. Lowering a quota below current use is allowed: it only blocks new resources.
-    pub async fn update_tenant(
-        &self,
-        key: &str,
-        quotas: QuotasPatch,
-    ) -> Result<Tenant, StoreError> {
+    pub async fn update_tenant(&self, key: &str, quotas: QuotasPatch) -> Result<Tenant, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = self.tenant(key).await?;
         let q = quotas.apply(current.quotas);
@@ -199,15 +163,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let tenant = Self::tenant_in(&mut tx, current.id).await?;
-        record_event(
-            &mut tx,
-            Some(tenant.id),
-            "tenant",
-            tenant.id,
-            EventAction::Updated,
-            &tenant,
-        )
-        .await?;
+        record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Updated, &tenant).await?;
         tx.commit().await?;
         Ok(tenant)
     }
@@ -216,41 +172,20 @@ impl Store {
     pub async fn delete_tenant(&self, key: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let tenant = self.tenant(key).await?;
-        sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
-            .bind(tenant.id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(tenant.id).execute(&mut *tx).await?;
         let tenant = Self::tenant_in(&mut tx, tenant.id).await?;
         let u = tenant.usage;
         let mut left = Vec::new();
-        for (n, what) in [
-            (u.services, "service(s)"),
-            (u.instances, "instance(s)"),
-            (u.images, "image(s)"),
-        ] {
+        for (n, what) in [(u.services, "service(s)"), (u.instances, "instance(s)"), (u.images, "image(s)")] {
             if n > 0 {
                 left.push(format!("{n} {what}"));
             }
         }
         if !left.is_empty() {
-            return Err(StoreError::TenantNotEmpty {
-                name: tenant.name,
-                what: left.join(", "),
-            });
+            return Err(StoreError::TenantNotEmpty { name: tenant.name, what: left.join(", ") });
         }
-        sqlx::query("DELETE FROM tenants WHERE id = $1")
-            .bind(tenant.id)
-            .execute(&mut *tx)
-            .await?;
-        record_event(
-            &mut tx,
-            Some(tenant.id),
-            "tenant",
-            tenant.id,
-            EventAction::Deleted,
-            &tenant,
-        )
-        .await?;
+        sqlx::query("DELETE FROM tenants WHERE id = $1").bind(tenant.id).execute(&mut *tx).await?;
+        record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Deleted, &tenant).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -269,19 +204,11 @@ impl Store {
         .bind(tenant)
         .fetch_optional(conn)
         .await?;
-        let (s, i, m, im, net, name) = row.ok_or_else(|| StoreError::NotFound {
-            kind: "tenant",
-            key: tenant.to_string(),
-        })?;
-        let network = net
-            .parse()
-            .map_err(|_| StoreError::Invalid(format!("tenant network {net} is not IPv4")))?;
-        let quotas = Quotas {
-            max_services: s as u32,
-            max_instances: i as u32,
-            max_memory_mb: m as u64,
-            max_images: im as u32,
-        };
+        let (s, i, m, im, net, name) =
+            row.ok_or_else(|| StoreError::NotFound { kind: "tenant", key: tenant.to_string() })?;
+        let network = net.parse().map_err(|_| StoreError::Invalid(format!("tenant network {net} is not IPv4")))?;
+        let quotas =
+            Quotas { max_services: s as u32, max_instances: i as u32, max_memory_mb: m as u64, max_images: im as u32 };
         Ok((quotas, network, name))
     }
 }

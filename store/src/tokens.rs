@@ -43,8 +43,7 @@ pub struct TokenStatus {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-const SELECT_TOKEN: &str =
-    "SELECT k.id, t.name AS tenant, k.scopes, k.description, k.expires_at, k.revoked_at,
+const SELECT_TOKEN: &str = "SELECT k.id, t.name AS tenant, k.scopes, k.description, k.expires_at, k.revoked_at,
         k.created_at FROM tokens k JOIN tenants t ON t.id = k.tenant_id";
 
 impl Store {
@@ -67,22 +66,13 @@ impl Store {
             .bind(description)
             .execute(&mut *tx)
             .await?;
-        let token: Token = sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TOKEN} WHERE k.id = $1"
-        )))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?
-        .into();
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "token",
-            id,
-            EventAction::Created,
-            &token,
-        )
-        .await?;
+        let token: Token =
+            sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!("{SELECT_TOKEN} WHERE k.id = $1")))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .into();
+        record_event(&mut tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
         tx.commit().await?;
         Ok(token)
     }
@@ -94,11 +84,7 @@ impl Store {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(|(tenant_id, expires_at, revoked_at)| TokenStatus {
-            tenant_id,
-            expires_at,
-            revoked_at,
-        }))
+        Ok(row.map(|(tenant_id, expires_at, revoked_at)| TokenStatus { tenant_id, expires_at, revoked_at }))
     }
 
     /// A page of a tenant's tokens.
@@ -120,44 +106,28 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let rows = rows.into_iter().map(Token::from).collect();
-        Ok(page::finish(rows, limit, |t: &Token| Cursor {
-            created_at: t.created_at,
-            id: t.id,
-        }))
+        Ok(page::finish(rows, limit, |t: &Token| Cursor { created_at: t.created_at, id: t.id }))
     }
 
     /// Revokes a token of the tenant (idempotent: revoking twice keeps the first time).
     pub async fn revoke_token(&self, tenant: Uuid, id: Uuid) -> Result<Token, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant_id = $2",
-        )
-        .bind(id)
-        .bind(tenant)
-        .execute(&mut *tx)
-        .await?;
+        let updated =
+            sqlx::query("UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant_id = $2")
+                .bind(id)
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await?;
         if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound {
-                kind: "token",
-                key: id.to_string(),
-            });
+            return Err(StoreError::NotFound { kind: "token", key: id.to_string() });
         }
-        let token: Token = sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TOKEN} WHERE k.id = $1"
-        )))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?
-        .into();
-        record_event(
-            &mut tx,
-            Some(tenant),
-            "token",
-            id,
-            EventAction::Updated,
-            &token,
-        )
-        .await?;
+        let token: Token =
+            sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!("{SELECT_TOKEN} WHERE k.id = $1")))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .into();
+        record_event(&mut tx, Some(tenant), "token", id, EventAction::Updated, &token).await?;
         tx.commit().await?;
         Ok(token)
     }

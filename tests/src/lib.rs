@@ -28,13 +28,9 @@ async fn server() -> &'static Server {
             }
             let dir = std::env::temp_dir().join(format!("cloud-tests-pg-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
-            let pg = EmbeddedPg::start_ephemeral(Options {
-                data_dir: dir,
-                port: None,
-                bin_dir: None,
-            })
-            .await
-            .expect("starting an embedded PostgreSQL for the tests");
+            let pg = EmbeddedPg::start_ephemeral(Options { data_dir: dir, port: None, bin_dir: None })
+                .await
+                .expect("starting an embedded PostgreSQL for the tests");
             Server::Embedded(pg)
         })
         .await
@@ -42,9 +38,7 @@ async fn server() -> &'static Server {
 
 /// Replaces the database name of a PostgreSQL URL.
 fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
     let base = match base[scheme_end..].find('/') {
         Some(i) => &base[..scheme_end + i],
@@ -63,13 +57,8 @@ pub async fn fresh_database() -> String {
         Server::Embedded(pg) => pg.url("postgres"),
     };
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let pool = cloud_store::connect(&admin, 1)
-        .await
-        .expect("connecting to the test server");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&pool)
-        .await
-        .expect("CREATE DATABASE");
+    let pool = cloud_store::connect(&admin, 1).await.expect("connecting to the test server");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.expect("CREATE DATABASE");
     pool.close().await;
     with_database(&admin, &name)
 }
@@ -82,9 +71,7 @@ pub async fn fresh_store() -> Store {
 /// A migrated store on a fresh database, with the given settings.
 pub async fn fresh_store_with(settings: Settings) -> Store {
     let url = fresh_database().await;
-    let pool = cloud_store::connect(&url, 10)
-        .await
-        .expect("connecting to the test database");
+    let pool = cloud_store::connect(&url, 10).await.expect("connecting to the test database");
     let store = Store::new(pool, settings);
     store.migrate().await.expect("migrations");
     store
@@ -111,24 +98,20 @@ impl TestApi {
 
     /// Starts the API with the given limits.
     pub async fn start_with(config: ApiConfig) -> Self {
-        let store = fresh_store().await;
-        let state = AppState::new(store.clone(), config)
-            .await
-            .expect("API state");
+        Self::start_with_settings(Settings::default(), config).await
+    }
+
+    /// Starts the API with the given platform settings and limits.
+    pub async fn start_with_settings(settings: Settings, config: ApiConfig) -> Self {
+        let store = fresh_store_with(settings).await;
+        let state = AppState::new(store.clone(), config).await.expect("API state");
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
         let base = format!("http://{}", listener.local_addr().expect("local addr"));
         let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
         let handle = server.handle();
         tokio::spawn(server);
-        let (tenant, created) =
-            tenant_with_token(&store, "acme", &[Scope::Read, Scope::Write, Scope::Admin]).await;
-        Self {
-            base,
-            store,
-            tenant,
-            token: created.jwt,
-            handle,
-        }
+        let (tenant, created) = tenant_with_token(&store, "acme", &[Scope::Read, Scope::Write, Scope::Admin]).await;
+        Self { base, store, tenant, token: created.jwt, handle }
     }
 
     /// A new tenant and a token with the given scopes.
@@ -151,28 +134,11 @@ impl Drop for TestApi {
 }
 
 /// Creates a tenant and issues it a token.
-pub async fn tenant_with_token(
-    store: &Store,
-    name: &str,
-    scopes: &[Scope],
-) -> (Tenant, CreatedToken) {
-    let tenant = store
-        .create_tenant(name, QuotasPatch::default())
-        .await
-        .expect("tenant");
-    let signer = cloud_api::TokenSigner::from_store(store)
-        .await
-        .expect("signer");
-    let created = issue_token(
-        store,
-        &signer,
-        tenant.id,
-        scopes,
-        chrono::Duration::days(1),
-        "test",
-    )
-    .await
-    .expect("token");
+pub async fn tenant_with_token(store: &Store, name: &str, scopes: &[Scope]) -> (Tenant, CreatedToken) {
+    let tenant = store.create_tenant(name, QuotasPatch::default()).await.expect("tenant");
+    let signer = cloud_api::TokenSigner::from_store(store).await.expect("signer");
+    let created =
+        issue_token(store, &signer, tenant.id, scopes, chrono::Duration::days(1), "test").await.expect("token");
     (tenant, created)
 }
 
@@ -182,17 +148,8 @@ mod tests {
 
     #[test]
     fn database_names_are_replaced_in_urls() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5/postgres", "x"),
-            "postgres://u:p@h:5/x"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@h:5", "x"),
-            "postgres://u:p@h:5/x"
-        );
-        assert_eq!(
-            with_database("postgres://h/db?sslmode=disable", "x"),
-            "postgres://h/x?sslmode=disable"
-        );
+        assert_eq!(with_database("postgres://u:p@h:5/postgres", "x"), "postgres://u:p@h:5/x");
+        assert_eq!(with_database("postgres://u:p@h:5", "x"), "postgres://u:p@h:5/x");
+        assert_eq!(with_database("postgres://h/db?sslmode=disable", "x"), "postgres://h/x?sslmode=disable");
     }
 }

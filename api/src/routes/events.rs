@@ -41,25 +41,14 @@ pub(crate) async fn stream_events(
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Read)?;
     let last_event_id = match req.headers().get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidRequest,
-                        "Last-Event-ID must be an event version (an integer)",
-                    )
-                })?,
-        ),
+        Some(v) => Some(v.to_str().ok().and_then(|s| s.parse::<i64>().ok()).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidRequest, "Last-Event-ID must be an event version (an integer)")
+        })?),
         None => None,
     };
     let since = match last_event_id.or(query.since) {
         Some(v) if v < 0 => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidQuery,
-                "since must be a version, 0 or more",
-            ));
+            return Err(ApiError::new(ErrorCode::InvalidQuery, "since must be a version, 0 or more"));
         }
         Some(v) => v,
         None => state.store.current_version().await?,
@@ -71,13 +60,7 @@ pub(crate) async fn stream_events(
     tokio::spawn(async move {
         let mut last = since;
         // Sent at once so clients know the stream is established (and from which version).
-        if tx
-            .send(Ok(web::Bytes::from(format!(
-                ": stream from version {last}\n\n"
-            ))))
-            .await
-            .is_err()
-        {
+        if tx.send(Ok(web::Bytes::from(format!(": stream from version {last}\n\n")))).await.is_err() {
             return;
         }
         loop {
@@ -93,9 +76,7 @@ pub(crate) async fn stream_events(
             for e in events {
                 last = e.version;
                 let data = serde_json::to_string(&e).unwrap_or_default();
-                let action = serde_json::to_value(e.action)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned));
+                let action = serde_json::to_value(e.action).ok().and_then(|v| v.as_str().map(str::to_owned));
                 let frame = format!(
                     "id: {}\nevent: {}.{}\ndata: {data}\n\n",
                     e.version,

@@ -39,47 +39,29 @@ pub(crate) async fn upload_image(
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     validate::name(NameKind::Image, &query.name)?;
-    let ct = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ct = ct.split(';').next().unwrap_or("").trim();
-    if !matches!(
-        ct,
-        "application/gzip" | "application/x-gzip" | "application/octet-stream"
-    ) {
+    if !matches!(ct, "application/gzip" | "application/x-gzip" | "application/octet-stream") {
         return Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
-            format!(
-                "an image upload is a tar.gz with 'Content-Type: application/gzip', not '{ct}'"
-            ),
+            format!("an image upload is a tar.gz with 'Content-Type: application/gzip', not '{ct}'"),
         ));
     }
     let limit = state.config.max_image_bytes;
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorCode::InvalidRequest, format!("reading the body: {e}"))
-        })?;
+        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the bundle exceeds {limit} bytes"),
-            ));
+            return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("the bundle exceeds {limit} bytes")));
         }
         body.extend_from_slice(&chunk);
     }
     // Unpacking checks run off the async workers: a large bundle takes a while to inflate.
     let bytes = web::Bytes::from(body);
     let checked = bytes.clone();
-    let (manifest, _) = web::block(move || cloud_store::parse_bundle(&checked))
-        .await
-        .map_err(|e| ApiError::internal(&e))??;
-    let image = state
-        .store
-        .put_image(auth.tenant, &query.name, &manifest, &bytes)
-        .await?;
+    let (manifest, _) =
+        web::block(move || cloud_store::parse_bundle(&checked)).await.map_err(|e| ApiError::internal(&e))??;
+    let image = state.store.put_image(auth.tenant, &query.name, &manifest, &bytes).await?;
     Ok(HttpResponse::Created().json(image))
 }
 

@@ -1,9 +1,7 @@
 //! Instances.
 
 use actix_web::{HttpResponse, delete, get, post, web};
-use cloud_domain::api::{
-    CreateInstance, CreatedInstances, ErrorCode, Instance, Page, Problem, Scope,
-};
+use cloud_domain::api::{CreateInstance, CreatedInstances, ErrorCode, Instance, LogLine, Page, Problem, Scope};
 use cloud_domain::names::NameKind;
 use cloud_store::NewInstances;
 
@@ -32,10 +30,7 @@ pub(crate) async fn create_instance(
         return Err(invalid("image must name an image".into()));
     }
     if !(1..=64).contains(&body.replicas) {
-        return Err(invalid(format!(
-            "replicas must be 1 to 64, got {}",
-            body.replicas
-        )));
+        return Err(invalid(format!("replicas must be 1 to 64, got {}", body.replicas)));
     }
     if let Some(name) = &body.name {
         validate::name(NameKind::Instance, name)?;
@@ -45,25 +40,16 @@ pub(crate) async fn create_instance(
     }
     let memory_mb = body.memory_mb.unwrap_or(128);
     if !(16..=65536).contains(&memory_mb) {
-        return Err(invalid(format!(
-            "memory_mb must be 16 to 65536, got {memory_mb}"
-        )));
+        return Err(invalid(format!("memory_mb must be 16 to 65536, got {memory_mb}")));
     }
     for key in body.env.keys() {
-        let valid = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(invalid(format!(
-                "env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*"
-            )));
+            return Err(invalid(format!("env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*")));
         }
         if PLATFORM_ENV.contains(&key.as_str()) {
-            return Err(invalid(format!(
-                "env name \"{key}\" is set by the platform and cannot be overridden"
-            )));
+            return Err(invalid(format!("env name \"{key}\" is set by the platform and cannot be overridden")));
         }
     }
     if body.service.is_some() && body.ports.is_some() {
@@ -71,11 +57,7 @@ pub(crate) async fn create_instance(
             "give either service (attach to an existing service) or ports (create an ephemeral one), not both".into(),
         ));
     }
-    let ports = body
-        .ports
-        .as_deref()
-        .map(|p| validate::ports(p, state.store.settings()))
-        .transpose()?;
+    let ports = body.ports.as_deref().map(|p| validate::ports(p, state.store.settings())).transpose()?;
     let new = NewInstances {
         image: body.image,
         name: body.name,
@@ -105,10 +87,7 @@ pub(crate) async fn list_instances(
 ) -> ApiResult<web::Json<Page<Instance>>> {
     auth.require(Scope::Read)?;
     let (cursor, limit) = query.parse()?;
-    let (items, next) = state
-        .store
-        .list_instances(auth.tenant, cursor, limit)
-        .await?;
+    let (items, next) = state.store.list_instances(auth.tenant, cursor, limit).await?;
     Ok(web::Json(super::page(items, next)))
 }
 
@@ -161,9 +140,7 @@ pub(crate) async fn start_instance(
     path: web::Path<String>,
 ) -> ApiResult<web::Json<Instance>> {
     auth.require(Scope::Write)?;
-    Ok(web::Json(
-        state.store.start_instance(auth.tenant, &path).await?,
-    ))
+    Ok(web::Json(state.store.start_instance(auth.tenant, &path).await?))
 }
 
 /// Stop an instance.
@@ -180,7 +157,72 @@ pub(crate) async fn stop_instance(
     path: web::Path<String>,
 ) -> ApiResult<web::Json<Instance>> {
     auth.require(Scope::Write)?;
-    Ok(web::Json(
-        state.store.stop_instance(auth.tenant, &path).await?,
-    ))
+    Ok(web::Json(state.store.stop_instance(auth.tenant, &path).await?))
+}
+
+/// Which log lines to return.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LogsQuery {
+    /// Only lines after this `seq`; without it, the last `limit` lines.
+    after: Option<i64>,
+    /// At most this many lines, 1 to 2000 (default 100).
+    limit: Option<i64>,
+    /// Keep the response open and stream new lines as Server-Sent Events (`data` is a `LogLine`).
+    #[serde(default)]
+    follow: bool,
+}
+
+/// An instance's output (stdout, stderr, and the platform's `system` notes), oldest first.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id"), LogsQuery),
+    responses(
+        (status = 200, description = "Log lines (or a text/event-stream of them with follow=true)", body = Vec<LogLine>),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/instances/{instance}/logs")]
+pub(crate) async fn instance_logs(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+    query: web::Query<LogsQuery>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Read)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=2000).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, format!("limit must be 1 to 2000, got {limit}")));
+    }
+    let (_, lines) = state.store.logs(auth.tenant, &path, query.after, limit).await?;
+    if !query.follow {
+        return Ok(HttpResponse::Ok().json(lines));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
+    let (store, tenant, key) = (state.store.clone(), auth.tenant, path.into_inner());
+    tokio::spawn(async move {
+        let mut last = query.after.unwrap_or(0);
+        let mut batch = lines;
+        loop {
+            for l in batch.drain(..) {
+                last = l.seq;
+                let frame = format!("id: {}\ndata: {}\n\n", l.seq, serde_json::to_string(&l).unwrap_or_default());
+                if tx.send(Ok(web::Bytes::from(frame))).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {}
+                _ = tx.closed() => return,
+            }
+            batch = match store.logs(tenant, &key, Some(last), 500).await {
+                Ok((_, b)) => b,
+                // Deleted: the stream ends.
+                Err(_) => return,
+            };
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-cache"))
+        .streaming(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }

@@ -13,46 +13,38 @@ use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Registers every route (with its OpenAPI path item).
 pub(crate) fn configure(cfg: &mut ServiceConfig) {
-    cfg.service(system::healthz)
-        .service(system::readyz)
-        .service(system::metrics)
-        .service(
-            scope("/v1")
-                .service(system::whoami)
-                .service(tenants::create_tenant)
-                .service(tenants::list_tenants)
-                .service(tenants::get_tenant)
-                .service(tenants::update_tenant)
-                .service(tenants::delete_tenant)
-                .service(tokens::create_token)
-                .service(tokens::list_tokens)
-                .service(tokens::revoke_token)
-                .service(services::create_service)
-                .service(services::list_services)
-                .service(services::get_service)
-                .service(services::update_service)
-                .service(services::delete_service)
-                .service(instances::create_instance)
-                .service(instances::list_instances)
-                .service(instances::get_instance)
-                .service(instances::delete_instance)
-                .service(instances::start_instance)
-                .service(instances::stop_instance)
-                .service(images::upload_image)
-                .service(images::list_images)
-                .service(images::get_image)
-                .service(images::delete_image)
-                .service(events::stream_events),
-        );
+    cfg.service(system::healthz).service(system::readyz).service(system::metrics).service(
+        scope("/v1")
+            .service(system::whoami)
+            .service(tenants::create_tenant)
+            .service(tenants::list_tenants)
+            .service(tenants::get_tenant)
+            .service(tenants::update_tenant)
+            .service(tenants::delete_tenant)
+            .service(tokens::create_token)
+            .service(tokens::list_tokens)
+            .service(tokens::revoke_token)
+            .service(services::create_service)
+            .service(services::list_services)
+            .service(services::get_service)
+            .service(services::update_service)
+            .service(services::delete_service)
+            .service(instances::create_instance)
+            .service(instances::list_instances)
+            .service(instances::get_instance)
+            .service(instances::delete_instance)
+            .service(instances::start_instance)
+            .service(instances::stop_instance)
+            .service(instances::instance_logs)
+            .service(images::upload_image)
+            .service(images::list_images)
+            .service(images::get_image)
+            .service(images::delete_image)
+            .service(events::stream_events),
+    );
 }
 
 /// Wraps a page of items with its cursor for the response.
-pub(crate) fn page<T>(
-    items: Vec<T>,
-    next: Option<cloud_store::Cursor>,
-) -> cloud_domain::api::Page<T> {
-    cloud_domain::api::Page {
-        items,
-        next_cursor: next.map(|c| c.encode()),
-    }
+pub(crate) fn page<T>(items: Vec<T>, next: Option<cloud_store::Cursor>) -> cloud_domain::api::Page<T> {
+    cloud_domain::api::Page { items, next_cursor: next.map(|c| c.encode()) }
 }

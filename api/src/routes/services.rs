@@ -56,10 +56,7 @@ pub(crate) async fn list_services(
 ) -> ApiResult<web::Json<Page<Service>>> {
     auth.require(Scope::Read)?;
     let (cursor, limit) = query.parse()?;
-    let (items, next) = state
-        .store
-        .list_services(auth.tenant, cursor, limit)
-        .await?;
+    let (items, next) = state.store.list_services(auth.tenant, cursor, limit).await?;
     Ok(web::Json(super::page(items, next)))
 }
 
@@ -97,29 +94,11 @@ pub(crate) async fn update_service(
     auth.require(Scope::Write)?;
     let body = body.into_inner();
     let settings = state.store.settings();
-    let ports = body
-        .ports
-        .as_deref()
-        .map(|p| validate::ports(p, settings))
-        .transpose()?;
+    let ports = body.ports.as_deref().map(|p| validate::ports(p, settings)).transpose()?;
     validate::limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
-    let domains = body
-        .domains
-        .as_deref()
-        .map(|d| validate::domains(d, settings))
-        .transpose()?;
-    let change = ServiceChange {
-        ports,
-        soft_limit: body.soft_limit,
-        hard_limit: body.hard_limit,
-        domains,
-    };
-    Ok(web::Json(
-        state
-            .store
-            .update_service(auth.tenant, &path, change)
-            .await?,
-    ))
+    let domains = body.domains.as_deref().map(|d| validate::domains(d, settings)).transpose()?;
+    let change = ServiceChange { ports, soft_limit: body.soft_limit, hard_limit: body.hard_limit, domains };
+    Ok(web::Json(state.store.update_service(auth.tenant, &path, change).await?))
 }
 
 /// Options of a service deletion.
@@ -147,9 +126,6 @@ pub(crate) async fn delete_service(
     query: web::Query<DeleteQuery>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
-    state
-        .store
-        .delete_service(auth.tenant, &path, query.force)
-        .await?;
+    state.store.delete_service(auth.tenant, &path, query.force).await?;
     Ok(HttpResponse::NoContent().finish())
 }

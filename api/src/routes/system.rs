@@ -23,14 +23,9 @@ pub(crate) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse
     let up = state.store.ping().await;
     state.metrics.database_up.set(up as i64);
     if up {
-        Ok(HttpResponse::Ok()
-            .content_type("text/plain")
-            .body("ready\n"))
+        Ok(HttpResponse::Ok().content_type("text/plain").body("ready\n"))
     } else {
-        Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "the database is unreachable",
-        ))
+        Err(ApiError::new(ErrorCode::Unavailable, "the database is unreachable"))
     }
 }
 
@@ -38,9 +33,7 @@ pub(crate) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse
 #[utoipa::path(tag = "system", responses((status = 200, description = "Metrics", body = String)))]
 #[get("/metrics")]
 pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
 /// The caller's tenant and token.
@@ -51,10 +44,5 @@ pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 #[get("/whoami")]
 pub(crate) async fn whoami(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<WhoAmI>> {
     let tenant = state.store.tenant(&auth.tenant.to_string()).await?;
-    Ok(web::Json(WhoAmI {
-        tenant,
-        token_id: auth.token_id,
-        scopes: auth.scopes,
-        expires_at: auth.expires_at,
-    }))
+    Ok(web::Json(WhoAmI { tenant, token_id: auth.token_id, scopes: auth.scopes, expires_at: auth.expires_at }))
 }

@@ -59,11 +59,7 @@ pub(crate) async fn get_tenant(
     let tenant = state.store.tenant(&path).await?;
     if !auth.is_admin() && tenant.id != auth.tenant {
         // Another tenant's existence is not revealed.
-        return Err(cloud_store::StoreError::NotFound {
-            kind: "tenant",
-            key: path.into_inner(),
-        }
-        .into());
+        return Err(cloud_store::StoreError::NotFound { kind: "tenant", key: path.into_inner() }.into());
     }
     Ok(web::Json(tenant))
 }
@@ -83,9 +79,7 @@ pub(crate) async fn update_tenant(
     body: web::Json<UpdateTenant>,
 ) -> ApiResult<web::Json<Tenant>> {
     auth.require(Scope::Admin)?;
-    Ok(web::Json(
-        state.store.update_tenant(&path, body.quotas).await?,
-    ))
+    Ok(web::Json(state.store.update_tenant(&path, body.quotas).await?))
 }
 
 /// Delete a tenant that owns no services, instances or images.

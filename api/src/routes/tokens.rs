@@ -31,36 +31,21 @@ pub(crate) async fn create_token(
         Some(key) => {
             let t = state.store.tenant(key).await?;
             if t.id != auth.tenant && !auth.is_admin() {
-                return Err(cloud_store::StoreError::NotFound {
-                    kind: "tenant",
-                    key: key.clone(),
-                }
-                .into());
+                return Err(cloud_store::StoreError::NotFound { kind: "tenant", key: key.clone() }.into());
             }
             t.id
         }
     };
-    let mut scopes = body
-        .scopes
-        .unwrap_or_else(|| vec![Scope::Read, Scope::Write]);
+    let mut scopes = body.scopes.unwrap_or_else(|| vec![Scope::Read, Scope::Write]);
     scopes.sort();
     scopes.dedup();
     if scopes.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "scopes must name at least one of read, write, admin",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "scopes must name at least one of read, write, admin"));
     }
-    if let Some(s) = scopes
-        .iter()
-        .find(|s| !auth.is_admin() && !auth.scopes.contains(s))
-    {
+    if let Some(s) = scopes.iter().find(|s| !auth.is_admin() && !auth.scopes.contains(s)) {
         return Err(ApiError::new(
             ErrorCode::InsufficientScope,
-            format!(
-                "cannot grant the '{}' scope: the calling token does not hold it",
-                s.as_str()
-            ),
+            format!("cannot grant the '{}' scope: the calling token does not hold it", s.as_str()),
         ));
     }
     let lifetime = body.expires_in_seconds.unwrap_or(DEFAULT_LIFETIME);
@@ -71,10 +56,7 @@ pub(crate) async fn create_token(
         ));
     }
     if body.description.len() > 256 {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "description must be at most 256 bytes",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "description must be at most 256 bytes"));
     }
     let created = issue_token(
         &state.store,
@@ -119,11 +101,7 @@ pub(crate) async fn revoke_token(
     path: web::Path<String>,
 ) -> ApiResult<web::Json<Token>> {
     auth.require(Scope::Write)?;
-    let id = Uuid::parse_str(&path).map_err(|_| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("token \"{path}\" not found (token ids are UUIDs)"),
-        )
-    })?;
+    let id = Uuid::parse_str(&path)
+        .map_err(|_| ApiError::new(ErrorCode::NotFound, format!("token \"{path}\" not found (token ids are UUIDs)")))?;
     Ok(web::Json(state.store.revoke_token(auth.tenant, id).await?))
 }

@@ -16,11 +16,7 @@ async fn read_events(res: reqwest::Response, n: usize) -> Vec<(String, String, V
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while out.len() < n {
-        let chunk = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .expect("events in time")
-            .unwrap()
-            .unwrap();
+        let chunk = tokio::time::timeout_at(deadline, stream.next()).await.expect("events in time").unwrap().unwrap();
         buf.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = buf.find("\n\n") {
             let frame: String = buf.drain(..end + 2).collect();
@@ -43,12 +39,8 @@ async fn read_events(res: reqwest::Response, n: usize) -> Vec<(String, String, V
 }
 
 async fn open(api: &TestApi, token: &str, query: &str) -> reqwest::Response {
-    let res = reqwest::Client::new()
-        .get(api.url(&format!("/v1/events{query}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let res =
+        reqwest::Client::new().get(api.url(&format!("/v1/events{query}"))).bearer_auth(token).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     res
@@ -90,10 +82,6 @@ async fn a_tenant_streams_its_own_changes_and_can_resume() {
         .unwrap();
     assert_eq!(read_events(res, 1).await[0].0, second.to_string());
 
-    get(&api, "/v1/events?since=-1", &api.token)
-        .await
-        .problem(400, "invalid_query", "since");
-    get(&api, "/v1/events?since=abc", &api.token)
-        .await
-        .problem(400, "invalid_query", "");
+    get(&api, "/v1/events?since=-1", &api.token).await.problem(400, "invalid_query", "since");
+    get(&api, "/v1/events?since=abc", &api.token).await.problem(400, "invalid_query", "");
 }

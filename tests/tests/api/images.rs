@@ -9,14 +9,8 @@ use crate::{Res, delete, get, post};
 
 /// A tar.gz bundle with a manifest and one file.
 pub fn bundle(manifest: &str) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
-    for (path, data) in [
-        ("manifest.json", manifest.as_bytes()),
-        ("run", b"#!/bin/sh\necho hi\n".as_slice()),
-    ] {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, data) in [("manifest.json", manifest.as_bytes()), ("run", b"#!/bin/sh\necho hi\n".as_slice())] {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o755);
@@ -58,56 +52,29 @@ async fn hello_is_built_in_and_uploads_are_content_addressed() {
     let digest = img.body["digest"].as_str().unwrap().to_owned();
     assert!(digest.starts_with("sha256:") && digest.len() == 71);
 
-    let inst = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "app", "name": "app-1"}),
-    )
-    .await;
+    let inst = post(&api, "/v1/instances", t, json!({"image": "app", "name": "app-1"})).await;
     assert_eq!(inst.body["instances"][0]["image_digest"], digest.as_str());
-    delete(&api, "/v1/images/app", t)
-        .await
-        .problem(409, "image_in_use", "1 instance");
+    delete(&api, "/v1/images/app", t).await.problem(409, "image_in_use", "1 instance");
 
     // A new push of the name points it at the new bundle; the instance keeps the one it was created with.
-    let v2 = upload(
-        &api,
-        t,
-        "app",
-        &bundle(r#"{"command": ["./run"], "port": 9001}"#),
-    )
-    .await;
+    let v2 = upload(&api, t, "app", &bundle(r#"{"command": ["./run"], "port": 9001}"#)).await;
     assert_eq!(v2.status, 201);
     assert_ne!(v2.body["digest"], digest.as_str());
-    assert_eq!(
-        get(&api, "/v1/instances/app-1", t).await.body["image_digest"],
-        digest.as_str()
-    );
+    assert_eq!(get(&api, "/v1/instances/app-1", t).await.body["image_digest"], digest.as_str());
 
     delete(&api, "/v1/instances/app-1", t).await;
     assert_eq!(delete(&api, "/v1/images/app", t).await.status, 204);
-    delete(&api, "/v1/images/hello", t)
-        .await
-        .problem(400, "invalid_request", "built in");
+    delete(&api, "/v1/images/hello", t).await.problem(400, "invalid_request", "built in");
 }
 
 #[tokio::test]
 async fn bad_bundles_are_refused_with_reasons() {
     let api = TestApi::start().await;
     let t = &api.token;
-    upload(&api, t, "x", b"definitely not gzip")
-        .await
-        .problem(400, "invalid_image", "tar.gz");
-    upload(&api, t, "x", &bundle("{"))
-        .await
-        .problem(400, "invalid_image", "manifest.json");
-    upload(&api, t, "x", &bundle(r#"{"command": [], "port": 1}"#))
-        .await
-        .problem(400, "invalid_image", "command");
-    upload(&api, t, "Bad", &bundle(r#"{"command": ["a"], "port": 1}"#))
-        .await
-        .problem(400, "invalid_name", "Bad");
+    upload(&api, t, "x", b"definitely not gzip").await.problem(400, "invalid_image", "tar.gz");
+    upload(&api, t, "x", &bundle("{")).await.problem(400, "invalid_image", "manifest.json");
+    upload(&api, t, "x", &bundle(r#"{"command": [], "port": 1}"#)).await.problem(400, "invalid_image", "command");
+    upload(&api, t, "Bad", &bundle(r#"{"command": ["a"], "port": 1}"#)).await.problem(400, "invalid_name", "Bad");
     let res = reqwest::Client::new()
         .post(api.url("/v1/images?name=x"))
         .bearer_auth(t)
@@ -116,26 +83,14 @@ async fn bad_bundles_are_refused_with_reasons() {
         .send()
         .await
         .unwrap();
-    crate::into_res(res)
-        .await
-        .problem(415, "unsupported_media_type", "application/gzip");
+    crate::into_res(res).await.problem(415, "unsupported_media_type", "application/gzip");
     let list = get(&api, "/v1/images", t).await;
-    assert_eq!(
-        list.body["items"].as_array().unwrap().len(),
-        1,
-        "only hello"
-    );
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "only hello");
 }
 
 #[tokio::test]
 async fn oversize_uploads_are_refused() {
-    let api = TestApi::start_with(cloud_api::ApiConfig {
-        max_image_bytes: 1024,
-        ..Default::default()
-    })
-    .await;
+    let api = TestApi::start_with(cloud_api::ApiConfig { max_image_bytes: 1024, ..Default::default() }).await;
     let big = vec![0u8; 4096];
-    upload(&api, &api.token, "big", &big)
-        .await
-        .problem(413, "payload_too_large", "1024");
+    upload(&api, &api.token, "big", &big).await.problem(413, "payload_too_large", "1024");
 }

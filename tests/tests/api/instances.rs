@@ -11,13 +11,7 @@ use crate::{create_service, delete, get, patch, post};
 #[tokio::test]
 async fn instances_get_private_ips_from_the_tenant_network_and_private_fqdns() {
     let api = TestApi::start().await;
-    let res = post(
-        &api,
-        "/v1/instances",
-        &api.token,
-        json!({"image": "hello", "replicas": 3}),
-    )
-    .await;
+    let res = post(&api, "/v1/instances", &api.token, json!({"image": "hello", "replicas": 3})).await;
     assert_eq!(res.status, 201, "{}", res.body);
     let net: ipnet_lite::Net = api.tenant.network.parse().unwrap();
     let mut ips = HashSet::new();
@@ -28,10 +22,7 @@ async fn instances_get_private_ips_from_the_tenant_network_and_private_fqdns() {
         assert_eq!(suffix.len(), 5);
         assert_eq!(i["private_fqdn"], format!("{name}.internal"));
         assert_eq!(i["tenant_private_fqdn"], format!("{name}.acme.internal"));
-        assert_eq!(
-            (i["state"].as_str(), i["desired_state"].as_str()),
-            (Some("pending"), Some("running"))
-        );
+        assert_eq!((i["state"].as_str(), i["desired_state"].as_str()), (Some("pending"), Some("running")));
         let ip: Ipv4Addr = i["private_ip"].as_str().unwrap().parse().unwrap();
         assert!(net.contains(ip), "{ip} in {}", api.tenant.network);
         assert_ne!(ip, net.gateway(), "the gateway is the bridge's");
@@ -40,29 +31,11 @@ async fn instances_get_private_ips_from_the_tenant_network_and_private_fqdns() {
     assert_eq!(ips.len(), 3, "unique private IPs");
 
     // A second tenant's network is disjoint.
-    let (other, token) = api
-        .tenant(
-            "globex",
-            &[
-                cloud_domain::api::Scope::Read,
-                cloud_domain::api::Scope::Write,
-            ],
-        )
-        .await;
+    let (other, token) = api.tenant("globex", &[cloud_domain::api::Scope::Read, cloud_domain::api::Scope::Write]).await;
     let o: ipnet_lite::Net = other.network.parse().unwrap();
     assert!(!o.contains(net.addr) && !net.contains(o.addr));
-    let res = post(
-        &api,
-        "/v1/instances",
-        &token,
-        json!({"image": "hello", "name": "web"}),
-    )
-    .await;
-    let ip: Ipv4Addr = res.body["instances"][0]["private_ip"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let res = post(&api, "/v1/instances", &token, json!({"image": "hello", "name": "web"})).await;
+    let ip: Ipv4Addr = res.body["instances"][0]["private_ip"].as_str().unwrap().parse().unwrap();
     assert!(o.contains(ip));
 }
 
@@ -70,71 +43,29 @@ async fn instances_get_private_ips_from_the_tenant_network_and_private_fqdns() {
 async fn an_ephemeral_service_is_deleted_with_its_last_instance() {
     let api = TestApi::start().await;
     let t = &api.token;
-    let res = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "ports": ["443:8080"]}),
-    )
-    .await;
+    let res = post(&api, "/v1/instances", t, json!({"image": "hello", "ports": ["443:8080"]})).await;
     assert_eq!(res.status, 201, "{}", res.body);
     let service = &res.body["service"];
     assert_eq!(service["persistent"], false);
-    let first = res.body["instances"][0]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = res.body["instances"][0]["name"].as_str().unwrap().to_owned();
     assert_eq!(service["name"], first, "named after its instance");
     assert_eq!(res.body["instances"][0]["service"]["fqdn"], service["fqdn"]);
 
     // A second instance joins it; deleting one keeps the service, deleting the last removes it.
     let svc = service["name"].as_str().unwrap().to_owned();
-    let second = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "service": svc}),
-    )
-    .await;
-    let second = second.body["instances"][0]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        delete(&api, &format!("/v1/instances/{first}"), t)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        get(&api, &format!("/v1/services/{svc}"), t).await.status,
-        200
-    );
-    assert_eq!(
-        delete(&api, &format!("/v1/instances/{second}"), t)
-            .await
-            .status,
-        204
-    );
-    get(&api, &format!("/v1/services/{svc}"), t)
-        .await
-        .problem(404, "not_found", &svc);
+    let second = post(&api, "/v1/instances", t, json!({"image": "hello", "service": svc})).await;
+    let second = second.body["instances"][0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(delete(&api, &format!("/v1/instances/{first}"), t).await.status, 204);
+    assert_eq!(get(&api, &format!("/v1/services/{svc}"), t).await.status, 200);
+    assert_eq!(delete(&api, &format!("/v1/instances/{second}"), t).await.status, 204);
+    get(&api, &format!("/v1/services/{svc}"), t).await.problem(404, "not_found", &svc);
 
     // A persistent service stays when its last instance goes.
     create_service(&api, t, json!({"name": "keep", "ports": ["443:8080"]})).await;
-    let only = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "service": "keep", "name": "only"}),
-    )
-    .await;
+    let only = post(&api, "/v1/instances", t, json!({"image": "hello", "service": "keep", "name": "only"})).await;
     assert_eq!(only.status, 201);
     assert_eq!(delete(&api, "/v1/instances/only", t).await.status, 204);
-    assert_eq!(
-        get(&api, "/v1/services/keep", t).await.body["instances"],
-        json!([])
-    );
+    assert_eq!(get(&api, "/v1/services/keep", t).await.body["instances"], json!([]));
 }
 
 #[tokio::test]
@@ -142,39 +73,20 @@ async fn concurrent_deletes_of_the_last_two_instances_remove_the_ephemeral_servi
     let api = TestApi::start().await;
     let t = &api.token;
     for round in 0..5 {
-        let res = post(
-            &api,
-            "/v1/instances",
-            t,
-            json!({"image": "hello", "ports": ["443:8080"], "replicas": 2}),
-        )
-        .await;
+        let res = post(&api, "/v1/instances", t, json!({"image": "hello", "ports": ["443:8080"], "replicas": 2})).await;
         assert_eq!(res.status, 201, "{}", res.body);
         let svc = res.body["service"]["name"].as_str().unwrap().to_owned();
-        let names: Vec<String> = res.body["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["name"].as_str().unwrap().into())
-            .collect();
+        let names: Vec<String> =
+            res.body["instances"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().into()).collect();
         let deletes = names.iter().map(|n| {
             let url = api.url(&format!("/v1/instances/{n}"));
             let token = t.clone();
-            tokio::spawn(async move {
-                reqwest::Client::new()
-                    .delete(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { reqwest::Client::new().delete(url).bearer_auth(token).send().await.unwrap() })
         });
         for d in deletes.collect::<Vec<_>>() {
             assert_eq!(d.await.unwrap().status(), 204);
         }
-        get(&api, &format!("/v1/services/{svc}"), t)
-            .await
-            .problem(404, "not_found", &svc);
+        get(&api, &format!("/v1/services/{svc}"), t).await.problem(404, "not_found", &svc);
         let _ = round;
     }
 }
@@ -183,48 +95,26 @@ async fn concurrent_deletes_of_the_last_two_instances_remove_the_ephemeral_servi
 async fn state_transitions_follow_the_rules() {
     let api = TestApi::start().await;
     let t = &api.token;
-    let res = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "name": "web"}),
-    )
-    .await;
+    let res = post(&api, "/v1/instances", t, json!({"image": "hello", "name": "web"})).await;
     assert_eq!(res.body["instances"][0]["state"], "pending");
     let start = post(&api, "/v1/instances/web/start", t, json!({})).await;
     start.problem(409, "invalid_state_transition", "");
     let stopped = post(&api, "/v1/instances/web/stop", t, json!({})).await;
     assert_eq!(stopped.status, 200, "{}", stopped.body);
     assert_eq!(
-        (
-            stopped.body["state"].as_str(),
-            stopped.body["desired_state"].as_str()
-        ),
+        (stopped.body["state"].as_str(), stopped.body["desired_state"].as_str()),
         (Some("stopped"), Some("stopped"))
     );
-    post(&api, "/v1/instances/web/stop", t, json!({}))
-        .await
-        .problem(409, "invalid_state_transition", "stopped");
+    post(&api, "/v1/instances/web/stop", t, json!({})).await.problem(409, "invalid_state_transition", "stopped");
     let started = post(&api, "/v1/instances/web/start", t, json!({})).await;
     assert_eq!(
-        (
-            started.body["state"].as_str(),
-            started.body["desired_state"].as_str()
-        ),
+        (started.body["state"].as_str(), started.body["desired_state"].as_str()),
         (Some("pending"), Some("running"))
     );
 
-    let idle = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "name": "idle", "start": false}),
-    )
-    .await;
+    let idle = post(&api, "/v1/instances", t, json!({"image": "hello", "name": "idle", "start": false})).await;
     assert_eq!(idle.body["instances"][0]["state"], "stopped");
-    post(&api, "/v1/instances/nope/start", t, json!({}))
-        .await
-        .problem(404, "not_found", "nope");
+    post(&api, "/v1/instances/nope/start", t, json!({})).await.problem(404, "not_found", "nope");
 }
 
 #[tokio::test]
@@ -234,126 +124,41 @@ async fn bad_instance_requests_are_refused_and_leave_nothing() {
     create_service(&api, t, json!({"name": "web", "ports": ["443:8080"]})).await;
     let cases = [
         (json!({"image": "nope"}), 404, "not_found", "nope"),
-        (
-            json!({"image": "hello", "service": "missing"}),
-            404,
-            "not_found",
-            "missing",
-        ),
-        (
-            json!({"image": "hello", "service": "web", "ports": ["443:8080"]}),
-            400,
-            "invalid_request",
-            "not both",
-        ),
-        (
-            json!({"image": "hello", "replicas": 0}),
-            400,
-            "invalid_request",
-            "replicas",
-        ),
-        (
-            json!({"image": "hello", "memory_mb": 1}),
-            400,
-            "invalid_request",
-            "memory_mb",
-        ),
-        (
-            json!({"image": "hello", "env": {"PORT": "1"}}),
-            400,
-            "invalid_request",
-            "PORT",
-        ),
-        (
-            json!({"image": "hello", "env": {"1X": "1"}}),
-            400,
-            "invalid_request",
-            "1X",
-        ),
-        (
-            json!({"image": "hello", "name": "Web"}),
-            400,
-            "invalid_name",
-            "Web",
-        ),
-        (
-            json!({"image": "hello", "ports": ["80:80/tls"]}),
-            400,
-            "invalid_port_spec",
-            "80:80/tls",
-        ),
-        (
-            json!({"image": "hello", "restart_policy": "sometimes"}),
-            400,
-            "invalid_json",
-            "sometimes",
-        ),
+        (json!({"image": "hello", "service": "missing"}), 404, "not_found", "missing"),
+        (json!({"image": "hello", "service": "web", "ports": ["443:8080"]}), 400, "invalid_request", "not both"),
+        (json!({"image": "hello", "replicas": 0}), 400, "invalid_request", "replicas"),
+        (json!({"image": "hello", "memory_mb": 1}), 400, "invalid_request", "memory_mb"),
+        (json!({"image": "hello", "env": {"PORT": "1"}}), 400, "invalid_request", "PORT"),
+        (json!({"image": "hello", "env": {"1X": "1"}}), 400, "invalid_request", "1X"),
+        (json!({"image": "hello", "name": "Web"}), 400, "invalid_name", "Web"),
+        (json!({"image": "hello", "ports": ["80:80/tls"]}), 400, "invalid_port_spec", "80:80/tls"),
+        (json!({"image": "hello", "restart_policy": "sometimes"}), 400, "invalid_json", "sometimes"),
     ];
     for (body, status, code, needle) in cases {
-        post(&api, "/v1/instances", t, body)
-            .await
-            .problem(status, code, needle);
+        post(&api, "/v1/instances", t, body).await.problem(status, code, needle);
     }
-    post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "name": "one"}),
-    )
-    .await;
-    post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "name": "one"}),
-    )
-    .await
-    .problem(409, "already_exists", "one");
+    post(&api, "/v1/instances", t, json!({"image": "hello", "name": "one"})).await;
+    post(&api, "/v1/instances", t, json!({"image": "hello", "name": "one"})).await.problem(
+        409,
+        "already_exists",
+        "one",
+    );
 
     // Over quota with an ephemeral service: neither the instances nor the service are created.
-    patch(
-        &api,
-        "/v1/tenants/acme",
-        t,
-        json!({"quotas": {"max_instances": 2}}),
-    )
-    .await;
-    let res = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "ports": ["443:8080"], "replicas": 2}),
-    )
-    .await;
+    patch(&api, "/v1/tenants/acme", t, json!({"quotas": {"max_instances": 2}})).await;
+    let res = post(&api, "/v1/instances", t, json!({"image": "hello", "ports": ["443:8080"], "replicas": 2})).await;
     res.problem(403, "quota_exceeded", "max_instances");
     let services = get(&api, "/v1/services", t).await;
-    assert_eq!(
-        services.body["items"].as_array().unwrap().len(),
-        1,
-        "only 'web'"
-    );
+    assert_eq!(services.body["items"].as_array().unwrap().len(), 1, "only 'web'");
     let instances = get(&api, "/v1/instances", t).await;
-    assert_eq!(
-        instances.body["items"].as_array().unwrap().len(),
-        1,
-        "only 'one'"
-    );
+    assert_eq!(instances.body["items"].as_array().unwrap().len(), 1, "only 'one'");
 
-    patch(
-        &api,
-        "/v1/tenants/acme",
-        t,
-        json!({"quotas": {"max_instances": 10, "max_memory_mb": 300}}),
-    )
-    .await;
-    post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "memory_mb": 256}),
-    )
-    .await
-    .problem(403, "quota_exceeded", "max_memory_mb");
+    patch(&api, "/v1/tenants/acme", t, json!({"quotas": {"max_instances": 10, "max_memory_mb": 300}})).await;
+    post(&api, "/v1/instances", t, json!({"image": "hello", "memory_mb": 256})).await.problem(
+        403,
+        "quota_exceeded",
+        "max_memory_mb",
+    );
 }
 
 /// A tiny IPv4 network type, so the tests check addresses independently of the code under test.
@@ -370,20 +175,13 @@ mod ipnet_lite {
         type Err = String;
         fn from_str(s: &str) -> Result<Self, String> {
             let (a, p) = s.split_once('/').ok_or("no prefix")?;
-            Ok(Net {
-                addr: a.parse().map_err(|_| "addr")?,
-                prefix: p.parse().map_err(|_| "prefix")?,
-            })
+            Ok(Net { addr: a.parse().map_err(|_| "addr")?, prefix: p.parse().map_err(|_| "prefix")? })
         }
     }
 
     impl Net {
         fn mask(&self) -> u32 {
-            if self.prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - self.prefix)
-            }
+            if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) }
         }
         pub fn contains(&self, ip: Ipv4Addr) -> bool {
             u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()

@@ -25,11 +25,7 @@ impl Res {
     /// The problem document's code; panics with the body when this is not a problem document.
     #[track_caller]
     pub fn code(&self) -> &str {
-        assert_eq!(
-            self.content_type, "application/problem+json",
-            "not a problem: {} {}",
-            self.status, self.body
-        );
+        assert_eq!(self.content_type, "application/problem+json", "not a problem: {} {}", self.status, self.body);
         self.body["code"].as_str().expect("problem has a code")
     }
 
@@ -39,21 +35,12 @@ impl Res {
         assert_eq!(self.status, status, "{}", self.body);
         assert_eq!(self.code(), code, "{}", self.body);
         let detail = self.body["detail"].as_str().unwrap_or_default();
-        assert!(
-            detail.contains(needle),
-            "detail {detail:?} should mention {needle:?}"
-        );
+        assert!(detail.contains(needle), "detail {detail:?} should mention {needle:?}");
     }
 }
 
 /// Sends a request with an optional bearer token and JSON body.
-pub async fn call(
-    api: &TestApi,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> Res {
+pub async fn call(api: &TestApi, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Res {
     let client = reqwest::Client::new();
     let mut req = client.request(method, api.url(path));
     if let Some(t) = token {
@@ -68,21 +55,11 @@ pub async fn call(
 
 pub async fn into_res(res: reqwest::Response) -> Res {
     let status = res.status().as_u16();
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let bytes = res.bytes().await.expect("body");
-    let body = serde_json::from_slice(&bytes)
-        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
     assert!(status < 500, "server error {status}: {body}");
-    Res {
-        status,
-        body,
-        content_type,
-    }
+    Res { status, body, content_type }
 }
 
 pub async fn get(api: &TestApi, path: &str, token: &str) -> Res {

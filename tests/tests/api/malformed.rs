@@ -5,13 +5,7 @@ use reqwest::Method;
 
 use crate::{call, get, into_res};
 
-async fn raw(
-    api: &TestApi,
-    method: Method,
-    path: &str,
-    content_type: &str,
-    body: &'static str,
-) -> crate::Res {
+async fn raw(api: &TestApi, method: Method, path: &str, content_type: &str, body: &'static str) -> crate::Res {
     let res = reqwest::Client::new()
         .request(method, api.url(path))
         .bearer_auth(&api.token)
@@ -28,96 +22,16 @@ async fn malformed_bodies_queries_and_paths() {
     let api = TestApi::start().await;
     let json = "application/json";
     let cases: Vec<(Method, &str, &str, &'static str, u16, &str, &str)> = vec![
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            "{",
-            400,
-            "invalid_json",
-            "EOF",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            "42",
-            400,
-            "invalid_json",
-            "invalid type",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            r#"{"name": 5}"#,
-            400,
-            "invalid_json",
-            "invalid type",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            r#"{"nmae": "x"}"#,
-            400,
-            "invalid_json",
-            "nmae",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            r#"{"ports": [443]}"#,
-            400,
-            "invalid_json",
-            "spec string",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            json,
-            r#"{"soft_limit": -1}"#,
-            400,
-            "invalid_json",
-            "-1",
-        ),
-        (
-            Method::POST,
-            "/v1/services",
-            "text/plain",
-            "{}",
-            415,
-            "unsupported_media_type",
-            "application/json",
-        ),
-        (
-            Method::POST,
-            "/v1/instances",
-            json,
-            r#"{"replicas": 2}"#,
-            400,
-            "invalid_json",
-            "image",
-        ),
-        (
-            Method::PATCH,
-            "/v1/services/x",
-            json,
-            r#"{"ports": "443"}"#,
-            400,
-            "invalid_json",
-            "invalid type",
-        ),
-        (
-            Method::POST,
-            "/v1/tokens",
-            json,
-            r#"{"scopes": ["root"]}"#,
-            400,
-            "invalid_json",
-            "root",
-        ),
+        (Method::POST, "/v1/services", json, "{", 400, "invalid_json", "EOF"),
+        (Method::POST, "/v1/services", json, "42", 400, "invalid_json", "invalid type"),
+        (Method::POST, "/v1/services", json, r#"{"name": 5}"#, 400, "invalid_json", "invalid type"),
+        (Method::POST, "/v1/services", json, r#"{"nmae": "x"}"#, 400, "invalid_json", "nmae"),
+        (Method::POST, "/v1/services", json, r#"{"ports": [443]}"#, 400, "invalid_json", "spec string"),
+        (Method::POST, "/v1/services", json, r#"{"soft_limit": -1}"#, 400, "invalid_json", "-1"),
+        (Method::POST, "/v1/services", "text/plain", "{}", 415, "unsupported_media_type", "application/json"),
+        (Method::POST, "/v1/instances", json, r#"{"replicas": 2}"#, 400, "invalid_json", "image"),
+        (Method::PATCH, "/v1/services/x", json, r#"{"ports": "443"}"#, 400, "invalid_json", "invalid type"),
+        (Method::POST, "/v1/tokens", json, r#"{"scopes": ["root"]}"#, 400, "invalid_json", "root"),
     ];
     for (method, path, ct, body, status, code, needle) in cases {
         let res = raw(&api, method.clone(), path, ct, body).await;
@@ -133,35 +47,14 @@ async fn malformed_bodies_queries_and_paths() {
         .send()
         .await
         .unwrap();
-    into_res(res)
-        .await
-        .problem(413, "payload_too_large", "limit");
+    into_res(res).await.problem(413, "payload_too_large", "limit");
 
-    get(&api, "/v1/services?limit=0", &api.token)
-        .await
-        .problem(400, "invalid_query", "limit");
-    get(&api, "/v1/services?limit=abc", &api.token)
-        .await
-        .problem(400, "invalid_query", "limit");
-    get(&api, "/v1/services?cursor=garbage", &api.token)
-        .await
-        .problem(400, "invalid_cursor", "cursor");
-    get(&api, "/v1/services?colour=red", &api.token)
-        .await
-        .problem(400, "invalid_query", "colour");
-    get(&api, "/v1/nothing-here", &api.token).await.problem(
-        404,
-        "route_not_found",
-        "/v1/nothing-here",
-    );
-    let res = call(
-        &api,
-        Method::DELETE,
-        "/v1/tokens/not-a-uuid",
-        Some(&api.token),
-        None,
-    )
-    .await;
+    get(&api, "/v1/services?limit=0", &api.token).await.problem(400, "invalid_query", "limit");
+    get(&api, "/v1/services?limit=abc", &api.token).await.problem(400, "invalid_query", "limit");
+    get(&api, "/v1/services?cursor=garbage", &api.token).await.problem(400, "invalid_cursor", "cursor");
+    get(&api, "/v1/services?colour=red", &api.token).await.problem(400, "invalid_query", "colour");
+    get(&api, "/v1/nothing-here", &api.token).await.problem(404, "route_not_found", "/v1/nothing-here");
+    let res = call(&api, Method::DELETE, "/v1/tokens/not-a-uuid", Some(&api.token), None).await;
     res.problem(404, "not_found", "not-a-uuid");
     let res = raw(&api, Method::POST, "/v1/services", json, "{}").await;
     assert_eq!(res.status, 201);
@@ -173,9 +66,7 @@ async fn malformed_bodies_queries_and_paths() {
         .send()
         .await
         .unwrap();
-    into_res(res)
-        .await
-        .problem(400, "invalid_request", "Idempotency-Key");
+    into_res(res).await.problem(400, "invalid_request", "Idempotency-Key");
 }
 
 #[tokio::test]
@@ -196,9 +87,7 @@ async fn health_readiness_metrics_and_docs() {
     let (status, metrics) = text("/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        metrics.contains(
-            r#"cloud_api_requests_total{method="GET",route="/v1/services",status="200"} 1"#
-        ),
+        metrics.contains(r#"cloud_api_requests_total{method="GET",route="/v1/services",status="200"} 1"#),
         "{metrics}"
     );
     assert!(metrics.contains("cloud_api_database_up 1"), "{metrics}");

@@ -11,21 +11,13 @@ fn the_checked_in_spec_matches_the_code() {
         panic!(
             "openapi/openapi.json is out of date with the code: run `scripts/openapi` and commit the result\n\
              (first differing line: {:?})",
-            checked_in
-                .lines()
-                .zip(generated.lines())
-                .find(|(a, b)| a != b)
+            checked_in.lines().zip(generated.lines()).find(|(a, b)| a != b)
         );
     }
     let spec: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
     let codes = spec["components"]["schemas"]["ErrorCode"].to_string();
-    for code in [
-        "invalid_port_spec",
-        "not_found",
-        "quota_exceeded",
-        "idempotency_key_reused",
-    ] {
+    for code in ["invalid_port_spec", "not_found", "quota_exceeded", "idempotency_key_reused"] {
         assert!(codes.contains(code), "ErrorCode lists {code}");
     }
 }

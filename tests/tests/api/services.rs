@@ -14,26 +14,14 @@ fn is_fqdn_of(fqdn: &str, name: &str) -> bool {
     let Some(suffix) = rest.strip_suffix(".dev.cloud.localhost") else {
         return false;
     };
-    suffix.len() == 8
-        && suffix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[tokio::test]
 async fn create_expands_443_8080_and_generates_the_fqdn() {
     let api = TestApi::start().await;
-    let s = create_service(
-        &api,
-        &api.token,
-        json!({"name": "my-service", "ports": ["443:8080"]}),
-    )
-    .await;
-    assert!(
-        is_fqdn_of(s["fqdn"].as_str().unwrap(), "my-service"),
-        "{}",
-        s["fqdn"]
-    );
+    let s = create_service(&api, &api.token, json!({"name": "my-service", "ports": ["443:8080"]})).await;
+    assert!(is_fqdn_of(s["fqdn"].as_str().unwrap(), "my-service"), "{}", s["fqdn"]);
     assert_eq!(
         s["ports"],
         json!([
@@ -47,15 +35,7 @@ async fn create_expands_443_8080_and_generates_the_fqdn() {
     assert!(s["created_at"].is_string());
 
     // FQDNs are unique even for the same name in two tenants.
-    let (_, other) = api
-        .tenant(
-            "globex",
-            &[
-                cloud_domain::api::Scope::Read,
-                cloud_domain::api::Scope::Write,
-            ],
-        )
-        .await;
+    let (_, other) = api.tenant("globex", &[cloud_domain::api::Scope::Read, cloud_domain::api::Scope::Write]).await;
     let t = create_service(&api, &other, json!({"name": "my-service"})).await;
     assert_ne!(t["fqdn"], s["fqdn"]);
     assert!(is_fqdn_of(t["fqdn"].as_str().unwrap(), "my-service"));
@@ -67,10 +47,7 @@ async fn an_unnamed_service_gets_an_adjective_noun_name() {
     let s = create_service(&api, &api.token, json!({})).await;
     let name = s["name"].as_str().unwrap();
     let (adjective, noun) = name.split_once('-').expect("adjective-noun");
-    assert!(
-        !adjective.is_empty() && !noun.is_empty() && !noun.contains('-'),
-        "{name}"
-    );
+    assert!(!adjective.is_empty() && !noun.is_empty() && !noun.contains('-'), "{name}");
     assert!(is_fqdn_of(s["fqdn"].as_str().unwrap(), name));
 }
 
@@ -91,10 +68,7 @@ async fn port_specs_in_both_forms_and_their_rules() {
             json!(["30001:5432/tcp+proxy"]),
             json!([{"port": 30001, "destination_port": 5432, "handlers": ["tcp"], "proxy": true}]),
         ),
-        (
-            json!(["80:8080"]),
-            json!([{"port": 80, "destination_port": 8080, "handlers": ["http"], "proxy": false}]),
-        ),
+        (json!(["80:8080"]), json!([{"port": 80, "destination_port": 8080, "handlers": ["http"], "proxy": false}])),
     ];
     for (ports, want) in ok {
         let s = create_service(&api, t, json!({"ports": ports})).await;
@@ -105,31 +79,17 @@ async fn port_specs_in_both_forms_and_their_rules() {
     let allocated = s["ports"][0]["port"].as_u64().unwrap();
     assert!((30000..=32767).contains(&allocated), "{allocated}");
     assert_ne!(allocated, 30001);
-    let res = post(
-        &api,
-        "/v1/services",
-        t,
-        json!({"ports": [format!("{allocated}:6379/tcp")]}),
-    )
-    .await;
+    let res = post(&api, "/v1/services", t, json!({"ports": [format!("{allocated}:6379/tcp")]})).await;
     res.problem(409, "port_conflict", &allocated.to_string());
 
     let bad: [(Value, &str, &str); 8] = [
         (json!(["80:8080/tls"]), "invalid_port_spec", "80:8080/tls"),
         (json!(["443:8080/http"]), "invalid_port_spec", "443"),
         (json!(["8080/http"]), "invalid_port_spec", "8080/http"),
-        (
-            json!(["8443:80/http+redirect"]),
-            "invalid_port_spec",
-            "redirect",
-        ),
+        (json!(["8443:80/http+redirect"]), "invalid_port_spec", "redirect"),
         (json!(["70000:80"]), "invalid_port_spec", "70000"),
         (json!(["443:8080/bogus"]), "invalid_port_spec", "bogus"),
-        (
-            json!(["443:8080", "443:9090"]),
-            "invalid_port_spec",
-            "already mapped",
-        ),
+        (json!(["443:8080", "443:9090"]), "invalid_port_spec", "already mapped"),
         (json!([{"port": 443, "nope": 1}]), "invalid_json", "nope"),
     ];
     for (ports, code, needle) in bad {
@@ -153,21 +113,13 @@ async fn name_rules() {
         ("", "invalid_name", "empty"),
         ("internal", "reserved_name", "reserved"),
         ("localhost", "reserved_name", "reserved"),
-        (
-            "123e4567-e89b-12d3-a456-426614174000",
-            "invalid_name",
-            "UUID",
-        ),
+        ("123e4567-e89b-12d3-a456-426614174000", "invalid_name", "UUID"),
     ];
     for (name, code, needle) in cases {
-        post(&api, "/v1/services", &api.token, json!({"name": name}))
-            .await
-            .problem(400, code, needle);
+        post(&api, "/v1/services", &api.token, json!({"name": name})).await.problem(400, code, needle);
     }
     let long = "a".repeat(64);
-    post(&api, "/v1/services", &api.token, json!({"name": long}))
-        .await
-        .problem(400, "invalid_name", "63");
+    post(&api, "/v1/services", &api.token, json!({"name": long})).await.problem(400, "invalid_name", "63");
     let max = "a".repeat(63);
     let s = create_service(&api, &api.token, json!({"name": max})).await;
     let label = s["fqdn"].as_str().unwrap().split('.').next().unwrap().len();
@@ -180,18 +132,9 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     let t = &api.token;
     let mut created = Vec::new();
     for i in 0..7 {
-        created.push(
-            create_service(
-                &api,
-                t,
-                json!({"name": format!("svc-{i}"), "ports": ["443:8080"]}),
-            )
-            .await,
-        );
+        created.push(create_service(&api, t, json!({"name": format!("svc-{i}"), "ports": ["443:8080"]})).await);
     }
-    post(&api, "/v1/services", t, json!({"name": "svc-3"}))
-        .await
-        .problem(409, "already_exists", "svc-3");
+    post(&api, "/v1/services", t, json!({"name": "svc-3"})).await.problem(409, "already_exists", "svc-3");
 
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
@@ -217,12 +160,7 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     assert_eq!(seen, want, "creation order, each once");
 
     let by_name = get(&api, "/v1/services/svc-2", t).await;
-    let by_id = get(
-        &api,
-        &format!("/v1/services/{}", created[2]["id"].as_str().unwrap()),
-        t,
-    )
-    .await;
+    let by_id = get(&api, &format!("/v1/services/{}", created[2]["id"].as_str().unwrap()), t).await;
     assert_eq!(by_name.body, by_id.body);
     assert_eq!(by_name.body["fqdn"], created[2]["fqdn"]);
 
@@ -235,39 +173,16 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     .await;
     assert_eq!(updated.status, 200, "{}", updated.body);
     let s = &updated.body;
-    assert_eq!(
-        s["ports"],
-        json!([{"port": 8443, "destination_port": 9000, "handlers": ["tls"], "proxy": false}])
-    );
-    assert_eq!(
-        (s["soft_limit"].as_u64(), s["hard_limit"].as_u64()),
-        (Some(10), Some(20))
-    );
+    assert_eq!(s["ports"], json!([{"port": 8443, "destination_port": 9000, "handlers": ["tls"], "proxy": false}]));
+    assert_eq!((s["soft_limit"].as_u64(), s["hard_limit"].as_u64()), (Some(10), Some(20)));
     assert_eq!(s["fqdn"], created[2]["fqdn"], "the FQDN never changes");
     let domains = s["domains"].as_array().unwrap();
-    let shop = domains
-        .iter()
-        .find(|d| d["name"] == "shop.dev.cloud.localhost")
-        .expect("platform subdomain");
-    assert_eq!(
-        (shop["custom"].as_bool(), shop["verified"].as_bool()),
-        (Some(false), Some(true))
-    );
-    let www = domains
-        .iter()
-        .find(|d| d["name"] == "www.example.com")
-        .expect("custom domain");
+    let shop = domains.iter().find(|d| d["name"] == "shop.dev.cloud.localhost").expect("platform subdomain");
+    assert_eq!((shop["custom"].as_bool(), shop["verified"].as_bool()), (Some(false), Some(true)));
+    let www = domains.iter().find(|d| d["name"] == "www.example.com").expect("custom domain");
     assert_eq!(www["verified"], false);
-    assert_eq!(
-        www["verification"]["txt_name"],
-        "_cloud-challenge.www.example.com"
-    );
-    assert!(
-        www["verification"]["txt_value"]
-            .as_str()
-            .unwrap()
-            .starts_with("cloud-verify=")
-    );
+    assert_eq!(www["verification"]["txt_name"], "_cloud-challenge.www.example.com");
+    assert!(www["verification"]["txt_value"].as_str().unwrap().starts_with("cloud-verify="));
     assert_eq!(www["verification"]["cname_target"], created[2]["fqdn"]);
 
     // null clears a limit; absent fields stay.
@@ -275,22 +190,14 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     assert_eq!(cleared.body["soft_limit"], Value::Null);
     assert_eq!(cleared.body["hard_limit"], 20);
     assert_eq!(cleared.body["domains"].as_array().unwrap().len(), 2);
-    patch(&api, "/v1/services/svc-2", t, json!({"soft_limit": 30}))
-        .await
-        .problem(400, "invalid_request", "hard_limit");
+    patch(&api, "/v1/services/svc-2", t, json!({"soft_limit": 30})).await.problem(400, "invalid_request", "hard_limit");
 
     // A domain is attached to one service only.
-    patch(&api, "/v1/services/svc-3", t, json!({"domains": ["shop"]}))
-        .await
-        .problem(409, "domain_taken", "shop");
+    patch(&api, "/v1/services/svc-3", t, json!({"domains": ["shop"]})).await.problem(409, "domain_taken", "shop");
 
     assert_eq!(delete(&api, "/v1/services/svc-2", t).await.status, 204);
-    get(&api, "/v1/services/svc-2", t)
-        .await
-        .problem(404, "not_found", "svc-2");
-    delete(&api, "/v1/services/svc-2", t)
-        .await
-        .problem(404, "not_found", "svc-2");
+    get(&api, "/v1/services/svc-2", t).await.problem(404, "not_found", "svc-2");
+    delete(&api, "/v1/services/svc-2", t).await.problem(404, "not_found", "svc-2");
 }
 
 #[tokio::test]
@@ -319,23 +226,10 @@ async fn fifty_concurrent_creates_of_one_name_give_one_201() {
         }
         statuses.push(res.status);
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 409).count(),
-        49,
-        "{statuses:?}"
-    );
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 49, "{statuses:?}");
     let list = get(&api, "/v1/services", &api.token).await;
-    let names: HashSet<_> = list.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].clone())
-        .collect();
+    let names: HashSet<_> = list.body["items"].as_array().unwrap().iter().map(|s| s["name"].clone()).collect();
     assert_eq!(names.len(), 1);
 }
 
@@ -362,10 +256,7 @@ async fn idempotency_key_replays_the_first_response() {
     assert_eq!((first.status, replayed), (201, false));
     let (again, replayed) = send("key-1", json!({"ports": ["443:8080"]})).await;
     assert_eq!((again.status, replayed), (201, true));
-    assert_eq!(
-        again.body, first.body,
-        "same service, same generated name and FQDN"
-    );
+    assert_eq!(again.body, first.body, "same service, same generated name and FQDN");
     let (other, _) = send("key-1", json!({"ports": ["8443:8080/tls"]})).await;
     other.problem(422, "idempotency_key_reused", "different request");
     // Refusals are answers too: replayed, not re-run.
@@ -381,40 +272,17 @@ async fn a_persistent_service_with_instances_is_deleted_only_when_forced() {
     let api = TestApi::start().await;
     let t = &api.token;
     create_service(&api, t, json!({"name": "web", "ports": ["443:8080"]})).await;
-    let res = post(
-        &api,
-        "/v1/instances",
-        t,
-        json!({"image": "hello", "service": "web", "replicas": 2}),
-    )
-    .await;
+    let res = post(&api, "/v1/instances", t, json!({"image": "hello", "service": "web", "replicas": 2})).await;
     assert_eq!(res.status, 201, "{}", res.body);
     let svc = get(&api, "/v1/services/web", t).await;
     assert_eq!(svc.body["instances"].as_array().unwrap().len(), 2);
 
-    delete(&api, "/v1/services/web", t)
-        .await
-        .problem(409, "service_has_instances", "2 instance");
+    delete(&api, "/v1/services/web", t).await.problem(409, "service_has_instances", "2 instance");
     // Deleting one instance of a persistent service leaves the service.
-    let first = res.body["instances"][0]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        delete(&api, &format!("/v1/instances/{first}"), t)
-            .await
-            .status,
-        204
-    );
+    let first = res.body["instances"][0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(delete(&api, &format!("/v1/instances/{first}"), t).await.status, 204);
     assert_eq!(get(&api, "/v1/services/web", t).await.status, 200);
-    assert_eq!(
-        delete(&api, "/v1/services/web?force=true", t).await.status,
-        204
-    );
+    assert_eq!(delete(&api, "/v1/services/web?force=true", t).await.status, 204);
     let left = get(&api, "/v1/instances", t).await;
-    assert_eq!(
-        left.body["items"],
-        json!([]),
-        "force deletes the instances too"
-    );
+    assert_eq!(left.body["items"], json!([]), "force deletes the instances too");
 }

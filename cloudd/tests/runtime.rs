@@ -1,0 +1,408 @@
+//! The node agent with real instances: network namespaces, veths, bridges, nftables, processes of the real
+//! `cloudd` binary (the built-in `hello`) and of uploaded bundles. Needs root, as the agent does; CI runs as
+//! root. Tests share the host's network stack, so they take turns.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cloud_domain::api::Scope;
+use cloud_runtime::{NodeConfig, NodeHandle};
+use cloud_store::{ChangeFeed, Settings};
+use cloud_tests::TestApi;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+static HOST: Mutex<()> = Mutex::const_new(());
+static POOL: AtomicU32 = AtomicU32::new(0);
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// An API whose tenants get networks from a pool no other test (nor a `cloudd dev` on this machine) uses.
+async fn api() -> TestApi {
+    let k = POOL.fetch_add(1, Ordering::SeqCst) + std::process::id() % 8 * 4;
+    let settings = Settings {
+        tenant_pool: format!("10.{}.{}.0/20", 200 + k / 16 % 50, (k % 16) * 16).parse().unwrap(),
+        ..Settings::default()
+    };
+    TestApi::start_with_settings(settings, Default::default()).await
+}
+
+fn config(name: &str) -> NodeConfig {
+    let state = std::env::temp_dir().join(format!("cloud-node-test-{}", std::process::id()));
+    let mut c = NodeConfig::new(name.into(), state, PathBuf::from(env!("CARGO_BIN_EXE_cloudd")));
+    c.memory_mb = 4096;
+    c.heartbeat = Duration::from_millis(200);
+    c.live_window = Duration::from_secs(2);
+    c.lost_after = Duration::from_secs(2);
+    c.min_backoff = Duration::from_millis(200);
+    c.max_backoff = Duration::from_secs(1);
+    c.stop_grace = Duration::from_secs(2);
+    c
+}
+
+async fn node(api: &TestApi, cfg: NodeConfig) -> NodeHandle {
+    let feed = ChangeFeed::start(api.store.clone()).await.unwrap();
+    cloud_runtime::start(api.store.clone(), feed, cfg).await.expect("node agent")
+}
+
+async fn call(api: &TestApi, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, api.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn create(api: &TestApi, token: &str, body: Value) -> Value {
+    let (status, body) = call(api, reqwest::Method::POST, "/v1/instances", token, Some(body)).await;
+    assert_eq!(status, 201, "{body}");
+    body["instances"][0].clone()
+}
+
+/// Polls an instance until `pred` holds (30 s at most, generous for a busy machine).
+async fn wait_for(api: &TestApi, token: &str, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (_, body) = call(api, reqwest::Method::GET, &format!("/v1/instances/{name}"), token, None).await;
+        if pred(&body) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("instance {name} never became {what}: {last}");
+}
+
+async fn running(api: &TestApi, token: &str, name: &str) -> Value {
+    wait_for(api, token, name, "running", |i| i["state"] == "running").await
+}
+
+async fn http_get(ip: &str, port: u16) -> Result<String, String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let res = client.get(format!("http://{ip}:{port}/")).send().await.map_err(|e| e.to_string())?;
+    res.text().await.map_err(|e| e.to_string())
+}
+
+/// Whether a TCP connection from inside an instance's namespace to `ip:port` succeeds.
+fn connects_from(netns: &str, ip: &str, port: u16) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", netns, "timeout", "2", "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn bundle(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data.as_bytes()).unwrap();
+    }
+    let mut gz = tar.into_inner().unwrap();
+    gz.flush().unwrap();
+    gz.finish().unwrap()
+}
+
+async fn upload(api: &TestApi, token: &str, name: &str, body: Vec<u8>) {
+    let res = reqwest::Client::new()
+        .post(api.url(&format!("/v1/images?name={name}")))
+        .bearer_auth(token)
+        .header("content-type", "application/gzip")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+}
+
+fn netns_of(node: &NodeHandle, instance: &Value) -> String {
+    cloud_runtime::netns_name(node.node, instance["id"].as_str().unwrap().parse().unwrap())
+}
+
+fn namespaces_of(node: &NodeHandle) -> HashSet<String> {
+    let prefix = cloud_runtime::netns_name(node.node, uuid::Uuid::nil());
+    let prefix = prefix.trim_end_matches('0');
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n: &String| n.starts_with(prefix))
+        .collect()
+}
+
+const SERVE_PY: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("bundle " + os.environ["INSTANCE"] + " " + os.environ.get("GREETING", "") + "\n").encode()
+        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+print("serving", flush=True)
+http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let node = node(&api, config("n-hello")).await;
+    let t = &api.token;
+
+    create(&api, t, json!({"image": "hello", "name": "web-1"})).await;
+    let hello = running(&api, t, "web-1").await;
+    assert_eq!(hello["node"], "n-hello");
+    assert!(hello["boot_time_us"].as_u64().unwrap() > 0);
+    let ip = hello["private_ip"].as_str().unwrap();
+    let answer = http_get(ip, 8080).await.unwrap();
+    assert_eq!(answer, format!("hello from web-1 ({ip})\n"));
+
+    upload(
+        &api,
+        t,
+        "pyweb",
+        bundle(&[("manifest.json", r#"{"command": ["python3", "serve.py"], "port": 9000}"#), ("serve.py", SERVE_PY)]),
+    )
+    .await;
+    create(&api, t, json!({"image": "pyweb", "name": "py-1", "env": {"GREETING": "hi"}})).await;
+    let py = running(&api, t, "py-1").await;
+    let py_ip = py["private_ip"].as_str().unwrap();
+    assert_ne!(py_ip, ip);
+    assert_eq!(http_get(py_ip, 9000).await.unwrap(), "bundle py-1 hi\n");
+
+    // Its output and the platform's notes are served by the API.
+    let mut logs = Value::Null;
+    for _ in 0..50 {
+        logs = call(&api, reqwest::Method::GET, "/v1/instances/py-1/logs", t, None).await.1;
+        if logs.to_string().contains("serving") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines: Vec<(String, String)> = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap().to_owned(), l["line"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(lines.iter().any(|(s, l)| s == "stdout" && l == "serving"), "{lines:?}");
+    assert!(lines.iter().any(|(s, l)| s == "system" && l.starts_with("listening on")), "{lines:?}");
+
+    // Stop and start again.
+    let (status, _) = call(&api, reqwest::Method::POST, "/v1/instances/web-1/stop", t, Some(json!({}))).await;
+    assert_eq!(status, 200);
+    wait_for(&api, t, "web-1", "stopped", |i| i["state"] == "stopped").await;
+    assert!(http_get(ip, 8080).await.is_err(), "a stopped instance does not answer");
+    call(&api, reqwest::Method::POST, "/v1/instances/web-1/start", t, Some(json!({}))).await;
+    running(&api, t, "web-1").await;
+    assert_eq!(http_get(ip, 8080).await.unwrap(), format!("hello from web-1 ({ip})\n"), "same private IP");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let node = node(&api, config("n-iso")).await;
+    let (_, other) = api.tenant("globex", &[Scope::Read, Scope::Write]).await;
+    let a1 = create(&api, &api.token, json!({"image": "hello", "name": "a1"})).await;
+    create(&api, &api.token, json!({"image": "hello", "name": "a2"})).await;
+    create(&api, &other, json!({"image": "hello", "name": "b1"})).await;
+    running(&api, &api.token, "a1").await;
+    let a2 = running(&api, &api.token, "a2").await;
+    let b1 = running(&api, &other, "b1").await;
+    let ns = netns_of(&node, &a1);
+    let a2_ip = a2["private_ip"].as_str().unwrap();
+    let b1_ip = b1["private_ip"].as_str().unwrap();
+
+    assert!(connects_from(&ns, a2_ip, 8080), "same tenant: reachable");
+    assert!(!connects_from(&ns, b1_ip, 8080), "another tenant: unreachable");
+    assert!(http_get(b1_ip, 8080).await.is_ok(), "the host (where the edge runs) reaches every instance");
+
+    // A service of the host listening on every address, and the database: out of reach from instances.
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway: Ipv4Addr = {
+        let net: ipnet::Ipv4Net = api.tenant.network.parse().unwrap();
+        Ipv4Addr::from(u32::from(net.network()) + 1)
+    };
+    assert!(std::net::TcpStream::connect((gateway, port)).is_ok(), "control: the host reaches its own port");
+    assert!(!connects_from(&ns, &gateway.to_string(), port), "instances cannot reach host ports");
+    let db_port: u16 = api.store.pool().connect_options().get_port();
+    assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
+    assert!(!connects_from(&ns, "127.0.0.1", db_port), "loopback is the instance's own");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_policies_restart_with_backoff_or_fail_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let node = node(&api, config("n-restart")).await;
+    let t = &api.token;
+    upload(
+        &api,
+        t,
+        "crash",
+        bundle(&[
+            ("manifest.json", r#"{"command": ["sh", "crash.sh"], "port": 9000}"#),
+            ("crash.sh", "echo boom\nexit 3\n"),
+        ]),
+    )
+    .await;
+
+    create(&api, t, json!({"image": "crash", "name": "never", "restart_policy": "never"})).await;
+    let failed = wait_for(&api, t, "never", "failed", |i| i["state"] == "failed").await;
+    let reason = failed["state_reason"].as_str().unwrap();
+    assert!(reason.contains("exited with code 3 before listening on port 9000"), "{reason}");
+    assert!(reason.contains("boom"), "the reason carries the output tail: {reason}");
+    assert_eq!(failed["exit_code"], 3);
+    assert_eq!(failed["restart_count"], 0);
+
+    create(&api, t, json!({"image": "crash", "name": "again", "restart_policy": "on-failure"})).await;
+    wait_for(&api, t, "again", "restarted 3 times", |i| i["restart_count"].as_u64() >= Some(3)).await;
+    // The delay doubles: 0.2 s, 0.4 s, 0.8 s, then stays at the 1 s cap. (Log lines reach the API in batches.)
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = call(&api, reqwest::Method::GET, "/v1/instances/again/logs?limit=200", t, None).await.1.to_string();
+        if logs.contains("(restart 3)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for step in ["restarting in 0.2s (restart 1)", "restarting in 0.4s (restart 2)", "restarting in 0.8s (restart 3)"] {
+        assert!(logs.contains(step), "{step} in {logs}");
+    }
+    let (status, _) = call(&api, reqwest::Method::DELETE, "/v1/instances/again", t, None).await;
+    assert_eq!(status, 204);
+
+    // A clean exit with on-failure is a stop, not a failure.
+    upload(&api, t, "done", bundle(&[("manifest.json", r#"{"command": ["true"], "port": 9000}"#)])).await;
+    create(&api, t, json!({"image": "done", "name": "done", "restart_policy": "on-failure"})).await;
+    let done = wait_for(&api, t, "done", "stopped", |i| i["state"] == "stopped").await;
+    assert_eq!(done["exit_code"], 0);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let t = &api.token;
+    let first = node(&api, config("n-crash")).await;
+    create(&api, t, json!({"image": "hello", "name": "survivor"})).await;
+    let inst = running(&api, t, "survivor").await;
+    let ip = inst["private_ip"].as_str().unwrap().to_owned();
+    let ns = netns_of(&first, &inst);
+    assert!(http_get(&ip, 8080).await.is_ok());
+
+    // Crash: the process dies with the agent, the namespace stays.
+    first.abort();
+    let mut dead = false;
+    for _ in 0..100 {
+        if http_get(&ip, 8080).await.is_err() {
+            dead = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dead, "the instance's process died with its agent");
+    assert!(PathBuf::from(format!("/run/netns/{ns}")).exists());
+
+    // The restarted agent cleans up and starts the instance again, at the same address.
+    let second = node(&api, config("n-crash")).await;
+    let mut answered = false;
+    for _ in 0..100 {
+        if http_get(&ip, 8080).await.is_ok_and(|b| b.contains("survivor")) {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered);
+    assert_eq!(namespaces_of(&second), HashSet::from([ns.clone()]), "exactly one namespace, no leftovers");
+
+    let tenant_bridge = format!("cb-{}", &api.tenant.id.simple().to_string()[..12]);
+    assert!(PathBuf::from(format!("/sys/class/net/{tenant_bridge}")).exists());
+    let veth = format!("cv{}", &inst["id"].as_str().unwrap().replace('-', "")[..12]);
+    let (status, _) = call(&api, reqwest::Method::DELETE, "/v1/instances/survivor", t, None).await;
+    assert_eq!(status, 204);
+    let mut clean = false;
+    for _ in 0..100 {
+        clean = namespaces_of(&second).is_empty()
+            && !PathBuf::from(format!("/sys/class/net/{veth}")).exists()
+            && !PathBuf::from(format!("/sys/class/net/{tenant_bridge}")).exists();
+        if clean {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(clean, "namespace, veth and bridge are gone after delete");
+    // The address is free again: the next instance gets it.
+    let next = create(&api, t, json!({"image": "hello", "name": "next", "start": false})).await;
+    assert_eq!(next["private_ip"], ip.as_str());
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let t = &api.token;
+    let mut big = config("n-big");
+    big.memory_mb = 8192;
+    let lost = node(&api, big).await;
+    let spare = node(&api, config("n-spare")).await;
+    create(&api, t, json!({"image": "hello", "name": "moves", "restart_policy": "always"})).await;
+    create(&api, t, json!({"image": "hello", "name": "stays-down", "restart_policy": "never"})).await;
+    let moves = running(&api, t, "moves").await;
+    assert_eq!(moves["node"], "n-big", "the node with the most free memory");
+    running(&api, t, "stays-down").await;
+
+    // The machine vanishes: agent, processes and namespaces gone.
+    let leftovers = namespaces_of(&lost);
+    lost.abort();
+    for ns in leftovers {
+        Command::new("ip").args(["netns", "del", &ns]).status().unwrap();
+    }
+    let moved =
+        wait_for(&api, t, "moves", "running elsewhere", |i| i["state"] == "running" && i["node"] == "n-spare").await;
+    let ip = moved["private_ip"].as_str().unwrap();
+    assert_eq!(ip, moves["private_ip"].as_str().unwrap(), "it keeps its private IP");
+    assert!(http_get(ip, 8080).await.unwrap().contains("moves"));
+    let down = wait_for(&api, t, "stays-down", "failed", |i| i["state"] == "failed").await;
+    assert!(down["state_reason"].as_str().unwrap().contains("node n-big was lost"), "{down}");
+    spare.shutdown().await;
+}

@@ -1,0 +1,273 @@
+//! Host networking for instances, as root: a bridge per tenant holding the tenant network's gateway address,
+//! a network namespace per instance with a veth into that bridge, and nftables rules that keep tenants apart
+//! and keep instances away from the host's own ports. Everything is done with `ip` and `nft`, whose state the
+//! kernel keeps: a restarted agent finds it by name.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Stdio;
+
+use ipnet::Ipv4Net;
+use tokio::process::Command;
+use uuid::Uuid;
+
+/// A network operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// A command failed.
+    #[error("`{command}` failed: {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
+    /// A command could not be run at all.
+    #[error("cannot run `{program}` (install iproute2 and nftables)")]
+    Missing {
+        /// The program.
+        program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Prefix of every bridge we create; the nftables rules match it.
+const BRIDGE_PREFIX: &str = "cb-";
+
+/// Runs a command, failing with its output.
+async fn run(program: &str, args: &[&str]) -> Result<String, NetError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| NetError::Missing { program: program.into(), source })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn short(id: Uuid) -> String {
+    id.simple().to_string()[..12].to_owned()
+}
+
+/// The bridge of a tenant (`cb-<12 hex of the tenant id>`, 15 characters, the kernel's limit).
+pub fn bridge_name(tenant: Uuid) -> String {
+    format!("{BRIDGE_PREFIX}{}", short(tenant))
+}
+
+/// Where one node's instances live: namespace names carry the node so agents sharing a host leave each other
+/// alone.
+#[derive(Debug, Clone)]
+pub struct Sandboxes {
+    prefix: String,
+}
+
+impl Sandboxes {
+    /// The sandboxes of a node.
+    pub fn new(node: Uuid) -> Self {
+        Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]) }
+    }
+
+    /// The namespace of an instance.
+    pub fn netns(&self, instance: Uuid) -> String {
+        format!("{}{}", self.prefix, instance.simple())
+    }
+
+    /// Path of an instance's namespace, for setns(2).
+    pub fn netns_path(&self, instance: Uuid) -> String {
+        format!("/run/netns/{}", self.netns(instance))
+    }
+
+    /// The instances whose namespaces exist on this host for this node.
+    pub fn existing(&self) -> Vec<Uuid> {
+        let Ok(dir) = std::fs::read_dir("/run/netns") else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(&self.prefix).and_then(|id| Uuid::parse_str(id).ok()))
+            .collect()
+    }
+
+    /// Creates the namespace of an instance with `eth0` at `ip` in the tenant network, its default route via
+    /// the tenant bridge's gateway. Idempotent: an existing namespace is rebuilt.
+    pub async fn create(&self, instance: Uuid, tenant: Uuid, network: Ipv4Net, ip: Ipv4Addr) -> Result<(), NetError> {
+        let ns = self.netns(instance);
+        if Path::new(&self.netns_path(instance)).exists() {
+            self.destroy(instance).await?;
+        }
+        let bridge = ensure_bridge(tenant, network).await?;
+        let host = format!("cv{}", short(instance));
+        let peer = format!("cp{}", short(instance));
+        let addr = format!("{ip}/{}", network.prefix_len());
+        let gateway = cloud_domain::ipam::gateway(network).to_string();
+        // A leftover host end from a crash would make `add` fail.
+        let _ = run("ip", &["link", "del", &host]).await;
+        run("ip", &["netns", "add", &ns]).await?;
+        let steps: [&[&str]; 9] = [
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+            &["link", "set", &peer, "netns", &ns],
+            &["link", "set", &host, "master", &bridge],
+            &["link", "set", &host, "up"],
+            &["-n", &ns, "link", "set", &peer, "name", "eth0"],
+            &["-n", &ns, "addr", "add", &addr, "dev", "eth0"],
+            &["-n", &ns, "link", "set", "eth0", "up"],
+            &["-n", &ns, "link", "set", "lo", "up"],
+            &["-n", &ns, "route", "add", "default", "via", &gateway],
+        ];
+        for step in steps {
+            if let Err(e) = run("ip", step).await {
+                let _ = self.destroy(instance).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills whatever still runs in the namespace and deletes it (which deletes its veth pair too).
+    pub async fn destroy(&self, instance: Uuid) -> Result<(), NetError> {
+        let ns = self.netns(instance);
+        if !Path::new(&self.netns_path(instance)).exists() {
+            return Ok(());
+        }
+        if let Ok(pids) = run("ip", &["netns", "pids", &ns]).await {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                crate::process::kill(pid, libc::SIGKILL);
+            }
+        }
+        run("ip", &["netns", "del", &ns]).await?;
+        let _ = run("ip", &["link", "del", &format!("cv{}", short(instance))]).await;
+        Ok(())
+    }
+}
+
+/// Creates the tenant's bridge with the gateway address if it does not exist yet.
+pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net) -> Result<String, NetError> {
+    let bridge = bridge_name(tenant);
+    if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+        let gateway = format!("{}/{}", cloud_domain::ipam::gateway(network), network.prefix_len());
+        // Networks are disjoint between tenants, so another bridge of ours holding this gateway is a leftover
+        // (of a deleted tenant, or of a database this host served before): it must not shadow this tenant.
+        if let Ok(addrs) = run("ip", &["-o", "-4", "addr", "show", "to", &gateway]).await {
+            for stale in addrs.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+                if stale.starts_with(BRIDGE_PREFIX) && stale != bridge {
+                    tracing::warn!(bridge = stale, %network, "removing a stale bridge holding this tenant's network");
+                    delete_bridge(stale).await;
+                }
+            }
+        }
+        match run("ip", &["link", "add", &bridge, "type", "bridge"]).await {
+            Ok(_) => {}
+            // Another agent on this host made it meanwhile.
+            Err(_) if Path::new(&format!("/sys/class/net/{bridge}")).exists() => {}
+            Err(e) => return Err(e),
+        }
+        let _ = run("ip", &["addr", "add", &gateway, "dev", &bridge]).await;
+        run("ip", &["link", "set", &bridge, "up"]).await?;
+        nft(&format!("add element inet cloud intra {}\n", intra_element(&bridge))).await?;
+    }
+    Ok(bridge)
+}
+
+/// Deletes the tenant's bridge when no port is attached any more (its last instance on this host is gone).
+pub async fn remove_idle_bridge(tenant: Uuid) {
+    let name = bridge_name(tenant);
+    let ports = std::fs::read_dir(format!("/sys/class/net/{name}/brif")).map(|d| d.count()).unwrap_or(1);
+    if ports == 0 {
+        delete_bridge(&name).await;
+    }
+}
+
+async fn delete_bridge(name: &str) {
+    let _ = run("ip", &["link", "del", name]).await;
+    let _ = nft(&format!("delete element inet cloud intra {}\n", intra_element(name))).await;
+}
+
+/// Deletes every bridge of ours without ports: what a crashed agent left behind.
+pub async fn remove_idle_bridges() {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(BRIDGE_PREFIX) {
+            continue;
+        }
+        let ports = std::fs::read_dir(format!("/sys/class/net/{name}/brif")).map(|d| d.count()).unwrap_or(0);
+        if ports == 0 {
+            delete_bridge(&name).await;
+        }
+    }
+}
+
+/// The nftables rules: instances may not reach the host (new connections in from a tenant bridge are dropped,
+/// replies to the host's own connections pass), and nothing is routed to or from a tenant bridge, so tenants
+/// cannot reach each other. Traffic inside one bridge (one tenant) is switched and allowed; where br_netfilter
+/// shows switched packets to the forward hook as bridge-to-same-bridge, the `intra` set lets them through.
+const RULES: &str = r#"
+table inet cloud {
+    set intra {
+        type ifname . ifname
+    }
+    chain input {
+        type filter hook input priority -10; policy accept;
+        iifname "cb-*" ct state established,related accept
+        iifname "cb-*" drop
+    }
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        iifname . oifname @intra accept
+        iifname "cb-*" drop
+        oifname "cb-*" drop
+    }
+}
+"#;
+
+async fn nft(script: &str) -> Result<(), NetError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| NetError::Missing { program: "nft".into(), source })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(script.as_bytes()).await;
+    }
+    let out = child.wait_with_output().await.map_err(|source| NetError::Missing { program: "nft".into(), source })?;
+    if !out.status.success() {
+        return Err(NetError::Command {
+            command: format!("nft -f - <<< {script:?}"),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn intra_element(bridge: &str) -> String {
+    format!("{{ \"{bridge}\" . \"{bridge}\" }}")
+}
+
+/// Installs (or refreshes) the firewall rules, atomically: `nft -f` applies the whole script or nothing.
+pub async fn install_firewall() -> Result<(), NetError> {
+    let mut script = format!("table inet cloud\ndelete table inet cloud\n{RULES}");
+    // Bridges that exist already (another agent's on this host) keep switching.
+    for bridge in our_bridges() {
+        script.push_str(&format!("add element inet cloud intra {}\n", intra_element(&bridge)));
+    }
+    nft(&script).await
+}
+
+fn our_bridges() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.starts_with(BRIDGE_PREFIX))
+        .collect()
+}

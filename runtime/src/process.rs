@@ -1,0 +1,156 @@
+//! Starting an instance's process: inside its network namespace, as an unprivileged account, in a memory cgroup,
+//! dying with the agent.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+/// How to start one process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Working directory (the unpacked bundle).
+    pub cwd: PathBuf,
+    /// The complete environment.
+    pub env: BTreeMap<String, String>,
+    /// Network namespace to join (`/run/netns/...`), or none to stay in the agent's.
+    pub netns: Option<String>,
+    /// Account to run as, or none to stay as the agent.
+    pub user: Option<(u32, u32)>,
+    /// Memory cgroup to join, if any (its `cgroup.procs`).
+    pub cgroup_procs: Option<PathBuf>,
+}
+
+/// Sends a signal to a process.
+#[allow(unsafe_code)]
+pub fn kill(pid: i32, signal: i32) {
+    // SAFETY: kill(2) touches no memory.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// Starts the process with piped stdout and stderr.
+pub fn spawn(launch: &Launch) -> std::io::Result<Child> {
+    let (program, args) = launch
+        .argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .envs(&launch.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let netns: Option<OwnedFd> = match &launch.netns {
+        Some(path) => Some(std::fs::File::open(path)?.into()),
+        None => None,
+    };
+    let procs = match &launch.cgroup_procs {
+        Some(p) => Some(CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?),
+        None => None,
+    };
+    prepare_child(&mut cmd, netns, launch.user, procs);
+    cmd.spawn()
+}
+
+#[allow(unsafe_code)]
+fn prepare_child(cmd: &mut Command, netns: Option<OwnedFd>, user: Option<(u32, u32)>, procs: Option<CString>) {
+    // SAFETY: the closure runs in the forked child before exec and uses only async-signal-safe system calls
+    // (prctl, open, write, close, setns, setgroups, setgid, setuid). The order matters: joining the namespace
+    // and the cgroup need root, so they come before dropping privileges; the death signal is set last because
+    // changing credentials clears it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(path) = &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            if let Some(fd) = &netns
+                && libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// A memory cgroup for one instance, v2 when the unified hierarchy has the memory controller, else v1.
+#[derive(Debug)]
+pub struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// Creates the cgroup with a hard limit, or `None` when no memory controller is available (then the limit
+    /// is not enforced, which the agent logs once).
+    pub fn create(name: &str, limit_bytes: u64) -> Option<Self> {
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        let (parent, limit_file) =
+            if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")) {
+                let parent = PathBuf::from("/sys/fs/cgroup/cloud");
+                std::fs::create_dir_all(&parent).ok()?;
+                let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+                (parent, "memory.max")
+            } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+                let parent = PathBuf::from("/sys/fs/cgroup/memory/cloud");
+                std::fs::create_dir_all(&parent).ok()?;
+                (parent, "memory.limit_in_bytes")
+            } else {
+                return None;
+            };
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(dir.join(limit_file), limit_bytes.to_string()).ok()?;
+        Some(Self { dir })
+    }
+
+    /// Kills and removes the cgroup of that name if it exists (v1 or v2).
+    pub fn remove_named(name: &str) {
+        for parent in ["/sys/fs/cgroup/cloud", "/sys/fs/cgroup/memory/cloud"] {
+            let dir = Path::new(parent).join(name);
+            if dir.exists() {
+                Self { dir }.remove();
+            }
+        }
+    }
+
+    /// The file a process writes to join.
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// Kills what is left in it and removes it.
+    pub fn remove(&self) {
+        if let Ok(pids) = std::fs::read_to_string(self.procs()) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                kill(pid, libc::SIGKILL);
+            }
+        }
+        // The kernel refuses while processes are still exiting; a few tries cover that.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! One task per instance: start it, wait until it listens, watch it, restart it per policy with backoff, stop
+//! it, clean up after it, and report every state it passes through.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloud_domain::state::{InstanceState, RestartPolicy};
+use cloud_store::{Assignment, Observation};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::Child;
+use tokio::sync::watch;
+
+use crate::process::{Launch, MemoryCgroup, kill, spawn};
+use crate::{LogEntry, Shared, Want};
+
+/// Lines of output kept in memory to explain a failure.
+const TAIL_LINES: usize = 20;
+
+/// How a run of the instance ended.
+enum Outcome {
+    /// The tenant asked for something else (stop or removal).
+    Wanted(Want),
+    /// It failed to start, or exited.
+    Ended { reason: String, exit_code: Option<i32>, ran: Duration },
+}
+
+/// The observed facts the supervisor reports.
+struct Reporter {
+    shared: Arc<Shared>,
+    id: uuid::Uuid,
+    restarts: u32,
+}
+
+impl Reporter {
+    async fn report(&self, state: InstanceState, reason: Option<String>, exit_code: Option<i32>, boot: Option<u64>) {
+        let obs = Observation { state, reason, exit_code, boot_time_us: boot, restart_count: self.restarts };
+        if let Err(e) = self.shared.store.report(self.shared.node, self.id, &obs).await {
+            tracing::warn!(instance = %self.id, error = %e, "could not report state");
+        }
+    }
+
+    async fn note(&self, line: String) {
+        let _ =
+            self.shared.logs.send(LogEntry { instance: self.id, at: chrono::Utc::now(), stream: "system", line }).await;
+    }
+}
+
+pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: watch::Receiver<Want>) {
+    let (id, tenant) = (first.id, first.tenant_id);
+    let mut r = Reporter { shared: shared.clone(), id, restarts: first.restart_count };
+    let mut backoff = shared.config.min_backoff;
+    loop {
+        let current = want.borrow_and_update().clone();
+        let a = match current {
+            Want::Run(a) => *a,
+            Want::Stop => {
+                cleanup(&shared, id, tenant).await;
+                r.report(InstanceState::Stopped, None, None, None).await;
+                return;
+            }
+            Want::Remove => {
+                cleanup(&shared, id, tenant).await;
+                return;
+            }
+        };
+        r.report(InstanceState::Starting, None, None, None).await;
+        match run_once(&shared, &r, &a, &mut want).await {
+            Outcome::Wanted(Want::Stop) => {
+                cleanup(&shared, id, tenant).await;
+                r.note("stopped".into()).await;
+                r.report(InstanceState::Stopped, None, None, None).await;
+                return;
+            }
+            Outcome::Wanted(_) => {
+                cleanup(&shared, id, tenant).await;
+                return;
+            }
+            Outcome::Ended { reason, exit_code, ran } => {
+                cleanup(&shared, id, tenant).await;
+                r.note(reason.clone()).await;
+                let restart = match a.restart_policy {
+                    RestartPolicy::Always => true,
+                    RestartPolicy::OnFailure => exit_code != Some(0),
+                    RestartPolicy::Never => false,
+                };
+                if !restart {
+                    let state = if exit_code == Some(0) { InstanceState::Stopped } else { InstanceState::Failed };
+                    r.report(state, Some(reason), exit_code, None).await;
+                    return;
+                }
+                // A run that lasted a while was healthy: start the backoff over.
+                if ran > Duration::from_secs(60) {
+                    backoff = shared.config.min_backoff;
+                }
+                r.restarts += 1;
+                let why = format!("{reason}; restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts);
+                r.note(format!("restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts)).await;
+                r.report(InstanceState::Starting, Some(why), exit_code, None).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = want.changed() => {}
+                }
+                backoff = (backoff * 2).min(shared.config.max_backoff);
+            }
+        }
+    }
+}
+
+/// Stops whatever runs and removes the sandbox and cgroup.
+async fn cleanup(shared: &Shared, id: uuid::Uuid, tenant: uuid::Uuid) {
+    if let Err(e) = shared.sandboxes.destroy(id).await {
+        tracing::warn!(instance = %id, error = %e, "could not remove the namespace");
+    }
+    let cgroup = id.simple().to_string();
+    tokio::task::spawn_blocking(move || MemoryCgroup::remove_named(&cgroup)).await.ok();
+    crate::net::remove_idle_bridge(tenant).await;
+}
+
+/// Starts the instance once and follows it until it ends or the tenant wants something else.
+async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut watch::Receiver<Want>) -> Outcome {
+    let started = Instant::now();
+    let ended = |reason: String, exit_code: Option<i32>| Outcome::Ended { reason, exit_code, ran: started.elapsed() };
+    let (bundle, manifest) = match shared.images.prepare(&shared.store, &a.image_digest).await {
+        Ok(x) => x,
+        Err(e) => return ended(format!("image: {}", cloud_store_chain(&e)), None),
+    };
+    if let Err(e) = shared.sandboxes.create(a.id, a.tenant_id, a.network, a.private_ip).await {
+        return ended(format!("network: {e}"), None);
+    }
+    let cgroup = MemoryCgroup::create(&a.id.simple().to_string(), a.memory_mb as u64 * 1024 * 1024);
+    if cgroup.is_none() {
+        tracing::debug!(instance = %a.id, "no memory cgroup available: the memory limit is not enforced");
+    }
+
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    env.insert("HOME".into(), "/tmp".into());
+    env.extend(a.env.clone());
+    env.insert("PORT".into(), manifest.port.to_string());
+    env.insert("PRIVATE_IP".into(), a.private_ip.to_string());
+    env.insert("INSTANCE".into(), a.name.clone());
+    env.insert("SERVICE".into(), a.service.clone().unwrap_or_default());
+    let mut argv: Vec<String> = manifest.command.iter().chain(&a.args).cloned().collect();
+    argv[0] = if argv[0] == "cloudd" {
+        shared.config.self_exe.display().to_string()
+    } else if argv[0].contains('/') {
+        bundle.join(&argv[0]).display().to_string()
+    } else {
+        argv[0].clone()
+    };
+    let launch = Launch {
+        argv,
+        cwd: bundle,
+        env,
+        netns: Some(shared.sandboxes.netns_path(a.id)),
+        user: Some(shared.config.user),
+        cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+    };
+    let mut child = match spawn(&launch) {
+        Ok(c) => c,
+        Err(e) => return ended(format!("cannot start {:?}: {e}", manifest.command[0]), None),
+    };
+    r.note(format!("started {:?} as pid {}", launch.argv, child.id().unwrap_or(0))).await;
+    let tail = capture_output(shared, a.id, &mut child);
+    let with_tail = |reason: String| {
+        let tail = tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default();
+        if tail.is_empty() { reason } else { format!("{reason}; last output:\n{tail}") }
+    };
+
+    // Ready once the port accepts connections from the host, as the edge will connect.
+    let addr = (a.private_ip, manifest.port);
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = status.ok().and_then(|s| s.code());
+                return ended(with_tail(format!("exited with code {} before listening on port {}", code.map_or("none (killed)".into(), |c| c.to_string()), manifest.port)), code);
+            }
+            changed = want.changed() => {
+                let w = if changed.is_err() { Want::Remove } else { want.borrow().clone() };
+                if !matches!(w, Want::Run(_)) {
+                    return Outcome::Wanted(stop_child(&mut child, shared.config.stop_grace, w).await);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(25)) => {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(250), TcpStream::connect(addr)).await {
+                    break;
+                }
+                if started.elapsed() > shared.config.ready_timeout {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return ended(with_tail(format!("did not listen on port {} within {}s", manifest.port, shared.config.ready_timeout.as_secs())), None);
+                }
+            }
+        }
+    }
+    let boot = started.elapsed().as_micros() as u64;
+    r.note(format!("listening on {}:{} after {} ms", a.private_ip, manifest.port, boot / 1000)).await;
+    r.report(InstanceState::Running, None, None, Some(boot)).await;
+
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = status.ok().and_then(|s| s.code());
+                return ended(with_tail(format!("exited with code {}", code.map_or("none (killed by a signal)".into(), |c| c.to_string()))), code);
+            }
+            changed = want.changed() => {
+                let w = if changed.is_err() { Want::Remove } else { want.borrow().clone() };
+                if !matches!(w, Want::Run(_)) {
+                    return Outcome::Wanted(stop_child(&mut child, shared.config.stop_grace, w).await);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn stop_child(child: &mut Child, grace: Duration, want: Want) -> Want {
+    if let Some(pid) = child.id() {
+        kill(pid as i32, libc::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    want
+}
+
+/// Sends the child's output lines to the log shipper and keeps the last few for failure reasons.
+fn capture_output(shared: &Arc<Shared>, id: uuid::Uuid, child: &mut Child) -> Arc<Mutex<VecDeque<String>>> {
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+    let streams: [(Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, &'static str); 2] = [
+        (child.stdout.take().map(|s| Box::new(s) as _), "stdout"),
+        (child.stderr.take().map(|s| Box::new(s) as _), "stderr"),
+    ];
+    for (stream, name) in streams {
+        let Some(stream) = stream else { continue };
+        let (logs, tail) = (shared.logs.clone(), tail.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(mut t) = tail.lock() {
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                let _ = logs.send(LogEntry { instance: id, at: chrono::Utc::now(), stream: name, line }).await;
+            }
+        });
+    }
+    tail
+}
+
+fn cloud_store_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
