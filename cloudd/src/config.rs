@@ -70,8 +70,9 @@ pub struct PlatformSection {
     pub region: String,
     /// Base domain of service FQDNs (`<name>-<8>.<region>.<base_domain>`).
     pub base_domain: String,
-    /// Pool that tenants' private networks are carved from.
-    pub tenant_pool: Ipv4Net,
+    /// Pool that tenants' private networks are carved from. Default `10.96.0.0/12`; `cloudd dev` without root
+    /// defaults to `127.96.0.0/12`, as its node runs instances on loopback addresses.
+    pub tenant_pool: Option<Ipv4Net>,
     /// Prefix length of each tenant's network.
     pub tenant_prefix: u8,
     /// Range of public ports for raw TCP services, `LOW-HIGH`.
@@ -84,7 +85,7 @@ impl Default for PlatformSection {
         Self {
             region: s.region,
             base_domain: s.base_domain,
-            tenant_pool: s.tenant_pool,
+            tenant_pool: None,
             tenant_prefix: s.tenant_prefix,
             tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
         }
@@ -146,11 +147,12 @@ impl Config {
             .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
             .filter(|(a, b)| 0 < *a && a <= b)
             .with_context(|| format!("platform.tcp_ports = {:?} must be LOW-HIGH, e.g. 30000-32767", p.tcp_ports))?;
-        if p.tenant_prefix < p.tenant_pool.prefix_len() || p.tenant_prefix > 30 {
+        let tenant_pool = p.tenant_pool.unwrap_or(cloud_store::Settings::default().tenant_pool);
+        if p.tenant_prefix < tenant_pool.prefix_len() || p.tenant_prefix > 30 {
             bail!(
                 "platform.tenant_prefix = {} must be between the pool's prefix ({}) and 30",
                 p.tenant_prefix,
-                p.tenant_pool.prefix_len()
+                tenant_pool.prefix_len()
             );
         }
         if p.region.contains('.') || cloud_domain::names::validate_domain_name(&format!("{}.x", p.region)).is_err() {
@@ -161,10 +163,19 @@ impl Config {
         Ok(cloud_store::Settings {
             region: p.region.clone(),
             base_domain: p.base_domain.clone(),
-            tenant_pool: p.tenant_pool,
+            tenant_pool,
             tenant_prefix: p.tenant_prefix,
             tcp_ports: lo..=hi,
         })
+    }
+
+    /// `cloudd dev` as a normal user: its node runs in loopback mode, so private IPs come from 127.0.0.0/8
+    /// unless the configuration names a pool.
+    pub fn for_dev(mut self, root: bool) -> Self {
+        if !root && self.platform.tenant_pool.is_none() {
+            self.platform.tenant_pool = Some("127.96.0.0/12".parse().expect("literal"));
+        }
+        self
     }
 
     /// The node agent's settings; `state_dir` is used when the file names none.

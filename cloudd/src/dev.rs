@@ -17,6 +17,7 @@ use crate::config::Config;
 const DEV_DATABASE: &str = "cloud";
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = cfg.for_dev(nix_is_root());
     let mut embedded = None;
     let dir = cfg.dev.data_dir.clone().unwrap_or_else(default_data_dir);
     let url = match &cfg.database_url {
@@ -42,12 +43,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result<()> {
     let store = crate::open_store(url, cfg).await?;
     let created = ensure_admin_token(&store, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
-    let node = if nix_is_root() {
-        Some(start_node(cfg, store.clone(), data_dir.join("node")).await?)
-    } else {
-        tracing::warn!("not root: no node agent runs, so instances stay pending (see docs/configuration.md)");
-        None
-    };
+    if !nix_is_root() {
+        tracing::warn!("not root: instances run in loopback mode, on 127.x addresses without isolation");
+    }
+    let node = start_node(cfg, store.clone(), data_dir.join("node")).await?;
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -59,9 +58,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
-    if let Some(node) = node {
-        node.shutdown().await;
-    }
+    node.shutdown().await;
     Ok(())
 }
 

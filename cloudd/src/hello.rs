@@ -10,7 +10,9 @@ pub async fn serve() -> anyhow::Result<()> {
     let ip = std::env::var("PRIVATE_IP").unwrap_or_else(|_| "0.0.0.0".into());
     let instance = std::env::var("INSTANCE").unwrap_or_else(|_| "hello".into());
     let body = format!("hello from {instance} ({ip})\n");
-    let listener = TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding port {port}"))?;
+    // Bound to the private IP: in a namespace that is the instance's own address; on a node without root
+    // (loopback mode) instances share the host's network and each has its own 127.x address.
+    let listener = TcpListener::bind((ip.as_str(), port)).await.with_context(|| format!("binding {ip}:{port}"))?;
     tracing::info!(port, %instance, "hello serving");
     loop {
         let (mut conn, _) = listener.accept().await?;

@@ -406,3 +406,50 @@ async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
     assert!(down["state_reason"].as_str().unwrap().contains("node n-big was lost"), "{down}");
     spare.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_instance_no_node_can_hold_waits_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let api = api().await;
+    let node = node(&api, config("n-small")).await;
+    create(&api, &api.token, json!({"image": "hello", "name": "huge", "memory_mb": 8192})).await;
+    let waiting = wait_for(&api, &api.token, "huge", "waiting", |i| !i["state_reason"].is_null()).await;
+    assert_eq!(waiting["state"], "pending");
+    assert_eq!(waiting["node"], Value::Null);
+    assert_eq!(waiting["state_reason"], "waiting for a node with 8192 MiB free");
+    // Others still run.
+    create(&api, &api.token, json!({"image": "hello", "name": "small"})).await;
+    running(&api, &api.token, "small").await;
+    node.shutdown().await;
+}
+
+/// Without root, the agent runs instances in the host's network, each bound to its own 127.x private IP.
+/// Nothing here needs root, so it runs everywhere.
+#[tokio::test]
+async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
+    let _host = HOST.lock().await;
+    let k = POOL.fetch_add(1, Ordering::SeqCst);
+    let settings = Settings {
+        tenant_pool: format!("127.{}.{}.0/20", 200 + k / 16 % 50, (k % 16) * 16).parse().unwrap(),
+        ..Settings::default()
+    };
+    let api = TestApi::start_with_settings(settings, Default::default()).await;
+    let mut cfg = config("n-loopback");
+    cfg.isolation = cloud_runtime::Isolation::Loopback;
+    let node = node(&api, cfg).await;
+    create(&api, &api.token, json!({"image": "hello", "name": "lo-1"})).await;
+    create(&api, &api.token, json!({"image": "hello", "name": "lo-2"})).await;
+    for name in ["lo-1", "lo-2"] {
+        let i = running(&api, &api.token, name).await;
+        let ip = i["private_ip"].as_str().unwrap();
+        assert!(ip.starts_with("127."), "{ip}");
+        // Same port, different addresses: both answer, each for itself.
+        assert_eq!(http_get(ip, 8080).await.unwrap(), format!("hello from {name} ({ip})\n"));
+    }
+    assert!(namespaces_of(&node).is_empty(), "no namespaces in loopback mode");
+    node.shutdown().await;
+}

@@ -45,6 +45,8 @@ pub struct NodeConfig {
     pub self_exe: PathBuf,
     /// Account instances run as (default `nobody`).
     pub user: (u32, u32),
+    /// How instances are kept apart.
+    pub isolation: Isolation,
     /// How long a started instance has to accept connections on its port.
     pub ready_timeout: Duration,
     /// How long a stopping instance has between SIGTERM and SIGKILL.
@@ -71,6 +73,7 @@ impl NodeConfig {
             state_dir,
             self_exe,
             user: (65534, 65534),
+            isolation: if current_uid() == 0 { Isolation::Namespaces } else { Isolation::Loopback },
             ready_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
@@ -89,12 +92,22 @@ fn total_memory_mb() -> u64 {
         .map_or(4096, |kb| kb / 1024)
 }
 
+/// How a node runs its instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// As root: a network namespace per instance, a bridge per tenant, nftables between tenants and the host.
+    Namespaces,
+    /// Without root: instances run as the agent's user in the host's network, each bound to its private IP,
+    /// which must be a loopback address (a tenant pool inside 127.0.0.0/8). No isolation is claimed.
+    Loopback,
+}
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
     /// The agent needs root for namespaces, bridges and nftables.
-    #[error("the node agent needs root (network namespaces, bridges, nftables); run it as root")]
+    #[error("namespace isolation needs root (network namespaces, bridges, nftables); run as root or in loopback mode")]
     NotRoot,
     /// The database failed.
     #[error("database")]
@@ -157,18 +170,20 @@ impl NodeHandle {
 
 /// Registers the node and starts the agent.
 pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result<NodeHandle, NodeError> {
-    if current_uid() != 0 {
+    if config.isolation == Isolation::Namespaces && current_uid() != 0 {
         return Err(NodeError::NotRoot);
     }
-    net::install_firewall().await?;
     let node = store.register_node(&config.name, &config.address, config.memory_mb).await?;
     let sandboxes = net::Sandboxes::new(node);
-    // Whatever a previous run of this node left behind: its processes died with it; clean their namespaces.
-    for leftover in sandboxes.existing() {
-        tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
-        let _ = sandboxes.destroy(leftover).await;
+    if config.isolation == Isolation::Namespaces {
+        net::install_firewall().await?;
+        // Whatever a previous run of this node left behind: its processes died with it; clean their namespaces.
+        for leftover in sandboxes.existing() {
+            tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
+            let _ = sandboxes.destroy(leftover).await;
+        }
+        net::remove_idle_bridges().await;
     }
-    net::remove_idle_bridges().await;
     let (logs_tx, logs_rx) = mpsc::channel(4096);
     let shared = Arc::new(Shared {
         images: images::ImageCache::new(config.state_dir.join("images")),
@@ -235,7 +250,9 @@ async fn run(
         let _ = s.want.send(Want::Remove);
     }
     while tasks.join_next().await.is_some() {}
-    net::remove_idle_bridges().await;
+    if shared.config.isolation == Isolation::Namespaces {
+        net::remove_idle_bridges().await;
+    }
     if let Err(e) = shared.store.release_node(shared.node).await {
         tracing::warn!(error = %e, "could not hand instances back for rescheduling");
     }

@@ -13,7 +13,7 @@ use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::process::{Launch, MemoryCgroup, kill, spawn};
-use crate::{LogEntry, Shared, Want};
+use crate::{Isolation, LogEntry, Shared, Want};
 
 /// Lines of output kept in memory to explain a failure.
 const TAIL_LINES: usize = 20;
@@ -110,6 +110,9 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
 
 /// Stops whatever runs and removes the sandbox and cgroup.
 async fn cleanup(shared: &Shared, id: uuid::Uuid, tenant: uuid::Uuid) {
+    if shared.config.isolation == Isolation::Loopback {
+        return;
+    }
     if let Err(e) = shared.sandboxes.destroy(id).await {
         tracing::warn!(instance = %id, error = %e, "could not remove the namespace");
     }
@@ -126,10 +129,23 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         Ok(x) => x,
         Err(e) => return ended(format!("image: {}", cloud_store_chain(&e)), None),
     };
-    if let Err(e) = shared.sandboxes.create(a.id, a.tenant_id, a.network, a.private_ip).await {
-        return ended(format!("network: {e}"), None);
+    let namespaced = shared.config.isolation == Isolation::Namespaces;
+    if namespaced {
+        if let Err(e) = shared.sandboxes.create(a.id, a.tenant_id, a.network, a.private_ip).await {
+            return ended(format!("network: {e}"), None);
+        }
+    } else if !a.private_ip.is_loopback() {
+        return ended(
+            format!(
+                "this node runs without root (loopback mode) and needs 127.x private IPs, not {}: set platform.tenant_pool inside 127.0.0.0/8",
+                a.private_ip
+            ),
+            None,
+        );
     }
-    let cgroup = MemoryCgroup::create(&a.id.simple().to_string(), a.memory_mb as u64 * 1024 * 1024);
+    let cgroup = namespaced
+        .then(|| MemoryCgroup::create(&a.id.simple().to_string(), a.memory_mb as u64 * 1024 * 1024))
+        .flatten();
     if cgroup.is_none() {
         tracing::debug!(instance = %a.id, "no memory cgroup available: the memory limit is not enforced");
     }
@@ -154,8 +170,8 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         argv,
         cwd: bundle,
         env,
-        netns: Some(shared.sandboxes.netns_path(a.id)),
-        user: Some(shared.config.user),
+        netns: namespaced.then(|| shared.sandboxes.netns_path(a.id)),
+        user: namespaced.then_some(shared.config.user),
         cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
     };
     let mut child = match spawn(&launch) {

@@ -26,6 +26,7 @@ async fn server() -> &'static Server {
             if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
                 return Server::External(url);
             }
+            remove_stale_clusters();
             let dir = std::env::temp_dir().join(format!("cloud-tests-pg-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let pg = EmbeddedPg::start_ephemeral(Options { data_dir: dir, port: None, bin_dir: None })
@@ -34,6 +35,19 @@ async fn server() -> &'static Server {
             Server::Embedded(pg)
         })
         .await
+}
+
+/// Removes the clusters of earlier test processes: the static cluster of a test binary is never dropped, so its
+/// server dies with the process but its data directory stays.
+fn remove_stale_clusters() {
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("cloud-tests-pg-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Replaces the database name of a PostgreSQL URL.

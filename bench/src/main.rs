@@ -1,0 +1,163 @@
+//! `cloud-bench deploy`: deploy-to-ready time and per-instance memory of the node agent, measured beside the
+//! peer a user would compare with: the same `hello` program started directly on the host, with no namespace,
+//! bridge, cgroup or API in between. Needs root (the node agent does) and a built `cloudd`.
+//!
+//! Usage: `cargo run --release -p cloud-bench -- deploy [--instances 50] [--cloudd target/release/cloudd]`
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cloud_store::{ChangeFeed, Settings};
+use cloud_tests::TestApi;
+use serde_json::{Value, json};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("deploy") {
+        bail!("usage: cloud-bench deploy [--instances N] [--cloudd PATH]");
+    }
+    let mut n = 50usize;
+    let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--instances" => n = it.next().context("--instances N")?.parse()?,
+            "--cloudd" => cloudd = PathBuf::from(it.next().context("--cloudd PATH")?),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if !cloudd.exists() {
+        bail!("{} does not exist: build it first (cargo build --release -p cloudd)", cloudd.display());
+    }
+    deploy(n, cloudd).await
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mem_available_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The peer: `cloudd hello` started directly on loopback, timed from spawn to its port accepting.
+fn direct_starts(cloudd: &PathBuf, n: usize) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let mut times = Vec::new();
+    let mut rss = 0;
+    for i in 0..n {
+        let port = 20000 + (std::process::id() as u16 % 1000) * 10 + (i as u16 % 10);
+        let t0 = Instant::now();
+        let mut child = Command::new(cloudd)
+            .arg("hello")
+            .env("PORT", port.to_string())
+            .env("INSTANCE", format!("direct-{i}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("direct hello did not listen");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(t0.elapsed());
+        rss += rss_kb(child.id());
+        child.kill()?;
+        child.wait()?;
+    }
+    Ok((times, rss / n as u64))
+}
+
+async fn deploy(n: usize, cloudd: PathBuf) -> anyhow::Result<()> {
+    let (direct, direct_rss) = direct_starts(&cloudd, n)?;
+
+    let settings = Settings { tenant_pool: "10.250.0.0/16".parse()?, tenant_prefix: 20, ..Settings::default() };
+    let api = TestApi::start_with_settings(settings, Default::default()).await;
+    let feed = ChangeFeed::start(api.store.clone()).await?;
+    let state = std::env::temp_dir().join(format!("cloud-bench-{}", std::process::id()));
+    let mut cfg = cloud_runtime::NodeConfig::new("bench".into(), state, cloudd);
+    cfg.heartbeat = Duration::from_millis(500);
+    let node = cloud_runtime::start(api.store.clone(), feed, cfg).await?;
+    let client = reqwest::Client::new();
+    let before = mem_available_kb();
+    let mut deploys = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let res: Value = client
+            .post(api.url("/v1/instances"))
+            .bearer_auth(&api.token)
+            .json(&json!({"image": "hello", "name": format!("b{i}"), "memory_mb": 64}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let name = res["instances"][0]["name"].as_str().context("created")?.to_owned();
+        loop {
+            let i: Value = client
+                .get(api.url(&format!("/v1/instances/{name}")))
+                .bearer_auth(&api.token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if i["state"] == "running" {
+                break;
+            }
+            if i["state"] == "failed" || t0.elapsed() > Duration::from_secs(60) {
+                bail!("instance {name} did not become ready: {i}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        deploys.push(t0.elapsed());
+    }
+    let after = mem_available_kb();
+    let pids = Command::new("sh")
+        .args(["-c", "ip netns list | awk '{print $1}' | grep '^cloud-' | xargs -r -n1 ip netns pids"])
+        .output()?;
+    let pids: Vec<u32> =
+        String::from_utf8_lossy(&pids.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    let rss: u64 = pids.iter().map(|p| rss_kb(*p)).sum::<u64>() / pids.len().max(1) as u64;
+    node.shutdown().await;
+
+    let (mut direct, mut deploys) = (direct, deploys);
+    direct.sort();
+    deploys.sort();
+    let (d50, d99, p50, p99) =
+        (percentile(&direct, 0.5), percentile(&direct, 0.99), percentile(&deploys, 0.5), percentile(&deploys, 0.99));
+    println!("deploy-to-ready over {n} instances (sequential; API create -> state running observed by polling)");
+    println!("| | median ms | p99 ms |");
+    println!("|---|---|---|");
+    println!("| platform: POST /v1/instances -> running | {:.1} | {:.1} |", ms(p50), ms(p99));
+    println!("| peer: the same program spawned directly -> listening | {:.1} | {:.1} |", ms(d50), ms(d99));
+    println!("| ratio (platform / peer) | {:.1}x | {:.1}x |", ms(p50) / ms(d50), ms(p99) / ms(d99));
+    println!();
+    println!("memory per instance");
+    println!("| | KiB |");
+    println!("|---|---|");
+    println!("| process RSS in its sandbox | {rss} |");
+    println!("| process RSS started directly | {direct_rss} |");
+    println!(
+        "| host memory used per instance (MemAvailable drop / {n}: process, namespace, veth, cgroup, agent) | {} |",
+        before.saturating_sub(after) / n as u64
+    );
+    Ok(())
+}
