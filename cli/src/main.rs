@@ -1,9 +1,5 @@
-//! `cloudctl`, the platform's command-line client.
-//!
-//! Not implemented yet (issue 4): until then, use the HTTP API as the README shows. It exits with an error
-//! rather than pretend.
+//! `cloudctl`: see the library for the commands.
 
 fn main() {
-    eprintln!("cloudctl is not implemented yet (issue 4); use the HTTP API as the README shows");
-    std::process::exit(2);
+    cloudctl::main();
 }

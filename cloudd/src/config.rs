@@ -131,6 +131,10 @@ impl Config {
         if let Some(v) = env("CLOUD_BASE_DOMAIN") {
             cfg.platform.base_domain = v;
         }
+        if let Some(v) = env("CLOUD_TENANT_POOL") {
+            cfg.platform.tenant_pool =
+                Some(v.parse().with_context(|| format!("CLOUD_TENANT_POOL={v} is not an IPv4 network"))?);
+        }
         if let Some(v) = env("CLOUD_DATA_DIR") {
             cfg.dev.data_dir = Some(v.into());
         }

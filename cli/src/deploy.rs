@@ -1,0 +1,144 @@
+//! `cloudctl deploy`: pack a directory as an image, create instances attached to a service (or to an ephemeral
+//! one for `-p`), and wait until they run, showing progress.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cloud_domain::api::{CreateInstance, CreatedInstances, Image, Instance, PortInput, Service};
+use cloud_domain::state::InstanceState;
+use reqwest::Method;
+
+use crate::client::{Client, seg};
+
+/// Packs a directory into a tar.gz bundle; it must have `manifest.json` at its root.
+pub fn pack(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let manifest = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).with_context(|| {
+        format!(
+            "{} has no manifest.json: an image is a directory with manifest.json {{\"command\": [...], \"port\": N}} at its root",
+            dir.display()
+        )
+    })?;
+    serde_json::from_str::<cloud_domain::api::ImageManifest>(&text)
+        .with_context(|| format!("{} is not a valid manifest", manifest.display()))?;
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", dir).with_context(|| format!("packing {}", dir.display()))?;
+    let mut gz = tar.into_inner()?;
+    gz.flush()?;
+    Ok(gz.finish()?)
+}
+
+/// Uploads a bundle under a name.
+pub async fn push(client: &Client, name: &str, bundle: Vec<u8>) -> anyhow::Result<Image> {
+    let req = client
+        .request(Method::POST, &format!("/v1/images?name={}", seg(name)))
+        .header("content-type", "application/gzip")
+        .body(bundle);
+    Ok(client.send(req).await?.json().await?)
+}
+
+/// Progress for people on a terminal (one line redrawn) or plain lines for logs.
+struct Progress {
+    tty: bool,
+    last: String,
+    spin: usize,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self { tty: std::io::stderr().is_terminal(), last: String::new(), spin: 0 }
+    }
+
+    fn step(&mut self, msg: &str) {
+        if self.tty {
+            const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+            self.spin = (self.spin + 1) % FRAMES.len();
+            eprint!("\r\x1b[2K{} {msg}", FRAMES[self.spin]);
+            let _ = std::io::stderr().flush();
+        } else if msg != self.last {
+            eprintln!("{msg}");
+        }
+        self.last = msg.to_owned();
+    }
+
+    fn done(&mut self, msg: &str) {
+        if self.tty {
+            eprintln!("\r\x1b[2K✓ {msg}");
+        } else {
+            eprintln!("{msg}");
+        }
+    }
+}
+
+/// Creates the instances and waits until all run (unless they are not started).
+pub async fn create_and_wait(
+    client: &Client,
+    req: CreateInstance,
+    timeout: Duration,
+) -> anyhow::Result<CreatedInstances> {
+    let mut progress = Progress::new();
+    let start = req.start;
+    let mut created: CreatedInstances = client.post("/v1/instances", &req).await?;
+    let names: Vec<String> = created.instances.iter().map(|i| i.name.clone()).collect();
+    progress.done(&format!("created {}", names.join(", ")));
+    if !start {
+        return Ok(created);
+    }
+    let t0 = Instant::now();
+    loop {
+        let mut now: Vec<Instance> = Vec::new();
+        for n in &names {
+            now.push(client.get(&format!("/v1/instances/{}", seg(n))).await?);
+        }
+        if let Some(failed) = now.iter().find(|i| i.state == InstanceState::Failed) {
+            bail!("instance {} failed: {}", failed.name, failed.state_reason.as_deref().unwrap_or("no reason given"));
+        }
+        let running = now.iter().filter(|i| i.state == InstanceState::Running).count();
+        let states: Vec<String> = now.iter().map(|i| format!("{} {}", i.name, i.state)).collect();
+        if running == now.len() {
+            progress.done(&format!("running ({:.1}s)", t0.elapsed().as_secs_f32()));
+            created.instances = now;
+            if let Some(s) = &created.service {
+                created.service = Some(client.get::<Service>(&format!("/v1/services/{}", seg(&s.name))).await?);
+            }
+            return Ok(created);
+        }
+        if t0.elapsed() > timeout {
+            let reasons: Vec<String> =
+                now.iter().filter_map(|i| i.state_reason.as_ref().map(|r| format!("{}: {r}", i.name))).collect();
+            bail!(
+                "instances not running after {}s ({}){}",
+                timeout.as_secs(),
+                states.join(", "),
+                if reasons.is_empty() { String::new() } else { format!("; {}", reasons.join("; ")) }
+            );
+        }
+        progress.step(&format!("waiting: {}", states.join(", ")));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What `deploy` prints on success: the URL when the service serves https, then each instance.
+pub fn summary(created: &CreatedInstances) -> String {
+    let mut out = String::new();
+    if let Some(s) = &created.service {
+        if s.ports.iter().any(|p| p.port == 443) {
+            out.push_str(&format!("https://{}\n", s.fqdn));
+        }
+        let kind = if s.persistent { "service" } else { "service (ephemeral: deleted with its last instance)" };
+        out.push_str(&format!("{kind}: {} {}\n", s.name, s.fqdn));
+    }
+    for i in &created.instances {
+        out.push_str(&format!("instance: {}  {}  {}  {}\n", i.name, i.state, i.private_ip, i.private_fqdn));
+    }
+    out
+}
+
+/// Port specs for the request, checked locally first so a typo fails before anything is created.
+pub fn port_inputs(specs: &[String]) -> anyhow::Result<Vec<PortInput>> {
+    cloud_domain::ports::parse_specs(specs, &cloud_domain::ports::PortPolicy::default())?;
+    Ok(specs.iter().cloned().map(PortInput::Spec).collect())
+}

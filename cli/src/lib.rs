@@ -1,0 +1,867 @@
+//! `cloudctl`, the platform's command-line client: remotes as LXD has them, services and deploys as Unikraft's
+//! `kraft cloud` has them, output formats as kubectl has them.
+//!
+//! It talks only to the public API (see [`client::ENDPOINTS`]) and shares its request and response types with the
+//! server through `cloud-domain`.
+
+pub mod client;
+pub mod config;
+pub mod deploy;
+pub mod output;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use cloud_domain::api::{
+    CreateInstance, CreateService, CreateTenant, CreateToken, CreatedToken, Image, Instance, LogLine, QuotasPatch,
+    Scope, Service, Tenant, Token, UpdateService, UpdateTenant, WhoAmI,
+};
+use cloud_domain::state::RestartPolicy;
+use futures_util::StreamExt;
+
+use crate::client::{Client, seg};
+use crate::config::{Config, Remote};
+use crate::output::{Format, print};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloudctl",
+    version,
+    about = "Manage services, instances and images on the cloud platform",
+    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl instance list -o json"
+)]
+pub struct Cli {
+    /// Remote to talk to (default: the configured default remote).
+    #[arg(long, global = true, env = "CLOUD_REMOTE")]
+    pub remote: Option<String>,
+    /// Output format of read commands.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage remotes (API endpoints and their tokens).
+    #[command(subcommand)]
+    Remote(RemoteCmd),
+    /// Manage services: public names with port mappings.
+    #[command(subcommand, visible_alias = "svc")]
+    Service(ServiceCmd),
+    /// Deploy instances: from a directory (packed and pushed as an image) or an existing image.
+    #[command(
+        after_help = "Examples:\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy -p 443:8080 --image hello\n  cloudctl deploy ./app -p 443:8080 -e MODE=prod -R 3 --restart on-failure"
+    )]
+    Deploy(DeployArgs),
+    /// Manage instances.
+    #[command(subcommand, visible_alias = "inst")]
+    Instance(InstanceCmd),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage tenants and quotas (admin).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Show the current remote, tenant and token.
+    Whoami,
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  cloudctl completion bash > /etc/bash_completion.d/cloudctl")]
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `cloudctl remote ...`
+#[derive(Debug, Subcommand)]
+pub enum RemoteCmd {
+    /// Add a remote.
+    #[command(after_help = "Example:\n  cloudctl remote add prod https://api.example.com --token eyJ...")]
+    Add {
+        /// Remote name.
+        name: String,
+        /// API URL (http:// or https://).
+        url: String,
+        /// Bearer token.
+        #[arg(long)]
+        token: Option<String>,
+        /// PEM file of a CA to trust for this remote.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// List remotes.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Make a remote the default.
+    Switch {
+        /// Remote name.
+        name: String,
+    },
+    /// Remove a remote.
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// Remote name.
+        name: String,
+    },
+}
+
+/// `cloudctl service ...`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service. The first argument is its name unless it is a port spec.
+    #[command(
+        after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl service create 443:8080 8443:9000/tls --domain shop --domain www.example.com.\n\nPort specs: PUBLIC[:DEST][/HANDLER[+HANDLER]]; handlers tls, http, redirect, tcp, and the option proxy."
+    )]
+    Create {
+        /// [NAME] PORTSPEC...
+        #[arg(value_name = "NAME|PORTSPEC")]
+        args: Vec<String>,
+        /// Service name (instead of the first argument).
+        #[arg(long, short)]
+        name: Option<String>,
+        #[command(flatten)]
+        opts: ServiceOpts,
+    },
+    /// List services.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Re-render whenever something changes.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Show a service.
+    Get {
+        /// Name or id.
+        name: String,
+    },
+    /// Change a service's ports, limits or domains.
+    #[command(
+        after_help = "Example:\n  cloudctl service update my-service -p 443:8080 --hard-limit 100 --domain www.example.com."
+    )]
+    Update {
+        /// Name or id.
+        name: String,
+        /// Replace the port specs.
+        #[arg(long = "port", short = 'p')]
+        ports: Vec<String>,
+        #[command(flatten)]
+        opts: ServiceOpts,
+    },
+    /// Delete a service.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Name or id.
+        name: String,
+        /// Also delete its instances.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Options shared by create and update.
+#[derive(Debug, Args)]
+pub struct ServiceOpts {
+    /// Extra name: `shop` for shop.<region>.<base>, or a custom domain with a trailing dot (repeatable).
+    #[arg(long = "domain")]
+    domains: Vec<String>,
+    /// In-flight requests per instance above which others are preferred.
+    #[arg(long)]
+    soft_limit: Option<u32>,
+    /// In-flight requests per instance above which requests are refused.
+    #[arg(long)]
+    hard_limit: Option<u32>,
+}
+
+/// `cloudctl deploy ...`
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Directory to pack and push as an image (with manifest.json at its root).
+    path: Option<PathBuf>,
+    /// Attach to this service.
+    #[arg(long, short, conflicts_with = "ports")]
+    service: Option<String>,
+    /// Create an ephemeral service with these port specs, deleted with its last instance.
+    #[arg(long = "port", short = 'p')]
+    ports: Vec<String>,
+    /// Image to run (with PATH: the name to push it as; default the directory's name).
+    #[arg(long, short)]
+    image: Option<String>,
+    /// Instance name.
+    #[arg(long, short)]
+    name: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Number of instances.
+    #[arg(long = "replicas", short = 'R', default_value_t = 1)]
+    replicas: u32,
+    /// Restart policy.
+    #[arg(long, default_value = "never", value_parser = parse_restart)]
+    restart: RestartPolicy,
+    /// Memory limit per instance, MiB.
+    #[arg(long, short)]
+    memory: Option<u32>,
+    /// Create the instances stopped.
+    #[arg(long)]
+    no_start: bool,
+    /// After they run, stream the first instance's logs.
+    #[arg(long, short)]
+    follow: bool,
+    /// Seconds to wait for the instances to run.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    s.parse()
+}
+
+/// `cloudctl instance ...`
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// List instances.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Re-render whenever something changes.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Show an instance.
+    Get {
+        /// Name or id.
+        name: String,
+    },
+    /// Delete an instance (its ephemeral service goes with the last one).
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Names or ids.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Start a stopped instance.
+    Start {
+        /// Name or id.
+        name: String,
+    },
+    /// Stop an instance.
+    Stop {
+        /// Name or id.
+        name: String,
+    },
+    /// Show an instance's output.
+    #[command(after_help = "Example:\n  cloudctl instance logs web-1 -f")]
+    Logs {
+        /// Name or id.
+        name: String,
+        /// Keep streaming new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// Lines to show.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+}
+
+/// `cloudctl image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// List images.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show an image.
+    Get {
+        /// Name or id.
+        name: String,
+    },
+    /// Pack a directory and push it as an image.
+    #[command(after_help = "Example:\n  cloudctl image push ./app --name app")]
+    Push {
+        /// Directory with manifest.json at its root.
+        path: PathBuf,
+        /// Image name (default: the directory's name).
+        #[arg(long, short)]
+        name: Option<String>,
+    },
+    /// Delete an image.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Name or id.
+        name: String,
+    },
+}
+
+/// `cloudctl tenant ...`
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// List tenants.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a tenant.
+    Get {
+        /// Name or id.
+        name: String,
+    },
+    /// Create a tenant.
+    Create {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaOpts,
+    },
+    /// Change a tenant's quotas.
+    Update {
+        /// Name or id.
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaOpts,
+    },
+    /// Delete an empty tenant.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Name or id.
+        name: String,
+    },
+}
+
+/// Quota flags.
+#[derive(Debug, Args)]
+pub struct QuotaOpts {
+    /// Services at once.
+    #[arg(long)]
+    max_services: Option<u32>,
+    /// Instances at once.
+    #[arg(long)]
+    max_instances: Option<u32>,
+    /// Memory of all instances, MiB.
+    #[arg(long)]
+    max_memory_mb: Option<u64>,
+    /// Images at once.
+    #[arg(long)]
+    max_images: Option<u32>,
+}
+
+impl QuotaOpts {
+    fn patch(&self) -> QuotasPatch {
+        QuotasPatch {
+            max_services: self.max_services,
+            max_instances: self.max_instances,
+            max_memory_mb: self.max_memory_mb,
+            max_images: self.max_images,
+        }
+    }
+}
+
+/// `cloudctl token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; prints the JWT once.
+    #[command(after_help = "Example:\n  cloudctl token create --scope read --description ci")]
+    Create {
+        /// Scopes (repeatable): read, write, admin. Default read and write.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// For another tenant (admin).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Revoke a token.
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// Runs the command line; errors go to stderr with a non-zero exit.
+pub fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    if let Err(e) = runtime.block_on(run(cli, &|k| std::env::var(k).ok())) {
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            msg.push_str(&format!(": {cause}"));
+        }
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn connect(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Client> {
+    let path = config::path(env);
+    let cfg = Config::load(&path)?;
+    let (name, remote) = cfg.resolve(cli.remote.as_deref(), env)?;
+    Client::new(&name, &remote)
+}
+
+/// Whether a positional argument of `service create` is a port spec rather than a name.
+fn looks_like_port_spec(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let out = cli.output;
+    match &cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "cloudctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Remote(cmd) => remote(cmd, out, env),
+        Command::Whoami => {
+            let c = connect(&cli, env)?;
+            let me: WhoAmI = c.get("/v1/whoami").await?;
+            match out {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&me)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&me)?),
+                Format::Name => println!("{}", me.tenant.name),
+                Format::Table => {
+                    let scopes: Vec<&str> = me.scopes.iter().map(|s| s.as_str()).collect();
+                    println!("tenant: {}  network: {}", me.tenant.name, me.tenant.network);
+                    println!("token:  {}  scopes: {}  expires: {}", me.token_id, scopes.join(","), me.expires_at);
+                }
+            }
+            Ok(())
+        }
+        Command::Service(cmd) => service(&connect(&cli, env)?, cmd, out).await,
+        Command::Deploy(args) => deploy(&connect(&cli, env)?, args, out).await,
+        Command::Instance(cmd) => instance(&connect(&cli, env)?, cmd, out).await,
+        Command::Image(cmd) => image(&connect(&cli, env)?, cmd, out).await,
+        Command::Tenant(cmd) => tenant(&connect(&cli, env)?, cmd, out).await,
+        Command::Token(cmd) => token(&connect(&cli, env)?, cmd, out).await,
+    }
+}
+
+fn remote(cmd: &RemoteCmd, out: Format, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let path = config::path(env);
+    let mut cfg = Config::load(&path)?;
+    match cmd {
+        RemoteCmd::Add { name, url, token, ca } => {
+            reqwest::Url::parse(url)
+                .with_context(|| format!("\"{url}\" is not a URL (e.g. https://api.example.com)"))?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("\"{url}\": the URL must start with http:// or https://");
+            }
+            cfg.add(name, Remote { url: url.clone(), token: token.clone(), ca: ca.clone() })?;
+            cfg.save(&path)?;
+            eprintln!("added remote {name} ({url})");
+        }
+        RemoteCmd::List => {
+            let rows: Vec<(String, Remote)> = cfg.remotes.clone().into_iter().collect();
+            match out {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&cfg.remotes_public())?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&cfg.remotes_public())?),
+                Format::Name => rows.iter().for_each(|(n, _)| println!("{n}")),
+                Format::Table => {
+                    let table = output::Table {
+                        headers: vec!["NAME", "URL", "DEFAULT", "TOKEN"],
+                        rows: rows
+                            .iter()
+                            .map(|(n, r)| {
+                                vec![
+                                    n.clone(),
+                                    r.url.clone(),
+                                    (cfg.default_remote.as_deref() == Some(n)).to_string(),
+                                    if r.token.is_some() { "yes".into() } else { "no".into() },
+                                ]
+                            })
+                            .collect(),
+                    };
+                    print!("{}", table.render(output::terminal_width()));
+                }
+            }
+        }
+        RemoteCmd::Switch { name } => {
+            cfg.switch(name)?;
+            cfg.save(&path)?;
+            eprintln!("default remote is now {name}");
+        }
+        RemoteCmd::Remove { name } => {
+            cfg.remove(name)?;
+            cfg.save(&path)?;
+            eprintln!("removed remote {name}");
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Remotes without their tokens, for printing.
+    fn remotes_public(&self) -> BTreeMap<String, serde_json::Value> {
+        self.remotes
+            .iter()
+            .map(|(n, r)| {
+                let v = serde_json::json!({
+                    "url": r.url,
+                    "default": self.default_remote.as_deref() == Some(n.as_str()),
+                    "has_token": r.token.is_some(),
+                });
+                (n.clone(), v)
+            })
+            .collect()
+    }
+}
+
+fn name_of_service(s: &Service) -> String {
+    s.name.clone()
+}
+
+fn name_of_instance(i: &Instance) -> String {
+    i.name.clone()
+}
+
+async fn watch_loop<F, Fut>(c: &Client, render: F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    render().await?;
+    let res = c.send(c.request(reqwest::Method::GET, "/v1/events")).await?;
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        let mut changed = false;
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            changed |= frame.lines().any(|l| l.starts_with("data: "));
+        }
+        if changed {
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                print!("\x1b[2J\x1b[H");
+            } else {
+                println!();
+            }
+            render().await?;
+        }
+    }
+    Ok(())
+}
+
+async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Create { args, name, opts } => {
+            let mut args = args.clone();
+            let name = match name {
+                Some(n) => Some(n.clone()),
+                None if args.first().is_some_and(|a| !looks_like_port_spec(a)) => Some(args.remove(0)),
+                None => None,
+            };
+            if let Some(n) = &name {
+                cloud_domain::names::validate_name(cloud_domain::names::NameKind::Service, n)?;
+            }
+            let body = CreateService {
+                name,
+                ports: deploy::port_inputs(&args)?,
+                soft_limit: opts.soft_limit,
+                hard_limit: opts.hard_limit,
+                domains: opts.domains.clone(),
+            };
+            let s: Service = c.post("/v1/services", &body).await?;
+            if out == Format::Table {
+                println!("created service {} {}", s.name, s.fqdn);
+                for p in &s.ports {
+                    println!("  {p}");
+                }
+                for d in &s.domains {
+                    if let Some(v) = &d.verification {
+                        println!(
+                            "  domain {} unverified: create TXT {} = \"{}\" and CNAME {} -> {}",
+                            d.name, v.txt_name, v.txt_value, d.name, v.cname_target
+                        );
+                    }
+                }
+            } else {
+                print(out, &[s], output::services, name_of_service, true);
+            }
+        }
+        ServiceCmd::List { watch } => {
+            let render = || async {
+                let items: Vec<Service> = c.list_all("/v1/services").await?;
+                print(out, &items, output::services, name_of_service, false);
+                Ok(())
+            };
+            if *watch {
+                watch_loop(c, render).await?;
+            } else {
+                render().await?;
+            }
+        }
+        ServiceCmd::Get { name } => {
+            let s: Service = c.get(&format!("/v1/services/{}", seg(name))).await?;
+            print(out, &[s], output::services, name_of_service, true);
+        }
+        ServiceCmd::Update { name, ports, opts } => {
+            let body = UpdateService {
+                ports: if ports.is_empty() { None } else { Some(deploy::port_inputs(ports)?) },
+                soft_limit: opts.soft_limit.map(Some),
+                hard_limit: opts.hard_limit.map(Some),
+                domains: if opts.domains.is_empty() { None } else { Some(opts.domains.clone()) },
+            };
+            let s: Service = c.patch(&format!("/v1/services/{}", seg(name)), &body).await?;
+            print(out, &[s], output::services, name_of_service, true);
+        }
+        ServiceCmd::Delete { name, force } => {
+            let q = if *force { "?force=true" } else { "" };
+            c.delete(&format!("/v1/services/{}{q}", seg(name))).await?;
+            eprintln!("deleted service {name}");
+        }
+    }
+    Ok(())
+}
+
+fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("-e {p}: write KEY=VALUE"),
+        })
+        .collect()
+}
+
+async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()> {
+    let env = parse_env(&args.env)?;
+    let ports = if args.ports.is_empty() { None } else { Some(deploy::port_inputs(&args.ports)?) };
+    if let Some(n) = &args.name {
+        cloud_domain::names::validate_name(cloud_domain::names::NameKind::Instance, n)?;
+    }
+    let image = match (&args.path, &args.image) {
+        (Some(path), image) => {
+            let name = match image {
+                Some(i) => i.clone(),
+                None => dir_name(path)?,
+            };
+            let bundle = deploy::pack(path)?;
+            eprintln!("pushing {} as image {name} ({} bytes)", path.display(), bundle.len());
+            deploy::push(c, &name, bundle).await?.name
+        }
+        (None, Some(image)) => image.clone(),
+        (None, None) => bail!("nothing to deploy: give a directory (cloudctl deploy ./app) or --image NAME"),
+    };
+    let req = CreateInstance {
+        image,
+        name: args.name.clone(),
+        env,
+        args: Vec::new(),
+        service: args.service.clone(),
+        ports,
+        replicas: args.replicas,
+        restart_policy: args.restart,
+        memory_mb: args.memory,
+        start: !args.no_start,
+    };
+    let created = deploy::create_and_wait(c, req, Duration::from_secs(args.timeout)).await?;
+    match out {
+        Format::Table => print!("{}", deploy::summary(&created)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+        Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
+        Format::Name => created.instances.iter().for_each(|i| println!("{}", i.name)),
+    }
+    if args.follow
+        && let Some(first) = created.instances.first()
+    {
+        logs(c, &first.name, true, 100).await?;
+    }
+    Ok(())
+}
+
+/// An image name from a directory name, made a valid label.
+fn dir_name(path: &std::path::Path) -> anyhow::Result<String> {
+    let abs = std::fs::canonicalize(path).with_context(|| format!("{} does not exist", path.display()))?;
+    let raw = abs.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let mut name: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    name = name.trim_matches('-').chars().take(63).collect();
+    if cloud_domain::names::validate_name(cloud_domain::names::NameKind::Image, &name).is_err() {
+        bail!("cannot make an image name from {}: pass --image NAME", path.display());
+    }
+    Ok(name)
+}
+
+async fn logs(c: &Client, name: &str, follow: bool, tail: u32) -> anyhow::Result<()> {
+    let path = format!("/v1/instances/{}/logs?limit={tail}", seg(name));
+    if !follow {
+        let lines: Vec<LogLine> = c.get(&path).await?;
+        lines.iter().for_each(print_log);
+        return Ok(());
+    }
+    let res = c.send(c.request(reqwest::Method::GET, &format!("{path}&follow=true"))).await?;
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            for data in frame.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if let Ok(line) = serde_json::from_str::<LogLine>(data) {
+                    print_log(&line);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_log(l: &LogLine) {
+    let mark = match l.stream.as_str() {
+        "stderr" => "err",
+        "system" => "sys",
+        _ => "out",
+    };
+    println!("{} {mark} {}", l.at.format("%H:%M:%S%.3f"), l.line);
+}
+
+async fn instance(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::Result<()> {
+    match cmd {
+        InstanceCmd::List { watch } => {
+            let render = || async {
+                let items: Vec<Instance> = c.list_all("/v1/instances").await?;
+                print(out, &items, output::instances, name_of_instance, false);
+                Ok(())
+            };
+            if *watch {
+                watch_loop(c, render).await?;
+            } else {
+                render().await?;
+            }
+        }
+        InstanceCmd::Get { name } => {
+            let i: Instance = c.get(&format!("/v1/instances/{}", seg(name))).await?;
+            print(out, &[i], output::instances, name_of_instance, true);
+        }
+        InstanceCmd::Delete { names } => {
+            for name in names {
+                c.delete(&format!("/v1/instances/{}", seg(name))).await?;
+                eprintln!("deleted instance {name}");
+            }
+        }
+        InstanceCmd::Start { name } | InstanceCmd::Stop { name } => {
+            let verb = if matches!(cmd, InstanceCmd::Start { .. }) { "start" } else { "stop" };
+            let i: Instance = c.post(&format!("/v1/instances/{}/{verb}", seg(name)), &serde_json::json!({})).await?;
+            print(out, &[i], output::instances, name_of_instance, true);
+        }
+        InstanceCmd::Logs { name, follow, tail } => logs(c, name, *follow, *tail).await?,
+    }
+    Ok(())
+}
+
+async fn image(c: &Client, cmd: &ImageCmd, out: Format) -> anyhow::Result<()> {
+    let name_of = |i: &Image| i.name.clone();
+    match cmd {
+        ImageCmd::List => {
+            let items: Vec<Image> = c.list_all("/v1/images").await?;
+            print(out, &items, output::images, name_of, false);
+        }
+        ImageCmd::Get { name } => {
+            let i: Image = c.get(&format!("/v1/images/{}", seg(name))).await?;
+            print(out, &[i], output::images, name_of, true);
+        }
+        ImageCmd::Push { path, name } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => dir_name(path)?,
+            };
+            let i = deploy::push(c, &name, deploy::pack(path)?).await?;
+            print(out, &[i], output::images, name_of, true);
+        }
+        ImageCmd::Delete { name } => {
+            c.delete(&format!("/v1/images/{}", seg(name))).await?;
+            eprintln!("deleted image {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn tenant(c: &Client, cmd: &TenantCmd, out: Format) -> anyhow::Result<()> {
+    let name_of = |t: &Tenant| t.name.clone();
+    match cmd {
+        TenantCmd::List => {
+            let items: Vec<Tenant> = c.list_all("/v1/tenants").await?;
+            print(out, &items, output::tenants, name_of, false);
+        }
+        TenantCmd::Get { name } => {
+            let t: Tenant = c.get(&format!("/v1/tenants/{}", seg(name))).await?;
+            print(out, &[t], output::tenants, name_of, true);
+        }
+        TenantCmd::Create { name, quotas } => {
+            let t: Tenant = c.post("/v1/tenants", &CreateTenant { name: name.clone(), quotas: quotas.patch() }).await?;
+            print(out, &[t], output::tenants, name_of, true);
+        }
+        TenantCmd::Update { name, quotas } => {
+            let t: Tenant =
+                c.patch(&format!("/v1/tenants/{}", seg(name)), &UpdateTenant { quotas: quotas.patch() }).await?;
+            print(out, &[t], output::tenants, name_of, true);
+        }
+        TenantCmd::Delete { name } => {
+            c.delete(&format!("/v1/tenants/{}", seg(name))).await?;
+            eprintln!("deleted tenant {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn token(c: &Client, cmd: &TokenCmd, out: Format) -> anyhow::Result<()> {
+    let name_of = |t: &Token| t.id.to_string();
+    match cmd {
+        TokenCmd::Create { scopes, tenant, days, description } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| Scope::parse(s).with_context(|| format!("--scope {s}: use read, write or admin")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let body = CreateToken {
+                tenant: tenant.clone(),
+                scopes: if scopes.is_empty() { None } else { Some(scopes) },
+                expires_in_seconds: Some(days * 86400),
+                description: description.clone(),
+            };
+            let created: CreatedToken = c.post("/v1/tokens", &body).await?;
+            match out {
+                Format::Table | Format::Name => println!("{}", created.jwt),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
+            }
+        }
+        TokenCmd::List => {
+            let items: Vec<Token> = c.list_all("/v1/tokens").await?;
+            print(out, &items, output::tokens, name_of, false);
+        }
+        TokenCmd::Revoke { id } => {
+            c.delete(&format!("/v1/tokens/{}", seg(id))).await?;
+            eprintln!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn port_specs_and_names_are_told_apart() {
+        assert!(looks_like_port_spec("443:8080"));
+        assert!(!looks_like_port_spec("my-service"));
+        assert_eq!(parse_env(&["A=1".into(), "B=x=y".into()]).unwrap()["B"], "x=y");
+        assert!(parse_env(&["nope".into()]).unwrap_err().to_string().contains("KEY=VALUE"));
+    }
+}

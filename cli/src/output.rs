@@ -1,0 +1,229 @@
+//! Output formats: tables that fit the terminal for people; JSON, YAML (the API objects as they are) and names
+//! for scripts.
+
+use clap::ValueEnum;
+use cloud_domain::api::{Image, Instance, Service, Tenant, Token};
+use serde::Serialize;
+
+/// `-o` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Columns for people.
+    Table,
+    /// The API objects as JSON.
+    Json,
+    /// The API objects as YAML.
+    Yaml,
+    /// One name per line.
+    Name,
+}
+
+/// A table of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// Column titles.
+    pub headers: Vec<&'static str>,
+    /// Cells.
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Renders with columns two spaces apart, shrinking the widest columns (with '…') to fit `width`.
+    pub fn render(&self, width: usize) -> String {
+        let cols = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(cols) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let total = |w: &[usize]| w.iter().sum::<usize>() + 2 * w.len().saturating_sub(1);
+        while total(&widths) > width {
+            let (i, w) = widths.iter().enumerate().max_by_key(|(_, w)| **w).map(|(i, w)| (i, *w)).unwrap_or((0, 0));
+            if w <= 8 {
+                break;
+            }
+            widths[i] = w - 1;
+        }
+        let mut out = String::new();
+        let headers: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
+        for row in std::iter::once(&headers).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate().take(cols) {
+                let w = widths[i];
+                let text: String = if cell.chars().count() > w {
+                    cell.chars().take(w.saturating_sub(1)).chain(['…']).collect()
+                } else {
+                    cell.clone()
+                };
+                if i + 1 < cols {
+                    line.push_str(&format!("{text:<w$}  "));
+                } else {
+                    line.push_str(&text);
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The terminal's width, or 120 when output is not a terminal (so scripts see full cells).
+pub fn terminal_width() -> usize {
+    terminal_size::terminal_size().map_or(120, |(w, _)| w.0 as usize)
+}
+
+/// Prints values in a format.
+pub fn print<T: Serialize>(
+    format: Format,
+    items: &[T],
+    table: fn(&[T]) -> Table,
+    name: fn(&T) -> String,
+    single: bool,
+) {
+    match format {
+        Format::Table => print!("{}", table(items).render(terminal_width())),
+        Format::Json if single => println!("{}", serde_json::to_string_pretty(&items[0]).unwrap_or_default()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(items).unwrap_or_default()),
+        Format::Yaml if single => print!("{}", serde_yaml::to_string(&items[0]).unwrap_or_default()),
+        Format::Yaml => print!("{}", serde_yaml::to_string(items).unwrap_or_default()),
+        Format::Name => items.iter().for_each(|i| println!("{}", name(i))),
+    }
+}
+
+/// Service rows.
+pub fn services(items: &[Service]) -> Table {
+    Table {
+        headers: vec!["NAME", "FQDN", "PORTS", "INSTANCES", "PERSISTENT", "AGE"],
+        rows: items
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.fqdn.clone(),
+                    s.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                    s.instances.len().to_string(),
+                    s.persistent.to_string(),
+                    age(s.created_at),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// Instance rows.
+pub fn instances(items: &[Instance]) -> Table {
+    Table {
+        headers: vec!["NAME", "STATE", "IMAGE", "SERVICE", "PRIVATE IP", "NODE", "RESTARTS", "AGE"],
+        rows: items
+            .iter()
+            .map(|i| {
+                vec![
+                    i.name.clone(),
+                    i.state.to_string(),
+                    i.image.clone(),
+                    i.service.as_ref().map_or("-".into(), |s| s.name.clone()),
+                    i.private_ip.to_string(),
+                    i.node.clone().unwrap_or_else(|| "-".into()),
+                    i.restart_count.to_string(),
+                    age(i.created_at),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// Image rows.
+pub fn images(items: &[Image]) -> Table {
+    Table {
+        headers: vec!["NAME", "DIGEST", "COMMAND", "PORT", "BUILTIN", "SIZE"],
+        rows: items
+            .iter()
+            .map(|i| {
+                vec![
+                    i.name.clone(),
+                    i.digest.chars().take(19).collect(),
+                    i.command.join(" "),
+                    i.port.to_string(),
+                    i.builtin.to_string(),
+                    format!("{} B", i.size_bytes),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// Tenant rows.
+pub fn tenants(items: &[Tenant]) -> Table {
+    Table {
+        headers: vec!["NAME", "NETWORK", "SERVICES", "INSTANCES", "MEMORY MB"],
+        rows: items
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    t.network.clone(),
+                    format!("{}/{}", t.usage.services, t.quotas.max_services),
+                    format!("{}/{}", t.usage.instances, t.quotas.max_instances),
+                    format!("{}/{}", t.usage.memory_mb, t.quotas.max_memory_mb),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// Token rows.
+pub fn tokens(items: &[Token]) -> Table {
+    Table {
+        headers: vec!["ID", "SCOPES", "EXPIRES", "REVOKED", "DESCRIPTION"],
+        rows: items
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.to_string(),
+                    t.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                    t.expires_at.format("%Y-%m-%d %H:%M").to_string(),
+                    t.revoked_at.map_or("-".into(), |r| r.format("%Y-%m-%d %H:%M").to_string()),
+                    t.description.clone(),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// A short age like `5s`, `3m`, `2h`, `4d`.
+fn age(created: chrono::DateTime<chrono::Utc>) -> String {
+    let s = (chrono::Utc::now() - created).num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_match_their_snapshot_and_shrink_to_the_terminal() {
+        let t = Table {
+            headers: vec!["NAME", "FQDN", "PORTS"],
+            rows: vec![
+                vec![
+                    "my-service".into(),
+                    "my-service-x7k2p9qa.dev.cloud.localhost".into(),
+                    "80:443/http+redirect,443:8080/tls+http".into(),
+                ],
+                vec!["db".into(), "db-00000000.dev.cloud.localhost".into(), "30001:5432/tcp".into()],
+            ],
+        };
+        let snapshot = include_str!("../tests/snapshots/table-wide.txt");
+        assert_eq!(t.render(200), snapshot);
+        let narrow = t.render(60);
+        assert_eq!(narrow, include_str!("../tests/snapshots/table-narrow.txt"));
+        assert!(narrow.lines().all(|l| l.chars().count() <= 60), "{narrow}");
+    }
+}

@@ -1,0 +1,222 @@
+//! The real `cloudctl` against a real `cloudd dev` (embedded PostgreSQL, API, node agent), each in its own
+//! process, as a user would run them. `cloudd` must be built beside `cloudctl` (`cargo test --workspace` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Dev {
+    child: Child,
+    home: tempfile::TempDir,
+    api: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        // Ctrl-C: cloudd stops its instances, the node agent and PostgreSQL in order.
+        unsafe_free_kill(self.child.id(), "INT");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status();
+}
+
+fn bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_cloudctl")).parent().unwrap().to_path_buf();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace first (cargo build --workspace)", path.display());
+    path
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+fn start_dev() -> Dev {
+    let home = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let api = format!("http://127.0.0.1:{port}");
+    let pool = if is_root() { "10.210.0.0/16" } else { "127.210.0.0/16" };
+    let log = std::fs::File::create(home.path().join("cloudd.log")).unwrap();
+    let child = Command::new(bin("cloudd"))
+        .arg("dev")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("CLOUD_DATA_DIR", home.path().join("data"))
+        .env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CLOUD_TENANT_POOL", pool)
+        .env_remove("DATABASE_URL")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let dev = Dev { child, home, api };
+    // Ready when cloudd has written cloudctl's `local` remote (after the API listens).
+    let config = dev.home.path().join("config/cloudctl/config.toml");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&config).is_ok_and(|c| c.contains("[remotes.local]")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "cloudd dev did not come up: {}",
+            std::fs::read_to_string(dev.home.path().join("cloudd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dev
+}
+
+/// Runs cloudctl with the dev environment.
+fn ctl(dev: &Dev, args: &[&str]) -> Output {
+    Command::new(bin("cloudctl"))
+        .args(args)
+        .env("HOME", dev.home.path())
+        .env("XDG_CONFIG_HOME", dev.home.path().join("config"))
+        .env_remove("CLOUD_API_URL")
+        .env_remove("CLOUD_TOKEN")
+        .env_remove("CLOUD_REMOTE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs cloudctl and asserts success; returns stdout.
+#[track_caller]
+fn ok(dev: &Dev, args: &[&str]) -> String {
+    let out = ctl(dev, args);
+    assert!(
+        out.status.success(),
+        "cloudctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs cloudctl and asserts a failure whose message mentions `needle`; returns stderr.
+#[track_caller]
+fn fails(dev: &Dev, args: &[&str], needle: &str) -> String {
+    let out = ctl(dev, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "cloudctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains(needle), "cloudctl {args:?}: {stderr:?} should mention {needle:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one-line error: {stderr}");
+    stderr
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn the_cli_drives_a_real_platform() {
+    let dev = start_dev();
+
+    // Remotes: `cloudd dev` registered `local` as the default.
+    let remotes = json(&ok(&dev, &["remote", "list", "-o", "json"]));
+    assert_eq!(remotes["local"]["url"], dev.api.as_str());
+    assert_eq!(remotes["local"]["default"], true);
+    ok(&dev, &["remote", "add", "elsewhere", "http://127.0.0.1:9", "--token", "x"]);
+    ok(&dev, &["remote", "switch", "elsewhere"]);
+    fails(&dev, &["whoami"], "cannot reach remote \"elsewhere\" at http://127.0.0.1:9");
+    ok(&dev, &["remote", "switch", "local"]);
+    ok(&dev, &["remote", "remove", "elsewhere"]);
+    assert_eq!(ok(&dev, &["remote", "list", "-o", "name"]), "local\n");
+    ok(&dev, &["remote", "add", "tokenless", &dev.api]);
+    fails(&dev, &["--remote", "tokenless", "service", "list"], "has no token");
+    ok(&dev, &["remote", "rm", "tokenless"]);
+    assert!(ok(&dev, &["whoami"]).contains("tenant: default"));
+
+    // The mission's first command.
+    let created = ok(&dev, &["service", "create", "my-service", "443:8080"]);
+    let fqdn = created.split_whitespace().nth(3).unwrap().to_owned();
+    assert!(created.starts_with("created service my-service my-service-"), "{created}");
+    assert!(fqdn.ends_with(".dev.cloud.localhost"), "{created}");
+    assert!(created.contains("443:8080/tls+http") && created.contains("80:443/http+redirect"), "{created}");
+
+    // Reads in every format.
+    let list = json(&ok(&dev, &["service", "list", "-o", "json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["fqdn"], fqdn.as_str());
+    assert_eq!(json(&ok(&dev, &["service", "get", "my-service", "-o", "json"]))["name"], "my-service");
+    assert!(ok(&dev, &["service", "get", "my-service", "-o", "yaml"]).contains(&format!("fqdn: {fqdn}")));
+    assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "my-service\n");
+    let table = ok(&dev, &["service", "list"]);
+    assert!(table.starts_with("NAME") && table.contains("my-service") && table.contains(&fqdn), "{table}");
+
+    // The mission's second command: instances behind the service, running, with private names.
+    let deployed = ok(&dev, &["deploy", "--service", "my-service", "--image", "hello"]);
+    assert!(deployed.contains(&format!("https://{fqdn}\n")), "{deployed}");
+    let line = deployed.lines().find(|l| l.starts_with("instance: ")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (instance, state, ip, private_fqdn) = (fields[1], fields[2], fields[3], fields[4]);
+    assert!(instance.starts_with("hello-") && state == "running", "{line}");
+    assert!(ip.starts_with(if is_root() { "10.210." } else { "127.210." }), "{line}");
+    assert_eq!(private_fqdn, format!("{instance}.internal"));
+    let instances = json(&ok(&dev, &["instance", "list", "-o", "json"]));
+    assert_eq!(instances[0]["service"]["name"], "my-service");
+
+    // deploy -p: an ephemeral service that goes with its instance.
+    let eph = json(&ok(&dev, &["deploy", "-p", "443:8080", "--image", "hello", "-o", "json"]));
+    let svc = eph["service"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(eph["service"]["persistent"], false);
+    assert_eq!(eph["instances"][0]["state"], "running");
+    let inst = eph["instances"][0]["name"].as_str().unwrap().to_owned();
+    assert!(ok(&dev, &["service", "list", "-o", "name"]).contains(&svc));
+    ok(&dev, &["instance", "delete", &inst]);
+    fails(&dev, &["service", "get", &svc], "not found");
+
+    // Bad input: one line naming the problem, and nothing created.
+    fails(&dev, &["service", "create", "bad", "80:8080/tls"], "port spec \"80:8080/tls\": port 80 serves plain http");
+    fails(&dev, &["service", "create", "Bad", "443"], "invalid character 'B'");
+    fails(&dev, &["service", "get", "nope"], "service \"nope\" not found (not_found)");
+    fails(&dev, &["deploy"], "nothing to deploy");
+    fails(&dev, &["deploy", "--image", "nope"], "image \"nope\" not found");
+    let conflict = ctl(&dev, &["deploy", "--service", "my-service", "-p", "443"]);
+    assert_eq!(conflict.status.code(), Some(2), "clap refuses --service with -p");
+    fails(&dev, &["service", "delete", "my-service"], "service_has_instances");
+    assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "my-service\n");
+
+    // Logs of the running instance.
+    let logs = ok(&dev, &["instance", "logs", instance]);
+    assert!(logs.contains("sys listening on"), "{logs}");
+
+    ok(&dev, &["service", "delete", "my-service", "--force"]);
+    assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "");
+    assert_eq!(json(&ok(&dev, &["instance", "list", "-o", "json"])), Value::Array(vec![]));
+}
+
+/// `--help` output is part of the interface: it changes only on purpose (UPDATE_SNAPSHOTS=1 rewrites).
+#[test]
+fn help_matches_its_snapshots() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    for (file, args) in [
+        ("help.txt", vec!["--help"]),
+        ("help-service-create.txt", vec!["service", "create", "--help"]),
+        ("help-deploy.txt", vec!["deploy", "--help"]),
+    ] {
+        let out = Command::new(bin("cloudctl")).args(&args).env_remove("CLOUD_REMOTE").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let path = dir.join(file);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        assert_eq!(
+            text,
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            "{file} changed; UPDATE_SNAPSHOTS=1 rewrites it"
+        );
+    }
+}
