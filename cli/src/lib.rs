@@ -72,6 +72,7 @@ pub enum Command {
     #[command(subcommand)]
     Token(TokenCmd),
     /// Show the current remote, tenant and token.
+    #[command(after_help = "Example:\n  cloudctl whoami -o json")]
     Whoami,
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  cloudctl completion bash > /etc/bash_completion.d/cloudctl")]
@@ -99,15 +100,16 @@ pub enum RemoteCmd {
         ca: Option<PathBuf>,
     },
     /// List remotes.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl remote list", visible_alias = "ls")]
     List,
     /// Make a remote the default.
+    #[command(after_help = "Example:\n  cloudctl remote switch local")]
     Switch {
         /// Remote name.
         name: String,
     },
     /// Remove a remote.
-    #[command(visible_alias = "rm")]
+    #[command(after_help = "Example:\n  cloudctl remote remove prod", visible_alias = "rm")]
     Remove {
         /// Remote name.
         name: String,
@@ -132,13 +134,14 @@ pub enum ServiceCmd {
         opts: ServiceOpts,
     },
     /// List services.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl service list -o json", visible_alias = "ls")]
     List {
         /// Re-render whenever something changes.
         #[arg(long, short)]
         watch: bool,
     },
     /// Show a service.
+    #[command(after_help = "Example:\n  cloudctl service get my-service -o yaml")]
     Get {
         /// Name or id.
         name: String,
@@ -157,7 +160,7 @@ pub enum ServiceCmd {
         opts: ServiceOpts,
     },
     /// Delete a service.
-    #[command(visible_alias = "rm")]
+    #[command(after_help = "Example:\n  cloudctl service delete my-service --force", visible_alias = "rm")]
     Delete {
         /// Name or id.
         name: String,
@@ -229,30 +232,33 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
     /// List instances.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl instance list --watch", visible_alias = "ls")]
     List {
         /// Re-render whenever something changes.
         #[arg(long, short)]
         watch: bool,
     },
     /// Show an instance.
+    #[command(after_help = "Example:\n  cloudctl instance get web-1 -o json")]
     Get {
         /// Name or id.
         name: String,
     },
     /// Delete an instance (its ephemeral service goes with the last one).
-    #[command(visible_alias = "rm")]
+    #[command(after_help = "Example:\n  cloudctl instance delete hello-x1y2z", visible_alias = "rm")]
     Delete {
         /// Names or ids.
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Start a stopped instance.
+    #[command(after_help = "Example:\n  cloudctl instance start web-1")]
     Start {
         /// Name or id.
         name: String,
     },
     /// Stop an instance.
+    #[command(after_help = "Example:\n  cloudctl instance stop web-1")]
     Stop {
         /// Name or id.
         name: String,
@@ -275,9 +281,10 @@ pub enum InstanceCmd {
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
     /// List images.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl image list -o name", visible_alias = "ls")]
     List,
     /// Show an image.
+    #[command(after_help = "Example:\n  cloudctl image get hello")]
     Get {
         /// Name or id.
         name: String,
@@ -292,7 +299,7 @@ pub enum ImageCmd {
         name: Option<String>,
     },
     /// Delete an image.
-    #[command(visible_alias = "rm")]
+    #[command(after_help = "Example:\n  cloudctl image delete app", visible_alias = "rm")]
     Delete {
         /// Name or id.
         name: String,
@@ -303,14 +310,16 @@ pub enum ImageCmd {
 #[derive(Debug, Subcommand)]
 pub enum TenantCmd {
     /// List tenants.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl tenant list", visible_alias = "ls")]
     List,
     /// Show a tenant.
+    #[command(after_help = "Example:\n  cloudctl tenant get acme")]
     Get {
         /// Name or id.
         name: String,
     },
     /// Create a tenant.
+    #[command(after_help = "Example:\n  cloudctl tenant create acme --max-instances 50")]
     Create {
         /// Tenant name.
         name: String,
@@ -318,6 +327,7 @@ pub enum TenantCmd {
         quotas: QuotaOpts,
     },
     /// Change a tenant's quotas.
+    #[command(after_help = "Example:\n  cloudctl tenant update acme --max-memory-mb 8192")]
     Update {
         /// Name or id.
         name: String,
@@ -325,7 +335,7 @@ pub enum TenantCmd {
         quotas: QuotaOpts,
     },
     /// Delete an empty tenant.
-    #[command(visible_alias = "rm")]
+    #[command(after_help = "Example:\n  cloudctl tenant delete acme", visible_alias = "rm")]
     Delete {
         /// Name or id.
         name: String,
@@ -380,9 +390,10 @@ pub enum TokenCmd {
         description: String,
     },
     /// List tokens.
-    #[command(visible_alias = "ls")]
+    #[command(after_help = "Example:\n  cloudctl token list", visible_alias = "ls")]
     List,
     /// Revoke a token.
+    #[command(after_help = "Example:\n  cloudctl token revoke 0b6f3c2e-5d6a-4d1e-9f0a-2b7c8d9e0f1a")]
     Revoke {
         /// Token id.
         id: String,

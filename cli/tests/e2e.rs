@@ -168,6 +168,11 @@ fn the_cli_drives_a_real_platform() {
     assert_eq!(instances[0]["service"]["name"], "my-service");
 
     // deploy -p: an ephemeral service that goes with its instance.
+    let eph_table = ok(&dev, &["deploy", "-p", "443:8080", "--image", "hello", "--name", "eph"]);
+    assert!(eph_table.starts_with("https://eph-") && eph_table.contains("service (ephemeral"), "{eph_table}");
+    assert!(eph_table.contains("instance: eph  running") && eph_table.contains("eph.internal"), "{eph_table}");
+    ok(&dev, &["instance", "rm", "eph"]);
+    fails(&dev, &["service", "get", "eph"], "not found");
     let eph = json(&ok(&dev, &["deploy", "-p", "443:8080", "--image", "hello", "-o", "json"]));
     let svc = eph["service"]["name"].as_str().unwrap().to_owned();
     assert_eq!(eph["service"]["persistent"], false);

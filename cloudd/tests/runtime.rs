@@ -172,6 +172,14 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
     let ip = hello["private_ip"].as_str().unwrap();
     let answer = http_get(ip, 8080).await.unwrap();
     assert_eq!(answer, format!("hello from web-1 ({ip})\n"));
+    // The memory limit (128 MiB by default) is the cgroup's, where the host has a memory controller.
+    let id = hello["id"].as_str().unwrap().replace('-', "");
+    let v1 = format!("/sys/fs/cgroup/memory/cloud/{id}/memory.limit_in_bytes");
+    let v2 = format!("/sys/fs/cgroup/cloud/{id}/memory.max");
+    match std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)) {
+        Ok(limit) => assert_eq!(limit.trim(), (128u64 << 20).to_string()),
+        Err(_) => eprintln!("no memory cgroup controller on this host: limit not checked"),
+    }
 
     upload(
         &api,

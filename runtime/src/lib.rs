@@ -181,6 +181,8 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         for leftover in sandboxes.existing() {
             tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
             let _ = sandboxes.destroy(leftover).await;
+            let cgroup = leftover.simple().to_string();
+            let _ = tokio::task::spawn_blocking(move || process::MemoryCgroup::remove_named(&cgroup)).await;
         }
         net::remove_idle_bridges().await;
     }
