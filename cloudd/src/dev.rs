@@ -139,57 +139,24 @@ fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"))
 }
 
-/// cloudctl's configuration file: `$XDG_CONFIG_HOME/cloudctl/config.toml` (`~/.config/cloudctl/config.toml`).
-pub fn cloudctl_config_path() -> PathBuf {
-    match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        Some(d) => PathBuf::from(d).join("cloudctl/config.toml"),
-        None => home().join(".config/cloudctl/config.toml"),
-    }
-}
-
-/// Registers (or refreshes) the `local` remote in cloudctl's configuration, keeping other remotes, and makes
-/// it the default when none is set. The file holds tokens: it is written with mode 0600.
+/// Registers (or refreshes) the `local` remote in cloudctl's configuration, through cloudctl's own config module
+/// so both read and write one format; other remotes stay, and `local` becomes the default when none is set.
 fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-
-    let path = cloudctl_config_path();
-    let mut doc: toml::Table = match std::fs::read_to_string(&path) {
-        Ok(text) => text.parse().with_context(|| format!("parsing {}", path.display()))?,
-        Err(_) => toml::Table::new(),
-    };
-    let remotes = doc.entry("remotes").or_insert_with(|| toml::Value::Table(Default::default()));
-    let Some(remotes) = remotes.as_table_mut() else { bail!("{}: `remotes` is not a table", path.display()) };
-    let mut local = toml::Table::new();
-    local.insert("url".into(), url.into());
-    local.insert("token".into(), token.into());
-    remotes.insert("local".into(), toml::Value::Table(local));
-    doc.entry("default_remote").or_insert_with(|| "local".into());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("toml.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(toml::to_string(&doc)?.as_bytes())?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    let path = cloudctl::config::path(&|k| std::env::var(k).ok());
+    let mut cfg = cloudctl::config::Config::load(&path)?;
+    cfg.remotes
+        .insert("local".into(), cloudctl::config::Remote { url: url.into(), token: Some(token.into()), ca: None });
+    cfg.default_remote.get_or_insert_with(|| "local".into());
+    cfg.save(&path)?;
     Ok(path)
 }
 
-/// The URL and token of the `local` remote.
-pub fn local_remote() -> anyhow::Result<(String, String)> {
-    let path = cloudctl_config_path();
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (has `cloudd dev` run as this user?)", path.display()))?;
-    let doc: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
-    let local = doc.get("remotes").and_then(|r| r.get("local"));
-    match (local.and_then(|l| l.get("url")?.as_str()), local.and_then(|l| l.get("token")?.as_str())) {
-        (Some(url), Some(token)) => Ok((url.to_owned(), token.to_owned())),
-        _ => bail!("{} has no `local` remote with a url and token; run `cloudd dev`", path.display()),
+/// The token of the `local` remote.
+pub fn local_token() -> anyhow::Result<String> {
+    let path = cloudctl::config::path(&|k| std::env::var(k).ok());
+    let cfg = cloudctl::config::Config::load(&path)?;
+    match cfg.remotes.get("local").and_then(|r| r.token.clone()) {
+        Some(token) => Ok(token),
+        None => bail!("{} has no `local` remote with a token; run `cloudd dev` first (as this user)", path.display()),
     }
 }

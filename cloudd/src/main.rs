@@ -77,8 +77,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token => {
-            let (_, token) = dev::local_remote()?;
-            println!("{token}");
+            println!("{}", dev::local_token()?);
             Ok(())
         }
         Command::Openapi => {
