@@ -35,7 +35,13 @@ pub(crate) async fn middleware(
     let Ok(claims) = bearer(req.request()).and_then(|jwt| state.signer.verify(jwt)) else {
         return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
     };
-    let body = req.extract::<Bytes>().await?;
+    let body = match req.extract::<Bytes>().await {
+        Ok(b) => b,
+        Err(e) => {
+            let e = ApiError::new(ErrorCode::PayloadTooLarge, format!("reading the body: {e}"));
+            return Ok(req.into_response(e.error_response()));
+        }
+    };
     let mut hash = Sha256::new();
     hash.update(req.method().as_str());
     hash.update([0]);

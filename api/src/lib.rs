@@ -112,12 +112,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// Starts serving on a bound listener. The returned server runs until stopped or dropped.
 pub fn serve(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
     let json_limit = state.config.max_json_bytes;
+    // Bodies read whole (by the idempotency layer) may be image bundles.
+    let body_limit = state.config.max_image_bytes;
     let server = HttpServer::new(move || {
         let (app, api) = App::new()
             .into_utoipa_app()
             .openapi(ApiDoc::openapi())
             .app_data(state.clone())
             .app_data(web::JsonConfig::default().limit(json_limit).error_handler(|e, _| validate::json_error(e).into()))
+            .app_data(web::PayloadConfig::new(body_limit))
             .app_data(web::QueryConfig::default().error_handler(|e, _| {
                 ApiError::new(ErrorCode::InvalidQuery, format!("invalid query string: {e}")).into()
             }))

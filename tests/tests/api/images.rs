@@ -93,4 +93,15 @@ async fn oversize_uploads_are_refused() {
     let api = TestApi::start_with(cloud_api::ApiConfig { max_image_bytes: 1024, ..Default::default() }).await;
     let big = vec![0u8; 4096];
     upload(&api, &api.token, "big", &big).await.problem(413, "payload_too_large", "1024");
+    // The same through the idempotency layer, which reads bodies whole.
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/images?name=big"))
+        .bearer_auth(&api.token)
+        .header("content-type", "application/gzip")
+        .header("idempotency-key", "big-1")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    crate::into_res(res).await.problem(413, "payload_too_large", "");
 }
