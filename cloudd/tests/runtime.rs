@@ -211,6 +211,17 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
         .collect();
     assert!(lines.iter().any(|(s, l)| s == "stdout" && l == "serving"), "{lines:?}");
     assert!(lines.iter().any(|(s, l)| s == "system" && l.starts_with("listening on")), "{lines:?}");
+    // follow=true streams the same lines as Server-Sent Events.
+    let res =
+        reqwest::Client::new().get(api.url("/v1/instances/py-1/logs?follow=true")).bearer_auth(t).send().await.unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut stream = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"line\":\"serving\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut stream)).await;
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("log lines in time").unwrap().unwrap()));
+    }
+    assert!(seen.starts_with("id: 1\ndata: "), "{seen}");
 
     // Stop and start again.
     let (status, _) = call(&api, reqwest::Method::POST, "/v1/instances/web-1/stop", t, Some(json!({}))).await;
