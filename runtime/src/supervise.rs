@@ -199,7 +199,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
                     return Outcome::Wanted(stop_child(&mut child, shared.config.stop_grace, w).await);
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(25)) => {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(250), TcpStream::connect(addr)).await {
                     break;
                 }
