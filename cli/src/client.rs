@@ -73,7 +73,9 @@ impl Client {
             bail!("remote \"{name}\": the URL must start with http:// or https://, not \"{}\"", remote.url);
         }
         let mut builder = reqwest::Client::builder().user_agent(concat!("cloudctl/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &remote.ca {
+        if let Some(pin) = &remote.fingerprint {
+            builder = builder.use_preconfigured_tls(crate::pin::Pinned::new(Some(pin.clone())).client_config());
+        } else if let Some(ca) = &remote.ca {
             let pem =
                 std::fs::read(ca).with_context(|| format!("reading the CA of remote \"{name}\" ({})", ca.display()))?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
@@ -173,9 +175,9 @@ mod tests {
 
     #[test]
     fn a_remote_without_token_or_with_a_bad_url_is_refused_before_any_request() {
-        let r = Remote { url: "http://127.0.0.1:1".into(), token: None, ca: None };
+        let r = Remote { url: "http://127.0.0.1:1".into(), token: None, ca: None, fingerprint: None };
         assert!(Client::new("x", &r).unwrap_err().to_string().contains("has no token"));
-        let r = Remote { url: "ftp://x".into(), token: Some("t".into()), ca: None };
+        let r = Remote { url: "ftp://x".into(), token: Some("t".into()), ca: None, fingerprint: None };
         assert!(Client::new("x", &r).unwrap_err().to_string().contains("http:// or https://"));
         assert_eq!(seg("a b/c"), "a%20b%2Fc");
     }

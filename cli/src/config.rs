@@ -16,9 +16,12 @@ pub struct Remote {
     /// Bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    /// PEM file of a CA to trust for this remote, besides the system's roots.
+    /// PEM file of a CA to trust for this remote, besides the public roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// The pinned certificate (`SHA256:..`) of a remote no CA vouches for, accepted at `remote add`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// The configuration file.
@@ -123,7 +126,7 @@ impl Config {
         };
         let (name, mut remote) = match (named, &url) {
             (Some(n), _) => n,
-            (None, Some(u)) => ("env".to_owned(), Remote { url: u.clone(), token: None, ca: None }),
+            (None, Some(u)) => ("env".to_owned(), Remote { url: u.clone(), token: None, ca: None, fingerprint: None }),
             (None, None) => bail!(
                 "no remote configured: run `cloudd dev` (it adds `local`), or `cloudctl remote add NAME URL --token T`, or set CLOUD_API_URL"
             ),
@@ -143,7 +146,7 @@ mod tests {
     use super::*;
 
     fn remote(url: &str) -> Remote {
-        Remote { url: url.into(), token: Some("t".into()), ca: None }
+        Remote { url: url.into(), token: Some("t".into()), ca: None, fingerprint: None }
     }
 
     #[test]
@@ -165,10 +168,8 @@ mod tests {
         c.remove("prod").unwrap();
         assert_eq!(c.default_remote, None);
         let env = |k: &str| (k == "CLOUD_API_URL").then(|| "http://env".to_owned());
-        assert_eq!(
-            c.resolve(None, &env).unwrap(),
-            ("env".into(), Remote { url: "http://env".into(), token: None, ca: None })
-        );
+        let want = Remote { url: "http://env".into(), token: None, ca: None, fingerprint: None };
+        assert_eq!(c.resolve(None, &env).unwrap(), ("env".into(), want));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod output;
+pub mod pin;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -86,7 +87,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RemoteCmd {
     /// Add a remote.
-    #[command(after_help = "Example:\n  cloudctl remote add prod https://api.example.com --token eyJ...")]
+    #[command(
+        after_help = "Examples:\n  cloudctl remote add prod https://api.example.com --token eyJ...\n  cloudctl remote add lab https://10.0.0.5:7300 --token eyJ... --accept-certificate"
+    )]
     Add {
         /// Remote name.
         name: String,
@@ -98,6 +101,9 @@ pub enum RemoteCmd {
         /// PEM file of a CA to trust for this remote.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Trust the https remote's certificate as presented now (pinning its fingerprint) without asking.
+        #[arg(long)]
+        accept_certificate: bool,
     },
     /// List remotes.
     #[command(after_help = "Example:\n  cloudctl remote list", visible_alias = "ls")]
@@ -433,7 +439,7 @@ async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<(
             clap_complete::generate(*shell, &mut Cli::command(), "cloudctl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Remote(cmd) => remote(cmd, out, env),
+        Command::Remote(cmd) => remote(cmd, out, env).await,
         Command::Whoami => {
             let c = connect(&cli, env)?;
             let me: WhoAmI = c.get("/v1/whoami").await?;
@@ -458,17 +464,55 @@ async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<(
     }
 }
 
-fn remote(cmd: &RemoteCmd, out: Format, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+/// First contact with an https remote: nothing to pin when a public root vouches for its certificate; otherwise
+/// show the fingerprint and pin it once the user accepts (a prompt on a terminal, or `--accept-certificate`).
+async fn first_contact(url: &str, accept: bool) -> anyhow::Result<Option<String>> {
+    let healthz = format!("{}/healthz", url.trim_end_matches('/'));
+    if reqwest::Client::new().get(&healthz).send().await.is_ok() {
+        return Ok(None);
+    }
+    let recorder = pin::Pinned::new(None);
+    let probe = reqwest::Client::builder().use_preconfigured_tls(recorder.client_config()).build()?;
+    let reached = probe.get(&healthz).send().await;
+    let Some(seen) = recorder.seen() else {
+        let why = reached.err().map(|e| e.to_string()).unwrap_or_default();
+        bail!("cannot reach {url} to check its certificate: {why}");
+    };
+    if accept {
+        return Ok(Some(seen));
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("The certificate of {url} is not signed by a known authority.\nFingerprint: {seen}\nTrust it? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim().eq_ignore_ascii_case("y") {
+            return Ok(Some(seen));
+        }
+        bail!("not added: the certificate of {url} was not accepted");
+    }
+    bail!(
+        "the certificate of {url} is not signed by a known authority (fingerprint {seen}); check it and pass --accept-certificate to pin it, or --ca FILE"
+    )
+}
+
+async fn remote(cmd: &RemoteCmd, out: Format, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
     let path = config::path(env);
     let mut cfg = Config::load(&path)?;
     match cmd {
-        RemoteCmd::Add { name, url, token, ca } => {
+        RemoteCmd::Add { name, url, token, ca, accept_certificate } => {
             reqwest::Url::parse(url)
                 .with_context(|| format!("\"{url}\" is not a URL (e.g. https://api.example.com)"))?;
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 bail!("\"{url}\": the URL must start with http:// or https://");
             }
-            cfg.add(name, Remote { url: url.clone(), token: token.clone(), ca: ca.clone() })?;
+            if cfg.remotes.contains_key(name) {
+                bail!("remote \"{name}\" exists already; remove it first (cloudctl remote remove {name})");
+            }
+            let fingerprint = match (url.starts_with("https://"), ca) {
+                (true, None) => first_contact(url, *accept_certificate).await?,
+                _ => None,
+            };
+            cfg.add(name, Remote { url: url.clone(), token: token.clone(), ca: ca.clone(), fingerprint })?;
             cfg.save(&path)?;
             eprintln!("added remote {name} ({url})");
         }

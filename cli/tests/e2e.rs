@@ -225,3 +225,96 @@ fn help_matches_its_snapshots() {
         );
     }
 }
+
+/// A self-signed certificate from openssl, for `openssl s_server`: the peer a self-hosted platform looks like.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out =
+        Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(&cert).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let fp = text.trim().rsplit('=').next().unwrap().to_owned();
+    (cert, key, format!("SHA256:{fp}"))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tls_server(cert: &Path, key: &Path, port: u16) -> Server {
+    let child = Command::new("openssl")
+        .args(["s_server", "-www", "-quiet", "-accept", &format!("127.0.0.1:{port}"), "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "openssl s_server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+#[test]
+fn an_unknown_certificate_is_pinned_only_when_accepted() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin("cloudctl"))
+            .args(args)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env_remove("CLOUD_API_URL")
+            .env_remove("CLOUD_TOKEN")
+            .env_remove("CLOUD_REMOTE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let (cert, key, fp) = self_signed(home.path(), "first");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("https://127.0.0.1:{port}");
+    let server = tls_server(&cert, &key, port);
+
+    // Not a terminal, no --accept-certificate: refused, showing the fingerprint to check.
+    let out = run(&["remote", "add", "lab", &url, "--token", "t"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not signed by a known authority") && err.contains(&fp), "{err}");
+    assert!(!String::from_utf8_lossy(&run(&["remote", "list", "-o", "name"]).stdout).contains("lab"));
+
+    let out = run(&["remote", "add", "lab", &url, "--token", "t", "--accept-certificate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = std::fs::read_to_string(home.path().join("config/cloudctl/config.toml")).unwrap();
+    assert!(config.contains(&format!("fingerprint = \"{fp}\"")), "{config}");
+
+    // The pinned server is trusted: TLS works (s_server then answers HTML, not the API).
+    let out = run(&["--remote", "lab", "whoami"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("certificate") && !err.contains("cannot reach"), "{err}");
+
+    // Another certificate on the same address is refused.
+    drop(server);
+    let (cert2, key2, fp2) = self_signed(home.path(), "second");
+    let _server = tls_server(&cert2, &key2, port);
+    let out = run(&["--remote", "lab", "whoami"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&fp2) && err.contains("is not the pinned"), "{err}");
+}

@@ -144,8 +144,10 @@ fn home() -> PathBuf {
 fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
     let path = cloudctl::config::path(&|k| std::env::var(k).ok());
     let mut cfg = cloudctl::config::Config::load(&path)?;
-    cfg.remotes
-        .insert("local".into(), cloudctl::config::Remote { url: url.into(), token: Some(token.into()), ca: None });
+    cfg.remotes.insert(
+        "local".into(),
+        cloudctl::config::Remote { url: url.into(), token: Some(token.into()), ca: None, fingerprint: None },
+    );
     cfg.default_remote.get_or_insert_with(|| "local".into());
     cfg.save(&path)?;
     Ok(path)
