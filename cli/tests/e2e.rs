@@ -224,6 +224,11 @@ fn help_matches_its_snapshots() {
             "{file} changed; UPDATE_SNAPSHOTS=1 rewrites it"
         );
     }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin("cloudctl")).args(["completion", shell]).output().unwrap();
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success() && script.contains("cloudctl") && script.contains("deploy"), "{shell}");
+    }
 }
 
 /// A self-signed certificate from openssl, for `openssl s_server`: the peer a self-hosted platform looks like.
