@@ -57,6 +57,8 @@ fn start_dev() -> Dev {
         .env("CLOUD_DATA_DIR", home.path().join("data"))
         .env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}"))
         .env("CLOUD_TENANT_POOL", pool)
+        .env("CLOUD_DNS_LISTEN", "127.0.0.1:0")
+        .env("CLOUD_DNS_PRIVATE_LISTEN", "127.0.0.1:0")
         .env_remove("DATABASE_URL")
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -22,6 +22,20 @@ pub struct Config {
     pub dev: DevSection,
     /// Node agent settings.
     pub node: NodeSection,
+    /// DNS settings.
+    pub dns: DnsSection,
+}
+
+/// `[dns]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// Public listeners (UDP and TCP). Default `0.0.0.0:53`; `cloudd dev`: `127.0.0.1:5353`.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Private listeners answering the `internal` zone per tenant. Default none; `cloudd dev`: `127.0.0.1:5354`.
+    pub private_listen: Option<Vec<SocketAddr>>,
+    /// Addresses service FQDNs resolve to: the region's edges. Default `127.0.0.1`.
+    pub edge_addresses: Option<Vec<std::net::IpAddr>>,
 }
 
 /// `[node]`
@@ -131,6 +145,14 @@ impl Config {
         if let Some(v) = env("CLOUD_BASE_DOMAIN") {
             cfg.platform.base_domain = v;
         }
+        for (key, field) in
+            [("CLOUD_DNS_LISTEN", &mut cfg.dns.listen), ("CLOUD_DNS_PRIVATE_LISTEN", &mut cfg.dns.private_listen)]
+        {
+            if let Some(v) = env(key) {
+                let addrs = v.split(',').map(|a| a.trim().parse()).collect::<Result<Vec<SocketAddr>, _>>();
+                *field = Some(addrs.with_context(|| format!("{key}={v} is not a list of address:port"))?);
+            }
+        }
         if let Some(v) = env("CLOUD_TENANT_POOL") {
             cfg.platform.tenant_pool =
                 Some(v.parse().with_context(|| format!("CLOUD_TENANT_POOL={v} is not an IPv4 network"))?);
@@ -173,13 +195,30 @@ impl Config {
         })
     }
 
-    /// `cloudd dev` as a normal user: its node runs in loopback mode, so private IPs come from 127.0.0.0/8
-    /// unless the configuration names a pool.
+    /// `cloudd dev` defaults: DNS on unprivileged loopback ports; as a normal user its node runs in loopback
+    /// mode, so private IPs come from 127.0.0.0/8 unless the configuration names a pool.
     pub fn for_dev(mut self, root: bool) -> Self {
         if !root && self.platform.tenant_pool.is_none() {
             self.platform.tenant_pool = Some("127.96.0.0/12".parse().expect("literal"));
         }
+        self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
+        self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
         self
+    }
+
+    /// The DNS role's settings.
+    pub fn dns_config(&self) -> cloud_dns::DnsConfig {
+        let mut c = cloud_dns::DnsConfig::default();
+        if let Some(l) = &self.dns.listen {
+            c.public_listen = l.clone();
+        }
+        if let Some(l) = &self.dns.private_listen {
+            c.private_listen = l.clone();
+        }
+        if let Some(e) = &self.dns.edge_addresses {
+            c.edge_addresses = e.clone();
+        }
+        c
     }
 
     /// The node agent's settings; `state_dir` is used when the file names none.

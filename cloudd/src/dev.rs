@@ -47,6 +47,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
         tracing::warn!("not root: instances run in loopback mode, on 127.x addresses without isolation");
     }
     let node = start_node(cfg, store.clone(), data_dir.join("node")).await?;
+    let dns = start_dns(cfg, store.clone()).await?;
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -54,12 +55,24 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     println!("  API:       {api_url}/v1   (docs: {api_url}/docs/)");
     println!("  tenant:    {} (admin token in {}, `cloudd token` prints it)", cfg.dev.tenant, config_path.display());
     println!("  try:       curl -H \"Authorization: Bearer $(cloudd token)\" {api_url}/v1/whoami");
+    if let Some(a) = dns.public_addrs().first() {
+        println!("  DNS:       {a}   (dig @{} -p {} <service fqdn>)", a.ip(), a.port());
+    }
     println!("Ctrl-C stops it; the next start reuses the data.");
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
+    dns.shutdown().await;
     node.shutdown().await;
     Ok(())
+}
+
+/// Starts the DNS following the change feed.
+pub async fn start_dns(cfg: &Config, store: Store) -> anyhow::Result<cloud_dns::DnsHandle> {
+    let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
+    let dns = cloud_dns::start(store, feed, cfg.dns_config()).await.context("starting the DNS")?;
+    tracing::info!(public = ?dns.public_addrs(), private = ?dns.private_addrs(), "DNS serving");
+    Ok(dns)
 }
 
 /// Starts a node agent following the change feed.

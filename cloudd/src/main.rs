@@ -48,7 +48,7 @@ enum Command {
     Hello,
     /// Run the edge (not implemented yet).
     Edge,
-    /// Run the authoritative DNS (not implemented yet).
+    /// Run the authoritative DNS for service names and private instance names (needs DATABASE_URL).
     Dns,
     /// Run a node agent: runs the instances scheduled on this machine (needs root and DATABASE_URL).
     Node,
@@ -86,7 +86,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Hello => hello::serve().await,
         Command::Edge => not_yet("edge", 5),
-        Command::Dns => not_yet("dns", 6),
+        Command::Dns => {
+            let cfg = load()?;
+            let store = connect(&cfg).await?;
+            let dns = dev::start_dns(&cfg, store).await?;
+            dev::wait_for_shutdown().await;
+            dns.shutdown().await;
+            Ok(())
+        }
         Command::Node => {
             let cfg = load()?;
             let store = connect(&cfg).await?;
@@ -105,7 +112,8 @@ fn not_yet(role: &str, issue: u32) -> anyhow::Result<()> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CLOUD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // hickory logs every request at info.
+    let filter = EnvFilter::try_from_env("CLOUD_LOG").unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
     let json = std::env::var("CLOUD_LOG_FORMAT").is_ok_and(|v| v == "json");
     // Colours only for a terminal: instance output (e.g. the built-in hello's) ends up in log lines.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -18,6 +18,7 @@ mod page;
 mod services;
 mod tenants;
 mod tokens;
+mod zone;
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -35,6 +36,7 @@ pub use nodes::{Assignment, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use services::{NewService, ServiceChange};
 pub use tokens::TokenStatus;
+pub use zone::{ZoneData, ZoneInstance, ZoneService, ZoneTenant};
 
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
