@@ -47,6 +47,23 @@ fn config(name: &str) -> NodeConfig {
     c
 }
 
+/// The host lock and an API, or `None` (the test is skipped) without root, which the agent needs.
+async fn as_root() -> Option<(tokio::sync::MutexGuard<'static, ()>, TestApi)> {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return None;
+    }
+    let host = HOST.lock().await;
+    Some((host, api().await))
+}
+
+/// [`as_root`] plus a node agent with the test configuration.
+async fn with_node(name: &str) -> Option<(tokio::sync::MutexGuard<'static, ()>, TestApi, NodeHandle)> {
+    let (host, api) = as_root().await?;
+    let node = node(&api, config(name)).await;
+    Some((host, api, node))
+}
+
 async fn node(api: &TestApi, cfg: NodeConfig) -> NodeHandle {
     let feed = ChangeFeed::start(api.store.clone()).await.unwrap();
     cloud_runtime::start(api.store.clone(), feed, cfg).await.expect("node agent")
@@ -156,13 +173,7 @@ http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
 
 #[tokio::test]
 async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
-    let node = node(&api, config("n-hello")).await;
+    let Some((_host, api, node)) = with_node("n-hello").await else { return };
     let t = &api.token;
 
     create(&api, t, json!({"image": "hello", "name": "web-1"})).await;
@@ -236,13 +247,7 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
 
 #[tokio::test]
 async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
-    let node = node(&api, config("n-iso")).await;
+    let Some((_host, api, node)) = with_node("n-iso").await else { return };
     let (_, other) = api.tenant("globex", &[Scope::Read, Scope::Write]).await;
     let a1 = create(&api, &api.token, json!({"image": "hello", "name": "a1"})).await;
     create(&api, &api.token, json!({"image": "hello", "name": "a2"})).await;
@@ -275,13 +280,7 @@ async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
 
 #[tokio::test]
 async fn restart_policies_restart_with_backoff_or_fail_with_the_reason() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
-    let node = node(&api, config("n-restart")).await;
+    let Some((_host, api, node)) = with_node("n-restart").await else { return };
     let t = &api.token;
     upload(
         &api,
@@ -329,12 +328,7 @@ async fn restart_policies_restart_with_backoff_or_fail_with_the_reason() {
 
 #[tokio::test]
 async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
+    let Some((_host, api)) = as_root().await else { return };
     let t = &api.token;
     let first = node(&api, config("n-crash")).await;
     create(&api, t, json!({"image": "hello", "name": "survivor"})).await;
@@ -393,12 +387,7 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
 
 #[tokio::test]
 async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
+    let Some((_host, api)) = as_root().await else { return };
     let t = &api.token;
     let mut big = config("n-big");
     big.memory_mb = 8192;
@@ -428,13 +417,7 @@ async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
 
 #[tokio::test]
 async fn an_instance_no_node_can_hold_waits_with_the_reason() {
-    if !is_root() {
-        eprintln!("skipped: the node agent needs root");
-        return;
-    }
-    let _host = HOST.lock().await;
-    let api = api().await;
-    let node = node(&api, config("n-small")).await;
+    let Some((_host, api, node)) = with_node("n-small").await else { return };
     create(&api, &api.token, json!({"image": "hello", "name": "huge", "memory_mb": 8192})).await;
     let waiting = wait_for(&api, &api.token, "huge", "waiting", |i| !i["state_reason"].is_null()).await;
     assert_eq!(waiting["state"], "pending");
