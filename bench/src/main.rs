@@ -1,3 +1,5 @@
+//! Benchmarks beside the peers a user would pick instead. `cloud-bench dns` is in [`dns`].
+//!
 //! `cloud-bench deploy`: deploy-to-ready time and per-instance memory of the node agent, measured beside the
 //! peer a user would compare with: the same `hello` program started directly on the host, with no namespace,
 //! bridge, cgroup or API in between. Needs root (the node agent does) and a built `cloudd`.
@@ -14,11 +16,26 @@ use cloud_store::{ChangeFeed, Settings};
 use cloud_tests::TestApi;
 use serde_json::{Value, json};
 
+mod dns;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("dns") {
+        let mut names = 100_000usize;
+        let mut seconds = 10u64;
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--names" => names = it.next().context("--names N")?.parse()?,
+                "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
+                other => bail!("unknown argument {other}"),
+            }
+        }
+        return dns::run(names, seconds).await;
+    }
     if args.first().map(String::as_str) != Some("deploy") {
-        bail!("usage: cloud-bench deploy [--instances N] [--cloudd PATH]");
+        bail!("usage: cloud-bench deploy [--instances N] [--cloudd PATH] | cloud-bench dns [--names N] [--seconds S]");
     }
     let mut n = 50usize;
     let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
