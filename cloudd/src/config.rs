@@ -36,6 +36,8 @@ pub struct DnsSection {
     pub private_listen: Option<Vec<SocketAddr>>,
     /// Addresses service FQDNs resolve to: the region's edges. Default `127.0.0.1`.
     pub edge_addresses: Option<Vec<std::net::IpAddr>>,
+    /// `/healthz`, `/readyz` and `/metrics` of `cloudd dns`. Default `127.0.0.1:9153`.
+    pub ops_listen: Option<SocketAddr>,
 }
 
 /// `[node]`
@@ -144,6 +146,10 @@ impl Config {
         }
         if let Some(v) = env("CLOUD_BASE_DOMAIN") {
             cfg.platform.base_domain = v;
+        }
+        if let Some(v) = env("CLOUD_DNS_OPS_LISTEN") {
+            cfg.dns.ops_listen =
+                Some(v.parse().with_context(|| format!("CLOUD_DNS_OPS_LISTEN={v} is not an address:port"))?);
         }
         for (key, field) in
             [("CLOUD_DNS_LISTEN", &mut cfg.dns.listen), ("CLOUD_DNS_PRIVATE_LISTEN", &mut cfg.dns.private_listen)]

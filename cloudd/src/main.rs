@@ -4,6 +4,7 @@
 mod config;
 mod dev;
 mod hello;
+mod ops;
 
 use std::path::PathBuf;
 
@@ -89,9 +90,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Dns => {
             let cfg = load()?;
             let store = connect(&cfg).await?;
-            let dns = dev::start_dns(&cfg, store).await?;
+            let dns = std::sync::Arc::new(dev::start_dns(&cfg, store).await?);
+            let listen = cfg.dns.ops_listen.unwrap_or_else(|| "127.0.0.1:9153".parse().expect("literal"));
+            let ops = ops::serve(listen, dns.clone())?;
             dev::wait_for_shutdown().await;
-            dns.shutdown().await;
+            ops.stop(true).await;
+            if let Ok(dns) = std::sync::Arc::try_unwrap(dns) {
+                dns.shutdown().await;
+            }
             Ok(())
         }
         Command::Node => {

@@ -1,0 +1,67 @@
+//! Roles run as their own `cloudd` processes on a shared PostgreSQL, as production runs them.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Role(Child);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
+    let url = cloud_tests::fresh_database().await;
+    let (dns_port, ops_port) = (free_port(), free_port());
+    let _dns = Role(
+        Command::new(env!("CARGO_BIN_EXE_cloudd"))
+            .arg("dns")
+            .env("DATABASE_URL", &url)
+            .env("CLOUD_DNS_LISTEN", format!("127.0.0.1:{dns_port}"))
+            .env("CLOUD_DNS_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ops = format!("http://127.0.0.1:{ops_port}");
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
+            && res.status() == 200
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd dns did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.get(format!("{ops}/healthz")).send().await.unwrap().text().await.unwrap(), "ok\n");
+
+    // A real resolver client asks for the zone's SOA over UDP.
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &dns_port.to_string(), "dev.cloud.localhost", "SOA", "+norec", "+short"])
+        .output()
+        .expect("dig (scripts/setup installs bind9-dnsutils)");
+    let soa = String::from_utf8_lossy(&out.stdout);
+    assert!(soa.starts_with("ns1.dev.cloud.localhost. hostmaster.dev.cloud.localhost."), "{soa}");
+
+    let metrics = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("dns_queries_total{"), "{metrics}");
+    assert!(metrics.contains("dns_snapshot_stale 0"), "{metrics}");
+}
