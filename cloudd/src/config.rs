@@ -50,6 +50,8 @@ pub struct NodeSection {
     pub state_dir: Option<PathBuf>,
     /// Memory offered to instances, MiB. Default: 80% of the machine's.
     pub memory_mb: Option<u64>,
+    /// `/healthz`, `/readyz` and `/metrics` of `cloudd node`. Default `127.0.0.1:9154`.
+    pub ops_listen: Option<SocketAddr>,
 }
 
 /// `[api]`

@@ -1,4 +1,4 @@
-//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`): `/healthz`, `/readyz` and
+//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`, `cloudd node`): `/healthz`, `/readyz` and
 //! Prometheus `/metrics`, as every process of the platform serves them.
 
 use std::net::{SocketAddr, TcpListener};
@@ -22,6 +22,16 @@ impl Probe for cloud_dns::DnsHandle {
 
     fn ready(&self) -> bool {
         !self.is_stale()
+    }
+}
+
+impl Probe for cloud_runtime::NodeHandle {
+    fn metrics(&self) -> String {
+        self.metrics_text()
+    }
+
+    fn ready(&self) -> bool {
+        self.is_healthy()
     }
 }
 

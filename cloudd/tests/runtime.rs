@@ -202,6 +202,11 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
     create(&api, t, json!({"image": "pyweb", "name": "py-1", "env": {"GREETING": "hi"}})).await;
     let py = running(&api, t, "py-1").await;
     let py_ip = py["private_ip"].as_str().unwrap();
+    let metrics = node.metrics_text();
+    assert!(metrics.contains("cloud_node_instances_running 2"), "{metrics}");
+    assert!(metrics.contains("cloud_node_instance_starts_total 2"), "{metrics}");
+    assert!(metrics.contains("cloud_node_boot_seconds_count 2"), "{metrics}");
+    assert!(node.is_healthy());
     assert_ne!(py_ip, ip);
     assert_eq!(http_get(py_ip, 9000).await.unwrap(), "bundle py-1 hi\n");
 

@@ -7,6 +7,7 @@
 //! namespaces it finds and starts again what should run. It needs root.
 
 mod images;
+mod metrics;
 mod net;
 mod process;
 mod supervise;
@@ -126,6 +127,7 @@ pub(crate) struct Shared {
     pub sandboxes: net::Sandboxes,
     pub images: images::ImageCache,
     pub logs: mpsc::Sender<LogEntry>,
+    pub metrics: metrics::NodeMetrics,
 }
 
 /// One line of output on its way to the database.
@@ -151,11 +153,22 @@ pub(crate) enum Want {
 pub struct NodeHandle {
     /// The node's id.
     pub node: Uuid,
+    metrics: metrics::NodeMetrics,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl NodeHandle {
+    /// Prometheus text exposition of the agent's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// True while heartbeats reach PostgreSQL.
+    pub fn is_healthy(&self) -> bool {
+        self.metrics.heartbeat_ok.get() == 1
+    }
+
     /// Stops every instance, cleans up the host, hands the node's instances back for rescheduling and stops.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -194,11 +207,13 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         node,
         sandboxes,
         logs: logs_tx,
+        metrics: metrics::NodeMetrics::new(),
     });
     tracing::info!(%node, name = %shared.config.name, "node agent up");
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = shared.metrics.clone();
     let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx));
-    Ok(NodeHandle { node, stop: stop_tx, task })
+    Ok(NodeHandle { node, metrics, stop: stop_tx, task })
 }
 
 #[allow(unsafe_code)]
@@ -225,10 +240,15 @@ async fn run(
     let mut supervisors: HashMap<Uuid, Supervisor> = HashMap::new();
     let heartbeat = {
         let (store, node, every) = (shared.store.clone(), shared.node, shared.config.heartbeat);
+        let ok = shared.metrics.heartbeat_ok.clone();
         tasks.spawn(async move {
             loop {
-                if let Err(e) = store.heartbeat(node).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                match store.heartbeat(node).await {
+                    Ok(()) => ok.set(1),
+                    Err(e) => {
+                        ok.set(0);
+                        tracing::warn!(error = %e, "heartbeat failed");
+                    }
                 }
                 tokio::time::sleep(every).await;
             }

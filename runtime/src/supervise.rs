@@ -87,6 +87,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
                 };
                 if !restart {
                     let state = if exit_code == Some(0) { InstanceState::Stopped } else { InstanceState::Failed };
+                    shared.metrics.ends.with_label_values(&[state.as_str()]).inc();
                     r.report(state, Some(reason), exit_code, None).await;
                     return;
                 }
@@ -95,6 +96,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
                     backoff = shared.config.min_backoff;
                 }
                 r.restarts += 1;
+                shared.metrics.ends.with_label_values(&["restarted"]).inc();
                 let why = format!("{reason}; restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts);
                 r.note(format!("restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts)).await;
                 r.report(InstanceState::Starting, Some(why), exit_code, None).await;
@@ -178,6 +180,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         Ok(c) => c,
         Err(e) => return ended(format!("cannot start {:?}: {e}", manifest.command[0]), None),
     };
+    shared.metrics.starts.inc();
     r.note(format!("started {:?} as pid {}", launch.argv, child.id().unwrap_or(0))).await;
     let tail = capture_output(shared, a.id, &mut child);
     let with_tail = |reason: String| {
@@ -214,6 +217,10 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
     let boot = started.elapsed().as_micros() as u64;
     r.note(format!("listening on {}:{} after {} ms", a.private_ip, manifest.port, boot / 1000)).await;
     r.report(InstanceState::Running, None, None, Some(boot)).await;
+    shared.metrics.boot.observe(boot as f64 / 1e6);
+    shared.metrics.running.inc();
+    // Counted down however the run ends.
+    let _running = GaugeGuard(shared.metrics.running.clone());
 
     loop {
         tokio::select! {
@@ -278,4 +285,13 @@ fn cloud_store_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
