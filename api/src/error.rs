@@ -79,17 +79,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-/// `a: b: c` for an error and its sources.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+/// The whole chain of an error, for logs.
+pub use cloud_domain::error_chain as chain;
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,3 +10,15 @@ pub mod ipam;
 pub mod names;
 pub mod ports;
 pub mod state;
+
+/// `error: cause: cause...`, the whole chain of an error on one line, as logs and failure reasons show it.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

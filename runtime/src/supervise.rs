@@ -129,7 +129,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
     let ended = |reason: String, exit_code: Option<i32>| Outcome::Ended { reason, exit_code, ran: started.elapsed() };
     let (bundle, manifest) = match shared.images.prepare(&shared.store, &a.image_digest).await {
         Ok(x) => x,
-        Err(e) => return ended(format!("image: {}", cloud_store_chain(&e)), None),
+        Err(e) => return ended(format!("image: {}", cloud_domain::error_chain(&e)), None),
     };
     let namespaced = shared.config.isolation == Isolation::Namespaces;
     if namespaced {
@@ -274,17 +274,6 @@ fn capture_output(shared: &Arc<Shared>, id: uuid::Uuid, child: &mut Child) -> Ar
         });
     }
     tail
-}
-
-fn cloud_store_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// Decrements a gauge when dropped.

@@ -66,15 +66,18 @@ impl Store {
             .bind(description)
             .execute(&mut *tx)
             .await?;
-        let token: Token =
-            sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!("{SELECT_TOKEN} WHERE k.id = $1")))
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?
-                .into();
+        let token = Self::token_in(&mut tx, id).await?;
         record_event(&mut tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
         tx.commit().await?;
         Ok(token)
+    }
+
+    async fn token_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Token, StoreError> {
+        let row: TokenRow = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TOKEN} WHERE k.id = $1")))
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
+        Ok(row.into())
     }
 
     /// The state of a token, for authentication.
@@ -121,12 +124,7 @@ impl Store {
         if updated.rows_affected() == 0 {
             return Err(StoreError::NotFound { kind: "token", key: id.to_string() });
         }
-        let token: Token =
-            sqlx::query_as::<_, TokenRow>(sqlx::AssertSqlSafe(format!("{SELECT_TOKEN} WHERE k.id = $1")))
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?
-                .into();
+        let token = Self::token_in(&mut tx, id).await?;
         record_event(&mut tx, Some(tenant), "token", id, EventAction::Updated, &token).await?;
         tx.commit().await?;
         Ok(token)
