@@ -81,10 +81,15 @@ fn start_dev() -> Dev {
 
 /// Runs cloudctl with the dev environment.
 fn ctl(dev: &Dev, args: &[&str]) -> Output {
+    cloudctl_in(dev.home.path(), args)
+}
+
+/// Runs cloudctl as a user whose home (and so configuration) is `home`, without the overriding variables.
+fn cloudctl_in(home: &Path, args: &[&str]) -> Output {
     Command::new(bin("cloudctl"))
         .args(args)
-        .env("HOME", dev.home.path())
-        .env("XDG_CONFIG_HOME", dev.home.path().join("config"))
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
         .env_remove("CLOUD_API_URL")
         .env_remove("CLOUD_TOKEN")
         .env_remove("CLOUD_REMOTE")
@@ -284,18 +289,7 @@ fn tls_server(cert: &Path, key: &Path, port: u16) -> Server {
 #[test]
 fn an_unknown_certificate_is_pinned_only_when_accepted() {
     let home = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        Command::new(bin("cloudctl"))
-            .args(args)
-            .env("HOME", home.path())
-            .env("XDG_CONFIG_HOME", home.path().join("config"))
-            .env_remove("CLOUD_API_URL")
-            .env_remove("CLOUD_TOKEN")
-            .env_remove("CLOUD_REMOTE")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| cloudctl_in(home.path(), args);
     let (cert, key, fp) = self_signed(home.path(), "first");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("https://127.0.0.1:{port}");
