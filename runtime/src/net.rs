@@ -138,8 +138,9 @@ impl Sandboxes {
         }
         run("ip", &["netns", "add", &ns]).await?;
         // Two batches instead of one process per step: forking `ip` is most of a sandbox's set-up time.
+        let mac = mac_for(ip);
         let outside = format!(
-            "link add {host} type veth peer name {peer}\nlink set {peer} netns {ns}\nlink set {host} master {bridge}\nlink set {host} up\n"
+            "link add {host} type veth peer name {peer} address {mac}\nlink set {peer} netns {ns}\nlink set {host} master {bridge}\nlink set {host} up\n"
         );
         let inside = format!(
             "link set {peer} name eth0\naddr add {addr} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {gateway}\n"
@@ -168,6 +169,14 @@ impl Sandboxes {
         let _ = run("ip", &["link", "del", &format!("cv{}", short(instance))]).await;
         Ok(())
     }
+}
+
+/// The instance's MAC address, derived from its IP. A reused IP then keeps its MAC, so the host's neighbour
+/// entry for it (which outlives the old veth on the bridge) stays right instead of sending the new instance's
+/// traffic to a vanished interface until the entry goes stale, half a minute or more.
+fn mac_for(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:cb:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
 /// Creates the tenant's bridge with the gateway address if it does not exist yet.
@@ -275,4 +284,13 @@ fn our_bridges() -> Vec<String> {
         .into_iter()
         .filter(|n| n.starts_with(BRIDGE_PREFIX))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_ip_always_gets_the_same_locally_administered_mac() {
+        assert_eq!(super::mac_for("10.210.0.5".parse().unwrap()), "02:cb:0a:d2:00:05");
+        assert_ne!(super::mac_for("10.210.0.5".parse().unwrap()), super::mac_for("10.210.0.6".parse().unwrap()));
+    }
 }
