@@ -1,3 +1,333 @@
-//! The edge role: terminates TLS and routes by FQDN to instance private IPs.
+//! The edge role: terminates TLS, routes by host name (or raw TCP port) to the service's running instances on
+//! their private IPs, and balances among them.
 //!
-//! Not implemented yet (issue 5). `cloudd edge` says so and exits with an error rather than pretend.
+//! Boundaries: PostgreSQL is the only source of routes. The edge loads one consistent route table at start, then
+//! applies only what each change-feed move touched ([`cloud_store::Store::route_changes`]), swapping whole
+//! immutable tables so a request sees one table from start to end; a periodic full reload is the safety net.
+//! When PostgreSQL is unreachable the last table keeps serving and `/readyz` and the metrics say so.
+//! Certificates come from a [`CertStore`] the caller keeps current; the edge only reads it during handshakes.
+//!
+//! pingora does the HTTP work (HTTP/1.1 and HTTP/2, upstream pools, upgrades) behind our own accept loops, which
+//! open and close service ports at runtime. Tenant isolation: a request reaches only the instances of the service
+//! its host (or SNI, or dedicated TCP port) names, retries stay inside that service, and an unknown name gets an
+//! answer from the edge itself (404, or a refused handshake when no certificate covers it).
+
+mod certs;
+mod http;
+mod metrics;
+pub mod proxy_protocol;
+mod server;
+mod table;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use cloud_domain::ports::Handler;
+use cloud_store::{ChangeFeed, RouteChanges, Store, StoreError};
+use prometheus::{Encoder, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+pub use crate::certs::{CertError, CertStore, ServedCert};
+use crate::metrics::Metrics;
+use crate::server::{Connections, Kind, PortListeners};
+pub use crate::table::RouteTable;
+
+/// How the edge listens and behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeConfig {
+    /// Where https (public port 443) is served; port 0 picks one (the handle tells which).
+    pub https_listen: SocketAddr,
+    /// Where plain http (public port 80) is served.
+    pub http_listen: SocketAddr,
+    /// The address service-declared ports (tls, tcp) open on, each on its own public port number.
+    pub ports_ip: IpAddr,
+    /// Connecting to an instance fails after this long (and another instance is tried).
+    pub connect_timeout: Duration,
+    /// Idle upstream keep-alive connections are closed after this long.
+    pub upstream_idle_timeout: Duration,
+    /// A TLS handshake must complete within this long.
+    pub handshake_timeout: Duration,
+    /// An instance that failed a connect or a health check is avoided for this long.
+    pub health_window: Duration,
+    /// How often every instance's port is checked.
+    pub health_interval: Duration,
+    /// On shutdown, open connections get this long to finish.
+    pub grace_period: Duration,
+    /// Full reload interval even when the change feed is quiet.
+    pub resync_interval: Duration,
+    /// Delay before retrying after the database failed.
+    pub retry_interval: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            https_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            ports_ip: IpAddr::from([0, 0, 0, 0]),
+            connect_timeout: Duration::from_secs(2),
+            upstream_idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            health_window: Duration::from_secs(5),
+            health_interval: Duration::from_secs(2),
+            grace_period: Duration::from_secs(5),
+            resync_interval: Duration::from_secs(60),
+            retry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The first route table could not be loaded: with nothing to route, starting would only answer 404s.
+    #[error("cannot load the route table from the database")]
+    InitialLoad {
+        /// The store error.
+        #[source]
+        source: StoreError,
+    },
+    /// The metrics registry refused a metric (a programming error, reported rather than panicking).
+    #[error("cannot register the edge's metrics")]
+    Metrics {
+        /// The registry error.
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+/// State every connection reads.
+pub(crate) struct Shared {
+    pub(crate) table: ArcSwap<RouteTable>,
+    pub(crate) certs: Arc<CertStore>,
+    pub(crate) metrics: Metrics,
+    pub(crate) config: EdgeConfig,
+}
+
+/// A running edge.
+pub struct EdgeHandle {
+    shared: Arc<Shared>,
+    registry: Registry,
+    https_addr: SocketAddr,
+    http_addr: SocketAddr,
+    conns: Arc<Connections>,
+    ports: Arc<Mutex<PortListeners>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EdgeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHandle").field("https", &self.https_addr).field("http", &self.http_addr).finish()
+    }
+}
+
+impl EdgeHandle {
+    /// Where https is served.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// Where plain http is served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The change-feed version of the table in use.
+    pub fn table_version(&self) -> i64 {
+        self.shared.table.load().version
+    }
+
+    /// The table in use.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.shared.table.load_full()
+    }
+
+    /// Whether the database could not be followed at the last attempt (the last table is being served).
+    pub fn is_stale(&self) -> bool {
+        self.shared.metrics.table_stale.get() != 0
+    }
+
+    /// Service ports open now: (port, "tls" | "tcp").
+    pub async fn open_ports(&self) -> Vec<(u16, &'static str)> {
+        let mut ports: Vec<_> = self
+            .ports
+            .lock()
+            .await
+            .open_ports()
+            .into_iter()
+            .map(|(p, k)| (p, if k == Kind::Tcp { "tcp" } else { "tls" }))
+            .collect();
+        ports.sort();
+        ports
+    }
+
+    /// Prometheus text exposition of the edge's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.certificates.set(self.shared.certs.len() as i64);
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Stops accepting, lets open connections finish within the grace period, then stops.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.ports.lock().await.close_all();
+        let deadline = Instant::now() + self.shared.config.grace_period;
+        while self.conns.open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the edge: loads the route table, binds the listeners and follows the change feed.
+pub async fn start(
+    store: Store,
+    feed: ChangeFeed,
+    certs: Arc<CertStore>,
+    config: EdgeConfig,
+) -> Result<EdgeHandle, EdgeError> {
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry).map_err(|source| EdgeError::Metrics { source })?;
+    let data = store.route_data().await.map_err(|source| EdgeError::InitialLoad { source })?;
+    let table = RouteTable::load(data, None);
+    metrics.table_version.set(table.version);
+    metrics.table_services.set(table.len() as i64);
+    let shared = Arc::new(Shared { table: ArcSwap::from_pointee(table), certs, metrics, config: config.clone() });
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
+    };
+    let https = bind(config.https_listen).await?;
+    let http = bind(config.http_listen).await?;
+    let https_addr = https.local_addr().map_err(|source| EdgeError::Bind { addr: config.https_listen, source })?;
+    let http_addr = http.local_addr().map_err(|source| EdgeError::Bind { addr: config.http_listen, source })?;
+
+    let (stop, stopped) = watch::channel(false);
+    let conns = Arc::new(Connections::new(shared.clone(), stopped.clone()));
+    let ports = Arc::new(Mutex::new(PortListeners::new(conns.clone(), config.ports_ip, vec![https_addr, http_addr])));
+    ports.lock().await.reconcile().await;
+    let tasks = vec![
+        tokio::spawn(conns.clone().accept_loop(https, 443, Kind::Tls)),
+        tokio::spawn(conns.clone().accept_loop(http, 80, Kind::Http)),
+        tokio::spawn(follow(store, feed, shared.clone(), ports.clone(), stopped.clone())),
+        tokio::spawn(check_health(shared.clone(), stopped)),
+    ];
+    tracing::info!(https = %https_addr, http = %http_addr, services = shared.table.load().len(), "edge serving");
+    Ok(EdgeHandle { shared, registry, https_addr, http_addr, conns, ports, stop, tasks })
+}
+
+/// Resolves once shutdown is signalled (or the signal is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it here, inside this function.
+    let _ = stop.wait_for(|s| *s).await.is_ok();
+}
+
+/// Keeps the route table current: the touched services on every feed move, everything on the resync interval,
+/// retries while the database is unreachable (serving the last table meanwhile).
+async fn follow(
+    store: Store,
+    feed: ChangeFeed,
+    shared: Arc<Shared>,
+    ports: Arc<Mutex<PortListeners>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut moved = feed.subscribe();
+    let mut last_full = Instant::now();
+    let mut retrying = false;
+    loop {
+        let resync_in = shared.config.resync_interval.saturating_sub(last_full.elapsed());
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            r = moved.changed(), if !retrying => if r.is_err() { return },
+            _ = tokio::time::sleep(shared.config.retry_interval), if retrying => {}
+            _ = tokio::time::sleep(resync_in) => {}
+        }
+        let full = last_full.elapsed() >= shared.config.resync_interval;
+        let current = shared.table.load_full();
+        let next = if full {
+            store.route_data().await.map(|d| RouteTable::load(d, Some(&current)))
+        } else {
+            store.route_changes(current.version).await.map(|c| match c {
+                RouteChanges::Reload(d) => RouteTable::load(d, Some(&current)),
+                RouteChanges::Services { version, present, gone } => current.apply(version, present, &gone),
+            })
+        };
+        match next {
+            Ok(table) => {
+                if full {
+                    last_full = Instant::now();
+                }
+                retrying = false;
+                shared.metrics.table_stale.set(0);
+                let changed = table.version != current.version || full;
+                shared.metrics.table_version.set(table.version);
+                shared.metrics.table_services.set(table.len() as i64);
+                shared.table.store(Arc::new(table));
+                if changed {
+                    ports.lock().await.reconcile().await;
+                }
+            }
+            Err(e) => {
+                if !retrying {
+                    tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot follow the database; serving the last route table");
+                }
+                retrying = true;
+                shared.metrics.table_stale.set(1);
+            }
+        }
+    }
+}
+
+/// Active health checks: every instance's first served port must accept a connection; a failure marks it down
+/// for the health window, a success marks it up again. Checks run concurrently, a bounded number at a time.
+async fn check_health(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    const CONCURRENT: usize = 64;
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(shared.config.health_interval) => {}
+        }
+        let table = shared.table.load_full();
+        let targets: Vec<_> = table
+            .backends()
+            .filter_map(|(s, b)| {
+                let port = s.ports.iter().find(|p| !p.handlers.contains(&Handler::Redirect))?.destination_port;
+                Some((b.clone(), SocketAddr::new(b.ip, port)))
+            })
+            .collect();
+        for chunk in targets.chunks(CONCURRENT) {
+            let mut set = tokio::task::JoinSet::new();
+            for (backend, addr) in chunk.iter().cloned() {
+                let timeout = shared.config.connect_timeout;
+                let window = shared.config.health_window;
+                set.spawn(async move {
+                    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                        Ok(Ok(_)) => backend.mark_up(),
+                        _ => backend.mark_down(window),
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+        }
+    }
+}

@@ -477,7 +477,7 @@ impl Store {
     }
 }
 
-fn parse_handler(s: &str) -> Option<Handler> {
+pub(crate) fn parse_handler(s: &str) -> Option<Handler> {
     match s {
         "tls" => Some(Handler::Tls),
         "http" => Some(Handler::Http),
