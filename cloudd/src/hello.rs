@@ -1,5 +1,11 @@
 //! The built-in `hello` image: answers every HTTP request with the instance's name and private IP, so a
 //! response tells which instance served it.
+//!
+//! Also what a user debugging routing wants: a connection that starts with a PROXY protocol v2 header gets a
+//! line naming the client it announces; `GET /echo` answers with the request head as received (to see the
+//! X-Forwarded-* headers the edge adds); `GET /sleep/<ms>` answers after that long (to hold a request in flight).
+
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,10 +22,11 @@ pub async fn serve() -> anyhow::Result<()> {
     tracing::info!(port, %instance, "hello serving");
     loop {
         let (mut conn, _) = listener.accept().await?;
-        let body = body.clone();
+        let mut body = body.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut seen = 0;
+            let mut first = true;
             // Answer each request on a keep-alive connection; requests have no body worth reading.
             loop {
                 let Ok(n) = conn.read(&mut buf[seen..]).await else {
@@ -29,10 +36,28 @@ pub async fn serve() -> anyhow::Result<()> {
                     return;
                 }
                 seen += n;
+                if first && seen >= 16 {
+                    first = false;
+                    if let Some((source, destination, len)) = cloud_edge::proxy_protocol::parse_v2(&buf[..seen]) {
+                        body.push_str(&format!("proxy: {source} -> {destination}\n"));
+                        buf.copy_within(len..seen, 0);
+                        seen -= len;
+                    }
+                }
                 while let Some(end) = buf[..seen].windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/");
+                    let text = if path == "/echo" {
+                        head.clone()
+                    } else {
+                        if let Some(ms) = path.strip_prefix("/sleep/").and_then(|ms| ms.parse().ok()) {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        body.clone()
+                    };
                     let res = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+                        text.len()
                     );
                     if conn.write_all(res.as_bytes()).await.is_err() {
                         return;

@@ -14,7 +14,7 @@ use pingora::listeners::TlsAccept;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::TlsRef;
-use pingora::protocols::{Ssl, Stream};
+use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, Stream};
 use pingora::proxy::{HttpProxy, http_proxy};
 use pingora::server::configuration::ServerConf;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -47,6 +47,14 @@ impl Kind {
             Kind::Tcp => "tcp",
         }
     }
+}
+
+/// pingora's stream over an accepted socket, with the socket digest its HTTP layer reads the client address from.
+fn l4(tcp: TcpStream) -> L4Stream {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let mut stream = L4Stream::from(tcp);
+    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    stream
 }
 
 /// Remembers the SNI of each TLS connection so the HTTP layer can compare it with the request's host.
@@ -128,7 +136,7 @@ impl Connections {
                 let _open = OpenGuard(&this, kind);
                 let local = tcp.local_addr().ok();
                 match kind {
-                    Kind::Http => this.serve_http(port, false, Box::new(L4Stream::from(tcp))).await,
+                    Kind::Http => this.serve_http(port, false, Box::new(l4(tcp))).await,
                     Kind::Tls => this.serve_tls(port, tcp, client, local).await,
                     Kind::Tcp => this.serve_tcp(port, tcp, client, local).await,
                 }
@@ -145,7 +153,7 @@ impl Connections {
     }
 
     async fn serve_tls(&self, port: u16, tcp: TcpStream, client: SocketAddr, local: Option<SocketAddr>) {
-        let handshake = self.acceptor.tls_handshake(L4Stream::from(tcp));
+        let handshake = self.acceptor.tls_handshake(l4(tcp));
         let tls = match tokio::time::timeout(self.shared.config.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             // Unknown SNI, garbage, a slow client: this connection ends, nothing else notices.

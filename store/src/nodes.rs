@@ -264,7 +264,10 @@ impl Store {
             "UPDATE instances SET state = $3, state_reason = $4, exit_code = $5, boot_time_us = coalesce($6, boot_time_us),
                  restart_count = $7, updated_at = now(),
                  started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,
-                 stopped_at = CASE WHEN $3 IN ('stopped', 'failed') THEN now() ELSE stopped_at END
+                 stopped_at = CASE WHEN $3 IN ('stopped', 'failed') THEN now() ELSE stopped_at END,
+                 -- A run that ended for good (per its restart policy) stays ended until the tenant starts it
+                 -- again; otherwise the agent would start what its policy said not to restart.
+                 desired_state = CASE WHEN $3 IN ('stopped', 'failed') THEN 'stopped' ELSE desired_state END
              WHERE id = $1 AND node_id = $2
                AND (state, coalesce(state_reason, ''), coalesce(exit_code, -1), restart_count)
                    IS DISTINCT FROM ($3, coalesce($4, ''), coalesce($5, -1), $7)

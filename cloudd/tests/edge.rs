@@ -1,0 +1,384 @@
+//! The edge with real instances: the API creates services and instances, the node agent runs `hello` in network
+//! namespaces, and the edge routes real HTTPS, HTTP, TLS and TCP traffic to them on their private IPs. Needs root
+//! (for the node agent), as CI has; tests take turns on the host's network stack.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cloud_domain::api::Scope;
+use cloud_edge::{CertStore, EdgeConfig, EdgeHandle, ServedCert};
+use cloud_runtime::{NodeConfig, NodeHandle};
+use cloud_store::{ChangeFeed, Settings, Store};
+use cloud_tests::TestApi;
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+static HOST: Mutex<()> = Mutex::const_new(());
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Generous: a busy 2-core machine.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// A platform CA and the wildcard of the test zone, made the way an operator's CA would be.
+struct TestCa {
+    ca_pem: String,
+    wildcard: ServedCert,
+}
+
+fn test_ca() -> TestCa {
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
+    let dn = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name = dn("edge test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["*.dev.cloud.localhost".to_string()]).unwrap();
+    leaf.distinguished_name = dn("*.dev.cloud.localhost");
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let wildcard =
+        ServedCert::from_pem(vec!["*.dev.cloud.localhost".into()], &cert.pem(), &key.serialize_pem()).unwrap();
+    TestCa { ca_pem: ca_cert.pem(), wildcard }
+}
+
+struct Fixture {
+    _host: tokio::sync::MutexGuard<'static, ()>,
+    api: TestApi,
+    _node: NodeHandle,
+    edge: EdgeHandle,
+    ca: TestCa,
+    /// Where service-declared ports open: a loopback address of this test alone.
+    ports_ip: IpAddr,
+}
+
+impl Fixture {
+    /// The fixture, or `None` (the test is skipped) without root.
+    async fn start() -> Option<Self> {
+        Self::start_with(|_, c| c).await
+    }
+
+    async fn start_with(edge_store: impl FnOnce(&TestApi, Store) -> Store) -> Option<Self> {
+        if !is_root() {
+            eprintln!("skipped: the node agent needs root");
+            return None;
+        }
+        let host = HOST.lock().await;
+        let k = SEQ.fetch_add(1, Ordering::SeqCst) + std::process::id() % 8 * 4;
+        let settings = Settings {
+            // Pools no other test binary (nor a `cloudd dev`) uses.
+            tenant_pool: format!("10.{}.{}.0/20", 160 + k / 16 % 30, (k % 16) * 16).parse().unwrap(),
+            ..Settings::default()
+        };
+        let api = TestApi::start_with_settings(settings, Default::default()).await;
+        let state = std::env::temp_dir().join(format!("cloud-edge-test-{}", std::process::id()));
+        let mut c = NodeConfig::new(format!("edge-n{k}"), state, PathBuf::from(env!("CARGO_BIN_EXE_cloudd")));
+        c.memory_mb = 4096;
+        c.heartbeat = Duration::from_millis(200);
+        c.stop_grace = Duration::from_secs(1);
+        let node = cloud_runtime::start(api.store.clone(), ChangeFeed::start(api.store.clone()).await.unwrap(), c)
+            .await
+            .expect("node agent");
+        let ca = test_ca();
+        let certs = Arc::new(CertStore::default());
+        certs.replace(vec![ca.wildcard.clone()]);
+        let ports_ip = IpAddr::from([127, 77, (k / 200) as u8, (k % 200 + 2) as u8]);
+        let config = EdgeConfig {
+            https_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            ports_ip,
+            health_interval: Duration::from_millis(200),
+            health_window: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(2),
+            retry_interval: Duration::from_millis(100),
+            grace_period: Duration::from_secs(1),
+            ..EdgeConfig::default()
+        };
+        let store = edge_store(&api, api.store.clone());
+        let feed = ChangeFeed::start(api.store.clone()).await.unwrap();
+        let edge = cloud_edge::start(store, feed, certs, config).await.expect("edge");
+        Some(Self { _host: host, api, _node: node, edge, ca, ports_ip })
+    }
+
+    async fn call(&self, token: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().request(method, self.api.url(path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a service and `replicas` hello instances behind it; waits until the edge routes to all of them.
+    async fn deploy(&self, token: &str, service: Value, replicas: u32) -> Value {
+        let (status, svc) = self.call(token, reqwest::Method::POST, "/v1/services", Some(service)).await;
+        assert_eq!(status, 201, "{svc}");
+        let body = json!({"image": "hello", "service": svc["name"], "replicas": replicas, "restart_policy": "never"});
+        let (status, created) = self.call(token, reqwest::Method::POST, "/v1/instances", Some(body)).await;
+        assert_eq!(status, 201, "{created}");
+        self.wait_routable(svc["fqdn"].as_str().unwrap(), replicas as usize).await;
+        svc
+    }
+
+    /// Waits until the edge's table lists `n` running backends for the FQDN.
+    async fn wait_routable(&self, fqdn: &str, n: usize) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let have = self.edge.table().by_host(fqdn).map_or(0, |s| s.backends.len());
+            if have == n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{fqdn} has {have} routable instances, not {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// An HTTPS client trusting the test CA, resolving every name to the edge.
+    fn https(&self, names: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.ca_pem.as_bytes()).unwrap())
+            .tls_built_in_root_certs(false)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10));
+        for n in names {
+            b = b.resolve(n, self.edge.https_addr());
+        }
+        b.build().unwrap()
+    }
+
+    fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    /// A TLS connection to `addr` with `sni`, trusting the test CA.
+    async fn tls(&self, addr: SocketAddr, sni: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut self.ca.ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await?;
+        connector.connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp).await
+    }
+}
+
+/// Sends one HTTP/1.0 request on a raw stream and reads the whole answer.
+async fn raw_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, host: &str) -> String {
+    s.write_all(format!("GET / HTTP/1.0\r\nhost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn https_reaches_every_instance_of_the_named_service_and_nothing_else() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "web", "ports": ["443:8080"]}), 3).await;
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let (_, other_token) = f.api.tenant("other", &[Scope::Read, Scope::Write]).await;
+    let other = f.deploy(&other_token, json!({"name": "web", "ports": ["443:8080"]}), 1).await;
+    let other_fqdn = other["fqdn"].as_str().unwrap().to_owned();
+    let unknown = "nobody-12345678.dev.cloud.localhost";
+    let client = f.https(&[&fqdn, &other_fqdn, unknown]);
+
+    // Verified against the CA, spread over the three instances, each answering with its own name.
+    let mut by_instance: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..60 {
+        let res = client.get(format!("https://{fqdn}/")).send().await.expect("https request");
+        assert_eq!(res.status(), 200);
+        let body = res.text().await.unwrap();
+        assert!(body.starts_with("hello from hello-"), "{body}");
+        *by_instance.entry(body.split_whitespace().nth(2).unwrap().to_owned()).or_default() += 1;
+    }
+    assert_eq!(by_instance.len(), 3, "{by_instance:?}");
+
+    // The headers the instance sees.
+    let echo = client.get(format!("https://{fqdn}/echo")).header("x-request-id", "abc-123").send().await.unwrap();
+    assert_eq!(echo.headers()["x-request-id"], "abc-123");
+    let head = echo.text().await.unwrap().to_ascii_lowercase();
+    for want in ["x-forwarded-for: 127.0.0.1", "x-forwarded-proto: https", &format!("x-forwarded-host: {fqdn}")] {
+        assert!(head.contains(want), "{want} missing in {head}");
+    }
+    assert!(head.contains("x-request-id: abc-123"), "{head}");
+
+    // HTTP/2 downstream works the same.
+    let h2 = f.https(&[&fqdn]);
+    let res = h2.get(format!("https://{fqdn}/")).version(reqwest::Version::HTTP_2).send().await.unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert!(res.text().await.unwrap().starts_with("hello from hello-"));
+
+    // Port 80 redirects to https, keeping path and query.
+    let plain =
+        f.http().get(format!("http://{}/a/b?c=d", f.edge.http_addr())).header("host", &fqdn).send().await.unwrap();
+    assert_eq!(plain.status(), 308);
+    assert_eq!(plain.headers()["location"], format!("https://{fqdn}/a/b?c=d").as_str());
+
+    // Unknown hosts get the edge's own 404, over https and http.
+    let res = client.get(format!("https://{unknown}/")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(!res.text().await.unwrap().contains("hello"));
+    let res = f.http().get(format!("http://{}/", f.edge.http_addr())).header("host", unknown).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+
+    // A name no certificate covers: the handshake is refused, no certificate is presented.
+    assert!(f.tls(f.edge.https_addr(), "www.example.com").await.is_err());
+
+    // A request for the other tenant's host on a connection opened for this one: 421, never the other's answer.
+    let stream = f.tls(f.edge.https_addr(), &fqdn).await.unwrap();
+    let answer = raw_get(stream, &other_fqdn).await;
+    assert!(answer.starts_with("HTTP/1.0 421") || answer.starts_with("HTTP/1.1 421"), "{answer}");
+    assert!(!answer.contains("hello from"), "{answer}");
+
+    // The other tenant's service is reached by its own name only.
+    let res = client.get(format!("https://{other_fqdn}/")).send().await.unwrap();
+    let body = res.text().await.unwrap();
+    assert!(
+        body.starts_with("hello from hello-") && !by_instance.contains_key(body.split_whitespace().nth(2).unwrap())
+    );
+
+    let metrics = f.edge.metrics_text();
+    assert!(metrics.contains(&format!("edge_requests_total{{class=\"2xx\",service=\"{fqdn}\"}}")), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_hard_limit_refuses_with_503_and_retry_after() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "slow", "ports": ["443:8080"], "soft_limit": 1, "hard_limit": 1}), 1).await;
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let client = f.https(&[&fqdn]);
+    let held = tokio::spawn({
+        let (client, fqdn) = (client.clone(), fqdn.clone());
+        async move { client.get(format!("https://{fqdn}/sleep/3000")).send().await.unwrap().status() }
+    });
+    // Wait until the slow request is in flight on the instance.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while f.edge.table().by_host(&fqdn).unwrap().backends[0].in_flight() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = client.get(format!("https://{fqdn}/")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(held.await.unwrap(), 200);
+    // Capacity is back once the request is done.
+    assert_eq!(client.get(format!("https://{fqdn}/")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn tls_and_tcp_ports_open_forward_with_proxy_v2_and_close() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let tcp_port = 31000 + (SEQ.load(Ordering::SeqCst) % 500) as u16;
+    let svc =
+        f.deploy(&t, json!({"name": "db", "ports": ["8443:8080/tls", format!("{tcp_port}:8080/tcp+proxy")]}), 1).await;
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while f.edge.open_ports().await != vec![(8443, "tls"), (tcp_port, "tcp")] {
+        assert!(tokio::time::Instant::now() < deadline, "ports never opened: {:?}", f.edge.open_ports().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // TLS terminated at the edge, then the bytes as they are (here: HTTP the edge does not interpret).
+    let tls = f.tls(SocketAddr::new(f.ports_ip, 8443), &fqdn).await.unwrap();
+    let answer = raw_get(tls, "anything").await;
+    assert!(answer.contains("hello from hello-") && !answer.contains("proxy:"), "{answer}");
+
+    // Raw TCP with the PROXY v2 header: the instance learns the client's address and the public address.
+    let tcp = TcpStream::connect(SocketAddr::new(f.ports_ip, tcp_port)).await.unwrap();
+    let client_addr = tcp.local_addr().unwrap();
+    let answer = raw_get(tcp, "anything").await;
+    assert!(answer.contains(&format!("proxy: {client_addr} -> {}:{tcp_port}", f.ports_ip)), "{answer}");
+
+    // Deleting the service closes its ports.
+    let (status, _) = f
+        .call(&t, reqwest::Method::DELETE, &format!("/v1/services/{}?force=true", svc["name"].as_str().unwrap()), None)
+        .await;
+    assert_eq!(status, 204);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !f.edge.open_ports().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "ports never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(TcpStream::connect(SocketAddr::new(f.ports_ip, tcp_port)).await.is_err());
+}
+
+#[tokio::test]
+async fn a_killed_instance_costs_no_request_while_others_remain() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "ha", "ports": ["443:8080"]}), 3).await;
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let client = f.https(&[&fqdn]);
+    let victim = f.edge.table().by_host(&fqdn).unwrap().backends[0].clone();
+
+    let kill_at = Arc::new(std::sync::OnceLock::new());
+    let load = tokio::spawn({
+        let (client, fqdn, kill_at) = (client.clone(), fqdn.clone(), kill_at.clone());
+        async move {
+            // (sent after the kill, status) of each request; a transport error counts as status 0.
+            let mut results: Vec<(Option<Duration>, u16, String)> = Vec::new();
+            // Until well past the health window after the kill.
+            while kill_at.get().is_none_or(|k: &tokio::time::Instant| k.elapsed() < Duration::from_secs(3)) {
+                let sent = tokio::time::Instant::now();
+                let after_kill = kill_at.get().map(|k: &tokio::time::Instant| sent.saturating_duration_since(*k));
+                match client.get(format!("https://{fqdn}/")).send().await {
+                    Ok(res) => {
+                        let status = res.status().as_u16();
+                        results.push((after_kill, status, res.text().await.unwrap_or_default()));
+                    }
+                    Err(e) => results.push((after_kill, 0, e.to_string())),
+                }
+            }
+            results
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill the instance's process behind the platform's back, as a crash would.
+    let pids = std::process::Command::new("ip").args(["netns", "pids", &netns_for(&f, victim.id)]).output().unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
+    assert!(!pids.trim().is_empty(), "no process in the victim's namespace");
+    let _ = kill_at.set(tokio::time::Instant::now());
+    for pid in pids.split_whitespace() {
+        std::process::Command::new("kill").args(["-9", pid]).status().unwrap();
+    }
+    let results = load.await.unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| r.1 != 200).collect();
+    // Connect failures are retried on the others; only a request in flight on the victim as it died may fail.
+    assert!(failed.len() <= 1, "{failed:?}");
+    assert!(failed.iter().all(|r| r.0.is_some_and(|d| d < Duration::from_secs(2))), "{failed:?}");
+    assert!(results.iter().filter(|r| r.0.is_some()).count() > 100, "the load went on after the kill");
+    let instances: BTreeSet<&str> = results.iter().filter(|r| r.1 == 200).map(|r| r.2.as_str()).collect();
+    assert!(instances.len() == 3, "{instances:?}");
+    f.wait_routable(&fqdn, 2).await;
+}
+
+fn netns_for(f: &Fixture, instance: uuid::Uuid) -> String {
+    cloud_runtime::netns_name(f._node.node, instance)
+}
