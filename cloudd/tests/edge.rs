@@ -71,10 +71,11 @@ struct Fixture {
 impl Fixture {
     /// The fixture, or `None` (the test is skipped) without root.
     async fn start() -> Option<Self> {
-        Self::start_with(|_, c| c).await
+        Self::start_with(22, async |api: &TestApi| api.store.clone()).await
     }
 
-    async fn start_with(edge_store: impl FnOnce(&TestApi, Store) -> Store) -> Option<Self> {
+    /// With tenant networks of `prefix` bits and the edge reading the database through `edge_store`.
+    async fn start_with(prefix: u8, edge_store: impl AsyncFnOnce(&TestApi) -> Store) -> Option<Self> {
         if !is_root() {
             eprintln!("skipped: the node agent needs root");
             return None;
@@ -84,6 +85,7 @@ impl Fixture {
         let settings = Settings {
             // Pools no other test binary (nor a `cloudd dev`) uses.
             tenant_pool: format!("10.{}.{}.0/20", 160 + k / 16 % 30, (k % 16) * 16).parse().unwrap(),
+            tenant_prefix: prefix,
             ..Settings::default()
         };
         let api = TestApi::start_with_settings(settings, Default::default()).await;
@@ -110,7 +112,7 @@ impl Fixture {
             grace_period: Duration::from_secs(1),
             ..EdgeConfig::default()
         };
-        let store = edge_store(&api, api.store.clone());
+        let store = edge_store(&api).await;
         let feed = ChangeFeed::start(api.store.clone()).await.unwrap();
         let edge = cloud_edge::start(store, feed, certs, config).await.expect("edge");
         Some(Self { _host: host, api, _node: node, edge, ca, ports_ip })
@@ -381,4 +383,91 @@ async fn a_killed_instance_costs_no_request_while_others_remain() {
 
 fn netns_for(f: &Fixture, instance: uuid::Uuid) -> String {
     cloud_runtime::netns_name(f._node.node, instance)
+}
+
+/// Services and instances come and go (in tenant networks so small that private IPs are reused all the time)
+/// while clients keep asking every name: a 200 always comes from an instance of the service asked for.
+#[tokio::test]
+async fn no_response_ever_comes_from_another_services_instance_under_churn() {
+    let Some(f) = Fixture::start_with(28, async |api: &TestApi| api.store.clone()).await else { return };
+    let f = Arc::new(f);
+    let (_, b_token) = f.api.tenant("other", &[Scope::Read, Scope::Write]).await;
+    let tokens = [f.api.token.clone(), b_token];
+    // Every body each FQDN may answer with ("hello from NAME (IP)"), and the FQDNs alive now.
+    let expected: Arc<std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>> = Default::default();
+    let live: Arc<std::sync::Mutex<Vec<(String, String, usize)>>> = Default::default();
+
+    let create = async |n: usize| {
+        let token = &tokens[n % 2];
+        let (status, svc) =
+            f.call(token, reqwest::Method::POST, "/v1/services", Some(json!({"name": format!("s{n}"), "ports": ["443:8080"]}))).await;
+        assert_eq!(status, 201, "{svc}");
+        let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+        let body = json!({"image": "hello", "service": format!("s{n}"), "replicas": 2, "restart_policy": "never"});
+        let (status, created) = f.call(token, reqwest::Method::POST, "/v1/instances", Some(body)).await;
+        assert_eq!(status, 201, "{created}");
+        let bodies = created["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| format!("hello from {} ({})\n", i["name"].as_str().unwrap(), i["private_ip"].as_str().unwrap()))
+            .collect();
+        expected.lock().unwrap().insert(fqdn.clone(), bodies);
+        live.lock().unwrap().push((fqdn, format!("s{n}"), n % 2));
+    };
+    for n in 0..4 {
+        create(n).await;
+    }
+    let names: Vec<String> = live.lock().unwrap().iter().map(|l| l.0.clone()).collect();
+    for fqdn in &names {
+        f.wait_routable(fqdn, 2).await;
+    }
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (f, live, expected, done) = (f.clone(), live.clone(), expected.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut ok = 0u32;
+            let mut misrouted = Vec::new();
+            let mut i = c;
+            while !done.load(Ordering::Relaxed) {
+                let fqdn = {
+                    let names: Vec<String> = expected.lock().unwrap().keys().cloned().collect();
+                    let alive = live.lock().unwrap().len();
+                    names[(i * 7 + alive) % names.len()].clone()
+                };
+                i += 1;
+                let client = f.https(&[&fqdn]);
+                let Ok(res) = client.get(format!("https://{fqdn}/")).send().await else { continue };
+                if res.status() != 200 {
+                    continue;
+                }
+                let body = res.text().await.unwrap_or_default();
+                if expected.lock().unwrap()[&fqdn].contains(&body) {
+                    ok += 1;
+                } else {
+                    misrouted.push((fqdn, body));
+                }
+            }
+            (ok, misrouted)
+        }));
+    }
+    // Churn: create a service with two instances, delete the oldest, many times over.
+    for n in 4..24 {
+        create(n).await;
+        let (fqdn, name, tenant) = live.lock().unwrap().remove(0);
+        let (status, _) =
+            f.call(&tokens[tenant], reqwest::Method::DELETE, &format!("/v1/services/{name}?force=true"), None).await;
+        assert_eq!(status, 204, "deleting {fqdn}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    for c in clients {
+        let (n, misrouted) = c.await.unwrap();
+        assert!(misrouted.is_empty(), "answers from another service's instance: {misrouted:?}");
+        ok += n;
+    }
+    assert!(ok > 100, "only {ok} requests were answered");
 }

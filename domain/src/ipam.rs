@@ -21,10 +21,26 @@ pub fn gateway(net: Ipv4Net) -> Ipv4Addr {
 /// The lowest host address of `net` that is neither the gateway nor in `used` (network and broadcast
 /// addresses are never hosts). Walks `used` in order, so the cost is O(used), whatever the size of `net`.
 pub fn first_free_host(net: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    next_free_host(net, used, None)
+}
+
+/// The first free host address after `after`, wrapping around to the start of `net`. Handing addresses out
+/// in a cycle reuses a released address as late as possible: anything still holding an old route to it (an
+/// edge catching up, a client's DNS cache) then meets nothing rather than another instance.
+pub fn next_free_host(net: Ipv4Net, used: &BTreeSet<Ipv4Addr>, after: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
     let first = u32::from(gateway(net)).checked_add(1)?;
     let last = u32::from(net.broadcast()).checked_sub(1)?;
-    let mut candidate = first;
-    for ip in used.range(Ipv4Addr::from(first)..) {
+    if first > last {
+        return None;
+    }
+    let start = after.map(u32::from).filter(|a| (first..last).contains(a)).map_or(first, |a| a + 1);
+    free_between(start, last, used).or_else(|| free_between(first, start.checked_sub(1)?, used))
+}
+
+/// The lowest address in `lo..=hi` not in `used`.
+fn free_between(lo: u32, hi: u32, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let mut candidate = lo;
+    for ip in used.range(Ipv4Addr::from(lo)..) {
         let ip = u32::from(*ip);
         if ip > candidate {
             break;
@@ -33,7 +49,7 @@ pub fn first_free_host(net: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Ad
             candidate = candidate.checked_add(1)?;
         }
     }
-    (candidate <= last).then(|| Ipv4Addr::from(candidate))
+    (candidate <= hi && candidate >= lo).then(|| Ipv4Addr::from(candidate))
 }
 
 #[cfg(test)]
@@ -77,5 +93,23 @@ mod tests {
         let n = net("10.0.0.0/8");
         let used: BTreeSet<Ipv4Addr> = (2..100_002u32).map(|i| Ipv4Addr::from(u32::from(n.network()) + i)).collect();
         assert_eq!(first_free_host(n, &used), Some(Ipv4Addr::from(u32::from(n.network()) + 100_002)));
+    }
+
+    #[test]
+    fn addresses_are_handed_out_in_a_cycle() {
+        let n = net("10.0.0.0/29"); // hosts .2 to .6 (.1 is the gateway)
+        let ip = |d: u8| Ipv4Addr::new(10, 0, 0, d);
+        let used = BTreeSet::from([ip(3)]);
+        assert_eq!(next_free_host(n, &used, None), Some(ip(2)));
+        assert_eq!(next_free_host(n, &used, Some(ip(2))), Some(ip(4)), "after the last one, skipping used");
+        // .2 was released, but the cycle goes on before coming back to it.
+        assert_eq!(next_free_host(n, &used, Some(ip(4))), Some(ip(5)));
+        assert_eq!(next_free_host(n, &used, Some(ip(6))), Some(ip(2)), "wraps around");
+        let full = BTreeSet::from([ip(2), ip(3), ip(4), ip(5), ip(6)]);
+        assert_eq!(next_free_host(n, &full, Some(ip(4))), None);
+        let almost = BTreeSet::from([ip(2), ip(3), ip(5), ip(6)]);
+        assert_eq!(next_free_host(n, &almost, Some(ip(4))), Some(ip(4)), "the only free one, even the last used");
+        // A cursor outside the network (an old value) starts from the beginning.
+        assert_eq!(next_free_host(n, &used, Some(Ipv4Addr::new(192, 0, 2, 1))), Some(ip(2)));
     }
 }

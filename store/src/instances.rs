@@ -215,6 +215,15 @@ impl Store {
             })
             .collect();
 
+        let (last,): (Option<IpAddr>,) = sqlx::query_as("SELECT last_private_ip FROM tenants WHERE id = $1")
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut cursor = match last {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => None,
+        };
+
         let (desired, state) = if new.start {
             (DesiredState::Running, InstanceState::Pending)
         } else {
@@ -222,9 +231,10 @@ impl Store {
         };
         let mut created = Vec::new();
         for name in names {
-            let ip = ipam::first_free_host(network, &used)
+            let ip = ipam::next_free_host(network, &used, cursor)
                 .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
             used.insert(ip);
+            cursor = Some(ip);
             let id = Uuid::new_v4();
             let mut attempt = 0;
             loop {
@@ -279,6 +289,11 @@ impl Store {
             }
             None => None,
         };
+        sqlx::query("UPDATE tenants SET last_private_ip = $2 WHERE id = $1")
+            .bind(tenant)
+            .bind(cursor.map(IpAddr::V4))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(CreatedInstances { instances: created, service })
     }
