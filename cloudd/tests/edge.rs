@@ -399,8 +399,14 @@ async fn no_response_ever_comes_from_another_services_instance_under_churn() {
 
     let create = async |n: usize| {
         let token = &tokens[n % 2];
-        let (status, svc) =
-            f.call(token, reqwest::Method::POST, "/v1/services", Some(json!({"name": format!("s{n}"), "ports": ["443:8080"]}))).await;
+        let (status, svc) = f
+            .call(
+                token,
+                reqwest::Method::POST,
+                "/v1/services",
+                Some(json!({"name": format!("s{n}"), "ports": ["443:8080"]})),
+            )
+            .await;
         assert_eq!(status, 201, "{svc}");
         let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
         let body = json!({"image": "hello", "service": format!("s{n}"), "replicas": 2, "restart_policy": "never"});
@@ -470,4 +476,102 @@ async fn no_response_ever_comes_from_another_services_instance_under_churn() {
         ok += n;
     }
     assert!(ok > 100, "only {ok} requests were answered");
+}
+
+/// A TCP relay to PostgreSQL that the test can cut and restore, as a network partition would.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay { addr: listener.local_addr().unwrap(), cut: Default::default(), conns: Default::default() };
+        let (cut, conns) = (relay.cut.clone(), relay.conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                conns.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        relay
+    }
+
+    /// Breaks every open connection and refuses new ones.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// With PostgreSQL unreachable the edge keeps routing with its last table and says it is stale; when the
+/// database is back it catches up with what changed meanwhile.
+#[tokio::test]
+async fn routes_keep_serving_through_a_database_outage_and_catch_up_after() {
+    let relay: Arc<std::sync::OnceLock<Relay>> = Default::default();
+    let r = relay.clone();
+    let Some(f) = Fixture::start_with(22, async move |api: &TestApi| {
+        let opts = api.store.pool().connect_options();
+        let target = SocketAddr::new(opts.get_host().parse().unwrap(), opts.get_port());
+        let relay = Relay::start(target).await;
+        let via_relay = (*opts).clone().host("127.0.0.1").port(relay.addr.port());
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_with(via_relay)
+            .await
+            .unwrap();
+        let _ = r.set(relay);
+        Store::new(pool, api.store.settings().clone())
+    })
+    .await
+    else {
+        return;
+    };
+    let relay = relay.get().unwrap();
+    let t = f.api.token.clone();
+    let before = f.deploy(&t, json!({"name": "before", "ports": ["443:8080"]}), 1).await;
+    let before_fqdn = before["fqdn"].as_str().unwrap().to_owned();
+
+    relay.cut();
+    // A change the edge cannot read yet.
+    let (status, after) =
+        f.call(&t, reqwest::Method::POST, "/v1/services", Some(json!({"name": "after", "ports": ["443:8080"]}))).await;
+    assert_eq!(status, 201);
+    let after_fqdn = after["fqdn"].as_str().unwrap().to_owned();
+    let body = json!({"image": "hello", "service": "after", "restart_policy": "never"});
+    assert_eq!(f.call(&t, reqwest::Method::POST, "/v1/instances", Some(body)).await.0, 201);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !f.edge.is_stale() {
+        assert!(tokio::time::Instant::now() < deadline, "the outage was never noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(f.edge.metrics_text().contains("edge_route_table_stale 1"));
+    let client = f.https(&[&before_fqdn, &after_fqdn]);
+    for _ in 0..20 {
+        let res = client.get(format!("https://{before_fqdn}/")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "the last table keeps routing");
+    }
+    assert_eq!(client.get(format!("https://{after_fqdn}/")).send().await.unwrap().status(), 404);
+
+    relay.restore();
+    f.wait_routable(&after_fqdn, 1).await;
+    assert!(!f.edge.is_stale());
+    let res = client.get(format!("https://{after_fqdn}/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().starts_with("hello from hello-"));
 }
