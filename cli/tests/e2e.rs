@@ -59,6 +59,8 @@ fn start_dev() -> Dev {
         .env("CLOUD_TENANT_POOL", pool)
         .env("CLOUD_DNS_LISTEN", "127.0.0.1:0")
         .env("CLOUD_DNS_PRIVATE_LISTEN", "127.0.0.1:0")
+        .env("CLOUD_EDGE_HTTPS_LISTEN", "127.0.0.1:0")
+        .env("CLOUD_EDGE_HTTP_LISTEN", "127.0.0.1:0")
         .env_remove("DATABASE_URL")
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -24,6 +24,24 @@ pub struct Config {
     pub node: NodeSection,
     /// DNS settings.
     pub dns: DnsSection,
+    /// Edge settings.
+    pub edge: EdgeSection,
+}
+
+/// `[edge]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeSection {
+    /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` as root, else `127.0.0.1:8443`.
+    pub https_listen: Option<SocketAddr>,
+    /// http (public port 80). Default `0.0.0.0:80`; `cloudd dev`: `127.0.0.1:80` as root, else `127.0.0.1:8080`.
+    pub http_listen: Option<SocketAddr>,
+    /// Address the ports services declare (tls, tcp) open on. Default `0.0.0.0`; `cloudd dev`: `127.0.0.1`.
+    pub ports_ip: Option<std::net::IpAddr>,
+    /// Seconds open connections get to finish at shutdown. Default 5.
+    pub grace_period_seconds: Option<u64>,
+    /// `/healthz`, `/readyz` and `/metrics` of `cloudd edge`. Default `127.0.0.1:9156`.
+    pub ops_listen: Option<SocketAddr>,
 }
 
 /// `[dns]`
@@ -161,6 +179,15 @@ impl Config {
                 *field = Some(addrs.with_context(|| format!("{key}={v} is not a list of address:port"))?);
             }
         }
+        for (key, field) in [
+            ("CLOUD_EDGE_HTTPS_LISTEN", &mut cfg.edge.https_listen),
+            ("CLOUD_EDGE_HTTP_LISTEN", &mut cfg.edge.http_listen),
+            ("CLOUD_EDGE_OPS_LISTEN", &mut cfg.edge.ops_listen),
+        ] {
+            if let Some(v) = env(key) {
+                *field = Some(v.parse().with_context(|| format!("{key}={v} is not an address:port"))?);
+            }
+        }
         if let Some(v) = env("CLOUD_TENANT_POOL") {
             cfg.platform.tenant_pool =
                 Some(v.parse().with_context(|| format!("CLOUD_TENANT_POOL={v} is not an IPv4 network"))?);
@@ -211,7 +238,31 @@ impl Config {
         }
         self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
         self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
+        // Ports below 1024 need root: a normal user's edge takes the documented fallbacks.
+        let (https, http) = if root { (443, 80) } else { (8443, 8080) };
+        self.edge.https_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], https)));
+        self.edge.http_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], http)));
+        self.edge.ports_ip.get_or_insert(std::net::IpAddr::from([127, 0, 0, 1]));
         self
+    }
+
+    /// The edge role's settings.
+    pub fn edge_config(&self) -> cloud_edge::EdgeConfig {
+        let mut c = cloud_edge::EdgeConfig::default();
+        let e = &self.edge;
+        if let Some(a) = e.https_listen {
+            c.https_listen = a;
+        }
+        if let Some(a) = e.http_listen {
+            c.http_listen = a;
+        }
+        if let Some(ip) = e.ports_ip {
+            c.ports_ip = ip;
+        }
+        if let Some(g) = e.grace_period_seconds {
+            c.grace_period = std::time::Duration::from_secs(g);
+        }
+        c
     }
 
     /// The DNS role's settings.

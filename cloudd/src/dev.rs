@@ -48,6 +48,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     }
     let node = start_node(cfg, store.clone(), data_dir.join("node")).await?;
     let dns = start_dns(cfg, store.clone()).await?;
+    let edge = start_edge(cfg, store.clone()).await?;
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -58,10 +59,12 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     if let Some(a) = dns.public_addrs().first() {
         println!("  DNS:       {a}   (dig @{} -p {} <service fqdn>)", a.ip(), a.port());
     }
+    println!("  edge:      https://{}  http://{}", edge.https_addr(), edge.http_addr());
     println!("Ctrl-C stops it; the next start reuses the data.");
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
+    edge.shutdown().await;
     dns.shutdown().await;
     node.shutdown().await;
     Ok(())
@@ -73,6 +76,14 @@ pub async fn start_dns(cfg: &Config, store: Store) -> anyhow::Result<cloud_dns::
     let dns = cloud_dns::start(store, feed, cfg.dns_config()).await.context("starting the DNS")?;
     tracing::info!(public = ?dns.public_addrs(), private = ?dns.private_addrs(), "DNS serving");
     Ok(dns)
+}
+
+/// Starts the edge following the change feed.
+pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<cloud_edge::EdgeHandle> {
+    let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
+    let certs = std::sync::Arc::new(cloud_edge::CertStore::default());
+    let edge = cloud_edge::start(store, feed, certs, cfg.edge_config()).await.context("starting the edge")?;
+    Ok(edge)
 }
 
 /// Starts a node agent following the change feed.

@@ -47,7 +47,7 @@ enum Command {
     Openapi,
     /// Serve the built-in `hello` image: an HTTP server answering with its instance name and private IP.
     Hello,
-    /// Run the edge (not implemented yet).
+    /// Run the edge: TLS termination, routing by name and balancing to instances (needs DATABASE_URL).
     Edge,
     /// Run the authoritative DNS for service names and private instance names (needs DATABASE_URL).
     Dns,
@@ -86,7 +86,19 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hello => hello::serve().await,
-        Command::Edge => not_yet("edge", 5),
+        Command::Edge => {
+            let cfg = load()?;
+            let store = connect(&cfg).await?;
+            let edge = std::sync::Arc::new(dev::start_edge(&cfg, store).await?);
+            let listen = cfg.edge.ops_listen.unwrap_or_else(|| "127.0.0.1:9156".parse().expect("literal"));
+            let ops = ops::serve(listen, edge.clone())?;
+            dev::wait_for_shutdown().await;
+            ops.stop(true).await;
+            if let Ok(edge) = std::sync::Arc::try_unwrap(edge) {
+                edge.shutdown().await;
+            }
+            Ok(())
+        }
         Command::Dns => {
             let cfg = load()?;
             let store = connect(&cfg).await?;

@@ -1,4 +1,4 @@
-//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`, `cloudd node`): `/healthz`, `/readyz` and
+//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`, `cloudd node`, `cloudd edge`): `/healthz`, `/readyz` and
 //! Prometheus `/metrics`, as every process of the platform serves them.
 
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +16,16 @@ pub trait Probe: Send + Sync + 'static {
 }
 
 impl Probe for cloud_dns::DnsHandle {
+    fn metrics(&self) -> String {
+        self.metrics_text()
+    }
+
+    fn ready(&self) -> bool {
+        !self.is_stale()
+    }
+}
+
+impl Probe for cloud_edge::EdgeHandle {
     fn metrics(&self) -> String {
         self.metrics_text()
     }

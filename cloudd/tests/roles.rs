@@ -65,3 +65,65 @@ async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
     assert!(metrics.contains("dns_queries_total{"), "{metrics}");
     assert!(metrics.contains("dns_snapshot_stale 0"), "{metrics}");
 }
+
+#[tokio::test]
+async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
+    let url = cloud_tests::fresh_database().await;
+    let store = cloud_store::Store::new(cloud_store::connect(&url, 2).await.unwrap(), Default::default());
+    store.migrate().await.unwrap();
+    let tenant = store.create_tenant("acme", Default::default()).await.unwrap();
+    let ports = cloud_domain::ports::parse_specs(&["80:8080"], &Default::default()).unwrap();
+    let svc = store
+        .create_service(
+            tenant.id,
+            cloud_store::NewService {
+                name: Some("web".into()),
+                ports,
+                soft_limit: None,
+                hard_limit: None,
+                domains: vec![],
+                persistent: true,
+            },
+        )
+        .await
+        .unwrap();
+    let (https, http, ops_port) = (free_port(), free_port(), free_port());
+    let _edge = Role(
+        Command::new(env!("CARGO_BIN_EXE_cloudd"))
+            .arg("edge")
+            .env("DATABASE_URL", &url)
+            .env("CLOUD_EDGE_HTTPS_LISTEN", format!("127.0.0.1:{https}"))
+            .env("CLOUD_EDGE_HTTP_LISTEN", format!("127.0.0.1:{http}"))
+            .env("CLOUD_EDGE_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ops = format!("http://127.0.0.1:{ops_port}");
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
+            && res.status() == 200
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd edge did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let get = |host: String| {
+        let client = client.clone();
+        async move {
+            let res = client.get(format!("http://127.0.0.1:{http}/")).header("host", host).send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("nobody.dev.cloud.localhost".into()).await.0, 404);
+    // The service exists but nothing runs behind it yet.
+    let (status, body) = get(svc.fqdn.clone()).await;
+    assert_eq!((status, body.as_str()), (503, "no instance of this service is running\n"));
+    let metrics = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("edge_route_table_services 1"), "{metrics}");
+    assert!(metrics.contains("edge_route_table_stale 0"), "{metrics}");
+}
