@@ -17,6 +17,7 @@ use cloud_tests::TestApi;
 use serde_json::{Value, json};
 
 mod dns;
+mod edge;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -34,8 +35,26 @@ async fn main() -> anyhow::Result<()> {
         }
         return dns::run(names, seconds).await;
     }
+    if args.first().map(String::as_str) == Some("edge") {
+        let (mut seconds, mut connections, mut routes) = (10u64, 64usize, 100_000usize);
+        let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
+                "--connections" => connections = it.next().context("--connections N")?.parse()?,
+                "--routes" => routes = it.next().context("--routes N")?.parse()?,
+                "--cloudd" => cloudd = PathBuf::from(it.next().context("--cloudd PATH")?),
+                other => bail!("unknown argument {other}"),
+            }
+        }
+        return edge::run(cloudd, seconds, connections, routes).await;
+    }
     if args.first().map(String::as_str) != Some("deploy") {
-        bail!("usage: cloud-bench deploy [--instances N] [--cloudd PATH] | cloud-bench dns [--names N] [--seconds S]");
+        bail!(
+            "usage: cloud-bench deploy [--instances N] [--cloudd PATH] | cloud-bench dns [--names N] [--seconds S] | \
+             cloud-bench edge [--seconds S] [--connections N] [--routes N] [--cloudd PATH]"
+        );
     }
     let mut n = 50usize;
     let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
