@@ -88,6 +88,20 @@ pub(crate) fn limits(soft: Option<u32>, hard: Option<u32>) -> ApiResult<()> {
     Ok(())
 }
 
+/// The most a service may idle before scaling to zero: a week.
+const MAX_SCALE_TO_ZERO_AFTER: u32 = 7 * 24 * 3600;
+
+/// A scale-to-zero idle time is between one second and a week.
+pub(crate) fn scale_to_zero(after: Option<u32>) -> ApiResult<()> {
+    match after {
+        Some(s) if s == 0 || s > MAX_SCALE_TO_ZERO_AFTER => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("scale_to_zero_after {s} must be between 1 and {MAX_SCALE_TO_ZERO_AFTER} seconds"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Resolves domain inputs to (fully qualified name, custom). `name` is a platform subdomain
 /// `name.<region>.<base_domain>`; `www.example.com.` (trailing dot) is a custom domain.
 pub(crate) fn domains(inputs: &[String], settings: &Settings) -> ApiResult<Vec<(String, bool)>> {

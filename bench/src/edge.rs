@@ -141,6 +141,7 @@ pub async fn run(cloudd: PathBuf, seconds: u64, connections: usize, routes: usiz
         ports: ports.clone(),
         soft_limit: None,
         hard_limit: None,
+        scale_to_zero_after: None,
         domains: vec![],
         persistent: true,
     };

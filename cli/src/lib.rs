@@ -188,6 +188,9 @@ pub struct ServiceOpts {
     /// In-flight requests per instance above which requests are refused.
     #[arg(long)]
     hard_limit: Option<u32>,
+    /// Stop the instances after SECONDS without a request; the next request starts them (0: never).
+    #[arg(long, value_name = "SECONDS")]
+    scale_to_zero: Option<u32>,
 }
 
 /// `cloudctl deploy ...`
@@ -625,6 +628,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                 ports: deploy::port_inputs(&args)?,
                 soft_limit: opts.soft_limit,
                 hard_limit: opts.hard_limit,
+                scale_to_zero_after: opts.scale_to_zero.filter(|s| *s > 0),
                 domains: opts.domains.clone(),
             };
             let s: Service = c.post("/v1/services", &body).await?;
@@ -666,6 +670,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                 ports: if ports.is_empty() { None } else { Some(deploy::port_inputs(ports)?) },
                 soft_limit: opts.soft_limit.map(Some),
                 hard_limit: opts.hard_limit.map(Some),
+                scale_to_zero_after: opts.scale_to_zero.map(|s| (s > 0).then_some(s)),
                 domains: if opts.domains.is_empty() { None } else { Some(opts.domains.clone()) },
             };
             let s: Service = c.patch(&format!("/v1/services/{}", seg(name)), &body).await?;

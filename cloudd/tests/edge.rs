@@ -575,3 +575,41 @@ async fn routes_keep_serving_through_a_database_outage_and_catch_up_after() {
     assert_eq!(res.status(), 200);
     assert!(res.text().await.unwrap().starts_with("hello from hello-"));
 }
+
+/// Scale to zero: after its idle time the service's instance is stopped; the next request waits while the edge
+/// has it started again, then gets its answer.
+#[tokio::test]
+async fn scale_to_zero_stops_an_idle_service_and_the_first_request_wakes_it() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "lazy", "ports": ["443:8080"], "scale_to_zero_after": 2}), 1).await;
+    assert_eq!(svc["scale_to_zero_after"], 2);
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let state = async || {
+        let (_, list) = f.call(&t, reqwest::Method::GET, "/v1/instances", None).await;
+        let i = &list["items"][0];
+        (i["state"].as_str().unwrap_or_default().to_owned(), i["state_reason"].clone())
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (s, reason) = state().await;
+        if s == "stopped" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never scaled to zero: {s} {reason}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.wait_routable(&fqdn, 0).await;
+
+    let client = f.https(&[&fqdn]);
+    let res = client.get(format!("https://{fqdn}/")).timeout(TIMEOUT).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().starts_with("hello from hello-"));
+    assert_eq!(state().await.0, "running");
+    // Requests keep it awake.
+    for _ in 0..6 {
+        assert_eq!(client.get(format!("https://{fqdn}/")).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(state().await.0, "running");
+}

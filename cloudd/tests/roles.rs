@@ -81,6 +81,7 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
                 ports,
                 soft_limit: None,
                 hard_limit: None,
+                scale_to_zero_after: None,
                 domains: vec![],
                 persistent: true,
             },

@@ -73,6 +73,7 @@ async fn service(store: &Store, tenant: &Tenant, name: &str, domains: &[&str]) -
         ports: vec![],
         soft_limit: None,
         hard_limit: None,
+        scale_to_zero_after: None,
         domains: domains.iter().map(|d| (d.to_string(), false)).collect(),
         persistent: true,
     };
@@ -281,6 +282,7 @@ async fn a_verified_custom_domain_is_served_as_its_own_zone() {
         ports: vec![],
         soft_limit: None,
         hard_limit: None,
+        scale_to_zero_after: None,
         domains: vec![("www.example.org".into(), true)],
         persistent: true,
     };

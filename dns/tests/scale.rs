@@ -93,6 +93,7 @@ async fn rebuild_cost_and_query_rate_with_100k_names() {
         ports: vec![],
         soft_limit: None,
         hard_limit: None,
+        scale_to_zero_after: None,
         domains: vec![],
         persistent: true,
     };

@@ -416,6 +416,9 @@ pub struct Service {
     pub soft_limit: Option<u32>,
     /// In-flight requests or connections per instance above which requests are refused (503).
     pub hard_limit: Option<u32>,
+    /// Seconds without a request after which the service's instances are stopped; the edge starts them again
+    /// on the next request, which waits meanwhile. Absent: instances run until stopped.
+    pub scale_to_zero_after: Option<u32>,
     /// False for services created by `deploy -p`, deleted with their last instance.
     pub persistent: bool,
     /// Extra names routed to this service.
@@ -446,6 +449,9 @@ pub struct CreateService {
     /// Hard limit per instance.
     #[serde(default)]
     pub hard_limit: Option<u32>,
+    /// Scale to zero after this many idle seconds (1 to 604800).
+    #[serde(default)]
+    pub scale_to_zero_after: Option<u32>,
     /// Extra names: `name` for `name.<region>.<base_domain>`, or a fully qualified custom domain with a
     /// trailing dot (`www.example.com.`).
     #[serde(default)]
@@ -467,6 +473,10 @@ pub struct UpdateService {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>)]
     pub hard_limit: Option<Option<u32>>,
+    /// New scale-to-zero idle time, or `null` to keep instances running.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>)]
+    pub scale_to_zero_after: Option<Option<u32>>,
     /// Replaces all extra names (same forms as at creation).
     #[serde(default)]
     pub domains: Option<Vec<String>>,

@@ -125,8 +125,24 @@ impl ProxyHttp for HttpRoute {
             return respond(session, 404, &format!("{host} does not serve HTTP on port {}\n", self.port), &[rid]).await;
         }
         ctx.destination_port = mapping.destination_port;
+        crate::touch(&self.shared, &service);
         match service.pick(&ctx.tried) {
             Pick::Backend(g) => ctx.in_flight = Some(g),
+            Pick::NoBackend if service.scale_to_zero_after.is_some() => {
+                // Held until an instance runs: the first request after idleness is slow, not lost.
+                let Some((woken, g)) = crate::wake(&self.shared, &service).await else {
+                    self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
+                    return respond(
+                        session,
+                        503,
+                        "the service did not start in time\n",
+                        &[("retry-after", "1".into()), rid],
+                    )
+                    .await;
+                };
+                ctx.service = Some(woken);
+                ctx.in_flight = Some(g);
+            }
             Pick::NoBackend => {
                 self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
                 return respond(

@@ -62,6 +62,8 @@ pub struct EdgeConfig {
     pub resync_interval: Duration,
     /// Delay before retrying after the database failed.
     pub retry_interval: Duration,
+    /// How long a request to a service scaled to zero waits for an instance to start.
+    pub wake_timeout: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -78,6 +80,7 @@ impl Default for EdgeConfig {
             grace_period: Duration::from_secs(5),
             resync_interval: Duration::from_secs(60),
             retry_interval: Duration::from_secs(1),
+            wake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -114,6 +117,11 @@ pub enum EdgeError {
 /// State every connection reads.
 pub(crate) struct Shared {
     pub(crate) table: ArcSwap<RouteTable>,
+    /// Notified after every table swap (requests waiting for a woken service).
+    pub(crate) swapped: tokio::sync::Notify,
+    pub(crate) store: Store,
+    /// When each scale-to-zero service's last request was written to the database.
+    touched: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Instant>>,
     pub(crate) certs: Arc<CertStore>,
     pub(crate) metrics: Metrics,
     pub(crate) config: EdgeConfig,
@@ -212,7 +220,15 @@ pub async fn start(
     let table = RouteTable::load(data, None);
     metrics.table_version.set(table.version);
     metrics.table_services.set(table.len() as i64);
-    let shared = Arc::new(Shared { table: ArcSwap::from_pointee(table), certs, metrics, config: config.clone() });
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(table),
+        swapped: tokio::sync::Notify::new(),
+        store: store.clone(),
+        touched: Default::default(),
+        certs,
+        metrics,
+        config: config.clone(),
+    });
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
@@ -230,7 +246,8 @@ pub async fn start(
         tokio::spawn(conns.clone().accept_loop(https, 443, Kind::Tls)),
         tokio::spawn(conns.clone().accept_loop(http, 80, Kind::Http)),
         tokio::spawn(follow(store, feed, shared.clone(), ports.clone(), stopped.clone())),
-        tokio::spawn(check_health(shared.clone(), stopped)),
+        tokio::spawn(check_health(shared.clone(), stopped.clone())),
+        tokio::spawn(stop_idle(shared.clone(), stopped)),
     ];
     tracing::info!(https = %https_addr, http = %http_addr, services = shared.table.load().len(), "edge serving");
     Ok(EdgeHandle { shared, registry, https_addr, http_addr, conns, ports, stop, tasks })
@@ -283,6 +300,7 @@ async fn follow(
                 shared.metrics.table_version.set(table.version);
                 shared.metrics.table_services.set(table.len() as i64);
                 shared.table.store(Arc::new(table));
+                shared.swapped.notify_waiters();
                 if changed {
                     ports.lock().await.reconcile().await;
                 }
@@ -294,6 +312,75 @@ async fn follow(
                 retrying = true;
                 shared.metrics.table_stale.set(1);
             }
+        }
+    }
+}
+
+/// A request arrived for a service: for one that scales to zero, restart its idle clock in the database, at
+/// most once a second per service and edge.
+pub(crate) fn touch(shared: &Arc<Shared>, service: &table::Service) {
+    if service.scale_to_zero_after.is_none() {
+        return;
+    }
+    {
+        let mut touched = shared.touched.lock().expect("touched lock");
+        match touched.get(&service.id) {
+            Some(at) if at.elapsed() < Duration::from_secs(1) => return,
+            _ => touched.insert(service.id, Instant::now()),
+        };
+    }
+    let (store, id) = (shared.store.clone(), service.id);
+    tokio::spawn(async move {
+        if let Err(e) = store.touch_service(id).await {
+            tracing::debug!(service = %id, error = %e, "cannot record the last request");
+        }
+    });
+}
+
+/// Wakes a service scaled to zero and waits (up to the wake timeout) until one of its instances runs; the
+/// request then goes there. `None`: nothing to wake, or it did not start in time.
+pub(crate) async fn wake(
+    shared: &Arc<Shared>,
+    service: &table::Service,
+) -> Option<(Arc<table::Service>, table::InFlight)> {
+    let started = Instant::now();
+    match shared.store.wake_service(service.id).await {
+        Ok(n) => tracing::info!(service = %service.fqdn, instances = n, "waking a service scaled to zero"),
+        Err(e) => {
+            tracing::warn!(service = %service.fqdn, error = %cloud_domain::error_chain(&e), "cannot wake the service");
+            return None;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + shared.config.wake_timeout;
+    loop {
+        let swapped = shared.swapped.notified();
+        if let Some(s) = shared.table.load().service(service.id)
+            && let table::Pick::Backend(g) = s.pick(&[])
+        {
+            tracing::info!(service = %service.fqdn, ms = started.elapsed().as_millis() as u64, "woken");
+            return Some((s.clone(), g));
+        }
+        if tokio::time::timeout_at(deadline, swapped).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Scale to zero: stops the instances of services idle past their time. Every edge runs it; the database
+/// makes it happen once.
+async fn stop_idle(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !shared.table.load().any_scale_to_zero() {
+            continue;
+        }
+        match shared.store.stop_idle_instances().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(instances = n, "scaled idle services to zero"),
+            Err(e) => tracing::debug!(error = %e, "cannot check for idle services"),
         }
     }
 }

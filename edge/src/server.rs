@@ -174,7 +174,7 @@ impl Connections {
             (!mapping.handlers.contains(&Handler::Http)).then_some((service, mapping))
         });
         match (raw, local) {
-            (Some((service, mapping)), Some(local)) => self.forward(tls, client, local, &service, &mapping).await,
+            (Some((service, mapping)), Some(local)) => self.forward(tls, client, local, service, &mapping).await,
             // HTTP, or no service on this port for the name: the HTTP layer answers (404, 421) properly.
             _ => self.serve_http(port, true, Box::new(tls)).await,
         }
@@ -186,7 +186,7 @@ impl Connections {
             table.by_tcp_port(port).and_then(|s| Some((s.clone(), s.port(port)?.clone())))
         };
         if let (Some((service, mapping)), Some(local)) = (route, local) {
-            self.forward(tcp, client, local, &service, &mapping).await;
+            self.forward(tcp, client, local, service, &mapping).await;
         }
     }
 
@@ -197,14 +197,26 @@ impl Connections {
         mut down: S,
         client: SocketAddr,
         local: SocketAddr,
-        service: &Service,
+        mut service: Arc<Service>,
         mapping: &PortMapping,
     ) {
         let metrics = &self.shared.metrics;
         let mut tried = Vec::new();
+        crate::touch(&self.shared, &service);
+        let mut woken = false;
         loop {
             let guard = match service.pick(&tried) {
                 Pick::Backend(g) => g,
+                Pick::NoBackend if service.scale_to_zero_after.is_some() && !woken && tried.is_empty() => {
+                    woken = true;
+                    match crate::wake(&self.shared, &service).await {
+                        Some((s, g)) => {
+                            service = s;
+                            g
+                        }
+                        None => return,
+                    }
+                }
                 Pick::NoBackend => {
                     metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
                     return;

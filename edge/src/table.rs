@@ -34,6 +34,8 @@ pub struct Service {
     pub soft_limit: Option<u32>,
     /// Hard per-instance limit: past it, refuse.
     pub hard_limit: Option<u32>,
+    /// Idle seconds before the platform stops the instances; a request wakes them.
+    pub scale_to_zero_after: Option<u32>,
     /// Running instances.
     pub backends: Vec<Arc<Backend>>,
 }
@@ -228,6 +230,16 @@ impl RouteTable {
         self.hosts.get(format!("*.{parent}").as_str())
     }
 
+    /// A service by id.
+    pub fn service(&self, id: Uuid) -> Option<&Arc<Service>> {
+        self.services.get(&id)
+    }
+
+    /// Whether some service scales to zero (only then is idleness worth checking).
+    pub fn any_scale_to_zero(&self) -> bool {
+        self.services.values().any(|s| s.scale_to_zero_after.is_some())
+    }
+
     /// The service owning a raw TCP public port.
     pub fn by_tcp_port(&self, port: u16) -> Option<&Arc<Service>> {
         self.tcp_ports.get(&port)
@@ -294,6 +306,7 @@ fn build(s: ServiceRoute, old: Option<&Arc<Service>>) -> Arc<Service> {
         ports: s.ports,
         soft_limit: s.soft_limit,
         hard_limit: s.hard_limit,
+        scale_to_zero_after: s.scale_to_zero_after,
         backends,
     })
 }
@@ -318,6 +331,7 @@ mod tests {
             ports: port("443:8080"),
             soft_limit: None,
             hard_limit: None,
+            scale_to_zero_after: None,
             backends: (0..backends)
                 .map(|i| RouteBackend {
                     id: Uuid::from_u128(n as u128 * 100 + i as u128),

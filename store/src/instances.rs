@@ -185,6 +185,7 @@ impl Store {
                     name: Some(first),
                     ports: ports.clone(),
                     soft_limit: None,
+                    scale_to_zero_after: None,
                     hard_limit: None,
                     domains: Vec::new(),
                     persistent: false,
@@ -410,7 +411,7 @@ impl Store {
         let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
         let next = rule(current)?;
         sqlx::query(
-            "UPDATE instances SET desired_state = $2, state = $3, state_reason = NULL, updated_at = now(),
+            "UPDATE instances SET desired_state = $2, state = $3, state_reason = NULL, updated_at = now(), idle_stopped = false,
                  stopped_at = CASE WHEN $3 = 'stopped' THEN now() ELSE stopped_at END
              WHERE id = $1",
         )

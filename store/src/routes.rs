@@ -10,8 +10,10 @@ use std::net::IpAddr;
 use cloud_domain::ports::PortMapping;
 use uuid::Uuid;
 
+use cloud_domain::api::EventAction;
+
 use crate::services::parse_handler;
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, record_event};
 
 /// More events than this since the version held and the edge reloads everything instead.
 const MAX_EVENTS_PER_CHANGE: i64 = 10_000;
@@ -60,6 +62,8 @@ pub struct ServiceRoute {
     pub soft_limit: Option<u32>,
     /// Per-instance hard limit.
     pub hard_limit: Option<u32>,
+    /// Idle seconds before the instances are stopped; a request then wakes them.
+    pub scale_to_zero_after: Option<u32>,
     /// Instances observed running, by name.
     pub backends: Vec<RouteBackend>,
 }
@@ -128,11 +132,67 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Notes that a service was just asked for (its scale-to-zero idle time starts over). No change-feed event:
+    /// this follows traffic, not the tenant's intent, and edges throttle it.
+    pub async fn touch_service(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Starts again the instances of a service that were stopped for idleness; how many were.
+    pub async fn wake_service(&self, id: Uuid) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let woken: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "UPDATE instances SET desired_state = 'running', idle_stopped = false, updated_at = now(),
+                 state = CASE WHEN state IN ('stopped', 'failed') THEN 'pending' ELSE state END,
+                 state_reason = 'woken by a request'
+             WHERE service_id = $1 AND idle_stopped RETURNING id, tenant_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (instance, tenant) in &woken {
+            let view = Self::instance_view(&mut tx, *instance).await?;
+            record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
+        }
+        tx.commit().await?;
+        Ok(woken.len())
+    }
+
+    /// Stops the running instances of scale-to-zero services that had no request for their idle time (counted
+    /// from the last request or the instance's start, whichever is later); how many. Safe to run from every
+    /// edge at once: the rows are locked and a stopped instance no longer matches.
+    pub async fn stop_idle_instances(&self) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let stopped: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "UPDATE instances i SET desired_state = 'stopped', idle_stopped = true, updated_at = now(),
+                 state = CASE WHEN i.state = 'running' THEN 'stopping' ELSE i.state END,
+                 state_reason = 'no request for ' || s.scale_to_zero_after || 's: scaled to zero'
+             FROM services s
+             WHERE i.service_id = s.id AND s.scale_to_zero_after IS NOT NULL
+               AND i.desired_state = 'running' AND i.state = 'running'
+               AND greatest(coalesce(s.last_request_at, '-infinity'), coalesce(i.started_at, i.created_at))
+                   < now() - make_interval(secs => s.scale_to_zero_after)
+             RETURNING i.id, i.tenant_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (instance, tenant) in &stopped {
+            let view = Self::instance_view(&mut tx, *instance).await?;
+            record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
+        }
+        tx.commit().await?;
+        Ok(stopped.len())
+    }
+}
+
 /// Reads services (all, or those in `only`) with their ports, verified domains and running instances.
 async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Result<Vec<ServiceRoute>, StoreError> {
     let only: Option<Vec<Uuid>> = only.map(|o| o.to_vec());
-    let rows: Vec<(Uuid, Uuid, String, String, Option<i32>, Option<i32>)> = sqlx::query_as(
-        "SELECT id, tenant_id, name, fqdn, soft_limit, hard_limit FROM services
+    let rows: Vec<(Uuid, Uuid, String, String, Option<i32>, Option<i32>, Option<i32>)> = sqlx::query_as(
+        "SELECT id, tenant_id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after FROM services
          WHERE $1::uuid[] IS NULL OR id = ANY($1) ORDER BY id",
     )
     .bind(&only)
@@ -162,7 +222,7 @@ async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Re
 
     let mut services: Vec<ServiceRoute> = rows
         .into_iter()
-        .map(|(id, tenant_id, name, fqdn, soft, hard)| ServiceRoute {
+        .map(|(id, tenant_id, name, fqdn, soft, hard, idle)| ServiceRoute {
             id,
             tenant_id,
             name,
@@ -171,6 +231,7 @@ async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Re
             ports: Vec::new(),
             soft_limit: soft.map(|v| v as u32),
             hard_limit: hard.map(|v| v as u32),
+            scale_to_zero_after: idle.map(|v| v as u32),
             backends: Vec::new(),
         })
         .collect();

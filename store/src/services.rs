@@ -24,6 +24,8 @@ pub struct NewService {
     pub soft_limit: Option<u32>,
     /// Hard limit per instance.
     pub hard_limit: Option<u32>,
+    /// Idle seconds before the instances are stopped (scale to zero).
+    pub scale_to_zero_after: Option<u32>,
     /// Extra domains: (fully qualified name, custom).
     pub domains: Vec<(String, bool)>,
     /// False for ephemeral services.
@@ -39,6 +41,8 @@ pub struct ServiceChange {
     pub soft_limit: Option<Option<u32>>,
     /// New hard limit (`Some(None)` clears it).
     pub hard_limit: Option<Option<u32>>,
+    /// New scale-to-zero idle time (`Some(None)` turns it off).
+    pub scale_to_zero_after: Option<Option<u32>>,
     /// New extra domains.
     pub domains: Option<Vec<(String, bool)>>,
 }
@@ -50,13 +54,13 @@ struct ServiceRow {
     fqdn: String,
     soft_limit: Option<i32>,
     hard_limit: Option<i32>,
+    scale_to_zero_after: Option<i32>,
     persistent: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
-const SELECT_SERVICE: &str =
-    "SELECT id, name, fqdn, soft_limit, hard_limit, persistent, created_at, updated_at FROM services";
+const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after, persistent, created_at, updated_at FROM services";
 
 /// The row lock a lookup takes for the rest of its transaction.
 #[derive(Debug, Clone, Copy)]
@@ -114,8 +118,8 @@ impl Store {
             };
             sqlx::query("SAVEPOINT insert_service").execute(&mut *conn).await?;
             let res = sqlx::query(
-                "INSERT INTO services (id, tenant_id, name, fqdn, soft_limit, hard_limit, persistent)
-                 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM domains WHERE name = $4)",
+                "INSERT INTO services (id, tenant_id, name, fqdn, soft_limit, hard_limit, persistent, scale_to_zero_after)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE NOT EXISTS (SELECT 1 FROM domains WHERE name = $4)",
             )
             .bind(id)
             .bind(tenant)
@@ -124,6 +128,7 @@ impl Store {
             .bind(new.soft_limit.map(|v| v as i32))
             .bind(new.hard_limit.map(|v| v as i32))
             .bind(new.persistent)
+            .bind(new.scale_to_zero_after.map(|v| v as i32))
             .execute(&mut *conn)
             .await;
             let retry = match res {
@@ -306,6 +311,7 @@ impl Store {
                     ports: Vec::new(),
                     soft_limit: r.soft_limit.map(|v| v as u32),
                     hard_limit: r.hard_limit.map(|v| v as u32),
+                    scale_to_zero_after: r.scale_to_zero_after.map(|v| v as u32),
                     persistent: r.persistent,
                     domains: Vec::new(),
                     instances: Vec::new(),
@@ -407,12 +413,17 @@ impl Store {
         {
             return Err(StoreError::Invalid(format!("soft_limit {s} must not exceed hard_limit {h}")));
         }
-        sqlx::query("UPDATE services SET soft_limit = $2, hard_limit = $3, updated_at = now() WHERE id = $1")
-            .bind(id)
-            .bind(soft.map(|v| v as i32))
-            .bind(hard.map(|v| v as i32))
-            .execute(&mut *tx)
-            .await?;
+        let idle = change.scale_to_zero_after.unwrap_or(before.scale_to_zero_after);
+        sqlx::query(
+            "UPDATE services SET soft_limit = $2, hard_limit = $3, scale_to_zero_after = $4, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(soft.map(|v| v as i32))
+        .bind(hard.map(|v| v as i32))
+        .bind(idle.map(|v| v as i32))
+        .execute(&mut *tx)
+        .await?;
         if let Some(ports) = &change.ports {
             sqlx::query("DELETE FROM service_ports WHERE service_id = $1").bind(id).execute(&mut *tx).await?;
             self.insert_ports(&mut tx, id, ports, &before.ports).await?;

@@ -30,12 +30,14 @@ pub(crate) async fn create_service(
     }
     let ports = validate::ports(&body.ports, settings)?;
     validate::limits(body.soft_limit, body.hard_limit)?;
+    validate::scale_to_zero(body.scale_to_zero_after)?;
     let domains = validate::domains(&body.domains, settings)?;
     let new = NewService {
         name: body.name,
         ports,
         soft_limit: body.soft_limit,
         hard_limit: body.hard_limit,
+        scale_to_zero_after: body.scale_to_zero_after,
         domains,
         persistent: true,
     };
@@ -96,8 +98,15 @@ pub(crate) async fn update_service(
     let settings = state.store.settings();
     let ports = body.ports.as_deref().map(|p| validate::ports(p, settings)).transpose()?;
     validate::limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
+    validate::scale_to_zero(body.scale_to_zero_after.flatten())?;
     let domains = body.domains.as_deref().map(|d| validate::domains(d, settings)).transpose()?;
-    let change = ServiceChange { ports, soft_limit: body.soft_limit, hard_limit: body.hard_limit, domains };
+    let change = ServiceChange {
+        ports,
+        soft_limit: body.soft_limit,
+        hard_limit: body.hard_limit,
+        scale_to_zero_after: body.scale_to_zero_after,
+        domains,
+    };
     Ok(web::Json(state.store.update_service(auth.tenant, &path, change).await?))
 }
 

@@ -11,6 +11,7 @@ fn service(name: &str) -> NewService {
         ports: vec![],
         soft_limit: None,
         hard_limit: None,
+        scale_to_zero_after: None,
         domains: vec![],
         persistent: true,
     }

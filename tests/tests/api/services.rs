@@ -192,6 +192,19 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     assert_eq!(cleared.body["domains"].as_array().unwrap().len(), 2);
     patch(&api, "/v1/services/svc-2", t, json!({"soft_limit": 30})).await.problem(400, "invalid_request", "hard_limit");
 
+    // Scale to zero: set, refused out of range, turned off with null.
+    let lazy = patch(&api, "/v1/services/svc-2", t, json!({"scale_to_zero_after": 300})).await;
+    assert_eq!(lazy.body["scale_to_zero_after"], 300);
+    for bad in [0, 604_801] {
+        patch(&api, "/v1/services/svc-2", t, json!({"scale_to_zero_after": bad})).await.problem(
+            400,
+            "invalid_request",
+            "scale_to_zero_after",
+        );
+    }
+    let eager = patch(&api, "/v1/services/svc-2", t, json!({"scale_to_zero_after": null})).await;
+    assert_eq!(eager.body["scale_to_zero_after"], Value::Null);
+
     // A domain is attached to one service only.
     patch(&api, "/v1/services/svc-3", t, json!({"domains": ["shop"]})).await.problem(409, "domain_taken", "shop");
 
