@@ -613,3 +613,38 @@ async fn scale_to_zero_stops_an_idle_service_and_the_first_request_wakes_it() {
     }
     assert_eq!(state().await.0, "running");
 }
+
+/// Bad input ends the connection that sent it (with a 4xx where HTTP allows one) and nothing else notices.
+#[tokio::test]
+async fn malformed_http_tls_garbage_and_idle_clients_do_not_disturb_others() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "web", "ports": ["443:8080", "80:8080"]}), 1).await;
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    // Idle clients hold connections open on both listeners throughout.
+    let _idle =
+        (TcpStream::connect(f.edge.http_addr()).await.unwrap(), TcpStream::connect(f.edge.https_addr()).await.unwrap());
+    let send = async |addr: SocketAddr, bytes: Vec<u8>| {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let status = |answer: &str| answer.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+    let garbage = send(f.edge.http_addr(), b"\x16\x03\x01 nonsense \r\n\r\n".to_vec()).await;
+    assert!(status(&garbage).is_none_or(|s| (400..500).contains(&s)), "{garbage}");
+    let mut huge = format!("GET / HTTP/1.1\r\nhost: {fqdn}\r\nx-big: ").into_bytes();
+    huge.extend(std::iter::repeat_n(b'a', 2 << 20));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let answer = send(f.edge.http_addr(), huge).await;
+    assert!(status(&answer).is_none_or(|s| (400..500).contains(&s)), "{answer}");
+    let tls_garbage = send(f.edge.https_addr(), vec![0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5]).await;
+    assert!(tls_garbage.is_empty() || !tls_garbage.contains("hello"), "{tls_garbage:?}");
+
+    // Everyone else is served as before, over both listeners.
+    let res = f.http().get(format!("http://{}/", f.edge.http_addr())).header("host", &fqdn).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().starts_with("hello from hello-"));
+    assert_eq!(f.https(&[&fqdn]).get(format!("https://{fqdn}/")).send().await.unwrap().status(), 200);
+}
