@@ -227,6 +227,7 @@ impl Config {
             tenant_pool,
             tenant_prefix: p.tenant_prefix,
             tcp_ports: lo..=hi,
+            ip_hold: cloud_store::Settings::default().ip_hold,
         })
     }
 

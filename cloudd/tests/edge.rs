@@ -385,11 +385,14 @@ fn netns_for(f: &Fixture, instance: uuid::Uuid) -> String {
     cloud_runtime::netns_name(f._node.node, instance)
 }
 
-/// Services and instances come and go (in tenant networks so small that private IPs are reused all the time)
-/// while clients keep asking every name: a 200 always comes from an instance of the service asked for.
-#[tokio::test]
+/// Services and instances come and go while clients keep asking every name, deleted ones included: a 200
+/// always comes from an instance of the service asked for. (Tenant networks of 29 addresses: the test uses
+/// nearly all of them, and a released address is held, not reused, while an edge may still route to it;
+/// `released_private_ips_are_held_then_reused_last` shows the hold. Without it, this test caught an edge whose
+/// table lagged behind a reused address.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_response_ever_comes_from_another_services_instance_under_churn() {
-    let Some(f) = Fixture::start_with(28, async |api: &TestApi| api.store.clone()).await else { return };
+    let Some(f) = Fixture::start_with(27, async |api: &TestApi| api.store.clone()).await else { return };
     let f = Arc::new(f);
     let (_, b_token) = f.api.tenant("other", &[Scope::Read, Scope::Write]).await;
     let tokens = [f.api.token.clone(), b_token];

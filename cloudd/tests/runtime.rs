@@ -384,9 +384,9 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(clean, "namespace, veth and bridge are gone after delete");
-    // The address is free again: the next instance gets it.
+    // The address is released but held (routes to it may still be cached): the next instance gets another.
     let next = create(&api, t, json!({"image": "hello", "name": "next", "start": false})).await;
-    assert_eq!(next["private_ip"], ip.as_str());
+    assert_ne!(next["private_ip"], ip.as_str());
     second.shutdown().await;
 }
 

@@ -204,10 +204,18 @@ impl Store {
             (None, None) => None,
         };
 
-        let used: Vec<(IpAddr,)> = sqlx::query_as("SELECT private_ip FROM instances WHERE tenant_id = $1")
+        sqlx::query("DELETE FROM released_private_ips WHERE tenant_id = $1 AND released_at < now() - $2")
             .bind(tenant)
-            .fetch_all(&mut *tx)
+            .bind(self.settings.ip_hold)
+            .execute(&mut *tx)
             .await?;
+        let used: Vec<(IpAddr,)> = sqlx::query_as(
+            "SELECT private_ip FROM instances WHERE tenant_id = $1 UNION ALL
+             SELECT ip FROM released_private_ips WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut used: BTreeSet<Ipv4Addr> = used
             .into_iter()
             .filter_map(|(ip,)| match ip {
@@ -370,12 +378,22 @@ impl Store {
             let Ok(view) = Self::instance_view(conn, *id).await else {
                 continue;
             };
-            let deleted = sqlx::query("DELETE FROM instances WHERE id = $1 AND tenant_id = $2")
-                .bind(id)
+            let deleted: Option<(IpAddr,)> =
+                sqlx::query_as("DELETE FROM instances WHERE id = $1 AND tenant_id = $2 RETURNING private_ip")
+                    .bind(id)
+                    .bind(tenant)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if let Some((ip,)) = deleted {
+                // Held before reuse: see `ip_hold` in the settings.
+                sqlx::query(
+                    "INSERT INTO released_private_ips (tenant_id, ip) VALUES ($1, $2)
+                     ON CONFLICT (tenant_id, ip) DO UPDATE SET released_at = now()",
+                )
                 .bind(tenant)
+                .bind(ip)
                 .execute(&mut *conn)
                 .await?;
-            if deleted.rows_affected() == 1 {
                 record_event(conn, Some(tenant), "instance", *id, EventAction::Deleted, &view).await?;
             }
         }

@@ -56,6 +56,10 @@ pub struct Settings {
     pub tenant_prefix: u8,
     /// Public ports raw TCP services are allocated from.
     pub tcp_ports: RangeInclusive<u16>,
+    /// How long a deleted instance's private IP stays unallocated: longer than any edge or DNS cache may still
+    /// route to it and than the node takes to tear the old sandbox down, so the address never reaches a newcomer
+    /// while something still means the old instance.
+    pub ip_hold: Duration,
 }
 
 impl Default for Settings {
@@ -66,6 +70,7 @@ impl Default for Settings {
             tenant_pool: "10.96.0.0/12".parse().expect("valid literal"),
             tenant_prefix: 22,
             tcp_ports: 30000..=32767,
+            ip_hold: Duration::from_secs(60),
         }
     }
 }
