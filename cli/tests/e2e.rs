@@ -44,6 +44,23 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
+impl Dev {
+    /// The edge's https address, as `cloudd dev` prints it.
+    fn edge_https(&self) -> std::net::SocketAddr {
+        let t0 = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.home.path().join("cloudd.log")).unwrap_or_default();
+            if let Some(addr) = log.lines().find_map(|l| {
+                l.trim().strip_prefix("edge:")?.split_whitespace().next()?.strip_prefix("https://")?.parse().ok()
+            }) {
+                return addr;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "cloudd dev printed no edge address: {log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn start_dev() -> Dev {
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -175,6 +192,20 @@ fn the_cli_drives_a_real_platform() {
     assert_eq!(private_fqdn, format!("{instance}.internal"));
     let instances = json(&ok(&dev, &["instance", "list", "-o", "json"]));
     assert_eq!(instances[0]["service"]["name"], "my-service");
+
+    // The printed URL answers through the edge, verified against the platform CA `cloudd dev` wrote.
+    let edge = dev.edge_https();
+    let ca = dev.home.path().join("data/ca.pem");
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--retry", "10", "--retry-delay", "1", "--max-time", "20", "--cacert"])
+        .arg(&ca)
+        .arg("--connect-to")
+        .arg(format!("{fqdn}:443:{}:{}", edge.ip(), edge.port()))
+        .arg(format!("https://{fqdn}/"))
+        .output()
+        .expect("curl");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(answer, format!("hello from {instance} ({ip})\n"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // deploy -p: an ephemeral service that goes with its instance.
     let eph_table = ok(&dev, &["deploy", "-p", "443:8080", "--image", "hello", "--name", "eph"]);

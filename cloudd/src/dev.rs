@@ -48,7 +48,10 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     }
     let node = start_node(cfg, store.clone(), data_dir.join("node")).await?;
     let dns = start_dns(cfg, store.clone()).await?;
-    let edge = start_edge(cfg, store.clone()).await?;
+    let (edge, ca_pem) = start_edge(cfg, store.clone()).await?;
+    let ca_path = data_dir.join("ca.pem");
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::write(&ca_path, &ca_pem).with_context(|| format!("writing {}", ca_path.display()))?;
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -60,6 +63,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
         println!("  DNS:       {a}   (dig @{} -p {} <service fqdn>)", a.ip(), a.port());
     }
     println!("  edge:      https://{}  http://{}", edge.https_addr(), edge.http_addr());
+    println!("  CA:        {}   (curl --cacert it https://<service fqdn>)", ca_path.display());
     println!("Ctrl-C stops it; the next start reuses the data.");
     wait_for_shutdown().await;
     tracing::info!("shutting down");
@@ -78,12 +82,60 @@ pub async fn start_dns(cfg: &Config, store: Store) -> anyhow::Result<cloud_dns::
     Ok(dns)
 }
 
-/// Starts the edge following the change feed.
-pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<cloud_edge::EdgeHandle> {
-    let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
+/// Starts the edge following the change feed, serving the platform wildcard from the platform CA (kept valid by
+/// a background task). Returns the CA too, for those who must trust it.
+pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<(cloud_edge::EdgeHandle, String)> {
+    let ca = cloud_certs::PlatformCa::load_or_create(&store).await.context("loading the platform CA")?;
+    let ca_pem = ca.cert_pem().to_owned();
     let certs = std::sync::Arc::new(cloud_edge::CertStore::default());
+    let zone = store.settings().zone();
+    let not_after = serve_wildcard(&ca, &zone, &certs)?;
+    tokio::spawn(renew_wildcard(ca, zone, certs.clone(), not_after));
+    let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
     let edge = cloud_edge::start(store, feed, certs, cfg.edge_config()).await.context("starting the edge")?;
-    Ok(edge)
+    Ok((edge, ca_pem))
+}
+
+/// Validity of the platform wildcard, and how long before its end it is replaced.
+const WILDCARD_VALIDITY: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+const WILDCARD_RENEW_BEFORE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+fn serve_wildcard(
+    ca: &cloud_certs::PlatformCa,
+    zone: &str,
+    certs: &cloud_edge::CertStore,
+) -> anyhow::Result<time::OffsetDateTime> {
+    let issued = ca.issue_wildcard(zone, WILDCARD_VALIDITY)?;
+    let served = cloud_edge::ServedCert::from_pem(
+        vec![format!("*.{zone}"), zone.to_owned()],
+        &issued.chain_pem,
+        &issued.key_pem,
+    )?;
+    certs.replace(vec![served]);
+    tracing::info!(zone, not_after = %issued.not_after, "serving the platform wildcard certificate");
+    Ok(issued.not_after)
+}
+
+/// Replaces the wildcard before it expires; retries hourly on failure.
+async fn renew_wildcard(
+    ca: cloud_certs::PlatformCa,
+    zone: String,
+    certs: std::sync::Arc<cloud_edge::CertStore>,
+    mut not_after: time::OffsetDateTime,
+) {
+    loop {
+        let renew_at = not_after - WILDCARD_RENEW_BEFORE;
+        let wait = (renew_at - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        tokio::time::sleep(wait.try_into().unwrap_or(std::time::Duration::ZERO).max(std::time::Duration::from_secs(1)))
+            .await;
+        match serve_wildcard(&ca, &zone, &certs) {
+            Ok(t) => not_after = t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the platform wildcard; retrying in an hour");
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        }
+    }
 }
 
 /// Starts a node agent following the change feed.

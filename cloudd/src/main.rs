@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Edge => {
             let cfg = load()?;
             let store = connect(&cfg).await?;
-            let edge = std::sync::Arc::new(dev::start_edge(&cfg, store).await?);
+            let edge = std::sync::Arc::new(dev::start_edge(&cfg, store).await?.0);
             let listen = cfg.edge.ops_listen.unwrap_or_else(|| "127.0.0.1:9156".parse().expect("literal"));
             let ops = ops::serve(listen, edge.clone())?;
             dev::wait_for_shutdown().await;

@@ -30,32 +30,18 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
-/// A platform CA and the wildcard of the test zone, made the way an operator's CA would be.
+/// The platform CA (as `cloudd dev` and `cloudd edge` load it) and the wildcard of the zone it signed.
 struct TestCa {
     ca_pem: String,
     wildcard: ServedCert,
 }
 
-fn test_ca() -> TestCa {
-    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
-    let dn = |cn: &str| {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = dn("edge test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["*.dev.cloud.localhost".to_string()]).unwrap();
-    leaf.distinguished_name = dn("*.dev.cloud.localhost");
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let wildcard =
-        ServedCert::from_pem(vec!["*.dev.cloud.localhost".into()], &cert.pem(), &key.serialize_pem()).unwrap();
-    TestCa { ca_pem: ca_cert.pem(), wildcard }
+async fn platform_ca(store: &Store) -> TestCa {
+    let ca = cloud_certs::PlatformCa::load_or_create(store).await.unwrap();
+    let zone = store.settings().zone();
+    let issued = ca.issue_wildcard(&zone, Duration::from_secs(3600)).unwrap();
+    let wildcard = ServedCert::from_pem(vec![format!("*.{zone}"), zone], &issued.chain_pem, &issued.key_pem).unwrap();
+    TestCa { ca_pem: ca.cert_pem().to_owned(), wildcard }
 }
 
 struct Fixture {
@@ -97,7 +83,7 @@ impl Fixture {
         let node = cloud_runtime::start(api.store.clone(), ChangeFeed::start(api.store.clone()).await.unwrap(), c)
             .await
             .expect("node agent");
-        let ca = test_ca();
+        let ca = platform_ca(&api.store).await;
         let certs = Arc::new(CertStore::default());
         certs.replace(vec![ca.wildcard.clone()]);
         let ports_ip = IpAddr::from([127, 77, (k / 200) as u8, (k % 200 + 2) as u8]);

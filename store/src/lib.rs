@@ -228,7 +228,11 @@ impl Store {
 
     /// The platform secret `name`, created with `len` random bytes by the first caller.
     pub async fn platform_secret(&self, name: &str, len: usize) -> Result<Vec<u8>, StoreError> {
-        let fresh: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+        self.platform_secret_or(name, (0..len).map(|_| rand::random::<u8>()).collect()).await
+    }
+
+    /// The platform secret `name`; the first caller's `fresh` value wins when several replicas race.
+    pub async fn platform_secret_or(&self, name: &str, fresh: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         sqlx::query("INSERT INTO platform_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)
             .bind(&fresh)
