@@ -208,7 +208,8 @@ pub async fn run(cloudd: PathBuf, seconds: u64, connections: usize, routes: usiz
     for (label, rps, p99) in &ratios {
         println!("ratio edge/nginx, {label}: throughput {rps:.2}x, p99 latency {p99:.2}x");
     }
-    let _ = nginx.kill();
+    // SIGTERM, not SIGKILL: a killed master leaves its workers running.
+    let _ = Command::new("kill").args(["-TERM", &nginx.id().to_string()]).status();
     let _ = nginx.wait();
 
     // The route table at scale: many services, then the same requests, memory per route, create-to-routable.
