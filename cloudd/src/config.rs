@@ -70,6 +70,10 @@ pub struct NodeSection {
     pub memory_mb: Option<u64>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd node`. Default `127.0.0.1:9154`.
     pub ops_listen: Option<SocketAddr>,
+    /// The private DNS listener on this host (IPv4) that instances' queries to their gateway are forwarded to;
+    /// instances then get a resolv.conf naming their gateway. Default none (instances see the host's
+    /// resolv.conf); `cloudd dev`: its own private listener.
+    pub dns: Option<std::net::SocketAddrV4>,
 }
 
 /// `[api]`
@@ -239,6 +243,12 @@ impl Config {
         }
         self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
         self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
+        if self.node.dns.is_none() {
+            self.node.dns = self.dns.private_listen.iter().flatten().find_map(|a| match a {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            });
+        }
         // Ports below 1024 need root: a normal user's edge takes the documented fallbacks.
         let (https, http) = if root { (443, 80) } else { (8443, 8080) };
         self.edge.https_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], https)));
@@ -294,6 +304,7 @@ impl Config {
         if let Some(m) = self.node.memory_mb {
             cfg.memory_mb = m;
         }
+        cfg.dns = self.node.dns;
         Ok(cfg)
     }
 

@@ -460,3 +460,91 @@ async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
     assert!(namespaces_of(&node).is_empty(), "no namespaces in loopback mode");
     node.shutdown().await;
 }
+
+const RESOLVE_PY: &str = r#"
+import http.server, os, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if self.path == "/resolv.conf":
+            body = open("/etc/resolv.conf").read()
+        else:
+            try:
+                body = " ".join(sorted(socket.gethostbyname_ex(name)[2]))
+            except OSError as e:
+                body = "error " + type(e).__name__
+        body = body.encode()
+        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
+    let Some((_host, api)) = as_root().await else { return };
+    let dns_config = cloud_dns::DnsConfig {
+        public_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        private_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        rate_limit: None,
+        ..cloud_dns::DnsConfig::default()
+    };
+    let dns = cloud_dns::start(api.store.clone(), ChangeFeed::start(api.store.clone()).await.unwrap(), dns_config)
+        .await
+        .unwrap();
+    let std::net::SocketAddr::V4(private) = dns.private_addrs()[0] else { panic!("an IPv4 listener") };
+    let mut cfg = config("n-dns");
+    cfg.dns = Some(private);
+    let node = node(&api, cfg).await;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
+
+    let (_, other) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
+    let t = &api.token;
+    upload(
+        &api,
+        t,
+        "resolver",
+        bundle(&[
+            ("manifest.json", r#"{"command": ["python3", "resolve.py"], "port": 9000}"#),
+            ("resolve.py", RESOLVE_PY),
+        ]),
+    )
+    .await;
+    create(&api, t, json!({"image": "hello", "name": "peer"})).await;
+    let asker = create(&api, t, json!({"image": "resolver", "name": "asker"})).await;
+    create(&api, &other, json!({"image": "hello", "name": "stranger"})).await;
+    let peer_ip = running(&api, t, "peer").await["private_ip"].as_str().unwrap().to_owned();
+    let asker_ip = running(&api, t, "asker").await["private_ip"].as_str().unwrap().to_owned();
+    running(&api, &other, "stranger").await;
+    let resolve = |name: &str| {
+        let url = format!("http://{asker_ip}:9000/resolve/{name}");
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+
+    let gateway = {
+        let net: ipnet::Ipv4Net = api.tenant.network.parse().unwrap();
+        Ipv4Addr::from(u32::from(net.network()) + 1)
+    };
+    let conf = reqwest::get(format!("http://{asker_ip}:9000/resolv.conf")).await.unwrap().text().await.unwrap();
+    assert!(conf.contains(&format!("nameserver {gateway}\n")) && conf.contains("search internal"), "{conf}");
+    assert_eq!(std::fs::read_to_string("/etc/resolv.conf").ok(), host_resolv, "the host's resolv.conf is untouched");
+
+    // The instance's own resolver (glibc, through /etc/resolv.conf) asks our DNS via its gateway.
+    assert_eq!(resolve("peer.internal").await, peer_ip);
+    assert_eq!(resolve("peer").await, peer_ip, "search domain internal");
+    assert_eq!(resolve(&format!("peer.{}.internal", api.tenant.name)).await, peer_ip);
+    assert_eq!(resolve("asker.internal").await, asker_ip);
+    // Another tenant's instance does not exist for this one, by either name.
+    assert!(resolve("stranger.internal").await.starts_with("error"), "another tenant's name");
+    assert!(resolve("stranger.initech.internal").await.starts_with("error"), "another tenant's full name");
+
+    // Only DNS is forwarded: the DNS listener itself, and every other host port, stay out of reach.
+    let ns = netns_of(&node, &asker);
+    assert!(connects_from(&ns, &gateway.to_string(), 53), "DNS over TCP through the gateway");
+    assert!(!connects_from(&ns, &gateway.to_string(), private.port()), "the listener's own port is not open");
+    let db_port: u16 = api.store.pool().connect_options().get_port();
+    assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
+    node.shutdown().await;
+    dns.shutdown().await;
+}

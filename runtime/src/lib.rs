@@ -13,6 +13,7 @@ mod process;
 mod supervise;
 
 use std::collections::HashMap;
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +63,9 @@ pub struct NodeConfig {
     pub min_backoff: Duration,
     /// Longest restart delay.
     pub max_backoff: Duration,
+    /// The private DNS listener on this host (a `cloudd dns` private listener). When set, namespaced instances
+    /// get `/etc/resolv.conf` naming their gateway, and queries to the gateway's port 53 are forwarded there.
+    pub dns: Option<SocketAddrV4>,
 }
 
 impl NodeConfig {
@@ -82,6 +86,7 @@ impl NodeConfig {
             lost_after: Duration::from_secs(15),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
+            dns: None,
         }
     }
 }
@@ -187,9 +192,9 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         return Err(NodeError::NotRoot);
     }
     let node = store.register_node(&config.name, &config.address, config.memory_mb).await?;
-    let sandboxes = net::Sandboxes::new(node);
+    let sandboxes = net::Sandboxes::new(node).with_dns(config.dns);
     if config.isolation == Isolation::Namespaces {
-        net::install_firewall().await?;
+        net::install_firewall(config.dns).await?;
         // Whatever a previous run of this node left behind: its processes died with it; clean their namespaces.
         for leftover in sandboxes.existing() {
             tracing::info!(instance = %leftover, "removing a namespace left by a previous run");

@@ -3,7 +3,7 @@
 //! and keep instances away from the host's own ports. Everything is done with `ip` and `nft`, whose state the
 //! kernel keeps: a restarted agent finds it by name.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -28,6 +28,15 @@ pub enum NetError {
     Missing {
         /// The program.
         program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A kernel setting could not be written.
+    #[error("cannot write {knob}")]
+    Sysctl {
+        /// The file under /proc/sys.
+        knob: String,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -94,12 +103,20 @@ pub fn bridge_name(tenant: Uuid) -> String {
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
     prefix: String,
+    /// Where instances' DNS queries to their gateway are forwarded, if anywhere.
+    dns: Option<SocketAddrV4>,
 }
 
 impl Sandboxes {
     /// The sandboxes of a node.
     pub fn new(node: Uuid) -> Self {
-        Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]) }
+        Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]), dns: None }
+    }
+
+    /// The same, forwarding instances' DNS queries (to their gateway, port 53) to `dns`.
+    pub fn with_dns(mut self, dns: Option<SocketAddrV4>) -> Self {
+        self.dns = dns;
+        self
     }
 
     /// The namespace of an instance.
@@ -127,7 +144,7 @@ impl Sandboxes {
         if Path::new(&self.netns_path(instance)).exists() {
             self.destroy(instance).await?;
         }
-        let bridge = ensure_bridge(tenant, network).await?;
+        let bridge = ensure_bridge(tenant, network, self.dns.is_some_and(|d| d.ip().is_loopback())).await?;
         let host = format!("cv{}", short(instance));
         let peer = format!("cp{}", short(instance));
         let addr = format!("{ip}/{}", network.prefix_len());
@@ -179,8 +196,10 @@ fn mac_for(ip: Ipv4Addr) -> String {
     format!("02:cb:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
-/// Creates the tenant's bridge with the gateway address if it does not exist yet.
-pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net) -> Result<String, NetError> {
+/// Creates the tenant's bridge with the gateway address if it does not exist yet. `localnet` lets packets from
+/// the bridge be routed to a loopback address: the DNS forward rewrites queries to a listener on 127.0.0.1, which
+/// the kernel otherwise drops as martians (the input chain still drops everything else from the bridge).
+pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net, localnet: bool) -> Result<String, NetError> {
     let bridge = bridge_name(tenant);
     if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
         let gateway = format!("{}/{}", cloud_domain::ipam::gateway(network), network.prefix_len());
@@ -203,6 +222,10 @@ pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net) -> Result<String, Net
         let _ = run("ip", &["addr", "add", &gateway, "dev", &bridge]).await;
         run("ip", &["link", "set", &bridge, "up"]).await?;
         nft(&format!("add element inet cloud intra {}\n", intra_element(&bridge))).await?;
+    }
+    if localnet {
+        let knob = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+        std::fs::write(&knob, "1").map_err(|source| NetError::Sysctl { knob, source })?;
     }
     Ok(bridge)
 }
@@ -240,24 +263,59 @@ pub async fn remove_idle_bridges() {
 /// replies to the host's own connections pass), and nothing is routed to or from a tenant bridge, so tenants
 /// cannot reach each other. Traffic inside one bridge (one tenant) is switched and allowed; where br_netfilter
 /// shows switched packets to the forward hook as bridge-to-same-bridge, the `intra` set lets them through.
-const RULES: &str = r#"
-table inet cloud {
-    set intra {
+///
+/// With a DNS forward, queries to port 53 of any of the host's addresses (the gateway, for an instance) are
+/// rewritten to the private DNS listener, the one host service instances may reach. The source address is kept:
+/// it is how the DNS knows the asker's tenant.
+fn rules(dns: Option<SocketAddrV4>) -> String {
+    let (nat, allow) = match dns {
+        Some(dns) => (
+            format!(
+                r#"
+    chain dns_forward {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "cb-*" fib daddr type local meta l4proto {{ udp, tcp }} th dport 53 dnat ip to {dns}
+    }}"#
+            ),
+            format!(
+                "\n        iifname \"cb-*\" ct status dnat ip daddr {} meta l4proto {{ udp, tcp }} th dport {} accept",
+                dns.ip(),
+                dns.port()
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        r#"
+table inet cloud {{
+    set intra {{
         type ifname . ifname
-    }
-    chain input {
+    }}{nat}
+    chain input {{
         type filter hook input priority -10; policy accept;
-        iifname "cb-*" ct state established,related accept
+        iifname "cb-*" ct state established,related accept{allow}
         iifname "cb-*" drop
-    }
-    chain forward {
+    }}
+    chain forward {{
         type filter hook forward priority -10; policy accept;
         iifname . oifname @intra accept
         iifname "cb-*" drop
         oifname "cb-*" drop
-    }
+    }}
+}}
+"#
+    )
 }
-"#;
+
+/// What an instance finds in `/etc/resolv.conf` when the node forwards DNS: its gateway, and `internal` as the
+/// search domain so `<instance>` alone resolves like `<instance>.internal`.
+pub fn resolv_conf(network: Ipv4Net) -> String {
+    format!(
+        "# written by the cloudd node agent: the platform's private DNS, through this instance's gateway\n\
+         nameserver {}\nsearch internal\noptions timeout:2 attempts:2\n",
+        cloud_domain::ipam::gateway(network)
+    )
+}
 
 async fn nft(script: &str) -> Result<(), NetError> {
     run_with_input("nft", &["-f", "-"], script).await
@@ -268,8 +326,9 @@ fn intra_element(bridge: &str) -> String {
 }
 
 /// Installs (or refreshes) the firewall rules, atomically: `nft -f` applies the whole script or nothing.
-pub async fn install_firewall() -> Result<(), NetError> {
-    let mut script = format!("table inet cloud\ndelete table inet cloud\n{RULES}");
+/// The rules are per host: the last agent to start on a host sets its DNS forward.
+pub async fn install_firewall(dns: Option<SocketAddrV4>) -> Result<(), NetError> {
+    let mut script = format!("table inet cloud\ndelete table inet cloud\n{}", rules(dns));
     // Bridges that exist already (another agent's on this host) keep switching.
     for bridge in our_bridges() {
         script.push_str(&format!("add element inet cloud intra {}\n", intra_element(&bridge)));

@@ -24,6 +24,8 @@ pub struct Launch {
     pub user: Option<(u32, u32)>,
     /// Memory cgroup to join, if any (its `cgroup.procs`).
     pub cgroup_procs: Option<PathBuf>,
+    /// A file the process sees as `/etc/resolv.conf` (in its own mount namespace), if any.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// Sends a signal to a process.
@@ -58,16 +60,34 @@ pub fn spawn(launch: &Launch) -> std::io::Result<Child> {
         Some(p) => Some(CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?),
         None => None,
     };
-    prepare_child(&mut cmd, netns, launch.user, procs);
+    // A host without /etc/resolv.conf has nothing to cover; the process then has no resolver configured.
+    let resolv = match &launch.resolv_conf {
+        Some(p) if Path::new(RESOLV_CONF).exists() => {
+            Some(CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?)
+        }
+        _ => None,
+    };
+    prepare_child(&mut cmd, netns, launch.user, procs, resolv);
     cmd.spawn()
 }
 
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 #[allow(unsafe_code)]
-fn prepare_child(cmd: &mut Command, netns: Option<OwnedFd>, user: Option<(u32, u32)>, procs: Option<CString>) {
+fn prepare_child(
+    cmd: &mut Command,
+    netns: Option<OwnedFd>,
+    user: Option<(u32, u32)>,
+    procs: Option<CString>,
+    resolv: Option<CString>,
+) {
+    let target = CString::new(RESOLV_CONF).expect("no NUL");
     // SAFETY: the closure runs in the forked child before exec and uses only async-signal-safe system calls
-    // (prctl, open, write, close, setns, setgroups, setgid, setuid). The order matters: joining the namespace
-    // and the cgroup need root, so they come before dropping privileges; the death signal is set last because
-    // changing credentials clears it.
+    // (prctl, open, write, close, setns, unshare, mount, setgroups, setgid, setuid). The order matters: joining
+    // the namespace and the cgroup and mounting need root, so they come before dropping privileges; the death
+    // signal is set last because changing credentials clears it. The resolv.conf bind mount is what
+    // `ip netns exec` does: a mount namespace of the process's own, made private first so nothing propagates
+    // back to the host.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(path) = &procs {
@@ -79,6 +99,20 @@ fn prepare_child(cmd: &mut Command, netns: Option<OwnedFd>, user: Option<(u32, u
             }
             if let Some(fd) = &netns
                 && libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(source) = &resolv
+                && (libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+                        != 0)
             {
                 return Err(std::io::Error::last_os_error());
             }

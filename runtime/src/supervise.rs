@@ -121,6 +121,12 @@ async fn cleanup(shared: &Shared, id: uuid::Uuid, tenant: uuid::Uuid) {
     let cgroup = id.simple().to_string();
     tokio::task::spawn_blocking(move || MemoryCgroup::remove_named(&cgroup)).await.ok();
     crate::net::remove_idle_bridge(tenant).await;
+    let _ = tokio::fs::remove_file(resolv_conf_path(shared, id)).await;
+}
+
+/// Where an instance's resolv.conf is kept while it runs.
+fn resolv_conf_path(shared: &Shared, id: uuid::Uuid) -> std::path::PathBuf {
+    shared.config.state_dir.join("resolv").join(format!("{}.conf", id.simple()))
 }
 
 /// Starts the instance once and follows it until it ends or the tenant wants something else.
@@ -145,6 +151,19 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
             None,
         );
     }
+    let resolv_conf = match (namespaced, shared.config.dns) {
+        (true, Some(_)) => {
+            let path = resolv_conf_path(shared, a.id);
+            let written = tokio::fs::create_dir_all(path.parent().expect("a file in a directory"))
+                .await
+                .and(tokio::fs::write(&path, crate::net::resolv_conf(a.network)).await);
+            if let Err(e) = written {
+                return ended(format!("cannot write {}: {e}", path.display()), None);
+            }
+            Some(path)
+        }
+        _ => None,
+    };
     let cgroup = namespaced
         .then(|| MemoryCgroup::create(&a.id.simple().to_string(), a.memory_mb as u64 * 1024 * 1024))
         .flatten();
@@ -175,6 +194,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         netns: namespaced.then(|| shared.sandboxes.netns_path(a.id)),
         user: namespaced.then_some(shared.config.user),
         cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+        resolv_conf,
     };
     let mut child = match spawn(&launch) {
         Ok(c) => c,
