@@ -55,6 +55,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Limits.
     pub config: ApiConfig,
+    /// The platform CA certificate, read once.
+    pub ca_pem: tokio::sync::OnceCell<String>,
 }
 
 impl AppState {
@@ -66,6 +68,7 @@ impl AppState {
             metrics: Metrics::new(),
             store,
             config,
+            ca_pem: tokio::sync::OnceCell::new(),
         })
     }
 }

@@ -88,6 +88,16 @@ impl Client {
         })
     }
 
+    /// The remote's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The remote's API URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// A request to a path of the API.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)

@@ -75,6 +75,16 @@ pub enum Command {
     /// Show the current remote, tenant and token.
     #[command(after_help = "Example:\n  cloudctl whoami -o json")]
     Whoami,
+    /// Print the platform CA certificate (PEM), or install it in the system's trust store.
+    #[command(
+        after_help = "The platform CA signs the certificates of service FQDNs on platforms without a public CA (cloudd dev,\nself-hosted). Examples:\n  cloudctl ca > ca.pem && curl --cacert ca.pem https://my-service-ab12cd34.dev.cloud.localhost\n  sudo cloudctl ca --install"
+    )]
+    Ca {
+        /// Install it as /usr/local/share/ca-certificates/cloud-<remote>.crt and run update-ca-certificates
+        /// (Debian and Ubuntu; needs root).
+        #[arg(long)]
+        install: bool,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  cloudctl completion bash > /etc/bash_completion.d/cloudctl")]
     Completion {
@@ -430,6 +440,33 @@ fn connect(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Cl
     Client::new(&name, &remote)
 }
 
+/// Puts the platform CA where Debian's `update-ca-certificates` picks it up, and runs it.
+fn install_ca(remote: &str, pem: &str) -> anyhow::Result<()> {
+    let dir = std::path::Path::new("/usr/local/share/ca-certificates");
+    if !dir.is_dir() {
+        bail!(
+            "{} does not exist: install the CA by hand (cloudctl ca > ca.pem) with your system's tool",
+            dir.display()
+        );
+    }
+    let file = dir.join(format!("cloud-{remote}.crt"));
+    std::fs::write(&file, pem).with_context(|| {
+        format!(
+            "cannot write {} (run as root: sudo cloudctl ca --install, or save it: cloudctl ca > ca.pem)",
+            file.display()
+        )
+    })?;
+    let status = std::process::Command::new("update-ca-certificates")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running update-ca-certificates")?;
+    if !status.success() {
+        bail!("update-ca-certificates failed ({status})");
+    }
+    eprintln!("installed {}; curl and other OpenSSL clients now trust remote {remote}'s services", file.display());
+    Ok(())
+}
+
 /// Whether a positional argument of `service create` is a port spec rather than a name.
 fn looks_like_port_spec(s: &str) -> bool {
     s.starts_with(|c: char| c.is_ascii_digit())
@@ -455,6 +492,19 @@ async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<(
                     println!("tenant: {}  network: {}", me.tenant.name, me.tenant.network);
                     println!("token:  {}  scopes: {}  expires: {}", me.token_id, scopes.join(","), me.expires_at);
                 }
+            }
+            Ok(())
+        }
+        Command::Ca { install } => {
+            let c = connect(&cli, env)?;
+            let pem = c.send(c.request(reqwest::Method::GET, "/v1/ca.pem")).await?.text().await?;
+            if !pem.starts_with("-----BEGIN CERTIFICATE-----") {
+                bail!("{} did not answer with a PEM certificate", c.base());
+            }
+            if *install {
+                install_ca(c.name(), &pem)?;
+            } else {
+                print!("{pem}");
             }
             Ok(())
         }

@@ -193,9 +193,13 @@ fn the_cli_drives_a_real_platform() {
     let instances = json(&ok(&dev, &["instance", "list", "-o", "json"]));
     assert_eq!(instances[0]["service"]["name"], "my-service");
 
-    // The printed URL answers through the edge, verified against the platform CA `cloudd dev` wrote.
+    // The printed URL answers through the edge, verified against the platform CA as `cloudctl ca` prints it
+    // (the same one `cloudd dev` wrote next to its data).
     let edge = dev.edge_https();
-    let ca = dev.home.path().join("data/ca.pem");
+    let pem = ok(&dev, &["ca"]);
+    assert_eq!(pem, std::fs::read_to_string(dev.home.path().join("data/ca.pem")).unwrap());
+    let ca = dev.home.path().join("from-cloudctl.pem");
+    std::fs::write(&ca, &pem).unwrap();
     let out = Command::new("curl")
         .args(["-sS", "--fail", "--retry", "10", "--retry-delay", "1", "--max-time", "20", "--cacert"])
         .arg(&ca)
@@ -250,6 +254,7 @@ fn help_matches_its_snapshots() {
         ("help.txt", vec!["--help"]),
         ("help-service-create.txt", vec!["service", "create", "--help"]),
         ("help-deploy.txt", vec!["deploy", "--help"]),
+        ("help-ca.txt", vec!["ca", "--help"]),
     ] {
         let out = Command::new(bin("cloudctl")).args(&args).env_remove("CLOUD_REMOTE").output().unwrap();
         assert!(out.status.success());

@@ -16,6 +16,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
     cfg.service(system::healthz).service(system::readyz).service(system::metrics).service(
         scope("/v1")
             .service(system::whoami)
+            .service(system::ca_pem)
             .service(tenants::create_tenant)
             .service(tenants::list_tenants)
             .service(tenants::get_tenant)

@@ -36,6 +36,27 @@ pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
+/// The platform CA certificate (PEM): what clients trust to verify `https://<fqdn>` on a platform serving
+/// certificates from its own CA (`cloudd dev`, self-hosted). Public, like any CA certificate.
+#[utoipa::path(tag = "system", responses(
+    (status = 200, description = "The CA certificate", body = String, content_type = "application/x-pem-file"),
+    (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/ca.pem")]
+pub(crate) async fn ca_pem(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let pem = state
+        .ca_pem
+        .get_or_try_init(|| async {
+            cloud_certs::PlatformCa::load_or_create(&state.store).await.map(|ca| ca.cert_pem().to_owned())
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %cloud_domain::error_chain(&e), "cannot load the platform CA");
+            ApiError::new(ErrorCode::Unavailable, "the platform CA cannot be read now")
+        })?;
+    Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(pem.clone()))
+}
+
 /// The caller's tenant and token.
 #[utoipa::path(tag = "tokens", security(("bearer" = [])), responses(
     (status = 200, description = "The caller", body = WhoAmI),
