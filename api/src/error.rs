@@ -72,7 +72,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | TenantNotEmpty => StatusCode::CONFLICT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        IdempotencyKeyReused | DomainNotVerified => StatusCode::UNPROCESSABLE_ENTITY,
         CapacityExhausted | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

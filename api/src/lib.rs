@@ -34,11 +34,13 @@ pub struct ApiConfig {
     pub max_json_bytes: usize,
     /// Largest image bundle accepted.
     pub max_image_bytes: usize,
+    /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024 }
+        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024, resolver: None }
     }
 }
 
@@ -57,6 +59,8 @@ pub struct AppState {
     pub config: ApiConfig,
     /// The platform CA certificate, read once.
     pub ca_pem: tokio::sync::OnceCell<String>,
+    /// Checks custom domains' ownership records.
+    pub ownership: cloud_certs::ownership::OwnershipChecker,
 }
 
 impl AppState {
@@ -67,8 +71,9 @@ impl AppState {
             feed: ChangeFeed::start(store.clone()).await?,
             metrics: Metrics::new(),
             store,
-            config,
             ca_pem: tokio::sync::OnceCell::new(),
+            ownership: cloud_certs::ownership::OwnershipChecker::new(config.resolver),
+            config,
         })
     }
 }

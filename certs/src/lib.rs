@@ -1,11 +1,16 @@
 //! Certificates: the platform CA, which signs the wildcard `*.<region>.<base_domain>` the edge serves in dev and
 //! self-hosted mode.
 //!
-//! Boundaries: this is the minimal CA the edge needs (issue 5); the certificate role proper (keys encrypted with a
-//! configured key, certificates stored per domain, ACME, renewal, uploads) is issue 7. The CA is created once per
+//! Also the ownership check of custom domains ([`ownership`]): the platform routes and certifies a custom domain
+//! only once its owner published the TXT token.
+//!
+//! Boundaries: the certificate role proper (keys encrypted with a configured key, certificates stored per domain,
+//! ACME, renewal, uploads) is still to come (issue 7). The CA is created once per
 //! platform and kept in PostgreSQL's `platform_secrets` like the API's token signing key; every replica that asks
 //! gets the same CA (the first to store one wins a race). Leaves are issued in memory by whoever serves them, so
 //! there is nothing to distribute: every edge issues its own wildcard under the shared CA.
+
+pub mod ownership;
 
 use std::time::Duration;
 

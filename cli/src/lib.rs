@@ -175,6 +175,16 @@ pub enum ServiceCmd {
         #[command(flatten)]
         opts: ServiceOpts,
     },
+    /// Check a custom domain's ownership record now (the platform also checks pending domains periodically).
+    #[command(
+        after_help = "Example:\n  cloudctl service verify my-service www.example.com\n\nThe domain is routed, and gets certificates, once TXT _cloud-challenge.<domain> holds the token\n`cloudctl service get` shows."
+    )]
+    Verify {
+        /// Service name or id.
+        name: String,
+        /// The custom domain.
+        domain: String,
+    },
     /// Delete a service.
     #[command(after_help = "Example:\n  cloudctl service delete my-service --force", visible_alias = "rm")]
     Delete {
@@ -687,14 +697,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                 for p in &s.ports {
                     println!("  {p}");
                 }
-                for d in &s.domains {
-                    if let Some(v) = &d.verification {
-                        println!(
-                            "  domain {} unverified: create TXT {} = \"{}\" and CNAME {} -> {}",
-                            d.name, v.txt_name, v.txt_value, d.name, v.cname_target
-                        );
-                    }
-                }
+                print!("{}", domain_notes(&s));
             } else {
                 print(out, &[s], output::services, name_of_service, true);
             }
@@ -713,7 +716,11 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
         }
         ServiceCmd::Get { name } => {
             let s: Service = c.get(&format!("/v1/services/{}", seg(name))).await?;
+            let notes = domain_notes(&s);
             print(out, &[s], output::services, name_of_service, true);
+            if out == Format::Table {
+                print!("{notes}");
+            }
         }
         ServiceCmd::Update { name, ports, opts } => {
             let body = UpdateService {
@@ -724,7 +731,24 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                 domains: if opts.domains.is_empty() { None } else { Some(opts.domains.clone()) },
             };
             let s: Service = c.patch(&format!("/v1/services/{}", seg(name)), &body).await?;
+            let notes = domain_notes(&s);
             print(out, &[s], output::services, name_of_service, true);
+            if out == Format::Table {
+                print!("{notes}");
+            }
+        }
+        ServiceCmd::Verify { name, domain } => {
+            let path = format!("/v1/services/{}/domains/{}/verify", seg(name), seg(domain.trim_end_matches('.')));
+            let s: Service = c.post(&path, &serde_json::json!({})).await?;
+            match out {
+                Format::Table => println!(
+                    "domain {} verified: routed to service {} ({})",
+                    domain.trim_end_matches('.'),
+                    s.name,
+                    s.fqdn
+                ),
+                _ => print(out, &[s], output::services, name_of_service, true),
+            }
         }
         ServiceCmd::Delete { name, force } => {
             let q = if *force { "?force=true" } else { "" };
@@ -733,6 +757,25 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The state of a service's extra domains, and for each unverified one exactly which records to create.
+fn domain_notes(s: &Service) -> String {
+    let mut text = String::new();
+    for d in &s.domains {
+        match &d.verification {
+            None => text.push_str(&format!("  domain {}: verified\n", d.name)),
+            Some(v) => text.push_str(&format!(
+                "  domain {name}: unverified; create these records at its DNS provider:\n    {txt} TXT \"{value}\"   (proves ownership)\n    {name} CNAME {target}   (routes it here; an apex takes A/AAAA records of the edge instead)\n  then: cloudctl service verify {service} {name}\n",
+                name = d.name,
+                txt = v.txt_name,
+                value = v.txt_value,
+                target = v.cname_target,
+                service = s.name,
+            )),
+        }
+    }
+    text
 }
 
 fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {

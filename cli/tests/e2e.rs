@@ -11,6 +11,9 @@ struct Dev {
     child: Child,
     home: tempfile::TempDir,
     api: String,
+    /// The DNS a custom domain's owner publishes records in, as the platform's resolver sees it.
+    owner_dns: cloud_tests::txt_server::TxtServer,
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl Drop for Dev {
@@ -67,6 +70,8 @@ fn start_dev() -> Dev {
     let api = format!("http://127.0.0.1:{port}");
     let pool = if is_root() { "10.210.0.0/16" } else { "127.210.0.0/16" };
     let log = std::fs::File::create(home.path().join("cloudd.log")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let owner_dns = runtime.block_on(cloud_tests::txt_server::TxtServer::start());
     let child = Command::new(bin("cloudd"))
         .arg("dev")
         .env("HOME", home.path())
@@ -78,12 +83,13 @@ fn start_dev() -> Dev {
         .env("CLOUD_DNS_PRIVATE_LISTEN", "127.0.0.1:0")
         .env("CLOUD_EDGE_HTTPS_LISTEN", "127.0.0.1:0")
         .env("CLOUD_EDGE_HTTP_LISTEN", "127.0.0.1:0")
+        .env("CLOUD_RESOLVER", owner_dns.addr().to_string())
         .env_remove("DATABASE_URL")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
-    let dev = Dev { child, home, api };
+    let dev = Dev { child, home, api, owner_dns, _runtime: runtime };
     // Ready when cloudd has written cloudctl's `local` remote (after the API listens).
     let config = dev.home.path().join("config/cloudctl/config.toml");
     let t0 = Instant::now();
@@ -180,6 +186,27 @@ fn the_cli_drives_a_real_platform() {
     assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "my-service\n");
     let table = ok(&dev, &["service", "list"]);
     assert!(table.starts_with("NAME") && table.contains("my-service") && table.contains(&fqdn), "{table}");
+
+    // A custom domain: recorded unverified, with exactly the records to create; verified once the TXT is there.
+    let updated = ok(&dev, &["service", "update", "my-service", "--domain", "www.example.test."]);
+    assert!(updated.contains("domain www.example.test: unverified"), "{updated}");
+    assert!(updated.contains(&format!("www.example.test CNAME {fqdn}")), "{updated}");
+    assert!(updated.contains("then: cloudctl service verify my-service www.example.test"), "{updated}");
+    let value = updated
+        .split("_cloud-challenge.www.example.test TXT \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no TXT record to create in {updated}"));
+    assert!(value.starts_with("cloud-verify="), "{updated}");
+    fails(
+        &dev,
+        &["service", "verify", "my-service", "www.example.test"],
+        "(found: no TXT record) (domain_not_verified)",
+    );
+    dev.owner_dns.set("_cloud-challenge.www.example.test", &[value]);
+    let verified = ok(&dev, &["service", "verify", "my-service", "www.example.test"]);
+    assert_eq!(verified, format!("domain www.example.test verified: routed to service my-service ({fqdn})\n"));
+    assert!(ok(&dev, &["service", "get", "my-service"]).contains("domain www.example.test: verified"));
 
     // The mission's second command: instances behind the service, running, with private names.
     let deployed = ok(&dev, &["deploy", "--service", "my-service", "--image", "hello"]);

@@ -117,6 +117,9 @@ pub struct PlatformSection {
     pub tenant_prefix: u8,
     /// Range of public ports for raw TCP services, `LOW-HIGH`.
     pub tcp_ports: String,
+    /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
+    /// Default: the first nameserver of /etc/resolv.conf.
+    pub resolver: Option<SocketAddr>,
 }
 
 impl Default for PlatformSection {
@@ -128,6 +131,7 @@ impl Default for PlatformSection {
             tenant_pool: None,
             tenant_prefix: s.tenant_prefix,
             tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
+            resolver: None,
         }
     }
 }
@@ -187,6 +191,7 @@ impl Config {
             ("CLOUD_EDGE_HTTPS_LISTEN", &mut cfg.edge.https_listen),
             ("CLOUD_EDGE_HTTP_LISTEN", &mut cfg.edge.http_listen),
             ("CLOUD_EDGE_OPS_LISTEN", &mut cfg.edge.ops_listen),
+            ("CLOUD_RESOLVER", &mut cfg.platform.resolver),
         ] {
             if let Some(v) = env(key) {
                 *field = Some(v.parse().with_context(|| format!("{key}={v} is not an address:port"))?);
@@ -243,12 +248,6 @@ impl Config {
         }
         self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
         self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
-        if self.node.dns.is_none() {
-            self.node.dns = self.dns.private_listen.iter().flatten().find_map(|a| match a {
-                SocketAddr::V4(a) => Some(*a),
-                SocketAddr::V6(_) => None,
-            });
-        }
         // Ports below 1024 need root: a normal user's edge takes the documented fallbacks.
         let (https, http) = if root { (443, 80) } else { (8443, 8080) };
         self.edge.https_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], https)));
@@ -310,7 +309,11 @@ impl Config {
 
     /// The API's limits.
     pub fn api_config(&self) -> cloud_api::ApiConfig {
-        cloud_api::ApiConfig { max_json_bytes: self.api.max_json_bytes, max_image_bytes: self.api.max_image_bytes }
+        cloud_api::ApiConfig {
+            max_json_bytes: self.api.max_json_bytes,
+            max_image_bytes: self.api.max_image_bytes,
+            resolver: self.platform.resolver,
+        }
     }
 }
 

@@ -46,12 +46,21 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     if !nix_is_root() {
         tracing::warn!("not root: instances run in loopback mode, on 127.x addresses without isolation");
     }
-    let node = start_node(cfg, store.clone(), data_dir.join("node")).await?;
     let dns = start_dns(cfg, store.clone()).await?;
+    // Instances ask the private listener actually bound (the configuration may say port 0).
+    let private_dns = dns.private_addrs().into_iter().find_map(|a| match a {
+        std::net::SocketAddr::V4(a) => Some(a),
+        std::net::SocketAddr::V6(_) => None,
+    });
+    let node = start_node(cfg, store.clone(), data_dir.join("node"), private_dns).await?;
     let (edge, ca_pem) = start_edge(cfg, store.clone()).await?;
     let ca_path = data_dir.join("ca.pem");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     std::fs::write(&ca_path, &ca_pem).with_context(|| format!("writing {}", ca_path.display()))?;
+    let verifier = tokio::spawn(verify_domains(
+        cloud_certs::ownership::OwnershipChecker::new(cfg.platform.resolver),
+        store.clone(),
+    ));
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -68,6 +77,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
+    verifier.abort();
     edge.shutdown().await;
     dns.shutdown().await;
     node.shutdown().await;
@@ -138,11 +148,30 @@ async fn renew_wildcard(
     }
 }
 
-/// Starts a node agent following the change feed.
-pub async fn start_node(cfg: &Config, store: Store, state_dir: PathBuf) -> anyhow::Result<cloud_runtime::NodeHandle> {
+/// How often pending custom domains' ownership records are looked up.
+const DOMAIN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Verifies custom domains whose owners published their TXT record, without waiting for `cloudctl service verify`.
+pub async fn verify_domains(checker: cloud_certs::ownership::OwnershipChecker, store: Store) {
+    loop {
+        tokio::time::sleep(DOMAIN_CHECK_INTERVAL).await;
+        if let Err(e) = checker.verify_pending(&store, 100).await {
+            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot check pending custom domains");
+        }
+    }
+}
+
+/// Starts a node agent following the change feed; `dns` is the private DNS for instances unless `node.dns` names one.
+pub async fn start_node(
+    cfg: &Config,
+    store: Store,
+    state_dir: PathBuf,
+    dns: Option<std::net::SocketAddrV4>,
+) -> anyhow::Result<cloud_runtime::NodeHandle> {
     let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
-    let node =
-        cloud_runtime::start(store, feed, cfg.node_config(state_dir)?).await.context("starting the node agent")?;
+    let mut node_cfg = cfg.node_config(state_dir)?;
+    node_cfg.dns = node_cfg.dns.or(dns);
+    let node = cloud_runtime::start(store, feed, node_cfg).await.context("starting the node agent")?;
     Ok(node)
 }
 

@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Node => {
             let cfg = load()?;
             let store = connect(&cfg).await?;
-            let node = std::sync::Arc::new(dev::start_node(&cfg, store, "/var/lib/cloudd/node".into()).await?);
+            let node = std::sync::Arc::new(dev::start_node(&cfg, store, "/var/lib/cloudd/node".into(), None).await?);
             let listen = cfg.node.ops_listen.unwrap_or_else(|| "127.0.0.1:9154".parse().expect("literal"));
             let ops = ops::serve(listen, node.clone())?;
             dev::wait_for_shutdown().await;

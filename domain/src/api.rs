@@ -78,6 +78,8 @@ pub enum ErrorCode {
     CapacityExhausted,
     /// The tenant still owns services, instances or images.
     TenantNotEmpty,
+    /// A custom domain's ownership record (TXT `_cloud-challenge.<domain>`) is missing or holds another value.
+    DomainNotVerified,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
     /// An unexpected server error; the server log has details.
@@ -118,6 +120,7 @@ impl ErrorCode {
             Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
             Self::CapacityExhausted => "capacity_exhausted",
             Self::TenantNotEmpty => "tenant_not_empty",
+            Self::DomainNotVerified => "domain_not_verified",
             Self::Unavailable => "unavailable",
             Self::InternalError => "internal_error",
         }

@@ -332,8 +332,8 @@ impl Store {
             if let Some(s) = by_id.get_mut(&sid) {
                 let verified = verified_at.is_some();
                 let verification = (!verified).then(|| DomainVerification {
-                    txt_name: format!("_cloud-challenge.{}", name.trim_start_matches("*.")),
-                    txt_value: format!("cloud-verify={token}"),
+                    txt_name: crate::domains::txt_name(&name),
+                    txt_value: crate::domains::txt_value(&token),
                     cname_target: s.fqdn.clone(),
                 });
                 s.domains.push(Domain { name, custom, verified, verification });

@@ -4,6 +4,8 @@
 //! database on it; the harness creates new ones beside it), or else a private cluster started from the system's
 //! PostgreSQL binaries that dies with the test process.
 
+pub mod txt_server;
+
 use std::net::TcpListener;
 
 use cloud_api::{ApiConfig, AppState, issue_token};

@@ -29,6 +29,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(services::list_services)
             .service(services::get_service)
             .service(services::update_service)
+            .service(services::verify_domain)
             .service(services::delete_service)
             .service(instances::create_instance)
             .service(instances::list_instances)

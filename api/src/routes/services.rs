@@ -1,13 +1,13 @@
 //! Services.
 
 use actix_web::{HttpResponse, delete, get, patch, post, web};
-use cloud_domain::api::{CreateService, Page, Problem, Scope, Service, UpdateService};
+use cloud_domain::api::{CreateService, ErrorCode, Page, Problem, Scope, Service, UpdateService};
 use cloud_domain::names::NameKind;
 use cloud_store::{NewService, ServiceChange};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::validate::{self, ListQuery};
 use crate::{AppState, Auth};
 
@@ -77,6 +77,41 @@ pub(crate) async fn get_service(
 ) -> ApiResult<web::Json<Service>> {
     auth.require(Scope::Read)?;
     Ok(web::Json(state.store.service(auth.tenant, &path).await?))
+}
+
+/// Check a custom domain's ownership record now. The platform routes a custom domain, and orders certificates
+/// for it, only once its TXT record `_cloud-challenge.<domain>` holds `cloud-verify=<token>` (the service shows
+/// both under `domains[].verification`); the certificate role also checks pending domains periodically.
+#[utoipa::path(tag = "services", security(("bearer" = [])),
+    params(
+        ("service" = String, Path, description = "Service name or id"),
+        ("domain" = String, Path, description = "The custom domain, e.g. www.example.com"),
+    ),
+    responses(
+        (status = 200, description = "The domain is verified; the service as it is now", body = Service),
+        (status = 422, description = "The ownership record is missing or wrong (`domain_not_verified`): the detail names the record, the value expected and what was found", body = Problem, content_type = "application/problem+json"),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The resolver could not be asked", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/services/{service}/domains/{domain}/verify")]
+pub(crate) async fn verify_domain(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<(String, String)>,
+) -> ApiResult<web::Json<Service>> {
+    use cloud_certs::ownership::OwnershipError;
+    auth.require(Scope::Write)?;
+    let (service, domain) = path.into_inner();
+    let pending = state.store.service_domain(auth.tenant, &service, &domain).await?;
+    match state.ownership.verify(&state.store, &pending).await {
+        Ok(()) => {}
+        Err(e @ OwnershipError::Missing { .. }) => {
+            return Err(ApiError::new(ErrorCode::DomainNotVerified, format!("{} is not verified: {e}", pending.name)));
+        }
+        Err(OwnershipError::Store(e)) => return Err(e.into()),
+        Err(e) => return Err(ApiError::new(ErrorCode::Unavailable, e.to_string())),
+    }
+    Ok(web::Json(state.store.service(auth.tenant, &pending.service_id.to_string()).await?))
 }
 
 /// Change a service's ports, limits or domains.
