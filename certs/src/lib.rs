@@ -11,6 +11,8 @@
 //! there is nothing to distribute: every edge issues its own wildcard under the shared CA.
 
 pub mod ownership;
+pub mod seal;
+pub mod upload;
 
 use std::time::Duration;
 
