@@ -57,7 +57,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
         InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName | InvalidDomain | InvalidPortSpec
-        | InvalidCursor | InvalidImage => StatusCode::BAD_REQUEST,
+        | InvalidCursor | InvalidImage | InvalidCertificate => StatusCode::BAD_REQUEST,
         MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
         InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
         NotFound | RouteNotFound => StatusCode::NOT_FOUND,
@@ -72,7 +72,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | TenantNotEmpty => StatusCode::CONFLICT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        IdempotencyKeyReused | DomainNotVerified => StatusCode::UNPROCESSABLE_ENTITY,
+        IdempotencyKeyReused
+        | DomainNotVerified
+        | CertificateKeyMismatch
+        | CertificateChainInvalid
+        | CertificateNameMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         CapacityExhausted | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -36,11 +36,13 @@ pub struct ApiConfig {
     pub max_image_bytes: usize,
     /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
     pub resolver: Option<std::net::SocketAddr>,
+    /// Seals uploaded certificates' keys; without it uploads are refused.
+    pub secret_key: Option<std::sync::Arc<cloud_certs::seal::SecretKey>>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024, resolver: None }
+        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024, resolver: None, secret_key: None }
     }
 }
 
@@ -94,6 +96,7 @@ impl AppState {
         (name = "services", description = "Public names with port mappings."),
         (name = "instances", description = "Running copies of images with private IPs."),
         (name = "images", description = "Bundles with a manifest naming command and port."),
+        (name = "certificates", description = "Certificates for custom domains."),
         (name = "events", description = "The tenant's change stream."),
         (name = "system", description = "Health, readiness and metrics.")
     )

@@ -120,6 +120,10 @@ pub struct PlatformSection {
     /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
     /// Default: the first nameserver of /etc/resolv.conf.
     pub resolver: Option<SocketAddr>,
+    /// File holding the platform secret key (64 hex digits) that seals certificate keys in the database. The
+    /// same file on every API and edge. Default none (uploads refused); `cloudd dev`: `<data_dir>/secret.key`,
+    /// created on first start.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 impl Default for PlatformSection {
@@ -132,6 +136,7 @@ impl Default for PlatformSection {
             tenant_prefix: s.tenant_prefix,
             tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
             resolver: None,
+            secret_key_file: None,
         }
     }
 }
@@ -257,8 +262,9 @@ impl Config {
     }
 
     /// The edge role's settings.
-    pub fn edge_config(&self) -> cloud_edge::EdgeConfig {
-        let mut c = cloud_edge::EdgeConfig::default();
+    pub fn edge_config(&self) -> anyhow::Result<cloud_edge::EdgeConfig> {
+        let mut c =
+            cloud_edge::EdgeConfig { secret_key: self.secret_key()?.map(std::sync::Arc::new), ..Default::default() };
         let e = &self.edge;
         if let Some(a) = e.https_listen {
             c.https_listen = a;
@@ -272,7 +278,7 @@ impl Config {
         if let Some(g) = e.grace_period_seconds {
             c.grace_period = std::time::Duration::from_secs(g);
         }
-        c
+        Ok(c)
     }
 
     /// The DNS role's settings.
@@ -308,12 +314,18 @@ impl Config {
     }
 
     /// The API's limits.
-    pub fn api_config(&self) -> cloud_api::ApiConfig {
-        cloud_api::ApiConfig {
+    pub fn api_config(&self) -> anyhow::Result<cloud_api::ApiConfig> {
+        Ok(cloud_api::ApiConfig {
             max_json_bytes: self.api.max_json_bytes,
             max_image_bytes: self.api.max_image_bytes,
             resolver: self.platform.resolver,
-        }
+            secret_key: self.secret_key()?.map(std::sync::Arc::new),
+        })
+    }
+
+    /// The platform secret key, when a file is configured.
+    pub fn secret_key(&self) -> anyhow::Result<Option<cloud_certs::seal::SecretKey>> {
+        Ok(self.platform.secret_key_file.as_deref().map(cloud_certs::seal::SecretKey::from_file).transpose()?)
     }
 }
 

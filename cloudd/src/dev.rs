@@ -41,6 +41,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result<()> {
+    let mut cfg = cfg.clone();
+    let key_file = cfg.platform.secret_key_file.get_or_insert_with(|| data_dir.join("secret.key")).clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    cloud_certs::seal::SecretKey::load_or_create(&key_file)?;
+    let cfg = &cfg;
     let store = crate::open_store(url, cfg).await?;
     let created = ensure_admin_token(&store, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
     if !nix_is_root() {
@@ -102,7 +107,7 @@ pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<(cloud_edg
     let not_after = serve_wildcard(&ca, &zone, &certs)?;
     tokio::spawn(renew_wildcard(ca, zone, certs.clone(), not_after));
     let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
-    let edge = cloud_edge::start(store, feed, certs, cfg.edge_config()).await.context("starting the edge")?;
+    let edge = cloud_edge::start(store, feed, certs, cfg.edge_config()?).await.context("starting the edge")?;
     Ok((edge, ca_pem))
 }
 
@@ -177,7 +182,7 @@ pub async fn start_node(
 
 /// Starts the API on the configured address.
 pub async fn start_api(cfg: &Config, store: Store) -> anyhow::Result<actix_web::dev::ServerHandle> {
-    let state = AppState::new(store, cfg.api_config()).await.context("preparing the API")?;
+    let state = AppState::new(store, cfg.api_config()?).await.context("preparing the API")?;
     let listener =
         TcpListener::bind(cfg.api.listen).with_context(|| format!("binding the API to {}", cfg.api.listen))?;
     let server = cloud_api::serve(actix_web::web::Data::new(state), listener)?;

@@ -74,7 +74,10 @@ impl Fixture {
             tenant_prefix: prefix,
             ..Settings::default()
         };
-        let api = TestApi::start_with_settings(settings, Default::default()).await;
+        // The API seals uploaded keys and the edge opens them with the same platform secret key.
+        let secret = Arc::new(cloud_certs::seal::SecretKey::from_bytes(&[k as u8; 32]));
+        let api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
+        let api = TestApi::start_with_settings(settings, api_config).await;
         let state = std::env::temp_dir().join(format!("cloud-edge-test-{}", std::process::id()));
         let mut c = NodeConfig::new(format!("edge-n{k}"), state, PathBuf::from(env!("CARGO_BIN_EXE_cloudd")));
         c.memory_mb = 4096;
@@ -96,6 +99,7 @@ impl Fixture {
             resync_interval: Duration::from_secs(2),
             retry_interval: Duration::from_millis(100),
             grace_period: Duration::from_secs(1),
+            secret_key: Some(secret),
             ..EdgeConfig::default()
         };
         let store = edge_store(&api).await;
@@ -160,8 +164,19 @@ impl Fixture {
 
     /// A TLS connection to `addr` with `sni`, trusting the test CA.
     async fn tls(&self, addr: SocketAddr, sni: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        tls_trusting(&self.ca.ca_pem, addr, sni).await
+    }
+}
+
+/// A TLS connection to `addr` with `sni`, trusting the CA in `ca_pem` only.
+async fn tls_trusting(
+    ca_pem: &str,
+    addr: SocketAddr,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    {
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut self.ca.ca_pem.as_bytes()) {
+        for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -636,4 +651,78 @@ async fn malformed_http_tls_garbage_and_idle_clients_do_not_disturb_others() {
     assert_eq!(res.status(), 200);
     assert!(res.text().await.unwrap().starts_with("hello from hello-"));
     assert_eq!(f.https(&[&fqdn]).get(format!("https://{fqdn}/")).send().await.unwrap().status(), 200);
+}
+
+/// The DER of the leaf certificate the edge presents for `sni`, verified against `ca_pem`; `None` when the
+/// handshake fails.
+async fn served_leaf(ca_pem: &str, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
+    let stream = tls_trusting(ca_pem, addr, sni).await.ok()?;
+    let (_, conn) = stream.get_ref();
+    Some(conn.peer_certificates()?.first()?.to_vec())
+}
+
+/// Polls until `served_leaf` gives what `want` accepts.
+async fn wait_served(ca_pem: &str, addr: SocketAddr, sni: &str, what: &str, want: impl Fn(&Option<Vec<u8>>) -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if want(&served_leaf(ca_pem, addr, sni).await) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sni}: never {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn leaf_der(chain_pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut chain_pem.as_bytes()).next().unwrap().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn uploaded_certificates_are_served_for_their_verified_domain_replaced_and_withdrawn_without_restart() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let domain = "www.example.test";
+    let svc = f.deploy(&t, json!({"name": "shop", "ports": ["443:8080"], "domains": [format!("{domain}.")]}), 1).await;
+    let owner = cloud_tests::pki::TestCa::new("owner CA");
+    let https = f.edge.https_addr();
+
+    // Unverified: not routed and no certificate, whatever is uploaded.
+    assert!(served_leaf(&owner.pem, https, domain).await.is_none());
+    let d = f.api.store.tenant_domain(f.api.tenant.id, domain).await.unwrap();
+    f.api.store.mark_domain_verified(d.id).await.unwrap();
+    f.wait_routable(domain, 1).await;
+    assert!(served_leaf(&owner.pem, https, domain).await.is_none(), "routed, but no certificate covers it yet");
+
+    // Uploaded: served for that name, verified against the owner's CA, with the instance's answer.
+    let (chain, key) = owner.leaf(&[domain], -1, 60);
+    let upload = json!({"domain": domain, "chain_pem": chain, "key_pem": key});
+    let (status, body) = f.call(&t, reqwest::Method::POST, "/v1/certificates", Some(upload)).await;
+    assert_eq!(status, 201, "{body}");
+    let first = leaf_der(&chain);
+    wait_served(&owner.pem, https, domain, "serving the upload", |l| l.as_ref() == Some(&first)).await;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(owner.pem.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve(domain, https)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let answer = client.get(format!("https://{domain}/")).send().await.unwrap().text().await.unwrap();
+    assert!(answer.starts_with("hello from shop-") || answer.starts_with("hello from hello-"), "{answer}");
+    // The platform's own names keep the platform's certificate.
+    let fqdn = svc["fqdn"].as_str().unwrap();
+    assert!(f.tls(https, fqdn).await.is_ok());
+    assert!(served_leaf(&owner.pem, https, fqdn).await.is_none(), "not the tenant's certificate");
+
+    // Replaced: the new one is served without restart.
+    let (chain2, key2) = owner.leaf(&[domain], -1, 90);
+    let upload = json!({"domain": domain, "chain_pem": chain2, "key_pem": key2});
+    assert_eq!(f.call(&t, reqwest::Method::POST, "/v1/certificates", Some(upload)).await.0, 201);
+    let second = leaf_der(&chain2);
+    wait_served(&owner.pem, https, domain, "serving the replacement", |l| l.as_ref() == Some(&second)).await;
+
+    // The domain leaves the service: neither routed nor served any more.
+    let (status, _) = f.call(&t, reqwest::Method::PATCH, "/v1/services/shop", Some(json!({"domains": []}))).await;
+    assert_eq!(status, 200);
+    wait_served(&owner.pem, https, domain, "withdrawn", |l| l.is_none()).await;
 }

@@ -80,6 +80,14 @@ pub enum ErrorCode {
     TenantNotEmpty,
     /// A custom domain's ownership record (TXT `_cloud-challenge.<domain>`) is missing or holds another value.
     DomainNotVerified,
+    /// An uploaded certificate or key is not PEM of the expected kind.
+    InvalidCertificate,
+    /// An uploaded key is not the certificate's.
+    CertificateKeyMismatch,
+    /// An uploaded chain is expired, not yet valid, or not signed in order.
+    CertificateChainInvalid,
+    /// An uploaded certificate's names do not cover the domain.
+    CertificateNameMismatch,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
     /// An unexpected server error; the server log has details.
@@ -121,6 +129,10 @@ impl ErrorCode {
             Self::CapacityExhausted => "capacity_exhausted",
             Self::TenantNotEmpty => "tenant_not_empty",
             Self::DomainNotVerified => "domain_not_verified",
+            Self::InvalidCertificate => "invalid_certificate",
+            Self::CertificateKeyMismatch => "certificate_key_mismatch",
+            Self::CertificateChainInvalid => "certificate_chain_invalid",
+            Self::CertificateNameMismatch => "certificate_name_mismatch",
             Self::Unavailable => "unavailable",
             Self::InternalError => "internal_error",
         }
@@ -624,6 +636,43 @@ pub struct Image {
     pub builtin: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+}
+
+/// A certificate the edge serves for one of the tenant's custom domains (its key is never returned).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Certificate {
+    /// Unique id.
+    pub id: Uuid,
+    /// The domain it is served for.
+    pub domain: String,
+    /// The names the certificate carries.
+    pub names: Vec<String>,
+    /// `upload` or `acme`.
+    pub source: String,
+    /// `pending`, `valid` or `error`.
+    pub state: String,
+    /// Why it is in `error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// Start of validity.
+    pub not_before: Option<DateTime<Utc>>,
+    /// End of validity.
+    pub not_after: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A certificate and its key, uploaded for a verified custom domain of the tenant. It replaces the domain's
+/// current certificate only once checked; until then the old one stays in service.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadCertificate {
+    /// The custom domain (one of the tenant's services' verified domains).
+    pub domain: String,
+    /// PEM: the domain's certificate first, then its intermediates (the root may follow).
+    pub chain_pem: String,
+    /// PEM: the unencrypted PKCS#8 private key of the first certificate.
+    pub key_pem: String,
 }
 
 /// The manifest inside an image bundle, as `manifest.json` at its root.

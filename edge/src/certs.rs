@@ -63,10 +63,12 @@ impl ServedCert {
     }
 }
 
-/// The served certificates by name, swapped whole.
+/// The served certificates by name, in two sets swapped whole: the platform's (its wildcard) and the tenants'
+/// (certificates of verified custom domains, from the database).
 #[derive(Default)]
 pub struct CertStore {
     by_name: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    tenants: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl fmt::Debug for CertStore {
@@ -76,36 +78,107 @@ impl fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    /// Replaces the served set. Earlier entries win for a name both cover (pass the newest first).
+    /// Replaces the platform's set. Earlier entries win for a name both cover (pass the newest first).
     pub fn replace(&self, certs: Vec<ServedCert>) {
-        let mut by_name = HashMap::new();
-        for c in certs {
-            for n in c.names {
-                by_name.entry(n).or_insert_with(|| c.key.clone());
-            }
-        }
-        self.by_name.store(Arc::new(by_name));
+        self.by_name.store(Arc::new(index(certs)));
     }
 
-    /// The certificate for a name: exact, then the wildcard one label up.
+    /// Replaces the tenants' set.
+    pub fn replace_tenants(&self, certs: Vec<ServedCert>) {
+        self.tenants.store(Arc::new(index(certs)));
+    }
+
+    /// The certificate for a name: exact, then the wildcard one label up; the platform's before the tenants'.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let map = self.by_name.load();
-        if let Some(k) = map.get(&name) {
+        let (platform, tenants) = (self.by_name.load(), self.tenants.load());
+        if let Some(k) = platform.get(&name).or_else(|| tenants.get(&name)) {
             return Some(k.clone());
         }
         let (_, parent) = name.split_once('.')?;
-        map.get(&format!("*.{parent}")).cloned()
+        let wildcard = format!("*.{parent}");
+        platform.get(&wildcard).or_else(|| tenants.get(&wildcard)).cloned()
     }
 
     /// How many names are covered.
     pub fn len(&self) -> usize {
-        self.by_name.load().len()
+        self.by_name.load().len() + self.tenants.load().len()
     }
 
     /// Whether no name is covered.
     pub fn is_empty(&self) -> bool {
-        self.by_name.load().is_empty()
+        self.len() == 0
+    }
+}
+
+fn index(certs: Vec<ServedCert>) -> HashMap<String, Arc<CertifiedKey>> {
+    let mut by_name = HashMap::new();
+    for c in certs {
+        for n in c.names {
+            by_name.entry(n).or_insert_with(|| c.key.clone());
+        }
+    }
+    by_name
+}
+
+/// Loads the tenants' certificates (keys opened with the platform secret key), each served for exactly the
+/// domain it was stored for, never for the other names it carries.
+pub(crate) async fn load_tenant_certs(
+    store: &cloud_store::Store,
+    key: &cloud_certs::seal::SecretKey,
+    certs: &CertStore,
+) -> Result<usize, cloud_store::StoreError> {
+    let mut served = Vec::new();
+    for c in store.served_certificates().await? {
+        let opened = key.open(&c.key_sealed).map_err(|e| e.to_string()).and_then(|k| {
+            let pem = String::from_utf8(k).map_err(|e| e.to_string())?;
+            ServedCert::from_pem(vec![c.domain.clone()], &c.chain_pem, &pem).map_err(|e| e.to_string())
+        });
+        match opened {
+            Ok(s) => served.push(s),
+            Err(e) => tracing::error!(domain = %c.domain, error = %e, "cannot serve a stored certificate"),
+        }
+    }
+    let n = served.len();
+    certs.replace_tenants(served);
+    Ok(n)
+}
+
+/// Keeps the tenants' certificates current: a reload after every committed change that touches certificates or
+/// services (a domain removed stops being served), and every `resync` as a safety net. Failed loads keep the
+/// last set.
+pub(crate) async fn follow_tenant_certs(
+    store: cloud_store::Store,
+    feed: cloud_store::ChangeFeed,
+    key: Arc<cloud_certs::seal::SecretKey>,
+    certs: Arc<CertStore>,
+    resync: std::time::Duration,
+) {
+    let mut versions = feed.subscribe();
+    let mut seen = *versions.borrow_and_update();
+    loop {
+        if let Err(e) = load_tenant_certs(&store, &key, &certs).await {
+            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot load certificates; serving the last set");
+        }
+        loop {
+            let changed = tokio::time::timeout(resync, versions.changed()).await;
+            if matches!(changed, Ok(Err(_))) {
+                return;
+            }
+            let Ok(_) = changed else { break };
+            let latest = *versions.borrow_and_update();
+            match store.events_since(None, seen, 1000).await {
+                Ok(events) => {
+                    let relevant = events.len() == 1000
+                        || events.iter().any(|e| matches!(e.resource_type.as_str(), "certificate" | "service"));
+                    seen = events.last().map_or(latest, |e| e.version);
+                    if relevant {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use crate::server::{Connections, Kind, PortListeners};
 pub use crate::table::RouteTable;
 
 /// How the edge listens and behaves.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EdgeConfig {
     /// Where https (public port 443) is served; port 0 picks one (the handle tells which).
     pub https_listen: SocketAddr,
@@ -64,6 +64,9 @@ pub struct EdgeConfig {
     pub retry_interval: Duration,
     /// How long a request to a service scaled to zero waits for an instance to start.
     pub wake_timeout: Duration,
+    /// Opens the keys of tenants' certificates stored in the database; without it only the certificates given
+    /// through the [`CertStore`] are served.
+    pub secret_key: Option<Arc<cloud_certs::seal::SecretKey>>,
 }
 
 impl Default for EdgeConfig {
@@ -81,6 +84,7 @@ impl Default for EdgeConfig {
             resync_interval: Duration::from_secs(60),
             retry_interval: Duration::from_secs(1),
             wake_timeout: Duration::from_secs(30),
+            secret_key: None,
         }
     }
 }
@@ -214,6 +218,7 @@ pub async fn start(
     certs: Arc<CertStore>,
     config: EdgeConfig,
 ) -> Result<EdgeHandle, EdgeError> {
+    let (store_for_certs, feed_for_certs) = (store.clone(), feed.clone());
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).map_err(|source| EdgeError::Metrics { source })?;
     let data = store.route_data().await.map_err(|source| EdgeError::InitialLoad { source })?;
@@ -249,6 +254,20 @@ pub async fn start(
         tokio::spawn(check_health(shared.clone(), stopped.clone())),
         tokio::spawn(stop_idle(shared.clone(), stopped)),
     ];
+    let mut tasks = tasks;
+    if let Some(key) = &config.secret_key {
+        // The first set is loaded before the edge says it serves.
+        if let Err(e) = certs::load_tenant_certs(&store_for_certs, key, &shared.certs).await {
+            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot load certificates yet");
+        }
+        tasks.push(tokio::spawn(certs::follow_tenant_certs(
+            store_for_certs,
+            feed_for_certs,
+            key.clone(),
+            shared.certs.clone(),
+            config.resync_interval,
+        )));
+    }
     tracing::info!(https = %https_addr, http = %http_addr, services = shared.table.load().len(), "edge serving");
     Ok(EdgeHandle { shared, registry, https_addr, http_addr, conns, ports, stop, tasks })
 }

@@ -82,6 +82,23 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound { kind: "domain", key: format!("{domain} (of service {service})") })
     }
 
+    /// A custom domain of any of the tenant's services; another tenant's is not found.
+    pub async fn tenant_domain(&self, tenant: Uuid, domain: &str) -> Result<PendingDomain, StoreError> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, tenant_id, service_id, name, verification_token, verified_at IS NOT NULL FROM domains
+             WHERE tenant_id = $1 AND name = $2 AND custom",
+        )
+        .bind(tenant)
+        .bind(&domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(pending).ok_or_else(|| StoreError::NotFound {
+            kind: "domain",
+            key: format!("{domain} (no service of this tenant has it as a custom domain)"),
+        })
+    }
+
     /// Records that a domain's ownership was proven. The service changes (the edge starts routing the domain,
     /// the DNS serves it), so it is an event like any update. Idempotent.
     pub async fn mark_domain_verified(&self, domain: Uuid) -> Result<(), StoreError> {

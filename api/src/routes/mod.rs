@@ -1,5 +1,6 @@
 //! The `/v1` routes and the system endpoints.
 
+mod certificates;
 mod events;
 mod images;
 mod instances;
@@ -30,6 +31,10 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(services::get_service)
             .service(services::update_service)
             .service(services::verify_domain)
+            .service(certificates::upload_certificate)
+            .service(certificates::list_certificates)
+            .service(certificates::get_certificate)
+            .service(certificates::delete_certificate)
             .service(services::delete_service)
             .service(instances::create_instance)
             .service(instances::list_instances)

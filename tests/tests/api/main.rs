@@ -1,6 +1,7 @@
 //! API integration tests: the real API on port 0 over a fresh real PostgreSQL database per test.
 
 mod auth;
+mod certificates;
 mod domains;
 mod events;
 mod feed;

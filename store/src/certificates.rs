@@ -1,0 +1,162 @@
+//! Certificates for custom domains: what tenants upload (and, later, what ACME obtains), with keys sealed by the
+//! caller. A domain has at most one valid certificate; storing a new one replaces it in one transaction.
+
+use chrono::{DateTime, Utc};
+use cloud_domain::api::{Certificate, EventAction};
+use uuid::Uuid;
+
+use crate::page::{self, Cursor};
+use crate::{Store, StoreError, record_event};
+
+/// A checked certificate to store.
+#[derive(Debug, Clone)]
+pub struct NewCertificate {
+    /// The custom domain it is served for.
+    pub domain: String,
+    /// The names it carries.
+    pub names: Vec<String>,
+    /// `upload` or `acme`.
+    pub source: &'static str,
+    /// The chain, leaf first.
+    pub chain_pem: String,
+    /// The private key, sealed with the platform secret key.
+    pub key_sealed: Vec<u8>,
+    /// Validity.
+    pub not_before: DateTime<Utc>,
+    /// End of validity.
+    pub not_after: DateTime<Utc>,
+}
+
+/// A certificate as the edge serves it.
+#[derive(Debug, Clone)]
+pub struct ServedCertificate {
+    /// The domain (SNI name) it is served for.
+    pub domain: String,
+    /// The chain, leaf first.
+    pub chain_pem: String,
+    /// The sealed private key.
+    pub key_sealed: Vec<u8>,
+}
+
+type Row = (
+    Uuid,
+    String,
+    Vec<String>,
+    String,
+    String,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+);
+
+const SELECT: &str = "SELECT id, domain, names, source, state, state_reason, not_before, not_after, created_at
+                      FROM certificates";
+
+fn view((id, domain, names, source, state, state_reason, not_before, not_after, created_at): Row) -> Certificate {
+    Certificate { id, domain, names, source, state, state_reason, not_before, not_after, created_at }
+}
+
+impl Store {
+    /// Stores a valid certificate for a tenant's domain, replacing the domain's current one.
+    pub async fn put_certificate(&self, tenant: Uuid, new: NewCertificate) -> Result<Certificate, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let replaced: Vec<(Uuid,)> =
+            sqlx::query_as("DELETE FROM certificates WHERE domain = $1 AND state = 'valid' RETURNING id")
+                .bind(&new.domain)
+                .fetch_all(&mut *tx)
+                .await?;
+        let id = Uuid::new_v4();
+        let row: Row = sqlx::query_as(
+            "INSERT INTO certificates (id, tenant_id, domain, names, source, chain_pem, key_encrypted, state,
+                                       not_before, not_after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', $8, $9)
+             RETURNING id, domain, names, source, state, state_reason, not_before, not_after, created_at",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(&new.domain)
+        .bind(&new.names)
+        .bind(new.source)
+        .bind(&new.chain_pem)
+        .bind(&new.key_sealed)
+        .bind(new.not_before)
+        .bind(new.not_after)
+        .fetch_one(&mut *tx)
+        .await?;
+        let cert = view(row);
+        for (old,) in replaced {
+            record_event(
+                &mut tx,
+                Some(tenant),
+                "certificate",
+                old,
+                EventAction::Deleted,
+                &serde_json::json!({"id": old}),
+            )
+            .await?;
+        }
+        record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Created, &cert).await?;
+        tx.commit().await?;
+        Ok(cert)
+    }
+
+    /// The tenant's certificates, oldest first.
+    pub async fn list_certificates(
+        &self,
+        tenant: Uuid,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<Certificate>, Option<Cursor>), StoreError> {
+        let (ts, id) = page::after(cursor);
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+             ORDER BY created_at, id LIMIT $4"
+        )))
+        .bind(tenant)
+        .bind(ts)
+        .bind(id)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows.into_iter().map(view).collect();
+        Ok(page::finish(rows, limit, |c: &Certificate| Cursor { created_at: c.created_at, id: c.id }))
+    }
+
+    /// One of the tenant's certificates.
+    pub async fn certificate(&self, tenant: Uuid, id: Uuid) -> Result<Certificate, StoreError> {
+        let row: Option<Row> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT} WHERE tenant_id = $1 AND id = $2")))
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(view).ok_or_else(|| StoreError::NotFound { kind: "certificate", key: id.to_string() })
+    }
+
+    /// Deletes one of the tenant's certificates (the edge stops serving it).
+    pub async fn delete_certificate(&self, tenant: Uuid, id: Uuid) -> Result<(), StoreError> {
+        let cert = self.certificate(tenant, id).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM certificates WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Deleted, &cert).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every valid certificate whose domain is still a verified domain of a service of the same tenant: what the
+    /// edge serves. A domain removed or moved to another tenant stops being served with it.
+    pub async fn served_certificates(&self) -> Result<Vec<ServedCertificate>, StoreError> {
+        let rows: Vec<(String, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT c.domain, c.chain_pem, c.key_encrypted FROM certificates c
+             JOIN domains d ON d.name = c.domain AND d.tenant_id = c.tenant_id AND d.verified_at IS NOT NULL
+             WHERE c.state = 'valid' ORDER BY c.domain",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(domain, chain, key)| Some(ServedCertificate { domain, chain_pem: chain?, key_sealed: key? }))
+            .collect())
+    }
+}

@@ -1,0 +1,139 @@
+//! Certificate uploads for custom domains: checked before anything is stored, keys sealed, one valid certificate
+//! per domain, replaced only by a valid one; another tenant's domain is out of reach.
+
+use std::sync::Arc;
+
+use cloud_api::ApiConfig;
+use cloud_certs::seal::SecretKey;
+use cloud_store::Settings;
+use cloud_tests::TestApi;
+use cloud_tests::pki::TestCa;
+use serde_json::json;
+
+use crate::{create_service, delete, get, post};
+
+async fn api_with_key() -> (TestApi, Arc<SecretKey>) {
+    let key = Arc::new(SecretKey::from_bytes(&[42; 32]));
+    let config = ApiConfig { secret_key: Some(key.clone()), ..ApiConfig::default() };
+    (TestApi::start_with_settings(Settings::default(), config).await, key)
+}
+
+async fn verify(api: &TestApi, domain: &str) {
+    let d = api.store.tenant_domain(api.tenant.id, domain).await.unwrap();
+    api.store.mark_domain_verified(d.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn uploads_are_checked_sealed_and_replace_the_domains_certificate() {
+    let (api, key) = api_with_key().await;
+    let t = &api.token;
+    create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test."]})).await;
+    let ca = TestCa::new("owner CA");
+    let (chain, leaf_key) = ca.leaf(&["www.example.test"], -1, 60);
+    let upload = |chain: &str, key: &str| json!({"domain": "www.example.test", "chain_pem": chain, "key_pem": key});
+
+    // Not before the domain is proven to be the tenant's.
+    post(&api, "/v1/certificates", t, upload(&chain, &leaf_key)).await.problem(
+        422,
+        "domain_not_verified",
+        "_cloud-challenge.www.example.test",
+    );
+    verify(&api, "www.example.test").await;
+
+    // Each bad upload is refused with its own code, and leaves nothing behind.
+    let (_, other_key) = ca.leaf(&["www.example.test"], -1, 60);
+    post(&api, "/v1/certificates", t, upload(&chain, &other_key)).await.problem(
+        422,
+        "certificate_key_mismatch",
+        "does not match",
+    );
+    let (expired, expired_key) = ca.leaf(&["www.example.test"], -90, -1);
+    post(&api, "/v1/certificates", t, upload(&expired, &expired_key)).await.problem(
+        422,
+        "certificate_chain_invalid",
+        "not valid now",
+    );
+    let stranger = TestCa::new("owner CA");
+    let broken = chain.replace(&ca.pem, &stranger.pem);
+    post(&api, "/v1/certificates", t, upload(&broken, &leaf_key)).await.problem(
+        422,
+        "certificate_chain_invalid",
+        "not signed by the next one",
+    );
+    let (other_name, other_name_key) = ca.leaf(&["shop.example.test"], -1, 60);
+    post(&api, "/v1/certificates", t, upload(&other_name, &other_name_key)).await.problem(
+        422,
+        "certificate_name_mismatch",
+        "(shop.example.test) do not cover www.example.test",
+    );
+    post(&api, "/v1/certificates", t, upload("garbage", &leaf_key)).await.problem(
+        400,
+        "invalid_certificate",
+        "BEGIN CERTIFICATE",
+    );
+    post(&api, "/v1/certificates", t, upload(&chain, "garbage")).await.problem(400, "invalid_certificate", "PKCS#8");
+    post(&api, "/v1/certificates", t, json!({"domain": "api.example.test", "chain_pem": chain, "key_pem": leaf_key}))
+        .await
+        .problem(404, "not_found", "api.example.test");
+    let (_, other) = api.tenant("globex", &[cloud_domain::api::Scope::Read, cloud_domain::api::Scope::Write]).await;
+    post(&api, "/v1/certificates", &other, upload(&chain, &leaf_key)).await.problem(
+        404,
+        "not_found",
+        "www.example.test",
+    );
+    assert!(get(&api, "/v1/certificates", t).await.body["items"].as_array().unwrap().is_empty());
+
+    // A SAN-only certificate (no common name) is accepted; the key is stored sealed and never returned.
+    let r = post(&api, "/v1/certificates", t, upload(&chain, &leaf_key)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["names"], json!(["www.example.test"]));
+    assert_eq!((r.body["state"].as_str(), r.body["source"].as_str()), (Some("valid"), Some("upload")));
+    assert!(!r.body.to_string().contains("PRIVATE KEY"));
+    let first = r.body["id"].as_str().unwrap().to_owned();
+    let served = api.store.served_certificates().await.unwrap();
+    assert_eq!(served.len(), 1);
+    assert!(!served[0].key_sealed.windows(7).any(|w| w == b"PRIVATE"), "sealed at rest");
+    assert_eq!(key.open(&served[0].key_sealed).unwrap(), leaf_key.as_bytes());
+
+    // A new valid certificate replaces it; the other tenant sees none of it.
+    let (chain2, key2) = ca.leaf(&["*.example.test"], -1, 90);
+    let r = post(&api, "/v1/certificates", t, upload(&chain2, &key2)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let items = get(&api, "/v1/certificates", t).await.body["items"].clone();
+    assert_eq!(items.as_array().unwrap().len(), 1);
+    assert_eq!(items[0]["id"], r.body["id"]);
+    get(&api, &format!("/v1/certificates/{first}"), t).await.problem(404, "not_found", &first);
+    let second = r.body["id"].as_str().unwrap();
+    get(&api, &format!("/v1/certificates/{second}"), &other).await.problem(404, "not_found", second);
+    assert_eq!(delete(&api, &format!("/v1/certificates/{second}"), &other).await.status, 404);
+    assert_eq!(api.store.served_certificates().await.unwrap()[0].chain_pem, chain2);
+
+    // Deleting it stops serving it.
+    assert_eq!(delete(&api, &format!("/v1/certificates/{second}"), t).await.status, 204);
+    assert!(api.store.served_certificates().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_secret_key_uploads_are_refused_and_a_removed_domain_is_not_served() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test."]})).await;
+    verify(&api, "www.example.test").await;
+    let (chain, key) = TestCa::new("owner CA").leaf(&["www.example.test"], -1, 60);
+    let body = json!({"domain": "www.example.test", "chain_pem": chain, "key_pem": key});
+    // A platform without its secret key cannot take keys: unavailable (a server condition, not the request's).
+    let res = reqwest::Client::new().post(api.url("/v1/certificates")).bearer_auth(t).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable");
+    assert!(problem["detail"].as_str().unwrap().contains("secret_key_file"), "{problem}");
+
+    let (api, _) = api_with_key().await;
+    let t = &api.token;
+    create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test."]})).await;
+    verify(&api, "www.example.test").await;
+    assert_eq!(post(&api, "/v1/certificates", t, body).await.status, 201);
+    assert_eq!(api.store.served_certificates().await.unwrap().len(), 1);
+    crate::patch(&api, "/v1/services/shop", t, json!({"domains": []})).await;
+    assert!(api.store.served_certificates().await.unwrap().is_empty(), "the domain left the service");
+}
