@@ -4,11 +4,12 @@
 //! Also the ownership check of custom domains ([`ownership`]): the platform routes and certifies a custom domain
 //! only once its owner published the TXT token.
 //!
-//! Boundaries: the certificate role proper (keys encrypted with a configured key, certificates stored per domain,
-//! ACME, renewal, uploads) is still to come (issue 7). The CA is created once per
-//! platform and kept in PostgreSQL's `platform_secrets` like the API's token signing key; every replica that asks
-//! gets the same CA (the first to store one wins a race). Leaves are issued in memory by whoever serves them, so
-//! there is nothing to distribute: every edge issues its own wildcard under the shared CA.
+//! Uploaded certificates are checked by [`upload`] and stored with sealed keys.
+//!
+//! The CA is created once per platform and kept in PostgreSQL's `platform_secrets`, its key sealed with the
+//! platform secret key ([`seal`]); every replica that asks gets the same CA (the first to store one wins a race).
+//! Leaves are issued in memory by whoever serves them, so there is nothing to distribute: every edge issues its
+//! own wildcard under the shared CA. Boundaries: ACME orders and renewal are still to come.
 
 pub mod ownership;
 pub mod seal;
@@ -16,6 +17,7 @@ pub mod upload;
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use cloud_store::{Store, StoreError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -23,8 +25,15 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-/// Name of the CA (certificate and key PEM, concatenated) in `platform_secrets`.
-const CA_SECRET: &str = "platform_ca";
+/// Name of the CA in `platform_secrets`: its certificate PEM, then its private key sealed with the platform
+/// secret key (base64 between `SEALED PRIVATE KEY` markers). One value, so racing replicas agree on both.
+const CA_SECRET: &str = "platform_ca_sealed";
+
+/// Where earlier versions kept the CA with its key in clear; moved to [`CA_SECRET`] at the first load.
+const CA_SECRET_CLEAR: &str = "platform_ca";
+
+const SEALED_BEGIN: &str = "-----BEGIN SEALED PRIVATE KEY-----\n";
+const SEALED_END: &str = "\n-----END SEALED PRIVATE KEY-----\n";
 
 /// Lifetime of the CA certificate.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -42,6 +51,9 @@ pub enum CertsError {
     /// The stored CA is not a certificate and key in PEM.
     #[error("the stored platform CA is unreadable")]
     Corrupt,
+    /// The CA's key does not open with the configured secret key.
+    #[error("the platform CA's key cannot be opened with this secret key")]
+    Seal(#[from] seal::SealError),
 }
 
 /// The platform's certificate authority.
@@ -54,6 +66,12 @@ impl std::fmt::Debug for PlatformCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlatformCa").finish_non_exhaustive()
     }
+}
+
+/// Certificate PEM and key PEM from their concatenation.
+fn split_clear(text: &str) -> Result<(&str, &str), CertsError> {
+    let split = text.find("-----BEGIN PRIVATE KEY-----").ok_or(CertsError::Corrupt)?;
+    Ok(text.split_at(split))
 }
 
 /// A certificate and its key, in PEM.
@@ -81,12 +99,42 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 impl PlatformCa {
-    /// The platform's CA, created by the first caller.
-    pub async fn load_or_create(store: &Store) -> Result<Self, CertsError> {
-        let fresh = Self::generate()?;
+    /// The platform's CA, created by the first caller; its key is sealed with `key` in the database.
+    pub async fn load_or_create(store: &Store, key: &seal::SecretKey) -> Result<Self, CertsError> {
+        // A CA stored in clear by an earlier version is kept (clients trust it) and sealed now.
+        let clear = store.stored_platform_secret(CA_SECRET_CLEAR).await?;
+        let plain = match &clear {
+            Some(old) => String::from_utf8(old.clone()).map_err(|_| CertsError::Corrupt)?,
+            None => Self::generate()?,
+        };
+        let (cert_pem, key_pem) = split_clear(&plain)?;
+        let fresh = format!(
+            "{cert_pem}{SEALED_BEGIN}{}{SEALED_END}",
+            base64::engine::general_purpose::STANDARD.encode(key.seal(key_pem.as_bytes())?)
+        );
         let stored = store.platform_secret_or(CA_SECRET, fresh.into_bytes()).await?;
+        if clear.is_some() {
+            store.delete_platform_secret(CA_SECRET_CLEAR).await?;
+        }
         let text = String::from_utf8(stored).map_err(|_| CertsError::Corrupt)?;
-        Self::from_pem(&text)
+        let (cert_pem, sealed) = text.split_once(SEALED_BEGIN).ok_or(CertsError::Corrupt)?;
+        let sealed = sealed.strip_suffix(SEALED_END).ok_or(CertsError::Corrupt)?;
+        let sealed = base64::engine::general_purpose::STANDARD.decode(sealed).map_err(|_| CertsError::Corrupt)?;
+        let key_pem = String::from_utf8(key.open(&sealed)?).map_err(|_| CertsError::Corrupt)?;
+        Self::from_pem(cert_pem, &key_pem)
+    }
+
+    /// The CA certificate alone, for those who publish it without holding the key; `None` before the first
+    /// [`load_or_create`](Self::load_or_create).
+    pub async fn stored_certificate(store: &Store) -> Result<Option<String>, CertsError> {
+        for name in [CA_SECRET, CA_SECRET_CLEAR] {
+            if let Some(v) = store.stored_platform_secret(name).await? {
+                let text = String::from_utf8(v).map_err(|_| CertsError::Corrupt)?;
+                let end = text.find("-----END CERTIFICATE-----").ok_or(CertsError::Corrupt)?;
+                return Ok(Some(format!("{}-----END CERTIFICATE-----\n", &text[..end])));
+            }
+        }
+        Ok(None)
     }
 
     /// A new CA as certificate PEM followed by key PEM.
@@ -105,9 +153,7 @@ impl PlatformCa {
         Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
     }
 
-    fn from_pem(text: &str) -> Result<Self, CertsError> {
-        let split = text.find("-----BEGIN PRIVATE KEY-----").ok_or(CertsError::Corrupt)?;
-        let (cert_pem, key_pem) = text.split_at(split);
+    fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertsError> {
         let key = KeyPair::from_pem(key_pem).map_err(|_| CertsError::Corrupt)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|_| CertsError::Corrupt)?;
         Ok(Self { cert_pem: cert_pem.to_owned(), issuer })
@@ -183,12 +229,43 @@ mod tests {
         assert!(!out.status.success());
     }
 
+    fn key() -> seal::SecretKey {
+        seal::SecretKey::from_bytes(&[3; 32])
+    }
+
+    #[tokio::test]
+    async fn the_ca_key_is_sealed_at_rest_and_opens_only_with_the_platform_key() {
+        let store = cloud_tests::fresh_store().await;
+        assert_eq!(PlatformCa::stored_certificate(&store).await.unwrap(), None);
+        let ca = PlatformCa::load_or_create(&store, &key()).await.unwrap();
+        let stored = store.stored_platform_secret(CA_SECRET).await.unwrap().unwrap();
+        let text = String::from_utf8(stored).unwrap();
+        assert!(!text.contains("PRIVATE KEY-----\nM"), "no key in clear: {text}");
+        assert!(text.contains("BEGIN SEALED PRIVATE KEY"));
+        assert_eq!(PlatformCa::stored_certificate(&store).await.unwrap().as_deref(), Some(ca.cert_pem()));
+        let e = PlatformCa::load_or_create(&store, &seal::SecretKey::from_bytes(&[4; 32])).await.unwrap_err();
+        assert!(matches!(e, CertsError::Seal(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_ca_stored_in_clear_by_an_earlier_version_is_kept_and_sealed() {
+        let store = cloud_tests::fresh_store().await;
+        let clear = PlatformCa::generate().unwrap();
+        store.platform_secret_or(CA_SECRET_CLEAR, clear.clone().into_bytes()).await.unwrap();
+        let (cert_pem, _) = split_clear(&clear).unwrap();
+        assert_eq!(PlatformCa::stored_certificate(&store).await.unwrap().as_deref(), Some(cert_pem));
+        let ca = PlatformCa::load_or_create(&store, &key()).await.unwrap();
+        assert_eq!(ca.cert_pem(), cert_pem, "the same CA: clients keep trusting it");
+        assert_eq!(store.stored_platform_secret(CA_SECRET_CLEAR).await.unwrap(), None, "no clear copy left");
+        assert_eq!(PlatformCa::load_or_create(&store, &key()).await.unwrap().cert_pem(), cert_pem);
+    }
+
     /// Several replicas starting at once.
     async fn futures(store: &Store) -> Vec<PlatformCa> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let store = store.clone();
-            set.spawn(async move { PlatformCa::load_or_create(&store).await.unwrap() });
+            set.spawn(async move { PlatformCa::load_or_create(&store, &key()).await.unwrap() });
         }
         let mut cas = Vec::new();
         while let Some(ca) = set.join_next().await {

@@ -202,6 +202,9 @@ impl Config {
                 *field = Some(v.parse().with_context(|| format!("{key}={v} is not an address:port"))?);
             }
         }
+        if let Some(v) = env("CLOUD_SECRET_KEY_FILE") {
+            cfg.platform.secret_key_file = Some(PathBuf::from(v));
+        }
         if let Some(v) = env("CLOUD_TENANT_POOL") {
             cfg.platform.tenant_pool =
                 Some(v.parse().with_context(|| format!("CLOUD_TENANT_POOL={v} is not an IPv4 network"))?);

@@ -100,14 +100,19 @@ pub async fn start_dns(cfg: &Config, store: Store) -> anyhow::Result<cloud_dns::
 /// Starts the edge following the change feed, serving the platform wildcard from the platform CA (kept valid by
 /// a background task). Returns the CA too, for those who must trust it.
 pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<(cloud_edge::EdgeHandle, String)> {
-    let ca = cloud_certs::PlatformCa::load_or_create(&store).await.context("loading the platform CA")?;
+    let config = cfg.edge_config()?;
+    let key = config.secret_key.clone().context(
+        "the edge needs the platform secret key (platform.secret_key_file): it seals the platform CA's key and \
+         tenants' certificate keys",
+    )?;
+    let ca = cloud_certs::PlatformCa::load_or_create(&store, &key).await.context("loading the platform CA")?;
     let ca_pem = ca.cert_pem().to_owned();
     let certs = std::sync::Arc::new(cloud_edge::CertStore::default());
     let zone = store.settings().zone();
     let not_after = serve_wildcard(&ca, &zone, &certs)?;
     tokio::spawn(renew_wildcard(ca, zone, certs.clone(), not_after));
     let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
-    let edge = cloud_edge::start(store, feed, certs, cfg.edge_config()?).await.context("starting the edge")?;
+    let edge = cloud_edge::start(store, feed, certs, config).await.context("starting the edge")?;
     Ok((edge, ca_pem))
 }
 

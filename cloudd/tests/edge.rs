@@ -36,8 +36,8 @@ struct TestCa {
     wildcard: ServedCert,
 }
 
-async fn platform_ca(store: &Store) -> TestCa {
-    let ca = cloud_certs::PlatformCa::load_or_create(store).await.unwrap();
+async fn platform_ca(store: &Store, key: &cloud_certs::seal::SecretKey) -> TestCa {
+    let ca = cloud_certs::PlatformCa::load_or_create(store, key).await.unwrap();
     let zone = store.settings().zone();
     let issued = ca.issue_wildcard(&zone, Duration::from_secs(3600)).unwrap();
     let wildcard = ServedCert::from_pem(vec![format!("*.{zone}"), zone], &issued.chain_pem, &issued.key_pem).unwrap();
@@ -86,7 +86,7 @@ impl Fixture {
         let node = cloud_runtime::start(api.store.clone(), ChangeFeed::start(api.store.clone()).await.unwrap(), c)
             .await
             .expect("node agent");
-        let ca = platform_ca(&api.store).await;
+        let ca = platform_ca(&api.store, &secret).await;
         let certs = Arc::new(CertStore::default());
         certs.replace(vec![ca.wildcard.clone()]);
         let ports_ip = IpAddr::from([127, 77, (k / 200) as u8, (k % 200 + 2) as u8]);

@@ -89,10 +89,26 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
         .await
         .unwrap();
     let (https, http, ops_port) = (free_port(), free_port(), free_port());
+    // Without the platform secret key the edge cannot open the CA's key: it says so and stops.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
+        .arg("edge")
+        .env("DATABASE_URL", &url)
+        .env("CLOUD_EDGE_HTTPS_LISTEN", "127.0.0.1:0")
+        .env("CLOUD_EDGE_HTTP_LISTEN", "127.0.0.1:0")
+        .env_remove("CLOUD_SECRET_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("platform.secret_key_file"), "{said}");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret.key");
+    std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
     let _edge = Role(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .arg("edge")
             .env("DATABASE_URL", &url)
+            .env("CLOUD_SECRET_KEY_FILE", &key_file)
             .env("CLOUD_EDGE_HTTPS_LISTEN", format!("127.0.0.1:{https}"))
             .env("CLOUD_EDGE_HTTP_LISTEN", format!("127.0.0.1:{http}"))
             .env("CLOUD_EDGE_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))

@@ -235,6 +235,21 @@ impl Store {
         self.platform_secret_or(name, (0..len).map(|_| rand::random::<u8>()).collect()).await
     }
 
+    /// The platform secret `name`, if stored.
+    pub async fn stored_platform_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|(v,)| v))
+    }
+
+    /// Removes the platform secret `name`.
+    pub async fn delete_platform_secret(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM platform_secrets WHERE name = $1").bind(name).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// The platform secret `name`; the first caller's `fresh` value wins when several replicas race.
     pub async fn platform_secret_or(&self, name: &str, fresh: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         sqlx::query("INSERT INTO platform_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")

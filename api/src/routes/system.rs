@@ -47,13 +47,22 @@ pub(crate) async fn ca_pem(state: web::Data<AppState>) -> ApiResult<HttpResponse
     let pem = state
         .ca_pem
         .get_or_try_init(|| async {
-            cloud_certs::PlatformCa::load_or_create(&state.store).await.map(|ca| ca.cert_pem().to_owned())
+            let unavailable = |detail: &str| ApiError::new(ErrorCode::Unavailable, detail);
+            let logged = |e: cloud_certs::CertsError| {
+                tracing::error!(error = %cloud_domain::error_chain(&e), "cannot read the platform CA");
+                unavailable("the platform CA cannot be read now")
+            };
+            if let Some(pem) = cloud_certs::PlatformCa::stored_certificate(&state.store).await.map_err(logged)? {
+                return Ok(pem);
+            }
+            // Nobody created it yet: whoever holds the platform secret key may.
+            let Some(key) = &state.config.secret_key else {
+                return Err(unavailable("the platform CA does not exist yet (the edge creates it at its first start)"));
+            };
+            let ca = cloud_certs::PlatformCa::load_or_create(&state.store, key).await.map_err(logged)?;
+            Ok(ca.cert_pem().to_owned())
         })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %cloud_domain::error_chain(&e), "cannot load the platform CA");
-            ApiError::new(ErrorCode::Unavailable, "the platform CA cannot be read now")
-        })?;
+        .await?;
     Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(pem.clone()))
 }
 
