@@ -726,3 +726,35 @@ async fn uploaded_certificates_are_served_for_their_verified_domain_replaced_and
     assert_eq!(status, 200);
     wait_served(&owner.pem, https, domain, "withdrawn", |l| l.is_none()).await;
 }
+
+#[tokio::test]
+async fn acme_http_01_answers_are_served_on_port_80_for_their_domain_only() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let svc = f.deploy(&t, json!({"name": "web", "ports": ["443:8080"]}), 1).await;
+    let fqdn = svc["fqdn"].as_str().unwrap();
+    let http = f.http();
+    let get = |host: String, path: String| {
+        let (http, addr) = (http.clone(), f.edge.http_addr());
+        async move {
+            let res = http.get(format!("http://{addr}{path}")).header("host", host).send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let path = "/.well-known/acme-challenge/tok-EN_1";
+    f.api.store.put_acme_http_token("www.example.test", "tok-EN_1", "tok-EN_1.thumbprint").await.unwrap();
+    // The validator may name the port it connects to in Host.
+    for host in ["www.example.test", "WWW.example.test:5002"] {
+        assert_eq!(get(host.into(), path.into()).await, (200, "tok-EN_1.thumbprint".into()), "{host}");
+    }
+    // Another host, an unknown token or a withdrawn one fall through to ordinary routing: the service's own
+    // redirect, or 404 for a name no service has.
+    assert_eq!(get(fqdn.into(), path.into()).await.0, 308);
+    assert_eq!(get("www.example.test".into(), "/.well-known/acme-challenge/other".into()).await.0, 404);
+    f.api.store.remove_acme_http_token("tok-EN_1").await.unwrap();
+    assert_eq!(get("www.example.test".into(), path.into()).await.0, 404);
+    // Over https the path is the service's, never an ACME answer.
+    f.api.store.put_acme_http_token(fqdn, "tok2", "tok2.thumbprint").await.unwrap();
+    let res = f.https(&[fqdn]).get(format!("https://{fqdn}/.well-known/acme-challenge/tok2")).send().await.unwrap();
+    assert!(res.text().await.unwrap().starts_with("hello from"));
+}

@@ -20,6 +20,9 @@ use uuid::Uuid;
 use crate::Shared;
 use crate::table::{InFlight, Pick, Service, normalize_host};
 
+/// Where ACME http-01 validators ask (RFC 8555 §8.3).
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
 /// The SNI a TLS client sent, attached to the connection at the handshake.
 #[derive(Debug, Clone)]
 pub struct Sni(pub String);
@@ -103,6 +106,23 @@ impl ProxyHttp for HttpRoute {
             && sni != host
         {
             return respond(session, 421, "this connection is for another host\n", &[rid]).await;
+        }
+        // ACME http-01 answers the certificate manager published for this host; anything else under that path
+        // goes to the service like any request (a tenant may run its own ACME client).
+        if !self.tls
+            && let Some(token) = session.req_header().uri.path().strip_prefix(ACME_CHALLENGE_PATH)
+            && !token.is_empty()
+            && token.len() <= 256
+            && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            let name = host.split(':').next().unwrap_or(&host).to_owned();
+            match self.shared.store.acme_http_answer(&name, token).await {
+                Ok(Some(answer)) => {
+                    return respond(session, 200, &answer, &[rid]).await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot read ACME http-01 answers"),
+            }
         }
         let table = self.shared.table.load();
         let Some(service) = table.by_host(&host).cloned() else {

@@ -160,3 +160,41 @@ impl Store {
             .collect())
     }
 }
+
+impl Store {
+    /// Publishes an ACME http-01 answer for `domain` (lowercase, no trailing dot).
+    pub async fn put_acme_http_token(
+        &self,
+        domain: &str,
+        token: &str,
+        key_authorization: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO acme_http_tokens (token, domain, key_authorization) VALUES ($1, $2, $3)
+             ON CONFLICT (token) DO UPDATE SET domain = $2, key_authorization = $3",
+        )
+        .bind(token)
+        .bind(domain.trim_end_matches('.').to_ascii_lowercase())
+        .bind(key_authorization)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Withdraws an http-01 answer.
+    pub async fn remove_acme_http_token(&self, token: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM acme_http_tokens WHERE token = $1").bind(token).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The http-01 answer for `token` when it was published for `host`.
+    pub async fn acme_http_answer(&self, host: &str, token: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT key_authorization FROM acme_http_tokens WHERE token = $1 AND domain = $2")
+                .bind(token)
+                .bind(host)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(k,)| k))
+    }
+}
