@@ -62,7 +62,7 @@ impl Store {
     pub async fn put_certificate(&self, tenant: Uuid, new: NewCertificate) -> Result<Certificate, StoreError> {
         let mut tx = self.pool.begin().await?;
         let replaced: Vec<(Uuid,)> =
-            sqlx::query_as("DELETE FROM certificates WHERE domain = $1 AND state = 'valid' RETURNING id")
+            sqlx::query_as("DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error') RETURNING id")
                 .bind(&new.domain)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -196,5 +196,105 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.map(|(k,)| k))
+    }
+}
+
+/// A verified custom domain whose certificate the certificate manager should obtain or renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDomain {
+    /// The domain.
+    pub domain: String,
+    /// Its tenant.
+    pub tenant_id: Uuid,
+    /// End of validity of its current ACME certificate, if any.
+    pub not_after: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Verified custom domains without a valid certificate, or whose ACME certificate ends within
+    /// `renew_before`; domains with an uploaded valid certificate are the tenant's to renew, and domains whose
+    /// last order failed less than `retry_after` ago wait.
+    pub async fn acme_due(
+        &self,
+        renew_before: std::time::Duration,
+        retry_after: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<DueDomain>, StoreError> {
+        let interval = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let rows: Vec<(String, Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT d.name, d.tenant_id,
+                    (SELECT max(c.not_after) FROM certificates c
+                     WHERE c.domain = d.name AND c.tenant_id = d.tenant_id AND c.state = 'valid')
+             FROM domains d
+             WHERE d.custom AND d.verified_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.domain = d.name AND c.tenant_id = d.tenant_id
+                               AND c.state = 'valid' AND (c.source = 'upload' OR c.not_after > now() + $1))
+               AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.domain = d.name AND c.state = 'error'
+                               AND c.updated_at > now() - $2)
+             ORDER BY d.verified_at, d.name LIMIT $3",
+        )
+        .bind(interval(renew_before))
+        .bind(interval(retry_after))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(domain, tenant_id, not_after)| DueDomain { domain, tenant_id, not_after }).collect())
+    }
+
+    /// Takes the order lease of `domain` for `holder` (for `ttl`), unless another holder has a live one.
+    pub async fn take_acme_lease(
+        &self,
+        domain: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let row: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO acme_orders (domain, holder, expires_at) VALUES ($1, $2, now() + $3)
+             ON CONFLICT (domain) DO UPDATE SET holder = $2, expires_at = now() + $3
+             WHERE acme_orders.expires_at < now() OR acme_orders.holder = $2
+             RETURNING domain",
+        )
+        .bind(domain)
+        .bind(holder)
+        .bind(ttl)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Gives the lease back.
+    pub async fn release_acme_lease(&self, domain: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM acme_orders WHERE domain = $1 AND holder = $2")
+            .bind(domain)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records why the last order for a tenant's domain failed (shown in its certificate list; the domain waits
+    /// before the next attempt). The valid certificate, if any, keeps being served.
+    pub async fn record_acme_error(&self, tenant: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM certificates WHERE domain = $1 AND state = 'error'")
+            .bind(domain)
+            .execute(&mut *tx)
+            .await?;
+        let id = Uuid::new_v4();
+        let row: Row = sqlx::query_as(
+            "INSERT INTO certificates (id, tenant_id, domain, source, state, state_reason)
+             VALUES ($1, $2, $3, 'acme', 'error', $4)
+             RETURNING id, domain, names, source, state, state_reason, not_before, not_after, created_at",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(domain)
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Created, &view(row)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

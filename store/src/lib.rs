@@ -32,7 +32,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use bundle::{BundleError, hello_bundle, parse_bundle};
-pub use certificates::{NewCertificate, ServedCertificate};
+pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;

@@ -137,3 +137,73 @@ async fn without_a_secret_key_uploads_are_refused_and_a_removed_domain_is_not_se
     crate::patch(&api, "/v1/services/shop", t, json!({"domains": []})).await;
     assert!(api.store.served_certificates().await.unwrap().is_empty(), "the domain left the service");
 }
+
+#[tokio::test]
+async fn acme_work_is_due_for_verified_domains_leased_to_one_replica_and_backs_off_after_errors() {
+    use std::time::Duration;
+    let (api, key) = api_with_key().await;
+    let t = &api.token;
+    create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test.", "new.example.test."]})).await;
+    let store = &api.store;
+    let due = |renew: u64, retry: u64| async move {
+        let d = store.acme_due(Duration::from_secs(renew), Duration::from_secs(retry), 10).await.unwrap();
+        d.into_iter().map(|d| d.domain).collect::<Vec<_>>()
+    };
+    assert!(due(0, 0).await.is_empty(), "nothing verified, nothing ordered");
+    verify(&api, "www.example.test").await;
+    assert_eq!(due(0, 0).await, ["www.example.test"]);
+
+    // One replica at a time; a lease can be renewed by its holder and taken over once given back or expired.
+    let long = Duration::from_secs(600);
+    assert!(store.take_acme_lease("www.example.test", "a", long).await.unwrap());
+    assert!(!store.take_acme_lease("www.example.test", "b", long).await.unwrap());
+    assert!(store.take_acme_lease("www.example.test", "a", long).await.unwrap());
+    store.release_acme_lease("www.example.test", "a").await.unwrap();
+    assert!(store.take_acme_lease("www.example.test", "b", Duration::ZERO).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(store.take_acme_lease("www.example.test", "c", long).await.unwrap(), "an expired lease is taken over");
+
+    // A failed order is shown with its reason and waits before the next attempt.
+    store.record_acme_error(api.tenant.id, "www.example.test", "urn:ietf:params:acme:error:connection").await.unwrap();
+    assert!(due(0, 3600).await.is_empty());
+    assert_eq!(due(0, 0).await, ["www.example.test"]);
+    let listed = get(&api, "/v1/certificates", t).await.body["items"].clone();
+    assert_eq!((listed[0]["state"].as_str(), listed[0]["source"].as_str()), (Some("error"), Some("acme")));
+    assert!(listed[0]["state_reason"].as_str().unwrap().contains("connection"));
+
+    // An ACME certificate is renewed only within the renewal window; success clears the error.
+    let (chain, leaf_key) = TestCa::new("ACME CA").leaf(&["www.example.test"], -1, 60);
+    let now = chrono::Utc::now();
+    store
+        .put_certificate(
+            api.tenant.id,
+            cloud_store::NewCertificate {
+                domain: "www.example.test".into(),
+                names: vec!["www.example.test".into()],
+                source: "acme",
+                chain_pem: chain.clone(),
+                key_sealed: key.seal(leaf_key.as_bytes()).unwrap(),
+                not_before: now,
+                not_after: now + chrono::Duration::days(60),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(due(30 * 86400, 0).await.is_empty());
+    let renewing = store.acme_due(Duration::from_secs(90 * 86400), Duration::ZERO, 10).await.unwrap();
+    assert_eq!(renewing.len(), 1);
+    assert!(renewing[0].not_after.is_some());
+    let listed = get(&api, "/v1/certificates", t).await.body["items"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "the error is gone: {listed}");
+
+    // An uploaded certificate is the tenant's to renew.
+    let r = post(
+        &api,
+        "/v1/certificates",
+        t,
+        json!({"domain": "www.example.test", "chain_pem": chain, "key_pem": leaf_key}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(due(90 * 86400, 0).await.is_empty());
+}
