@@ -4,12 +4,17 @@
 //! Also the ownership check of custom domains ([`ownership`]): the platform routes and certifies a custom domain
 //! only once its owner published the TXT token.
 //!
-//! Boundaries: the certificate role proper (keys encrypted with a configured key, certificates stored per domain,
-//! ACME, renewal, uploads) is still to come (issue 7). The CA is created once per
+//! The pieces of the certificate role for custom domains: keys sealed with the platform key ([`seal`]), checks of
+//! uploaded certificates ([`upload`]) and ACME orders ([`acme`]: http-01 or dns-01 through a responder the edge or
+//! our DNS provides).
+//!
+//! Boundaries: the certificate role proper (certificates stored per domain, ordering and renewal driven from the
+//! database) is still to come (issue 7). The CA is created once per
 //! platform and kept in PostgreSQL's `platform_secrets` like the API's token signing key; every replica that asks
 //! gets the same CA (the first to store one wins a race). Leaves are issued in memory by whoever serves them, so
 //! there is nothing to distribute: every edge issues its own wildcard under the shared CA.
 
+pub mod acme;
 pub mod ownership;
 pub mod seal;
 pub mod upload;
@@ -59,7 +64,7 @@ impl std::fmt::Debug for PlatformCa {
 /// A certificate and its key, in PEM.
 #[derive(Clone)]
 pub struct Issued {
-    /// The leaf, then the CA.
+    /// The leaf, then its issuers (the platform CA, or the ACME CA's intermediates).
     pub chain_pem: String,
     /// PKCS#8 private key.
     pub key_pem: String,
