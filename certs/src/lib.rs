@@ -4,13 +4,15 @@
 //! Also the ownership check of custom domains ([`ownership`]): the platform routes and certifies a custom domain
 //! only once its owner published the TXT token.
 //!
-//! Uploaded certificates are checked by [`upload`] and stored with sealed keys.
+//! Uploaded certificates are checked by [`upload`] and stored with sealed keys ([`seal`]); ACME orders ([`acme`])
+//! answer http-01 or dns-01 through a responder the edge or our DNS provides.
 //!
 //! The CA is created once per platform and kept in PostgreSQL's `platform_secrets`, its key sealed with the
-//! platform secret key ([`seal`]); every replica that asks gets the same CA (the first to store one wins a race).
-//! Leaves are issued in memory by whoever serves them, so there is nothing to distribute: every edge issues its
-//! own wildcard under the shared CA. Boundaries: ACME orders and renewal are still to come.
+//! platform secret key; every replica that asks gets the same CA (the first to store one wins a race). Leaves are
+//! issued in memory by whoever serves them, so there is nothing to distribute: every edge issues its own wildcard
+//! under the shared CA.
 
+pub mod acme;
 pub mod ownership;
 pub mod seal;
 pub mod upload;
@@ -77,7 +79,7 @@ fn split_clear(text: &str) -> Result<(&str, &str), CertsError> {
 /// A certificate and its key, in PEM.
 #[derive(Clone)]
 pub struct Issued {
-    /// The leaf, then the CA.
+    /// The leaf, then its issuers (the platform CA, or the ACME CA's intermediates).
     pub chain_pem: String,
     /// PKCS#8 private key.
     pub key_pem: String,
