@@ -4,6 +4,7 @@
 //! database on it; the harness creates new ones beside it), or else a private cluster started from the system's
 //! PostgreSQL binaries that dies with the test process.
 
+pub mod pebble;
 pub mod pki;
 pub mod txt_server;
 

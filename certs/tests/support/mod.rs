@@ -5,119 +5,40 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use cloud_certs::acme::{ChallengeResponder, ResponderError};
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::rdata::{A, TXT};
 use hickory_proto::rr::{RData, Record, RecordType};
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::process::{Child, Command};
 
-const PEBBLE: &str = "/usr/bin/pebble";
-
-/// A running pebble, its DNS and its http-01 port.
+/// A running pebble (see [`cloud_tests::pebble`]) with the DNS it resolves through and its http-01 port.
 pub struct Pebble {
-    _child: Child,
-    dir: tempfile::TempDir,
-    /// The ACME directory.
-    pub directory_url: String,
-    /// The CA of pebble's listener certificate: what the ACME client must trust.
-    pub listener_ca_pem: String,
-    management: SocketAddr,
+    inner: cloud_tests::pebble::Pebble,
     /// The DNS pebble resolves through.
     pub dns: Arc<TestDns>,
     /// Bound on pebble's `httpPort`, for the responder's server.
     http: Option<TcpListener>,
 }
 
-impl Pebble {
-    /// Starts pebble (retrying on the rare port taken between our probe and its bind) and waits for its directory.
-    pub async fn start() -> Self {
-        assert!(Path::new(PEBBLE).exists(), "{PEBBLE} is missing: run scripts/setup (Debian package pebble)");
-        let dns = Arc::new(TestDns::start().await);
-        let dir = tempfile::tempdir().unwrap();
-        let (ca_pem, cert_pem, key_pem) = listener_certificate();
-        std::fs::write(dir.path().join("cert.pem"), cert_pem).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key_pem).unwrap();
-        for attempt in 1..=3 {
-            let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let http_port = http.local_addr().unwrap().port();
-            let (listen, management, tls) = (free_port(), free_port(), free_port());
-            let config = serde_json::json!({
-                "pebble": {
-                    "listenAddress": format!("127.0.0.1:{listen}"),
-                    "managementListenAddress": format!("127.0.0.1:{management}"),
-                    "certificate": dir.path().join("cert.pem"),
-                    "privateKey": dir.path().join("key.pem"),
-                    "httpPort": http_port,
-                    "tlsPort": tls,
-                    "ocspResponderURL": "",
-                    "externalAccountBindingRequired": false
-                }
-            });
-            let config_path = dir.path().join("pebble.json");
-            std::fs::write(&config_path, config.to_string()).unwrap();
-            let log_path = dir.path().join(format!("pebble-{attempt}.log"));
-            let log = std::fs::File::create(&log_path).unwrap();
-            let mut child = Command::new(PEBBLE)
-                .arg("-config")
-                .arg(&config_path)
-                .arg("-dnsserver")
-                .arg(dns.addr.to_string())
-                // No random 0-15 s wait before validating, no random bad-nonce rejections.
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .expect("starting pebble");
-            let directory_url = format!("https://127.0.0.1:{listen}/dir");
-            let client = https_client(&ca_pem);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    if log.contains("address already in use") && attempt < 3 {
-                        break;
-                    }
-                    panic!("pebble exited ({status}):\n{log}");
-                }
-                let ready = client.get(&directory_url).send().await.is_ok_and(|r| r.status().is_success());
-                if ready {
-                    return Self {
-                        _child: child,
-                        dir,
-                        directory_url,
-                        listener_ca_pem: ca_pem,
-                        management: SocketAddr::from((Ipv4Addr::LOCALHOST, management)),
-                        dns,
-                        http: Some(http),
-                    };
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "pebble's directory did not answer within 20 s:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        unreachable!("the last attempt panics or returns")
-    }
+impl std::ops::Deref for Pebble {
+    type Target = cloud_tests::pebble::Pebble;
 
-    /// The root pebble issues under (it makes a new one at every start).
-    pub async fn issuer_root_pem(&self) -> String {
-        let url = format!("https://{}/roots/0", self.management);
-        let rsp = https_client(&self.listener_ca_pem).get(url).send().await.unwrap();
-        assert!(rsp.status().is_success(), "{}", rsp.status());
-        rsp.text().await.unwrap()
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl Pebble {
+    /// Starts pebble with a DNS of the test's and a listener for the responder on its `httpPort`.
+    pub async fn start() -> Self {
+        let dns = Arc::new(TestDns::start().await);
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inner = cloud_tests::pebble::Pebble::start(dns.addr, http.local_addr().unwrap().port()).await;
+        Self { inner, dns, http: Some(http) }
     }
 
     /// A responder serving http-01 on pebble's `httpPort` (once per pebble) and dns-01 through [`Self::dns`].
@@ -132,67 +53,6 @@ impl Pebble {
         tokio::spawn(serve_http01(listener, responder.clone()));
         responder
     }
-
-    /// Checks `chain_pem` (leaf then intermediates) with `openssl verify` against pebble's root for `name`.
-    pub async fn openssl_verify(&self, chain_pem: &str, name: &str) {
-        let certs: Vec<String> = chain_pem
-            .split_inclusive("-----END CERTIFICATE-----")
-            .filter(|c| c.contains("BEGIN CERTIFICATE"))
-            .map(|c| format!("{}\n", c.trim()))
-            .collect();
-        assert!(certs.len() >= 2, "a leaf and at least one intermediate:\n{chain_pem}");
-        let path = |file: &str| -> PathBuf { self.dir.path().join(file) };
-        std::fs::write(path("root.pem"), self.issuer_root_pem().await).unwrap();
-        std::fs::write(path("leaf.pem"), &certs[0]).unwrap();
-        std::fs::write(path("intermediates.pem"), certs[1..].concat()).unwrap();
-        let out = std::process::Command::new("openssl")
-            .args(["verify", "-CAfile", "root.pem", "-untrusted", "intermediates.pem", "-verify_hostname", name])
-            .arg("leaf.pem")
-            .current_dir(self.dir.path())
-            .output()
-            .expect("openssl (scripts/setup installs it)");
-        assert!(
-            out.status.success(),
-            "openssl verify for {name}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn https_client(ca_pem: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-/// A CA and a leaf for 127.0.0.1 and localhost signed by it: (CA PEM, leaf PEM, leaf key PEM). Distinct subjects,
-/// or the leaf would look self-signed (FACTS).
-fn listener_certificate() -> (String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = dn("pebble listener test CA");
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names.push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
-    leaf.distinguished_name = dn("pebble listener");
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    (ca_pem, cert.pem(), key.serialize_pem())
 }
 
 /// A DNS on a loopback UDP port: A 127.0.0.1 for every name (where pebble connects for http-01), TXT from a
