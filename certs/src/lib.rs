@@ -13,6 +13,7 @@
 //! under the shared CA.
 
 pub mod acme;
+pub mod manager;
 pub mod ownership;
 pub mod seal;
 pub mod upload;

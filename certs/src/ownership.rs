@@ -111,7 +111,7 @@ impl OwnershipChecker {
 
     /// The TXT strings at `name` (each record's strings concatenated, as RFC 7208 reads them), following what
     /// the recursive resolver returns; NXDOMAIN and NODATA are empty.
-    async fn txt(&self, name: &str) -> Result<Vec<String>, OwnershipError> {
+    pub(crate) async fn txt(&self, name: &str) -> Result<Vec<String>, OwnershipError> {
         let resolver = self.resolver()?;
         let fail = |reason: String| OwnershipError::Lookup { record: name.to_owned(), resolver, reason };
         let qname = Name::from_ascii(format!("{name}.")).map_err(|e| fail(format!("invalid name: {e}")))?;

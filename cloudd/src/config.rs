@@ -26,6 +26,34 @@ pub struct Config {
     pub dns: DnsSection,
     /// Edge settings.
     pub edge: EdgeSection,
+    /// Certificate manager settings.
+    pub certs: CertsSection,
+}
+
+/// `[certs]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertsSection {
+    /// ACME directory URL (e.g. `https://acme-v02.api.letsencrypt.org/directory`, or staging). Default none: only
+    /// custom domains' ownership is checked, no certificates are ordered.
+    pub acme_directory: Option<String>,
+    /// Contact URLs of the ACME account (`mailto:ops@example.com`).
+    pub acme_contact: Vec<String>,
+    /// PEM file of the CA that signs the ACME server's own certificate, when no public one does (a test CA such
+    /// as pebble). Default: the system's roots.
+    pub acme_root_file: Option<PathBuf>,
+    /// `http-01` (answered by the edges on port 80) or `dns-01` (answered by our DNS). Wildcard domains always
+    /// use dns-01. Default `http-01`.
+    pub challenge: Option<String>,
+    /// Renew this many days before a certificate ends. Default 30.
+    pub renew_before_days: Option<u64>,
+    /// Seconds between passes (ownership checks and due orders). Default 30.
+    pub interval_seconds: Option<u64>,
+    /// Our DNS servers (`ip:port`): a dns-01 answer goes to the CA once each of them serves it. Default none (a
+    /// 2 s wait).
+    pub dns_servers: Vec<SocketAddr>,
+    /// `/healthz`, `/readyz` and `/metrics` of `cloudd certs`. Default `127.0.0.1:9157`.
+    pub ops_listen: Option<SocketAddr>,
 }
 
 /// `[edge]`
@@ -324,6 +352,36 @@ impl Config {
             resolver: self.platform.resolver,
             secret_key: self.secret_key()?.map(std::sync::Arc::new),
         })
+    }
+
+    /// The certificate manager's settings.
+    pub fn manager_config(&self) -> anyhow::Result<cloud_certs::manager::ManagerConfig> {
+        let c = &self.certs;
+        let mut m = cloud_certs::manager::ManagerConfig::default();
+        if let Some(url) = &c.acme_directory {
+            let mut acme = cloud_certs::acme::AcmeConfig::new(url.clone());
+            acme.contact = c.acme_contact.clone();
+            if let Some(file) = &c.acme_root_file {
+                acme.root_pem = Some(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("certs.acme_root_file {}", file.display()))?,
+                );
+            }
+            m.acme = Some(acme);
+        }
+        m.challenge = match c.challenge.as_deref() {
+            None | Some("http-01") => cloud_certs::acme::ChallengeKind::Http01,
+            Some("dns-01") => cloud_certs::acme::ChallengeKind::Dns01,
+            Some(other) => bail!("certs.challenge = {other:?}: use \"http-01\" or \"dns-01\""),
+        };
+        if let Some(d) = c.renew_before_days {
+            m.renew_before = std::time::Duration::from_secs(d * 86400);
+        }
+        if let Some(s) = c.interval_seconds {
+            m.interval = std::time::Duration::from_secs(s.max(1));
+        }
+        m.dns_servers = c.dns_servers.clone();
+        Ok(m)
     }
 
     /// The platform secret key, when a file is configured.

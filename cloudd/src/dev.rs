@@ -62,10 +62,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     let ca_path = data_dir.join("ca.pem");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     std::fs::write(&ca_path, &ca_pem).with_context(|| format!("writing {}", ca_path.display()))?;
-    let verifier = tokio::spawn(verify_domains(
-        cloud_certs::ownership::OwnershipChecker::new(cfg.platform.resolver),
-        store.clone(),
-    ));
+    let (certs, _) = start_certs(cfg, store.clone())?;
     let server = start_api(cfg, store).await?;
     let api_url = format!("http://{}", cfg.api.listen);
     let config_path = write_local_remote(&api_url, &created.jwt)?;
@@ -82,7 +79,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     wait_for_shutdown().await;
     tracing::info!("shutting down");
     server.stop(true).await;
-    verifier.abort();
+    certs.abort();
     edge.shutdown().await;
     dns.shutdown().await;
     node.shutdown().await;
@@ -158,17 +155,20 @@ async fn renew_wildcard(
     }
 }
 
-/// How often pending custom domains' ownership records are looked up.
-const DOMAIN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Verifies custom domains whose owners published their TXT record, without waiting for `cloudctl service verify`.
-pub async fn verify_domains(checker: cloud_certs::ownership::OwnershipChecker, store: Store) {
-    loop {
-        tokio::time::sleep(DOMAIN_CHECK_INTERVAL).await;
-        if let Err(e) = checker.verify_pending(&store, 100).await {
-            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot check pending custom domains");
-        }
-    }
+/// Starts the certificate manager (ownership checks, ACME orders and renewals when an ACME directory is
+/// configured); returns its task and its probe.
+pub fn start_certs(
+    cfg: &Config,
+    store: Store,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, cloud_certs::manager::ManagerProbe)> {
+    let key = cfg.secret_key()?.context(
+        "the certificate manager needs the platform secret key (platform.secret_key_file): it seals certificate keys",
+    )?;
+    let checker = cloud_certs::ownership::OwnershipChecker::new(cfg.platform.resolver);
+    let manager =
+        cloud_certs::manager::CertManager::new(store, std::sync::Arc::new(key), checker, cfg.manager_config()?);
+    let probe = manager.probe();
+    Ok((tokio::spawn(manager.run()), probe))
 }
 
 /// Starts a node agent following the change feed; `dns` is the private DNS for instances unless `node.dns` names one.

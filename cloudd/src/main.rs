@@ -53,7 +53,8 @@ enum Command {
     Dns,
     /// Run a node agent: runs the instances scheduled on this machine (needs root and DATABASE_URL).
     Node,
-    /// Run the certificate manager (not implemented yet).
+    /// Run the certificate manager: verifies custom domains, orders and renews ACME certificates (needs
+    /// DATABASE_URL and platform.secret_key_file).
     Certs,
 }
 
@@ -125,12 +126,18 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Certs => not_yet("certs", 7),
+        Command::Certs => {
+            let cfg = load()?;
+            let store = connect(&cfg).await?;
+            let (task, probe) = dev::start_certs(&cfg, store)?;
+            let listen = cfg.certs.ops_listen.unwrap_or_else(|| "127.0.0.1:9157".parse().expect("literal"));
+            let ops = ops::serve(listen, std::sync::Arc::new(probe))?;
+            dev::wait_for_shutdown().await;
+            ops.stop(true).await;
+            task.abort();
+            Ok(())
+        }
     }
-}
-
-fn not_yet(role: &str, issue: u32) -> anyhow::Result<()> {
-    bail!("the {role} role is not implemented yet (issue {issue}); `cloudd dev` and `cloudd api` are available")
 }
 
 fn init_tracing() {

@@ -1,4 +1,5 @@
-//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`, `cloudd node`, `cloudd edge`): `/healthz`, `/readyz` and
+//! The operations endpoints of roles without an HTTP API of their own (`cloudd dns`, `cloudd node`, `cloudd edge`,
+//! `cloudd certs`): `/healthz`, `/readyz` and
 //! Prometheus `/metrics`, as every process of the platform serves them.
 
 use std::net::{SocketAddr, TcpListener};
@@ -32,6 +33,16 @@ impl Probe for cloud_edge::EdgeHandle {
 
     fn ready(&self) -> bool {
         !self.is_stale()
+    }
+}
+
+impl Probe for cloud_certs::manager::ManagerProbe {
+    fn metrics(&self) -> String {
+        self.metrics_text()
+    }
+
+    fn ready(&self) -> bool {
+        self.is_healthy()
     }
 }
 

@@ -144,3 +144,48 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
     assert!(metrics.contains("edge_route_table_services 1"), "{metrics}");
     assert!(metrics.contains("edge_route_table_stale 0"), "{metrics}");
 }
+
+#[tokio::test]
+async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
+    let url = cloud_tests::fresh_database().await;
+    // Without the platform secret key it cannot seal certificate keys: it says so and stops.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
+        .arg("certs")
+        .env("DATABASE_URL", &url)
+        .env_remove("CLOUD_SECRET_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("platform.secret_key_file"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret.key");
+    std::fs::write(&key_file, "cd".repeat(32)).unwrap();
+    let ops_port = free_port();
+    std::fs::write(dir.path().join("cloudd.toml"), format!("[certs]\nops_listen = \"127.0.0.1:{ops_port}\"\n"))
+        .unwrap();
+    let _certs = Role(
+        Command::new(env!("CARGO_BIN_EXE_cloudd"))
+            .args(["--config", &dir.path().join("cloudd.toml").display().to_string(), "certs"])
+            .env("DATABASE_URL", &url)
+            .env("CLOUD_SECRET_KEY_FILE", &key_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ops = format!("http://127.0.0.1:{ops_port}");
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
+            && res.status() == 200
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd certs never completed a pass");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("certs_last_pass_ok 1"), "{metrics}");
+}

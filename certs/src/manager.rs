@@ -1,0 +1,322 @@
+//! The certificate manager (`cloudd certs`, also inside `cloudd dev`): verifies custom domains whose owners
+//! published their TXT token, and obtains and renews ACME certificates for verified custom domains, answering
+//! http-01 through the edges (`acme_http_tokens`) or dns-01 through our DNS (`acme_challenges`). Everything it
+//! does goes through PostgreSQL, so any number of replicas may run: a per-domain lease makes one of them order a
+//! given name at a time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloud_store::{DueDomain, NewCertificate, Store, StoreError};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::acme::{AcmeClient, AcmeConfig, AcmeError, ChallengeKind, ChallengeResponder, ResponderError};
+use crate::ownership::OwnershipChecker;
+use crate::seal::SecretKey;
+
+/// Name of the ACME account credentials (sealed) in `platform_secrets`, per directory.
+const ACCOUNT_SECRET: &str = "acme_account";
+
+/// How the manager works.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The ACME CA; without it only ownership checks run.
+    pub acme: Option<AcmeConfig>,
+    /// How domains prove control to the CA (wildcards always use dns-01).
+    pub challenge: ChallengeKind,
+    /// Time between passes.
+    pub interval: Duration,
+    /// Renew an ACME certificate this long before it ends (a per-domain jitter of up to a tenth of it spreads
+    /// renewals).
+    pub renew_before: Duration,
+    /// After a failed order, wait this long before the next attempt for that domain.
+    pub retry_after: Duration,
+    /// Our DNS servers: a dns-01 answer is handed to the CA once every one of them serves it. Empty: wait
+    /// `dns_propagation` instead.
+    pub dns_servers: Vec<SocketAddr>,
+    /// See `dns_servers`.
+    pub dns_propagation: Duration,
+    /// This replica's name in order leases.
+    pub holder: String,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            acme: None,
+            challenge: ChallengeKind::Http01,
+            interval: Duration::from_secs(30),
+            renew_before: Duration::from_secs(30 * 86400),
+            retry_after: Duration::from_secs(3600),
+            dns_servers: Vec::new(),
+            dns_propagation: Duration::from_secs(2),
+            holder: format!("certs-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+/// Why a pass could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    /// The database failed.
+    #[error("database")]
+    Store(#[from] StoreError),
+    /// The ACME account could not be created or restored.
+    #[error("ACME account")]
+    Account(#[from] AcmeError),
+    /// The account credentials could not be sealed or opened.
+    #[error("ACME account credentials")]
+    Seal(#[from] crate::seal::SealError),
+    /// Checking domain ownership failed for a reason other than a missing record.
+    #[error("ownership checks")]
+    Ownership(#[from] crate::ownership::OwnershipError),
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    /// Domains whose ownership was verified.
+    pub verified: usize,
+    /// Certificates obtained or renewed.
+    pub issued: Vec<String>,
+    /// Orders that failed, with the reason recorded.
+    pub failed: Vec<String>,
+}
+
+/// The certificate manager.
+pub struct CertManager {
+    store: Store,
+    key: Arc<SecretKey>,
+    checker: OwnershipChecker,
+    config: ManagerConfig,
+    client: Option<AcmeClient>,
+    registry: Registry,
+    orders: IntCounterVec,
+    pass_ok: IntGauge,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertManager").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl CertManager {
+    /// A manager over `store`, sealing keys with `key`.
+    pub fn new(store: Store, key: Arc<SecretKey>, checker: OwnershipChecker, config: ManagerConfig) -> Self {
+        let registry = Registry::new();
+        let orders = IntCounterVec::new(
+            Opts::new("certs_acme_orders_total", "ACME orders by result (issued, failed)"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let pass_ok = IntGauge::new("certs_last_pass_ok", "1 when the last pass ran to its end").expect("valid metric");
+        registry.register(Box::new(orders.clone())).expect("registered once");
+        registry.register(Box::new(pass_ok.clone())).expect("registered once");
+        Self { store, key, checker, config, client: None, registry, orders, pass_ok }
+    }
+
+    /// Prometheus text exposition of the manager's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.probe().metrics_text()
+    }
+
+    /// A view of the metrics and health that stays valid while [`run`](Self::run) owns the manager.
+    pub fn probe(&self) -> ManagerProbe {
+        ManagerProbe { registry: self.registry.clone(), pass_ok: self.pass_ok.clone() }
+    }
+
+    /// One pass: ownership checks, then the orders that are due.
+    pub async fn pass(&mut self) -> Result<PassReport, ManagerError> {
+        self.pass_ok.set(0);
+        let mut report =
+            PassReport { verified: self.checker.verify_pending(&self.store, 100).await?, ..Default::default() };
+        if self.config.acme.is_some() {
+            let mut due = self.store.acme_due(self.config.renew_before, self.config.retry_after, 20).await?;
+            due.retain(|d| self.renewal_reached(d));
+            for d in due {
+                if !self.store.take_acme_lease(&d.domain, &self.config.holder, self.lease_ttl()).await? {
+                    continue;
+                }
+                let outcome = self.order(&d).await;
+                self.store.release_acme_lease(&d.domain, &self.config.holder).await?;
+                match outcome {
+                    Ok(()) => {
+                        self.orders.with_label_values(&["issued"]).inc();
+                        report.issued.push(d.domain);
+                    }
+                    Err(OrderFailure::Acme(e)) => {
+                        let reason = cloud_domain::error_chain(&e);
+                        tracing::warn!(domain = %d.domain, %reason, "ACME order failed");
+                        self.store.record_acme_error(d.tenant_id, &d.domain, &reason).await?;
+                        self.orders.with_label_values(&["failed"]).inc();
+                        report.failed.push(d.domain);
+                    }
+                    Err(OrderFailure::Manager(e)) => return Err(e),
+                }
+            }
+        }
+        self.pass_ok.set(1);
+        Ok(report)
+    }
+
+    /// Passes every `interval` until the task is dropped.
+    pub async fn run(mut self) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %cloud_domain::error_chain(&e), "certificate pass failed");
+            }
+            tokio::time::sleep(self.config.interval).await;
+        }
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.config.acme.as_ref().map_or(Duration::from_secs(300), |a| a.timeout) + Duration::from_secs(60)
+    }
+
+    /// A renewal waits until `renew_before` (minus a per-domain jitter) before the end; a first order never waits.
+    fn renewal_reached(&self, d: &DueDomain) -> bool {
+        let Some(not_after) = d.not_after else { return true };
+        let tenth = (self.config.renew_before.as_secs() / 10).max(1);
+        let jitter = d.domain.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) % tenth;
+        let start = not_after - chrono::Duration::seconds((self.config.renew_before.as_secs() - jitter) as i64);
+        chrono::Utc::now() >= start
+    }
+
+    async fn client(&mut self) -> Result<&AcmeClient, ManagerError> {
+        if self.client.is_none() {
+            let config = self.config.acme.clone().expect("checked by the caller");
+            let name = format!("{ACCOUNT_SECRET}:{}", config.directory_url);
+            let client = match self.store.stored_platform_secret(&name).await? {
+                Some(sealed) => {
+                    let creds = String::from_utf8(self.key.open(&sealed)?).unwrap_or_default();
+                    AcmeClient::restore(config, &creds).await?
+                }
+                None => {
+                    let created = AcmeClient::create(config.clone()).await?;
+                    let sealed = self.key.seal(created.credentials_json().as_bytes())?;
+                    let stored = self.store.platform_secret_or(&name, sealed.clone()).await?;
+                    if stored == sealed {
+                        created
+                    } else {
+                        // Another replica registered first: use its account.
+                        let creds = String::from_utf8(self.key.open(&stored)?).unwrap_or_default();
+                        AcmeClient::restore(config, &creds).await?
+                    }
+                }
+            };
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("set above"))
+    }
+
+    async fn order(&mut self, d: &DueDomain) -> Result<(), OrderFailure> {
+        let kind = if d.domain.starts_with("*.") { ChallengeKind::Dns01 } else { self.config.challenge };
+        let responder = StoreResponder {
+            store: self.store.clone(),
+            dns_servers: self.config.dns_servers.clone(),
+            dns_propagation: self.config.dns_propagation,
+        };
+        let client = self.client().await.map_err(OrderFailure::Manager)?.clone();
+        let issued =
+            client.order(std::slice::from_ref(&d.domain), kind, &responder).await.map_err(OrderFailure::Acme)?;
+        let checked =
+            crate::upload::check_upload(&issued.chain_pem, &issued.key_pem, &d.domain, time::OffsetDateTime::now_utc())
+                .map_err(|e| OrderFailure::Acme(AcmeError::BadCertificate(e)))?;
+        let sealed = self.key.seal(issued.key_pem.as_bytes()).map_err(|e| OrderFailure::Manager(e.into()))?;
+        let to_utc =
+            |t: time::OffsetDateTime| chrono::DateTime::from_timestamp(t.unix_timestamp(), 0).unwrap_or_default();
+        self.store
+            .put_certificate(
+                d.tenant_id,
+                NewCertificate {
+                    domain: d.domain.clone(),
+                    names: checked.names,
+                    source: "acme",
+                    chain_pem: issued.chain_pem,
+                    key_sealed: sealed,
+                    not_before: to_utc(checked.not_before),
+                    not_after: to_utc(checked.not_after),
+                },
+            )
+            .await
+            .map_err(|e| OrderFailure::Manager(e.into()))?;
+        tracing::info!(domain = %d.domain, not_after = %checked.not_after, "ACME certificate stored");
+        Ok(())
+    }
+}
+
+/// The manager's metrics and health, shared with whoever serves them.
+#[derive(Debug, Clone)]
+pub struct ManagerProbe {
+    registry: Registry,
+    pass_ok: IntGauge,
+}
+
+impl ManagerProbe {
+    /// Prometheus text exposition.
+    pub fn metrics_text(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Whether the last pass ran to its end (false before the first).
+    pub fn is_healthy(&self) -> bool {
+        self.pass_ok.get() == 1
+    }
+}
+
+enum OrderFailure {
+    /// The order failed: recorded on the domain, retried later.
+    Acme(AcmeError),
+    /// The platform failed: the pass stops.
+    Manager(ManagerError),
+}
+
+/// Publishes challenge answers where the platform serves them: http-01 in `acme_http_tokens` (read by every
+/// edge at request time), dns-01 in `acme_challenges` (served by our DNS once its snapshot has it).
+struct StoreResponder {
+    store: Store,
+    dns_servers: Vec<SocketAddr>,
+    dns_propagation: Duration,
+}
+
+#[async_trait]
+impl ChallengeResponder for StoreResponder {
+    async fn publish_http01(&self, domain: &str, token: &str, key_authorization: &str) -> Result<(), ResponderError> {
+        Ok(self.store.put_acme_http_token(domain, token, key_authorization).await?)
+    }
+
+    async fn withdraw_http01(&self, _domain: &str, token: &str) -> Result<(), ResponderError> {
+        Ok(self.store.remove_acme_http_token(token).await?)
+    }
+
+    async fn publish_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
+        self.store.put_acme_challenge(record, value).await?;
+        if self.dns_servers.is_empty() {
+            tokio::time::sleep(self.dns_propagation).await;
+            return Ok(());
+        }
+        // Handed to the CA only once every one of our servers answers it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for server in &self.dns_servers {
+            let checker = OwnershipChecker::new(Some(*server));
+            while !checker.txt(record).await.is_ok_and(|v| v.iter().any(|v| v == value)) {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("our DNS at {server} does not serve TXT {record} after 60 s").into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn withdraw_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
+        Ok(self.store.remove_acme_challenge(record, value).await?)
+    }
+}
