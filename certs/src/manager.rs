@@ -141,6 +141,7 @@ impl CertManager {
                 if !self.store.take_acme_lease(&d.domain, &self.config.holder, self.lease_ttl()).await? {
                     continue;
                 }
+                self.store.record_acme_pending(d.tenant_id, &d.domain).await?;
                 let outcome = self.order(&d).await;
                 self.store.release_acme_lease(&d.domain, &self.config.holder).await?;
                 match outcome {

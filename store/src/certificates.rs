@@ -61,11 +61,12 @@ impl Store {
     /// Stores a valid certificate for a tenant's domain, replacing the domain's current one.
     pub async fn put_certificate(&self, tenant: Uuid, new: NewCertificate) -> Result<Certificate, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let replaced: Vec<(Uuid,)> =
-            sqlx::query_as("DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error') RETURNING id")
-                .bind(&new.domain)
-                .fetch_all(&mut *tx)
-                .await?;
+        let replaced: Vec<(Uuid,)> = sqlx::query_as(
+            "DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error', 'pending') RETURNING id",
+        )
+        .bind(&new.domain)
+        .fetch_all(&mut *tx)
+        .await?;
         let id = Uuid::new_v4();
         let row: Row = sqlx::query_as(
             "INSERT INTO certificates (id, tenant_id, domain, names, source, chain_pem, key_encrypted, state,
@@ -273,23 +274,40 @@ impl Store {
         Ok(())
     }
 
+    /// Records that an order for a tenant's domain is under way (shown as `pending` in its certificate list).
+    pub async fn record_acme_pending(&self, tenant: Uuid, domain: &str) -> Result<(), StoreError> {
+        self.record_acme_state(tenant, domain, "pending", None).await
+    }
+
     /// Records why the last order for a tenant's domain failed (shown in its certificate list; the domain waits
     /// before the next attempt). The valid certificate, if any, keeps being served.
     pub async fn record_acme_error(&self, tenant: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
+        self.record_acme_state(tenant, domain, "error", Some(reason)).await
+    }
+
+    /// Replaces the domain's pending or error record.
+    async fn record_acme_state(
+        &self,
+        tenant: Uuid,
+        domain: &str,
+        state: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM certificates WHERE domain = $1 AND state = 'error'")
+        sqlx::query("DELETE FROM certificates WHERE domain = $1 AND state IN ('pending', 'error')")
             .bind(domain)
             .execute(&mut *tx)
             .await?;
         let id = Uuid::new_v4();
         let row: Row = sqlx::query_as(
             "INSERT INTO certificates (id, tenant_id, domain, source, state, state_reason)
-             VALUES ($1, $2, $3, 'acme', 'error', $4)
+             VALUES ($1, $2, $3, 'acme', $4, $5)
              RETURNING id, domain, names, source, state, state_reason, not_before, not_after, created_at",
         )
         .bind(id)
         .bind(tenant)
         .bind(domain)
+        .bind(state)
         .bind(reason)
         .fetch_one(&mut *tx)
         .await?;

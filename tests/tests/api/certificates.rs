@@ -163,7 +163,10 @@ async fn acme_work_is_due_for_verified_domains_leased_to_one_replica_and_backs_o
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(store.take_acme_lease("www.example.test", "c", long).await.unwrap(), "an expired lease is taken over");
 
-    // A failed order is shown with its reason and waits before the next attempt.
+    // An order under way is shown as pending; a failed one with its reason, and it waits before the next attempt.
+    store.record_acme_pending(api.tenant.id, "www.example.test").await.unwrap();
+    let listed = get(&api, "/v1/certificates", t).await.body["items"].clone();
+    assert_eq!((listed.as_array().unwrap().len(), listed[0]["state"].as_str()), (1, Some("pending")));
     store.record_acme_error(api.tenant.id, "www.example.test", "urn:ietf:params:acme:error:connection").await.unwrap();
     assert!(due(0, 3600).await.is_empty());
     assert_eq!(due(0, 0).await, ["www.example.test"]);
