@@ -67,6 +67,7 @@ impl Fixture {
             return None;
         }
         let host = HOST.lock().await;
+        sweep_host(None);
         let k = SEQ.fetch_add(1, Ordering::SeqCst) + std::process::id() % 8 * 4;
         let settings = Settings {
             // Pools no other test binary (nor a `cloudd dev`) uses.
@@ -187,6 +188,44 @@ async fn tls_trusting(
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(addr).await?;
         connector.connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp).await
+    }
+}
+
+/// The node agent is dropped with the test, not shut down (its database pool belongs to the test's runtime):
+/// remove what its instances leave on the host, as a restarted agent would, so test runs do not pile up
+/// namespaces and bridges. What a dying agent recreates meanwhile goes at the next fixture's start.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let prefix = cloud_runtime::netns_name(self._node.node, uuid::Uuid::nil());
+        sweep_host(Some(prefix.trim_end_matches('0')));
+    }
+}
+
+/// Deletes instance namespaces without processes (killing those of `kill` first) and bridges without ports.
+fn sweep_host(kill: Option<&str>) {
+    let ip =
+        |args: &[&str]| std::process::Command::new("ip").args(args).stderr(std::process::Stdio::null()).output().ok();
+    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("cloud-") {
+            continue;
+        }
+        let pids =
+            ip(&["netns", "pids", &name]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        if kill.is_some_and(|prefix| name.starts_with(prefix)) {
+            for pid in pids.split_whitespace() {
+                let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+            }
+        } else if !pids.trim().is_empty() {
+            continue;
+        }
+        ip(&["netns", "del", &name]);
+    }
+    for entry in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("cb-") && std::fs::read_dir(entry.path().join("brif")).is_ok_and(|d| d.count() == 0) {
+            ip(&["link", "del", &name]);
+        }
     }
 }
 

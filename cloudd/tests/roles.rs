@@ -189,3 +189,218 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
     let metrics = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("certs_last_pass_ok 1"), "{metrics}");
 }
+
+/// A scaled-out platform on one shared PostgreSQL, every role its own process: one API, two edges, one DNS, two
+/// node agents. Logs go to files in `dir` (printed when a wait fails).
+struct Platform {
+    dir: tempfile::TempDir,
+    url: String,
+    key_file: std::path::PathBuf,
+    pool: String,
+    api_port: u16,
+}
+
+impl Platform {
+    fn role(&self, name: &str, role: &str, config: &str, env: &[(&str, String)]) -> Role {
+        let config_path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudd"));
+        cmd.args(["--config", &config_path.display().to_string(), role])
+            .env("DATABASE_URL", &self.url)
+            .env("CLOUD_SECRET_KEY_FILE", &self.key_file)
+            .env("CLOUD_TENANT_POOL", &self.pool)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Role(cmd.spawn().unwrap())
+    }
+
+    fn api(&self) -> Role {
+        self.role("api", "api", "", &[("CLOUD_API_LISTEN", format!("127.0.0.1:{}", self.api_port))])
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                out.push_str(&format!("--- {}\n", e.path().display()));
+                tail.iter().rev().for_each(|l| out.push_str(&format!("{l}\n")));
+            }
+        }
+        out
+    }
+
+    async fn wait(&self, what: &str, mut ok: impl AsyncFnMut() -> bool) {
+        let t0 = Instant::now();
+        while !ok().await {
+            assert!(t0.elapsed() < Duration::from_secs(120), "never {what}:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn ready(port: u16) -> bool {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    reqwest::get(url).await.is_ok_and(|r| r.status() == 200)
+}
+
+#[tokio::test]
+async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_and_survives_an_api_restart() {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        eprintln!("skipped: node agents need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret.key");
+    std::fs::write(&key_file, "5a".repeat(32)).unwrap();
+    let p = Platform {
+        url: cloud_tests::fresh_database().await,
+        key_file,
+        pool: format!("10.{}.0.0/16", 150 + std::process::id() % 10),
+        api_port: free_port(),
+        dir,
+    };
+    let mut api = p.api();
+    let api_url = format!("http://127.0.0.1:{}", p.api_port);
+    p.wait("the API ready", async || reqwest::get(format!("{api_url}/readyz")).await.is_ok_and(|r| r.status() == 200))
+        .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
+        .args(["bootstrap", "--tenant", "initech"])
+        .env("DATABASE_URL", &p.url)
+        .env("CLOUD_TENANT_POOL", &p.pool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let mut edges = Vec::new();
+    for i in 1..=2 {
+        let (https, http, ops) = (free_port(), free_port(), free_port());
+        let role = p.role(
+            &format!("edge{i}"),
+            "edge",
+            &format!("[edge]\nports_ip = \"127.0.88.{i}\"\ngrace_period_seconds = 1\n"),
+            &[
+                ("CLOUD_EDGE_HTTPS_LISTEN", format!("127.0.0.1:{https}")),
+                ("CLOUD_EDGE_HTTP_LISTEN", format!("127.0.0.1:{http}")),
+                ("CLOUD_EDGE_OPS_LISTEN", format!("127.0.0.1:{ops}")),
+            ],
+        );
+        edges.push((role, https, ops));
+    }
+    let (dns_port, dns_ops) = (free_port(), free_port());
+    let _dns = p.role(
+        "dns",
+        "dns",
+        "",
+        &[
+            ("CLOUD_DNS_LISTEN", format!("127.0.0.1:{dns_port}")),
+            ("CLOUD_DNS_OPS_LISTEN", format!("127.0.0.1:{dns_ops}")),
+        ],
+    );
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let ops = free_port();
+        let state = p.dir.path().join(format!("node{i}"));
+        let config = format!(
+            "[node]\nname = \"scaled-n{i}\"\nstate_dir = \"{}\"\nmemory_mb = 4096\nops_listen = \"127.0.0.1:{ops}\"\n",
+            state.display()
+        );
+        nodes.push((p.role(&format!("node{i}"), "node", &config, &[]), ops));
+    }
+    for port in edges.iter().map(|e| e.2).chain([dns_ops]).chain(nodes.iter().map(|n| n.1)) {
+        p.wait(&format!("ready on {port}"), async || ready(port).await).await;
+    }
+
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+        let mut req = client.request(method, format!("{api_url}{path}")).bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, svc) =
+        call(reqwest::Method::POST, "/v1/services", Some(serde_json::json!({"name": "web", "ports": ["443:8080"]})))
+            .await;
+    assert_eq!(status, 201, "{svc}");
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"image": "hello", "service": "web", "replicas": 2, "restart_policy": "always"});
+    let (status, created) = call(reqwest::Method::POST, "/v1/instances", Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    let instances = async || call(reqwest::Method::GET, "/v1/instances", None).await.1["items"].clone();
+    p.wait("two instances running", async || {
+        instances().await.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|i| i["state"] == "running"))
+    })
+    .await;
+
+    // Every edge serves the service, verified against the platform CA the API publishes.
+    let ca = reqwest::get(format!("{api_url}/v1/ca.pem")).await.unwrap().text().await.unwrap();
+    let via = |https: u16| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .tls_built_in_root_certs(false)
+            .resolve(&fqdn, std::net::SocketAddr::from(([127, 0, 0, 1], https)))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let serves = |https: u16| {
+        let (c, url) = (via(https), format!("https://{fqdn}/"));
+        async move {
+            match c.get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default().starts_with("hello from hello-"),
+                Err(_) => false,
+            }
+        }
+    };
+    for (_, https, _) in &edges {
+        p.wait(&format!("edge :{https} serving {fqdn}"), async || serves(*https).await).await;
+    }
+    // The DNS answers the service's name.
+    let out =
+        Command::new("dig").args(["@127.0.0.1", "-p", &dns_port.to_string(), &fqdn, "A", "+short"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "127.0.0.1\n");
+
+    // Kill (-9) the node running the first instance: its instances come back on the other node.
+    let victim_name = instances().await[0]["node"].as_str().unwrap().to_owned();
+    let victim = if victim_name == "scaled-n1" { 0 } else { 1 };
+    let survivor = format!("scaled-n{}", 2 - victim);
+    let (mut killed, _) = nodes.remove(victim);
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    p.wait("instances rescheduled on the surviving node", async || {
+        instances().await.as_array().is_some_and(|a| {
+            a.len() == 2 && a.iter().all(|i| i["state"] == "running" && i["node"] == survivor.as_str())
+        })
+    })
+    .await;
+    for (_, https, _) in &edges {
+        p.wait(&format!("edge :{https} serving after the reschedule"), async || serves(*https).await).await;
+    }
+    // The killed node comes back under its name and removes what its processes left (namespaces, veths).
+    let killed_config = std::fs::read_to_string(p.dir.path().join(format!("node{}.toml", victim + 1))).unwrap();
+    let ops = killed_config.split("127.0.0.1:").nth(1).unwrap().trim_end_matches(['"', '\n']).parse().unwrap();
+    let _back = p.role(&format!("node{}", victim + 1), "node", &killed_config, &[]);
+    p.wait("the killed node back", async || ready(ops).await).await;
+
+    // Restarting the API loses nothing.
+    let before = call(reqwest::Method::GET, "/v1/services/web", None).await.1;
+    drop(api);
+    api = p.api();
+    p.wait("the API back", async || reqwest::get(format!("{api_url}/readyz")).await.is_ok_and(|r| r.status() == 200))
+        .await;
+    let after = call(reqwest::Method::GET, "/v1/services/web", None).await.1;
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["fqdn"], before["fqdn"]);
+    assert_eq!(instances().await.as_array().unwrap().len(), 2);
+    drop(api);
+}
