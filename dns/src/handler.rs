@@ -4,6 +4,7 @@
 //! amplification); everything after decoding is here, in [`respond`], a plain function the property tests drive
 //! without sockets.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,12 +109,12 @@ impl RequestHandler for QueryHandler {
             _ => Verdict::Send,
         };
         let unsent = |metadata| ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
-        let (answers, authorities): (Vec<&Record>, Vec<&Record>) = match verdict {
-            Verdict::Send => (answer.answers, answer.authorities),
+        let (answers, authorities): (&[Cow<'_, Record>], &[Cow<'_, Record>]) = match verdict {
+            Verdict::Send => (&answer.answers, &answer.authorities),
             Verdict::Truncate => {
                 self.metrics.rate_limited.with_label_values(&["truncated"]).inc();
                 metadata.truncation = true;
-                (Vec::new(), Vec::new())
+                (&[], &[])
             }
             Verdict::Drop => {
                 self.metrics.rate_limited.with_label_values(&["dropped"]).inc();
@@ -129,7 +130,13 @@ impl RequestHandler for QueryHandler {
             ])
             .inc();
         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-        let message = builder.build(metadata, answers, authorities, std::iter::empty(), std::iter::empty());
+        let message = builder.build(
+            metadata,
+            answers.iter().map(|r| r.as_ref()),
+            authorities.iter().map(|r| r.as_ref()),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         let info = match response_handle.send_response(message).await {
             Ok(info) => info,
             Err(e) => {
@@ -175,8 +182,8 @@ mod tests {
         let builder = MessageResponseBuilder::new(&request.queries, response.edns.as_ref());
         let message = builder.build(
             response.metadata,
-            response.answer.answers,
-            response.answer.authorities,
+            response.answer.answers.iter().map(|r| r.as_ref()),
+            response.answer.authorities.iter().map(|r| r.as_ref()),
             std::iter::empty(),
             std::iter::empty(),
         );
