@@ -4,7 +4,6 @@
 //! amplification); everything after decoding is here, in [`respond`], a plain function the property tests drive
 //! without sockets.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -109,12 +108,12 @@ impl RequestHandler for QueryHandler {
             _ => Verdict::Send,
         };
         let unsent = |metadata| ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
-        let (answers, authorities): (&[Cow<'_, Record>], &[Cow<'_, Record>]) = match verdict {
-            Verdict::Send => (&answer.answers, &answer.authorities),
+        let (answers, authorities): (Vec<&Record>, Vec<&Record>) = match verdict {
+            Verdict::Send => (answer.answers().collect(), answer.authorities().collect()),
             Verdict::Truncate => {
                 self.metrics.rate_limited.with_label_values(&["truncated"]).inc();
                 metadata.truncation = true;
-                (&[], &[])
+                (Vec::new(), Vec::new())
             }
             Verdict::Drop => {
                 self.metrics.rate_limited.with_label_values(&["dropped"]).inc();
@@ -130,13 +129,7 @@ impl RequestHandler for QueryHandler {
             ])
             .inc();
         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-        let message = builder.build(
-            metadata,
-            answers.iter().map(|r| r.as_ref()),
-            authorities.iter().map(|r| r.as_ref()),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        let message = builder.build(metadata, answers, authorities, std::iter::empty(), std::iter::empty());
         let info = match response_handle.send_response(message).await {
             Ok(info) => info,
             Err(e) => {
@@ -166,7 +159,7 @@ mod tests {
     use crate::snapshot::tests::{data, params};
 
     fn snapshot() -> Snapshot {
-        Snapshot::build(&data(), &params())
+        Snapshot::build(data(), &params())
     }
 
     /// Runs raw bytes through the request path; `None` when the bytes do not decode as a request.
@@ -182,8 +175,8 @@ mod tests {
         let builder = MessageResponseBuilder::new(&request.queries, response.edns.as_ref());
         let message = builder.build(
             response.metadata,
-            response.answer.answers.iter().map(|r| r.as_ref()),
-            response.answer.authorities.iter().map(|r| r.as_ref()),
+            response.answer.answers(),
+            response.answer.authorities(),
             std::iter::empty(),
             std::iter::empty(),
         );

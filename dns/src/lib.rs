@@ -18,6 +18,7 @@
 mod handler;
 mod metrics;
 mod rate_limit;
+mod sharded;
 mod snapshot;
 
 use std::net::{IpAddr, SocketAddr};
@@ -278,8 +279,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: DnsConfig) -> Result<
     let metrics = Metrics::new().map_err(|source| DnsError::Metrics { source })?;
     let started = Instant::now();
     let data = store.zone_data().await.map_err(|source| DnsError::InitialLoad { source })?;
-    let snapshot = Snapshot::build(&data, &params);
-    drop(data);
+    let snapshot = Snapshot::build(data, &params);
     record_update(&metrics, Update::Full, &snapshot, started);
     tracing::info!(version = snapshot.version, records = snapshot.record_count(), "dns: zones loaded");
     let zones = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -374,7 +374,7 @@ struct Published {
 /// names in a debug build) and runs off the runtime's workers, which keep answering queries meanwhile.
 async fn load_full(store: Store, params: Arc<ZoneParams>) -> Result<Snapshot, UpdateError> {
     let data = store.zone_data().await.map_err(UpdateError::Store)?;
-    tokio::task::spawn_blocking(move || Snapshot::build(&data, &params)).await.map_err(UpdateError::Panicked)
+    tokio::task::spawn_blocking(move || Snapshot::build(data, &params)).await.map_err(UpdateError::Panicked)
 }
 
 /// `snapshot` brought up to the newest version by the changes after its own; everything again when the store
@@ -387,8 +387,8 @@ async fn catch_up(
     let changes = store.zone_changes(snapshot.version).await.map_err(UpdateError::Store)?;
     let params = params.clone();
     tokio::task::spawn_blocking(move || match changes {
-        ZoneChanges::Reload(data) => (Snapshot::build(&data, &params), Update::Full),
-        ZoneChanges::Patch(patch) => (snapshot.patch(&patch), Update::Patch),
+        ZoneChanges::Reload(data) => (Snapshot::build(data, &params), Update::Full),
+        ZoneChanges::Patch(patch) => (snapshot.patch(patch), Update::Patch),
     })
     .await
     .map_err(UpdateError::Panicked)

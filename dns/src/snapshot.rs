@@ -3,15 +3,15 @@
 //!
 //! A change is applied as a patch ([`Snapshot::patch`]): the snapshot is cloned and only the names the change
 //! touches are recomputed, from the sources kept beside the zones (the tenants, services, instances and
-//! challenges the records were made from). Every map is persistent (`imbl`): cloning the snapshot copies a few
-//! root pointers, and changing a name copies the O(log n) map nodes on its path, so a patch costs in proportion
-//! to what it touches while the previous snapshot stays intact for the queries still reading it. A full build
+//! challenges the records were made from). Cloning is cheap and changes copy little: the zones' names are in
+//! [`ShardedMap`]s (a change copies one shard of about a hundred names), everything else in persistent maps
+//! (`imbl`, a change copies the O(log n) nodes on its path). A patch thus costs in proportion to what it
+//! touches, and the previous snapshot stays intact for the queries still reading it. A full build
 //! ([`Snapshot::build`]) is the same patch applied to an empty snapshot, so both paths make the same zones.
 //!
 //! The SOA is not stored: it is made per answer from the snapshot's version, so a new serial does not mean
 //! touching every zone (there is a private view per tenant).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -23,8 +23,14 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use ipnet::Ipv4Net;
 use uuid::Uuid;
 
-/// The persistent map every part of the snapshot is kept in.
+use crate::sharded::ShardedMap;
+
+/// The persistent map the sources and the per-tenant views are kept in.
 type Map<K, V> = imbl::HashMap<K, V>;
+
+/// A name as a key of a persistent map. Its nodes hold their entries inline, 32 slots at a time, so an inline
+/// 80-byte name would cost more in empty slots than in names, and each copied path would clone dozens of them.
+type NameKey = Arc<LowerName>;
 
 /// Zone parameters that do not come from the database: names, addresses and TTLs, resolved from `DnsConfig`.
 #[derive(Debug, Clone)]
@@ -97,34 +103,57 @@ struct Node {
 pub(crate) struct Zone {
     apex: LowerName,
     soa: Arc<Soa>,
-    /// Nodes sit behind an `Arc` because the persistent map copies the entries beside a changed one.
-    nodes: Map<LowerName, Arc<Node>>,
+    nodes: ShardedMap<LowerName, Node>,
     /// Records held (the SOA aside), kept by `set` so counting never walks the zone.
     records: usize,
 }
 
-/// What a lookup found. The SOA is made per answer; everything else is borrowed from the snapshot.
+/// What a lookup found: records borrowed from the snapshot, and the zone's SOA made for this answer.
 #[derive(Debug)]
 pub(crate) struct Answer<'a> {
     pub rcode: ResponseCode,
     /// Whether we speak for the name (false for REFUSED and errors).
     pub authoritative: bool,
-    pub answers: Vec<Cow<'a, Record>>,
-    pub authorities: Vec<Cow<'a, Record>>,
+    /// The SOA with the snapshot's serial: first in the answer section (SOA and ANY questions at the apex), or
+    /// alone in the authority section (negative answers).
+    soa: Option<(Record, Section)>,
+    /// The answer section after the SOA, if any.
+    records: Vec<&'a Record>,
+}
+
+/// The section a made SOA goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Answer,
+    Authority,
 }
 
 impl<'a> Answer<'a> {
     /// An answer with no records.
     pub fn error(rcode: ResponseCode) -> Self {
-        Self { rcode, authoritative: false, answers: Vec::new(), authorities: Vec::new() }
+        Self { rcode, authoritative: false, soa: None, records: Vec::new() }
+    }
+
+    fn soa_in(&self, section: Section) -> Option<&Record> {
+        self.soa.as_ref().filter(|(_, s)| *s == section).map(|(soa, _)| soa)
+    }
+
+    /// The answer section.
+    pub fn answers(&self) -> impl Iterator<Item = &Record> + Send {
+        self.soa_in(Section::Answer).into_iter().chain(self.records.iter().map(|r| -> &Record { r }))
+    }
+
+    /// The authority section.
+    pub fn authorities(&self) -> impl Iterator<Item = &Record> + Send {
+        self.soa_in(Section::Authority).into_iter()
     }
 }
 
 impl Zone {
     fn new(soa: Soa) -> Self {
         let apex = LowerName::new(&soa.apex);
-        let mut nodes = Map::new();
-        nodes.insert(apex.clone(), Arc::new(Node { records: Vec::new(), owner: true, children: 0 }));
+        let mut nodes = ShardedMap::with_capacity(0);
+        nodes.insert(apex.clone(), Node { records: Vec::new(), owner: true, children: 0 });
         Self { apex, soa: Arc::new(soa), nodes, records: 0 }
     }
 
@@ -137,24 +166,24 @@ impl Zone {
             return;
         }
         let records = if *owner == self.apex { Some(records.unwrap_or_default()) } else { records };
-        match (self.nodes.get(owner).cloned(), records) {
-            (Some(node), Some(records)) => {
-                if node.owner && node.records == records {
-                    // Unchanged: leave the map (and the nodes it shares with the previous snapshot) alone.
+        let existing = self.nodes.get(owner).map(|node| (node.owner, node.children, node.records.len()));
+        match (existing, records) {
+            (Some((owner_before, children, held)), Some(records)) => {
+                if owner_before && self.nodes.get(owner).is_some_and(|n| n.records == records) {
+                    // Unchanged: leave the shard (shared with the previous snapshot) alone.
                     return;
                 }
-                self.records = self.records - node.records.len() + records.len();
-                self.nodes.insert(owner.clone(), Arc::new(Node { records, owner: true, children: node.children }));
+                self.records = self.records - held + records.len();
+                self.replace(owner, Node { records, owner: true, children });
             }
-            (Some(node), None) => {
-                if !node.owner {
+            (Some((owner_before, children, held)), None) => {
+                if !owner_before {
                     // An empty non-terminal already: nothing of its own to remove.
                     return;
                 }
-                self.records -= node.records.len();
-                if node.children > 0 {
-                    let ent = Node { records: Vec::new(), owner: false, children: node.children };
-                    self.nodes.insert(owner.clone(), Arc::new(ent));
+                self.records -= held;
+                if children > 0 {
+                    self.replace(owner, Node { records: Vec::new(), owner: false, children });
                 } else {
                     self.nodes.remove(owner);
                     self.unlink(owner);
@@ -162,10 +191,17 @@ impl Zone {
             }
             (None, Some(records)) => {
                 self.records += records.len();
-                self.nodes.insert(owner.clone(), Arc::new(Node { records, owner: true, children: 0 }));
+                self.nodes.insert(owner.clone(), Node { records, owner: true, children: 0 });
                 self.link(owner);
             }
             (None, None) => {}
+        }
+    }
+
+    /// Replaces an existing node, keeping its key.
+    fn replace(&mut self, owner: &LowerName, node: Node) {
+        if let Some(slot) = self.nodes.get_mut(owner) {
+            *slot = node;
         }
     }
 
@@ -176,10 +212,10 @@ impl Zone {
         while child != self.apex && !child.is_root() {
             let parent = child.base_name();
             if let Some(node) = self.nodes.get_mut(&parent) {
-                Arc::make_mut(node).children += 1;
+                node.children += 1;
                 return;
             }
-            self.nodes.insert(parent.clone(), Arc::new(Node { records: Vec::new(), owner: false, children: 1 }));
+            self.nodes.insert(parent.clone(), Node { records: Vec::new(), owner: false, children: 1 });
             child = parent;
         }
     }
@@ -190,7 +226,6 @@ impl Zone {
         while child != self.apex && !child.is_root() {
             let parent = child.base_name();
             let Some(node) = self.nodes.get_mut(&parent) else { return };
-            let node = Arc::make_mut(node);
             node.children = node.children.saturating_sub(1);
             if node.children > 0 || node.owner {
                 return;
@@ -207,22 +242,19 @@ impl Zone {
     /// Answers a question for a name inside this zone, with the SOA serial of the snapshot.
     pub fn lookup(&self, name: &LowerName, qtype: RecordType, serial: u32) -> Answer<'_> {
         let Some(node) = self.nodes.get(name) else {
-            return Answer {
-                rcode: ResponseCode::NXDomain,
-                authoritative: true,
-                answers: Vec::new(),
-                authorities: vec![Cow::Owned(self.soa.negative(serial))],
-            };
+            let soa = Some((self.soa.negative(serial), Section::Authority));
+            return Answer { rcode: ResponseCode::NXDomain, authoritative: true, soa, records: Vec::new() };
         };
-        let mut answers = Vec::new();
-        if *name == self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
-            answers.push(Cow::Owned(self.soa.record(serial, self.soa.apex_ttl)));
-        }
-        answers.extend(
-            node.records.iter().filter(|r| qtype == RecordType::ANY || r.record_type() == qtype).map(Cow::Borrowed),
-        );
-        let authorities = if answers.is_empty() { vec![Cow::Owned(self.soa.negative(serial))] } else { Vec::new() };
-        Answer { rcode: ResponseCode::NoError, authoritative: true, answers, authorities }
+        let records: Vec<&Record> =
+            node.records.iter().filter(|r| qtype == RecordType::ANY || r.record_type() == qtype).collect();
+        let soa = if *name == self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
+            Some((self.soa.record(serial, self.soa.apex_ttl), Section::Answer))
+        } else if records.is_empty() {
+            Some((self.soa.negative(serial), Section::Authority))
+        } else {
+            None
+        };
+        Answer { rcode: ResponseCode::NoError, authoritative: true, soa, records }
     }
 
     /// How many records the zone holds, its SOA included.
@@ -243,9 +275,9 @@ struct Sources {
     running: imbl::OrdMap<(Uuid, Uuid), IpAddr>,
     /// Public names answered with the edge addresses, and how many services claim each (two claims can overlap
     /// while a patch moves a domain from one service to another).
-    edge_names: Map<LowerName, u32>,
+    edge_names: Map<NameKey, u32>,
     /// Verified custom domains (each a zone of its own), and how many services claim each.
-    custom_apexes: Map<LowerName, u32>,
+    custom_apexes: Map<NameKey, u32>,
     /// ACME challenge TXT values by name.
     challenges: Map<LowerName, Arc<Vec<String>>>,
 }
@@ -279,11 +311,11 @@ pub(crate) struct Snapshot {
     params: Arc<ZoneParams>,
     public: Zone,
     /// Verified custom domains delegated to us, each its own zone, by apex.
-    custom: Map<LowerName, Zone>,
+    custom: Map<LowerName, Arc<Zone>>,
     /// Tenant networks sorted by first address; disjoint, so at most one contains a given address.
     networks: Arc<Vec<(Ipv4Net, Uuid)>>,
     /// The private zone as each tenant sees it.
-    private_views: Map<Uuid, Zone>,
+    private_views: Map<Uuid, Arc<Zone>>,
     private_apex: LowerName,
     private_ns: Name,
     sources: Sources,
@@ -334,13 +366,17 @@ pub(crate) fn serial(version: i64) -> u32 {
 }
 
 /// Adds or removes one claim on a counted name.
-fn claim(counts: &mut Map<LowerName, u32>, name: &LowerName, add: bool) {
-    let count = counts.get(name).copied().unwrap_or(0);
-    let count = if add { count + 1 } else { count.saturating_sub(1) };
-    if count == 0 {
-        counts.remove(name);
-    } else {
-        counts.insert(name.clone(), count);
+fn claim(counts: &mut Map<NameKey, u32>, name: &LowerName, add: bool) {
+    match (counts.get_mut(name), add) {
+        (Some(count), true) => *count += 1,
+        (Some(count), false) if *count > 1 => *count -= 1,
+        (Some(_), false) => {
+            counts.remove(name);
+        }
+        (None, true) => {
+            counts.insert(Arc::new(name.clone()), 1);
+        }
+        (None, false) => {}
     }
 }
 
@@ -354,26 +390,27 @@ fn set_counted(zone: &mut Zone, total: &mut usize, owner: &LowerName, records: O
 impl Snapshot {
     /// Builds both zones. Invalid names in the data are skipped with a warning rather than failing the build:
     /// one bad row must not take every other name down.
-    pub fn build(data: &ZoneData, params: &ZoneParams) -> Self {
-        let mut challenges: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (name, value) in &data.acme_challenges {
-            challenges.entry(name).or_default().push(value.clone());
+    pub fn build(data: ZoneData, params: &ZoneParams) -> Self {
+        let ZoneData { version, tenants, services, instances, acme_challenges } = data;
+        let mut challenges: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, value) in acme_challenges {
+            challenges.entry(name).or_default().push(value);
         }
         let everything = ZonePatch {
-            version: data.version,
-            tenants: data.tenants.clone(),
-            services: data.services.clone(),
-            instances: data.instances.clone(),
-            acme_challenges: challenges.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            version,
+            tenants,
+            services,
+            instances,
+            acme_challenges: challenges.into_iter().collect(),
             ..ZonePatch::default()
         };
         let mut snapshot = Self::empty(Arc::new(params.clone()));
-        snapshot.apply(&everything);
+        snapshot.apply(everything);
         snapshot
     }
 
     /// The snapshot with `patch` applied; `self` is left as it was, for the queries still reading it.
-    pub fn patch(&self, patch: &ZonePatch) -> Self {
+    pub fn patch(&self, patch: ZonePatch) -> Self {
         let mut next = self.clone();
         next.apply(patch);
         next
@@ -408,35 +445,45 @@ impl Snapshot {
     /// learned again. Within one version names are unique, so once nothing touched is indexed the present ones
     /// cannot collide with anything, whatever order the patch lists them in (a name passed from a deleted
     /// instance to a new one, a domain moved between services).
-    fn apply(&mut self, patch: &ZonePatch) {
-        self.version = patch.version;
+    fn apply(&mut self, patch: ZonePatch) {
+        let ZonePatch {
+            version,
+            tenants,
+            gone_tenants,
+            services,
+            gone_services,
+            instances,
+            gone_instances,
+            acme_challenges,
+        } = patch;
+        self.version = version;
         let mut dirty = Dirty::default();
-        for id in patch.gone_tenants.iter().chain(patch.tenants.iter().map(|t| &t.id)) {
+        for id in gone_tenants.iter().chain(tenants.iter().map(|t| &t.id)) {
             let old = self.sources.tenants.remove(id);
             dirty.tenants.entry(*id).or_insert(old);
         }
-        for id in patch.gone_services.iter().chain(patch.services.iter().map(|s| &s.id)) {
+        for id in gone_services.iter().chain(services.iter().map(|s| &s.id)) {
             self.forget_service(*id, &mut dirty);
         }
-        for id in patch.gone_instances.iter().chain(patch.instances.iter().map(|i| &i.id)) {
+        for id in gone_instances.iter().chain(instances.iter().map(|i| &i.id)) {
             self.forget_instance(*id, &mut dirty);
         }
-        for tenant in &patch.tenants {
-            self.sources.tenants.insert(tenant.id, Arc::new(tenant.clone()));
+        for tenant in tenants {
+            self.sources.tenants.insert(tenant.id, Arc::new(tenant));
         }
-        for service in &patch.services {
-            self.learn_service(service, &mut dirty);
+        for service in services {
+            self.learn_service(Arc::new(service), &mut dirty);
         }
-        for instance in &patch.instances {
-            self.learn_instance(instance, &mut dirty);
+        for instance in instances {
+            self.learn_instance(Arc::new(instance), &mut dirty);
         }
-        for (name, values) in &patch.acme_challenges {
-            let Some(name) = absolute(name) else { continue };
+        for (name, values) in acme_challenges {
+            let Some(name) = absolute(&name) else { continue };
             let name = LowerName::new(&name);
             if values.is_empty() {
                 self.sources.challenges.remove(&name);
             } else {
-                self.sources.challenges.insert(name.clone(), Arc::new(values.clone()));
+                self.sources.challenges.insert(name.clone(), Arc::new(values));
             }
             dirty.challenges.insert(name);
         }
@@ -480,16 +527,16 @@ impl Snapshot {
         }
     }
 
-    fn learn_service(&mut self, service: &ZoneService, dirty: &mut Dirty) {
-        self.sources.services.insert(service.id, Arc::new(service.clone()));
+    fn learn_service(&mut self, service: Arc<ZoneService>, dirty: &mut Dirty) {
+        self.sources.services.insert(service.id, service.clone());
         let names = self.sources.names.entry(service.tenant_id).or_default();
         names.services.insert(service.name.clone(), service.id);
         dirty.private.insert((service.tenant_id, service.name.clone()));
-        for name in Self::edge_names_of(service) {
+        for name in Self::edge_names_of(&service) {
             claim(&mut self.sources.edge_names, &name, true);
             dirty.public.insert(name);
         }
-        for apex in self.custom_apexes_of(service).collect::<Vec<_>>() {
+        for apex in self.custom_apexes_of(&service).collect::<Vec<_>>() {
             claim(&mut self.sources.custom_apexes, &apex, true);
             dirty.custom_apexes.insert(apex);
         }
@@ -510,8 +557,8 @@ impl Snapshot {
         }
     }
 
-    fn learn_instance(&mut self, instance: &ZoneInstance, dirty: &mut Dirty) {
-        self.sources.instances.insert(instance.id, Arc::new(instance.clone()));
+    fn learn_instance(&mut self, instance: Arc<ZoneInstance>, dirty: &mut Dirty) {
+        self.sources.instances.insert(instance.id, instance.clone());
         let names = self.sources.names.entry(instance.tenant_id).or_default();
         names.instances.insert(instance.name.clone(), instance.id);
         dirty.private.insert((instance.tenant_id, instance.name.clone()));
@@ -534,7 +581,7 @@ impl Snapshot {
                     let mname = self.params.ns_names.first().cloned().unwrap_or_else(|| apex.into());
                     let zone = Zone::new(Soa::new(apex.into(), mname, &self.params));
                     self.records += zone.record_count();
-                    self.custom.insert(apex.clone(), zone);
+                    self.custom.insert(apex.clone(), Arc::new(zone));
                     self.refresh_custom(apex);
                     zones_changed = true;
                 }
@@ -590,7 +637,7 @@ impl Snapshot {
                     let ns = Record::from_rdata(apex, self.params.apex_ttl, RData::NS(NS(self.private_ns.clone())));
                     view.set(&self.private_apex, Some(vec![ns]));
                     self.records += view.record_count();
-                    if let Some(old) = self.private_views.insert(*id, view) {
+                    if let Some(old) = self.private_views.insert(*id, Arc::new(view)) {
                         self.records -= old.record_count();
                     }
                     if let Some(names) = self.sources.names.get(id) {
@@ -625,7 +672,8 @@ impl Snapshot {
                 p.ns_names.iter().map(|n| Record::from_rdata(owner.clone(), p.apex_ttl, RData::NS(NS(n.clone())))),
             );
         }
-        if p.ns_names.iter().any(|ns| LowerName::new(ns) == *name) {
+        // Name equality ignores case.
+        if p.ns_names.contains(&owner) {
             exists = true;
             records.extend(p.ns_addresses.iter().map(|ip| address_record(owner.clone(), p.apex_ttl, *ip)));
         }
@@ -653,7 +701,7 @@ impl Snapshot {
             if self.custom.contains_key(&apex) {
                 let records = self.custom_records(&apex, name, challenges);
                 if let Some(zone) = self.custom.get_mut(&apex) {
-                    set_counted(zone, &mut self.records, name, records);
+                    set_counted(Arc::make_mut(zone), &mut self.records, name, records);
                 }
                 challenges = false;
             }
@@ -715,6 +763,7 @@ impl Snapshot {
             changes.push((LowerName::new(&qualified), records));
         }
         if let Some(view) = self.private_views.get_mut(&tenant) {
+            let view = Arc::make_mut(view);
             for (name, records) in changes {
                 set_counted(view, &mut self.records, &name, records);
             }
@@ -732,7 +781,7 @@ impl Snapshot {
         if !net.contains(&v4) {
             return None;
         }
-        self.private_views.get(tenant)
+        self.private_views.get(tenant).map(|view| &**view)
     }
 
     /// Answers one question. REFUSED for names outside our zones, and for the private zone when asked on the
@@ -851,7 +900,7 @@ pub(crate) mod tests {
     }
 
     fn ips(answer: &Answer<'_>) -> Vec<String> {
-        answer.answers.iter().map(|r| r.data.to_string()).collect()
+        answer.answers().map(|r| r.data.to_string()).collect()
     }
 
     const OUTSIDE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
@@ -861,7 +910,7 @@ pub(crate) mod tests {
     /// The rcode and answer count of a public question.
     fn public(snap: &Snapshot, q: &str, t: RecordType) -> (ResponseCode, usize) {
         let a = snap.answer(Listener::Public, OUTSIDE, &name(q), t);
-        (a.rcode, a.answers.len())
+        (a.rcode, a.answers().count())
     }
 
     /// The rcode and sorted answers of a private A question from `src`.
@@ -874,7 +923,7 @@ pub(crate) mod tests {
 
     fn soa_serial(snap: &Snapshot) -> u32 {
         let a = snap.answer(Listener::Public, OUTSIDE, &name("dev.cloud.localhost."), RecordType::SOA);
-        match &a.answers[0].data {
+        match &a.answers().next().unwrap().data {
             RData::SOA(soa) => soa.serial,
             other => panic!("{other:?}"),
         }
@@ -884,11 +933,11 @@ pub(crate) mod tests {
         /// Every zone's nodes and records, in a comparable form: `zone name` -> sorted records.
         fn dump(&self) -> BTreeMap<String, Vec<String>> {
             let mut zones: Vec<(String, &Zone)> = vec![("public".into(), &self.public)];
-            zones.extend(self.custom.iter().map(|(apex, z)| (format!("custom:{apex}"), z)));
-            zones.extend(self.private_views.iter().map(|(t, z)| (format!("private:{t}"), z)));
+            zones.extend(self.custom.iter().map(|(apex, z)| (format!("custom:{apex}"), &**z)));
+            zones.extend(self.private_views.iter().map(|(t, z)| (format!("private:{t}"), &**z)));
             let mut out = BTreeMap::new();
             for (zone_key, zone) in zones {
-                for (owner, node) in &zone.nodes {
+                for (owner, node) in zone.nodes.iter() {
                     let mut records: Vec<String> = node
                         .records
                         .iter()
@@ -903,20 +952,23 @@ pub(crate) mod tests {
 
         /// The structure every patch must keep: counts that match, parents present, no orphan non-terminals.
         fn check_invariants(&self) {
-            let zones: Vec<&Zone> =
-                std::iter::once(&self.public).chain(self.custom.values()).chain(self.private_views.values()).collect();
+            let zones: Vec<&Zone> = std::iter::once(&self.public)
+                .chain(self.custom.values().map(|z| &**z))
+                .chain(self.private_views.values().map(|z| &**z))
+                .collect();
             assert_eq!(self.records, zones.iter().map(|z| z.record_count()).sum::<usize>(), "snapshot record count");
             for zone in zones {
-                let held: usize = zone.nodes.values().map(|n| n.records.len()).sum();
+                let held: usize = zone.nodes.iter().map(|(_, n)| n.records.len()).sum();
                 assert_eq!(zone.records, held, "record count of {}", zone.apex);
-                for (owner, node) in &zone.nodes {
-                    let children = zone.nodes.keys().filter(|k| **k != zone.apex && k.base_name() == *owner).count();
+                for (owner, node) in zone.nodes.iter() {
+                    let children =
+                        zone.nodes.iter().filter(|(k, _)| **k != zone.apex && k.base_name() == *owner).count();
                     assert_eq!(node.children as usize, children, "children of {owner}");
                     if *owner == zone.apex {
                         continue;
                     }
                     assert!(node.owner || node.children > 0, "orphan empty non-terminal {owner}");
-                    assert!(zone.nodes.contains_key(&owner.base_name()), "parent of {owner}");
+                    assert!(zone.nodes.get(&owner.base_name()).is_some(), "parent of {owner}");
                 }
             }
         }
@@ -924,7 +976,7 @@ pub(crate) mod tests {
 
     #[test]
     fn public_names_negative_answers_and_empty_non_terminals() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let src: IpAddr = "203.0.113.9".parse().unwrap();
         let cases: &[(&str, RecordType, ResponseCode, usize, usize)] = &[
             ("web-abcd1234.dev.cloud.localhost.", RecordType::A, ResponseCode::NoError, 1, 0),
@@ -951,11 +1003,11 @@ pub(crate) mod tests {
         for (q, t, rcode, answers, authorities) in cases {
             let got = snap.answer(Listener::Public, src, &name(q), *t);
             assert_eq!(got.rcode, *rcode, "{q} {t}");
-            assert_eq!(got.answers.len(), *answers, "{q} {t}");
-            assert_eq!(got.authorities.len(), *authorities, "{q} {t}");
+            assert_eq!(got.answers().count(), *answers, "{q} {t}");
+            assert_eq!(got.authorities().count(), *authorities, "{q} {t}");
             if *authorities > 0 {
-                assert_eq!(got.authorities[0].ttl, 10, "negative TTL");
-                assert_eq!(got.authorities[0].record_type(), RecordType::SOA);
+                assert_eq!(got.authorities().next().unwrap().ttl, 10, "negative TTL");
+                assert_eq!(got.authorities().next().unwrap().record_type(), RecordType::SOA);
             }
         }
         assert_eq!(ips(&snap.answer(Listener::Public, src, &name("dev.cloud.localhost."), RecordType::SOA)).len(), 1);
@@ -964,7 +1016,7 @@ pub(crate) mod tests {
 
     #[test]
     fn private_names_are_scoped_to_the_askers_tenant() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let acme: IpAddr = "10.96.0.77".parse().unwrap();
         let beta: IpAddr = "10.96.7.1".parse().unwrap();
         let stranger: IpAddr = "10.97.0.1".parse().unwrap();
@@ -978,7 +1030,11 @@ pub(crate) mod tests {
         assert_eq!(ips(&q(beta, "db-1.internal.")), ["10.96.4.2"]);
         assert_eq!(q(beta, "web-1.internal.").rcode, ResponseCode::NXDomain);
         let idle = q(beta, "idle.internal.");
-        assert_eq!((idle.rcode, idle.answers.len()), (ResponseCode::NoError, 0), "service without running instances");
+        assert_eq!(
+            (idle.rcode, idle.answers().count()),
+            (ResponseCode::NoError, 0),
+            "service without running instances"
+        );
         assert_eq!(q(stranger, "web-1.internal.").rcode, ResponseCode::Refused);
         let mapped: IpAddr = "::ffff:10.96.0.5".parse().unwrap();
         assert_eq!(ips(&q(mapped, "web-1.internal.")), ["10.96.0.2"], "v4-mapped source on a dual-stack socket");
@@ -989,14 +1045,14 @@ pub(crate) mod tests {
     #[test]
     fn serial_follows_the_version() {
         let mut d = data();
-        let snap = Snapshot::build(&d, &params());
+        let snap = Snapshot::build(d.clone(), &params());
         assert_eq!(soa_serial(&snap), 42);
         d.version = 43;
-        assert_eq!(soa_serial(&Snapshot::build(&d, &params())), 43);
-        let patched = snap.patch(&ZonePatch { version: 44, ..ZonePatch::default() });
+        assert_eq!(soa_serial(&Snapshot::build(d.clone(), &params())), 43);
+        let patched = snap.patch(ZonePatch { version: 44, ..ZonePatch::default() });
         assert_eq!(soa_serial(&patched), 44, "a patch that touches no name still moves the serial");
         let negative = patched.answer(Listener::Private, ACME_SRC, &name("nope.internal."), RecordType::A);
-        match &negative.authorities[0].data {
+        match &negative.authorities().next().unwrap().data {
             RData::SOA(soa) => assert_eq!(soa.serial, 44, "every zone's SOA follows, private views included"),
             other => panic!("{other:?}"),
         }
@@ -1004,9 +1060,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_patch_adds_and_removes_a_service_and_leaves_the_old_snapshot_alone() {
-        let before = Snapshot::build(&data(), &params());
+        let before = Snapshot::build(data(), &params());
         let svc = service(12, ACME, "api", "api-00000000.dev.cloud.localhost", vec![]);
-        let added = before.patch(&ZonePatch { version: 43, services: vec![svc.clone()], ..ZonePatch::default() });
+        let added = before.patch(ZonePatch { version: 43, services: vec![svc.clone()], ..ZonePatch::default() });
         assert_eq!(public(&added, "api-00000000.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 1));
         assert_eq!(private(&added, ACME_SRC, "api.internal."), (ResponseCode::NoError, vec![]), "no instance yet");
         assert_eq!(private(&added, BETA_SRC, "api.internal.").0, ResponseCode::NXDomain, "another tenant's");
@@ -1016,7 +1072,7 @@ pub(crate) mod tests {
         assert_eq!(public(&before, "api-00000000.dev.cloud.localhost.", RecordType::A).0, ResponseCode::NXDomain);
         before.check_invariants();
 
-        let removed = added.patch(&ZonePatch { version: 44, gone_services: vec![svc.id], ..ZonePatch::default() });
+        let removed = added.patch(ZonePatch { version: 44, gone_services: vec![svc.id], ..ZonePatch::default() });
         assert_eq!(public(&removed, "api-00000000.dev.cloud.localhost.", RecordType::A).0, ResponseCode::NXDomain);
         assert_eq!(private(&removed, ACME_SRC, "api.internal.").0, ResponseCode::NXDomain);
         assert_eq!(removed.dump(), before.dump());
@@ -1027,28 +1083,28 @@ pub(crate) mod tests {
 
     #[test]
     fn a_patch_follows_instances_running_stopping_and_shadowing_a_service() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let web2_running = instance(21, ACME, "web-2", Some(WEB), "10.96.0.3", true);
-        let snap = snap.patch(&ZonePatch { version: 43, instances: vec![web2_running], ..ZonePatch::default() });
+        let snap = snap.patch(ZonePatch { version: 43, instances: vec![web2_running], ..ZonePatch::default() });
         assert_eq!(private(&snap, ACME_SRC, "web.internal.").1, ["10.96.0.2", "10.96.0.3"]);
         let web1_stopped = instance(20, ACME, "web-1", Some(WEB), "10.96.0.2", false);
-        let snap = snap.patch(&ZonePatch { version: 44, instances: vec![web1_stopped], ..ZonePatch::default() });
+        let snap = snap.patch(ZonePatch { version: 44, instances: vec![web1_stopped], ..ZonePatch::default() });
         assert_eq!(private(&snap, ACME_SRC, "web.internal.").1, ["10.96.0.3"]);
         assert_eq!(private(&snap, ACME_SRC, "web-1.internal.").1, ["10.96.0.2"], "a stopped instance keeps its name");
 
         // An instance named like a service takes `<name>.internal`; when it goes, the service has it back.
         let shadow = instance(23, ACME, "web", None, "10.96.0.9", false);
-        let snap = snap.patch(&ZonePatch { version: 45, instances: vec![shadow.clone()], ..ZonePatch::default() });
+        let snap = snap.patch(ZonePatch { version: 45, instances: vec![shadow.clone()], ..ZonePatch::default() });
         assert_eq!(private(&snap, ACME_SRC, "web.internal.").1, ["10.96.0.9"]);
         assert_eq!(private(&snap, ACME_SRC, "web.acme.internal.").1, ["10.96.0.9"]);
         snap.check_invariants();
-        let snap = snap.patch(&ZonePatch { version: 46, gone_instances: vec![shadow.id], ..ZonePatch::default() });
+        let snap = snap.patch(ZonePatch { version: 46, gone_instances: vec![shadow.id], ..ZonePatch::default() });
         assert_eq!(private(&snap, ACME_SRC, "web.internal.").1, ["10.96.0.3"]);
         assert_eq!(private(&snap, ACME_SRC, "web.acme.internal.").0, ResponseCode::NXDomain);
 
         // The last instance of a tenant: `<tenant>.internal` was an empty non-terminal only because of it.
         let snap =
-            snap.patch(&ZonePatch { version: 47, gone_instances: vec![Uuid::from_u128(22)], ..ZonePatch::default() });
+            snap.patch(ZonePatch { version: 47, gone_instances: vec![Uuid::from_u128(22)], ..ZonePatch::default() });
         assert_eq!(private(&snap, BETA_SRC, "db-1.internal.").0, ResponseCode::NXDomain);
         assert_eq!(private(&snap, BETA_SRC, "beta.internal.").0, ResponseCode::NXDomain, "empty non-terminal gone");
         assert_eq!(private(&snap, ACME_SRC, "acme.internal.").0, ResponseCode::NoError, "acme still has instances");
@@ -1057,11 +1113,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_patch_adds_and_removes_domains_and_cleans_empty_non_terminals() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let mut web = data().services[0].clone();
         web.domains.push(domain("a.b.c.dev.cloud.localhost", false));
         web.domains.push(domain("shop.example.net", true));
-        let added = snap.patch(&ZonePatch { version: 43, services: vec![web.clone()], ..ZonePatch::default() });
+        let added = snap.patch(ZonePatch { version: 43, services: vec![web.clone()], ..ZonePatch::default() });
         assert_eq!(public(&added, "a.b.c.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 1));
         assert_eq!(public(&added, "b.c.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 0));
         assert_eq!(public(&added, "c.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 0));
@@ -1071,7 +1127,7 @@ pub(crate) mod tests {
 
         web.domains.retain(|d| !d.name.ends_with(".c.dev.cloud.localhost") && d.name != "shop.example.net");
         web.domains.retain(|d| d.name != "shop.deep.dev.cloud.localhost");
-        let removed = added.patch(&ZonePatch { version: 44, services: vec![web], ..ZonePatch::default() });
+        let removed = added.patch(ZonePatch { version: 44, services: vec![web], ..ZonePatch::default() });
         for gone in ["a.b.c", "b.c", "c", "shop.deep", "deep"] {
             let q = format!("{gone}.dev.cloud.localhost.");
             assert_eq!(public(&removed, &q, RecordType::A).0, ResponseCode::NXDomain, "{q}");
@@ -1083,12 +1139,12 @@ pub(crate) mod tests {
 
     #[test]
     fn a_domain_moved_between_services_in_one_patch_stays_served() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let mut web = data().services[0].clone();
         web.domains.retain(|d| d.name != "www.example.org");
         let other = service(12, ACME, "other", "other-0.dev.cloud.localhost", vec![domain("www.example.org", true)]);
         // Listed new owner first: the order a patch lists resources in must not matter.
-        let moved = snap.patch(&ZonePatch { version: 43, services: vec![other, web], ..ZonePatch::default() });
+        let moved = snap.patch(ZonePatch { version: 43, services: vec![other, web], ..ZonePatch::default() });
         assert_eq!(public(&moved, "www.example.org.", RecordType::A), (ResponseCode::NoError, 1));
         assert_eq!(public(&moved, "_acme-challenge.www.example.org.", RecordType::TXT), (ResponseCode::NoError, 1));
         moved.check_invariants();
@@ -1096,9 +1152,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_patch_adds_and_removes_challenges_in_the_public_and_custom_zones() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let challenge = |name: &str, values: &[&str]| (name.to_owned(), values.iter().map(|v| v.to_string()).collect());
-        let added = snap.patch(&ZonePatch {
+        let added = snap.patch(ZonePatch {
             version: 43,
             acme_challenges: vec![
                 challenge("_acme-challenge.big.dev.cloud.localhost", &["a", "b"]),
@@ -1111,7 +1167,7 @@ pub(crate) mod tests {
         assert_eq!(public(&added, "_acme-challenge.www.example.org.", RecordType::TXT).1, 2);
         added.check_invariants();
 
-        let removed = added.patch(&ZonePatch {
+        let removed = added.patch(ZonePatch {
             version: 44,
             acme_challenges: vec![
                 challenge("_acme-challenge.big.dev.cloud.localhost", &[]),
@@ -1134,72 +1190,72 @@ pub(crate) mod tests {
         let mut d = data();
         d.services[0].domains.push(domain("example.org", true));
         d.services[0].domains.retain(|x| x.name != "www.example.org");
-        let snap = Snapshot::build(&d, &params());
+        let snap = Snapshot::build(d.clone(), &params());
         // Without www.example.org, its challenge is served by example.org.
         let txt = snap.answer(Listener::Public, OUTSIDE, &name("_acme-challenge.www.example.org."), RecordType::TXT);
-        assert_eq!((txt.rcode, txt.answers.len()), (ResponseCode::NoError, 1));
+        assert_eq!((txt.rcode, txt.answers().count()), (ResponseCode::NoError, 1));
         assert_eq!(public(&snap, "www.example.org.", RecordType::A), (ResponseCode::NoError, 0), "ENT in example.org");
 
         let mut web = d.services[0].clone();
         web.domains.push(domain("www.example.org", true));
-        let inner = snap.patch(&ZonePatch { version: 43, services: vec![web.clone()], ..ZonePatch::default() });
+        let inner = snap.patch(ZonePatch { version: 43, services: vec![web.clone()], ..ZonePatch::default() });
         let txt = inner.answer(Listener::Public, OUTSIDE, &name("_acme-challenge.www.example.org."), RecordType::TXT);
-        assert_eq!(txt.answers.len(), 1);
-        assert_eq!(txt.authorities.len(), 0);
+        assert_eq!(txt.answers().count(), 1);
+        assert_eq!(txt.authorities().count(), 0);
         let soa = inner.answer(Listener::Public, OUTSIDE, &name("nope.www.example.org."), RecordType::A);
         assert_eq!(
-            soa.authorities[0].name,
+            soa.authorities().next().unwrap().name,
             Name::from_ascii("www.example.org.").unwrap(),
             "answered by the inner zone"
         );
         let outer = inner.custom.get(&name("example.org.")).unwrap();
-        assert!(outer.nodes.keys().all(|k| k.num_labels() <= 2), "the outer zone let go of the moved names");
+        assert!(outer.nodes.iter().all(|(k, _)| k.num_labels() <= 2), "the outer zone let go of the moved names");
         inner.check_invariants();
         d.services[0] = web;
-        assert_eq!(inner.dump(), Snapshot::build(&d, &params()).dump());
+        assert_eq!(inner.dump(), Snapshot::build(d.clone(), &params()).dump());
     }
 
     #[test]
     fn an_empty_non_terminal_stays_while_any_name_below_it_does() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let svc = |id, fqdn: &str| service(id, ACME, &format!("s{id}"), fqdn, vec![]);
-        let both = snap.patch(&ZonePatch {
+        let both = snap.patch(ZonePatch {
             version: 43,
             services: vec![svc(12, "x.shared.dev.cloud.localhost"), svc(13, "y.deeper.shared.dev.cloud.localhost")],
             ..ZonePatch::default()
         });
         assert_eq!(public(&both, "shared.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 0));
         let one =
-            both.patch(&ZonePatch { version: 44, gone_services: vec![Uuid::from_u128(12)], ..ZonePatch::default() });
+            both.patch(ZonePatch { version: 44, gone_services: vec![Uuid::from_u128(12)], ..ZonePatch::default() });
         assert_eq!(public(&one, "shared.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 0));
         assert_eq!(public(&one, "x.shared.dev.cloud.localhost.", RecordType::A).0, ResponseCode::NXDomain);
         assert_eq!(public(&one, "deeper.shared.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 0));
         one.check_invariants();
         // A name that exists of its own keeps existing when the last name below it goes.
-        let owner = one.patch(&ZonePatch {
+        let owner = one.patch(ZonePatch {
             version: 45,
             services: vec![svc(14, "shared.dev.cloud.localhost")],
             ..ZonePatch::default()
         });
         let none =
-            owner.patch(&ZonePatch { version: 46, gone_services: vec![Uuid::from_u128(13)], ..ZonePatch::default() });
+            owner.patch(ZonePatch { version: 46, gone_services: vec![Uuid::from_u128(13)], ..ZonePatch::default() });
         assert_eq!(public(&none, "shared.dev.cloud.localhost.", RecordType::A), (ResponseCode::NoError, 1));
         assert_eq!(public(&none, "deeper.shared.dev.cloud.localhost.", RecordType::A).0, ResponseCode::NXDomain);
         none.check_invariants();
         let empty =
-            none.patch(&ZonePatch { version: 47, gone_services: vec![Uuid::from_u128(14)], ..ZonePatch::default() });
+            none.patch(ZonePatch { version: 47, gone_services: vec![Uuid::from_u128(14)], ..ZonePatch::default() });
         assert_eq!(public(&empty, "shared.dev.cloud.localhost.", RecordType::A).0, ResponseCode::NXDomain);
         assert_eq!(empty.dump(), snap.dump());
     }
 
     #[test]
     fn a_patch_adds_and_removes_tenants() {
-        let snap = Snapshot::build(&data(), &params());
+        let snap = Snapshot::build(data(), &params());
         let gamma =
             ZoneTenant { id: Uuid::from_u128(3), name: "gamma".into(), network: "10.96.8.0/22".parse().unwrap() };
         let src: IpAddr = "10.96.8.5".parse().unwrap();
         assert_eq!(private(&snap, src, "x.internal.").0, ResponseCode::Refused);
-        let added = snap.patch(&ZonePatch {
+        let added = snap.patch(ZonePatch {
             version: 43,
             tenants: vec![gamma.clone()],
             instances: vec![instance(30, gamma.id, "x", None, "10.96.8.2", true)],
@@ -1209,7 +1265,7 @@ pub(crate) mod tests {
         assert_eq!(private(&added, src, "x.gamma.internal.").1, ["10.96.8.2"]);
         assert_eq!(private(&added, ACME_SRC, "web-1.internal.").1, ["10.96.0.2"], "other tenants unchanged");
         added.check_invariants();
-        let removed = added.patch(&ZonePatch {
+        let removed = added.patch(ZonePatch {
             version: 44,
             gone_tenants: vec![gamma.id],
             gone_instances: vec![Uuid::from_u128(30)],
@@ -1430,15 +1486,15 @@ pub(crate) mod tests {
                 ),
             ) {
                 let mut w = data();
-                let mut snap = Snapshot::build(&w, &params());
+                let mut snap = Snapshot::build(w.clone(), &params());
                 for ops in batches {
                     let mut touched = Touched::default();
                     for op in ops {
                         operate(&mut w, &mut touched, op);
                     }
                     w.version += 1;
-                    snap = snap.patch(&patch_of(&w, touched));
-                    let built = Snapshot::build(&w, &params());
+                    snap = snap.patch(patch_of(&w, touched));
+                    let built = Snapshot::build(w.clone(), &params());
                     prop_assert_eq!(snap.dump(), built.dump());
                     prop_assert_eq!(snap.record_count(), built.record_count());
                     prop_assert_eq!(&snap.networks, &built.networks);
@@ -1485,15 +1541,27 @@ mod scale {
         }
     }
 
-    /// Build and patch cost alone, without PostgreSQL:
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Build, patch and lookup cost alone, without PostgreSQL:
     /// `cargo test -p cloud-dns --release --lib build_cost -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement"]
     fn build_cost() {
         let data = platform(100_000);
+        let copy = data.clone();
+        let rss = rss_kib();
         let started = Instant::now();
-        let snap = Snapshot::build(&data, &tests::params());
+        let snap = Snapshot::build(copy, &tests::params());
         println!("build of {} records: {:?}", snap.record_count(), started.elapsed());
+        println!("RSS growth with the snapshot: {} MiB", rss_kib().saturating_sub(rss) / 1024);
         let started = Instant::now();
         let patches = 1000u32;
         let mut patched = snap.clone();
@@ -1505,16 +1573,48 @@ mod scale {
                 fqdn: format!("late{i}-abcdefgh.dev.cloud.localhost"),
                 domains: Vec::new(),
             };
-            patched = patched.patch(&ZonePatch {
-                version: 2 + i64::from(i),
-                services: vec![service],
-                ..ZonePatch::default()
-            });
+            let patch = ZonePatch { version: 2 + i64::from(i), services: vec![service], ..ZonePatch::default() };
+            patched = patched.patch(patch);
         }
         println!("patch adding one service, mean of {patches}: {:?}", started.elapsed() / patches);
+
+        // The query path's map lookups against a plain HashMap of the same names, for the cost of persistence.
+        let names: Vec<LowerName> =
+            data.services.iter().map(|s| LowerName::new(&Name::from_ascii(format!("{}.", s.fqdn)).unwrap())).collect();
+        let src = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
+        let rounds = 10;
+        let started = Instant::now();
+        let mut found = 0usize;
+        for _ in 0..rounds {
+            for name in &names {
+                found += snap.answer(Listener::Public, src, name, RecordType::A).answers().count();
+            }
+        }
+        let per = started.elapsed() / (rounds * names.len() as u32);
+        println!("answer() for a service name: {per:?} per question ({found} records)");
+        let plain: std::collections::HashMap<LowerName, Vec<Record>> =
+            snap.public.nodes.iter().map(|(k, v)| (k.clone(), v.records.clone())).collect();
+        let started = Instant::now();
+        let mut found = 0usize;
+        for _ in 0..rounds {
+            for name in &names {
+                found += plain.get(name).map_or(0, Vec::len);
+            }
+        }
+        let per = started.elapsed() / (rounds * names.len() as u32);
+        println!("std HashMap get of the same names: {per:?} per lookup ({found} records)");
+        let started = Instant::now();
+        let mut found = 0usize;
+        for _ in 0..rounds {
+            for name in &names {
+                found += snap.public.nodes.get(name).map_or(0, |n| n.records.len());
+            }
+        }
+        let per = started.elapsed() / (rounds * names.len() as u32);
+        println!("the public zone's ShardedMap get of the same names: {per:?} per lookup ({found} records)");
         let only_public = ZoneData { instances: vec![], tenants: vec![], ..data.clone() };
         let started = Instant::now();
-        let snap = Snapshot::build(&only_public, &tests::params());
+        let snap = Snapshot::build(only_public, &tests::params());
         println!("public zone only, {} records: {:?}", snap.record_count(), started.elapsed());
     }
 }
