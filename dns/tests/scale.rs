@@ -113,22 +113,25 @@ async fn load_patch_and_query_rate_with_100k_names() {
 
     // One change at a time, each waited for: what a tenant creating services one after another sees.
     let rounds = 200;
-    let mut waits = Vec::with_capacity(rounds);
+    let (mut total, mut after_commit) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
     for i in 0..rounds {
         let new = NewService { name: Some(format!("late{i}")), ..new_service() };
         let started = Instant::now();
         store.create_service(tenant.id, new).await.unwrap();
-        let committed = started.elapsed();
+        let committed = Instant::now();
         dns.wait_for_version(store.current_version().await.unwrap()).await;
-        waits.push((started.elapsed(), started.elapsed() - committed));
+        total.push(started.elapsed());
+        after_commit.push(committed.elapsed());
     }
-    waits.sort();
-    let (p50, p99, max) = (waits[rounds / 2], waits[rounds * 99 / 100], waits[rounds - 1]);
-    println!(
-        "{rounds} more services one by one, change to served (from commit start / after commit): \
-         p50 {:?} / {:?}, p99 {:?} / {:?}, max {:?} / {:?}",
-        p50.0, p50.1, p99.0, p99.1, max.0, max.1
-    );
+    for (what, waits) in [("from the API call", &mut total), ("after the commit", &mut after_commit)] {
+        waits.sort();
+        println!(
+            "{rounds} more services one by one, change to served {what}: p50 {:?}, p99 {:?}, max {:?}",
+            waits[rounds / 2],
+            waits[rounds * 99 / 100],
+            waits[rounds - 1]
+        );
+    }
     // An instance stopping: `<service>.internal` loses its address (private view of a tenant with 100k names).
     let started = Instant::now();
     store.stop_instance(tenant.id, "is2").await.unwrap();
