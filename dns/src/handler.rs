@@ -109,7 +109,7 @@ impl RequestHandler for QueryHandler {
         };
         let unsent = |metadata| ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
         let (answers, authorities): (Vec<&Record>, Vec<&Record>) = match verdict {
-            Verdict::Send => (answer.answers, answer.authorities),
+            Verdict::Send => (answer.answers().collect(), answer.authorities().collect()),
             Verdict::Truncate => {
                 self.metrics.rate_limited.with_label_values(&["truncated"]).inc();
                 metadata.truncation = true;
@@ -159,7 +159,7 @@ mod tests {
     use crate::snapshot::tests::{data, params};
 
     fn snapshot() -> Snapshot {
-        Snapshot::build(&data(), &params())
+        Snapshot::build(data(), &params())
     }
 
     /// Runs raw bytes through the request path; `None` when the bytes do not decode as a request.
@@ -175,8 +175,8 @@ mod tests {
         let builder = MessageResponseBuilder::new(&request.queries, response.edns.as_ref());
         let message = builder.build(
             response.metadata,
-            response.answer.answers,
-            response.answer.authorities,
+            response.answer.answers(),
+            response.answer.authorities(),
             std::iter::empty(),
             std::iter::empty(),
         );

@@ -3,10 +3,12 @@
 //! name, each tenant seeing only its own).
 //!
 //! Boundaries: PostgreSQL is the only source of names. The role loads one consistent snapshot of everything it
-//! serves ([`cloud_store::Store::zone_data`]), answers every query from that in-memory value, and builds a fresh
-//! one whenever the change feed moves, plus a periodic resync as the safety net. A rebuild is a full reload: simple
-//! and obviously consistent, at the cost of work proportional to the platform's size per change (measured in
-//! `dns_snapshot_load_seconds`). When PostgreSQL is unreachable the last snapshot keeps being served.
+//! serves ([`cloud_store::Store::zone_data`]) and answers every query from that in-memory value. When the change
+//! feed moves it reads only what the new events touched ([`cloud_store::Store::zone_changes`]) and patches a copy
+//! of the snapshot, sharing everything untouched with it, so a change costs in proportion to the change rather
+//! than to the platform; the copy is swapped in whole, so a query sees one version from start to end. A full
+//! load happens at start, when the store finds too much changed, and on the periodic resync that is the safety
+//! net. When PostgreSQL is unreachable the last snapshot keeps being served.
 //!
 //! The private zone is answered only on the private listeners, and only to a source address inside some tenant's
 //! network; the tenant is known from that address (networks are disjoint), so tenant B cannot resolve tenant A's
@@ -16,6 +18,7 @@
 mod handler;
 mod metrics;
 mod rate_limit;
+mod sharded;
 mod snapshot;
 
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use cloud_store::{ChangeFeed, Store, StoreError};
+use cloud_store::{ChangeFeed, Store, StoreError, ZoneChanges};
 use hickory_proto::rr::Name;
 use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
@@ -276,8 +279,8 @@ pub async fn start(store: Store, feed: ChangeFeed, config: DnsConfig) -> Result<
     let metrics = Metrics::new().map_err(|source| DnsError::Metrics { source })?;
     let started = Instant::now();
     let data = store.zone_data().await.map_err(|source| DnsError::InitialLoad { source })?;
-    let snapshot = Snapshot::build(&data, &params);
-    record_load(&metrics, &snapshot, started);
+    let snapshot = Snapshot::build(data, &params);
+    record_update(&metrics, Update::Full, &snapshot, started);
     tracing::info!(version = snapshot.version, records = snapshot.record_count(), "dns: zones loaded");
     let zones = Arc::new(ArcSwap::from_pointee(snapshot));
     let rate_limiter = config.rate_limit.map(|l| Arc::new(RateLimiter::new(l)));
@@ -311,7 +314,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: DnsConfig) -> Result<
     let loader = tokio::spawn(follow(
         store,
         feed,
-        params,
+        Arc::new(params),
         config,
         Published { zones: zones.clone(), served: served.clone(), metrics: metrics.clone() },
         stopped,
@@ -319,12 +322,45 @@ pub async fn start(store: Store, feed: ChangeFeed, config: DnsConfig) -> Result<
     Ok(DnsHandle { public_addrs, private_addrs, servers, zones, metrics, stop, served, loader })
 }
 
-fn record_load(metrics: &Metrics, snapshot: &Snapshot, started: Instant) {
-    metrics.loads.with_label_values(&["ok"]).inc();
-    metrics.build_seconds.observe(started.elapsed().as_secs_f64());
+/// How the served snapshot was brought up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Update {
+    /// Everything loaded and built again.
+    Full,
+    /// Only the changes after the served version read and applied.
+    Patch,
+}
+
+impl Update {
+    fn counter(self, metrics: &Metrics) -> &prometheus::IntCounterVec {
+        match self {
+            Self::Full => &metrics.loads,
+            Self::Patch => &metrics.patches,
+        }
+    }
+}
+
+fn record_update(metrics: &Metrics, update: Update, snapshot: &Snapshot, started: Instant) {
+    update.counter(metrics).with_label_values(&["ok"]).inc();
+    let seconds = started.elapsed().as_secs_f64();
+    match update {
+        Update::Full => metrics.build_seconds.observe(seconds),
+        Update::Patch => metrics.patch_seconds.observe(seconds),
+    }
     metrics.serial.set(snapshot.version);
     metrics.records.set(i64::try_from(snapshot.record_count()).unwrap_or(i64::MAX));
     metrics.stale.set(0);
+}
+
+/// Why bringing the snapshot up to date failed; the served snapshot stays in place either way.
+#[derive(Debug, thiserror::Error)]
+enum UpdateError {
+    /// PostgreSQL could not be read.
+    #[error("cannot read the zones from the database")]
+    Store(#[source] StoreError),
+    /// Building or patching panicked: a bug, reported rather than taking the loader down.
+    #[error("building the zones panicked")]
+    Panicked(#[source] tokio::task::JoinError),
 }
 
 /// Where the loader publishes snapshots.
@@ -334,17 +370,85 @@ struct Published {
     metrics: Metrics,
 }
 
-/// Rebuilds the snapshot whenever the feed passes the served version, on every resync tick, and after a failed
-/// load once `retry_interval` has passed; a failed load leaves the served snapshot in place.
+/// Everything loaded and built again. Building is CPU work proportional to the platform (seconds per 100k
+/// names in a debug build) and runs off the runtime's workers, which keep answering queries meanwhile.
+async fn load_full(store: Store, params: Arc<ZoneParams>) -> Result<Snapshot, UpdateError> {
+    let data = store.zone_data().await.map_err(UpdateError::Store)?;
+    tokio::task::spawn_blocking(move || Snapshot::build(data, &params)).await.map_err(UpdateError::Panicked)
+}
+
+/// `snapshot` brought up to the newest version by the changes after its own; everything again when the store
+/// says that is cheaper. A patch is proportional to the change and also runs off the runtime's workers.
+async fn catch_up(
+    store: &Store,
+    params: &Arc<ZoneParams>,
+    snapshot: Arc<Snapshot>,
+) -> Result<(Snapshot, Update), UpdateError> {
+    let changes = store.zone_changes(snapshot.version).await.map_err(UpdateError::Store)?;
+    let params = params.clone();
+    tokio::task::spawn_blocking(move || match changes {
+        ZoneChanges::Reload(data) => (Snapshot::build(data, &params), Update::Full),
+        ZoneChanges::Patch(patch) => (snapshot.patch(patch), Update::Patch),
+    })
+    .await
+    .map_err(UpdateError::Panicked)
+}
+
+/// What woke the loader up.
+enum Wake {
+    /// The feed moved, or a failed patch is due for another try.
+    Changes,
+    /// A full resync is due (its interval passed, or the last one failed `retry_interval` ago).
+    ResyncDue,
+    /// The full resync running beside the patches finished.
+    ResyncDone(Box<Result<Snapshot, UpdateError>>),
+}
+
+/// The full resync in flight, if any; pending forever when there is none.
+async fn resync_done(task: &mut Option<JoinHandle<Result<Snapshot, UpdateError>>>) -> Result<Snapshot, UpdateError> {
+    match task {
+        Some(task) => task.await.map_err(UpdateError::Panicked)?,
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows the change feed: when it passes the served version, reads only the changes after that version and
+/// patches the snapshot with them (a full load inline when the store says there are too many). Every
+/// `resync_interval` a full load runs beside the patches, so they keep flowing during its seconds of work; when
+/// it is done it is caught up with the patches applied meanwhile and swapped in. A failed update leaves the
+/// served snapshot in place and is retried, as the same kind of update, once `retry_interval` has passed.
 async fn follow(
     store: Store,
     feed: ChangeFeed,
-    params: ZoneParams,
+    params: Arc<ZoneParams>,
     config: DnsConfig,
     published: Published,
     mut stopped: watch::Receiver<bool>,
 ) {
     let Published { zones, served, metrics } = published;
+    let publish = |snapshot: Snapshot, update: Update, started: Instant| {
+        record_update(&metrics, update, &snapshot, started);
+        tracing::debug!(
+            version = snapshot.version,
+            records = snapshot.record_count(),
+            full = update == Update::Full,
+            micros = started.elapsed().as_micros() as u64,
+            "dns: zones updated"
+        );
+        let version = snapshot.version;
+        zones.store(Arc::new(snapshot));
+        served.send_replace(version);
+    };
+    let failed = |update: Update, e: &UpdateError| {
+        update.counter(&metrics).with_label_values(&["error"]).inc();
+        metrics.stale.set(1);
+        tracing::warn!(
+            error = e as &dyn std::error::Error,
+            served_version = zones.load().version,
+            full = update == Update::Full,
+            "dns: cannot update the zones; serving the last snapshot"
+        );
+    };
     let mut latest = feed.subscribe();
     // A change committed between the initial load and this subscription is already marked seen; look once.
     latest.mark_changed();
@@ -353,61 +457,74 @@ async fn follow(
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut resync_retry_at: Option<tokio::time::Instant> = None;
+    let mut resync_task: Option<JoinHandle<Result<Snapshot, UpdateError>>> = None;
+    let mut resync_started = Instant::now();
     loop {
-        let force = tokio::select! {
-            _ = stopped.changed() => return,
+        let resyncing = resync_task.is_some();
+        let wake = tokio::select! {
+            _ = stopped.changed() => break,
             changed = latest.changed(), if feed_open => {
                 if changed.is_err() {
                     // The feed's task is gone (its process is shutting down); the resync tick still reloads.
                     feed_open = false;
                 }
-                false
+                Wake::Changes
             }
-            _ = resync.tick() => true,
-            _ = sleep_until(retry_at), if retry_at.is_some() => true,
+            _ = sleep_until(retry_at), if retry_at.is_some() => Wake::Changes,
+            _ = resync.tick(), if !resyncing => Wake::ResyncDue,
+            _ = sleep_until(resync_retry_at), if !resyncing && resync_retry_at.is_some() => Wake::ResyncDue,
+            done = resync_done(&mut resync_task) => Wake::ResyncDone(Box::new(done)),
         };
-        let target = *latest.borrow_and_update();
-        if !force && target <= zones.load().version {
-            continue;
-        }
-        let started = Instant::now();
-        match store.zone_data().await {
-            Ok(data) => {
-                // Building is CPU work proportional to the platform (about a second per 100k names in a debug
-                // build): off the runtime's workers, which keep answering queries meanwhile.
-                let build_params = params.clone();
-                let snapshot = match tokio::task::spawn_blocking(move || Snapshot::build(&data, &build_params)).await {
-                    Ok(snapshot) => snapshot,
-                    Err(e) => {
-                        tracing::error!(error = %e, "dns: building the zones panicked; serving the last snapshot");
-                        metrics.loads.with_label_values(&["error"]).inc();
-                        retry_at = Some(tokio::time::Instant::now() + config.retry_interval);
-                        continue;
+        match wake {
+            Wake::ResyncDue => {
+                resync_retry_at = None;
+                resync_started = Instant::now();
+                resync_task = Some(tokio::spawn(load_full(store.clone(), params.clone())));
+            }
+            Wake::ResyncDone(done) => {
+                resync_task = None;
+                let current = zones.load_full();
+                let done = match *done {
+                    // Patches moved on while it was built: it must not take the served version back.
+                    Ok(built) if built.version < current.version => {
+                        catch_up(&store, &params, Arc::new(built)).await.map(|(snapshot, _)| snapshot)
                     }
+                    other => other,
                 };
-                record_load(&metrics, &snapshot, started);
-                tracing::debug!(
-                    version = snapshot.version,
-                    records = snapshot.record_count(),
-                    micros = started.elapsed().as_micros() as u64,
-                    "dns: zones reloaded"
-                );
-                let version = snapshot.version;
-                zones.store(Arc::new(snapshot));
-                served.send_replace(version);
-                retry_at = None;
+                match done {
+                    Ok(snapshot) => {
+                        publish(snapshot, Update::Full, resync_started);
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        failed(Update::Full, &e);
+                        resync_retry_at = Some(tokio::time::Instant::now() + config.retry_interval);
+                    }
+                }
             }
-            Err(e) => {
-                metrics.loads.with_label_values(&["error"]).inc();
-                metrics.stale.set(1);
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    served_version = zones.load().version,
-                    "dns: cannot reload the zones; serving the last snapshot"
-                );
-                retry_at = Some(tokio::time::Instant::now() + config.retry_interval);
+            Wake::Changes => {
+                let target = *latest.borrow_and_update();
+                let current = zones.load_full();
+                if retry_at.is_none() && target <= current.version {
+                    continue;
+                }
+                let started = Instant::now();
+                match catch_up(&store, &params, current).await {
+                    Ok((snapshot, update)) => {
+                        publish(snapshot, update, started);
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        failed(Update::Patch, &e);
+                        retry_at = Some(tokio::time::Instant::now() + config.retry_interval);
+                    }
+                }
             }
         }
+    }
+    if let Some(task) = resync_task {
+        task.abort();
     }
 }
 

@@ -16,6 +16,8 @@ pub(crate) struct Metrics {
     pub rate_limited: IntCounterVec,
     pub loads: IntCounterVec,
     pub build_seconds: Histogram,
+    pub patches: IntCounterVec,
+    pub patch_seconds: Histogram,
     pub serial: IntGauge,
     pub records: IntGauge,
     pub stale: IntGauge,
@@ -38,28 +40,56 @@ impl Metrics {
             &["action"],
         )?;
         let loads = IntCounterVec::new(
-            Opts::new("dns_snapshot_loads_total", "Zone snapshot loads from PostgreSQL, by result."),
+            Opts::new("dns_snapshot_loads_total", "Full zone snapshot loads from PostgreSQL, by result."),
             &["result"],
         )?;
         let build_seconds = Histogram::with_opts(
-            HistogramOpts::new("dns_snapshot_load_seconds", "Time to load and build a zone snapshot.")
+            HistogramOpts::new("dns_snapshot_load_seconds", "Time to load and build a whole zone snapshot.")
                 .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        )?;
+        let patches = IntCounterVec::new(
+            Opts::new(
+                "dns_snapshot_patches_total",
+                "Change-feed moves applied to the snapshot incrementally (only the touched names), by result.",
+            ),
+            &["result"],
+        )?;
+        let patch_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "dns_snapshot_patch_seconds",
+                "Time to read the changes after the served version and patch the snapshot with them.",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
         )?;
         let serial = IntGauge::new("dns_zone_serial", "The change-feed version (SOA serial) being served.")?;
         let records = IntGauge::new("dns_zone_records", "Records in the snapshot being served, all views.")?;
         let stale = IntGauge::new(
             "dns_snapshot_stale",
-            "1 while the last snapshot load failed and an older snapshot is served (PostgreSQL unreachable).",
+            "1 while the last snapshot load or patch failed and an older snapshot is served (PostgreSQL unreachable).",
         )?;
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(loads.clone()))?;
         registry.register(Box::new(build_seconds.clone()))?;
+        registry.register(Box::new(patches.clone()))?;
+        registry.register(Box::new(patch_seconds.clone()))?;
         registry.register(Box::new(serial.clone()))?;
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(stale.clone()))?;
-        Ok(Self { registry, queries, latency, rate_limited, loads, build_seconds, serial, records, stale })
+        Ok(Self {
+            registry,
+            queries,
+            latency,
+            rate_limited,
+            loads,
+            build_seconds,
+            patches,
+            patch_seconds,
+            serial,
+            records,
+            stale,
+        })
     }
 
     /// The Prometheus text exposition of every metric.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use cloud_dns::{DnsConfig, DnsHandle, RateLimit};
 use cloud_domain::api::{QuotasPatch, Tenant};
 use cloud_domain::state::{InstanceState, RestartPolicy};
-use cloud_store::{ChangeFeed, NewInstances, NewService, Observation, Settings, Store};
+use cloud_store::{
+    ChangeFeed, NewInstances, NewService, Observation, Settings, Store, ZoneChanges, ZoneDomain, ZonePatch,
+};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -295,11 +297,10 @@ async fn a_verified_custom_domain_is_served_as_its_own_zone() {
         "unverified"
     );
 
-    // Verification is the certificate/domain manager's job (not written yet); mark it done as it will.
-    sqlx::query("UPDATE domains SET verified_at = now() WHERE name = 'www.example.org'")
-        .execute(f.store.pool())
-        .await
-        .unwrap();
+    // Verification is the certificate role's job; record it as it does, with the change-feed event the DNS
+    // follows (a change made behind the feed's back would wait for the periodic resync).
+    let pending = f.store.service_domain(f.tenant.id, "shop", "www.example.org").await.unwrap();
+    f.store.mark_domain_verified(pending.id).await.unwrap();
     f.store.put_acme_challenge("_acme-challenge.www.example.org", "custom-token").await.unwrap();
     f.synced().await;
     let a = udp(f.public(), &query(www, RecordType::A)).await;
@@ -482,9 +483,15 @@ async fn the_last_snapshot_is_served_while_postgresql_is_unreachable() {
     let new = tcp(server, &query(&format!("{}.", after.fqdn), RecordType::A)).await;
     assert_eq!(new.metadata.response_code, ResponseCode::NXDomain, "nothing newer than the last snapshot");
     assert_eq!(dns.serial(), served);
-    let metrics = dns.metrics_text();
+    // The feed's move may fail first as a patch; the periodic resync then fails as a full load, and says so.
+    let mut metrics = dns.metrics_text();
+    while !metrics.contains("dns_snapshot_loads_total{result=\"error\"}") {
+        assert!(Instant::now() < deadline, "the failed full load was never counted: {metrics}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        metrics = dns.metrics_text();
+    }
     assert!(metrics.contains("dns_snapshot_stale 1"), "{metrics}");
-    assert!(metrics.contains("dns_snapshot_loads_total{result=\"error\"}"), "{metrics}");
+    assert_eq!(dns.serial(), served);
     dns.shutdown().await;
 }
 
@@ -627,4 +634,168 @@ async fn bad_input_gets_an_error_or_silence_never_a_crash() {
     assert!(metrics.contains("dns_queries_total{listener=\"public\",qtype=\"SOA\",rcode=\"NOERROR\"}"), "{metrics}");
     assert!(metrics.contains("dns_query_duration_seconds_bucket{listener=\"public\""), "{metrics}");
     f.dns.shutdown().await;
+}
+
+/// The value of one series in a Prometheus text exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn with_many_names_loaded_a_change_is_patched_in_not_rebuilt() {
+    let names = 20_000i64;
+    let store = cloud_tests::fresh_store_with(settings()).await;
+    let quotas = QuotasPatch { max_services: Some(names as u32 + 10), ..QuotasPatch::default() };
+    let tenant = store.create_tenant("acme", quotas).await.unwrap();
+    // Written behind the change feed's back before the DNS starts: only the initial full load sees them.
+    sqlx::query(
+        "INSERT INTO services (id, tenant_id, name, fqdn)
+         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-abcdefgh.dev.cloud.localhost'
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(tenant.id)
+    .bind(names)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let feed = ChangeFeed::start(store.clone()).await.unwrap();
+    // No periodic resync during the test: any full load would be the change itself.
+    let config = DnsConfig { resync_interval: Duration::from_secs(3600), ..config() };
+    let dns = cloud_dns::start(store.clone(), feed, config).await.unwrap();
+    let server = dns.public_addrs()[0];
+    let loaded = dns.metrics_text();
+    assert_eq!(metric(&loaded, "dns_snapshot_loads_total{result=\"ok\"}"), 1.0, "{loaded}");
+    let records = metric(&loaded, "dns_zone_records");
+    assert!(records > 2.0 * names as f64, "{loaded}");
+
+    let changed = Instant::now();
+    let late = service(&store, &tenant, "late", &[]).await;
+    let version = store.current_version().await.unwrap();
+    tokio::time::timeout(TIMEOUT, dns.wait_for_version(version)).await.expect("the change was never served");
+    let served_after = changed.elapsed();
+    let reply = udp(server, &query(&format!("{}.", late.fqdn), RecordType::A)).await;
+    assert_eq!(addresses(&reply), ["192.0.2.10"]);
+    assert_eq!(i64::from(soa_serial(&udp(server, &query(&format!("{ZONE}."), RecordType::SOA)).await)), version);
+    let old = udp(server, &query("s20000-abcdefgh.dev.cloud.localhost.", RecordType::AAAA)).await;
+    assert_eq!(addresses(&old), ["2001:db8::10"], "the names loaded before are still served");
+
+    let after = dns.metrics_text();
+    assert_eq!(metric(&after, "dns_snapshot_loads_total{result=\"ok\"}"), 1.0, "no full rebuild: {after}");
+    assert!(metric(&after, "dns_snapshot_patches_total{result=\"ok\"}") >= 1.0, "{after}");
+    assert_eq!(metric(&after, "dns_zone_records"), records + 2.0, "A and AAAA of the new service: {after}");
+    assert_eq!(metric(&after, "dns_zone_serial"), version as f64);
+    println!("with {names} services loaded, a new service was served {served_after:?} after its creation began");
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn zone_changes_returns_what_the_events_after_a_version_touched() {
+    let store = cloud_tests::fresh_store_with(settings()).await;
+    let tenant = store.create_tenant("acme", QuotasPatch::default()).await.unwrap();
+    let since = store.current_version().await.unwrap();
+    let web = service(&store, &tenant, "web", &[&format!("shop.{ZONE}")]).await;
+    let ips = instances(&store, &tenant, Some("web"), &["web-1"], 1).await;
+    let instance = store.instance(tenant.id, "web-1").await.unwrap();
+    let challenge = format!("_acme-challenge.web.{ZONE}");
+    store.put_acme_challenge(&challenge, "token-1").await.unwrap();
+
+    let ZoneChanges::Patch(patch) = store.zone_changes(since).await.unwrap() else { panic!("a patch expected") };
+    assert_eq!(patch.version, store.current_version().await.unwrap());
+    assert!(patch.tenants.is_empty() && patch.gone_tenants.is_empty(), "{patch:?}");
+    let [svc] = patch.services.as_slice() else { panic!("{patch:?}") };
+    assert_eq!(
+        (svc.id, svc.tenant_id, svc.name.as_str(), svc.fqdn.as_str()),
+        (web.id, tenant.id, "web", web.fqdn.as_str())
+    );
+    assert_eq!(svc.domains, [ZoneDomain { name: format!("shop.{ZONE}"), custom: false }]);
+    let [inst] = patch.instances.as_slice() else { panic!("{patch:?}") };
+    assert_eq!((inst.id, inst.service_id, inst.private_ip, inst.running), (instance.id, Some(web.id), ips[0], true));
+    assert_eq!(patch.acme_challenges, [(challenge.clone(), vec!["token-1".to_owned()])]);
+    assert!(patch.gone_services.is_empty() && patch.gone_instances.is_empty());
+
+    let ZoneChanges::Patch(nothing) = store.zone_changes(patch.version).await.unwrap() else { panic!() };
+    assert_eq!(nothing, ZonePatch { version: patch.version, ..ZonePatch::default() });
+
+    store.delete_service(tenant.id, "web", true).await.unwrap();
+    store.remove_acme_challenge(&challenge, "token-1").await.unwrap();
+    let ZoneChanges::Patch(gone) = store.zone_changes(patch.version).await.unwrap() else { panic!() };
+    assert_eq!(gone.gone_services, [web.id]);
+    assert_eq!(gone.gone_instances, [instance.id]);
+    assert_eq!(gone.acme_challenges, [(challenge, vec![])]);
+    assert!(gone.services.is_empty() && gone.instances.is_empty());
+
+    // A version the database never reached (it was restored from an older backup): everything again.
+    assert!(matches!(store.zone_changes(gone.version + 1000).await.unwrap(), ZoneChanges::Reload(_)));
+    // Past 10k events one full read is cheaper than the patch; these events touch nothing the DNS serves.
+    sqlx::query(
+        "SELECT record_event(NULL, 'image', gen_random_uuid(), 'updated', '{}'::jsonb) FROM generate_series(1, 10001)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let ZoneChanges::Reload(data) = store.zone_changes(gone.version).await.unwrap() else {
+        panic!("a reload expected")
+    };
+    assert_eq!(data.version, store.current_version().await.unwrap());
+    assert_eq!(data.tenants.len(), 1);
+}
+
+#[tokio::test]
+async fn resyncs_run_beside_patches_fix_drift_and_never_take_the_serial_back() {
+    let store = cloud_tests::fresh_store_with(settings()).await;
+    let quotas = QuotasPatch { max_services: Some(5_100), ..QuotasPatch::default() };
+    let tenant = store.create_tenant("acme", quotas).await.unwrap();
+    // Enough names that a full build takes a while, so patches land while resyncs are being built.
+    sqlx::query(
+        "INSERT INTO services (id, tenant_id, name, fqdn)
+         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-abcdefgh.dev.cloud.localhost'
+         FROM generate_series(1, 5000) AS i",
+    )
+    .bind(tenant.id)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let feed = ChangeFeed::start(store.clone()).await.unwrap();
+    let config = DnsConfig { resync_interval: Duration::from_millis(100), ..config() };
+    let dns = cloud_dns::start(store.clone(), feed, config).await.unwrap();
+    let server = dns.public_addrs()[0];
+    let mut versions = dns.served_versions();
+    let watcher = tokio::spawn(async move {
+        let mut last = *versions.borrow_and_update();
+        while versions.changed().await.is_ok() {
+            let v = *versions.borrow_and_update();
+            assert!(v >= last, "the served version went back from {last} to {v}");
+            last = v;
+        }
+    });
+
+    for i in 0..20 {
+        let s = service(&store, &tenant, &format!("late{i}"), &[]).await;
+        let version = store.current_version().await.unwrap();
+        tokio::time::timeout(TIMEOUT, dns.wait_for_version(version)).await.expect("the change was never served");
+        let reply = udp(server, &query(&format!("{}.", s.fqdn), RecordType::A)).await;
+        assert_eq!(addresses(&reply), ["192.0.2.10"], "{}", s.fqdn);
+    }
+
+    // A row written behind the feed's back (no event) is what the resync is for: the next full load serves it.
+    sqlx::query("INSERT INTO services (id, tenant_id, name, fqdn) VALUES (gen_random_uuid(), $1, 'hidden', $2)")
+        .bind(tenant.id)
+        .bind(format!("hidden-00000000.{ZONE}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let loads = |dns: &DnsHandle| metric(&dns.metrics_text(), "dns_snapshot_loads_total{result=\"ok\"}");
+    // A load that started before the insert may finish after it: wait for two more.
+    let wanted = loads(&dns) + 2.0;
+    let deadline = Instant::now() + TIMEOUT;
+    // The metric is the only sign of a finished resync that changed no version; poll it.
+    while loads(&dns) < wanted {
+        assert!(Instant::now() < deadline, "no resync finished");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hidden = udp(server, &query(&format!("hidden-00000000.{ZONE}."), RecordType::A)).await;
+    assert_eq!(addresses(&hidden), ["192.0.2.10"]);
+    assert!(metric(&dns.metrics_text(), "dns_snapshot_patches_total{result=\"ok\"}") >= 1.0);
+    dns.shutdown().await;
+    watcher.await.expect("the served version never went back");
 }

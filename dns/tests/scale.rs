@@ -1,5 +1,6 @@
-//! How the full-rebuild design scales: load and build time of a snapshot with 100k services and 100k instances,
-//! the memory it takes, the time from a change to it being served, and a rough single-machine UDP query rate.
+//! How the DNS scales with 100k services and 100k instances: load and build time of the first snapshot, the memory
+//! it takes, the time from a change to it being served (through the incremental patch path), and a rough
+//! single-machine UDP query rate.
 //!
 //! Not a pass/fail test (ignored by default); run it in release and read the numbers:
 //! `cargo test -p cloud-dns --release --test scale -- --ignored --nocapture`. Results are recorded in docs/dns.md.
@@ -27,13 +28,25 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+fn new_service() -> NewService {
+    NewService {
+        name: None,
+        ports: vec![],
+        soft_limit: None,
+        hard_limit: None,
+        scale_to_zero_after: None,
+        domains: vec![],
+        persistent: true,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test: run it in release with --ignored --nocapture"]
-async fn rebuild_cost_and_query_rate_with_100k_names() {
+async fn load_patch_and_query_rate_with_100k_names() {
     let settings = Settings { tenant_pool: "10.0.0.0/8".parse().unwrap(), tenant_prefix: 12, ..Settings::default() };
     let store = cloud_tests::fresh_store_with(settings).await;
     let tenant = store
-        .create_tenant("acme", QuotasPatch { max_services: Some(N as u32 + 10), ..QuotasPatch::default() })
+        .create_tenant("acme", QuotasPatch { max_services: Some(N as u32 + 1000), ..QuotasPatch::default() })
         .await
         .unwrap();
     let base: std::net::Ipv4Addr = tenant.network.split('/').next().unwrap().parse().unwrap();
@@ -80,6 +93,8 @@ async fn rebuild_cost_and_query_rate_with_100k_names() {
         public_listen: vec!["127.0.0.1:0".parse().unwrap()],
         private_listen: vec![],
         rate_limit: None,
+        // No periodic full load in the middle of the measurements.
+        resync_interval: Duration::from_secs(3600),
         ..DnsConfig::default()
     };
     let started = Instant::now();
@@ -87,19 +102,47 @@ async fn rebuild_cost_and_query_rate_with_100k_names() {
     println!("start (load + build): {:?}", started.elapsed());
     println!("RSS growth with the snapshot: {} MiB", (rss_kib().saturating_sub(rss_before)) / 1024);
 
-    let changed = Instant::now();
-    let new = NewService {
-        name: Some("late".into()),
-        ports: vec![],
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: vec![],
-        persistent: true,
+    let metric = |text: &str, series: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
     };
-    store.create_service(tenant.id, new).await.unwrap();
+    let loads_before = metric(&dns.metrics_text(), "dns_snapshot_loads_total{result=\"ok\"}");
+    let changed = Instant::now();
+    store.create_service(tenant.id, NewService { name: Some("late".into()), ..new_service() }).await.unwrap();
     dns.wait_for_version(store.current_version().await.unwrap()).await;
-    println!("change to served (full rebuild): {:?}", changed.elapsed());
+    println!("change to served (one new service, commit included): {:?}", changed.elapsed());
+
+    // One change at a time, each waited for: what a tenant creating services one after another sees.
+    let rounds = 200;
+    let (mut total, mut after_commit) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for i in 0..rounds {
+        let new = NewService { name: Some(format!("late{i}")), ..new_service() };
+        let started = Instant::now();
+        store.create_service(tenant.id, new).await.unwrap();
+        let committed = Instant::now();
+        dns.wait_for_version(store.current_version().await.unwrap()).await;
+        total.push(started.elapsed());
+        after_commit.push(committed.elapsed());
+    }
+    for (what, waits) in [("from the API call", &mut total), ("after the commit", &mut after_commit)] {
+        waits.sort();
+        println!(
+            "{rounds} more services one by one, change to served {what}: p50 {:?}, p99 {:?}, max {:?}",
+            waits[rounds / 2],
+            waits[rounds * 99 / 100],
+            waits[rounds - 1]
+        );
+    }
+    // An instance stopping: `<service>.internal` loses its address (private view of a tenant with 100k names).
+    let started = Instant::now();
+    store.stop_instance(tenant.id, "is2").await.unwrap();
+    dns.wait_for_version(store.current_version().await.unwrap()).await;
+    println!("change to served (an instance stopping): {:?}", started.elapsed());
+    let metrics = dns.metrics_text();
+    println!(
+        "full loads after start: {}, patches: {}",
+        metric(&metrics, "dns_snapshot_loads_total{result=\"ok\"}") - loads_before,
+        metric(&metrics, "dns_snapshot_patches_total{result=\"ok\"}")
+    );
 
     let server: SocketAddr = dns.public_addrs()[0];
     let answered = Arc::new(AtomicU64::new(0));
@@ -132,9 +175,13 @@ async fn rebuild_cost_and_query_rate_with_100k_names() {
     let qps = answered.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     println!("UDP, {clients} closed-loop clients in-process on the same cores: {qps:.0} answers/s");
     let metrics = dns.metrics_text();
-    for line in
-        metrics.lines().filter(|l| l.starts_with("dns_snapshot_load_seconds_sum") || l.starts_with("dns_zone_records"))
-    {
+    let shown = [
+        "dns_snapshot_load_seconds_sum",
+        "dns_snapshot_patch_seconds_sum",
+        "dns_snapshot_patch_seconds_count",
+        "dns_zone_records",
+    ];
+    for line in metrics.lines().filter(|l| shown.iter().any(|s| l.starts_with(s))) {
         println!("{line}");
     }
     dns.shutdown().await;

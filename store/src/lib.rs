@@ -42,7 +42,7 @@ pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
 pub use tokens::TokenStatus;
-pub use zone::{ZoneData, ZoneInstance, ZoneService, ZoneTenant};
+pub use zone::{ZoneChanges, ZoneData, ZoneDomain, ZoneInstance, ZonePatch, ZoneService, ZoneTenant};
 
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
