@@ -20,6 +20,15 @@ impl Drop for Role {
     }
 }
 
+/// Polls `<ops>/readyz` until it answers 200 (a minute at most).
+async fn wait_ready(ops: &str, what: &str) {
+    let t0 = Instant::now();
+    while !reqwest::get(format!("{ops}/readyz")).await.is_ok_and(|r| r.status() == 200) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -41,16 +50,7 @@ async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
-            && res.status() == 200
-        {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd dns did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&ops, "cloudd dns did not become ready").await;
     assert_eq!(client.get(format!("{ops}/healthz")).send().await.unwrap().text().await.unwrap(), "ok\n");
 
     // A real resolver client asks for the zone's SOA over UDP.
@@ -119,16 +119,7 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
-            && res.status() == 200
-        {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd edge did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&ops, "cloudd edge did not become ready").await;
     let get = |host: String| {
         let client = client.clone();
         async move {
@@ -176,16 +167,7 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(res) = client.get(format!("{ops}/readyz")).send().await
-            && res.status() == 200
-        {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd certs never completed a pass");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&ops, "cloudd certs never completed a pass").await;
     let metrics = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("certs_last_pass_ok 1"), "{metrics}");
 }
