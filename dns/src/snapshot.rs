@@ -165,6 +165,11 @@ impl Zone {
         if !self.apex.zone_of(owner) {
             return;
         }
+        // Collected records may have room for four (over a kilobyte): a zone keeps hundreds of thousands.
+        let records = records.map(|mut r| {
+            r.shrink_to_fit();
+            r
+        });
         let records = if *owner == self.apex { Some(records.unwrap_or_default()) } else { records };
         let existing = self.nodes.get(owner).map(|node| (node.owner, node.children, node.records.len()));
         match (existing, records) {
@@ -247,7 +252,8 @@ impl Zone {
         };
         let records: Vec<&Record> =
             node.records.iter().filter(|r| qtype == RecordType::ANY || r.record_type() == qtype).collect();
-        let soa = if *name == self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
+        // The type first: comparing names label by label is the dearer test.
+        let soa = if matches!(qtype, RecordType::SOA | RecordType::ANY) && *name == self.apex {
             Some((self.soa.record(serial, self.soa.apex_ttl), Section::Answer))
         } else if records.is_empty() {
             Some((self.soa.negative(serial), Section::Authority))
@@ -292,7 +298,10 @@ struct TenantNames {
 /// What a patch touched, to recompute once each after every source is updated.
 #[derive(Debug, Default)]
 struct Dirty {
-    /// Touched tenants, with what they were before the patch (`None`: new).
+    /// False for a full build: it recomputes every name from the sources instead, and sets of every name would
+    /// only cost memory and time.
+    tracking: bool,
+    /// Touched tenants, with what they were before the patch (`None`: new). Tracked always: they are few.
     tenants: HashMap<Uuid, Option<Arc<ZoneTenant>>>,
     public: HashSet<LowerName>,
     custom_apexes: HashSet<LowerName>,
@@ -301,6 +310,42 @@ struct Dirty {
     private: HashSet<(Uuid, String)>,
     /// Services whose running instances changed.
     running: HashSet<Uuid>,
+}
+
+impl Dirty {
+    fn tracking() -> Self {
+        Self { tracking: true, ..Self::default() }
+    }
+
+    fn public(&mut self, name: LowerName) {
+        if self.tracking {
+            self.public.insert(name);
+        }
+    }
+
+    fn custom_apex(&mut self, apex: LowerName) {
+        if self.tracking {
+            self.custom_apexes.insert(apex);
+        }
+    }
+
+    fn challenge(&mut self, name: LowerName) {
+        if self.tracking {
+            self.challenges.insert(name);
+        }
+    }
+
+    fn private(&mut self, tenant: Uuid, label: &str) {
+        if self.tracking {
+            self.private.insert((tenant, label.to_owned()));
+        }
+    }
+
+    fn running(&mut self, service: Uuid) {
+        if self.tracking {
+            self.running.insert(service);
+        }
+    }
 }
 
 /// Both zones at one change-feed version, and what they were made of.
@@ -405,14 +450,18 @@ impl Snapshot {
             ..ZonePatch::default()
         };
         let mut snapshot = Self::empty(Arc::new(params.clone()));
-        snapshot.apply(everything);
+        let mut dirty = Dirty::default();
+        snapshot.learn(everything, &mut dirty);
+        snapshot.refresh_all(dirty);
         snapshot
     }
 
     /// The snapshot with `patch` applied; `self` is left as it was, for the queries still reading it.
     pub fn patch(&self, patch: ZonePatch) -> Self {
         let mut next = self.clone();
-        next.apply(patch);
+        let mut dirty = Dirty::tracking();
+        next.learn(patch, &mut dirty);
+        next.refresh(dirty);
         next
     }
 
@@ -441,11 +490,11 @@ impl Snapshot {
         snapshot
     }
 
-    /// Applies the patch in two passes: first every touched resource is forgotten, then the present ones are
-    /// learned again. Within one version names are unique, so once nothing touched is indexed the present ones
-    /// cannot collide with anything, whatever order the patch lists them in (a name passed from a deleted
-    /// instance to a new one, a domain moved between services).
-    fn apply(&mut self, patch: ZonePatch) {
+    /// Brings the sources to the patch's version in two passes: first every touched resource is forgotten, then
+    /// the present ones are learned again. Within one version names are unique, so once nothing touched is
+    /// indexed the present ones cannot collide with anything, whatever order the patch lists them in (a name
+    /// passed from a deleted instance to a new one, a domain moved between services).
+    fn learn(&mut self, patch: ZonePatch, dirty: &mut Dirty) {
         let ZonePatch {
             version,
             tenants,
@@ -457,25 +506,24 @@ impl Snapshot {
             acme_challenges,
         } = patch;
         self.version = version;
-        let mut dirty = Dirty::default();
         for id in gone_tenants.iter().chain(tenants.iter().map(|t| &t.id)) {
             let old = self.sources.tenants.remove(id);
             dirty.tenants.entry(*id).or_insert(old);
         }
         for id in gone_services.iter().chain(services.iter().map(|s| &s.id)) {
-            self.forget_service(*id, &mut dirty);
+            self.forget_service(*id, dirty);
         }
         for id in gone_instances.iter().chain(instances.iter().map(|i| &i.id)) {
-            self.forget_instance(*id, &mut dirty);
+            self.forget_instance(*id, dirty);
         }
         for tenant in tenants {
             self.sources.tenants.insert(tenant.id, Arc::new(tenant));
         }
         for service in services {
-            self.learn_service(Arc::new(service), &mut dirty);
+            self.learn_service(Arc::new(service), dirty);
         }
         for instance in instances {
-            self.learn_instance(Arc::new(instance), &mut dirty);
+            self.learn_instance(Arc::new(instance), dirty);
         }
         for (name, values) in acme_challenges {
             let Some(name) = absolute(&name) else { continue };
@@ -485,9 +533,8 @@ impl Snapshot {
             } else {
                 self.sources.challenges.insert(name.clone(), Arc::new(values));
             }
-            dirty.challenges.insert(name);
+            dirty.challenge(name);
         }
-        self.refresh(dirty);
     }
 
     /// The public names a service claims: its FQDN and its verified platform subdomains.
@@ -516,14 +563,14 @@ impl Snapshot {
         {
             names.services.remove(&old.name);
         }
-        dirty.private.insert((old.tenant_id, old.name.clone()));
+        dirty.private(old.tenant_id, &old.name);
         for name in Self::edge_names_of(&old) {
             claim(&mut self.sources.edge_names, &name, false);
-            dirty.public.insert(name);
+            dirty.public(name);
         }
         for apex in self.custom_apexes_of(&old).collect::<Vec<_>>() {
             claim(&mut self.sources.custom_apexes, &apex, false);
-            dirty.custom_apexes.insert(apex);
+            dirty.custom_apex(apex);
         }
     }
 
@@ -531,14 +578,14 @@ impl Snapshot {
         self.sources.services.insert(service.id, service.clone());
         let names = self.sources.names.entry(service.tenant_id).or_default();
         names.services.insert(service.name.clone(), service.id);
-        dirty.private.insert((service.tenant_id, service.name.clone()));
+        dirty.private(service.tenant_id, &service.name);
         for name in Self::edge_names_of(&service) {
             claim(&mut self.sources.edge_names, &name, true);
-            dirty.public.insert(name);
+            dirty.public(name);
         }
         for apex in self.custom_apexes_of(&service).collect::<Vec<_>>() {
             claim(&mut self.sources.custom_apexes, &apex, true);
-            dirty.custom_apexes.insert(apex);
+            dirty.custom_apex(apex);
         }
     }
 
@@ -549,11 +596,11 @@ impl Snapshot {
         {
             names.instances.remove(&old.name);
         }
-        dirty.private.insert((old.tenant_id, old.name.clone()));
+        dirty.private(old.tenant_id, &old.name);
         if let Some(service) = old.service_id
             && self.sources.running.remove(&(service, id)).is_some()
         {
-            dirty.running.insert(service);
+            dirty.running(service);
         }
     }
 
@@ -561,12 +608,12 @@ impl Snapshot {
         self.sources.instances.insert(instance.id, instance.clone());
         let names = self.sources.names.entry(instance.tenant_id).or_default();
         names.instances.insert(instance.name.clone(), instance.id);
-        dirty.private.insert((instance.tenant_id, instance.name.clone()));
+        dirty.private(instance.tenant_id, &instance.name);
         if let Some(service) = instance.service_id
             && instance.running
         {
             self.sources.running.insert((service, instance.id), instance.private_ip);
-            dirty.running.insert(service);
+            dirty.running(service);
         }
     }
 
@@ -575,24 +622,7 @@ impl Snapshot {
         self.refresh_tenants(&mut dirty);
         let mut zones_changed = false;
         for apex in &dirty.custom_apexes {
-            let wanted = self.sources.custom_apexes.contains_key(apex);
-            match (wanted, self.custom.contains_key(apex)) {
-                (true, false) => {
-                    let mname = self.params.ns_names.first().cloned().unwrap_or_else(|| apex.into());
-                    let zone = Zone::new(Soa::new(apex.into(), mname, &self.params));
-                    self.records += zone.record_count();
-                    self.custom.insert(apex.clone(), Arc::new(zone));
-                    self.refresh_custom(apex);
-                    zones_changed = true;
-                }
-                (false, true) => {
-                    if let Some(zone) = self.custom.remove(apex) {
-                        self.records -= zone.record_count();
-                    }
-                    zones_changed = true;
-                }
-                _ => {}
-            }
+            zones_changed |= self.sync_custom_zone(apex);
         }
         if zones_changed {
             // A challenge is served by the closest enclosing zone: a zone coming or going can move any of them.
@@ -616,10 +646,55 @@ impl Snapshot {
         }
     }
 
+    /// Recomputes every name from the sources, for a full build (which tracked only the tenants while learning).
+    /// Iterates over clones of the persistent source maps, which cost a pointer copy each.
+    fn refresh_all(&mut self, mut dirty: Dirty) {
+        self.refresh_tenants(&mut dirty);
+        let sources = self.sources.clone();
+        for apex in sources.custom_apexes.keys() {
+            self.sync_custom_zone(apex);
+        }
+        for name in sources.edge_names.keys() {
+            self.refresh_public(name);
+        }
+        for name in sources.challenges.keys() {
+            self.refresh_public(name);
+            self.refresh_custom(name);
+        }
+        for (tenant, names) in sources.names.iter() {
+            for label in names.instances.keys().chain(names.services.keys()) {
+                self.refresh_private(*tenant, label);
+            }
+        }
+    }
+
+    /// Creates or removes the custom zone at `apex` as its claims say; true when one was created or removed.
+    fn sync_custom_zone(&mut self, apex: &LowerName) -> bool {
+        let wanted = self.sources.custom_apexes.contains_key(apex);
+        match (wanted, self.custom.contains_key(apex)) {
+            (true, false) => {
+                let mname = self.params.ns_names.first().cloned().unwrap_or_else(|| apex.into());
+                let zone = Zone::new(Soa::new(apex.into(), mname, &self.params));
+                self.records += zone.record_count();
+                self.custom.insert(apex.clone(), Arc::new(zone));
+                self.refresh_custom(apex);
+                true
+            }
+            (false, true) => {
+                if let Some(zone) = self.custom.remove(apex) {
+                    self.records -= zone.record_count();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Creates, removes or renews the views of touched tenants, and the network index when it changed.
     fn refresh_tenants(&mut self, dirty: &mut Dirty) {
         let mut networks_changed = false;
-        for (id, old) in &dirty.tenants {
+        let tenants = std::mem::take(&mut dirty.tenants);
+        for (id, old) in &tenants {
             let new = self.sources.tenants.get(id).cloned();
             match (old, new) {
                 (_, None) => {
@@ -641,8 +716,9 @@ impl Snapshot {
                         self.records -= old.record_count();
                     }
                     if let Some(names) = self.sources.names.get(id) {
-                        let labels = names.instances.keys().chain(names.services.keys());
-                        dirty.private.extend(labels.map(|label| (*id, label.clone())));
+                        for label in names.instances.keys().chain(names.services.keys()) {
+                            dirty.private(*id, label);
+                        }
                     }
                     networks_changed = true;
                 }
