@@ -6,8 +6,9 @@
 //! challenges the records were made from). Cloning is cheap and changes copy little: every map is a
 //! [`ShardedMap`] (a change copies one shard of about a hundred entries), but for the running instances of each
 //! service, in a persistent B-tree (`imbl`, a change copies the O(log n) nodes on its path). A patch thus costs in
-//! proportion to what it touches, and the previous snapshot stays intact for the queries still reading it. A full build
-//! ([`Snapshot::build`]) is the same patch applied to an empty snapshot, so both paths make the same zones.
+//! proportion to what it touches, and the previous snapshot stays intact for the queries still reading it. A full
+//! build ([`Snapshot::build`]) learns the same sources and runs the same per-name computation over every name, so
+//! both paths make the same zones (a property test holds them to it).
 //!
 //! The SOA is not stored: it is made per answer from the snapshot's version, so a new serial does not mean
 //! touching every zone (there is a private view per tenant).
