@@ -647,7 +647,7 @@ impl Snapshot {
     }
 
     /// Recomputes every name from the sources, for a full build (which tracked only the tenants while learning).
-    /// Iterates over clones of the persistent source maps, which cost a pointer copy each.
+    /// Iterates over a clone of the sources, which costs a pointer copy per map.
     fn refresh_all(&mut self, mut dirty: Dirty) {
         self.refresh_tenants(&mut dirty);
         let sources = self.sources.clone();
