@@ -2,10 +2,11 @@
 //! change copies only the shard it touches, so a patched copy of a zone with a million names costs a few
 //! microseconds while the original keeps answering queries.
 //!
-//! Why not a persistent map (a HAMT, as `imbl` has) for the zones: lookups are the hot path, and a HAMT walks
-//! several nodes per lookup and keeps its entries in sparse fixed-size chunks. Measured on 100k service names
-//! (release), a HAMT made `Snapshot::answer` about 2.3 times slower than plain `HashMap`s; shards cost one extra
-//! hash and pointer per lookup and keep the entries as dense as a `HashMap` does.
+//! Why not a persistent hash map (a HAMT, as `imbl` has): lookups are the hot path, and a HAMT walks several
+//! nodes per lookup and keeps its entries in sparse fixed-size chunks. Measured on 100k service names (release),
+//! a HAMT made `Snapshot::answer` about 2.3 times slower than plain `HashMap`s, and its nodes took about 240 bytes
+//! per entry of each map; shards cost one extra hash and pointer per lookup and keep the entries as dense as a
+//! `HashMap` does.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -23,6 +24,12 @@ pub(crate) struct ShardedMap<K, V> {
     /// Picks the shard of a key; shared by every clone, so a key stays in its shard.
     hasher: RandomState,
     len: usize,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Default for ShardedMap<K, V> {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
@@ -54,6 +61,14 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
         self.shards[self.index(key)].get(key)
     }
 
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.get(key).is_some()
+    }
+
     /// The value at `key`, for changing in place; copies the key's shard when a clone shares it.
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
@@ -68,15 +83,27 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
     }
 
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.make_room(&key);
         let i = self.index(&key);
         let old = self.shard_mut(i).insert(key, value);
-        if old.is_none() {
-            self.len += 1;
-            if self.len > self.shards.len() * TARGET * 2 && self.shards.len() < MAX_SHARDS {
-                self.grow();
-            }
-        }
+        self.len += usize::from(old.is_none());
         old
+    }
+
+    /// The value at `key`, made by `make` first if there is none.
+    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        self.make_room(&key);
+        let i = self.index(&key);
+        self.len += usize::from(!self.shards[i].contains_key(&key));
+        self.shard_mut(i).entry(key).or_insert_with(make)
+    }
+
+    /// Doubles the shards before a new key would take the average past twice the target.
+    fn make_room(&mut self, key: &K) {
+        let full = self.len >= self.shards.len() * TARGET * 2 && self.shards.len() < MAX_SHARDS;
+        if full && !self.shards[self.index(key)].contains_key(key) {
+            self.grow();
+        }
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
@@ -93,10 +120,17 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
         old
     }
 
-    /// Every entry, in no particular order (tests and measurements look at whole zones).
-    #[cfg(test)]
+    /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.shards.iter().flat_map(|shard| shard.iter())
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
     }
 
     /// Doubles the shards: O(entries), once per doubling of the entries, so constant per insert on average.
@@ -158,8 +192,11 @@ mod tests {
         assert_eq!(map.len, 50_000);
         assert!((0..50_000).all(|i| map.get(&i) == Some(&(i * 2))));
         assert_eq!(map.iter().count(), 50_000);
-        *map.get_mut(&7).unwrap() = 0;
+        *map.get_or_insert_with(7, || 1) = 0;
+        *map.get_or_insert_with(50_000, || 1) += 1;
+        assert_eq!((map.get(&50_000), map.len), (Some(&2), 50_001));
+        assert!(map.contains_key(&50_000));
         assert_eq!(map.get(&7), Some(&0));
-        assert!(map.get_mut(&50_000).is_none());
+        assert!(map.get_mut(&50_001).is_none());
     }
 }

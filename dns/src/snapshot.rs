@@ -3,11 +3,12 @@
 //!
 //! A change is applied as a patch ([`Snapshot::patch`]): the snapshot is cloned and only the names the change
 //! touches are recomputed, from the sources kept beside the zones (the tenants, services, instances and
-//! challenges the records were made from). Cloning is cheap and changes copy little: the zones' names are in
-//! [`ShardedMap`]s (a change copies one shard of about a hundred names), everything else in persistent maps
-//! (`imbl`, a change copies the O(log n) nodes on its path). A patch thus costs in proportion to what it
-//! touches, and the previous snapshot stays intact for the queries still reading it. A full build
-//! ([`Snapshot::build`]) is the same patch applied to an empty snapshot, so both paths make the same zones.
+//! challenges the records were made from). Cloning is cheap and changes copy little: every map is a
+//! [`ShardedMap`] (a change copies one shard of about a hundred entries), but for the running instances of each
+//! service, in a persistent B-tree (`imbl`, a change copies the O(log n) nodes on its path). A patch thus costs in
+//! proportion to what it touches, and the previous snapshot stays intact for the queries still reading it. A full
+//! build ([`Snapshot::build`]) learns the same sources and runs the same per-name computation over every name, so
+//! both paths make the same zones (a property test holds them to it).
 //!
 //! The SOA is not stored: it is made per answer from the snapshot's version, so a new serial does not mean
 //! touching every zone (there is a private view per tenant).
@@ -25,11 +26,10 @@ use uuid::Uuid;
 
 use crate::sharded::ShardedMap;
 
-/// The persistent map the sources and the per-tenant views are kept in.
-type Map<K, V> = imbl::HashMap<K, V>;
+/// The map everything in a snapshot is kept in: cheap to clone, a change copies one small shard.
+type Map<K, V> = ShardedMap<K, V>;
 
-/// A name as a key of a persistent map. Its nodes hold their entries inline, 32 slots at a time, so an inline
-/// 80-byte name would cost more in empty slots than in names, and each copied path would clone dozens of them.
+/// A name as a key of the sources: copying a shard then copies pointers, not names.
 type NameKey = Arc<LowerName>;
 
 /// Zone parameters that do not come from the database: names, addresses and TTLs, resolved from `DnsConfig`.
@@ -103,7 +103,7 @@ struct Node {
 pub(crate) struct Zone {
     apex: LowerName,
     soa: Arc<Soa>,
-    nodes: ShardedMap<LowerName, Node>,
+    nodes: Map<LowerName, Node>,
     /// Records held (the SOA aside), kept by `set` so counting never walks the zone.
     records: usize,
 }
@@ -152,7 +152,7 @@ impl<'a> Answer<'a> {
 impl Zone {
     fn new(soa: Soa) -> Self {
         let apex = LowerName::new(&soa.apex);
-        let mut nodes = ShardedMap::with_capacity(0);
+        let mut nodes = Map::default();
         nodes.insert(apex.clone(), Node { records: Vec::new(), owner: true, children: 0 });
         Self { apex, soa: Arc::new(soa), nodes, records: 0 }
     }
@@ -475,9 +475,9 @@ impl Snapshot {
             version: 0,
             public: Zone::new(Soa::new(public_apex.clone(), mname, &params)),
             params,
-            custom: Map::new(),
+            custom: Map::default(),
             networks: Arc::new(Vec::new()),
-            private_views: Map::new(),
+            private_views: Map::default(),
             private_apex: LowerName::new(&private_apex),
             private_ns,
             sources: Sources::default(),
@@ -576,7 +576,7 @@ impl Snapshot {
 
     fn learn_service(&mut self, service: Arc<ZoneService>, dirty: &mut Dirty) {
         self.sources.services.insert(service.id, service.clone());
-        let names = self.sources.names.entry(service.tenant_id).or_default();
+        let names = self.sources.names.get_or_insert_with(service.tenant_id, TenantNames::default);
         names.services.insert(service.name.clone(), service.id);
         dirty.private(service.tenant_id, &service.name);
         for name in Self::edge_names_of(&service) {
@@ -606,7 +606,7 @@ impl Snapshot {
 
     fn learn_instance(&mut self, instance: Arc<ZoneInstance>, dirty: &mut Dirty) {
         self.sources.instances.insert(instance.id, instance.clone());
-        let names = self.sources.names.entry(instance.tenant_id).or_default();
+        let names = self.sources.names.get_or_insert_with(instance.tenant_id, TenantNames::default);
         names.instances.insert(instance.name.clone(), instance.id);
         dirty.private(instance.tenant_id, &instance.name);
         if let Some(service) = instance.service_id
@@ -647,7 +647,7 @@ impl Snapshot {
     }
 
     /// Recomputes every name from the sources, for a full build (which tracked only the tenants while learning).
-    /// Iterates over clones of the persistent source maps, which cost a pointer copy each.
+    /// Iterates over a clone of the sources, which costs a pointer copy per map.
     fn refresh_all(&mut self, mut dirty: Dirty) {
         self.refresh_tenants(&mut dirty);
         let sources = self.sources.clone();
