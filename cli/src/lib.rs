@@ -39,8 +39,8 @@ pub struct Cli {
     /// Remote to talk to (default: the configured default remote).
     #[arg(long, global = true, env = "CLOUD_REMOTE")]
     pub remote: Option<String>,
-    /// Output format of read commands.
-    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    /// Output format of read commands: table, json, yaml, name, or value=PATH for one field (e.g. value=fqdn).
+    #[arg(long, short, global = true, default_value = "table", value_name = "FORMAT")]
     pub output: Format,
     #[command(subcommand)]
     pub command: Command,
@@ -497,6 +497,7 @@ async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<(
                 Format::Json => println!("{}", serde_json::to_string_pretty(&me)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&me)?),
                 Format::Name => println!("{}", me.tenant.name),
+                Format::Value(path) => output::values(&[&me], path)?,
                 Format::Table => {
                     let scopes: Vec<&str> = me.scopes.iter().map(|s| s.as_str()).collect();
                     println!("tenant: {}  network: {}", me.tenant.name, me.tenant.network);
@@ -585,6 +586,7 @@ async fn remote(cmd: &RemoteCmd, out: Format, env: &dyn Fn(&str) -> Option<Strin
                 Format::Json => println!("{}", serde_json::to_string_pretty(&cfg.remotes_public())?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&cfg.remotes_public())?),
                 Format::Name => rows.iter().for_each(|(n, _)| println!("{n}")),
+                Format::Value(path) => output::values(&[cfg.remotes_public()], path)?,
                 Format::Table => {
                     let table = output::Table {
                         headers: vec!["NAME", "URL", "DEFAULT", "TOKEN"],
@@ -699,13 +701,13 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                 }
                 print!("{}", domain_notes(&s));
             } else {
-                print(out, &[s], output::services, name_of_service, true);
+                print(out, &[s], output::services, name_of_service, true)?;
             }
         }
         ServiceCmd::List { watch } => {
             let render = || async {
                 let items: Vec<Service> = c.list_all("/v1/services").await?;
-                print(out, &items, output::services, name_of_service, false);
+                print(out, &items, output::services, name_of_service, false)?;
                 Ok(())
             };
             if *watch {
@@ -717,7 +719,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
         ServiceCmd::Get { name } => {
             let s: Service = c.get(&format!("/v1/services/{}", seg(name))).await?;
             let notes = domain_notes(&s);
-            print(out, &[s], output::services, name_of_service, true);
+            print(out, &[s], output::services, name_of_service, true)?;
             if out == Format::Table {
                 print!("{notes}");
             }
@@ -732,7 +734,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
             };
             let s: Service = c.patch(&format!("/v1/services/{}", seg(name)), &body).await?;
             let notes = domain_notes(&s);
-            print(out, &[s], output::services, name_of_service, true);
+            print(out, &[s], output::services, name_of_service, true)?;
             if out == Format::Table {
                 print!("{notes}");
             }
@@ -747,7 +749,7 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
                     s.name,
                     s.fqdn
                 ),
-                _ => print(out, &[s], output::services, name_of_service, true),
+                _ => print(out, &[s], output::services, name_of_service, true)?,
             }
         }
         ServiceCmd::Delete { name, force } => {
@@ -825,6 +827,7 @@ async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()
         Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
         Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
         Format::Name => created.instances.iter().for_each(|i| println!("{}", i.name)),
+        Format::Value(path) => output::values(&[&created], path)?,
     }
     if args.follow
         && let Some(first) = created.instances.first()
@@ -884,7 +887,7 @@ async fn instance(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::Result<
         InstanceCmd::List { watch } => {
             let render = || async {
                 let items: Vec<Instance> = c.list_all("/v1/instances").await?;
-                print(out, &items, output::instances, name_of_instance, false);
+                print(out, &items, output::instances, name_of_instance, false)?;
                 Ok(())
             };
             if *watch {
@@ -895,18 +898,33 @@ async fn instance(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::Result<
         }
         InstanceCmd::Get { name } => {
             let i: Instance = c.get(&format!("/v1/instances/{}", seg(name))).await?;
-            print(out, &[i], output::instances, name_of_instance, true);
+            print(out, &[i], output::instances, name_of_instance, true)?;
         }
         InstanceCmd::Delete { names } => {
             for name in names {
-                c.delete(&format!("/v1/instances/{}", seg(name))).await?;
-                eprintln!("deleted instance {name}");
+                let path = format!("/v1/instances/{}", seg(name));
+                let before: Instance = c.get(&path).await?;
+                c.delete(&path).await?;
+                // An ephemeral service goes in the same transaction as its last instance: say so.
+                let service_went = match &before.service {
+                    Some(s) => c
+                        .request(reqwest::Method::GET, &format!("/v1/services/{}", s.id))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND)
+                        .then(|| s.name.clone()),
+                    None => None,
+                };
+                match service_went {
+                    Some(service) => eprintln!("deleted instance {name} and its ephemeral service {service}"),
+                    None => eprintln!("deleted instance {name}"),
+                }
             }
         }
         InstanceCmd::Start { name } | InstanceCmd::Stop { name } => {
             let verb = if matches!(cmd, InstanceCmd::Start { .. }) { "start" } else { "stop" };
             let i: Instance = c.post(&format!("/v1/instances/{}/{verb}", seg(name)), &serde_json::json!({})).await?;
-            print(out, &[i], output::instances, name_of_instance, true);
+            print(out, &[i], output::instances, name_of_instance, true)?;
         }
         InstanceCmd::Logs { name, follow, tail } => logs(c, name, *follow, *tail).await?,
     }
@@ -918,11 +936,11 @@ async fn image(c: &Client, cmd: &ImageCmd, out: Format) -> anyhow::Result<()> {
     match cmd {
         ImageCmd::List => {
             let items: Vec<Image> = c.list_all("/v1/images").await?;
-            print(out, &items, output::images, name_of, false);
+            print(out, &items, output::images, name_of, false)?;
         }
         ImageCmd::Get { name } => {
             let i: Image = c.get(&format!("/v1/images/{}", seg(name))).await?;
-            print(out, &[i], output::images, name_of, true);
+            print(out, &[i], output::images, name_of, true)?;
         }
         ImageCmd::Push { path, name } => {
             let name = match name {
@@ -930,7 +948,7 @@ async fn image(c: &Client, cmd: &ImageCmd, out: Format) -> anyhow::Result<()> {
                 None => dir_name(path)?,
             };
             let i = deploy::push(c, &name, deploy::pack(path)?).await?;
-            print(out, &[i], output::images, name_of, true);
+            print(out, &[i], output::images, name_of, true)?;
         }
         ImageCmd::Delete { name } => {
             c.delete(&format!("/v1/images/{}", seg(name))).await?;
@@ -945,20 +963,20 @@ async fn tenant(c: &Client, cmd: &TenantCmd, out: Format) -> anyhow::Result<()> 
     match cmd {
         TenantCmd::List => {
             let items: Vec<Tenant> = c.list_all("/v1/tenants").await?;
-            print(out, &items, output::tenants, name_of, false);
+            print(out, &items, output::tenants, name_of, false)?;
         }
         TenantCmd::Get { name } => {
             let t: Tenant = c.get(&format!("/v1/tenants/{}", seg(name))).await?;
-            print(out, &[t], output::tenants, name_of, true);
+            print(out, &[t], output::tenants, name_of, true)?;
         }
         TenantCmd::Create { name, quotas } => {
             let t: Tenant = c.post("/v1/tenants", &CreateTenant { name: name.clone(), quotas: quotas.patch() }).await?;
-            print(out, &[t], output::tenants, name_of, true);
+            print(out, &[t], output::tenants, name_of, true)?;
         }
         TenantCmd::Update { name, quotas } => {
             let t: Tenant =
                 c.patch(&format!("/v1/tenants/{}", seg(name)), &UpdateTenant { quotas: quotas.patch() }).await?;
-            print(out, &[t], output::tenants, name_of, true);
+            print(out, &[t], output::tenants, name_of, true)?;
         }
         TenantCmd::Delete { name } => {
             c.delete(&format!("/v1/tenants/{}", seg(name))).await?;
@@ -987,11 +1005,12 @@ async fn token(c: &Client, cmd: &TokenCmd, out: Format) -> anyhow::Result<()> {
                 Format::Table | Format::Name => println!("{}", created.jwt),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
+                Format::Value(path) => output::values(&[&created], path)?,
             }
         }
         TokenCmd::List => {
             let items: Vec<Token> = c.list_all("/v1/tokens").await?;
-            print(out, &items, output::tokens, name_of, false);
+            print(out, &items, output::tokens, name_of, false)?;
         }
         TokenCmd::Revoke { id } => {
             c.delete(&format!("/v1/tokens/{}", seg(id))).await?;

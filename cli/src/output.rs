@@ -1,12 +1,13 @@
 //! Output formats: tables that fit the terminal for people; JSON, YAML (the API objects as they are) and names
 //! for scripts.
 
-use clap::ValueEnum;
+use anyhow::bail;
 use cloud_domain::api::{Image, Instance, Service, Tenant, Token};
 use serde::Serialize;
+use serde_json::Value;
 
 /// `-o` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Columns for people.
     Table,
@@ -16,6 +17,66 @@ pub enum Format {
     Yaml,
     /// One name per line.
     Name,
+    /// One field per object and line, by a dotted path into the JSON form (`fqdn`, `service.name`,
+    /// `ports.0.port`), for shell variables: `FQDN=$(cloudctl service get s -o value=fqdn)`. Leaked: parsed once
+    /// per process, and it keeps the format `Copy`.
+    Value(&'static str),
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "table" => Ok(Self::Table),
+            "json" => Ok(Self::Json),
+            "yaml" => Ok(Self::Yaml),
+            "name" => Ok(Self::Name),
+            _ => match s.strip_prefix("value=") {
+                Some(path) if !path.is_empty() && path.split('.').all(|p| !p.is_empty()) => {
+                    Ok(Self::Value(Box::leak(path.to_owned().into_boxed_str())))
+                }
+                Some(_) => Err(format!("{s:?}: value= needs a dotted field path, e.g. value=fqdn")),
+                None => Err(format!("{s:?} is not an output format: table, json, yaml, name or value=PATH")),
+            },
+        }
+    }
+}
+
+/// The field at a dotted path of one object as a line: strings as they are, null as nothing, anything else as
+/// compact JSON.
+pub fn field(object: &impl Serialize, path: &str) -> anyhow::Result<String> {
+    let mut at = serde_json::to_value(object)?;
+    for part in path.split('.') {
+        at = match at {
+            Value::Object(mut map) => match map.remove(part) {
+                Some(v) => v,
+                None => {
+                    let mut known: Vec<String> = map.into_iter().map(|(k, _)| k).collect();
+                    known.sort();
+                    bail!("no field {part:?} in {path:?} (fields here: {})", known.join(", "))
+                }
+            },
+            Value::Array(mut items) => match part.parse::<usize>() {
+                Ok(i) if i < items.len() => items.swap_remove(i),
+                _ => bail!("{part:?} in {path:?} is not an index of a list of {}", items.len()),
+            },
+            _ => bail!("{path:?} goes past a plain value at {part:?}"),
+        };
+    }
+    Ok(match at {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// Prints one field of each object, a line each.
+pub fn values<T: Serialize>(items: &[T], path: &str) -> anyhow::Result<()> {
+    for item in items {
+        println!("{}", field(item, path)?);
+    }
+    Ok(())
 }
 
 /// A table of strings.
@@ -81,7 +142,7 @@ pub fn print<T: Serialize>(
     table: fn(&[T]) -> Table,
     name: fn(&T) -> String,
     single: bool,
-) {
+) -> anyhow::Result<()> {
     match format {
         Format::Table => print!("{}", table(items).render(terminal_width())),
         Format::Json if single => println!("{}", serde_json::to_string_pretty(&items[0]).unwrap_or_default()),
@@ -89,7 +150,9 @@ pub fn print<T: Serialize>(
         Format::Yaml if single => print!("{}", serde_yaml::to_string(&items[0]).unwrap_or_default()),
         Format::Yaml => print!("{}", serde_yaml::to_string(items).unwrap_or_default()),
         Format::Name => items.iter().for_each(|i| println!("{}", name(i))),
+        Format::Value(path) => values(items, path)?,
     }
+    Ok(())
 }
 
 /// Service rows.
@@ -225,5 +288,28 @@ mod tests {
         let narrow = t.render(60);
         assert_eq!(narrow, include_str!("../tests/snapshots/table-narrow.txt"));
         assert!(narrow.lines().all(|l| l.chars().count() <= 60), "{narrow}");
+    }
+
+    #[test]
+    fn value_paths_pick_one_field_and_name_what_is_wrong() {
+        let service = serde_json::json!({
+            "name": "my-service", "fqdn": "my-service-x7k2p9qa.dev.cloud.localhost", "persistent": true,
+            "ports": [{"port": 443, "destination_port": 8080}], "limits": null,
+        });
+        assert_eq!(field(&service, "fqdn").unwrap(), "my-service-x7k2p9qa.dev.cloud.localhost");
+        assert_eq!(field(&service, "ports.0.port").unwrap(), "443");
+        assert_eq!(field(&service, "persistent").unwrap(), "true");
+        assert_eq!(field(&service, "limits").unwrap(), "");
+        assert_eq!(field(&service, "ports.0").unwrap(), r#"{"destination_port":8080,"port":443}"#);
+        let err = |p| field(&service, p).unwrap_err().to_string();
+        assert_eq!(err("fdqn"), r#"no field "fdqn" in "fdqn" (fields here: fqdn, limits, name, persistent, ports)"#);
+        assert_eq!(err("ports.1.port"), r#""1" in "ports.1.port" is not an index of a list of 1"#);
+        assert_eq!(err("name.first"), r#""name.first" goes past a plain value at "first""#);
+
+        assert_eq!("value=service.name".parse(), Ok(Format::Value("service.name")));
+        assert_eq!("json".parse(), Ok(Format::Json));
+        assert!("value=".parse::<Format>().unwrap_err().contains("needs a dotted field path"));
+        assert!("value=a..b".parse::<Format>().is_err());
+        assert!("xml".parse::<Format>().unwrap_err().contains("table, json, yaml, name or value=PATH"));
     }
 }

@@ -60,9 +60,9 @@ pub struct CertsSection {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeSection {
-    /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` as root, else `127.0.0.1:8443`.
+    /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` when it may bind ports below 1024 (root), else `127.0.0.1:8443`.
     pub https_listen: Option<SocketAddr>,
-    /// http (public port 80). Default `0.0.0.0:80`; `cloudd dev`: `127.0.0.1:80` as root, else `127.0.0.1:8080`.
+    /// http (public port 80). Default `0.0.0.0:80`; `cloudd dev`: `127.0.0.1:80` when it may bind ports below 1024 (root), else `127.0.0.1:8080`.
     pub http_listen: Option<SocketAddr>,
     /// Address the ports services declare (tls, tcp) open on. Default `0.0.0.0`; `cloudd dev`: `127.0.0.1`.
     pub ports_ip: Option<std::net::IpAddr>,
@@ -284,8 +284,9 @@ impl Config {
         }
         self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
         self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
-        // Ports below 1024 need root: a normal user's edge takes the documented fallbacks.
-        let (https, http) = if root { (443, 80) } else { (8443, 8080) };
+        // Ports below 1024 need root (or CAP_NET_BIND_SERVICE, or a lowered
+        // net.ipv4.ip_unprivileged_port_start, as in containers): otherwise the edge takes the documented fallbacks.
+        let (https, http) = if root || (can_bind(443) && can_bind(80)) { (443, 80) } else { (8443, 8080) };
         self.edge.https_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], https)));
         self.edge.http_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], http)));
         self.edge.ports_ip.get_or_insert(std::net::IpAddr::from([127, 0, 0, 1]));
@@ -388,6 +389,11 @@ impl Config {
     pub fn secret_key(&self) -> anyhow::Result<Option<cloud_certs::seal::SecretKey>> {
         Ok(self.platform.secret_key_file.as_deref().map(cloud_certs::seal::SecretKey::from_file).transpose()?)
     }
+}
+
+/// Whether this process may listen on a loopback port (probed by binding it for a moment).
+fn can_bind(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 #[cfg(test)]

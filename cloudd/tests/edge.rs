@@ -657,6 +657,42 @@ async fn scale_to_zero_stops_an_idle_service_and_the_first_request_wakes_it() {
     assert_eq!(state().await.0, "running");
 }
 
+/// Right after a deploy, before its instance listens, a request waits for it instead of failing; a service with
+/// no instance wanted running still answers 503 at once.
+#[tokio::test]
+async fn a_request_during_a_deploy_waits_for_the_starting_instance() {
+    let Some(f) = Fixture::start().await else { return };
+    let t = f.api.token.clone();
+    let slow = r#"{"command": ["sh", "-c", "sleep 2; exec python3 -m http.server 9000"], "port": 9000}"#;
+    f.api.upload_image(&t, "slow", &[("manifest.json", slow)]).await;
+    let (status, svc) =
+        f.call(&t, reqwest::Method::POST, "/v1/services", Some(json!({"name": "slow", "ports": ["443:9000"]}))).await;
+    assert_eq!(status, 201, "{svc}");
+    let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let table_shows = async |what: &str, want: &dyn Fn(&cloud_edge::RoutedService) -> bool| {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while !f.edge.table().by_host(&fqdn).is_some_and(|s| want(&s)) {
+            assert!(tokio::time::Instant::now() < deadline, "the edge never showed {fqdn} {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    table_shows("without instances", &|s| s.backends.is_empty() && s.starting == 0).await;
+    let client = f.https(&[&fqdn]);
+    let res = client.get(format!("https://{fqdn}/")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.text().await.unwrap(), "no instance of this service is running\n");
+
+    let body = json!({"image": "slow", "service": "slow", "restart_policy": "never"});
+    let (status, created) = f.call(&t, reqwest::Method::POST, "/v1/instances", Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    // The instance sleeps two seconds before it listens: the request arrives while it starts.
+    table_shows("starting an instance", &|s| s.backends.is_empty() && s.starting == 1).await;
+    let res = client.get(format!("https://{fqdn}/")).timeout(TIMEOUT).send().await.unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    let (_, list) = f.call(&t, reqwest::Method::GET, "/v1/instances", None).await;
+    assert_eq!(list["items"][0]["state"], "running");
+}
+
 /// Bad input ends the connection that sent it (with a 4xx where HTTP allows one) and nothing else notices.
 #[tokio::test]
 async fn malformed_http_tls_garbage_and_idle_clients_do_not_disturb_others() {

@@ -3,7 +3,6 @@
 //! root. Tests share the host's network stack, so they take turns.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
@@ -119,32 +118,6 @@ fn connects_from(netns: &str, ip: &str, port: u16) -> bool {
         .unwrap_or(false)
 }
 
-fn bundle(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    for (path, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data.as_bytes()).unwrap();
-    }
-    let mut gz = tar.into_inner().unwrap();
-    gz.flush().unwrap();
-    gz.finish().unwrap()
-}
-
-async fn upload(api: &TestApi, token: &str, name: &str, body: Vec<u8>) {
-    let res = reqwest::Client::new()
-        .post(api.url(&format!("/v1/images?name={name}")))
-        .bearer_auth(token)
-        .header("content-type", "application/gzip")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-}
-
 fn netns_of(node: &NodeHandle, instance: &Value) -> String {
     cloud_runtime::netns_name(node.node, instance["id"].as_str().unwrap().parse().unwrap())
 }
@@ -192,11 +165,10 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
         Err(_) => eprintln!("no memory cgroup controller on this host: limit not checked"),
     }
 
-    upload(
-        &api,
+    api.upload_image(
         t,
         "pyweb",
-        bundle(&[("manifest.json", r#"{"command": ["python3", "serve.py"], "port": 9000}"#), ("serve.py", SERVE_PY)]),
+        &[("manifest.json", r#"{"command": ["python3", "serve.py"], "port": 9000}"#), ("serve.py", SERVE_PY)],
     )
     .await;
     create(&api, t, json!({"image": "pyweb", "name": "py-1", "env": {"GREETING": "hi"}})).await;
@@ -287,14 +259,10 @@ async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
 async fn restart_policies_restart_with_backoff_or_fail_with_the_reason() {
     let Some((_host, api, node)) = with_node("n-restart").await else { return };
     let t = &api.token;
-    upload(
-        &api,
+    api.upload_image(
         t,
         "crash",
-        bundle(&[
-            ("manifest.json", r#"{"command": ["sh", "crash.sh"], "port": 9000}"#),
-            ("crash.sh", "echo boom\nexit 3\n"),
-        ]),
+        &[("manifest.json", r#"{"command": ["sh", "crash.sh"], "port": 9000}"#), ("crash.sh", "echo boom\nexit 3\n")],
     )
     .await;
 
@@ -324,7 +292,7 @@ async fn restart_policies_restart_with_backoff_or_fail_with_the_reason() {
     assert_eq!(status, 204);
 
     // A clean exit with on-failure is a stop, not a failure.
-    upload(&api, t, "done", bundle(&[("manifest.json", r#"{"command": ["true"], "port": 9000}"#)])).await;
+    api.upload_image(t, "done", &[("manifest.json", r#"{"command": ["true"], "port": 9000}"#)]).await;
     create(&api, t, json!({"image": "done", "name": "done", "restart_policy": "on-failure"})).await;
     let done = wait_for(&api, t, "done", "stopped", |i| i["state"] == "stopped").await;
     assert_eq!(done["exit_code"], 0);
@@ -501,14 +469,10 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
 
     let (_, other) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
     let t = &api.token;
-    upload(
-        &api,
+    api.upload_image(
         t,
         "resolver",
-        bundle(&[
-            ("manifest.json", r#"{"command": ["python3", "resolve.py"], "port": 9000}"#),
-            ("resolve.py", RESOLVE_PY),
-        ]),
+        &[("manifest.json", r#"{"command": ["python3", "resolve.py"], "port": 9000}"#), ("resolve.py", RESOLVE_PY)],
     )
     .await;
     create(&api, t, json!({"image": "hello", "name": "peer"})).await;

@@ -148,8 +148,8 @@ impl ProxyHttp for HttpRoute {
         crate::touch(&self.shared, &service);
         match service.pick(&ctx.tried) {
             Pick::Backend(g) => ctx.in_flight = Some(g),
-            Pick::NoBackend if service.scale_to_zero_after.is_some() => {
-                // Held until an instance runs: the first request after idleness is slow, not lost.
+            Pick::NoBackend if service.scale_to_zero_after.is_some() || service.starting > 0 => {
+                // Held until an instance runs: the first request after idleness or a deploy is slow, not lost.
                 let Some((woken, g)) = crate::wake(&self.shared, &service).await else {
                     self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
                     return respond(

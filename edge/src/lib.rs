@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 pub use crate::certs::{CertError, CertStore, ServedCert};
 use crate::metrics::Metrics;
 use crate::server::{Connections, Kind, PortListeners};
-pub use crate::table::RouteTable;
+pub use crate::table::{RouteTable, Service as RoutedService};
 
 /// How the edge listens and behaves.
 #[derive(Debug, Clone)]
@@ -356,19 +356,25 @@ pub(crate) fn touch(shared: &Arc<Shared>, service: &table::Service) {
     });
 }
 
-/// Wakes a service scaled to zero and waits (up to the wake timeout) until one of its instances runs; the
-/// request then goes there. `None`: nothing to wake, or it did not start in time.
+/// For a service with no instance to take a request: wakes it if it scales to zero, and waits (up to the wake
+/// timeout) until one of its instances runs, as when a deploy's instances are still starting; the request then
+/// goes there rather than failing. `None`: nothing to wait for, or it did not start in time.
 pub(crate) async fn wake(
     shared: &Arc<Shared>,
     service: &table::Service,
 ) -> Option<(Arc<table::Service>, table::InFlight)> {
     let started = Instant::now();
-    match shared.store.wake_service(service.id).await {
-        Ok(n) => tracing::info!(service = %service.fqdn, instances = n, "waking a service scaled to zero"),
-        Err(e) => {
-            tracing::warn!(service = %service.fqdn, error = %cloud_domain::error_chain(&e), "cannot wake the service");
-            return None;
+    if service.scale_to_zero_after.is_some() {
+        match shared.store.wake_service(service.id).await {
+            Ok(n) => tracing::info!(service = %service.fqdn, instances = n, "waking a service scaled to zero"),
+            Err(e) => {
+                let error = cloud_domain::error_chain(&e);
+                tracing::warn!(service = %service.fqdn, error = %error, "cannot wake the service");
+                return None;
+            }
         }
+    } else if service.starting == 0 {
+        return None;
     }
     let deadline = tokio::time::Instant::now() + shared.config.wake_timeout;
     loop {
@@ -376,7 +382,7 @@ pub(crate) async fn wake(
         if let Some(s) = shared.table.load().service(service.id)
             && let table::Pick::Backend(g) = s.pick(&[])
         {
-            tracing::info!(service = %service.fqdn, ms = started.elapsed().as_millis() as u64, "woken");
+            tracing::info!(service = %service.fqdn, ms = started.elapsed().as_millis() as u64, "an instance is up");
             return Some((s.clone(), g));
         }
         if tokio::time::timeout_at(deadline, swapped).await.is_err() {

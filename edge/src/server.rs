@@ -207,7 +207,11 @@ impl Connections {
         loop {
             let guard = match service.pick(&tried) {
                 Pick::Backend(g) => g,
-                Pick::NoBackend if service.scale_to_zero_after.is_some() && !woken && tried.is_empty() => {
+                Pick::NoBackend
+                    if (service.scale_to_zero_after.is_some() || service.starting > 0)
+                        && !woken
+                        && tried.is_empty() =>
+                {
                     woken = true;
                     match crate::wake(&self.shared, &service).await {
                         Some((s, g)) => {

@@ -38,6 +38,8 @@ pub struct Service {
     pub scale_to_zero_after: Option<u32>,
     /// Running instances.
     pub backends: Vec<Arc<Backend>>,
+    /// Instances on their way to running: a request finding no backend waits for them rather than failing.
+    pub starting: u32,
 }
 
 impl Service {
@@ -308,6 +310,7 @@ fn build(s: ServiceRoute, old: Option<&Arc<Service>>) -> Arc<Service> {
         hard_limit: s.hard_limit,
         scale_to_zero_after: s.scale_to_zero_after,
         backends,
+        starting: s.starting,
     })
 }
 
@@ -339,6 +342,7 @@ mod tests {
                     private_ip: IpAddr::from([10, 0, n, i + 2]),
                 })
                 .collect(),
+            starting: 0,
         }
     }
 

@@ -66,6 +66,8 @@ pub struct ServiceRoute {
     pub scale_to_zero_after: Option<u32>,
     /// Instances observed running, by name.
     pub backends: Vec<RouteBackend>,
+    /// Instances wanted running that are not yet (pending or starting): requests may wait for them.
+    pub starting: u32,
 }
 
 /// A running instance of a service.
@@ -219,6 +221,14 @@ async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Re
     .bind(&only)
     .fetch_all(&mut *tx)
     .await?;
+    let starting: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT service_id, count(*) FROM instances
+         WHERE desired_state = 'running' AND state IN ('pending', 'starting') AND service_id IS NOT NULL
+           AND ($1::uuid[] IS NULL OR service_id = ANY($1)) GROUP BY service_id",
+    )
+    .bind(&only)
+    .fetch_all(&mut *tx)
+    .await?;
 
     let mut services: Vec<ServiceRoute> = rows
         .into_iter()
@@ -233,6 +243,7 @@ async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Re
             hard_limit: hard.map(|v| v as u32),
             scale_to_zero_after: idle.map(|v| v as u32),
             backends: Vec::new(),
+            starting: 0,
         })
         .collect();
     // Every list is ordered by service id, as are the services: attach by binary search.
@@ -254,6 +265,11 @@ async fn read_services(tx: &mut sqlx::PgConnection, only: Option<&[Uuid]>) -> Re
     for (sid, id, name, private_ip) in backends {
         if let Some(i) = find(&mut services, sid) {
             services[i].backends.push(RouteBackend { id, name, private_ip });
+        }
+    }
+    for (sid, n) in starting {
+        if let Some(i) = find(&mut services, sid) {
+            services[i].starting = n as u32;
         }
     }
     Ok(services)

@@ -142,6 +142,36 @@ impl TestApi {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    /// Uploads an image made of `files` (one must be `manifest.json`) under `name`, as `token`'s tenant.
+    pub async fn upload_image(&self, token: &str, name: &str, files: &[(&str, &str)]) {
+        let res = reqwest::Client::new()
+            .post(self.url(&format!("/v1/images?name={name}")))
+            .bearer_auth(token)
+            .header("content-type", "application/gzip")
+            .body(bundle(files))
+            .send()
+            .await
+            .expect("uploading an image");
+        let status = res.status();
+        assert_eq!(status, 201, "uploading {name}: {}", res.text().await.unwrap_or_default());
+    }
+}
+
+/// An image bundle: `files` (path, content), executable, packed as tar.gz.
+pub fn bundle(files: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data.as_bytes()).expect("packing");
+    }
+    let mut gz = tar.into_inner().expect("packing");
+    gz.flush().expect("packing");
+    gz.finish().expect("packing")
 }
 
 impl Drop for TestApi {
