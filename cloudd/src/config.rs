@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration. See `docs/configuration.md` for every key.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// PostgreSQL URL; without it `cloudd dev` runs an embedded cluster (other roles require it).
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// `[certs]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CertsSection {
     /// ACME directory URL (e.g. `https://acme-v02.api.letsencrypt.org/directory`, or staging). Default none: only
@@ -57,7 +57,7 @@ pub struct CertsSection {
 }
 
 /// `[edge]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeSection {
     /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` when it may bind ports below 1024 (root), else `127.0.0.1:8443`.
@@ -73,7 +73,7 @@ pub struct EdgeSection {
 }
 
 /// `[dns]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsSection {
     /// Public listeners (UDP and TCP). Default `0.0.0.0:53`; `cloudd dev`: `127.0.0.1:5353`.
@@ -87,7 +87,7 @@ pub struct DnsSection {
 }
 
 /// `[node]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSection {
     /// Unique node name. Default: the host name.
@@ -105,7 +105,7 @@ pub struct NodeSection {
 }
 
 /// `[api]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
     /// Address the API listens on.
@@ -131,7 +131,7 @@ impl Default for ApiSection {
 }
 
 /// `[platform]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformSection {
     /// Region label in service FQDNs.
@@ -170,7 +170,7 @@ impl Default for PlatformSection {
 }
 
 /// `[dev]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DevSection {
     /// Where the embedded PostgreSQL cluster lives. Default: `/var/lib/cloudd` as root, else
@@ -418,6 +418,58 @@ mod tests {
         let mut bad = Config::default();
         bad.platform.tcp_ports = "9-1".into();
         assert!(bad.store_settings().unwrap_err().to_string().contains("platform.tcp_ports"));
+    }
+
+    /// The sample lists every key (set, or commented out with an example value) and the reference documents
+    /// each key and environment variable: a key added to the code without both fails here.
+    #[test]
+    fn every_key_and_variable_is_in_the_sample_and_the_reference() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sample = std::fs::read_to_string(root.join("docs/cloudd.example.toml")).unwrap();
+        let reference = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let uncommented: Vec<&str> = sample
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect();
+        let uncommented = uncommented.join("\n");
+        let from_sample: Config = toml::from_str(&uncommented).expect("the sample, uncommented, parses");
+        let paths = |v: &serde_json::Value| -> Vec<String> {
+            let mut out = Vec::new();
+            for (k, v) in v.as_object().unwrap() {
+                match v.as_object() {
+                    Some(section) => out.extend(section.keys().map(|f| format!("{k}.{f}"))),
+                    None => out.push(k.clone()),
+                }
+            }
+            out.sort();
+            out
+        };
+        let in_code = paths(&serde_json::to_value(Config::default()).unwrap());
+        let sample_value: toml::Value = toml::from_str(&uncommented).unwrap();
+        let in_sample = paths(&serde_json::to_value(sample_value).unwrap());
+        assert_eq!(in_sample, in_code, "docs/cloudd.example.toml must list every key");
+        assert_eq!(paths(&serde_json::to_value(from_sample).unwrap()), in_code);
+        for key in &in_code {
+            assert!(reference.contains(&format!("| `{key}` |")), "docs/configuration.md has no row for {key}");
+        }
+        let sources = [include_str!("config.rs"), include_str!("main.rs"), include_str!("dev.rs")];
+        for source in sources {
+            for var in source
+                .split('"')
+                .filter(|s| s.starts_with("CLOUD_") && s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+            {
+                assert!(reference.contains(&format!("`{var}")), "docs/configuration.md does not mention {var}");
+            }
+        }
     }
 
     #[test]

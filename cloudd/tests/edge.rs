@@ -14,6 +14,7 @@ use cloud_edge::{CertStore, EdgeConfig, EdgeHandle, ServedCert};
 use cloud_runtime::{NodeConfig, NodeHandle};
 use cloud_store::{ChangeFeed, Settings, Store};
 use cloud_tests::TestApi;
+use cloud_tests::relay::Relay;
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -521,46 +522,6 @@ async fn no_response_ever_comes_from_another_services_instance_under_churn() {
     assert!(ok > 100, "only {ok} requests were answered");
 }
 
-/// A TCP relay to PostgreSQL that the test can cut and restore, as a network partition would.
-struct Relay {
-    addr: SocketAddr,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay = Relay { addr: listener.local_addr().unwrap(), cut: Default::default(), conns: Default::default() };
-        let (cut, conns) = (relay.cut.clone(), relay.conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
-                if cut.load(Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                conns.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut up) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                }));
-            }
-        });
-        relay
-    }
-
-    /// Breaks every open connection and refuses new ones.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
 /// With PostgreSQL unreachable the edge keeps routing with its last table and says it is stale; when the
 /// database is back it catches up with what changed meanwhile.
 #[tokio::test]
@@ -568,18 +529,9 @@ async fn routes_keep_serving_through_a_database_outage_and_catch_up_after() {
     let relay: Arc<std::sync::OnceLock<Relay>> = Default::default();
     let r = relay.clone();
     let Some(f) = Fixture::start_with(22, async move |api: &TestApi| {
-        let opts = api.store.pool().connect_options();
-        let target = SocketAddr::new(opts.get_host().parse().unwrap(), opts.get_port());
-        let relay = Relay::start(target).await;
-        let via_relay = (*opts).clone().host("127.0.0.1").port(relay.addr.port());
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(1))
-            .connect_with(via_relay)
-            .await
-            .unwrap();
+        let (relay, store) = Relay::store_through(&api.store).await;
         let _ = r.set(relay);
-        Store::new(pool, api.store.settings().clone())
+        store
     })
     .await
     else {

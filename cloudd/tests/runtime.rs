@@ -13,6 +13,7 @@ use cloud_domain::api::Scope;
 use cloud_runtime::{NodeConfig, NodeHandle};
 use cloud_store::{ChangeFeed, Settings};
 use cloud_tests::TestApi;
+use cloud_tests::relay::Relay;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -386,6 +387,49 @@ async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
     let down = wait_for(&api, t, "stays-down", "failed", |i| i["state"] == "failed").await;
     assert!(down["state_reason"].as_str().unwrap().contains("node n-big was lost"), "{down}");
     spare.shutdown().await;
+}
+
+/// An outage of PostgreSQL longer than the lost-node time costs no instance: every node is silent during it, and
+/// an agent judges another lost only after having been heard itself for that long, by when the others are too.
+#[tokio::test]
+async fn a_database_outage_loses_no_node() {
+    let Some((_host, api)) = as_root().await else { return };
+    let t = &api.token;
+    let (mut nodes, mut relays) = (Vec::new(), Vec::new());
+    for name in ["n-first", "n-second"] {
+        let (relay, store) = Relay::store_through(&api.store).await;
+        let mut cfg = config(name);
+        cfg.lost_after = Duration::from_secs(4);
+        let feed = ChangeFeed::start(store.clone()).await.unwrap();
+        nodes.push(cloud_runtime::start(store, feed, cfg).await.expect("node agent"));
+        relays.push(relay);
+    }
+    create(&api, t, json!({"image": "hello", "name": "one", "restart_policy": "never"})).await;
+    create(&api, t, json!({"image": "hello", "name": "two", "restart_policy": "never"})).await;
+    let before = [running(&api, t, "one").await, running(&api, t, "two").await];
+    assert_ne!(before[0]["node"], before[1]["node"], "one instance per node");
+
+    relays.iter().for_each(Relay::cut);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The first node is back a second before the second: it must not take the second's silence for a loss.
+    relays[0].restore();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relays[1].restore();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    for was in &before {
+        let name = was["name"].as_str().unwrap();
+        let (_, now) = call(&api, reqwest::Method::GET, &format!("/v1/instances/{name}"), t, None).await;
+        assert_eq!(
+            (&now["state"], &now["node"], &now["restart_count"]),
+            (&was["state"], &was["node"], &was["restart_count"]),
+            "{now}"
+        );
+        assert!(http_get(now["private_ip"].as_str().unwrap(), 8080).await.unwrap().contains(name));
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
 }
 
 #[tokio::test]

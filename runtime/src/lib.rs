@@ -133,6 +133,8 @@ pub(crate) struct Shared {
     pub images: images::ImageCache,
     pub logs: mpsc::Sender<LogEntry>,
     pub metrics: metrics::NodeMetrics,
+    /// Since when heartbeats have reached PostgreSQL without a failure (`None` while they fail).
+    pub in_contact_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// One line of output on its way to the database.
@@ -213,6 +215,8 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         sandboxes,
         logs: logs_tx,
         metrics: metrics::NodeMetrics::new(),
+        // Registration just reached the database.
+        in_contact_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
     });
     tracing::info!(%node, name = %shared.config.name, "node agent up");
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -244,18 +248,22 @@ async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let mut supervisors: HashMap<Uuid, Supervisor> = HashMap::new();
     let heartbeat = {
-        let (store, node, every) = (shared.store.clone(), shared.node, shared.config.heartbeat);
-        let ok = shared.metrics.heartbeat_ok.clone();
+        let shared = shared.clone();
         tasks.spawn(async move {
             loop {
-                match store.heartbeat(node).await {
-                    Ok(()) => ok.set(1),
-                    Err(e) => {
-                        ok.set(0);
-                        tracing::warn!(error = %e, "heartbeat failed");
+                let result = shared.store.heartbeat(shared.node).await;
+                shared.metrics.heartbeat_ok.set(result.is_ok() as i64);
+                {
+                    let mut since = shared.in_contact_since.lock().expect("contact lock");
+                    match result {
+                        Ok(()) => *since = Some(since.unwrap_or_else(std::time::Instant::now)),
+                        Err(e) => {
+                            *since = None;
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
                     }
                 }
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(shared.config.heartbeat).await;
             }
         })
     };
@@ -293,7 +301,12 @@ async fn reconcile(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), StoreError> {
     let store = &shared.store;
-    store.reap_lost_nodes(shared.config.lost_after).await?;
+    // A node is judged lost by its silence only once this agent has itself been heard for that long: after an
+    // outage of PostgreSQL (or of this agent's link to it) every node is silent, and none is lost for it.
+    let heard_for = shared.in_contact_since.lock().expect("contact lock").map(|t| t.elapsed());
+    if heard_for.is_some_and(|d| d >= shared.config.lost_after) {
+        store.reap_lost_nodes(shared.config.lost_after).await?;
+    }
     store.schedule_pending(shared.config.live_window).await?;
     let assigned = store.assignments(shared.node).await?;
     let mut seen = std::collections::HashSet::new();

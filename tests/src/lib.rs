@@ -6,6 +6,7 @@
 
 pub mod pebble;
 pub mod pki;
+pub mod relay;
 pub mod txt_server;
 
 use std::net::TcpListener;
