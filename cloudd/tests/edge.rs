@@ -623,7 +623,7 @@ async fn a_request_during_a_deploy_waits_for_the_starting_instance() {
     let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
     let table_shows = async |what: &str, want: &dyn Fn(&cloud_edge::RoutedService) -> bool| {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while !f.edge.table().by_host(&fqdn).is_some_and(|s| want(&s)) {
+        while !f.edge.table().by_host(&fqdn).is_some_and(|s| want(s)) {
             assert!(tokio::time::Instant::now() < deadline, "the edge never showed {fqdn} {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
