@@ -60,7 +60,6 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     let node = start_node(cfg, store.clone(), data_dir.join("node"), private_dns).await?;
     let (edge, ca_pem) = start_edge(cfg, store.clone()).await?;
     let ca_path = data_dir.join("ca.pem");
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     std::fs::write(&ca_path, &ca_pem).with_context(|| format!("writing {}", ca_path.display()))?;
     let (certs, _) = start_certs(cfg, store.clone())?;
     let server = start_api(cfg, store).await?;

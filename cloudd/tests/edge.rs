@@ -643,6 +643,24 @@ async fn a_request_during_a_deploy_waits_for_the_starting_instance() {
     assert_eq!(res.status(), 200, "{:?}", res.text().await);
     let (_, list) = f.call(&t, reqwest::Method::GET, "/v1/instances", None).await;
     assert_eq!(list["items"][0]["state"], "running");
+
+    // An instance that fails while a request waits for it: the request gets its 503 then, not at the time limit.
+    let broken = r#"{"command": ["sh", "-c", "sleep 2; exit 1"], "port": 9000}"#;
+    f.api.upload_image(&t, "broken", &[("manifest.json", broken)]).await;
+    let body = json!({"name": "broken", "ports": ["443:9000"]});
+    let (_, svc) = f.call(&t, reqwest::Method::POST, "/v1/services", Some(body)).await;
+    let broken_fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+    let body = json!({"image": "broken", "service": "broken", "restart_policy": "never"});
+    assert_eq!(f.call(&t, reqwest::Method::POST, "/v1/instances", Some(body)).await.0, 201);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while f.edge.table().by_host(&broken_fqdn).is_none_or(|s| s.starting != 1) {
+        assert!(tokio::time::Instant::now() < deadline, "the edge never showed {broken_fqdn} starting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Shorter than the edge's 30 s hold: only an early answer arrives in time.
+    let res = f.https(&[&broken_fqdn]).get(format!("https://{broken_fqdn}/")).timeout(Duration::from_secs(20));
+    let res = res.send().await.expect("an answer once the instance failed");
+    assert_eq!(res.status(), 503);
 }
 
 /// Bad input ends the connection that sent it (with a 4xx where HTTP allows one) and nothing else notices.

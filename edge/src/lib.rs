@@ -379,12 +379,17 @@ pub(crate) async fn wake(
     let deadline = tokio::time::Instant::now() + shared.config.wake_timeout;
     loop {
         let swapped = shared.swapped.notified();
-        if let Some(s) = shared.table.load().service(service.id)
-            && let table::Pick::Backend(g) = s.pick(&[])
-        {
+        let table = shared.table.load();
+        let s = table.service(service.id)?;
+        if let table::Pick::Backend(g) = s.pick(&[]) {
             tracing::info!(service = %service.fqdn, ms = started.elapsed().as_millis() as u64, "an instance is up");
             return Some((s.clone(), g));
         }
+        // The instances it waited for failed or went away: nothing is coming.
+        if s.starting == 0 && s.scale_to_zero_after.is_none() {
+            return None;
+        }
+        drop(table);
         if tokio::time::timeout_at(deadline, swapped).await.is_err() {
             return None;
         }
