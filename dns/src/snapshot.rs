@@ -284,6 +284,10 @@ struct Sources {
     edge_names: Map<NameKey, u32>,
     /// Verified custom domains (each a zone of its own), and how many services claim each.
     custom_apexes: Map<NameKey, u32>,
+    /// The custom zones' apexes that are themselves verified domains (answered with the edge addresses), and how
+    /// many services claim each. A wildcard domain `*.<apex>` makes a zone at `<apex>` (where its certificate's
+    /// `_acme-challenge` lives) without making `<apex>` a routed name.
+    custom_addressed: Map<NameKey, u32>,
     /// ACME challenge TXT values by name.
     challenges: Map<LowerName, Arc<Vec<String>>>,
 }
@@ -543,17 +547,18 @@ impl Snapshot {
         std::iter::once(service.fqdn.as_str()).chain(domains).filter_map(absolute).map(|n| LowerName::new(&n))
     }
 
-    /// The custom zones a service claims: its verified custom domains, except those inside the public zone (a
-    /// platform name is never delegated away) and top-level domains.
-    fn custom_apexes_of<'s>(&self, service: &'s ZoneService) -> impl Iterator<Item = LowerName> + 's {
+    /// The custom zones a service claims, with whether the apex is itself the domain (else a wildcard's parent):
+    /// its verified custom domains, except those inside the public zone (a platform name is never delegated away)
+    /// and top-level domains.
+    fn custom_apexes_of<'s>(&self, service: &'s ZoneService) -> impl Iterator<Item = (LowerName, bool)> + 's {
         let public = self.public.apex.clone();
         service
             .domains
             .iter()
             .filter(|d| d.custom)
             .filter_map(|d| absolute(&d.name))
-            .map(|n| LowerName::new(&n))
-            .filter(move |apex| !public.zone_of(apex) && apex.num_labels() >= 2)
+            .map(|n| if n.is_wildcard() { (LowerName::new(&n.base_name()), false) } else { (LowerName::new(&n), true) })
+            .filter(move |(apex, _)| !public.zone_of(apex) && apex.num_labels() >= 2)
     }
 
     fn forget_service(&mut self, id: Uuid, dirty: &mut Dirty) {
@@ -568,8 +573,11 @@ impl Snapshot {
             claim(&mut self.sources.edge_names, &name, false);
             dirty.public(name);
         }
-        for apex in self.custom_apexes_of(&old).collect::<Vec<_>>() {
+        for (apex, addressed) in self.custom_apexes_of(&old).collect::<Vec<_>>() {
             claim(&mut self.sources.custom_apexes, &apex, false);
+            if addressed {
+                claim(&mut self.sources.custom_addressed, &apex, false);
+            }
             dirty.custom_apex(apex);
         }
     }
@@ -583,8 +591,11 @@ impl Snapshot {
             claim(&mut self.sources.edge_names, &name, true);
             dirty.public(name);
         }
-        for apex in self.custom_apexes_of(&service).collect::<Vec<_>>() {
+        for (apex, addressed) in self.custom_apexes_of(&service).collect::<Vec<_>>() {
             claim(&mut self.sources.custom_apexes, &apex, true);
+            if addressed {
+                claim(&mut self.sources.custom_addressed, &apex, true);
+            }
             dirty.custom_apex(apex);
         }
     }
@@ -623,6 +634,8 @@ impl Snapshot {
         let mut zones_changed = false;
         for apex in &dirty.custom_apexes {
             zones_changed |= self.sync_custom_zone(apex);
+            // A kept zone's apex may have gained or lost its own addresses (a wildcard's parent, or a domain).
+            self.refresh_custom(apex);
         }
         if zones_changed {
             // A challenge is served by the closest enclosing zone: a zone coming or going can move any of them.
@@ -798,7 +811,9 @@ impl Snapshot {
             records.extend(
                 p.ns_names.iter().map(|n| Record::from_rdata(owner.clone(), p.apex_ttl, RData::NS(NS(n.clone())))),
             );
-            records.extend(p.edge_addresses.iter().map(|ip| address_record(owner.clone(), p.service_ttl, *ip)));
+            if self.sources.custom_addressed.contains_key(apex) {
+                records.extend(p.edge_addresses.iter().map(|ip| address_record(owner.clone(), p.service_ttl, *ip)));
+            }
         }
         if challenges && let Some(values) = self.sources.challenges.get(name) {
             exists = true;
@@ -1291,6 +1306,37 @@ pub(crate) mod tests {
         assert_eq!(inner.dump(), Snapshot::build(d.clone(), &params()).dump());
     }
 
+    /// A wildcard domain `*.shop.example.net` makes us authoritative below `shop.example.net`, where its
+    /// certificate's dns-01 answer lives, without routing `shop.example.net` itself.
+    #[test]
+    fn a_wildcard_domain_serves_its_acme_challenge_at_its_parent() {
+        let mut d = data();
+        d.services[0].domains.push(domain("*.shop.example.net", true));
+        d.acme_challenges.push(("_acme-challenge.shop.example.net".into(), "tok".into()));
+        let snap = Snapshot::build(d.clone(), &params());
+        let ask = |snap: &Snapshot, q: &str, t| {
+            let a = snap.answer(Listener::Public, OUTSIDE, &name(q), t);
+            (a.rcode, a.answers().count())
+        };
+        assert_eq!(ask(&snap, "_acme-challenge.shop.example.net.", RecordType::TXT), (ResponseCode::NoError, 1));
+        assert_eq!(ask(&snap, "shop.example.net.", RecordType::NS).0, ResponseCode::NoError);
+        assert_eq!(ask(&snap, "shop.example.net.", RecordType::A), (ResponseCode::NoError, 0), "not routed itself");
+        assert_eq!(ask(&snap, "other.example.net.", RecordType::A).0, ResponseCode::Refused);
+
+        // The parent verified as a domain too: now it has addresses; and without the wildcard the zone stays.
+        let mut both = d.services[0].clone();
+        both.domains.push(domain("shop.example.net", true));
+        let patched = snap.patch(ZonePatch { version: 43, services: vec![both.clone()], ..ZonePatch::default() });
+        assert_eq!(ask(&patched, "shop.example.net.", RecordType::A), (ResponseCode::NoError, 1));
+        let mut exact = both.clone();
+        exact.domains.retain(|x| x.name != "*.shop.example.net");
+        let patched = patched.patch(ZonePatch { version: 44, services: vec![exact.clone()], ..ZonePatch::default() });
+        assert_eq!(ask(&patched, "shop.example.net.", RecordType::A), (ResponseCode::NoError, 1));
+        patched.check_invariants();
+        d.services[0] = exact;
+        assert_eq!(patched.dump(), Snapshot::build(d, &params()).dump());
+    }
+
     #[test]
     fn an_empty_non_terminal_stays_while_any_name_below_it_does() {
         let snap = Snapshot::build(data(), &params());
@@ -1371,7 +1417,7 @@ pub(crate) mod tests {
             "c.a.b.dev.cloud.localhost",
             "z.dev.cloud.localhost",
         ];
-        const DOMAINS: [(&str, bool); 7] = [
+        const DOMAINS: [(&str, bool); 8] = [
             ("shop.deep.dev.cloud.localhost", false),
             ("deep.dev.cloud.localhost", false),
             ("www.example.org", true),
@@ -1379,6 +1425,7 @@ pub(crate) mod tests {
             ("a.www.example.org", true),
             ("org", true),
             ("sub.dev.cloud.localhost", true),
+            ("*.www.example.org", true),
         ];
         const CHALLENGES: [&str; 6] = [
             "_acme-challenge.b.dev.cloud.localhost",
