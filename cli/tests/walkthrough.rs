@@ -268,11 +268,12 @@ fn the_readme_walkthrough_works_verbatim_and_survives_a_restart() {
         &work,
         &[
             "cloudctl service list -o name".into(),
-            format!("cloudctl instance get {instance} -o value=state"),
+            // Answered once the instance runs again (the edge holds the request while it starts).
             format!("curl --retry 30 --retry-delay 1 --retry-all-errors --cacert ca.pem https://{name}/"),
+            format!("cloudctl instance get {instance} -o value=state"),
         ],
     );
-    let [services, state, curl] = &again[..] else { unreachable!() };
+    let [services, curl, state] = &again[..] else { unreachable!() };
     check(services, services.stdout == "my-service\n");
     check(state, state.stdout == "running\n");
     check(curl, curl.stdout.starts_with(&format!("hello from {instance} (")));
