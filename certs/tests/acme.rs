@@ -59,7 +59,7 @@ async fn dns01_order_from_a_restored_account_covers_a_name_and_its_wildcard() {
     let withdrawn =
         calls.iter().filter(|c| c.starts_with("withdraw dns-01 _acme-challenge.shop.example.test ")).count();
     assert_eq!((published, withdrawn), (2, 2), "{calls:?}");
-    assert!(pebble.dns.txt("_acme-challenge.shop.example.test").is_empty(), "the TXT values are withdrawn");
+    assert!(pebble.dns.values("_acme-challenge.shop.example.test").is_empty(), "the TXT values are withdrawn");
 }
 
 #[tokio::test]
@@ -82,7 +82,7 @@ async fn wrong_answers_fail_naming_the_challenge_and_pebbles_reason_and_are_with
     let AcmeError::ChallengeFailed { name, kind, reason } = &err else { panic!("{err:?}") };
     assert_eq!((name.as_str(), *kind), ("txt.example.test", ChallengeKind::Dns01));
     assert!(reason.contains("urn:ietf:params:acme:error:unauthorized"), "{reason}");
-    assert!(pebble.dns.txt("_acme-challenge.txt.example.test").is_empty(), "withdrawn after the failure");
+    assert!(pebble.dns.values("_acme-challenge.txt.example.test").is_empty(), "withdrawn after the failure");
 
     // http-01 cannot prove a wildcard: pebble offers only dns-01 for it, and nothing is published.
     let before = calls(&responder).len();

@@ -569,17 +569,7 @@ impl Snapshot {
             names.services.remove(&old.name);
         }
         dirty.private(old.tenant_id, &old.name);
-        for name in Self::edge_names_of(&old) {
-            claim(&mut self.sources.edge_names, &name, false);
-            dirty.public(name);
-        }
-        for (apex, addressed) in self.custom_apexes_of(&old).collect::<Vec<_>>() {
-            claim(&mut self.sources.custom_apexes, &apex, false);
-            if addressed {
-                claim(&mut self.sources.custom_addressed, &apex, false);
-            }
-            dirty.custom_apex(apex);
-        }
+        self.claim_names(&old, false, dirty);
     }
 
     fn learn_service(&mut self, service: Arc<ZoneService>, dirty: &mut Dirty) {
@@ -587,14 +577,19 @@ impl Snapshot {
         let names = self.sources.names.get_or_insert_with(service.tenant_id, TenantNames::default);
         names.services.insert(service.name.clone(), service.id);
         dirty.private(service.tenant_id, &service.name);
-        for name in Self::edge_names_of(&service) {
-            claim(&mut self.sources.edge_names, &name, true);
+        self.claim_names(&service, true, dirty);
+    }
+
+    /// Adds (or withdraws) a service's claims on public names and custom zones.
+    fn claim_names(&mut self, service: &ZoneService, add: bool, dirty: &mut Dirty) {
+        for name in Self::edge_names_of(service) {
+            claim(&mut self.sources.edge_names, &name, add);
             dirty.public(name);
         }
-        for (apex, addressed) in self.custom_apexes_of(&service).collect::<Vec<_>>() {
-            claim(&mut self.sources.custom_apexes, &apex, true);
+        for (apex, addressed) in self.custom_apexes_of(service).collect::<Vec<_>>() {
+            claim(&mut self.sources.custom_apexes, &apex, add);
             if addressed {
-                claim(&mut self.sources.custom_addressed, &apex, true);
+                claim(&mut self.sources.custom_addressed, &apex, add);
             }
             dirty.custom_apex(apex);
         }
@@ -633,9 +628,12 @@ impl Snapshot {
         self.refresh_tenants(&mut dirty);
         let mut zones_changed = false;
         for apex in &dirty.custom_apexes {
-            zones_changed |= self.sync_custom_zone(apex);
-            // A kept zone's apex may have gained or lost its own addresses (a wildcard's parent, or a domain).
-            self.refresh_custom(apex);
+            if self.sync_custom_zone(apex) {
+                zones_changed = true;
+            } else {
+                // A kept zone's apex may have gained or lost its own addresses (a wildcard's parent, or a domain).
+                self.refresh_custom(apex);
+            }
         }
         if zones_changed {
             // A challenge is served by the closest enclosing zone: a zone coming or going can move any of them.

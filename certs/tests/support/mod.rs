@@ -1,25 +1,24 @@
 //! A real ACME CA on loopback for the tests: Debian's pebble (`/usr/bin/pebble`, scripts/setup installs it) with a
-//! listener certificate made here (the package ships none), a tiny DNS it resolves every name through (A
-//! 127.0.0.1 for any name, TXT from a table), and a responder answering http-01 on pebble's `httpPort` and dns-01
+//! listener certificate made here (the package ships none), a tiny DNS it resolves every name through
+//! ([`TxtServer`] answering A 127.0.0.1 for any name, TXT from a table), and a responder answering http-01 on pebble's `httpPort` and dns-01
 //! in that DNS. Each test starts its own: no shared state, nothing but loopback traffic.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use cloud_certs::acme::{ChallengeResponder, ResponderError};
-use hickory_proto::op::{Message, MessageType};
-use hickory_proto::rr::rdata::{A, TXT};
-use hickory_proto::rr::{RData, Record, RecordType};
+use cloud_tests::txt_server::TxtServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
-/// A running pebble (see [`cloud_tests::pebble`]) with the DNS it resolves through and its http-01 port.
+/// A running pebble (see [`cloud_tests::pebble`]) with the DNS it resolves through (A 127.0.0.1 for every name,
+/// where pebble connects for http-01, and TXT from a table) and its http-01 port.
 pub struct Pebble {
     inner: cloud_tests::pebble::Pebble,
     /// The DNS pebble resolves through.
-    pub dns: Arc<TestDns>,
+    pub dns: Arc<TxtServer>,
     /// Bound on pebble's `httpPort`, for the responder's server.
     http: Option<TcpListener>,
 }
@@ -35,9 +34,9 @@ impl std::ops::Deref for Pebble {
 impl Pebble {
     /// Starts pebble with a DNS of the test's and a listener for the responder on its `httpPort`.
     pub async fn start() -> Self {
-        let dns = Arc::new(TestDns::start().await);
+        let dns = Arc::new(TxtServer::start_with_address(Ipv4Addr::LOCALHOST).await);
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inner = cloud_tests::pebble::Pebble::start(dns.addr, http.local_addr().unwrap().port()).await;
+        let inner = cloud_tests::pebble::Pebble::start(dns.addr(), http.local_addr().unwrap().port()).await;
         Self { inner, dns, http: Some(http) }
     }
 
@@ -55,89 +54,9 @@ impl Pebble {
     }
 }
 
-/// A DNS on a loopback UDP port: A 127.0.0.1 for every name (where pebble connects for http-01), TXT from a
-/// table, empty answers for other types.
-pub struct TestDns {
-    /// Where pebble sends its questions.
-    pub addr: SocketAddr,
-    txt: Arc<Mutex<HashMap<String, Vec<String>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestDns {
-    async fn start() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        let txt: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
-        let table = txt.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
-                let Some(question) = query.queries.first().cloned() else { continue };
-                let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
-                reply.metadata.message_type = MessageType::Response;
-                reply.metadata.authoritative = true;
-                reply.metadata.recursion_desired = query.metadata.recursion_desired;
-                reply.add_query(question.clone());
-                let name = question.name().clone();
-                match question.query_type() {
-                    RecordType::A => {
-                        reply.add_answer(Record::from_rdata(name, 60, RData::A(A(Ipv4Addr::LOCALHOST))));
-                    }
-                    RecordType::TXT => {
-                        let values = table.lock().unwrap().get(&key(&name.to_ascii())).cloned().unwrap_or_default();
-                        for v in values {
-                            reply.add_answer(Record::from_rdata(name.clone(), 0, RData::TXT(TXT::new(vec![v]))));
-                        }
-                    }
-                    _ => {}
-                }
-                if let Ok(bytes) = reply.to_vec() {
-                    let _ = sock.send_to(&bytes, from).await;
-                }
-            }
-        });
-        Self { addr, txt, task }
-    }
-
-    /// The TXT values at `name` now.
-    pub fn txt(&self, name: &str) -> Vec<String> {
-        self.txt.lock().unwrap().get(&key(name)).cloned().unwrap_or_default()
-    }
-
-    fn add_txt(&self, name: &str, value: &str) {
-        let mut table = self.txt.lock().unwrap();
-        let values = table.entry(key(name)).or_default();
-        if !values.iter().any(|v| v == value) {
-            values.push(value.to_owned());
-        }
-    }
-
-    fn remove_txt(&self, name: &str, value: &str) {
-        let mut table = self.txt.lock().unwrap();
-        if let Some(values) = table.get_mut(&key(name)) {
-            values.retain(|v| v != value);
-            if values.is_empty() {
-                table.remove(&key(name));
-            }
-        }
-    }
-}
-
-impl Drop for TestDns {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn key(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
 /// Answers both challenge kinds, records what it was asked, and can be told to publish wrong values.
 pub struct TestResponder {
-    dns: Arc<TestDns>,
+    dns: Arc<TxtServer>,
     http: Mutex<HashMap<String, String>>,
     /// Every publish and withdraw, in order: `publish http-01 www.example.test <token>`, ...
     pub calls: Mutex<Vec<String>>,
@@ -176,13 +95,13 @@ impl ChallengeResponder for TestResponder {
 
     async fn publish_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
         self.record(format!("publish dns-01 {record} {value}"));
-        self.dns.add_txt(record, &self.value(value));
+        self.dns.add(record, &self.value(value));
         Ok(())
     }
 
     async fn withdraw_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
         self.record(format!("withdraw dns-01 {record} {value}"));
-        self.dns.remove_txt(record, &self.value(value));
+        self.dns.remove(record, &self.value(value));
         Ok(())
     }
 }

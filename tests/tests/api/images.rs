@@ -1,7 +1,5 @@
 //! Images: uploads, the built-in `hello`, deletion rules.
 
-use std::io::Write;
-
 use cloud_tests::TestApi;
 use serde_json::json;
 
@@ -9,17 +7,7 @@ use crate::{Res, delete, get, post};
 
 /// A tar.gz bundle with a manifest and one file.
 pub fn bundle(manifest: &str) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    for (path, data) in [("manifest.json", manifest.as_bytes()), ("run", b"#!/bin/sh\necho hi\n".as_slice())] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data).unwrap();
-    }
-    let mut gz = tar.into_inner().unwrap();
-    gz.flush().unwrap();
-    gz.finish().unwrap()
+    cloud_tests::bundle(&[("manifest.json", manifest), ("run", "#!/bin/sh\necho hi\n")])
 }
 
 pub async fn upload(api: &TestApi, token: &str, name: &str, body: &[u8]) -> Res {
