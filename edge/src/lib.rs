@@ -218,7 +218,6 @@ pub async fn start(
     certs: Arc<CertStore>,
     config: EdgeConfig,
 ) -> Result<EdgeHandle, EdgeError> {
-    let (store_for_certs, feed_for_certs) = (store.clone(), feed.clone());
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).map_err(|source| EdgeError::Metrics { source })?;
     let data = store.route_data().await.map_err(|source| EdgeError::InitialLoad { source })?;
@@ -244,30 +243,31 @@ pub async fn start(
     let http_addr = http.local_addr().map_err(|source| EdgeError::Bind { addr: config.http_listen, source })?;
 
     let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some(key) = &config.secret_key {
+        // The first set is loaded before the first connection is accepted.
+        if let Err(e) = certs::load_tenant_certs(&store, key, &shared.certs).await {
+            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot load certificates yet");
+        }
+        let follow_certs = certs::follow_tenant_certs(
+            store.clone(),
+            feed.clone(),
+            key.clone(),
+            shared.certs.clone(),
+            config.resync_interval,
+        );
+        tasks.push(tokio::spawn(follow_certs));
+    }
     let conns = Arc::new(Connections::new(shared.clone(), stopped.clone()));
     let ports = Arc::new(Mutex::new(PortListeners::new(conns.clone(), config.ports_ip, vec![https_addr, http_addr])));
     ports.lock().await.reconcile().await;
-    let tasks = vec![
+    tasks.extend([
         tokio::spawn(conns.clone().accept_loop(https, 443, Kind::Tls)),
         tokio::spawn(conns.clone().accept_loop(http, 80, Kind::Http)),
         tokio::spawn(follow(store, feed, shared.clone(), ports.clone(), stopped.clone())),
         tokio::spawn(check_health(shared.clone(), stopped.clone())),
         tokio::spawn(stop_idle(shared.clone(), stopped)),
-    ];
-    let mut tasks = tasks;
-    if let Some(key) = &config.secret_key {
-        // The first set is loaded before the edge says it serves.
-        if let Err(e) = certs::load_tenant_certs(&store_for_certs, key, &shared.certs).await {
-            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot load certificates yet");
-        }
-        tasks.push(tokio::spawn(certs::follow_tenant_certs(
-            store_for_certs,
-            feed_for_certs,
-            key.clone(),
-            shared.certs.clone(),
-            config.resync_interval,
-        )));
-    }
+    ]);
     tracing::info!(https = %https_addr, http = %http_addr, services = shared.table.load().len(), "edge serving");
     Ok(EdgeHandle { shared, registry, https_addr, http_addr, conns, ports, stop, tasks })
 }
