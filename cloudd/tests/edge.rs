@@ -261,13 +261,29 @@ async fn https_reaches_every_instance_of_the_named_service_and_nothing_else() {
     }
     assert_eq!(by_instance.len(), 3, "{by_instance:?}");
 
-    // The headers the instance sees.
-    let echo = client.get(format!("https://{fqdn}/echo")).header("x-request-id", "abc-123").send().await.unwrap();
+    // The headers the instance sees. A client that claims another address is not believed: the edge's own
+    // view ends every list and replaces X-Real-IP.
+    let echo = client
+        .get(format!("https://{fqdn}/echo"))
+        .header("x-request-id", "abc-123")
+        .header("x-real-ip", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(echo.headers()["x-request-id"], "abc-123");
     let head = echo.text().await.unwrap().to_ascii_lowercase();
-    for want in ["x-forwarded-for: 127.0.0.1", "x-forwarded-proto: https", &format!("x-forwarded-host: {fqdn}")] {
+    for want in [
+        "x-forwarded-for: 6.6.6.6, 127.0.0.1\r\n",
+        "x-forwarded-proto: https",
+        &format!("x-forwarded-host: {fqdn}"),
+        "x-real-ip: 127.0.0.1\r\n",
+        &format!("forwarded: for=6.6.6.6, for=127.0.0.1;proto=https;host=\"{fqdn}\"\r\n"),
+    ] {
         assert!(head.contains(want), "{want} missing in {head}");
     }
+    assert!(!head.contains("x-real-ip: 6.6.6.6"), "{head}");
     assert!(head.contains("x-request-id: abc-123"), "{head}");
 
     // HTTP/2 downstream works the same.

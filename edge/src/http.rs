@@ -230,14 +230,26 @@ impl ProxyHttp for HttpRoute {
         upstream: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
-            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
-                _ => client,
-            };
-            upstream.insert_header("x-forwarded-for", xff)?;
+        // What the client claims about addresses is kept only where the header is a list that proxies append to
+        // (X-Forwarded-For, Forwarded): the last element is ours and is the one to trust. X-Real-IP is a single
+        // value, so a client's is replaced, and without a known peer address the claims are dropped rather than
+        // passed on unchanged.
+        let proto = if self.tls { "https" } else { "http" };
+        match session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+            Some(client) => {
+                let xff = appended(&upstream.headers, "x-forwarded-for", &client.to_string());
+                upstream.insert_header("x-forwarded-for", xff)?;
+                let fwd = appended(&upstream.headers, "forwarded", &forwarded_element(client, proto, &ctx.host));
+                upstream.insert_header("forwarded", fwd)?;
+                upstream.insert_header("x-real-ip", client.to_string())?;
+            }
+            None => {
+                for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+                    upstream.remove_header(name);
+                }
+            }
         }
-        upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
+        upstream.insert_header("x-forwarded-proto", proto)?;
         upstream.insert_header("x-forwarded-host", ctx.host.as_str())?;
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
@@ -287,6 +299,58 @@ impl ProxyHttp for HttpRoute {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             error = %e.map(|e| e.to_string()).unwrap_or_default(),
             "request"
+        );
+    }
+}
+
+/// Every value of a list header (as many lines as the client sent) joined, with `ours` appended last. Values
+/// that are not visible ASCII are dropped: they are not addresses and an instance could not parse them.
+fn appended(headers: &http::HeaderMap, name: &str, ours: &str) -> String {
+    let mut list: Vec<&str> =
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect();
+    list.push(ours);
+    list.join(", ")
+}
+
+/// Our element of an RFC 7239 `Forwarded` list: the client, the protocol and the host it asked for. IPv6
+/// addresses and the host are quoted strings (they contain ':' or may), per the RFC's grammar.
+fn forwarded_element(client: std::net::IpAddr, proto: &str, host: &str) -> String {
+    let node = match client {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    // A wildcard service matches any first label the client sent, so the host is escaped as a quoted-string.
+    let host = host.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("for={node};proto={proto};host=\"{host}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_append_ours_after_every_line_the_client_sent() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(appended(&h, "x-forwarded-for", "10.0.0.1"), "10.0.0.1");
+        h.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.append("x-forwarded-for", " 7.7.7.7, 8.8.8.8 ".parse().unwrap());
+        h.append("x-forwarded-for", http::HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(appended(&h, "x-forwarded-for", "10.0.0.1"), "6.6.6.6, 7.7.7.7, 8.8.8.8, 10.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_elements_follow_rfc_7239() {
+        assert_eq!(
+            forwarded_element("203.0.113.7".parse().unwrap(), "https", "a.example"),
+            "for=203.0.113.7;proto=https;host=\"a.example\""
+        );
+        assert_eq!(
+            forwarded_element("2001:db8::1".parse().unwrap(), "http", "a.example"),
+            "for=\"[2001:db8::1]\";proto=http;host=\"a.example\""
+        );
+        assert_eq!(
+            forwarded_element("10.0.0.1".parse().unwrap(), "http", "a\"b\\c.example"),
+            "for=10.0.0.1;proto=http;host=\"a\\\"b\\\\c.example\""
         );
     }
 }
