@@ -470,6 +470,21 @@ async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
         assert_eq!(http_get(ip, 8080).await.unwrap(), format!("hello from {name} ({ip})\n"));
     }
     assert!(namespaces_of(&node).is_empty(), "no namespaces in loopback mode");
+
+    // No isolation is claimed, but no exec gains privilege either.
+    let script = "grep NoNewPrivs /proc/self/status\nexec python3 -m http.server --bind \"$PRIVATE_IP\" \"$PORT\"\n";
+    api.upload_image(
+        &api.token,
+        "nnp",
+        &[("manifest.json", r#"{"command": ["sh", "nnp.sh"], "port": 9000}"#), ("nnp.sh", script)],
+    )
+    .await;
+    create(&api, &api.token, json!({"image": "nnp", "name": "lo-nnp"})).await;
+    let lines = wait_for_log(&api, &api.token, "lo-nnp", "NoNewPrivs", |l| {
+        l.iter().any(|(s, l)| s == "stdout" && l.starts_with("NoNewPrivs:"))
+    })
+    .await;
+    assert!(lines.contains(&("stdout".into(), "NoNewPrivs:\t1".into())), "{lines:?}");
     node.shutdown().await;
 }
 
@@ -555,4 +570,153 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
     assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
     node.shutdown().await;
     dns.shutdown().await;
+}
+
+/// The lines of an instance's log (the newest 2000), as `(stream, line)`.
+async fn log_lines(api: &TestApi, token: &str, name: &str) -> Vec<(String, String)> {
+    let (status, logs) =
+        call(api, reqwest::Method::GET, &format!("/v1/instances/{name}/logs?limit=2000"), token, None).await;
+    assert_eq!(status, 200, "{logs}");
+    logs.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap().to_owned(), l["line"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Polls an instance's log until `pred` holds (60 s at most: some of these instances first print a lot).
+async fn wait_for_log(
+    api: &TestApi,
+    token: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let mut lines = Vec::new();
+    for _ in 0..600 {
+        lines = log_lines(api, token, name).await;
+        if pred(&lines) {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the log of {name} never showed {what}: {lines:?}");
+}
+
+/// A bundle packed entry by entry, as an attacker would: any kind, mode and owner (root).
+fn raw_bundle(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, kind, mode, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        if kind.is_character_special() {
+            // 1:3 is /dev/null; any device would do.
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        tar.append_data(&mut h, path, *data).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+/// Tries what a tenant's image could do with privileged files, reports it, then serves.
+const PRIVILEGE_SH: &str = r#"#!/bin/sh
+echo "setuid: $(./id-setuid)"
+echo "setgid: $(./id-setgid)"
+echo "write: $( (echo pwned > shared.txt) 2>&1 && echo wrote)"
+echo "create: $( (echo x > open-dir/new) 2>&1 && echo created)"
+grep NoNewPrivs /proc/self/status
+awk -v d="$PWD" '$5 == d { print "mount: " $6 }' /proc/self/mountinfo
+echo "checked"
+exec python3 -m http.server "$PORT"
+"#;
+
+/// Issue 14, item 1: a copy of `id` with mode 4755 in a bundle ran as euid 0.
+#[tokio::test]
+async fn a_setuid_or_setgid_file_in_an_image_never_runs_as_root() {
+    let Some((_host, api, node)) = with_node("n-suid").await else { return };
+    let t = &api.token;
+    let id = std::fs::read("/usr/bin/id").unwrap();
+    let bundle = raw_bundle(&[
+        ("manifest.json", tar::EntryType::Regular, 0o644, br#"{"command": ["./run.sh"], "port": 9000}"#),
+        ("run.sh", tar::EntryType::Regular, 0o755, PRIVILEGE_SH.as_bytes()),
+        ("id-setuid", tar::EntryType::Regular, 0o4755, &id),
+        ("id-setgid", tar::EntryType::Regular, 0o2755, &id),
+        // Unpacked images are shared by every instance of the digest, whatever its tenant.
+        ("shared.txt", tar::EntryType::Regular, 0o666, b"original\n"),
+        ("open-dir/", tar::EntryType::Directory, 0o777, b""),
+    ]);
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/images?name=privileged"))
+        .bearer_auth(t)
+        .header("content-type", "application/gzip")
+        .body(bundle)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "setuid bits are stripped, not refused");
+    let digest = res.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned();
+    create(&api, t, json!({"image": "privileged", "name": "suid-1"})).await;
+    running(&api, t, "suid-1").await;
+    let lines = wait_for_log(&api, t, "suid-1", "its checks", |l| l.iter().any(|(_, l)| l == "checked")).await;
+    let out: Vec<&str> = lines.iter().filter(|(s, _)| s == "stdout").map(|(_, l)| l.as_str()).collect();
+    let line = |prefix: &str| out.iter().find(|l| l.starts_with(prefix)).copied().unwrap_or_default();
+    assert!(line("setuid: ").starts_with("setuid: uid=65534"), "{out:?}");
+    assert!(!line("setuid: ").contains("euid="), "the setuid copy ran with another effective uid: {out:?}");
+    assert!(line("setgid: ").starts_with("setgid: uid=65534"), "{out:?}");
+    assert!(!line("setgid: ").contains("egid="), "the setgid copy ran with another effective gid: {out:?}");
+    assert!(!line("write: ").contains("wrote"), "a file of the shared image was writable: {out:?}");
+    assert!(!line("create: ").contains("created"), "a directory of the shared image was writable: {out:?}");
+    // Each layer on its own would have stopped it: no_new_privs, a nosuid read-only view, and the modes.
+    assert_eq!(line("NoNewPrivs:"), "NoNewPrivs:\t1", "{out:?}");
+    let mount = line("mount: ");
+    for flag in ["ro", "nosuid", "nodev"] {
+        assert!(mount.trim_start_matches("mount: ").split(',').any(|f| f == flag), "{flag} in {mount:?} ({out:?})");
+    }
+    let dir = config("n-suid").state_dir.join("bundles").join(digest.trim_start_matches("sha256:"));
+    for (file, mode) in [("id-setuid", 0o755), ("id-setgid", 0o755), ("shared.txt", 0o644), ("open-dir", 0o755)] {
+        let meta = std::fs::symlink_metadata(dir.join(file)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (mode, 0), "{file}: mode {:o}", meta.mode());
+    }
+    assert_eq!(std::fs::read_to_string(dir.join("shared.txt")).unwrap(), "original\n");
+    node.shutdown().await;
+}
+
+/// Device nodes (and FIFOs) are refused at upload, and by the node for a bundle stored before that check.
+#[tokio::test]
+async fn device_nodes_in_an_image_are_refused() {
+    let Some((_host, api, node)) = with_node("n-dev").await else { return };
+    let t = &api.token;
+    let manifest = br#"{"command": ["sh", "-c", "cat null; echo read; echo x > null && echo wrote; exec python3 -m http.server $PORT"], "port": 9000}"#;
+    let bundle = raw_bundle(&[
+        ("manifest.json", tar::EntryType::Regular, 0o644, manifest),
+        ("null", tar::EntryType::Char, 0o666, b""),
+    ]);
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/images?name=devices"))
+        .bearer_auth(t)
+        .header("content-type", "application/gzip")
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let problem: Value = res.json().await.unwrap_or_default();
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "invalid_image");
+    assert!(problem["detail"].as_str().unwrap().contains("\"null\" is a character device"), "{problem}");
+
+    // As if uploaded before the check: the node refuses to unpack it.
+    let parsed: cloud_domain::api::ImageManifest = serde_json::from_slice(manifest).unwrap();
+    api.store.put_image(api.tenant.id, "devices", &parsed, &bundle).await.unwrap();
+    create(&api, t, json!({"image": "devices", "name": "dev-1", "restart_policy": "never"})).await;
+    let failed = wait_for(&api, t, "dev-1", "failed", |i| i["state"] == "failed").await;
+    let reason = failed["state_reason"].as_str().unwrap();
+    assert!(reason.contains("\"null\" is a character device"), "{reason}");
+    node.shutdown().await;
 }

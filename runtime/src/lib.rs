@@ -206,9 +206,12 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         }
         net::remove_idle_bridges().await;
     }
+    // Bundles unpacked by earlier versions (under `images/`) kept their setuid bits and modes: unpacked again.
+    let old_images = config.state_dir.join("images");
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(old_images)).await;
     let (logs_tx, logs_rx) = mpsc::channel(4096);
     let shared = Arc::new(Shared {
-        images: images::ImageCache::new(config.state_dir.join("images")),
+        images: images::ImageCache::new(config.state_dir.join("bundles")),
         store: store.clone(),
         config,
         node,

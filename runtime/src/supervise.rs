@@ -194,6 +194,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         netns: namespaced.then(|| shared.sandboxes.netns_path(a.id)),
         user: namespaced.then_some(shared.config.user),
         cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+        private_mounts: namespaced,
         resolv_conf,
     };
     let mut child = match spawn(&launch) {
