@@ -37,7 +37,7 @@ pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ow
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
-pub use nodes::{Assignment, LOG_LINES_KEPT, Observation};
+pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
