@@ -117,17 +117,8 @@ fn unpack_entries(bytes: &[u8], tmp: &Path) -> Result<(), String> {
         let mut entry = entry.map_err(|e| e.to_string())?;
         let path = entry.path().map(|p| p.display().to_string()).unwrap_or_else(|_| "?".into());
         let kind = entry.header().entry_type();
-        // tar would write these as empty regular files; refused, so that an image that needs one says so.
-        let special = if kind.is_character_special() {
-            Some("a character device")
-        } else if kind.is_block_special() {
-            Some("a block device")
-        } else if kind.is_fifo() {
-            Some("a FIFO")
-        } else {
-            None
-        };
-        if let Some(what) = special {
+        // Refused at upload too; a bundle stored before that check is refused here.
+        if let Some(what) = cloud_store::special_file(kind) {
             return Err(format!("the entry \"{path}\" is {what}: images may not carry device nodes or FIFOs"));
         }
         if kind.is_dir() {

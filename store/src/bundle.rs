@@ -65,17 +65,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
                 _ => return Err(BundleError::UnsafePath(shown)),
             }
         }
-        let kind = entry.header().entry_type();
-        let special = if kind.is_character_special() {
-            Some("a character device")
-        } else if kind.is_block_special() {
-            Some("a block device")
-        } else if kind.is_fifo() {
-            Some("a FIFO")
-        } else {
-            None
-        };
-        if let Some(kind) = special {
+        if let Some(kind) = special_file(entry.header().entry_type()) {
             return Err(BundleError::SpecialFile { path: shown, kind });
         }
         if normal.len() == 1 && normal[0] == "manifest.json" {
@@ -97,6 +87,21 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
     }
     let manifest = manifest.ok_or(BundleError::MissingManifest)?;
     Ok((manifest, digest(bytes)))
+}
+
+/// What a refused kind of entry is ("a character device"), or `None` for the kinds images may hold: device nodes
+/// would give access to the host's devices and FIFOs a channel between instances sharing an unpacked image. (tar
+/// unpacks either as an empty regular file; refusing makes an image that needs one say so.)
+pub fn special_file(kind: tar::EntryType) -> Option<&'static str> {
+    if kind.is_character_special() {
+        Some("a character device")
+    } else if kind.is_block_special() {
+        Some("a block device")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else {
+        None
+    }
 }
 
 /// `sha256:<hex>` of some bytes.
