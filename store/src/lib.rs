@@ -31,13 +31,13 @@ use ipnet::Ipv4Net;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use bundle::{BundleError, hello_bundle, parse_bundle};
+pub use bundle::{BundleError, hello_bundle, parse_bundle, special_file};
 pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
-pub use nodes::{Assignment, LOG_LINES_KEPT, Observation};
+pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
