@@ -64,6 +64,9 @@ pub struct Settings {
     /// route to it and than the node takes to tear the old sandbox down, so the address never reaches a newcomer
     /// while something still means the old instance.
     pub ip_hold: Duration,
+    /// How long an unverified custom-domain claim lasts: long enough for an owner to publish a TXT record, short
+    /// enough that an abandoned or squatting claim does not linger.
+    pub domain_claim_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -75,6 +78,7 @@ impl Default for Settings {
             tenant_prefix: 22,
             tcp_ports: 30000..=32767,
             ip_hold: Duration::from_secs(60),
+            domain_claim_ttl: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -106,9 +110,19 @@ pub enum StoreError {
         /// The taken name.
         name: String,
     },
-    /// The domain is attached to some service already.
-    #[error("domain \"{name}\" is already attached to a service")]
+    /// The domain is attached to another service, or verified by another tenant.
+    #[error("domain \"{name}\" {why}")]
     DomainTaken {
+        /// The domain.
+        name: String,
+        /// Who holds it, e.g. `is verified by another tenant`.
+        why: &'static str,
+    },
+    /// An unverified custom-domain claim lapsed before it was verified.
+    #[error(
+        "the claim on domain \"{name}\" expired before it was verified; list it in the service's domains again for a new token"
+    )]
+    ClaimExpired {
         /// The domain.
         name: String,
     },
