@@ -5,6 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use cloud_domain::api::{ErrorCode, Problem};
+use cloud_domain::domains::DomainError;
 use cloud_domain::names::NameError;
 use cloud_domain::ports::PortSpecError;
 use cloud_store::{BundleError, StoreError};
@@ -56,8 +57,8 @@ impl ApiError {
 pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
-        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName | InvalidDomain | InvalidPortSpec
-        | InvalidCursor | InvalidImage | InvalidCertificate => StatusCode::BAD_REQUEST,
+        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName | InvalidDomain | TooManyDomains
+        | InvalidPortSpec | InvalidCursor | InvalidImage | InvalidCertificate => StatusCode::BAD_REQUEST,
         MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
         InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
         NotFound | RouteNotFound => StatusCode::NOT_FOUND,
@@ -115,6 +116,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => Self::new(C::NotFound, detail),
             StoreError::AlreadyExists { .. } => Self::new(C::AlreadyExists, detail),
             StoreError::DomainTaken { .. } => Self::new(C::DomainTaken, detail),
+            StoreError::ClaimExpired { .. } => Self::new(C::DomainNotVerified, detail),
             StoreError::PortTaken { .. } => Self::new(C::PortConflict, detail),
             StoreError::ServiceHasInstances { .. } => Self::new(C::ServiceHasInstances, detail),
             StoreError::ImageInUse { .. } => Self::new(C::ImageInUse, detail),
@@ -141,6 +143,16 @@ impl From<NameError> for ApiError {
             _ => ErrorCode::InvalidName,
         };
         Self::new(code, e.to_string())
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Name(e) => e.into(),
+            DomainError::TooMany { .. } => Self::new(ErrorCode::TooManyDomains, e.to_string()),
+            _ => Self::new(ErrorCode::InvalidDomain, e.to_string()),
+        }
     }
 }
 

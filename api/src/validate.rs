@@ -102,46 +102,10 @@ pub(crate) fn scale_to_zero(after: Option<u32>) -> ApiResult<()> {
     }
 }
 
-/// Resolves domain inputs to (fully qualified name, custom). `name` is a platform subdomain
-/// `name.<region>.<base_domain>`; `www.example.com.` (trailing dot) is a custom domain.
+/// Resolves domain inputs to (fully qualified name, custom) with the rules of `cloud_domain::domains`: `name` is
+/// a platform subdomain `name.<region>.<base_domain>`; `www.example.com.` (trailing dot) is a custom domain.
 pub(crate) fn domains(inputs: &[String], settings: &Settings) -> ApiResult<Vec<(String, bool)>> {
-    let zone = settings.zone();
-    let mut out: Vec<(String, bool)> = Vec::new();
-    for input in inputs {
-        let resolved = match input.strip_suffix('.') {
-            Some(fqdn) => {
-                names::validate_domain_name(fqdn)?;
-                match fqdn.strip_suffix(&format!(".{zone}")) {
-                    Some(label) if !label.contains('.') => {
-                        names::validate_name(NameKind::Service, label)?;
-                        (fqdn.to_owned(), false)
-                    }
-                    _ if fqdn == zone || fqdn.ends_with(&format!(".{zone}")) || fqdn == settings.base_domain => {
-                        return Err(ApiError::new(
-                            ErrorCode::InvalidDomain,
-                            format!(
-                                "domain \"{input}\": names in the platform zone {zone} take one label; write it without the trailing dot"
-                            ),
-                        ));
-                    }
-                    _ => (fqdn.to_owned(), true),
-                }
-            }
-            None => {
-                names::validate_name(NameKind::Service, input).map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::InvalidDomain,
-                        format!("domain \"{input}\": {e}; a custom domain needs a trailing dot (www.example.com.)"),
-                    )
-                })?;
-                (format!("{input}.{zone}"), false)
-            }
-        };
-        if !out.contains(&resolved) {
-            out.push(resolved);
-        }
-    }
-    Ok(out)
+    Ok(cloud_domain::domains::resolve_domains(inputs, &settings.zone(), &settings.base_domain)?)
 }
 
 #[cfg(test)]
@@ -162,10 +126,22 @@ mod tests {
                 ("api2.dev.cloud.localhost".to_owned(), false)
             ]
         );
-        for bad in ["a.b.dev.cloud.localhost.", "dev.cloud.localhost.", "www.example.com", "Shop", "-x."] {
+        for bad in [
+            "a.b.dev.cloud.localhost.",
+            "dev.cloud.localhost.",
+            "prod.cloud.localhost.",
+            "*.cloud.localhost.",
+            "cloud.localhost.",
+            "www.example.com",
+            "Shop",
+            "-x.",
+        ] {
             let e = domains(&[bad.into()], &s).unwrap_err();
-            assert_eq!(e.status.as_u16(), 400, "{bad}: {e}");
+            assert_eq!((e.status.as_u16(), e.code), (400, ErrorCode::InvalidDomain), "{bad}: {e}");
         }
+        let many: Vec<String> = (0..51).map(|i| format!("d{i}.example.com.")).collect();
+        let e = domains(&many, &s).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, ErrorCode::TooManyDomains), "{e}");
     }
 
     #[test]

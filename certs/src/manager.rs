@@ -28,6 +28,8 @@ pub struct ManagerConfig {
     pub challenge: ChallengeKind,
     /// Time between passes.
     pub interval: Duration,
+    /// Pending custom-domain claims looked up per pass (the least recently checked first).
+    pub ownership_batch: i64,
     /// Renew an ACME certificate this long before it ends (a per-domain jitter of up to a tenth of it spreads
     /// renewals).
     pub renew_before: Duration,
@@ -48,6 +50,7 @@ impl Default for ManagerConfig {
             acme: None,
             challenge: ChallengeKind::Http01,
             interval: Duration::from_secs(30),
+            ownership_batch: 100,
             renew_before: Duration::from_secs(30 * 86400),
             retry_after: Duration::from_secs(3600),
             dns_servers: Vec::new(),
@@ -80,6 +83,8 @@ pub enum ManagerError {
 pub struct PassReport {
     /// Domains whose ownership was verified.
     pub verified: usize,
+    /// Unverified claims removed because they lapsed.
+    pub expired_claims: usize,
     /// Certificates obtained or renewed.
     pub issued: Vec<String>,
     /// Orders that failed, with the reason recorded.
@@ -132,8 +137,8 @@ impl CertManager {
     /// One pass: ownership checks, then the orders that are due.
     pub async fn pass(&mut self) -> Result<PassReport, ManagerError> {
         self.pass_ok.set(0);
-        let mut report =
-            PassReport { verified: self.checker.verify_pending(&self.store, 100).await?, ..Default::default() };
+        let claims = self.checker.verify_pending(&self.store, self.config.ownership_batch).await?;
+        let mut report = PassReport { verified: claims.verified, expired_claims: claims.expired, ..Default::default() };
         if self.config.acme.is_some() {
             let mut due = self.store.acme_due(self.config.renew_before, self.config.retry_after, 20).await?;
             due.retain(|d| self.renewal_reached(d));

@@ -43,6 +43,24 @@ pub enum OwnershipError {
     Store(#[from] StoreError),
 }
 
+/// Lookups one pass runs at once: enough that a batch of slow or silent resolvers takes a few timeouts, not a
+/// hundred, few enough not to flood the resolver.
+pub const LOOKUPS_AT_ONCE: usize = 16;
+
+/// Lapsed claims one pass removes at most (each pass removes more).
+const EXPIRED_PER_PASS: i64 = 1000;
+
+/// What one pass over the pending claims did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimsPass {
+    /// Lapsed claims removed.
+    pub expired: usize,
+    /// Claims looked up.
+    pub checked: usize,
+    /// Claims proven and recorded.
+    pub verified: usize,
+}
+
 /// Looks up ownership records through a recursive resolver.
 #[derive(Debug, Clone)]
 pub struct OwnershipChecker {
@@ -84,10 +102,14 @@ impl OwnershipChecker {
         Err(OwnershipError::Missing { record, expected, found })
     }
 
-    /// Checks the domain and records the proof when it holds.
+    /// Checks the domain and records the proof when it holds. A claim that cannot be verified whatever its
+    /// record holds (another tenant verified the name, or it lapsed) is refused without a lookup.
     pub async fn verify(&self, store: &Store, domain: &PendingDomain) -> Result<(), OwnershipError> {
         if domain.verified {
             return Ok(());
+        }
+        if let Some(e) = domain.unverifiable() {
+            return Err(e.into());
         }
         self.check(domain).await?;
         store.mark_domain_verified(domain.id).await?;
@@ -95,18 +117,38 @@ impl OwnershipChecker {
         Ok(())
     }
 
-    /// One pass over the unverified domains (at most `limit`): each proven one is recorded. Returns how many
-    /// were verified.
-    pub async fn verify_pending(&self, store: &Store, limit: i64) -> Result<usize, OwnershipError> {
-        let mut verified = 0;
-        for domain in store.unverified_domains(limit).await? {
-            match self.verify(store, &domain).await {
-                Ok(()) => verified += 1,
-                Err(OwnershipError::Store(e)) => return Err(e.into()),
-                Err(e) => tracing::debug!(domain = %domain.name, reason = %e, "custom domain not verified yet"),
+    /// One pass over the pending claims: removes lapsed ones, then looks up the `batch` checked least recently
+    /// ([`Store::claims_to_check`]), [`LOOKUPS_AT_ONCE`] at a time, and records each proven one. Every pending
+    /// claim is thus looked up within ceil(pending / batch) passes, whatever its age or tenant, and a pass takes
+    /// at most about ceil(batch / LOOKUPS_AT_ONCE) lookup timeouts.
+    pub async fn verify_pending(&self, store: &Store, batch: i64) -> Result<ClaimsPass, OwnershipError> {
+        let expired = store.remove_expired_claims(EXPIRED_PER_PASS).await?;
+        let claims = store.claims_to_check(batch).await?;
+        let mut pass = ClaimsPass { expired, checked: claims.len(), verified: 0 };
+        let mut claims = claims.into_iter();
+        let mut lookups = tokio::task::JoinSet::new();
+        loop {
+            while lookups.len() < LOOKUPS_AT_ONCE
+                && let Some(claim) = claims.next()
+            {
+                let (checker, store) = (self.clone(), store.clone());
+                lookups.spawn(async move {
+                    let result = checker.verify(&store, &claim).await;
+                    (claim, result)
+                });
+            }
+            let Some(done) = lookups.join_next().await else { break };
+            match done {
+                Ok((_, Ok(()))) => pass.verified += 1,
+                // The database failing ends the pass; a claim removed, taken or lapsed meanwhile does not.
+                Ok((_, Err(OwnershipError::Store(e @ StoreError::Database(_))))) => return Err(e.into()),
+                Ok((claim, Err(e))) => {
+                    tracing::debug!(domain = %claim.name, reason = %e, "custom domain not verified yet")
+                }
+                Err(e) => tracing::warn!(error = %e, "an ownership lookup did not finish"),
             }
         }
-        Ok(verified)
+        Ok(pass)
     }
 
     /// The TXT strings at `name` (each record's strings concatenated, as RFC 7208 reads them), following what

@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use cloud_domain::api::{
-    CreateInstance, CreateService, CreateTenant, CreateToken, CreatedToken, Image, Instance, LogLine, QuotasPatch,
-    Scope, Service, Tenant, Token, UpdateService, UpdateTenant, WhoAmI,
+    CreateInstance, CreateService, CreateTenant, CreateToken, CreatedToken, DomainState, Image, Instance, LogLine,
+    QuotasPatch, Scope, Service, Tenant, Token, UpdateService, UpdateTenant, WhoAmI,
 };
 use cloud_domain::state::RestartPolicy;
 use futures_util::StreamExt;
@@ -386,6 +386,9 @@ pub struct QuotaOpts {
     /// Images at once.
     #[arg(long)]
     max_images: Option<u32>,
+    /// Extra domains over all services at once.
+    #[arg(long)]
+    max_domains: Option<u32>,
 }
 
 impl QuotaOpts {
@@ -395,6 +398,7 @@ impl QuotaOpts {
             max_instances: self.max_instances,
             max_memory_mb: self.max_memory_mb,
             max_images: self.max_images,
+            max_domains: self.max_domains,
         }
     }
 }
@@ -765,15 +769,24 @@ async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()
 fn domain_notes(s: &Service) -> String {
     let mut text = String::new();
     for d in &s.domains {
-        match &d.verification {
-            None => text.push_str(&format!("  domain {}: verified\n", d.name)),
-            Some(v) => text.push_str(&format!(
-                "  domain {name}: unverified; create these records at its DNS provider:\n    {txt} TXT \"{value}\"   (proves ownership)\n    {name} CNAME {target}   (routes it here; an apex takes A/AAAA records of the edge instead)\n  then: cloudctl service verify {service} {name}\n",
+        let expires = d.expires_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_default();
+        match (d.state, &d.verification) {
+            (DomainState::Verified, _) => text.push_str(&format!("  domain {}: verified\n", d.name)),
+            (DomainState::Pending, Some(v)) => text.push_str(&format!(
+                "  domain {name}: unverified (the claim lapses {expires}); create these records at its DNS provider:\n    {txt} TXT \"{value}\"   (proves ownership)\n    {name} CNAME {target}   (routes it here; an apex takes A/AAAA records of the edge instead)\n  then: cloudctl service verify {service} {name}\n",
                 name = d.name,
                 txt = v.txt_name,
                 value = v.txt_value,
                 target = v.cname_target,
                 service = s.name,
+            )),
+            (DomainState::Taken, _) => text.push_str(&format!(
+                "  domain {}: taken: another tenant verified it first; this claim is not routed (it lapses {expires})\n",
+                d.name
+            )),
+            (DomainState::Expired | DomainState::Pending, _) => text.push_str(&format!(
+                "  domain {}: expired {expires} before it was verified; list it again to claim it anew\n",
+                d.name
             )),
         }
     }

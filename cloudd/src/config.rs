@@ -148,6 +148,8 @@ pub struct PlatformSection {
     /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
     /// Default: the first nameserver of /etc/resolv.conf.
     pub resolver: Option<SocketAddr>,
+    /// Days an unverified custom-domain claim lasts before it lapses and is removed (1 to 365).
+    pub domain_claim_days: u32,
     /// File holding the platform secret key (64 hex digits) that seals certificate keys in the database. The
     /// same file on every API and edge. Default none (uploads refused); `cloudd dev`: `<data_dir>/secret.key`,
     /// created on first start.
@@ -164,6 +166,7 @@ impl Default for PlatformSection {
             tenant_prefix: s.tenant_prefix,
             tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
             resolver: None,
+            domain_claim_days: (s.domain_claim_ttl.as_secs() / 86400) as u32,
             secret_key_file: None,
         }
     }
@@ -266,6 +269,9 @@ impl Config {
         }
         cloud_domain::names::validate_domain_name(&p.base_domain)
             .with_context(|| format!("platform.base_domain = {:?} must be a domain name", p.base_domain))?;
+        if !(1..=365).contains(&p.domain_claim_days) {
+            bail!("platform.domain_claim_days = {} must be between 1 and 365", p.domain_claim_days);
+        }
         Ok(cloud_store::Settings {
             region: p.region.clone(),
             base_domain: p.base_domain.clone(),
@@ -273,6 +279,7 @@ impl Config {
             tenant_prefix: p.tenant_prefix,
             tcp_ports: lo..=hi,
             ip_hold: cloud_store::Settings::default().ip_hold,
+            domain_claim_ttl: std::time::Duration::from_secs(u64::from(p.domain_claim_days) * 86400),
         })
     }
 

@@ -470,6 +470,21 @@ async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
         assert_eq!(http_get(ip, 8080).await.unwrap(), format!("hello from {name} ({ip})\n"));
     }
     assert!(namespaces_of(&node).is_empty(), "no namespaces in loopback mode");
+
+    // No isolation is claimed, but no exec gains privilege either.
+    let script = "grep NoNewPrivs /proc/self/status\nexec python3 -m http.server --bind \"$PRIVATE_IP\" \"$PORT\"\n";
+    api.upload_image(
+        &api.token,
+        "nnp",
+        &[("manifest.json", r#"{"command": ["sh", "nnp.sh"], "port": 9000}"#), ("nnp.sh", script)],
+    )
+    .await;
+    create(&api, &api.token, json!({"image": "nnp", "name": "lo-nnp"})).await;
+    let lines = wait_for_log(&api, &api.token, "lo-nnp", "NoNewPrivs", |l| {
+        l.iter().any(|(s, l)| s == "stdout" && l.starts_with("NoNewPrivs:"))
+    })
+    .await;
+    assert!(lines.contains(&("stdout".into(), "NoNewPrivs:\t1".into())), "{lines:?}");
     node.shutdown().await;
 }
 
@@ -555,4 +570,287 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
     assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
     node.shutdown().await;
     dns.shutdown().await;
+}
+
+/// The lines of an instance's log (the newest 2000), as `(stream, line)`.
+async fn log_lines(api: &TestApi, token: &str, name: &str) -> Vec<(String, String)> {
+    let (status, logs) =
+        call(api, reqwest::Method::GET, &format!("/v1/instances/{name}/logs?limit=2000"), token, None).await;
+    assert_eq!(status, 200, "{logs}");
+    logs.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap().to_owned(), l["line"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Polls an instance's log until `pred` holds (60 s at most: some of these instances first print a lot).
+async fn wait_for_log(
+    api: &TestApi,
+    token: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let mut lines = Vec::new();
+    for _ in 0..600 {
+        lines = log_lines(api, token, name).await;
+        if pred(&lines) {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the log of {name} never showed {what}: {lines:?}");
+}
+
+/// A bundle packed entry by entry, as an attacker would: any kind, mode and owner (root).
+fn raw_bundle(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, kind, mode, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        if kind.is_character_special() {
+            // 1:3 is /dev/null; any device would do.
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        tar.append_data(&mut h, path, *data).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+/// Tries what a tenant's image could do with privileged files, reports it, then serves.
+const PRIVILEGE_SH: &str = r#"#!/bin/sh
+echo "setuid: $(./id-setuid)"
+echo "setgid: $(./id-setgid)"
+echo "write: $( (echo pwned > shared.txt) 2>&1 && echo wrote)"
+echo "create: $( (echo x > open-dir/new) 2>&1 && echo created)"
+grep NoNewPrivs /proc/self/status
+awk -v d="$PWD" '$5 == d { print "mount: " $6 }' /proc/self/mountinfo
+echo "checked"
+exec python3 -m http.server "$PORT"
+"#;
+
+/// Issue 14, item 1: a copy of `id` with mode 4755 in a bundle ran as euid 0.
+#[tokio::test]
+async fn a_setuid_or_setgid_file_in_an_image_never_runs_as_root() {
+    let Some((_host, api, node)) = with_node("n-suid").await else { return };
+    let t = &api.token;
+    let id = std::fs::read("/usr/bin/id").unwrap();
+    let bundle = raw_bundle(&[
+        ("manifest.json", tar::EntryType::Regular, 0o644, br#"{"command": ["./run.sh"], "port": 9000}"#),
+        ("run.sh", tar::EntryType::Regular, 0o755, PRIVILEGE_SH.as_bytes()),
+        ("id-setuid", tar::EntryType::Regular, 0o4755, &id),
+        ("id-setgid", tar::EntryType::Regular, 0o2755, &id),
+        // Unpacked images are shared by every instance of the digest, whatever its tenant.
+        ("shared.txt", tar::EntryType::Regular, 0o666, b"original\n"),
+        ("open-dir/", tar::EntryType::Directory, 0o777, b""),
+    ]);
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/images?name=privileged"))
+        .bearer_auth(t)
+        .header("content-type", "application/gzip")
+        .body(bundle)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "setuid bits are stripped, not refused");
+    let digest = res.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned();
+    create(&api, t, json!({"image": "privileged", "name": "suid-1"})).await;
+    running(&api, t, "suid-1").await;
+    let lines = wait_for_log(&api, t, "suid-1", "its checks", |l| l.iter().any(|(_, l)| l == "checked")).await;
+    let out: Vec<&str> = lines.iter().filter(|(s, _)| s == "stdout").map(|(_, l)| l.as_str()).collect();
+    let line = |prefix: &str| out.iter().find(|l| l.starts_with(prefix)).copied().unwrap_or_default();
+    assert!(line("setuid: ").starts_with("setuid: uid=65534"), "{out:?}");
+    assert!(!line("setuid: ").contains("euid="), "the setuid copy ran with another effective uid: {out:?}");
+    assert!(line("setgid: ").starts_with("setgid: uid=65534"), "{out:?}");
+    assert!(!line("setgid: ").contains("egid="), "the setgid copy ran with another effective gid: {out:?}");
+    assert!(!line("write: ").contains("wrote"), "a file of the shared image was writable: {out:?}");
+    assert!(!line("create: ").contains("created"), "a directory of the shared image was writable: {out:?}");
+    // Each layer on its own would have stopped it: no_new_privs, a nosuid read-only view, and the modes.
+    assert_eq!(line("NoNewPrivs:"), "NoNewPrivs:\t1", "{out:?}");
+    let mount = line("mount: ");
+    for flag in ["ro", "nosuid", "nodev"] {
+        assert!(mount.trim_start_matches("mount: ").split(',').any(|f| f == flag), "{flag} in {mount:?} ({out:?})");
+    }
+    let dir = config("n-suid").state_dir.join("bundles").join(digest.trim_start_matches("sha256:"));
+    for (file, mode) in [("id-setuid", 0o755), ("id-setgid", 0o755), ("shared.txt", 0o644), ("open-dir", 0o755)] {
+        let meta = std::fs::symlink_metadata(dir.join(file)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (mode, 0), "{file}: mode {:o}", meta.mode());
+    }
+    assert_eq!(std::fs::read_to_string(dir.join("shared.txt")).unwrap(), "original\n");
+    node.shutdown().await;
+}
+
+/// Device nodes (and FIFOs) are refused at upload, and by the node for a bundle stored before that check.
+#[tokio::test]
+async fn device_nodes_in_an_image_are_refused() {
+    let Some((_host, api, node)) = with_node("n-dev").await else { return };
+    let t = &api.token;
+    let manifest = br#"{"command": ["sh", "-c", "cat null; echo read; echo x > null && echo wrote; exec python3 -m http.server $PORT"], "port": 9000}"#;
+    let bundle = raw_bundle(&[
+        ("manifest.json", tar::EntryType::Regular, 0o644, manifest),
+        ("null", tar::EntryType::Char, 0o666, b""),
+    ]);
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/images?name=devices"))
+        .bearer_auth(t)
+        .header("content-type", "application/gzip")
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let problem: Value = res.json().await.unwrap_or_default();
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "invalid_image");
+    assert!(problem["detail"].as_str().unwrap().contains("\"null\" is a character device"), "{problem}");
+
+    // As if uploaded before the check: the node refuses to unpack it.
+    let parsed: cloud_domain::api::ImageManifest = serde_json::from_slice(manifest).unwrap();
+    api.store.put_image(api.tenant.id, "devices", &parsed, &bundle).await.unwrap();
+    create(&api, t, json!({"image": "devices", "name": "dev-1", "restart_policy": "never"})).await;
+    let failed = wait_for(&api, t, "dev-1", "failed", |i| i["state"] == "failed").await;
+    let reason = failed["state_reason"].as_str().unwrap();
+    assert!(reason.contains("\"null\" is a character device"), "{reason}");
+    node.shutdown().await;
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Stored log bytes (line text) of an instance.
+async fn stored_log_bytes(api: &TestApi, instance: &Value) -> i64 {
+    let id: uuid::Uuid = instance["id"].as_str().unwrap().parse().unwrap();
+    let (bytes,): (i64,) =
+        sqlx::query_as("SELECT coalesce(sum(octet_length(line)), 0)::bigint FROM instance_logs WHERE instance_id = $1")
+            .bind(id)
+            .fetch_one(api.store.pool())
+            .await
+            .unwrap();
+    bytes
+}
+
+/// What the platform documents as each instance's stored log (docs/configuration.md).
+const LOG_BUDGET: i64 = 1 << 20;
+/// Where lines are cut (docs/configuration.md).
+const MAX_LINE: usize = 16 * 1024;
+
+/// Issue 14, item 4: one 400 MB line took the agent from 45 MB to 2.8 GB. The agent runs in this process, so its
+/// peak resident memory is this process's (`VmHWM`, reset first): nothing else runs meanwhile (the host lock).
+#[tokio::test]
+async fn a_400_mb_log_line_is_cut_and_leaves_the_agents_memory_alone() {
+    let Some((_host, api, node)) = with_node("n-flood").await else { return };
+    let t = &api.token;
+    let flood = "head -c 400000000 /dev/zero | tr '\\0' A; echo\necho 'after the flood'\nexec python3 -m http.server \"$PORT\"\n";
+    api.upload_image(
+        t,
+        "flood",
+        &[("manifest.json", r#"{"command": ["sh", "flood.sh"], "port": 9000}"#), ("flood.sh", flood)],
+    )
+    .await;
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = proc_status_kib("VmRSS:");
+    let started = std::time::Instant::now();
+    let inst = create(&api, t, json!({"image": "flood", "name": "flood-1"})).await;
+    let lines = wait_for_log(&api, t, "flood-1", "the line after the flood", |l| {
+        l.iter().any(|(s, l)| s == "stdout" && l == "after the flood")
+    })
+    .await;
+    let peak = proc_status_kib("VmHWM:");
+    eprintln!("flood read in {:?}; RSS {before} KiB before, peak {peak} KiB", started.elapsed());
+    assert!(peak < before + 8 * 1024, "the agent's peak RSS grew from {before} KiB to {peak} KiB");
+
+    let out: Vec<&str> = lines.iter().filter(|(s, _)| s == "stdout").map(|(_, l)| l.as_str()).collect();
+    let expected = format!("{}… [line cut: {} more bytes]", "A".repeat(MAX_LINE), 400_000_000 - MAX_LINE);
+    assert_eq!(out.len(), 2, "{:?}", out.iter().map(|l| &l[..l.len().min(80)]).collect::<Vec<_>>());
+    assert!(
+        out[0] == expected,
+        "the cut line: {} bytes, ends {:?}",
+        out[0].len(),
+        &out[0][out[0].len().saturating_sub(60)..]
+    );
+    assert_eq!(out[1], "after the flood", "the next line is intact");
+    let stored = stored_log_bytes(&api, &inst).await;
+    assert!(stored <= LOG_BUDGET, "{stored} bytes stored");
+    let ip = running(&api, t, "flood-1").await["private_ip"].as_str().unwrap().to_owned();
+    assert!(http_get(&ip, 9000).await.is_ok(), "it still serves");
+    node.shutdown().await;
+}
+
+/// An instance printing as fast as it can loses lines beyond its rate (with a note saying how many), and its
+/// neighbour's lines all arrive meanwhile.
+#[tokio::test]
+async fn a_flooding_instance_is_limited_and_does_not_crowd_out_its_neighbour() {
+    let Some((_host, api, node)) = with_node("n-noisy").await else { return };
+    let t = &api.token;
+    let noisy = "(while :; do yes 'flood flood flood flood' | head -c 1000000; sleep 0.1; done) &\nexec python3 -m http.server \"$PORT\"\n";
+    let quiet = "for i in $(seq 1 300); do echo \"quiet $i\"; done\nexec python3 -m http.server \"$PORT\"\n";
+    for (name, script) in [("noisy", noisy), ("quiet", quiet)] {
+        let manifest = format!(r#"{{"command": ["sh", "{name}.sh"], "port": 9000}}"#);
+        api.upload_image(t, name, &[("manifest.json", &manifest), (&format!("{name}.sh"), script)]).await;
+    }
+    let noisy = create(&api, t, json!({"image": "noisy", "name": "noisy-1"})).await;
+    running(&api, t, "noisy-1").await;
+    // The flood goes on while the neighbour starts and prints.
+    create(&api, t, json!({"image": "quiet", "name": "quiet-1"})).await;
+    running(&api, t, "quiet-1").await;
+    let want: Vec<String> = (1..=300).map(|i| format!("quiet {i}")).collect();
+    let lines =
+        wait_for_log(&api, t, "quiet-1", "its 300 lines", |l| l.iter().filter(|(s, _)| s == "stdout").count() >= 300)
+            .await;
+    let out: Vec<String> = lines.into_iter().filter(|(s, _)| s == "stdout").map(|(_, l)| l).collect();
+    assert_eq!(out, want);
+    let lines = wait_for_log(&api, t, "noisy-1", "a note of dropped lines", |l| {
+        l.iter().any(|(s, l)| s == "system" && l.starts_with("dropped "))
+    })
+    .await;
+    let note = lines.iter().find(|(s, l)| s == "system" && l.starts_with("dropped ")).unwrap();
+    assert!(note.1.contains("over this instance's log rate"), "{note:?}");
+    assert!(stored_log_bytes(&api, &noisy).await <= LOG_BUDGET);
+    node.shutdown().await;
+}
+
+/// Retention keeps each instance's newest lines within its byte budget, and a read returns at most `limit` lines.
+/// Needs no root: the lines are stored as a node agent would. Takes the host lock all the same, as the flood test
+/// measures this process's memory.
+#[tokio::test]
+async fn stored_logs_stay_within_the_byte_budget_newest_first() {
+    let _host = HOST.lock().await;
+    let api = TestApi::start().await;
+    let t = &api.token;
+    let inst = create(&api, t, json!({"image": "hello", "name": "chatty", "start": false})).await;
+    let id: uuid::Uuid = inst["id"].as_str().unwrap().parse().unwrap();
+    let long = "x".repeat(MAX_LINE);
+    for batch in 0..10 {
+        let lines: Vec<(chrono::DateTime<chrono::Utc>, &str, String)> =
+            (0..20).map(|i| (chrono::Utc::now(), "stdout", format!("{batch:02}-{i:02} {long}"))).collect();
+        api.store.append_logs(id, &lines).await.unwrap();
+        assert!(stored_log_bytes(&api, &inst).await <= LOG_BUDGET, "after batch {batch}");
+    }
+    let stored = log_lines(&api, t, "chatty").await;
+    let kept = stored.len();
+    assert!(kept >= (LOG_BUDGET as usize / (MAX_LINE + 6)) - 1, "{kept} lines kept");
+    assert!(stored.last().unwrap().1.starts_with("09-19 "), "the newest line is kept");
+    let names: Vec<&str> = stored.iter().map(|(_, l)| &l[..5]).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "oldest first, no gaps from the newest back");
+
+    let (status, page) = call(&api, reqwest::Method::GET, "/v1/instances/chatty/logs?limit=3", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(page.as_array().unwrap().len(), 3);
+    for bad in ["0", "2001"] {
+        let (status, problem) =
+            call(&api, reqwest::Method::GET, &format!("/v1/instances/chatty/logs?limit={bad}"), t, None).await;
+        assert_eq!((status, problem["code"].as_str()), (400, Some("invalid_query")), "limit={bad}");
+    }
 }

@@ -28,7 +28,7 @@ pub enum ErrorCode {
     InvalidName,
     /// A resource name is reserved by the platform.
     ReservedName,
-    /// A custom domain is not a valid domain name.
+    /// A domain is not a valid domain name, or a custom domain lies inside the platform's own domain.
     InvalidDomain,
     /// A port spec does not parse, breaks a port rule, or repeats a public port of the same request.
     InvalidPortSpec,
@@ -60,8 +60,10 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A resource with this name already exists.
     AlreadyExists,
-    /// The domain is already attached to a service.
+    /// The domain is already attached to another service, or verified by another tenant.
     DomainTaken,
+    /// A service lists more domains than one service may have.
+    TooManyDomains,
     /// A persistent service still has instances; delete them first or force.
     ServiceHasInstances,
     /// The image is used by instances.
@@ -120,6 +122,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyExists => "already_exists",
             Self::DomainTaken => "domain_taken",
+            Self::TooManyDomains => "too_many_domains",
             Self::ServiceHasInstances => "service_has_instances",
             Self::ImageInUse => "image_in_use",
             Self::InvalidStateTransition => "invalid_state_transition",
@@ -208,11 +211,14 @@ pub struct Quotas {
     pub max_memory_mb: u64,
     /// Images the tenant may have uploaded at once.
     pub max_images: u32,
+    /// Extra names (custom domains and platform subdomains) over all the tenant's services at once; expired
+    /// claims do not count.
+    pub max_domains: u32,
 }
 
 impl Default for Quotas {
     fn default() -> Self {
-        Self { max_services: 100, max_instances: 200, max_memory_mb: 64 * 1024, max_images: 100 }
+        Self { max_services: 100, max_instances: 200, max_memory_mb: 64 * 1024, max_images: 100, max_domains: 100 }
     }
 }
 
@@ -228,6 +234,8 @@ pub struct QuotasPatch {
     pub max_memory_mb: Option<u64>,
     /// Images the tenant may have uploaded at once.
     pub max_images: Option<u32>,
+    /// Extra names (custom domains and platform subdomains) over all the tenant's services at once.
+    pub max_domains: Option<u32>,
 }
 
 impl QuotasPatch {
@@ -238,6 +246,7 @@ impl QuotasPatch {
             max_instances: self.max_instances.unwrap_or(q.max_instances),
             max_memory_mb: self.max_memory_mb.unwrap_or(q.max_memory_mb),
             max_images: self.max_images.unwrap_or(q.max_images),
+            max_domains: self.max_domains.unwrap_or(q.max_domains),
         }
     }
 }
@@ -253,6 +262,8 @@ pub struct Usage {
     pub memory_mb: u64,
     /// Uploaded images now.
     pub images: u32,
+    /// Extra names of the tenant's services now (expired claims excluded).
+    pub domains: u32,
 }
 
 /// A tenant: an isolated owner of services, instances, images and a private network.
@@ -387,8 +398,29 @@ pub struct Domain {
     pub custom: bool,
     /// True once the platform may route it (always true for platform subdomains).
     pub verified: bool,
-    /// For an unverified custom domain: the DNS records to create.
+    /// Where the domain stands; only `verified` is routed.
+    pub state: DomainState,
+    /// For an unverified custom domain: when the claim lapses unless verified before.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// For a pending custom domain: the DNS records to create.
     pub verification: Option<DomainVerification>,
+}
+
+/// Where a service's domain stands. An unverified claim holds nothing: several tenants may claim one name, and
+/// the first to prove ownership gets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// Routed: a platform subdomain, or a custom domain whose ownership was proven by this tenant.
+    Verified,
+    /// A custom domain waiting for its TXT record, checked until `expires_at`.
+    Pending,
+    /// Another tenant proved ownership of this name first: this claim is neither routed nor checked. It becomes
+    /// pending again if that tenant lets the name go before `expires_at`.
+    Taken,
+    /// Not verified before `expires_at`: no longer checked, and removed shortly. Listing the domain again
+    /// claims it anew, with a new token.
+    Expired,
 }
 
 /// The DNS records that prove ownership of a custom domain and route it to the platform.
@@ -468,7 +500,8 @@ pub struct CreateService {
     #[serde(default)]
     pub scale_to_zero_after: Option<u32>,
     /// Extra names: `name` for `name.<region>.<base_domain>`, or a fully qualified custom domain with a
-    /// trailing dot (`www.example.com.`).
+    /// trailing dot (`www.example.com.`, `*.example.com.`) outside the platform's base domain. At most 50 per
+    /// service, within the tenant's `max_domains`.
     #[serde(default)]
     pub domains: Vec<String>,
 }
@@ -492,7 +525,8 @@ pub struct UpdateService {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>)]
     pub scale_to_zero_after: Option<Option<u32>>,
-    /// Replaces all extra names (same forms as at creation).
+    /// Replaces all extra names (same forms and limits as at creation). A domain listed again keeps its
+    /// verification and token; an expired claim listed again is claimed anew.
     #[serde(default)]
     pub domains: Option<Vec<String>>,
 }

@@ -5,6 +5,7 @@
 //! other crates; this crate only computes.
 
 pub mod api;
+pub mod domains;
 pub mod generate;
 pub mod ipam;
 pub mod names;

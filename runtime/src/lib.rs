@@ -7,6 +7,7 @@
 //! namespaces it finds and starts again what should run. It needs root.
 
 mod images;
+mod logs;
 mod metrics;
 mod net;
 mod process;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub use logs::LogLimits;
 pub use net::NetError;
 
 /// The network namespace an instance runs in on a node (`ip netns exec <name> ...` enters it).
@@ -66,6 +68,8 @@ pub struct NodeConfig {
     /// The private DNS listener on this host (a `cloudd dns` private listener). When set, namespaced instances
     /// get `/etc/resolv.conf` naming their gateway, and queries to the gateway's port 53 are forwarded there.
     pub dns: Option<SocketAddrV4>,
+    /// How much output each instance may send to the database (docs/configuration.md, "Instance logs").
+    pub logs: LogLimits,
 }
 
 impl NodeConfig {
@@ -87,6 +91,7 @@ impl NodeConfig {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             dns: None,
+            logs: LogLimits::default(),
         }
     }
 }
@@ -131,19 +136,10 @@ pub(crate) struct Shared {
     pub node: Uuid,
     pub sandboxes: net::Sandboxes,
     pub images: images::ImageCache,
-    pub logs: mpsc::Sender<LogEntry>,
+    pub logs: logs::LogQueue,
     pub metrics: metrics::NodeMetrics,
     /// Since when heartbeats have reached PostgreSQL without a failure (`None` while they fail).
     pub in_contact_since: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-/// One line of output on its way to the database.
-#[derive(Debug)]
-pub(crate) struct LogEntry {
-    pub instance: Uuid,
-    pub at: DateTime<Utc>,
-    pub stream: &'static str,
-    pub line: String,
 }
 
 /// What a supervisor should do with its instance.
@@ -206,9 +202,12 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         }
         net::remove_idle_bridges().await;
     }
-    let (logs_tx, logs_rx) = mpsc::channel(4096);
+    // Bundles unpacked by earlier versions (under `images/`) kept their setuid bits and modes: unpacked again.
+    let old_images = config.state_dir.join("images");
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(old_images)).await;
+    let (logs_tx, logs_rx) = logs::LogQueue::new(logs::QUEUE_BYTES);
     let shared = Arc::new(Shared {
-        images: images::ImageCache::new(config.state_dir.join("images")),
+        images: images::ImageCache::new(config.state_dir.join("bundles")),
         store: store.clone(),
         config,
         node,
@@ -240,7 +239,7 @@ async fn run(
     shared: Arc<Shared>,
     feed: ChangeFeed,
     mut stop: watch::Receiver<bool>,
-    logs_rx: mpsc::Receiver<LogEntry>,
+    logs_rx: mpsc::UnboundedReceiver<logs::Queued>,
 ) {
     let shipper = tokio::spawn(ship_logs(shared.store.clone(), logs_rx));
     let mut changes = feed.subscribe();
@@ -343,29 +342,31 @@ async fn reconcile(
     Ok(())
 }
 
-/// Batches output lines into the database, a few times a second.
-async fn ship_logs(store: Store, mut rx: mpsc::Receiver<LogEntry>) {
-    let mut batch: HashMap<Uuid, Vec<(DateTime<Utc>, &'static str, String)>> = HashMap::new();
+/// Batches output lines into the database, a few times a second. What waits here is bounded by the queue's
+/// room ([`logs::QUEUE_BYTES`]), released only once stored; each instance's share of it is bounded by its rate.
+async fn ship_logs(store: Store, mut rx: mpsc::UnboundedReceiver<logs::Queued>) {
+    let mut batch: HashMap<Uuid, Vec<logs::Queued>> = HashMap::new();
     loop {
-        let first = rx.recv().await;
-        let Some(first) = first else { break };
-        batch.entry(first.instance).or_default().push((first.at, first.stream, first.line));
+        let Some(first) = rx.recv().await else { break };
+        batch.entry(first.entry.instance).or_default().push(first);
         let deadline = tokio::time::sleep(Duration::from_millis(200));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 _ = &mut deadline => break,
                 e = rx.recv() => match e {
-                    Some(e) => batch.entry(e.instance).or_default().push((e.at, e.stream, e.line)),
+                    Some(e) => batch.entry(e.entry.instance).or_default().push(e),
                     None => break,
                 },
             }
         }
-        for (id, lines) in batch.drain() {
-            let lines: Vec<(DateTime<Utc>, &str, String)> = lines;
+        for (id, queued) in batch.drain() {
+            let (lines, room): (Vec<(DateTime<Utc>, &str, String)>, Vec<_>) =
+                queued.into_iter().map(|q| ((q.entry.at, q.entry.stream, q.entry.line), q.room)).unzip();
             if let Err(e) = store.append_logs(id, &lines).await {
                 tracing::warn!(error = %e, instance = %id, "could not store log lines");
             }
+            drop(room);
         }
     }
 }

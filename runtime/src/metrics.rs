@@ -16,6 +16,8 @@ pub(crate) struct NodeMetrics {
     pub running: IntGauge,
     /// 1 when the last heartbeat reached PostgreSQL.
     pub heartbeat_ok: IntGauge,
+    /// Bytes of instance output dropped, by reason (`rate`, `queue_full`).
+    pub log_dropped_bytes: IntCounterVec,
 }
 
 impl NodeMetrics {
@@ -35,16 +37,22 @@ impl NodeMetrics {
         let running = IntGauge::new("cloud_node_instances_running", "Instances running on this node").expect("valid");
         let heartbeat_ok =
             IntGauge::new("cloud_node_heartbeat_ok", "1 when the last heartbeat reached PostgreSQL").expect("valid");
+        let log_dropped_bytes = IntCounterVec::new(
+            Opts::new("cloud_node_log_dropped_bytes_total", "Bytes of instance output dropped, by reason"),
+            &["reason"],
+        )
+        .expect("valid");
         for c in [
             Box::new(starts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ends.clone()),
             Box::new(boot.clone()),
             Box::new(running.clone()),
             Box::new(heartbeat_ok.clone()),
+            Box::new(log_dropped_bytes.clone()),
         ] {
             registry.register(c).expect("unique names");
         }
-        Self { registry, starts, ends, boot, running, heartbeat_ok }
+        Self { registry, starts, ends, boot, running, heartbeat_ok, log_dropped_bytes }
     }
 
     pub fn render(&self) -> String {

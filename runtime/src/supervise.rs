@@ -1,22 +1,19 @@
 //! One task per instance: start it, wait until it listens, watch it, restart it per policy with backoff, stop
 //! it, clean up after it, and report every state it passes through.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloud_domain::state::{InstanceState, RestartPolicy};
 use cloud_store::{Assignment, Observation};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Child;
 use tokio::sync::watch;
 
+use crate::logs::{LogEntry, Output, OutputBudget, Tail};
 use crate::process::{Launch, MemoryCgroup, kill, spawn};
-use crate::{Isolation, LogEntry, Shared, Want};
-
-/// Lines of output kept in memory to explain a failure.
-const TAIL_LINES: usize = 20;
+use crate::{Isolation, Shared, Want};
 
 /// How a run of the instance ended.
 enum Outcome {
@@ -42,8 +39,7 @@ impl Reporter {
     }
 
     async fn note(&self, line: String) {
-        let _ =
-            self.shared.logs.send(LogEntry { instance: self.id, at: chrono::Utc::now(), stream: "system", line }).await;
+        self.shared.logs.send(LogEntry { instance: self.id, at: chrono::Utc::now(), stream: "system", line }).await;
     }
 }
 
@@ -51,6 +47,8 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
     let (id, tenant) = (first.id, first.tenant_id);
     let mut r = Reporter { shared: shared.clone(), id, restarts: first.restart_count };
     let mut backoff = shared.config.min_backoff;
+    // Kept across restarts, so that restarting does not renew the allowance of an instance that floods.
+    let budget = Arc::new(Mutex::new(OutputBudget::new(shared.config.logs, Instant::now())));
     loop {
         let current = want.borrow_and_update().clone();
         let a = match current {
@@ -66,7 +64,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
             }
         };
         r.report(InstanceState::Starting, None, None, None).await;
-        match run_once(&shared, &r, &a, &mut want).await {
+        match run_once(&shared, &r, &a, &budget, &mut want).await {
             Outcome::Wanted(Want::Stop) => {
                 cleanup(&shared, id, tenant).await;
                 r.note("stopped".into()).await;
@@ -130,7 +128,13 @@ fn resolv_conf_path(shared: &Shared, id: uuid::Uuid) -> std::path::PathBuf {
 }
 
 /// Starts the instance once and follows it until it ends or the tenant wants something else.
-async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut watch::Receiver<Want>) -> Outcome {
+async fn run_once(
+    shared: &Arc<Shared>,
+    r: &Reporter,
+    a: &Assignment,
+    budget: &Arc<Mutex<OutputBudget>>,
+    want: &mut watch::Receiver<Want>,
+) -> Outcome {
     let started = Instant::now();
     let ended = |reason: String, exit_code: Option<i32>| Outcome::Ended { reason, exit_code, ran: started.elapsed() };
     let (bundle, manifest) = match shared.images.prepare(&shared.store, &a.image_digest).await {
@@ -194,6 +198,7 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
         netns: namespaced.then(|| shared.sandboxes.netns_path(a.id)),
         user: namespaced.then_some(shared.config.user),
         cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+        private_mounts: namespaced,
         resolv_conf,
     };
     let mut child = match spawn(&launch) {
@@ -202,9 +207,9 @@ async fn run_once(shared: &Arc<Shared>, r: &Reporter, a: &Assignment, want: &mut
     };
     shared.metrics.starts.inc();
     r.note(format!("started {:?} as pid {}", launch.argv, child.id().unwrap_or(0))).await;
-    let tail = capture_output(shared, a.id, &mut child);
+    let tail = capture_output(shared, a.id, budget, &mut child);
     let with_tail = |reason: String| {
-        let tail = tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default();
+        let tail = tail.lock().map(|t| t.joined()).unwrap_or_default();
         if tail.is_empty() { reason } else { format!("{reason}; last output:\n{tail}") }
     };
 
@@ -270,30 +275,28 @@ async fn stop_child(child: &mut Child, grace: Duration, want: Want) -> Want {
     want
 }
 
-/// Sends the child's output lines to the log shipper and keeps the last few for failure reasons.
-fn capture_output(shared: &Arc<Shared>, id: uuid::Uuid, child: &mut Child) -> Arc<Mutex<VecDeque<String>>> {
-    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
-    let streams: [(Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, &'static str); 2] = [
-        (child.stdout.take().map(|s| Box::new(s) as _), "stdout"),
-        (child.stderr.take().map(|s| Box::new(s) as _), "stderr"),
-    ];
-    for (stream, name) in streams {
-        let Some(stream) = stream else { continue };
-        let (logs, tail) = (shared.logs.clone(), tail.clone());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(mut t) = tail.lock() {
-                    if t.len() == TAIL_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line.clone());
-                }
-                let _ = logs.send(LogEntry { instance: id, at: chrono::Utc::now(), stream: name, line }).await;
-            }
-        });
+/// Sends the child's output to the log shipper, within the instance's budget, and keeps the last few lines for
+/// failure reasons.
+fn capture_output(
+    shared: &Arc<Shared>,
+    id: uuid::Uuid,
+    budget: &Arc<Mutex<OutputBudget>>,
+    child: &mut Child,
+) -> Arc<Mutex<Tail>> {
+    let output = Output {
+        instance: id,
+        queue: shared.logs.clone(),
+        budget: budget.clone(),
+        tail: Arc::new(Mutex::new(Tail::default())),
+        dropped_bytes: shared.metrics.log_dropped_bytes.clone(),
+    };
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(output.clone().capture(stdout, "stdout"));
     }
-    tail
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(output.clone().capture(stderr, "stderr"));
+    }
+    output.tail
 }
 
 /// Decrements a gauge when dropped.

@@ -29,6 +29,14 @@ pub enum BundleError {
     /// An entry would unpack outside the bundle directory.
     #[error("the bundle entry \"{0}\" is an absolute path or climbs out with '..'")]
     UnsafePath(String),
+    /// A device node or a FIFO: images never carry one (a node refuses to unpack them).
+    #[error("the bundle entry \"{path}\" is {kind}: images may not carry device nodes or FIFOs")]
+    SpecialFile {
+        /// The entry.
+        path: String,
+        /// What it is ("a character device", ...).
+        kind: &'static str,
+    },
     /// Too big or too many entries once unpacked.
     #[error("the bundle unpacks to more than {MAX_UNPACKED_BYTES} bytes or {MAX_ENTRIES} entries")]
     TooLarge,
@@ -57,6 +65,9 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
                 _ => return Err(BundleError::UnsafePath(shown)),
             }
         }
+        if let Some(kind) = special_file(entry.header().entry_type()) {
+            return Err(BundleError::SpecialFile { path: shown, kind });
+        }
         if normal.len() == 1 && normal[0] == "manifest.json" {
             let mut text = String::new();
             entry
@@ -76,6 +87,21 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(ImageManifest, String), BundleError
     }
     let manifest = manifest.ok_or(BundleError::MissingManifest)?;
     Ok((manifest, digest(bytes)))
+}
+
+/// What a refused kind of entry is ("a character device"), or `None` for the kinds images may hold: device nodes
+/// would give access to the host's devices and FIFOs a channel between instances sharing an unpacked image. (tar
+/// unpacks either as an empty regular file; refusing makes an image that needs one say so.)
+pub fn special_file(kind: tar::EntryType) -> Option<&'static str> {
+    if kind.is_character_special() {
+        Some("a character device")
+    } else if kind.is_block_special() {
+        Some("a block device")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else {
+        None
+    }
 }
 
 /// `sha256:<hex>` of some bytes.
@@ -107,6 +133,18 @@ mod tests {
         let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
         for (path, data) in files {
             let mut header = tar::Header::new_gnu();
+            // A name ending in '|' stands for a FIFO, in '%' for a character device.
+            let path = match (path.strip_suffix('|'), path.strip_suffix('%')) {
+                (Some(p), _) => {
+                    header.set_entry_type(tar::EntryType::Fifo);
+                    p
+                }
+                (_, Some(p)) => {
+                    header.set_entry_type(tar::EntryType::Char);
+                    p
+                }
+                _ => path,
+            };
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
             // set_path refuses '..'; write the raw name so the parser's own check is what is tested.
@@ -131,12 +169,14 @@ mod tests {
         let ok = br#"{"command":["./server"],"port":8080}"#;
         assert!(parse_bundle(&bundle(&[("manifest.json", ok), ("server", b"#!/bin/sh")])).is_ok());
         assert!(parse_bundle(&bundle(&[("./manifest.json", ok)])).is_ok());
-        let cases: [(&[(&str, &[u8])], &str); 5] = [
+        let cases: [(&[(&str, &[u8])], &str); 7] = [
             (&[("server", b"x")], "no manifest.json"),
             (&[("manifest.json", b"{")], "manifest.json is invalid"),
             (&[("manifest.json", br#"{"command":[],"port":80}"#)], "command must name a program"),
             (&[("manifest.json", br#"{"command":["a"],"port":80,"x":1}"#)], "unknown field"),
             (&[("manifest.json", ok), ("../evil", b"x")], "climbs out"),
+            (&[("manifest.json", ok), ("dev/mem%", b"")], "\"dev/mem\" is a character device"),
+            (&[("manifest.json", ok), ("pipe|", b"")], "\"pipe\" is a FIFO"),
         ];
         for (files, want) in cases {
             let err = parse_bundle(&bundle(files)).unwrap_err().to_string();

@@ -58,11 +58,26 @@ fn view((id, domain, names, source, state, state_reason, not_before, not_after, 
 }
 
 impl Store {
-    /// Stores a valid certificate for a tenant's domain, replacing the domain's current one.
+    /// Stores a valid certificate for a domain the tenant verified, replacing the domain's current one (whoever
+    /// held the name before).
     pub async fn put_certificate(&self, tenant: Uuid, new: NewCertificate) -> Result<Certificate, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let replaced: Vec<(Uuid,)> = sqlx::query_as(
-            "DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error', 'pending') RETURNING id",
+        // The domain stays the tenant's until this commits: a claim that is not (or no longer) the tenant's
+        // verified domain never gets a certificate stored.
+        let owned: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM domains WHERE name = $1 AND tenant_id = $2 AND custom AND verified_at IS NOT NULL
+             FOR SHARE",
+        )
+        .bind(&new.domain)
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owned.is_none() {
+            return Err(StoreError::NotFound { kind: "verified custom domain", key: new.domain });
+        }
+        let replaced: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+            "DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error', 'pending')
+             RETURNING id, tenant_id",
         )
         .bind(&new.domain)
         .fetch_all(&mut *tx)
@@ -86,16 +101,9 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let cert = view(row);
-        for (old,) in replaced {
-            record_event(
-                &mut tx,
-                Some(tenant),
-                "certificate",
-                old,
-                EventAction::Deleted,
-                &serde_json::json!({"id": old}),
-            )
-            .await?;
+        for (old, holder) in replaced {
+            record_event(&mut tx, holder, "certificate", old, EventAction::Deleted, &serde_json::json!({"id": old}))
+                .await?;
         }
         record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Created, &cert).await?;
         tx.commit().await?;

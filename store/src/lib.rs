@@ -31,13 +31,13 @@ use ipnet::Ipv4Net;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use bundle::{BundleError, hello_bundle, parse_bundle};
+pub use bundle::{BundleError, hello_bundle, parse_bundle, special_file};
 pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
-pub use nodes::{Assignment, LOG_LINES_KEPT, Observation};
+pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
@@ -64,6 +64,9 @@ pub struct Settings {
     /// route to it and than the node takes to tear the old sandbox down, so the address never reaches a newcomer
     /// while something still means the old instance.
     pub ip_hold: Duration,
+    /// How long an unverified custom-domain claim lasts: long enough for an owner to publish a TXT record, short
+    /// enough that an abandoned or squatting claim does not linger.
+    pub domain_claim_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -75,6 +78,7 @@ impl Default for Settings {
             tenant_prefix: 22,
             tcp_ports: 30000..=32767,
             ip_hold: Duration::from_secs(60),
+            domain_claim_ttl: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -106,9 +110,19 @@ pub enum StoreError {
         /// The taken name.
         name: String,
     },
-    /// The domain is attached to some service already.
-    #[error("domain \"{name}\" is already attached to a service")]
+    /// The domain is attached to another service, or verified by another tenant.
+    #[error("domain \"{name}\" {why}")]
     DomainTaken {
+        /// The domain.
+        name: String,
+        /// Who holds it, e.g. `is verified by another tenant`.
+        why: &'static str,
+    },
+    /// An unverified custom-domain claim lapsed before it was verified.
+    #[error(
+        "the claim on domain \"{name}\" expired before it was verified; list it in the service's domains again for a new token"
+    )]
+    ClaimExpired {
         /// The domain.
         name: String,
     },

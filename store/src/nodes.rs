@@ -19,6 +19,10 @@ const SCHEDULER_LOCK: i64 = 7_265_748;
 /// Log lines kept per instance; older ones are dropped as new ones arrive.
 pub const LOG_LINES_KEPT: i64 = 2000;
 
+/// Bytes of log text kept per instance; older lines are dropped as new ones arrive. With node agents cutting lines
+/// at 16 KiB, this is also the most a read of an instance's log returns.
+pub const LOG_BYTES_KEPT: i64 = 1 << 20;
+
 /// An instance assigned to a node, with everything the node needs to run it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
@@ -289,7 +293,8 @@ impl Store {
         Ok(true)
     }
 
-    /// Appends output lines of an instance, dropping the oldest beyond [`LOG_LINES_KEPT`].
+    /// Appends output lines of an instance, then drops its oldest lines beyond [`LOG_LINES_KEPT`] lines or
+    /// [`LOG_BYTES_KEPT`] bytes, whichever comes first, in the same transaction: a reader never sees more.
     pub async fn append_logs(&self, id: Uuid, lines: &[(DateTime<Utc>, &str, String)]) -> Result<(), StoreError> {
         if lines.is_empty() {
             return Ok(());
@@ -321,11 +326,22 @@ impl Store {
             Err(e) if e.as_database_error().is_some_and(|d| d.code().as_deref() == Some("23503")) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        sqlx::query("DELETE FROM instance_logs WHERE instance_id = $1 AND seq <= $2")
-            .bind(id)
-            .bind(first + lines.len() as i64 - 1 - LOG_LINES_KEPT)
-            .execute(&mut *tx)
-            .await?;
+        // Walks back from the newest line (the primary key's order) and deletes from the first line that no
+        // longer fits; a line that alone exceeds the budget goes too. octet_length reads the stored size without
+        // detoasting the text.
+        sqlx::query(
+            "DELETE FROM instance_logs WHERE instance_id = $1 AND seq <= (
+                 SELECT coalesce(max(seq), -1) FROM (
+                     SELECT seq, sum(octet_length(line)) OVER newest AS bytes, row_number() OVER newest AS lines
+                     FROM instance_logs WHERE instance_id = $1
+                     WINDOW newest AS (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING)
+                 ) kept WHERE bytes > $2 OR lines > $3)",
+        )
+        .bind(id)
+        .bind(LOG_BYTES_KEPT)
+        .bind(LOG_LINES_KEPT)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

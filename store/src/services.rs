@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
-use cloud_domain::api::{Domain, DomainVerification, EventAction, InstanceSummary, Service};
+use cloud_domain::api::{Domain, DomainState, DomainVerification, EventAction, InstanceSummary, Service};
 use cloud_domain::generate;
 use cloud_domain::ports::{self, Handler, PortMapping};
 use cloud_domain::state::InstanceState;
@@ -60,6 +60,9 @@ struct ServiceRow {
     updated_at: DateTime<Utc>,
 }
 
+/// service, name, custom, token, verified, expires_at, expired, taken
+type DomainRow = (Uuid, String, bool, String, bool, Option<DateTime<Utc>>, bool, bool);
+
 const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after, persistent, created_at, updated_at FROM services";
 
 /// The row lock a lookup takes for the rest of its transaction.
@@ -72,6 +75,12 @@ pub(crate) enum RowLock {
     /// Exclusive (changing or deleting the service).
     Update,
 }
+
+/// Why a tenant cannot attach a name twice.
+const OTHER_SERVICE: &str = "is already attached to another service of this tenant";
+
+/// Why a platform subdomain is not free.
+const ATTACHED: &str = "is already attached to a service";
 
 /// Advisory lock key serialising raw TCP port allocation platform-wide.
 const TCP_PORT_LOCK: i64 = 7_265_747;
@@ -220,6 +229,10 @@ impl Store {
         Ok(())
     }
 
+    /// Attaches extra names to a service inside the caller's transaction, which holds the tenant lock (the
+    /// quota check counts the tenant's names). A custom domain is claimed unverified, expiring after
+    /// `domain_claim_ttl`; another tenant's unverified claim on the same name does not stand in the way, a
+    /// verified one does.
     async fn insert_domains(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -227,18 +240,49 @@ impl Store {
         service: Uuid,
         domains: &[(String, bool)],
     ) -> Result<(), StoreError> {
+        if domains.is_empty() {
+            return Ok(());
+        }
+        let ttl = chrono::Duration::from_std(self.settings.domain_claim_ttl).unwrap_or(chrono::Duration::MAX);
+        let names: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
+        // The tenant's own lapsed claims on these names make way for the new ones.
+        let lapsed: Vec<(Uuid,)> = sqlx::query_as(
+            "DELETE FROM domains WHERE tenant_id = $1 AND name = ANY($2) AND verified_at IS NULL
+                 AND expires_at <= now()
+             RETURNING service_id",
+        )
+        .bind(tenant)
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await?;
         for (name, custom) in domains {
-            let (taken,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM services WHERE fqdn = $1)")
-                .bind(name)
-                .fetch_one(&mut *conn)
-                .await?;
-            if taken {
-                return Err(StoreError::DomainTaken { name: name.clone() });
+            let (fqdn, verified_tenant): (bool, Option<Uuid>) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM services WHERE fqdn = $1),
+                        (SELECT tenant_id FROM domains WHERE name = $1 AND verified_at IS NOT NULL)",
+            )
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await?;
+            if fqdn {
+                return Err(StoreError::DomainTaken { name: name.clone(), why: "is a service's name" });
+            }
+            // A name proven (or, for platform subdomains, taken) by another tenant is public already: its DNS
+            // points here. Refusing the claim says so rather than recording one that can never verify.
+            let why = match verified_tenant {
+                Some(t) if t == tenant => Some(OTHER_SERVICE),
+                Some(_) if *custom => Some(crate::domains::VERIFIED_ELSEWHERE),
+                Some(_) => Some(ATTACHED),
+                None => None,
+            };
+            if let Some(why) = why {
+                return Err(StoreError::DomainTaken { name: name.clone(), why });
             }
             let token = generate::random_suffix(&mut rand::rng(), 32);
             let res = sqlx::query(
-                "INSERT INTO domains (id, tenant_id, service_id, name, custom, verification_token, verified_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $5 THEN NULL ELSE now() END)",
+                "INSERT INTO domains (id, tenant_id, service_id, name, custom, verification_token, verified_at,
+                                      expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $5 THEN NULL ELSE now() END,
+                         CASE WHEN $5 THEN now() + $7 ELSE NULL END)",
             )
             .bind(Uuid::new_v4())
             .bind(tenant)
@@ -246,14 +290,38 @@ impl Store {
             .bind(name)
             .bind(custom)
             .bind(token)
+            .bind(ttl)
             .execute(&mut *conn)
             .await;
             if let Err(e) = res {
                 return Err(match violated_constraint(&e).as_deref() {
-                    Some("domains_name_key") => StoreError::DomainTaken { name: name.clone() },
+                    // A platform subdomain another tenant took an instant before.
+                    Some("domains_verified_name") => StoreError::DomainTaken { name: name.clone(), why: ATTACHED },
+                    Some("domains_tenant_name") => StoreError::DomainTaken { name: name.clone(), why: OTHER_SERVICE },
                     _ => e.into(),
                 });
             }
+        }
+        let (count, max): (i64, i32) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM domains
+                     WHERE tenant_id = $1 AND (verified_at IS NOT NULL OR expires_at > now())),
+                    (SELECT max_domains FROM tenants WHERE id = $1)",
+        )
+        .bind(tenant)
+        .fetch_one(&mut *conn)
+        .await?;
+        if count > max as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_domains is {max} and the tenant's services would have {count} domains ({} in this request)",
+                    domains.len()
+                ),
+            });
+        }
+        let others: BTreeSet<Uuid> = lapsed.into_iter().map(|(s,)| s).filter(|s| *s != service).collect();
+        for other in others {
+            let view = self.service_in(conn, tenant, other).await?;
+            record_event(conn, Some(tenant), "service", other, EventAction::Updated, &view).await?;
         }
         Ok(())
     }
@@ -285,9 +353,12 @@ impl Store {
         .bind(&ids)
         .fetch_all(&mut *conn)
         .await?;
-        let domain_rows: Vec<(Uuid, String, bool, String, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT service_id, name, custom, verification_token, verified_at FROM domains
-             WHERE service_id = ANY($1) ORDER BY name",
+        let domain_rows: Vec<DomainRow> = sqlx::query_as(
+            "SELECT d.service_id, d.name, d.custom, d.verification_token, d.verified_at IS NOT NULL, d.expires_at,
+                    coalesce(d.expires_at <= now(), false),
+                    d.verified_at IS NULL
+                        AND EXISTS (SELECT 1 FROM domains v WHERE v.name = d.name AND v.verified_at IS NOT NULL)
+             FROM domains d WHERE d.service_id = ANY($1) ORDER BY d.name",
         )
         .bind(&ids)
         .fetch_all(&mut *conn)
@@ -328,15 +399,20 @@ impl Store {
                 s.ports.push(PortMapping { port: port as u16, destination_port: dest as u16, handlers, proxy });
             }
         }
-        for (sid, name, custom, token, verified_at) in domain_rows {
+        for (sid, name, custom, token, verified, expires_at, expired, taken) in domain_rows {
             if let Some(s) = by_id.get_mut(&sid) {
-                let verified = verified_at.is_some();
-                let verification = (!verified).then(|| DomainVerification {
+                let state = match (verified, expired, taken) {
+                    (true, _, _) => DomainState::Verified,
+                    (false, true, _) => DomainState::Expired,
+                    (false, false, true) => DomainState::Taken,
+                    (false, false, false) => DomainState::Pending,
+                };
+                let verification = (state == DomainState::Pending).then(|| DomainVerification {
                     txt_name: crate::domains::txt_name(&name),
                     txt_value: crate::domains::txt_value(&token),
                     cname_target: s.fqdn.clone(),
                 });
-                s.domains.push(Domain { name, custom, verified, verification });
+                s.domains.push(Domain { name, custom, verified, state, expires_at, verification });
             }
         }
         for (sid, id, name, state, private_ip) in instance_rows {
@@ -404,6 +480,11 @@ impl Store {
     /// Changes a service.
     pub async fn update_service(&self, tenant: Uuid, key: &str, change: ServiceChange) -> Result<Service, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if change.domains.is_some() {
+            // The domain quota counts over the tenant's services; the tenant lock comes first, as in every
+            // creation, so the two locks are always taken in one order.
+            Self::lock_tenant(&mut tx, tenant).await?;
+        }
         let (id, _, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
         let before = self.service_in(&mut tx, tenant, id).await?;
         let soft = change.soft_limit.unwrap_or(before.soft_limit);
@@ -428,21 +509,31 @@ impl Store {
             sqlx::query("DELETE FROM service_ports WHERE service_id = $1").bind(id).execute(&mut *tx).await?;
             self.insert_ports(&mut tx, id, ports, &before.ports).await?;
         }
+        let mut released = Vec::new();
         if let Some(domains) = &change.domains {
-            // Keep the records (and verification state) of domains that stay.
+            // Keep the records (verification state, token, expiry) of domains that stay; a lapsed claim listed
+            // again is claimed anew.
             let keep: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
-            sqlx::query("DELETE FROM domains WHERE service_id = $1 AND NOT (name = ANY($2))")
-                .bind(id)
-                .bind(&keep)
-                .execute(&mut *tx)
-                .await?;
-            let existing: BTreeSet<&str> = before.domains.iter().map(|d| d.name.as_str()).collect();
-            let new: Vec<(String, bool)> =
-                domains.iter().filter(|(n, _)| !existing.contains(n.as_str())).cloned().collect();
+            let removed: Vec<(String, bool)> = sqlx::query_as(
+                "DELETE FROM domains WHERE service_id = $1
+                     AND (NOT (name = ANY($2)) OR (verified_at IS NULL AND expires_at <= now()))
+                 RETURNING name, verified_at IS NOT NULL",
+            )
+            .bind(id)
+            .bind(&keep)
+            .fetch_all(&mut *tx)
+            .await?;
+            released = removed.into_iter().filter(|(_, verified)| *verified).map(|(n, _)| n).collect();
+            let existing: Vec<(String,)> =
+                sqlx::query_as("SELECT name FROM domains WHERE service_id = $1").bind(id).fetch_all(&mut *tx).await?;
+            let existing: BTreeSet<String> = existing.into_iter().map(|(n,)| n).collect();
+            let new: Vec<(String, bool)> = domains.iter().filter(|(n, _)| !existing.contains(n)).cloned().collect();
             self.insert_domains(&mut tx, tenant, id, &new).await?;
         }
         let service = self.service_in(&mut tx, tenant, id).await?;
         record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &service).await?;
+        // Names this service let go are free for the tenants still claiming them.
+        self.touch_claimants(&mut tx, &released, id).await?;
         tx.commit().await?;
         Ok(service)
     }
@@ -461,6 +552,9 @@ impl Store {
         }
         sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&mut *tx).await?;
         record_event(&mut tx, Some(tenant), "service", id, EventAction::Deleted, &service).await?;
+        let released: Vec<String> =
+            service.domains.iter().filter(|d| d.custom && d.verified).map(|d| d.name.clone()).collect();
+        self.touch_claimants(&mut tx, &released, id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -483,6 +577,9 @@ impl Store {
             let view = self.service_in(conn, tenant, service).await?;
             sqlx::query("DELETE FROM services WHERE id = $1").bind(service).execute(&mut *conn).await?;
             record_event(conn, Some(tenant), "service", service, EventAction::Deleted, &view).await?;
+            let released: Vec<String> =
+                view.domains.iter().filter(|d| d.custom && d.verified).map(|d| d.name.clone()).collect();
+            self.touch_claimants(conn, &released, service).await?;
         }
         Ok(())
     }

@@ -18,19 +18,23 @@ struct TenantRow {
     max_instances: i32,
     max_memory_mb: i64,
     max_images: i32,
+    max_domains: i32,
     created_at: DateTime<Utc>,
     services: i64,
     instances: i64,
     memory_mb: i64,
     images: i64,
+    domains: i64,
 }
 
 const SELECT_TENANT: &str = "SELECT t.id, t.name, t.network::text AS network, t.max_services, t.max_instances,
-        t.max_memory_mb, t.max_images, t.created_at,
+        t.max_memory_mb, t.max_images, t.max_domains, t.created_at,
         (SELECT count(*) FROM services s WHERE s.tenant_id = t.id) AS services,
         (SELECT count(*) FROM instances i WHERE i.tenant_id = t.id) AS instances,
         (SELECT coalesce(sum(i.memory_mb), 0)::bigint FROM instances i WHERE i.tenant_id = t.id) AS memory_mb,
-        (SELECT count(*) FROM images m WHERE m.tenant_id = t.id) AS images
+        (SELECT count(*) FROM images m WHERE m.tenant_id = t.id) AS images,
+        (SELECT count(*) FROM domains d
+         WHERE d.tenant_id = t.id AND (d.verified_at IS NOT NULL OR d.expires_at > now())) AS domains
     FROM tenants t";
 
 impl From<TenantRow> for Tenant {
@@ -44,12 +48,14 @@ impl From<TenantRow> for Tenant {
                 max_instances: r.max_instances as u32,
                 max_memory_mb: r.max_memory_mb as u64,
                 max_images: r.max_images as u32,
+                max_domains: r.max_domains as u32,
             },
             usage: Usage {
                 services: r.services as u32,
                 instances: r.instances as u32,
                 memory_mb: r.memory_mb as u64,
                 images: r.images as u32,
+                domains: r.domains as u32,
             },
             created_at: r.created_at,
         }
@@ -77,8 +83,9 @@ impl Store {
             let id = Uuid::new_v4();
             let mut tx = self.pool.begin().await?;
             let inserted = sqlx::query(
-                "INSERT INTO tenants (id, name, network, max_services, max_instances, max_memory_mb, max_images)
-                 VALUES ($1, $2, $3::cidr, $4, $5, $6, $7)",
+                "INSERT INTO tenants (id, name, network, max_services, max_instances, max_memory_mb, max_images,
+                                      max_domains)
+                 VALUES ($1, $2, $3::cidr, $4, $5, $6, $7, $8)",
             )
             .bind(id)
             .bind(name)
@@ -87,6 +94,7 @@ impl Store {
             .bind(to_i32(q.max_instances))
             .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
             .bind(to_i32(q.max_images))
+            .bind(to_i32(q.max_domains))
             .execute(&mut *tx)
             .await;
             match inserted {
@@ -153,13 +161,14 @@ impl Store {
         let q = quotas.apply(current.quotas);
         sqlx::query(
             "UPDATE tenants SET max_services = $2, max_instances = $3, max_memory_mb = $4, max_images = $5,
-                 updated_at = now() WHERE id = $1",
+                 max_domains = $6, updated_at = now() WHERE id = $1",
         )
         .bind(current.id)
         .bind(to_i32(q.max_services))
         .bind(to_i32(q.max_instances))
         .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
         .bind(to_i32(q.max_images))
+        .bind(to_i32(q.max_domains))
         .execute(&mut *tx)
         .await?;
         let tenant = Self::tenant_in(&mut tx, current.id).await?;
@@ -197,18 +206,23 @@ impl Store {
         conn: &mut sqlx::PgConnection,
         tenant: Uuid,
     ) -> Result<(Quotas, Ipv4Net, String), StoreError> {
-        let row: Option<(i32, i32, i64, i32, String, String)> = sqlx::query_as(
-            "SELECT max_services, max_instances, max_memory_mb, max_images, network::text, name
+        let row: Option<(i32, i32, i64, i32, i32, String, String)> = sqlx::query_as(
+            "SELECT max_services, max_instances, max_memory_mb, max_images, max_domains, network::text, name
              FROM tenants WHERE id = $1 FOR UPDATE",
         )
         .bind(tenant)
         .fetch_optional(conn)
         .await?;
-        let (s, i, m, im, net, name) =
+        let (s, i, m, im, d, net, name) =
             row.ok_or_else(|| StoreError::NotFound { kind: "tenant", key: tenant.to_string() })?;
         let network = net.parse().map_err(|_| StoreError::Invalid(format!("tenant network {net} is not IPv4")))?;
-        let quotas =
-            Quotas { max_services: s as u32, max_instances: i as u32, max_memory_mb: m as u64, max_images: im as u32 };
+        let quotas = Quotas {
+            max_services: s as u32,
+            max_instances: i as u32,
+            max_memory_mb: m as u64,
+            max_images: im as u32,
+            max_domains: d as u32,
+        };
         Ok((quotas, network, name))
     }
 }

@@ -81,7 +81,8 @@ pub(crate) async fn get_service(
 
 /// Check a custom domain's ownership record now. The platform routes a custom domain, and orders certificates
 /// for it, only once its TXT record `_cloud-challenge.<domain>` holds `cloud-verify=<token>` (the service shows
-/// both under `domains[].verification`); the certificate role also checks pending domains periodically.
+/// both under `domains[].verification`); the certificate role also checks pending domains periodically. Several
+/// tenants may claim one name: the first to verify gets it, and the others' claims become `taken`.
 #[utoipa::path(tag = "services", security(("bearer" = [])),
     params(
         ("service" = String, Path, description = "Service name or id"),
@@ -89,7 +90,8 @@ pub(crate) async fn get_service(
     ),
     responses(
         (status = 200, description = "The domain is verified; the service as it is now", body = Service),
-        (status = 422, description = "The ownership record is missing or wrong (`domain_not_verified`): the detail names the record, the value expected and what was found", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another tenant verified this name first (`domain_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The ownership record is missing or wrong, or the claim expired (`domain_not_verified`): the detail names the record, the value expected and what was found", body = Problem, content_type = "application/problem+json"),
         (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The resolver could not be asked", body = Problem, content_type = "application/problem+json"),
 ))]
