@@ -651,21 +651,45 @@ pub struct CreatedInstances {
     pub service: Option<Service>,
 }
 
-/// An image: a content-addressed bundle with a manifest naming its command and port.
+/// How an image is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// An OCI image (uploaded as an OCI or docker archive, or pulled from a registry).
+    Oci,
+    /// A directory bundle (tar.gz with `manifest.json`), run on the platform's minimal base.
+    Bundle,
+}
+
+impl ImageFormat {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Oci => "oci",
+            Self::Bundle => "bundle",
+        }
+    }
+}
+
+/// An image: an OCI image or a directory bundle, content-addressed, with the command and port it runs.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Image {
     /// Unique id.
     pub id: Uuid,
     /// Name, unique per tenant (built-in images are shared by all tenants).
     pub name: String,
-    /// `sha256:<hex>` of the bundle.
+    /// `sha256:<hex>`: of the manifest for an OCI image, of the archive for a bundle.
     pub digest: String,
-    /// Bundle size in bytes.
+    /// Bytes stored (an OCI image's compressed layers and config; a bundle's archive).
     pub size_bytes: u64,
-    /// The command run in the bundle's directory.
+    /// The command it runs (an OCI image's Entrypoint then Cmd).
     pub command: Vec<String>,
-    /// The port the command listens on.
+    /// The port it listens on (an OCI image's first exposed TCP port, else 8080).
     pub port: u16,
+    /// How it is stored.
+    pub format: ImageFormat,
+    /// Where it came from: `upload`, or the registry reference it was pulled from.
+    pub source: String,
     /// True for the platform's built-in images.
     pub builtin: bool,
     /// Creation time.

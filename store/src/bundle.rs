@@ -4,9 +4,7 @@ use std::io::Read;
 use std::path::Component;
 
 use cloud_domain::api::ImageManifest;
-use flate2::Compression;
 use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use sha2::{Digest, Sha256};
 
 /// Bounds on what a bundle may unpack to, so a small upload cannot exhaust a node's disk (a "zip bomb").
@@ -109,24 +107,11 @@ pub(crate) fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// The built-in `hello` image: a manifest only. Its command is served by the `cloudd` binary itself, so the
-/// image needs no files and its digest is the same on every build.
-pub fn hello_bundle() -> Vec<u8> {
-    let manifest =
-        serde_json::to_vec_pretty(&ImageManifest { command: vec!["cloudd".into(), "hello".into()], port: 8080 })
-            .expect("manifest serialises");
-    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(manifest.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(0);
-    header.set_cksum();
-    builder.append_data(&mut header, "manifest.json", manifest.as_slice()).expect("in-memory tar");
-    builder.into_inner().and_then(|gz| gz.finish()).expect("in-memory gzip")
-}
-
 #[cfg(test)]
 mod tests {
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+
     use super::*;
 
     fn bundle(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -154,14 +139,6 @@ mod tests {
             builder.append(&header, *data).unwrap();
         }
         builder.into_inner().unwrap().finish().unwrap()
-    }
-
-    #[test]
-    fn hello_is_valid_and_stable() {
-        let (m, d) = parse_bundle(&hello_bundle()).unwrap();
-        assert_eq!(m.command, ["cloudd", "hello"]);
-        assert_eq!(m.port, 8080);
-        assert_eq!(parse_bundle(&hello_bundle()).unwrap().1, d);
     }
 
     #[test]

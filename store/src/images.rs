@@ -1,10 +1,11 @@
-//! Images: content-addressed bundles, per tenant, plus the platform's built-in images.
+//! Images: OCI images and directory bundles, per tenant, plus the platform's built-in images. Every blob (a
+//! bundle, a manifest, a config, a layer) is stored once by digest and shared by the images that name it.
 
 use chrono::{DateTime, Utc};
-use cloud_domain::api::{EventAction, Image, ImageManifest};
+use cloud_domain::api::{EventAction, Image, ImageFormat, ImageManifest};
 use uuid::Uuid;
 
-use crate::bundle::{digest, hello_bundle, parse_bundle};
+use crate::bundle::digest;
 use crate::page::{self, Cursor};
 use crate::{Store, StoreError, as_uuid, record_event};
 
@@ -17,6 +18,8 @@ struct ImageRow {
     command: Vec<String>,
     port: i32,
     builtin: bool,
+    format: String,
+    source: String,
     created_at: DateTime<Utc>,
 }
 
@@ -30,12 +33,56 @@ impl From<ImageRow> for Image {
             command: r.command,
             port: r.port as u16,
             builtin: r.builtin,
+            format: if r.format == "oci" { ImageFormat::Oci } else { ImageFormat::Bundle },
+            source: r.source,
             created_at: r.created_at,
         }
     }
 }
 
-const SELECT_IMAGE: &str = "SELECT id, name, digest, size_bytes, command, port, builtin, created_at FROM images";
+const IMAGE_COLUMNS: &str = "id, name, digest, size_bytes, command, port, builtin, format, source, created_at";
+const SELECT_IMAGE: &str =
+    "SELECT id, name, digest, size_bytes, command, port, builtin, format, source, created_at FROM images";
+
+/// The port an OCI image runs on when it exposes none, as Fly.io's default internal port.
+pub const DEFAULT_IMAGE_PORT: u16 = 8080;
+
+/// An OCI image's blobs, written once by digest; the manifest's list of what it names.
+async fn put_blobs(tx: &mut sqlx::PgConnection, image: &cloud_oci::Image) -> Result<(), StoreError> {
+    let blobs = std::iter::once((&image.digest, &image.manifest))
+        .chain(std::iter::once((&image.config_blob.digest, &image.config_blob.data)))
+        .chain(image.layer_blobs.iter().map(|b| (&b.digest, &b.data)));
+    for (digest, data) in blobs {
+        sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
+            .bind(digest.as_str())
+            .bind(data.as_ref())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let named: Vec<&str> = std::iter::once(image.config_blob.digest.as_str())
+        .chain(image.layers.iter().map(|l| l.digest.as_str()))
+        .collect();
+    sqlx::query(
+        "INSERT INTO manifest_blobs (manifest, blob) SELECT $1, b FROM unnest($2::text[]) b
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(image.digest.as_str())
+    .bind(&named)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What an OCI image runs: its command and port.
+fn oci_run(image: &cloud_oci::Image) -> Result<(Vec<String>, u16), StoreError> {
+    let command = image.config.argv();
+    if command.is_empty() {
+        return Err(StoreError::Invalid(
+            "the image names no program to run: its config has neither Entrypoint nor Cmd".into(),
+        ));
+    }
+    Ok((command, image.config.exposed_ports.first().copied().unwrap_or(DEFAULT_IMAGE_PORT)))
+}
 
 impl Store {
     /// Stores a checked bundle under a name; pushing a name again points it at the new bundle (instances keep
@@ -71,8 +118,8 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (tenant_id, name) WHERE tenant_id IS NOT NULL DO UPDATE
                  SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
-                     port = EXCLUDED.port
-             RETURNING id, name, digest, size_bytes, command, port, builtin, created_at",
+                     port = EXCLUDED.port, format = 'bundle', source = 'upload'
+             RETURNING id, name, digest, size_bytes, command, port, builtin, format, source, created_at",
         )
         .bind(Uuid::new_v4())
         .bind(tenant)
@@ -90,6 +137,55 @@ impl Store {
         Ok(image)
     }
 
+    /// Stores a verified OCI image under a name (`source`: `upload` or the registry reference); pushing a name
+    /// again points it at the new image (instances keep the digest they were created with).
+    pub async fn put_oci_image(
+        &self,
+        tenant: Uuid,
+        name: &str,
+        image: &cloud_oci::Image,
+        source: &str,
+    ) -> Result<Image, StoreError> {
+        let (command, port) = oci_run(image)?;
+        let mut tx = self.pool.begin().await?;
+        let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
+        let (count, exists): (i64, bool) =
+            sqlx::query_as("SELECT count(*), coalesce(bool_or(name = $2), false) FROM images WHERE tenant_id = $1")
+                .bind(tenant)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !exists && count >= quotas.max_images as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!("max_images is {} and the tenant has {count}", quotas.max_images),
+            });
+        }
+        put_blobs(&mut tx, image).await?;
+        let row: ImageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO images (id, tenant_id, name, digest, size_bytes, command, port, format, source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'oci', $8)
+             ON CONFLICT (tenant_id, name) WHERE tenant_id IS NOT NULL DO UPDATE
+                 SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
+                     port = EXCLUDED.port, format = 'oci', source = EXCLUDED.source
+             RETURNING {IMAGE_COLUMNS}"
+        )))
+        .bind(Uuid::new_v4())
+        .bind(tenant)
+        .bind(name)
+        .bind(image.digest.as_str())
+        .bind((image.stored_bytes() + image.manifest.len() as u64) as i64)
+        .bind(&command)
+        .bind(port as i32)
+        .bind(source)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = Image::from(row);
+        let action = if exists { EventAction::Updated } else { EventAction::Created };
+        record_event(&mut tx, Some(tenant), "image", stored.id, action, &stored).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
     /// An image visible to the tenant (its own first, then built-in) by name or id.
     pub async fn image(&self, tenant: Uuid, key: &str) -> Result<Image, StoreError> {
         let row: Option<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -104,7 +200,7 @@ impl Store {
         row.map(Image::from).ok_or_else(|| StoreError::NotFound { kind: "image", key: key.to_owned() })
     }
 
-    /// The bundle bytes of a digest.
+    /// The bytes of a blob (a bundle, a manifest, a config or a layer) by digest.
     pub async fn image_bundle(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
         let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT data FROM image_blobs WHERE digest = $1")
             .bind(digest)
@@ -156,43 +252,73 @@ impl Store {
             .bind(tenant)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "DELETE FROM image_blobs b WHERE digest = $1
-               AND NOT EXISTS (SELECT 1 FROM images WHERE digest = b.digest)
-               AND NOT EXISTS (SELECT 1 FROM instances WHERE image_digest = b.digest)",
-        )
-        .bind(&image.digest)
-        .execute(&mut *tx)
-        .await?;
+        Self::collect_blobs(&mut tx, &image.digest).await?;
         record_event(&mut tx, Some(tenant), "image", image.id, EventAction::Deleted, &image).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Registers (or refreshes) the built-in images.
-    pub(crate) async fn ensure_builtin_images(&self) -> Result<(), StoreError> {
-        let bundle = hello_bundle();
-        let (manifest, digest) = parse_bundle(&bundle).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
-            .bind(&digest)
-            .bind(&bundle)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO images (id, tenant_id, name, digest, size_bytes, command, port)
-             VALUES ($1, NULL, 'hello', $2, $3, $4, $5)
-             ON CONFLICT (name) WHERE tenant_id IS NULL DO UPDATE
-                 SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
-                     port = EXCLUDED.port",
+    /// Deletes a bundle or manifest no image or instance names any more, and then the blobs of that manifest
+    /// no other stored manifest names.
+    async fn collect_blobs(tx: &mut sqlx::PgConnection, digest: &str) -> Result<(), StoreError> {
+        let unused: Option<(String,)> = sqlx::query_as(
+            "SELECT digest FROM image_blobs b WHERE digest = $1
+               AND NOT EXISTS (SELECT 1 FROM images WHERE digest = b.digest)
+               AND NOT EXISTS (SELECT 1 FROM instances WHERE image_digest = b.digest)
+             FOR UPDATE",
         )
-        .bind(Uuid::new_v4())
-        .bind(&digest)
-        .bind(bundle.len() as i64)
-        .bind(&manifest.command)
-        .bind(manifest.port as i32)
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if unused.is_none() {
+            return Ok(());
+        }
+        let named: Vec<(String,)> = sqlx::query_as("DELETE FROM manifest_blobs WHERE manifest = $1 RETURNING blob")
+            .bind(digest)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM image_blobs WHERE digest = $1").bind(digest).execute(&mut *tx).await?;
+        let named: Vec<String> = named.into_iter().map(|(b,)| b).collect();
+        sqlx::query(
+            "DELETE FROM image_blobs b WHERE digest = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM manifest_blobs m WHERE m.blob = b.digest)
+               AND NOT EXISTS (SELECT 1 FROM images WHERE digest = b.digest)
+               AND NOT EXISTS (SELECT 1 FROM instances WHERE image_digest = b.digest)",
+        )
+        .bind(&named)
         .execute(&mut *tx)
         .await?;
+        Ok(())
+    }
+
+    /// Registers (or refreshes) the built-in images.
+    pub(crate) async fn ensure_builtin_images(&self) -> Result<(), StoreError> {
+        let hello = cloud_builtin::hello();
+        let (command, port) = oci_run(&hello)?;
+        let mut tx = self.pool.begin().await?;
+        put_blobs(&mut tx, &hello).await?;
+        let previous: Option<(String,)> =
+            sqlx::query_as("SELECT digest FROM images WHERE name = 'hello' AND tenant_id IS NULL")
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO images (id, tenant_id, name, digest, size_bytes, command, port, format, source)
+             VALUES ($1, NULL, 'hello', $2, $3, $4, $5, 'oci', 'builtin')
+             ON CONFLICT (name) WHERE tenant_id IS NULL DO UPDATE
+                 SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
+                     port = EXCLUDED.port, format = 'oci', source = 'builtin'",
+        )
+        .bind(Uuid::new_v4())
+        .bind(hello.digest.as_str())
+        .bind((hello.stored_bytes() + hello.manifest.len() as u64) as i64)
+        .bind(&command)
+        .bind(port as i32)
+        .execute(&mut *tx)
+        .await?;
+        // The previous version goes once no instance runs it.
+        if let Some((old,)) = previous.filter(|(d,)| d != hello.digest.as_str()) {
+            Self::collect_blobs(&mut tx, &old).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -31,7 +31,7 @@ use ipnet::Ipv4Net;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use bundle::{BundleError, hello_bundle, parse_bundle, special_file};
+pub use bundle::{BundleError, parse_bundle, special_file};
 pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
