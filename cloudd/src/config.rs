@@ -148,9 +148,9 @@ pub struct PlatformSection {
     /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
     /// Default: the first nameserver of /etc/resolv.conf.
     pub resolver: Option<SocketAddr>,
-    /// File holding the platform secret key (64 hex digits) that seals certificate keys in the database. The
-    /// same file on every API and edge. Default none (uploads refused); `cloudd dev`: `<data_dir>/secret.key`,
-    /// created on first start.
+    /// File holding the platform secret key (64 hex digits) that seals the token signing key and certificate
+    /// keys in the database. The same file on every API, edge and certificate manager; required by them. Default
+    /// none; `cloudd dev`: `<data_dir>/secret.key`, created on first start.
     pub secret_key_file: Option<PathBuf>,
 }
 
