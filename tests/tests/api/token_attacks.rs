@@ -1,5 +1,6 @@
-//! Attacks on tokens: a JWT re-signed with more scopes than its record, signing with what a copy of the database
-//! holds; and the upgrade of a signing key that an earlier version left in clear. A token's grant never changes.
+//! Attacks on tokens: replaying another token's idempotent response, a revoked token's replay, a JWT re-signed with
+//! more scopes than its record, signing with what a copy of the database holds; and the upgrade of a signing key
+//! that an earlier version left in clear.
 
 use chrono::{Duration, Utc};
 use cloud_api::auth::Claims;
@@ -8,13 +9,95 @@ use cloud_domain::api::Scope;
 use cloud_tests::TestApi;
 use serde_json::{Value, json};
 
-use crate::{get, post};
+use crate::{Res, delete, get, post};
+
+/// POSTs `body` to `path` with an Idempotency-Key; the response and whether it was a replay.
+async fn post_once(api: &TestApi, path: &str, token: Option<&str>, key: &str, body: &Value) -> (Res, bool) {
+    let mut req = reqwest::Client::new().post(api.url(path)).header("Idempotency-Key", key).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().await.expect("request sent");
+    let replayed = res.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    (crate::into_res(res).await, replayed)
+}
 
 /// The tokens of the test tenant with this description.
 async fn tokens_described(api: &TestApi, description: &str) -> Vec<Value> {
     let listed = get(api, "/v1/tokens?limit=100", &api.token).await;
     let items = listed.body["items"].as_array().expect("a page").clone();
     items.into_iter().filter(|t| t["description"] == description).collect()
+}
+
+#[tokio::test]
+async fn a_read_only_token_repeating_a_write_tokens_request_and_key_is_refused_not_replayed() {
+    let api = TestApi::start().await;
+    let writer = api.issue_token(&api.tenant, &[Scope::Read, Scope::Write]).await.jwt;
+    let reader = api.issue_token(&api.tenant, &[Scope::Read]).await.jwt;
+    let body = json!({"scopes": ["read", "write"], "description": "deploy bot"});
+
+    let (first, _) = post_once(&api, "/v1/tokens", Some(&writer), "k-1", &body).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(first.body["jwt"].is_string());
+
+    // The reader sends the very same request with the same key: it must get what the handler gives a read-only
+    // token, not the writer's response with its read+write JWT.
+    let (stolen, replayed) = post_once(&api, "/v1/tokens", Some(&reader), "k-1", &body).await;
+    assert!(!replayed, "a replay to another token: {}", stolen.body);
+    assert!(stolen.body.get("jwt").is_none(), "another token's JWT leaked: {}", stolen.body);
+    stolen.problem(403, "insufficient_scope", "write");
+    // Asking again does not change it.
+    let (again, _) = post_once(&api, "/v1/tokens", Some(&reader), "k-1", &body).await;
+    again.problem(403, "insufficient_scope", "write");
+    assert_eq!(tokens_described(&api, "deploy bot").await.len(), 1, "created once");
+}
+
+#[tokio::test]
+async fn a_revoked_token_repeating_its_request_gets_401_and_a_valid_one_its_replay() {
+    let api = TestApi::start().await;
+    let writer = api.issue_token(&api.tenant, &[Scope::Read, Scope::Write]).await;
+    let body = json!({"scopes": ["read"], "description": "ci"});
+
+    let (first, replayed) = post_once(&api, "/v1/tokens", Some(&writer.jwt), "k-2", &body).await;
+    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
+    // The legitimate retry gets the first response.
+    let (retry, replayed) = post_once(&api, "/v1/tokens", Some(&writer.jwt), "k-2", &body).await;
+    assert_eq!((retry.status, replayed), (201, true), "{}", retry.body);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(tokens_described(&api, "ci").await.len(), 1, "created once");
+
+    // Without a valid token, the same request and key get the handler's 401, never the response.
+    let (res, _) = post_once(&api, "/v1/tokens", None, "k-2", &body).await;
+    res.problem(401, "missing_token", "Bearer");
+    let expired = api.signer.sign(&Claims {
+        sub: api.tenant.id,
+        jti: writer.token.id,
+        iat: (Utc::now() - Duration::hours(2)).timestamp(),
+        exp: (Utc::now() - Duration::hours(1)).timestamp(),
+    });
+    let (res, _) = post_once(&api, "/v1/tokens", Some(&expired), "k-2", &body).await;
+    res.problem(401, "token_expired", "expired");
+
+    assert_eq!(delete(&api, &format!("/v1/tokens/{}", writer.token.id), &api.token).await.status, 200);
+    let (after, replayed) = post_once(&api, "/v1/tokens", Some(&writer.jwt), "k-2", &body).await;
+    assert!(!replayed && after.body.get("jwt").is_none(), "a revoked token got a replay: {}", after.body);
+    after.problem(401, "token_revoked", "revoked");
+}
+
+#[tokio::test]
+async fn stored_responses_hold_no_token_in_clear() {
+    let api = TestApi::start().await;
+    let body = json!({"scopes": ["read"], "description": "ci"});
+    let (first, _) = post_once(&api, "/v1/tokens", Some(&api.token), "k-3", &body).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let jwt = first.body["jwt"].as_str().unwrap();
+    // What a copy of the database holds of the response (kept for replays) is sealed.
+    let stored: Vec<(Vec<u8>,)> =
+        sqlx::query_as("SELECT body_sealed FROM idempotency_requests").fetch_all(api.store.pool()).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(!stored[0].0.windows(jwt.len()).any(|w| w == jwt.as_bytes()), "the JWT in clear in the database");
+    let (again, replayed) = post_once(&api, "/v1/tokens", Some(&api.token), "k-3", &body).await;
+    assert_eq!((again.body, replayed), (first.body, true));
 }
 
 #[tokio::test]
