@@ -17,13 +17,13 @@ use std::net::TcpListener;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
 use cloud_domain::api::ErrorCode;
-use cloud_store::{ChangeFeed, Store, StoreError};
+use cloud_store::{ChangeFeed, Store};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_actix_web::AppExt;
 use utoipa_swagger_ui::SwaggerUi;
 
-pub use auth::{Auth, TokenSigner, issue_token};
+pub use auth::{Auth, StartError, TokenSigner, issue_token};
 pub use error::{ApiError, ApiResult};
 pub use metrics::Metrics;
 
@@ -36,7 +36,8 @@ pub struct ApiConfig {
     pub max_image_bytes: usize,
     /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
     pub resolver: Option<std::net::SocketAddr>,
-    /// Seals uploaded certificates' keys; without it uploads are refused.
+    /// The platform secret key (`platform.secret_key_file`), required: it seals the token signing key, uploaded
+    /// certificates' keys and stored idempotent responses. `None` only so that the limits have a default.
     pub secret_key: Option<std::sync::Arc<cloud_certs::seal::SecretKey>>,
 }
 
@@ -53,6 +54,8 @@ pub struct AppState {
     pub store: Store,
     /// Token signing and verification.
     pub signer: TokenSigner,
+    /// The platform secret key, from the configuration.
+    pub secret_key: std::sync::Arc<cloud_certs::seal::SecretKey>,
     /// The newest committed change, for event streams.
     pub feed: ChangeFeed,
     /// Prometheus metrics.
@@ -66,10 +69,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Loads the signing key and starts following the change feed.
-    pub async fn new(store: Store, config: ApiConfig) -> Result<Self, StoreError> {
+    /// Loads the signing key (sealing one left in clear by an earlier version) and starts following the change
+    /// feed. Fails without the platform secret key.
+    pub async fn new(store: Store, config: ApiConfig) -> Result<Self, StartError> {
+        let secret_key = config.secret_key.clone().ok_or(StartError::NoSecretKey)?;
         Ok(Self {
-            signer: TokenSigner::from_store(&store).await?,
+            signer: TokenSigner::load(&store, &secret_key).await?,
+            secret_key,
             feed: ChangeFeed::start(store.clone()).await?,
             metrics: Metrics::new(),
             store,

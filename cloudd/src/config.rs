@@ -150,9 +150,9 @@ pub struct PlatformSection {
     pub resolver: Option<SocketAddr>,
     /// Days an unverified custom-domain claim lasts before it lapses and is removed (1 to 365).
     pub domain_claim_days: u32,
-    /// File holding the platform secret key (64 hex digits) that seals certificate keys in the database. The
-    /// same file on every API and edge. Default none (uploads refused); `cloudd dev`: `<data_dir>/secret.key`,
-    /// created on first start.
+    /// File holding the platform secret key (64 hex digits) that seals the token signing key and certificate
+    /// keys in the database. The same file on every API, edge and certificate manager; required by them. Default
+    /// none; `cloudd dev`: `<data_dir>/secret.key`, created on first start.
     pub secret_key_file: Option<PathBuf>,
 }
 

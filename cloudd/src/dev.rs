@@ -44,10 +44,10 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     let mut cfg = cfg.clone();
     let key_file = cfg.platform.secret_key_file.get_or_insert_with(|| data_dir.join("secret.key")).clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    cloud_certs::seal::SecretKey::load_or_create(&key_file)?;
+    let key = cloud_certs::seal::SecretKey::load_or_create(&key_file)?;
     let cfg = &cfg;
     let store = crate::open_store(url, cfg).await?;
-    let created = ensure_admin_token(&store, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
+    let created = ensure_admin_token(&store, &key, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
     if !nix_is_root() {
         tracing::warn!("not root: instances run in loopback mode, on 127.x addresses without isolation");
     }
@@ -205,15 +205,22 @@ pub async fn wait_for_shutdown() {
     }
 }
 
-/// Creates the tenant when missing and issues an admin token for it.
-pub async fn ensure_admin_token(store: &Store, tenant: &str, days: i64, why: &str) -> anyhow::Result<CreatedToken> {
+/// Creates the tenant when missing and issues an admin token for it, signed with the platform's key (sealed with
+/// `key`).
+pub async fn ensure_admin_token(
+    store: &Store,
+    key: &cloud_certs::seal::SecretKey,
+    tenant: &str,
+    days: i64,
+    why: &str,
+) -> anyhow::Result<CreatedToken> {
     cloud_domain::names::validate_name(cloud_domain::names::NameKind::Tenant, tenant)?;
     let tenant = match store.tenant(tenant).await {
         Ok(t) => t,
         Err(StoreError::NotFound { .. }) => store.create_tenant(tenant, QuotasPatch::default()).await?,
         Err(e) => return Err(e.into()),
     };
-    let signer = cloud_api::TokenSigner::from_store(store).await?;
+    let signer = cloud_api::TokenSigner::load(store, key).await?;
     let scopes = [Scope::Read, Scope::Write, Scope::Admin];
     issue_token(store, &signer, tenant.id, &scopes, Duration::days(days), why)
         .await

@@ -28,11 +28,12 @@ struct Cli {
 enum Command {
     /// Run every role in one process, on an embedded PostgreSQL unless DATABASE_URL is set.
     Dev,
-    /// Run the tenant API (needs DATABASE_URL).
+    /// Run the tenant API (needs DATABASE_URL and platform.secret_key_file).
     Api,
     /// Apply database migrations and exit (needs DATABASE_URL).
     Migrate,
-    /// Create a tenant if it does not exist and print an admin token for it (needs DATABASE_URL).
+    /// Create a tenant if it does not exist and print an admin token for it (needs DATABASE_URL and
+    /// platform.secret_key_file).
     Bootstrap {
         /// Tenant name.
         #[arg(long, default_value = "admin")]
@@ -73,8 +74,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bootstrap { tenant, days } => {
-            let store = connect(&load()?).await?;
-            let created = dev::ensure_admin_token(&store, &tenant, days, "cloudd bootstrap").await?;
+            let cfg = load()?;
+            let key = cfg.secret_key()?.context(
+                "cloudd bootstrap needs the platform secret key (platform.secret_key_file): it seals the token \
+                 signing key",
+            )?;
+            let store = connect(&cfg).await?;
+            let created = dev::ensure_admin_token(&store, &key, &tenant, days, "cloudd bootstrap").await?;
             println!("{}", created.jwt);
             Ok(())
         }

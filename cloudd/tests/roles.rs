@@ -172,6 +172,55 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
     assert!(metrics.contains("certs_last_pass_ok 1"), "{metrics}");
 }
 
+#[tokio::test]
+async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signing_key() {
+    let url = cloud_tests::fresh_database().await;
+    let run = |args: &[&str], key: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudd"));
+        cmd.args(args).env("DATABASE_URL", &url).env("CLOUD_API_LISTEN", "127.0.0.1:0");
+        match key {
+            Some(k) => cmd.env("CLOUD_SECRET_KEY_FILE", k),
+            None => cmd.env_remove("CLOUD_SECRET_KEY_FILE"),
+        };
+        cmd
+    };
+    for role in [&["api"][..], &["bootstrap", "--tenant", "initech"]] {
+        let out = run(role, None).output().unwrap();
+        assert!(!out.status.success(), "{role:?} ran without the secret key");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("platform.secret_key_file"), "{role:?}: {said}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret.key");
+    std::fs::write(&key_file, "7e".repeat(32)).unwrap();
+    let out = run(&["bootstrap", "--tenant", "initech"], Some(&key_file)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = free_port();
+    let _api = Role(
+        run(&["api"], Some(&key_file))
+            .env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let api = format!("http://127.0.0.1:{port}");
+    wait_ready(&api, "cloudd api did not become ready").await;
+    let me = reqwest::Client::new().get(format!("{api}/v1/whoami")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(me.status(), 200);
+    let me: serde_json::Value = me.json().await.unwrap();
+    assert_eq!(
+        (&me["tenant"]["name"], &me["scopes"]),
+        (&"initech".into(), &serde_json::json!(["read", "write", "admin"]))
+    );
+    // The database holds the signing key sealed only.
+    let store = cloud_store::Store::new(cloud_store::connect(&url, 1).await.unwrap(), Default::default());
+    assert!(store.stored_platform_secret("jwt-hs256").await.unwrap().is_none());
+    assert!(store.stored_platform_secret("jwt-hs256-sealed").await.unwrap().is_some());
+}
+
 /// A scaled-out platform on one shared PostgreSQL, every role its own process: one API, two edges, one DNS, two
 /// node agents. Logs go to files in `dir` (printed when a wait fails).
 struct Platform {
@@ -254,6 +303,7 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
     let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
         .args(["bootstrap", "--tenant", "initech"])
         .env("DATABASE_URL", &p.url)
+        .env("CLOUD_SECRET_KEY_FILE", &p.key_file)
         .env("CLOUD_TENANT_POOL", &p.pool)
         .output()
         .unwrap();

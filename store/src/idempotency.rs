@@ -1,4 +1,7 @@
-//! `Idempotency-Key` records: the first completed response to a (tenant, key) is replayed to retries.
+//! `Idempotency-Key` records: the first completed response to a (token, key) is replayed to that token's retries.
+//!
+//! Keyed by token, not tenant: another token of the tenant (with other scopes) never gets the response. The body
+//! is stored as the caller gives it; the API seals it, since responses may hold secrets (a created token's JWT).
 
 use uuid::Uuid;
 
@@ -15,7 +18,7 @@ pub enum IdempotencyBegin {
         status: u16,
         /// Stored content type.
         content_type: String,
-        /// Stored body.
+        /// Stored body, as given to [`Store::idempotency_finish`].
         body: Vec<u8>,
     },
     /// The first request with this key is still running.
@@ -28,25 +31,26 @@ pub enum IdempotencyBegin {
 const RETENTION: &str = "24 hours";
 
 impl Store {
-    /// Claims a key for a request identified by `request_hash` (method, path and body).
+    /// Claims a key of a token for a request identified by `request_hash` (method, path and body).
     pub async fn idempotency_begin(
         &self,
-        tenant: Uuid,
+        token: Uuid,
         key: &str,
         request_hash: &str,
     ) -> Result<IdempotencyBegin, StoreError> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND created_at < now() - interval '{RETENTION}'"
+            "DELETE FROM idempotency_requests WHERE token_id = $1 AND key = $2
+             AND created_at < now() - interval '{RETENTION}'"
         )))
-        .bind(tenant)
+        .bind(token)
         .bind(key)
         .execute(&self.pool)
         .await?;
         let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, key, request_hash) VALUES ($1, $2, $3)
-             ON CONFLICT (tenant_id, key) DO NOTHING",
+            "INSERT INTO idempotency_requests (token_id, key, request_hash) VALUES ($1, $2, $3)
+             ON CONFLICT (token_id, key) DO NOTHING",
         )
-        .bind(tenant)
+        .bind(token)
         .bind(key)
         .bind(request_hash)
         .execute(&self.pool)
@@ -55,9 +59,10 @@ impl Store {
             return Ok(IdempotencyBegin::Proceed);
         }
         let row: Option<(String, Option<i32>, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT request_hash, status, content_type, body FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
+            "SELECT request_hash, status, content_type, body_sealed FROM idempotency_requests
+             WHERE token_id = $1 AND key = $2",
         )
-        .bind(tenant)
+        .bind(token)
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
@@ -77,16 +82,17 @@ impl Store {
     /// Stores the response for a claimed key.
     pub async fn idempotency_finish(
         &self,
-        tenant: Uuid,
+        token: Uuid,
         key: &str,
         status: u16,
         content_type: &str,
         body: &[u8],
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5 WHERE tenant_id = $1 AND key = $2",
+            "UPDATE idempotency_requests SET status = $3, content_type = $4, body_sealed = $5
+             WHERE token_id = $1 AND key = $2",
         )
-        .bind(tenant)
+        .bind(token)
         .bind(key)
         .bind(status as i32)
         .bind(content_type)
@@ -97,9 +103,9 @@ impl Store {
     }
 
     /// Releases a claimed key without a stored response (the request failed on our side), so a retry runs.
-    pub async fn idempotency_abandon(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status IS NULL")
-            .bind(tenant)
+    pub async fn idempotency_abandon(&self, token: Uuid, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_requests WHERE token_id = $1 AND key = $2 AND status IS NULL")
+            .bind(token)
             .bind(key)
             .execute(&self.pool)
             .await?;

@@ -244,11 +244,6 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    /// The platform secret `name`, created with `len` random bytes by the first caller.
-    pub async fn platform_secret(&self, name: &str, len: usize) -> Result<Vec<u8>, StoreError> {
-        self.platform_secret_or(name, (0..len).map(|_| rand::random::<u8>()).collect()).await
-    }
-
     /// The platform secret `name`, if stored.
     pub async fn stored_platform_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
@@ -264,7 +259,8 @@ impl Store {
         Ok(())
     }
 
-    /// The platform secret `name`; the first caller's `fresh` value wins when several replicas race.
+    /// The platform secret `name`; the first caller's `fresh` value wins when several replicas race. Values are
+    /// stored as given: callers seal what must not be readable from a copy of the database.
     pub async fn platform_secret_or(&self, name: &str, fresh: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         sqlx::query("INSERT INTO platform_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)

@@ -1,4 +1,6 @@
-//! API token records. The JWT itself is never stored: the record is what revocation and listing need.
+//! API token records. The JWT itself is never stored: it only names its record, which holds what the token
+//! grants (tenant, scopes, expiry) and its revocation. A record's grant never changes once issued (a trigger
+//! refuses it): only `revoked_at` is ever updated.
 
 use chrono::{DateTime, Utc};
 use cloud_domain::api::{EventAction, Scope, Token};
@@ -37,6 +39,8 @@ impl From<TokenRow> for Token {
 pub struct TokenStatus {
     /// Owning tenant.
     pub tenant_id: Uuid,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
     /// Expiry as recorded.
     pub expires_at: DateTime<Utc>,
     /// Set when revoked.
@@ -80,14 +84,19 @@ impl Store {
         Ok(row.into())
     }
 
-    /// The state of a token, for authentication.
+    /// The grant and state of a token, for authentication.
     pub async fn token_status(&self, id: Uuid) -> Result<Option<TokenStatus>, StoreError> {
-        let row: Option<(Uuid, DateTime<Utc>, Option<DateTime<Utc>>)> =
-            sqlx::query_as("SELECT tenant_id, expires_at, revoked_at FROM tokens WHERE id = $1")
+        let row: Option<(Uuid, Vec<String>, DateTime<Utc>, Option<DateTime<Utc>>)> =
+            sqlx::query_as("SELECT tenant_id, scopes, expires_at, revoked_at FROM tokens WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(|(tenant_id, expires_at, revoked_at)| TokenStatus { tenant_id, expires_at, revoked_at }))
+        Ok(row.map(|(tenant_id, scopes, expires_at, revoked_at)| TokenStatus {
+            tenant_id,
+            scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+            expires_at,
+            revoked_at,
+        }))
     }
 
     /// A page of a tenant's tokens.

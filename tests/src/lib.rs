@@ -10,8 +10,10 @@ pub mod relay;
 pub mod txt_server;
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
-use cloud_api::{ApiConfig, AppState, issue_token};
+use cloud_api::{ApiConfig, AppState, TokenSigner, issue_token};
+use cloud_certs::seal::SecretKey;
 use cloud_domain::api::{CreatedToken, QuotasPatch, Scope, Tenant};
 use cloud_embedded_pg::{EmbeddedPg, Options};
 use cloud_store::{Settings, Store};
@@ -106,6 +108,10 @@ pub struct TestApi {
     pub tenant: Tenant,
     /// An admin token of `acme`.
     pub token: String,
+    /// The platform secret key the API was given.
+    pub secret_key: Arc<SecretKey>,
+    /// Signs tokens with the platform's key, as the API does.
+    pub signer: TokenSigner,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -115,28 +121,42 @@ impl TestApi {
         Self::start_with(ApiConfig::default()).await
     }
 
-    /// Starts the API with the given limits.
+    /// Starts the API with the given limits (and a fresh platform secret key unless they name one).
     pub async fn start_with(config: ApiConfig) -> Self {
         Self::start_with_settings(Settings::default(), config).await
     }
 
     /// Starts the API with the given platform settings and limits.
     pub async fn start_with_settings(settings: Settings, config: ApiConfig) -> Self {
-        let store = fresh_store_with(settings).await;
+        Self::start_on(fresh_store_with(settings).await, config).await
+    }
+
+    /// Starts the API over an existing store, as a new replica or a new version would.
+    pub async fn start_on(store: Store, mut config: ApiConfig) -> Self {
+        let secret_key = config.secret_key.get_or_insert_with(|| Arc::new(random_secret_key())).clone();
         let state = AppState::new(store.clone(), config).await.expect("API state");
+        let signer = state.signer.clone();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
         let base = format!("http://{}", listener.local_addr().expect("local addr"));
         let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
         let handle = server.handle();
         tokio::spawn(server);
-        let (tenant, created) = tenant_with_token(&store, "acme", &[Scope::Read, Scope::Write, Scope::Admin]).await;
-        Self { base, store, tenant, token: created.jwt, handle }
+        let admin = [Scope::Read, Scope::Write, Scope::Admin];
+        let (tenant, created) = tenant_with_token(&store, &signer, "acme", &admin).await;
+        Self { base, store, tenant, token: created.jwt, secret_key, signer, handle }
     }
 
     /// A new tenant and a token with the given scopes.
     pub async fn tenant(&self, name: &str, scopes: &[Scope]) -> (Tenant, String) {
-        let (t, c) = tenant_with_token(&self.store, name, scopes).await;
+        let (t, c) = tenant_with_token(&self.store, &self.signer, name, scopes).await;
         (t, c.jwt)
+    }
+
+    /// A new token of an existing tenant, issued as the API does.
+    pub async fn issue_token(&self, tenant: &Tenant, scopes: &[Scope]) -> CreatedToken {
+        issue_token(&self.store, &self.signer, tenant.id, scopes, chrono::Duration::days(1), "test")
+            .await
+            .expect("token")
     }
 
     /// The URL of a path.
@@ -182,12 +202,25 @@ impl Drop for TestApi {
     }
 }
 
+/// A fresh platform secret key (from two random UUIDs).
+pub fn random_secret_key() -> SecretKey {
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(a.as_bytes());
+    bytes[16..].copy_from_slice(b.as_bytes());
+    SecretKey::from_bytes(&bytes)
+}
+
 /// Creates a tenant and issues it a token.
-pub async fn tenant_with_token(store: &Store, name: &str, scopes: &[Scope]) -> (Tenant, CreatedToken) {
+async fn tenant_with_token(
+    store: &Store,
+    signer: &TokenSigner,
+    name: &str,
+    scopes: &[Scope],
+) -> (Tenant, CreatedToken) {
     let tenant = store.create_tenant(name, QuotasPatch::default()).await.expect("tenant");
-    let signer = cloud_api::TokenSigner::from_store(store).await.expect("signer");
     let created =
-        issue_token(store, &signer, tenant.id, scopes, chrono::Duration::days(1), "test").await.expect("token");
+        issue_token(store, signer, tenant.id, scopes, chrono::Duration::days(1), "test").await.expect("token");
     (tenant, created)
 }
 

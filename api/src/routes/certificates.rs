@@ -40,12 +40,7 @@ pub(crate) async fn upload_certificate(
             ),
         ));
     }
-    let Some(secret) = state.config.secret_key.clone() else {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "this platform has no secret key to seal certificate keys with (platform.secret_key_file)",
-        ));
-    };
+    let secret = state.secret_key.clone();
     let name = domain.name.clone();
     let (chain_pem, key_pem) = (body.chain_pem, body.key_pem);
     let checked = web::block(move || {

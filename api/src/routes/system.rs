@@ -55,12 +55,9 @@ pub(crate) async fn ca_pem(state: web::Data<AppState>) -> ApiResult<HttpResponse
             if let Some(pem) = cloud_certs::PlatformCa::stored_certificate(&state.store).await.map_err(logged)? {
                 return Ok(pem);
             }
-            // Nobody created it yet: whoever holds the platform secret key may.
-            let Some(key) = &state.config.secret_key else {
-                return Err(unavailable("the platform CA does not exist yet (the edge creates it at its first start)"));
-            };
-            let ca = cloud_certs::PlatformCa::load_or_create(&state.store, key).await.map_err(logged)?;
-            Ok(ca.cert_pem().to_owned())
+            // Nobody created it yet: we hold the platform secret key, so we may.
+            let ca = cloud_certs::PlatformCa::load_or_create(&state.store, &state.secret_key).await.map_err(logged)?;
+            Ok::<_, ApiError>(ca.cert_pem().to_owned())
         })
         .await?;
     Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(pem.clone()))

@@ -22,7 +22,6 @@ async fn requests_without_a_valid_token_are_refused_with_named_reasons() {
     let forged = cloud_api::TokenSigner::new(b"some other key").sign(&cloud_api::auth::Claims {
         sub: api.tenant.id,
         jti: uuid::Uuid::new_v4(),
-        scopes: vec![Scope::Admin],
         iat: Utc::now().timestamp(),
         exp: (Utc::now() + Duration::hours(1)).timestamp(),
     });
@@ -33,13 +32,11 @@ async fn requests_without_a_valid_token_are_refused_with_named_reasons() {
 async fn expired_and_revoked_tokens_stop_working() {
     let api = TestApi::start().await;
     // An expired token: a real record and a correctly signed JWT whose expiry has passed.
-    let signer = cloud_api::TokenSigner::from_store(&api.store).await.unwrap();
     let past = Utc::now() - Duration::seconds(5);
     let record = api.store.create_token(api.tenant.id, &[Scope::Read], past, "expired").await.unwrap();
-    let expired = signer.sign(&cloud_api::auth::Claims {
+    let expired = api.signer.sign(&cloud_api::auth::Claims {
         sub: api.tenant.id,
         jti: record.id,
-        scopes: vec![Scope::Read],
         iat: past.timestamp() - 60,
         exp: past.timestamp(),
     });

@@ -113,21 +113,11 @@ async fn uploads_are_checked_sealed_and_replace_the_domains_certificate() {
     assert!(api.store.served_certificates().await.unwrap().is_empty());
 }
 
+/// (An API without the platform secret key does not start: `token_attacks.rs`.)
 #[tokio::test]
-async fn without_a_secret_key_uploads_are_refused_and_a_removed_domain_is_not_served() {
-    let api = TestApi::start().await;
-    let t = &api.token;
-    create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test."]})).await;
-    verify(&api, "www.example.test").await;
+async fn a_certificate_is_not_served_once_its_domain_leaves_the_service() {
     let (chain, key) = TestCa::new("owner CA").leaf(&["www.example.test"], -1, 60);
     let body = json!({"domain": "www.example.test", "chain_pem": chain, "key_pem": key});
-    // A platform without its secret key cannot take keys: unavailable (a server condition, not the request's).
-    let res = reqwest::Client::new().post(api.url("/v1/certificates")).bearer_auth(t).json(&body).send().await.unwrap();
-    assert_eq!(res.status(), 503);
-    let problem: serde_json::Value = res.json().await.unwrap();
-    assert_eq!(problem["code"], "unavailable");
-    assert!(problem["detail"].as_str().unwrap().contains("secret_key_file"), "{problem}");
-
     let (api, _) = api_with_key().await;
     let t = &api.token;
     create_service(&api, t, json!({"name": "shop", "domains": ["www.example.test."]})).await;

@@ -11,6 +11,7 @@ mod malformed;
 mod openapi;
 mod services;
 mod tenants;
+mod token_attacks;
 
 use cloud_tests::TestApi;
 use reqwest::Method;

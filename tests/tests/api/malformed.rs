@@ -98,17 +98,14 @@ async fn health_readiness_metrics_and_docs() {
     assert_eq!(status, 200);
     assert!(spec.contains("\"/v1/services\""));
 
-    // The platform CA, public: the certificate only, never the key, the same for every replica. This API holds no
-    // secret key, so it publishes the CA once the edge created it.
-    let res = client.get(api.url("/v1/ca.pem")).send().await.unwrap();
-    assert_eq!(res.status(), 503, "no CA yet");
-    let key = cloud_certs::seal::SecretKey::from_bytes(&[9; 32]);
-    let ca = cloud_certs::PlatformCa::load_or_create(&api.store, &key).await.unwrap();
+    // The platform CA, public: the certificate only, never the key, the same for every replica. The first to ask
+    // (the API holds the platform secret key too) creates it.
     let res = client.get(api.url("/v1/ca.pem")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/x-pem-file");
     let pem = res.text().await.unwrap();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----") && !pem.contains("PRIVATE KEY"), "{pem}");
+    let ca = cloud_certs::PlatformCa::load_or_create(&api.store, &api.secret_key).await.unwrap();
     assert_eq!(pem, ca.cert_pem());
     assert_eq!(text("/v1/ca.pem").await.1, pem, "stable across requests");
 }
