@@ -1,0 +1,392 @@
+//! Instance sandboxes: each instance runs through runc, a well-kept OCI runtime, with
+//! - its own root filesystem: the image's layers, read-only and shared on disk, under a private writable layer
+//!   removed with the sandbox ([`mounts`]);
+//! - its own user namespace mapped to a host id range no other sandbox on the host holds ([`ids`]), so root
+//!   inside is nobody outside, and files its image gives to root are its own (idmapped mounts);
+//! - new pid, mount, ipc and uts namespaces and the instance's network namespace;
+//! - no new privileges, a reduced capability set, a system call filter ([`seccomp`]), masked and read-only
+//!   kernel interfaces, the standard few devices, and memory, pids and cpu limits in a cgroup of its own.
+//!
+//! runc is started detached: nothing of ours stays beside a running sandbox. This process becomes the child
+//! subreaper, so a sandbox's first process is re-parented to it and its exit status is read through a pidfd.
+//! A sandbox outlives a crashed agent; the next agent removes it ([`Sandboxes::remove_all`]) and starts it
+//! again from scratch. What is not covered: kernel bugs reachable from inside (the kernel is shared; microVMs
+//! are the stronger boundary where hosts have KVM).
+
+pub mod ids;
+mod mounts;
+mod seccomp;
+mod spec;
+pub mod user;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
+
+pub use ids::{IdPool, IdRange};
+
+/// Why a sandbox could not be set up, started or removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// A host operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// runc is missing or refused.
+    #[error("runc: {message}")]
+    Runc {
+        /// runc's own words.
+        message: String,
+    },
+    /// Every id range on the host is held.
+    #[error("no free uid/gid range for another sandbox on this host")]
+    NoIds,
+    /// The image's `User` does not resolve.
+    #[error("the image's user {user:?}: {reason}")]
+    User {
+        /// As the image says.
+        user: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// What a sandbox runs and with what.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Its name on the host: `[a-z0-9]`, unique on the node (an instance id).
+    pub id: String,
+    /// Unpacked image layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    /// Working directory inside.
+    pub cwd: String,
+    /// The image's `User` (empty: root of the sandbox).
+    pub user: String,
+    /// Host name inside.
+    pub hostname: String,
+    /// The network namespace to join (`/run/netns/...`); none: a new one with only loopback.
+    pub netns: Option<PathBuf>,
+    /// The private address, for `/etc/hosts`.
+    pub address: Option<std::net::IpAddr>,
+    /// Shown as `/etc/resolv.conf`.
+    pub resolv_conf: Option<PathBuf>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Resource limits of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: i64,
+    /// CPU time per wall time, in thousandths of a core; none: no quota.
+    pub cpu_millicores: Option<u64>,
+}
+
+/// Where sandboxes live on a node and what runs them.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The node's sandbox directory (bundles, runc's state).
+    pub dir: PathBuf,
+    /// The host-wide id range directory, shared by every agent on the host.
+    pub ids: PathBuf,
+    /// The runc executable.
+    pub runc: PathBuf,
+}
+
+/// The node's sandboxes.
+#[derive(Debug)]
+pub struct Sandboxes {
+    dir: PathBuf,
+    runc: PathBuf,
+    ids: IdPool,
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Its id.
+    pub id: String,
+    /// Its first process, as the host sees it.
+    pub pid: i32,
+    exit: AsyncFd<OwnedFd>,
+    /// The first process's standard output.
+    pub stdout: Option<pipe::Receiver>,
+    /// The first process's standard error.
+    pub stderr: Option<pipe::Receiver>,
+    _ids: IdRange,
+}
+
+impl Sandboxes {
+    /// Checks that runc works and makes this process the child subreaper (see the crate docs).
+    pub async fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let me = Self { runc: config.runc, ids: IdPool::new(config.ids), dir: config.dir };
+        std::fs::create_dir_all(me.runc_root()).map_err(io(format!("creating {}", me.dir.display())))?;
+        let out = tokio::process::Command::new(&me.runc).arg("--version").output().await.map_err(|e| {
+            SandboxError::Runc { message: format!("cannot run {} ({e}); scripts/setup installs it", me.runc.display()) }
+        })?;
+        if !out.status.success() {
+            return Err(SandboxError::Runc { message: String::from_utf8_lossy(&out.stderr).into_owned() });
+        }
+        set_subreaper().map_err(io("becoming the child subreaper"))?;
+        Ok(me)
+    }
+
+    fn runc_root(&self) -> PathBuf {
+        self.dir.join("runc")
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn runc(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.runc);
+        cmd.arg("--root").arg(self.runc_root()).stdin(Stdio::null()).kill_on_drop(true);
+        cmd
+    }
+
+    /// Sets up and starts a sandbox.
+    pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
+        self.remove(&spec.id).await?;
+        let ids = self.ids.acquire(&spec.id)?;
+        match self.start_with(spec, ids).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                if let Err(e) = self.remove(&spec.id).await {
+                    tracing::warn!(sandbox = %spec.id, error = %e, "could not clean up after a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_with(&self, spec: &SandboxSpec, ids: IdRange) -> Result<Sandbox, SandboxError> {
+        let bundle = self.bundle(&spec.id);
+        let (spec2, bundle2, base) = (spec.clone(), bundle.clone(), ids.base);
+        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base)).await.map_err(|e| {
+            SandboxError::Io { what: "preparing the root filesystem".into(), source: std::io::Error::other(e) }
+        })??;
+
+        let (out_r, out_w) = std::io::pipe().map_err(io("creating a pipe"))?;
+        let (err_r, err_w) = std::io::pipe().map_err(io("creating a pipe"))?;
+        let log = bundle.join("runc.log");
+        let pid_file = bundle.join("pid");
+        let mut cmd = self.runc();
+        cmd.arg("--log").arg(&log).arg("--log-format").arg("json");
+        cmd.args(["run", "--detach", "--pid-file"]).arg(&pid_file).arg("--bundle").arg(&bundle).arg(&spec.id);
+        cmd.stdout(Stdio::from(OwnedFd::from(out_w))).stderr(Stdio::from(OwnedFd::from(err_w)));
+        let status = cmd.status().await.map_err(io("running runc"))?;
+        // The write ends now live in the sandbox (and in the Command, dropped above): its output reaches us
+        // until its last process ends.
+        if !status.success() {
+            return Err(SandboxError::Runc { message: last_error(&log) });
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| SandboxError::Runc { message: "no pid file after run".into() })?;
+        let exit =
+            watch(pidfd_open(pid).map_err(io("opening the sandbox's pidfd"))?).map_err(io("watching the sandbox"))?;
+        let receiver = |r: std::io::PipeReader| pipe::Receiver::from_owned_fd(OwnedFd::from(r)).ok();
+        Ok(Sandbox { id: spec.id.clone(), pid, exit, stdout: receiver(out_r), stderr: receiver(err_r), _ids: ids })
+    }
+
+    /// Sends a signal to every process of a sandbox.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), SandboxError> {
+        let out = self.runc().args(["kill", "--all", id, signal]).output().await.map_err(io("running runc kill"))?;
+        if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("not running") {
+            Ok(())
+        } else {
+            Err(SandboxError::Runc { message: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
+        }
+    }
+
+    /// Stops a sandbox: SIGTERM, then SIGKILL after `grace`; returns how it ended.
+    pub async fn stop(&self, sandbox: &mut Sandbox, grace: Duration) -> Result<ExitStatus, SandboxError> {
+        self.signal(&sandbox.id, "TERM").await?;
+        if let Ok(status) = tokio::time::timeout(grace, sandbox.wait()).await {
+            return status;
+        }
+        self.signal(&sandbox.id, "KILL").await?;
+        sandbox.wait().await
+    }
+
+    /// Removes a sandbox and everything it had: its processes, runc's state, its cgroup, its mounts and
+    /// writable layer. Nothing there is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        let out = self.runc().args(["delete", "--force", id]).output().await.map_err(io("running runc delete"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("does not exist") && !stderr.contains("not exist") {
+            return Err(SandboxError::Runc { message: stderr.trim().to_owned() });
+        }
+        let bundle = self.bundle(id);
+        tokio::task::spawn_blocking(move || teardown(&bundle))
+            .await
+            .map_err(|e| SandboxError::Io { what: "removing the sandbox".into(), source: std::io::Error::other(e) })?
+    }
+
+    /// Removes every sandbox of this node, as an agent does when it starts: what a crashed agent left.
+    pub async fn remove_all(&self) -> Result<usize, SandboxError> {
+        let mut ids = std::collections::BTreeSet::new();
+        let out = self.runc().args(["list", "-q"]).output().await.map_err(io("running runc list"))?;
+        ids.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
+        if let Ok(dir) = std::fs::read_dir(&self.dir) {
+            ids.extend(dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n != "runc"));
+        }
+        for id in &ids {
+            self.remove(id).await?;
+        }
+        Ok(ids.len())
+    }
+}
+
+impl Sandbox {
+    /// Waits until the sandbox's first process ends (the others die with it: it is the pid namespace's init).
+    pub async fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
+        loop {
+            let mut guard = self.exit.readable().await.map_err(io("waiting for the sandbox"))?;
+            match waitid(self.exit.get_ref()) {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) => guard.clear_ready(),
+                Err(e) => return Err(io("waiting for the sandbox")(e)),
+            }
+        }
+    }
+}
+
+/// Mounts the root filesystem and writes the bundle: blocking work.
+fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32) -> Result<(), SandboxError> {
+    let err = |what: String| move |e| SandboxError::Io { what, source: e };
+    for d in ["l", "upper", "work", "rootfs"] {
+        std::fs::create_dir_all(bundle.join(d)).map_err(err(format!("creating {}", bundle.join(d).display())))?;
+    }
+    // The writable layer is the sandbox root's own; its top directory becomes the root directory.
+    std::os::unix::fs::chown(bundle.join("upper"), Some(base), Some(base)).map_err(err("chown upper".into()))?;
+    let userns = mounts::user_namespace(base, ids::RANGE_SIZE).map_err(err("creating the id mapping".into()))?;
+    let mut lowers = Vec::new();
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let at = bundle.join("l").join(i.to_string());
+        std::fs::create_dir_all(&at).map_err(err(format!("creating {}", at.display())))?;
+        use std::os::fd::AsFd;
+        mounts::idmapped_bind(layer, &at, userns.as_fd()).map_err(err(format!("mapping layer {}", layer.display())))?;
+        lowers.push(at);
+    }
+    if lowers.is_empty() {
+        // overlayfs needs a lower layer: an empty one.
+        let empty = bundle.join("l").join("empty");
+        std::fs::create_dir_all(&empty).map_err(err("creating an empty layer".into()))?;
+        lowers.push(empty);
+    }
+    let top_first: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
+    mounts::overlay(&top_first, &bundle.join("upper"), &bundle.join("work"), &bundle.join("rootfs"))
+        .map_err(err("mounting the root filesystem".into()))?;
+    let account = user::resolve(&bundle.join("rootfs"), &spec.user)?;
+    let files = spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname") };
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(ip) = spec.address {
+        hosts.push_str(&format!("{ip}\t{}\n", spec.hostname));
+    }
+    std::fs::write(&files.hosts, hosts).map_err(err("writing hosts".into()))?;
+    std::fs::write(&files.hostname, format!("{}\n", spec.hostname)).map_err(err("writing hostname".into()))?;
+    let config = spec::config(spec, base, &account, &files);
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).expect("JSON serializes"))
+        .map_err(err("writing config.json".into()))
+}
+
+/// Unmounts and deletes a bundle directory.
+fn teardown(bundle: &Path) -> Result<(), SandboxError> {
+    if !bundle.exists() {
+        return Ok(());
+    }
+    let err = |what: String| move |e| SandboxError::Io { what, source: e };
+    mounts::unmount(&bundle.join("rootfs")).map_err(err("unmounting the root filesystem".into()))?;
+    if let Ok(layers) = std::fs::read_dir(bundle.join("l")) {
+        for l in layers.flatten() {
+            mounts::unmount(&l.path()).map_err(err(format!("unmounting {}", l.path().display())))?;
+        }
+    }
+    std::fs::remove_dir_all(bundle).map_err(err(format!("removing {}", bundle.display())))
+}
+
+/// The last error runc logged (its log is JSON lines with `level` and `msg`).
+fn last_error(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "error" || v["level"] == "fatal")
+        .find_map(|v| v["msg"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "failed without saying why".into())
+}
+
+#[allow(unsafe_code)]
+fn set_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[allow(unsafe_code)]
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with integer arguments; a non-negative result is a descriptor we now own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[allow(unsafe_code)]
+fn watch(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd always returns the descriptor it owns, which stays open until it is dropped with the
+    // AsyncFd.
+    unsafe { AsyncFd::register(pidfd) }.map_err(|e| e.into())
+}
+
+/// Reaps the process behind a pidfd if it has exited.
+#[allow(unsafe_code)]
+fn waitid(pidfd: &OwnedFd) -> std::io::Result<Option<ExitStatus>> {
+    // SAFETY: waitid fills the zeroed siginfo it is given.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: si_pid and si_status are valid for a SIGCHLD siginfo.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::from_raw((status & 0xff) << 8),
+        _ => ExitStatus::from_raw(status & 0x7f),
+    }))
+}

@@ -1,0 +1,148 @@
+//! Sandboxes started for real through runc, as root, from a busybox image built and unpacked by cloud-oci.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cloud_oci::build::LayerBuilder;
+use cloud_oci::layer::{self, Budget};
+use cloud_sandbox::{Limits, SandboxConfig, SandboxSpec, Sandboxes};
+use tokio::io::AsyncReadExt;
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// A busybox root filesystem (the static binary from Debian's busybox-static, with its applets as links)
+/// unpacked as a node agent unpacks layers.
+fn busybox_layer(dir: &std::path::Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed by scripts/setup");
+    let mut l = LayerBuilder::new().dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "id", "cat", "ls", "echo", "mount", "mknod", "sleep", "kill", "touch", "hostname"] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let l = l
+        .dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+        .file("etc/secret", 0o600, b"image secret\n")
+        .dir("tmp", 0o1777)
+        .dir("root", 0o700);
+    let out = dir.join("layer");
+    std::fs::create_dir(&out).unwrap();
+    layer::unpack(&l.into_tar(), &out, &mut Budget::new(cloud_oci::Limits::default())).unwrap();
+    out
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    sandboxes: Sandboxes,
+    layer: PathBuf,
+}
+
+async fn fixture() -> Option<Fixture> {
+    if !is_root() {
+        eprintln!("skipped: sandboxes need root");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layer = busybox_layer(dir.path());
+    let sandboxes = Sandboxes::new(SandboxConfig {
+        dir: dir.path().join("sandboxes"),
+        ids: std::env::temp_dir().join("cloud-sandbox-test-ids"),
+        runc: "runc".into(),
+    })
+    .await
+    .unwrap();
+    Some(Fixture { _dir: dir, sandboxes, layer })
+}
+
+fn spec(f: &Fixture, id: &str, script: &str) -> SandboxSpec {
+    SandboxSpec {
+        id: id.into(),
+        layers: vec![f.layer.clone()],
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["GREETING=hello".into()],
+        cwd: "/".into(),
+        user: String::new(),
+        hostname: "box".into(),
+        netns: None,
+        address: None,
+        resolv_conf: None,
+        limits: Limits { memory_bytes: 64 << 20, pids: 64, cpu_millicores: Some(500) },
+    }
+}
+
+async fn output(mut s: cloud_sandbox::Sandbox) -> (String, Option<i32>) {
+    let mut out = String::new();
+    s.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), s.wait()).await.unwrap().unwrap();
+    (out, status.code())
+}
+
+#[tokio::test]
+async fn a_sandbox_runs_as_root_of_its_own_mapped_ids_and_reports_its_exit() {
+    let Some(f) = fixture().await else { return };
+    let s = f
+        .sandboxes
+        .start(&spec(&f, "t1", "id -u; hostname; echo $GREETING; cat /etc/secret; touch /new && echo wrote; exit 3"))
+        .await
+        .unwrap();
+    let host_uid = std::fs::metadata(format!("/proc/{}", s.pid)).unwrap().uid();
+    assert!(host_uid >= 1 << 30, "root inside is host uid {host_uid}");
+    let (out, code) = output(s).await;
+    assert_eq!(out, "0\nbox\nhello\nimage secret\nwrote\n");
+    assert_eq!(code, Some(3));
+    f.sandboxes.remove("t1").await.unwrap();
+    assert!(!f._dir.path().join("sandboxes/t1").exists());
+}
+
+#[tokio::test]
+async fn inside_a_sandbox_the_host_is_out_of_reach() {
+    let Some(f) = fixture().await else { return };
+    let script = "ls /proc | grep -c '^[0-9]'; \
+                  cat /etc/shadow 2>/dev/null && echo READ-SHADOW; \
+                  mount -t tmpfs t /tmp 2>/dev/null && echo MOUNTED; \
+                  mknod /tmp/mem c 1 1 2>/dev/null && echo MKNOD; \
+                  echo 1 > /proc/sys/kernel/panic 2>/dev/null && echo SYSCTL; \
+                  ls /sys/fs/cgroup | grep -c . ; \
+                  kill -0 1 && echo SELF";
+    let s = f.sandboxes.start(&spec(&f, "t2", script)).await.unwrap();
+    let (out, _) = output(s).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].parse::<u32>().unwrap() <= 3, "only its own processes: {out}");
+    for bad in ["READ-SHADOW", "MOUNTED", "MKNOD", "SYSCTL"] {
+        assert!(!out.contains(bad), "{bad}: {out}");
+    }
+    assert!(out.contains("\n0\n"), "the host's cgroups are masked: {out}");
+    assert!(out.ends_with("SELF\n"), "{out}");
+    f.sandboxes.remove("t2").await.unwrap();
+}
+
+#[tokio::test]
+async fn stop_and_remove_all_leave_nothing_behind() {
+    let Some(f) = fixture().await else { return };
+    let mut s = f.sandboxes.start(&spec(&f, "t3", "trap 'exit 0' TERM; while true; do sleep 1; done")).await.unwrap();
+    let _other = f.sandboxes.start(&spec(&f, "t4", "sleep 1000")).await.unwrap();
+    let status = f.sandboxes.stop(&mut s, Duration::from_secs(10)).await.unwrap();
+    assert!(status.code() == Some(0) || status.signal_is_term(), "{status:?}");
+    // A restarted agent removes what is left: t4 still runs.
+    assert_eq!(f.sandboxes.remove_all().await.unwrap(), 2);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(f._dir.path().to_str().unwrap()), "no mount left");
+    assert_eq!(std::fs::read_dir(f._dir.path().join("sandboxes")).unwrap().count(), 1, "only runc's state dir");
+}
+
+trait TermExt {
+    fn signal_is_term(&self) -> bool;
+}
+
+impl TermExt for std::process::ExitStatus {
+    fn signal_is_term(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        self.signal() == Some(libc_sigterm())
+    }
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
