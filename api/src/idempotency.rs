@@ -83,8 +83,9 @@ pub(crate) async fn middleware(
             let (http_req, res) = res.into_parts();
             let (res, body) = res.into_parts();
             let bytes = to_bytes(body).await.unwrap_or_default();
-            // A server fault is not an answer: release the key so a retry runs the request.
-            let outcome = if status.is_server_error() {
+            // A server fault is not an answer, nor is a failed registry (424): release the key so a retry runs
+            // the request.
+            let outcome = if status.is_server_error() || status == StatusCode::FAILED_DEPENDENCY {
                 state.store.idempotency_abandon(claims.sub, &key).await
             } else {
                 let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
