@@ -8,6 +8,7 @@ use cloud_domain::api::{ErrorCode, Problem};
 use cloud_domain::domains::DomainError;
 use cloud_domain::names::NameError;
 use cloud_domain::ports::PortSpecError;
+use cloud_oci::OciError;
 use cloud_store::{BundleError, StoreError};
 
 /// A failed request: what the client is told, and (for server faults) what the log gets.
@@ -57,8 +58,19 @@ impl ApiError {
 pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
-        InvalidJson | InvalidQuery | InvalidRequest | InvalidName | ReservedName | InvalidDomain | TooManyDomains
-        | InvalidPortSpec | InvalidCursor | InvalidImage | InvalidCertificate => StatusCode::BAD_REQUEST,
+        InvalidJson
+        | InvalidQuery
+        | InvalidRequest
+        | InvalidName
+        | ReservedName
+        | InvalidDomain
+        | TooManyDomains
+        | InvalidPortSpec
+        | InvalidCursor
+        | InvalidImage
+        | ImageDigestMismatch
+        | InvalidImageReference
+        | InvalidCertificate => StatusCode::BAD_REQUEST,
         MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
         InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
         NotFound | RouteNotFound => StatusCode::NOT_FOUND,
@@ -71,13 +83,20 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | InvalidStateTransition
         | IdempotencyKeyInProgress
         | TenantNotEmpty => StatusCode::CONFLICT,
-        PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        PayloadTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IdempotencyKeyReused
         | DomainNotVerified
         | CertificateKeyMismatch
         | CertificateChainInvalid
-        | CertificateNameMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+        | CertificateNameMismatch
+        | ImagePlatform
+        | UnsupportedImage
+        | InsecureRegistry
+        | RegistryDenied
+        | ImageNotFound => StatusCode::UNPROCESSABLE_ENTITY,
+        // The registry the client named failed, not the client's request nor this server: a retry may succeed.
+        RegistryUnavailable => StatusCode::FAILED_DEPENDENCY,
         CapacityExhausted | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,6 +144,7 @@ impl From<StoreError> for ApiError {
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
+            StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),
             ref e if e.is_unavailable() => {
                 tracing::warn!(error = %chain(e), "database unavailable");
                 Self::new(C::Unavailable, "the database is unreachable; retry shortly")
@@ -164,7 +184,34 @@ impl From<PortSpecError> for ApiError {
 
 impl From<BundleError> for ApiError {
     fn from(e: BundleError) -> Self {
-        Self::new(ErrorCode::InvalidImage, e.to_string())
+        let code = match e {
+            BundleError::TooLarge => ErrorCode::ImageTooLarge,
+            _ => ErrorCode::InvalidImage,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<OciError> for ApiError {
+    fn from(e: OciError) -> Self {
+        use ErrorCode as C;
+        let code = match &e {
+            OciError::Corrupt { .. } | OciError::Missing { .. } | OciError::Unsafe { .. } => C::InvalidImage,
+            OciError::DigestMismatch { .. } => C::ImageDigestMismatch,
+            OciError::Platform { .. } => C::ImagePlatform,
+            OciError::TooLarge { .. } => C::ImageTooLarge,
+            OciError::Unsupported { .. } => C::UnsupportedImage,
+            OciError::Reference { .. } => C::InvalidImageReference,
+            OciError::InsecureRegistry { .. } => C::InsecureRegistry,
+            OciError::RegistryDenied { .. } => C::RegistryDenied,
+            OciError::NotFound { .. } => C::ImageNotFound,
+            OciError::RegistryUnavailable { .. } => {
+                tracing::warn!(error = %chain(&e), "registry unavailable");
+                C::RegistryUnavailable
+            }
+            _ => return Self::internal(&e),
+        };
+        Self::new(code, e.to_string())
     }
 }
 

@@ -32,8 +32,14 @@ pub use metrics::Metrics;
 pub struct ApiConfig {
     /// Largest JSON body accepted.
     pub max_json_bytes: usize,
-    /// Largest image bundle accepted.
+    /// Largest image upload accepted, and the most an image (uploaded or pulled) may store.
     pub max_image_bytes: usize,
+    /// The most an image's layers may unpack to.
+    pub max_image_unpacked_bytes: u64,
+    /// The most entries (files, directories, links) an image's layers may hold together.
+    pub max_image_entries: u64,
+    /// Registries (`host[:port]`) pulled from over plain http; every other registry must speak https.
+    pub insecure_registries: Vec<String>,
     /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
     pub resolver: Option<std::net::SocketAddr>,
     /// The platform secret key (`platform.secret_key_file`), required: it seals the token signing key, uploaded
@@ -43,7 +49,28 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_json_bytes: 256 * 1024, max_image_bytes: 256 * 1024 * 1024, resolver: None, secret_key: None }
+        let image = cloud_oci::Limits::default();
+        Self {
+            max_json_bytes: 256 * 1024,
+            max_image_bytes: image.max_stored_bytes as usize,
+            max_image_unpacked_bytes: image.max_unpacked_bytes,
+            max_image_entries: image.max_entries,
+            insecure_registries: Vec::new(),
+            resolver: None,
+            secret_key: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// What an image may make the API read and store.
+    pub fn image_limits(&self) -> cloud_oci::Limits {
+        cloud_oci::Limits {
+            max_stored_bytes: self.max_image_bytes as u64,
+            max_unpacked_bytes: self.max_image_unpacked_bytes,
+            max_entries: self.max_image_entries,
+            ..cloud_oci::Limits::default()
+        }
     }
 }
 
@@ -66,6 +93,8 @@ pub struct AppState {
     pub ca_pem: tokio::sync::OnceCell<String>,
     /// Checks custom domains' ownership records.
     pub ownership: cloud_certs::ownership::OwnershipChecker,
+    /// Pulls images from registries.
+    pub registries: cloud_oci::registry::Registries,
 }
 
 impl AppState {
@@ -81,6 +110,7 @@ impl AppState {
             store,
             ca_pem: tokio::sync::OnceCell::new(),
             ownership: cloud_certs::ownership::OwnershipChecker::new(config.resolver),
+            registries: cloud_oci::registry::Registries::new(config.insecure_registries.clone(), config.image_limits()),
             config,
         })
     }
@@ -101,7 +131,7 @@ impl AppState {
         (name = "tokens", description = "API tokens: JWTs that can be revoked."),
         (name = "services", description = "Public names with port mappings."),
         (name = "instances", description = "Running copies of images with private IPs."),
-        (name = "images", description = "Bundles with a manifest naming command and port."),
+        (name = "images", description = "OCI images (uploaded archives or pulled from registries) and directory bundles."),
         (name = "certificates", description = "Certificates for custom domains."),
         (name = "events", description = "The tenant's change stream."),
         (name = "system", description = "Health, readiness and metrics.")

@@ -149,8 +149,8 @@ pub async fn run(cloudd: PathBuf, seconds: u64, connections: usize, routes: usiz
     // The instance the node agent would run, recorded as running at the backend's address.
     sqlx::query(
         "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, memory_mb, restart_policy,
-                                desired_state, state, private_ip)
-         SELECT gen_random_uuid(), $1, $2, id, digest, 'bench-1', 128, 'never', 'running', 'running', '127.0.0.1'
+                                desired_state, state, private_ip, port)
+         SELECT gen_random_uuid(), $1, $2, id, digest, 'bench-1', 128, 'never', 'running', 'running', '127.0.0.1', port
          FROM images WHERE name = 'hello' AND tenant_id IS NULL",
     )
     .bind(tenant.id)

@@ -1,77 +1,14 @@
-//! `cloudctl deploy`: pack a directory as an image, create instances attached to a service (or to an ephemeral
-//! one for `-p`), and wait until they run, showing progress.
+//! `cloudctl deploy`: create instances attached to a service (or to an ephemeral one for `-p`) and wait until
+//! they run, showing progress. The image is an existing one, or one pushed or pulled first (see [`crate::image`]).
 
-use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use cloud_domain::api::{CreateInstance, CreatedInstances, Image, Instance, PortInput, Service};
+use anyhow::bail;
+use cloud_domain::api::{CreateInstance, CreatedInstances, Instance, PortInput, Service};
 use cloud_domain::state::InstanceState;
-use reqwest::Method;
 
 use crate::client::{Client, seg};
-
-/// Packs a directory into a tar.gz bundle; it must have `manifest.json` at its root.
-pub fn pack(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let manifest = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest).with_context(|| {
-        format!(
-            "{} has no manifest.json: an image is a directory with manifest.json {{\"command\": [...], \"port\": N}} at its root",
-            dir.display()
-        )
-    })?;
-    serde_json::from_str::<cloud_domain::api::ImageManifest>(&text)
-        .with_context(|| format!("{} is not a valid manifest", manifest.display()))?;
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
-    tar.follow_symlinks(false);
-    tar.append_dir_all(".", dir).with_context(|| format!("packing {}", dir.display()))?;
-    let mut gz = tar.into_inner()?;
-    gz.flush()?;
-    Ok(gz.finish()?)
-}
-
-/// Uploads a bundle under a name.
-pub async fn push(client: &Client, name: &str, bundle: Vec<u8>) -> anyhow::Result<Image> {
-    let req = client
-        .request(Method::POST, &format!("/v1/images?name={}", seg(name)))
-        .header("content-type", "application/gzip")
-        .body(bundle);
-    Ok(client.send(req).await?.json().await?)
-}
-
-/// Progress for people on a terminal (one line redrawn) or plain lines for logs.
-struct Progress {
-    tty: bool,
-    last: String,
-    spin: usize,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self { tty: std::io::stderr().is_terminal(), last: String::new(), spin: 0 }
-    }
-
-    fn step(&mut self, msg: &str) {
-        if self.tty {
-            const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
-            self.spin = (self.spin + 1) % FRAMES.len();
-            eprint!("\r\x1b[2K{} {msg}", FRAMES[self.spin]);
-            let _ = std::io::stderr().flush();
-        } else if msg != self.last {
-            eprintln!("{msg}");
-        }
-        self.last = msg.to_owned();
-    }
-
-    fn done(&mut self, msg: &str) {
-        if self.tty {
-            eprintln!("\r\x1b[2K✓ {msg}");
-        } else {
-            eprintln!("{msg}");
-        }
-    }
-}
+use crate::progress::Progress;
 
 /// Creates the instances and waits until all run (unless they are not started).
 pub async fn create_and_wait(

@@ -7,8 +7,10 @@
 pub mod client;
 pub mod config;
 pub mod deploy;
+pub mod image;
 pub mod output;
 pub mod pin;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,7 +35,7 @@ use crate::output::{Format, print};
     name = "cloudctl",
     version,
     about = "Manage services, instances and images on the cloud platform",
-    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl instance list -o json"
+    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/web:v1 -p 443:80\n  cloudctl image push ./app.oci.tar --name app\n  cloudctl instance list -o json"
 )]
 pub struct Cli {
     /// Remote to talk to (default: the configured default remote).
@@ -55,9 +57,10 @@ pub enum Command {
     /// Manage services: public names with port mappings.
     #[command(subcommand, visible_alias = "svc")]
     Service(ServiceCmd),
-    /// Deploy instances: from a directory (packed and pushed as an image) or an existing image.
+    /// Deploy instances: of an image, of a directory or archive (pushed first), or of a registry reference
+    /// (pulled first).
     #[command(
-        after_help = "Examples:\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy -p 443:8080 --image hello\n  cloudctl deploy ./app -p 443:8080 -e MODE=prod -R 3 --restart on-failure"
+        after_help = "Examples:\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy -p 443:8080 --image hello\n  cloudctl deploy ./app -p 443:8080 -e MODE=prod -R 3 --restart on-failure\n  cloudctl deploy ./app.oci.tar -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/team/web:v1 -p 443:80\n  cloudctl deploy --image ghcr.io/org/app:1.2 --image-name app --internal-port 3000 -p 443:3000"
     )]
     Deploy(DeployArgs),
     /// Manage instances.
@@ -216,7 +219,8 @@ pub struct ServiceOpts {
 /// `cloudctl deploy ...`
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    /// Directory to pack and push as an image (with manifest.json at its root).
+    /// Directory (with manifest.json at its root, or an OCI image layout) or image archive (OCI or docker) to
+    /// push as an image.
     path: Option<PathBuf>,
     /// Attach to this service.
     #[arg(long, short, conflicts_with = "ports")]
@@ -224,9 +228,16 @@ pub struct DeployArgs {
     /// Create an ephemeral service with these port specs, deleted with its last instance.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
-    /// Image to run (with PATH: the name to push it as; default the directory's name).
+    /// Image to run: a name, or a registry reference (host[:port]/repository[:tag]) to pull first. With PATH:
+    /// the name to push it as (default the file's or directory's name).
     #[arg(long, short)]
     image: Option<String>,
+    /// Name to store a pulled image under (default: the repository's last component).
+    #[arg(long, conflicts_with = "path")]
+    image_name: Option<String>,
+    /// The port the instances listen on (their PORT; default the image's exposed port).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    internal_port: Option<u16>,
     /// Instance name.
     #[arg(long, short)]
     name: Option<String>,
@@ -318,12 +329,26 @@ pub enum ImageCmd {
         /// Name or id.
         name: String,
     },
-    /// Pack a directory and push it as an image.
-    #[command(after_help = "Example:\n  cloudctl image push ./app --name app")]
+    /// Push an image: a directory (with manifest.json at its root, or an OCI image layout), an OCI archive or a
+    /// docker archive, gzipped or not.
+    #[command(
+        after_help = "Examples:\n  cloudctl image push ./app --name app\n  skopeo copy docker://nginx:1.27 oci-archive:nginx.tar && cloudctl image push nginx.tar\n  docker save app:v1 | gzip > app.tar.gz && cloudctl image push app.tar.gz"
+    )]
     Push {
-        /// Directory with manifest.json at its root.
+        /// Directory or archive file.
         path: PathBuf,
-        /// Image name (default: the directory's name).
+        /// Image name (default: the directory's name, or the file's up to its first '.').
+        #[arg(long, short)]
+        name: Option<String>,
+    },
+    /// Have the platform pull an image from a registry.
+    #[command(
+        after_help = "Examples:\n  cloudctl image pull 127.0.0.1:5000/team/web:v1\n  cloudctl image pull ghcr.io/org/app@sha256:... --name app\n\nThe platform pulls over https; a plain-http registry must be in the platform's api.insecure_registries."
+    )]
+    Pull {
+        /// `[host[:port]/]repository[:tag][@sha256:...]`; no host means Docker Hub.
+        reference: String,
+        /// Image name (default: the repository's last component).
         #[arg(long, short)]
         name: Option<String>,
     },
@@ -813,14 +838,32 @@ async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()
         (Some(path), image) => {
             let name = match image {
                 Some(i) => i.clone(),
-                None => dir_name(path)?,
+                None => image::name_from_path(path)?,
             };
-            let bundle = deploy::pack(path)?;
-            eprintln!("pushing {} as image {name} ({} bytes)", path.display(), bundle.len());
-            deploy::push(c, &name, bundle).await?.name
+            let upload = image::load(path)?;
+            eprintln!(
+                "pushing {} ({}, {}) as image {name}",
+                path.display(),
+                upload.kind,
+                progress::size(upload.body.len() as u64)
+            );
+            image::push(c, &name, upload).await?.name
+        }
+        (None, Some(reference)) if image::is_reference(reference) => {
+            let name = match &args.image_name {
+                Some(n) => n.clone(),
+                None => image::name_from_reference(reference)?,
+            };
+            eprintln!("pulling {reference} as image {name}");
+            image::pull(c, &name, reference).await?.name
+        }
+        (None, Some(_)) if args.image_name.is_some() => {
+            bail!("--image-name names a pulled image: give --image a registry reference (host[:port]/repository[:tag])")
         }
         (None, Some(image)) => image.clone(),
-        (None, None) => bail!("nothing to deploy: give a directory (cloudctl deploy ./app) or --image NAME"),
+        (None, None) => bail!(
+            "nothing to deploy: give a directory or archive (cloudctl deploy ./app), --image NAME or --image REGISTRY/REPO:TAG"
+        ),
     };
     let req = CreateInstance {
         image,
@@ -832,6 +875,7 @@ async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()
         replicas: args.replicas,
         restart_policy: args.restart,
         memory_mb: args.memory,
+        port: args.internal_port.map(u32::from),
         start: !args.no_start,
     };
     let created = deploy::create_and_wait(c, req, Duration::from_secs(args.timeout)).await?;
@@ -848,18 +892,6 @@ async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()
         logs(c, &first.name, true, 100).await?;
     }
     Ok(())
-}
-
-/// An image name from a directory name, made a valid label.
-fn dir_name(path: &std::path::Path) -> anyhow::Result<String> {
-    let abs = std::fs::canonicalize(path).with_context(|| format!("{} does not exist", path.display()))?;
-    let raw = abs.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-    let mut name: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    name = name.trim_matches('-').chars().take(63).collect();
-    if cloud_domain::names::validate_name(cloud_domain::names::NameKind::Image, &name).is_err() {
-        bail!("cannot make an image name from {}: pass --image NAME", path.display());
-    }
-    Ok(name)
 }
 
 async fn logs(c: &Client, name: &str, follow: bool, tail: u32) -> anyhow::Result<()> {
@@ -958,9 +990,17 @@ async fn image(c: &Client, cmd: &ImageCmd, out: Format) -> anyhow::Result<()> {
         ImageCmd::Push { path, name } => {
             let name = match name {
                 Some(n) => n.clone(),
-                None => dir_name(path)?,
+                None => image::name_from_path(path)?,
             };
-            let i = deploy::push(c, &name, deploy::pack(path)?).await?;
+            let i = image::push(c, &name, image::load(path)?).await?;
+            print(out, &[i], output::images, name_of, true)?;
+        }
+        ImageCmd::Pull { reference, name } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => image::name_from_reference(reference)?,
+            };
+            let i = image::pull(c, &name, reference).await?;
             print(out, &[i], output::images, name_of, true)?;
         }
         ImageCmd::Delete { name } => {

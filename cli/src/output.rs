@@ -200,17 +200,18 @@ pub fn instances(items: &[Instance]) -> Table {
 /// Image rows.
 pub fn images(items: &[Image]) -> Table {
     Table {
-        headers: vec!["NAME", "DIGEST", "COMMAND", "PORT", "BUILTIN", "SIZE"],
+        headers: vec!["NAME", "FORMAT", "SOURCE", "COMMAND", "PORT", "DIGEST", "SIZE"],
         rows: items
             .iter()
             .map(|i| {
                 vec![
                     i.name.clone(),
-                    i.digest.chars().take(19).collect(),
+                    i.format.as_str().to_owned(),
+                    i.source.clone(),
                     i.command.join(" "),
                     i.port.to_string(),
-                    i.builtin.to_string(),
-                    format!("{} B", i.size_bytes),
+                    i.digest.chars().take(19).collect(),
+                    crate::progress::size(i.size_bytes),
                 ]
             })
             .collect(),

@@ -65,20 +65,30 @@ impl Dev {
 }
 
 fn start_dev() -> Dev {
+    start_dev_with(210, "")
+}
+
+/// `cloudd dev` with its tenants' networks in `10.<octet>.0.0/16` (`127.<octet>` without root), so that
+/// several may run at once, and `config` as its configuration file.
+fn start_dev_with(octet: u8, config: &str) -> Dev {
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let api = format!("http://127.0.0.1:{port}");
-    let pool = if is_root() { "10.210.0.0/16" } else { "127.210.0.0/16" };
+    let pool = if is_root() { format!("10.{octet}.0.0/16") } else { format!("127.{octet}.0.0/16") };
+    let config_file = home.path().join("cloudd.toml");
+    std::fs::write(&config_file, config).unwrap();
     let log = std::fs::File::create(home.path().join("cloudd.log")).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let owner_dns = runtime.block_on(cloud_tests::txt_server::TxtServer::start());
     let child = Command::new(bin("cloudd"))
         .arg("dev")
+        .arg("--config")
+        .arg(&config_file)
         .env("HOME", home.path())
         .env("XDG_CONFIG_HOME", home.path().join("config"))
         .env("CLOUD_DATA_DIR", home.path().join("data"))
         .env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CLOUD_TENANT_POOL", pool)
+        .env("CLOUD_TENANT_POOL", &pool)
         .env("CLOUD_DNS_LISTEN", "127.0.0.1:0")
         .env("CLOUD_DNS_PRIVATE_LISTEN", "127.0.0.1:0")
         .env("CLOUD_EDGE_HTTPS_LISTEN", "127.0.0.1:0")
@@ -273,6 +283,77 @@ fn the_cli_drives_a_real_platform() {
     assert_eq!(json(&ok(&dev, &["instance", "list", "-o", "json"])), Value::Array(vec![]));
 }
 
+/// Images from where users have them: a directory, archives written by skopeo (OCI and docker, gzipped or not),
+/// and a registry (a real `docker-registry` on loopback, configured as insecure), pulled by `deploy --image REF`.
+/// The instances are created stopped: what is checked is what the CLI and the API guarantee (the image stored,
+/// the instance created with it and its port), not the node's running of it.
+#[test]
+fn images_are_pushed_from_paths_and_pulled_by_reference() {
+    use cloud_tests::registry::{self, ArchiveFormat, Registry, sample_image};
+
+    let reg = Registry::start();
+    let reference = reg.push(&sample_image(9000, "pulled"), "team/web:v1");
+    let dev = start_dev_with(211, &format!("[api]\ninsecure_registries = [\"{}\"]\n", reg.host));
+    let files = tempfile::tempdir().unwrap();
+
+    // A directory with manifest.json: packed as a bundle, named after the directory.
+    let app = files.path().join("my-app");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("manifest.json"), r#"{"command": ["./run"], "port": 8081}"#).unwrap();
+    std::fs::write(app.join("run"), "#!/bin/sh\necho hi\n").unwrap();
+    let pushed = json(&ok(&dev, &["image", "push", app.to_str().unwrap(), "-o", "json"]));
+    assert_eq!(
+        (&pushed["name"], &pushed["format"], &pushed["port"]),
+        (&"my-app".into(), &"bundle".into(), &8081.into())
+    );
+
+    // An OCI archive as skopeo writes it: named after the file.
+    let oci = registry::skopeo_archive(&sample_image(9000, "oci"), files.path(), ArchiveFormat::Oci);
+    let pushed = json(&ok(&dev, &["image", "push", oci.to_str().unwrap(), "-o", "json"]));
+    assert_eq!((&pushed["name"], &pushed["format"], &pushed["port"]), (&"oci".into(), &"oci".into(), &9000.into()));
+    assert_eq!(pushed["command"], serde_json::json!(["/bin/serve", "--quiet"]));
+
+    // A docker archive, gzipped as `docker save | gzip` leaves it, under a name of our choosing.
+    let docker = registry::skopeo_archive(&sample_image(9000, "docker"), files.path(), ArchiveFormat::Docker);
+    let gz = files.path().join("saved.tar.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &std::fs::read(&docker).unwrap()).unwrap();
+    std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+    let pushed = json(&ok(&dev, &["image", "push", gz.to_str().unwrap(), "--name", "from-docker", "-o", "json"]));
+    assert_eq!(
+        (&pushed["name"], &pushed["format"], &pushed["source"]),
+        (&"from-docker".into(), &"oci".into(), &"upload".into())
+    );
+    let table = ok(&dev, &["image", "list"]);
+    assert!(table.contains("from-docker") && table.contains("FORMAT"), "{table}");
+
+    // A file that is no image: refused before anything is sent, saying what is accepted.
+    let notes = files.path().join("notes.txt");
+    std::fs::write(&notes, "not an image").unwrap();
+    fails(&dev, &["image", "push", notes.to_str().unwrap()], "is neither an OCI image archive");
+
+    // deploy --image REF: pulled first as `web` (the repository's last component), then the instance, on the
+    // port the deploy asks for.
+    let deployed =
+        json(&ok(&dev, &["deploy", "--image", &reference, "--no-start", "--internal-port", "9001", "-o", "json"]));
+    let instance = &deployed["instances"][0];
+    assert_eq!((&instance["image"], &instance["port"]), (&"web".into(), &9001.into()), "{deployed}");
+    let web = json(&ok(&dev, &["image", "get", "web", "-o", "json"]));
+    assert_eq!(
+        (&web["source"], &web["format"], &web["port"]),
+        (&reference.as_str().into(), &"oci".into(), &9000.into())
+    );
+    assert_eq!(instance["image_digest"], web["digest"]);
+    let named = json(&ok(&dev, &["deploy", "--image", &reference, "--image-name", "site", "--no-start", "-o", "json"]));
+    assert_eq!((&named["instances"][0]["image"], &named["instances"][0]["port"]), (&"site".into(), &9000.into()));
+
+    // image pull, and a registry's refusal in one line with its code.
+    let pulled = json(&ok(&dev, &["image", "pull", &reference, "--name", "pulled", "-o", "json"]));
+    assert_eq!(pulled["digest"], web["digest"]);
+    fails(&dev, &["image", "pull", &format!("{}/team/none:v1", reg.host)], "(image_not_found)");
+    fails(&dev, &["deploy", "--image", "hello", "--image-name", "x"], "--image-name names a pulled image");
+}
+
 /// `--help` output is part of the interface: it changes only on purpose (UPDATE_SNAPSHOTS=1 rewrites).
 #[test]
 fn help_matches_its_snapshots() {
@@ -281,6 +362,7 @@ fn help_matches_its_snapshots() {
         ("help.txt", vec!["--help"]),
         ("help-service-create.txt", vec!["service", "create", "--help"]),
         ("help-deploy.txt", vec!["deploy", "--help"]),
+        ("help-image-push.txt", vec!["image", "push", "--help"]),
         ("help-ca.txt", vec!["ca", "--help"]),
     ] {
         let out = Command::new(bin("cloudctl")).args(&args).env_remove("CLOUD_REMOTE").output().unwrap();

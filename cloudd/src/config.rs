@@ -112,8 +112,14 @@ pub struct ApiSection {
     pub listen: SocketAddr,
     /// Largest JSON request body, in bytes.
     pub max_json_bytes: usize,
-    /// Largest image bundle upload, in bytes.
+    /// Largest image upload, in bytes; also the most an image (uploaded or pulled) may store.
     pub max_image_bytes: usize,
+    /// The most an image's layers may unpack to, in bytes.
+    pub max_image_unpacked_bytes: u64,
+    /// The most entries (files, directories, links) an image's layers may hold together.
+    pub max_image_entries: u64,
+    /// Registries (`host[:port]`) the API may pull from over plain http. Default none: https only.
+    pub insecure_registries: Vec<String>,
     /// Database connections per API process.
     pub max_connections: u32,
 }
@@ -125,6 +131,9 @@ impl Default for ApiSection {
             listen: "127.0.0.1:7300".parse().expect("literal"),
             max_json_bytes: d.max_json_bytes,
             max_image_bytes: d.max_image_bytes,
+            max_image_unpacked_bytes: d.max_image_unpacked_bytes,
+            max_image_entries: d.max_image_entries,
+            insecure_registries: d.insecure_registries,
             max_connections: 20,
         }
     }
@@ -354,9 +363,19 @@ impl Config {
 
     /// The API's limits.
     pub fn api_config(&self) -> anyhow::Result<cloud_api::ApiConfig> {
+        for host in &self.api.insecure_registries {
+            // A registry is what a reference names before its first '/'.
+            let named = cloud_oci::Reference::parse(&format!("{host}/x")).ok().map(|r| r.registry);
+            if named.as_deref() != Some(host.as_str()) {
+                bail!("api.insecure_registries: {host:?} must be host[:port] of a registry, e.g. \"127.0.0.1:5000\"");
+            }
+        }
         Ok(cloud_api::ApiConfig {
             max_json_bytes: self.api.max_json_bytes,
             max_image_bytes: self.api.max_image_bytes,
+            max_image_unpacked_bytes: self.api.max_image_unpacked_bytes,
+            max_image_entries: self.api.max_image_entries,
+            insecure_registries: self.api.insecure_registries.clone(),
             resolver: self.platform.resolver,
             secret_key: self.secret_key()?.map(std::sync::Arc::new),
         })
@@ -422,6 +441,12 @@ mod tests {
         assert_eq!(cfg.platform.region, "fra");
         let err = Config::load(None, |k| (k == "CLOUD_API_LISTEN").then(|| "nope".to_owned())).unwrap_err();
         assert!(err.to_string().contains("CLOUD_API_LISTEN=nope"), "{err}");
+        let mut registries = Config::default();
+        registries.api.insecure_registries = vec!["127.0.0.1:5000".into(), "localhost".into()];
+        assert!(registries.api_config().is_ok());
+        registries.api.insecure_registries.push("http://reg.example.com".into());
+        let err = registries.api_config().unwrap_err().to_string();
+        assert!(err.contains("api.insecure_registries: \"http://reg.example.com\""), "{err}");
         let mut bad = Config::default();
         bad.platform.tcp_ports = "9-1".into();
         assert!(bad.store_settings().unwrap_err().to_string().contains("platform.tcp_ports"));

@@ -102,6 +102,7 @@ async fn instances(
             replicas: 1,
             restart_policy: RestartPolicy::Never,
             memory_mb: 64,
+            port: None,
             start: true,
         };
         let created = store.create_instances(tenant.id, new).await.unwrap();

@@ -63,10 +63,10 @@ async fn load_patch_and_query_rate_with_100k_names() {
     .unwrap();
     sqlx::query(
         "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, memory_mb, restart_policy,
-                                desired_state, state, private_ip)
+                                desired_state, state, private_ip, port)
          SELECT gen_random_uuid(), $1, s.id, img.id, img.digest, 'i' || s.name, 64, 'never', 'running', 'running',
-                $3::inet + row_number() OVER ()
-         FROM services s, (SELECT id, digest FROM images WHERE tenant_id IS NULL LIMIT 1) img
+                $3::inet + row_number() OVER (), img.port
+         FROM services s, (SELECT id, digest, port FROM images WHERE tenant_id IS NULL LIMIT 1) img
          WHERE s.tenant_id = $1 LIMIT $2",
     )
     .bind(tenant.id)

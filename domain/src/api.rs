@@ -40,8 +40,28 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The request body has a content type this endpoint does not accept.
     UnsupportedMediaType,
-    /// An uploaded image bundle is not a valid tar.gz with a manifest.
+    /// An image (uploaded or pulled) is malformed, truncated, incomplete, names no program to run, or holds an
+    /// entry images may not carry.
     InvalidImage,
+    /// A blob of the image does not have the digest it is referred to by.
+    ImageDigestMismatch,
+    /// The image is built for another OS or architecture than the platform runs.
+    ImagePlatform,
+    /// The image exceeds a limit: stored or unpacked size, entries, layers.
+    ImageTooLarge,
+    /// The image uses something the platform does not run: a media type, a foreign layer, a hash algorithm, an
+    /// archive of several images.
+    UnsupportedImage,
+    /// An image reference does not parse as `[host[:port]/]repository[:tag][@sha256:...]`.
+    InvalidImageReference,
+    /// The registry speaks plain http and is not among the platform's insecure registries.
+    InsecureRegistry,
+    /// The registry refused access to the image (it answered 401 or 403 to an anonymous pull).
+    RegistryDenied,
+    /// The registry has no such repository, tag or digest.
+    ImageNotFound,
+    /// The registry could not be reached, or answered with an error or something unusable; a retry may succeed.
+    RegistryUnavailable,
     /// No bearer token was sent.
     MissingToken,
     /// The bearer token is malformed or its signature does not verify.
@@ -112,6 +132,15 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidImage => "invalid_image",
+            Self::ImageDigestMismatch => "image_digest_mismatch",
+            Self::ImagePlatform => "image_platform",
+            Self::ImageTooLarge => "image_too_large",
+            Self::UnsupportedImage => "unsupported_image",
+            Self::InvalidImageReference => "invalid_image_reference",
+            Self::InsecureRegistry => "insecure_registry",
+            Self::RegistryDenied => "registry_denied",
+            Self::ImageNotFound => "image_not_found",
+            Self::RegistryUnavailable => "registry_unavailable",
             Self::MissingToken => "missing_token",
             Self::InvalidToken => "invalid_token",
             Self::TokenExpired => "token_expired",
@@ -575,6 +604,8 @@ pub struct Instance {
     pub tenant_private_fqdn: String,
     /// Node running it, once scheduled.
     pub node: Option<String>,
+    /// The port it listens on (given to it as `PORT`): its image's unless it was created with another.
+    pub port: u16,
     /// Arguments appended to the image's command.
     pub args: Vec<String>,
     /// Environment variables.
@@ -637,6 +668,11 @@ pub struct CreateInstance {
     /// Memory limit in MiB (default 128).
     #[serde(default)]
     pub memory_mb: Option<u32>,
+    /// The port the instances listen on (given to them as `PORT`, and where readiness is checked), 1 to 65535.
+    /// Default: the image's (an OCI image's first exposed TCP port, else 8080; a bundle's manifest port).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: Option<u32>,
     /// Start at once (default true); false leaves the instances stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -695,6 +731,24 @@ pub struct Image {
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
+
+/// Pull an image from an OCI registry (Docker Hub, GHCR, a self-hosted `registry`, ...) and store it under a name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// Image name; pulling to an existing name replaces its image.
+    pub name: String,
+    /// `[host[:port]/]repository[:tag][@sha256:<hex>]`, e.g. `127.0.0.1:5000/hello:v1` or `ghcr.io/org/app@sha256:...`;
+    /// no host means Docker Hub, no tag `latest`.
+    pub reference: String,
+}
+
+/// An uploaded image, as raw bytes: an OCI image layout in a tar (`skopeo copy ... oci-archive:`, `podman save
+/// --format oci-archive`), a `docker save` archive, either plain or gzipped, or a directory bundle (a tar.gz with
+/// `manifest.json` at its root). The content decides which.
+#[derive(Debug, Clone, ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct ImageArchive(pub Vec<u8>);
 
 /// A certificate the edge serves for one of the tenant's custom domains (its key is never returned).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

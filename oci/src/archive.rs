@@ -139,16 +139,22 @@ pub fn kind(upload: &Bytes, limits: &Limits) -> ArchiveKind {
 
 /// Reads and verifies an uploaded image archive.
 pub fn read(upload: Bytes, limits: &Limits, platform: &TargetPlatform) -> Result<Image, OciError> {
+    read_if_image(upload, limits, platform)?.ok_or_else(|| OciError::Corrupt {
+        what: "the archive".into(),
+        reason: "it is neither an OCI image layout (oci-layout, index.json) nor a docker save archive \
+                 (manifest.json listing images)"
+            .into(),
+    })
+}
+
+/// Reads and verifies an upload that may be an image archive, opening it once. `Ok(None)`: it is a tar (or a
+/// gzipped tar) of neither kind, such as the platform's directory bundle, for the caller to read as its own.
+pub fn read_if_image(upload: Bytes, limits: &Limits, platform: &TargetPlatform) -> Result<Option<Image>, OciError> {
     let archive = Archive::open(upload, limits)?;
     match archive.kind() {
-        ArchiveKind::OciLayout => read_layout(&archive, limits, platform),
-        ArchiveKind::Docker => read_docker(&archive, limits, platform),
-        ArchiveKind::Other => Err(OciError::Corrupt {
-            what: "the archive".into(),
-            reason: "it is neither an OCI image layout (oci-layout, index.json) nor a docker save archive \
-                     (manifest.json listing images)"
-                .into(),
-        }),
+        ArchiveKind::OciLayout => read_layout(&archive, limits, platform).map(Some),
+        ArchiveKind::Docker => read_docker(&archive, limits, platform).map(Some),
+        ArchiveKind::Other => Ok(None),
     }
 }
 

@@ -77,7 +77,7 @@ async fn put_blobs(tx: &mut sqlx::PgConnection, image: &cloud_oci::Image) -> Res
 fn oci_run(image: &cloud_oci::Image) -> Result<(Vec<String>, u16), StoreError> {
     let command = image.config.argv();
     if command.is_empty() {
-        return Err(StoreError::Invalid(
+        return Err(StoreError::InvalidImage(
             "the image names no program to run: its config has neither Entrypoint nor Cmd".into(),
         ));
     }

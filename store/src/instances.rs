@@ -35,6 +35,8 @@ pub struct NewInstances {
     pub restart_policy: RestartPolicy,
     /// Memory limit, MiB.
     pub memory_mb: u32,
+    /// The port the instances listen on; `None`: the image's.
+    pub port: Option<u16>,
     /// Start at once.
     pub start: bool,
 }
@@ -54,6 +56,7 @@ struct InstanceRow {
     private_ip: IpAddr,
     tenant_name: String,
     node_name: Option<String>,
+    port: i32,
     args: Vec<String>,
     env: sqlx::types::Json<BTreeMap<String, String>>,
     memory_mb: i32,
@@ -69,7 +72,7 @@ struct InstanceRow {
 
 const SELECT_INSTANCE: &str = "SELECT i.id, i.name, m.name AS image_name, i.image_digest, i.service_id,
         s.name AS service_name, s.fqdn AS service_fqdn, i.desired_state, i.state, i.state_reason, i.private_ip,
-        t.name AS tenant_name, n.name AS node_name, i.args, i.env, i.memory_mb, i.restart_policy,
+        t.name AS tenant_name, n.name AS node_name, i.port, i.args, i.env, i.memory_mb, i.restart_policy,
         i.restart_count, i.exit_code, i.boot_time_us, i.created_at, i.updated_at, i.started_at, i.stopped_at
     FROM instances i
     JOIN images m ON m.id = i.image_id
@@ -96,6 +99,7 @@ impl From<InstanceRow> for Instance {
             state_reason: r.state_reason,
             private_ip: r.private_ip,
             node: r.node_name,
+            port: r.port as u16,
             args: r.args,
             env: r.env.0,
             memory_mb: r.memory_mb as u32,
@@ -130,8 +134,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
 
-        let image: Option<(Uuid, String, String)> = sqlx::query_as(
-            "SELECT id, name, digest FROM images WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
+        let image: Option<(Uuid, String, String, i32)> = sqlx::query_as(
+            "SELECT id, name, digest, port FROM images WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
              ORDER BY tenant_id NULLS LAST LIMIT 1",
         )
         .bind(tenant)
@@ -139,8 +143,9 @@ impl Store {
         .bind(as_uuid(&new.image))
         .fetch_optional(&mut *tx)
         .await?;
-        let (image_id, image_name, digest) =
+        let (image_id, image_name, digest, image_port) =
             image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
+        let port = new.port.map_or(image_port, i32::from);
 
         let (count, memory): (i64, i64) =
             sqlx::query_as("SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1")
@@ -252,8 +257,8 @@ impl Store {
                 sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
                 let res = sqlx::query(
                     "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
-                         memory_mb, restart_policy, desired_state, state, private_ip)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                         memory_mb, restart_policy, desired_state, state, private_ip, port)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 )
                 .bind(id)
                 .bind(tenant)
@@ -268,6 +273,7 @@ impl Store {
                 .bind(desired.as_str())
                 .bind(state.as_str())
                 .bind(IpAddr::V4(ip))
+                .bind(port)
                 .execute(&mut *tx)
                 .await;
                 match res {

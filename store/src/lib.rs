@@ -174,6 +174,9 @@ pub enum StoreError {
     /// A request that is well-formed but contradicts itself or the stored state.
     #[error("{0}")]
     Invalid(String),
+    /// An image that cannot be run as it is (e.g. it names no program).
+    #[error("{0}")]
+    InvalidImage(String),
     /// The database failed or is unreachable.
     #[error("database error")]
     Database(#[source] sqlx::Error),

@@ -44,6 +44,9 @@ pub struct Assignment {
     pub env: BTreeMap<String, String>,
     /// Memory limit, MiB.
     pub memory_mb: u32,
+    /// The port it listens on (its `PORT`, and where readiness is checked): the image's unless the instance was
+    /// created with another.
+    pub port: u16,
     /// Restart policy.
     pub restart_policy: RestartPolicy,
     /// What the tenant wants.
@@ -82,6 +85,7 @@ struct AssignmentRow {
     args: Vec<String>,
     env: sqlx::types::Json<BTreeMap<String, String>>,
     memory_mb: i32,
+    port: i32,
     restart_policy: String,
     desired_state: String,
     state: String,
@@ -229,7 +233,7 @@ impl Store {
     pub async fn assignments(&self, node: Uuid) -> Result<Vec<Assignment>, StoreError> {
         let rows: Vec<AssignmentRow> = sqlx::query_as(
             "SELECT i.id, i.tenant_id, t.network::text AS network, i.name, s.name AS service, i.image_digest, i.args,
-                    i.env, i.memory_mb, i.restart_policy, i.desired_state, i.state, i.private_ip, i.restart_count
+                    i.env, i.memory_mb, i.port, i.restart_policy, i.desired_state, i.state, i.private_ip, i.restart_count
              FROM instances i JOIN tenants t ON t.id = i.tenant_id LEFT JOIN services s ON s.id = i.service_id
              WHERE i.node_id = $1 ORDER BY i.created_at",
         )
@@ -250,6 +254,7 @@ impl Store {
                     args: r.args,
                     env: r.env.0,
                     memory_mb: r.memory_mb as u32,
+                    port: r.port as u16,
                     restart_policy: r.restart_policy.parse().unwrap_or_default(),
                     desired: r.desired_state.parse().unwrap_or(DesiredState::Stopped),
                     state: r.state.parse().unwrap_or(InstanceState::Pending),

@@ -6,6 +6,7 @@
 
 pub mod pebble;
 pub mod pki;
+pub mod registry;
 pub mod relay;
 pub mod txt_server;
 

@@ -1,9 +1,11 @@
-//! Images: uploads of tar.gz bundles.
+//! Images: uploads (OCI image archives, docker archives, directory bundles) and pulls from registries.
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
-use cloud_domain::api::{ErrorCode, Image, Page, Problem, Scope};
+use cloud_domain::api::{ErrorCode, Image, ImageArchive, ImageManifest, Page, Problem, PullImage, Scope};
 use cloud_domain::names::NameKind;
+use cloud_oci::{Compression, Limits, Reference, TargetPlatform};
+use cloud_store::BundleError;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -17,52 +19,141 @@ use crate::{AppState, Auth};
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct UploadQuery {
-    /// Image name; pushing an existing name replaces its bundle.
-    name: String,
+    /// Image name; required for an upload (a pull names the image in its body). Storing an existing name
+    /// replaces its image; instances keep the one they were created with.
+    name: Option<String>,
 }
 
-/// Upload an image bundle: a tar.gz of a directory with `manifest.json` (`{"command": [...], "port": N}`) at
-/// its root.
+/// The content types an upload may be sent with. The content decides what it is, so any of them fits any
+/// format; `application/octet-stream` is the one generic clients use.
+const UPLOAD_TYPES: [&str; 5] = [
+    "application/octet-stream",
+    "application/x-tar",
+    "application/vnd.oci.image.layout.v1+tar",
+    "application/gzip",
+    "application/x-gzip",
+];
+
+/// Store an image: upload one (`?name=N`, the archive as the body) or pull one from a registry (a JSON body).
+///
+/// An upload is an OCI image layout in a tar (`skopeo copy ... oci-archive:`, `podman save --format
+/// oci-archive`), a `docker save` archive, either plain or gzipped, or a directory bundle (a tar.gz with
+/// `manifest.json` at its root); the content decides which. A pull fetches `reference` from its registry,
+/// over https unless the registry is one of the platform's insecure registries. Either way every blob is
+/// verified by digest and every layer walked before anything is stored, and a refused image stores nothing.
 #[utoipa::path(tag = "images", security(("bearer" = [])), params(UploadQuery),
-    request_body(content = Vec<u8>, content_type = "application/gzip", description = "The bundle"),
+    request_body(
+        description = "An image archive or bundle (with `?name=`), or a pull request (JSON).",
+        content(
+            (ImageArchive = "application/octet-stream"),
+            (ImageArchive = "application/x-tar"),
+            (ImageArchive = "application/vnd.oci.image.layout.v1+tar"),
+            (ImageArchive = "application/gzip"),
+            (PullImage = "application/json"),
+        )
+    ),
     responses(
         (status = 201, description = "Stored", body = Image),
         (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
 ))]
 #[post("/images")]
-pub(crate) async fn upload_image(
+pub(crate) async fn create_image(
     state: web::Data<AppState>,
     auth: Auth,
     req: HttpRequest,
     query: web::Query<UploadQuery>,
-    mut payload: web::Payload,
+    payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
-    validate::name(NameKind::Image, &query.name)?;
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let ct = ct.split(';').next().unwrap_or("").trim();
-    if !matches!(ct, "application/gzip" | "application/x-gzip" | "application/octet-stream") {
+    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let image = if ct == "application/json" {
+        if query.name.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidQuery,
+                "a pull names its image in the JSON body ({\"name\", \"reference\"}), not with ?name=",
+            ));
+        }
+        let body = read_body(payload, state.config.max_json_bytes, "api.max_json_bytes").await?;
+        let pull: PullImage = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
+        validate::name(NameKind::Image, &pull.name)?;
+        let reference = Reference::parse(&pull.reference)?;
+        let image = state.registries.pull(&reference).await?;
+        state.store.put_oci_image(auth.tenant, &pull.name, &image, &reference.to_string()).await?
+    } else if UPLOAD_TYPES.contains(&ct.as_str()) {
+        let Some(name) = query.name.as_deref() else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidQuery,
+                "an upload needs its image name: POST /v1/images?name=N",
+            ));
+        };
+        validate::name(NameKind::Image, name)?;
+        let body = read_body(payload, state.config.max_image_bytes, "api.max_image_bytes").await?;
+        let limits = state.config.image_limits();
+        // Reading verifies every blob and walks every layer: seconds for a large image, off the async workers.
+        match web::block(move || read_upload(body, &limits)).await.map_err(|e| ApiError::internal(&e))?? {
+            Upload::Oci(image) => state.store.put_oci_image(auth.tenant, name, &image, "upload").await?,
+            Upload::Bundle(manifest, bytes) => state.store.put_image(auth.tenant, name, &manifest, &bytes).await?,
+        }
+    } else {
         return Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
-            format!("an image upload is a tar.gz with 'Content-Type: application/gzip', not '{ct}'"),
+            format!("'{ct}' is neither an image upload ({}) nor a pull (application/json)", UPLOAD_TYPES.join(", ")),
         ));
-    }
-    let limit = state.config.max_image_bytes;
-    let mut body = Vec::new();
+    };
+    Ok(HttpResponse::Created().json(image))
+}
+
+/// Reads the whole body, refusing it once it passes `limit` bytes (the configuration key `key`).
+async fn read_body(mut payload: web::Payload, limit: usize, key: &str) -> ApiResult<web::Bytes> {
+    let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("the bundle exceeds {limit} bytes")));
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the body exceeds the limit of {limit} bytes ({key})"),
+            ));
         }
         body.extend_from_slice(&chunk);
     }
-    // Unpacking checks run off the async workers: a large bundle takes a while to inflate.
-    let bytes = web::Bytes::from(body);
-    let checked = bytes.clone();
-    let (manifest, _) =
-        web::block(move || cloud_store::parse_bundle(&checked)).await.map_err(|e| ApiError::internal(&e))??;
-    let image = state.store.put_image(auth.tenant, &query.name, &manifest, &bytes).await?;
-    Ok(HttpResponse::Created().json(image))
+    Ok(body.freeze())
+}
+
+/// What an upload turned out to be.
+enum Upload {
+    Oci(Box<cloud_oci::Image>),
+    Bundle(ImageManifest, web::Bytes),
+}
+
+/// Tells the formats apart by content and reads the upload.
+fn read_upload(body: web::Bytes, limits: &Limits) -> Result<Upload, ApiError> {
+    let neither = || {
+        ApiError::new(
+            ErrorCode::InvalidImage,
+            "the upload is neither an OCI image archive (a tar holding oci-layout and index.json), a docker archive \
+             (docker save: a tar whose manifest.json lists images) nor a bundle (a tar.gz with manifest.json at its \
+             root); each may be gzipped",
+        )
+    };
+    let gzip = Compression::detect(&body) == Compression::Gzip;
+    // Every tar these tools write carries the ustar magic (ustar, GNU and pax formats alike).
+    let tar = body.get(257..262) == Some(b"ustar");
+    if !gzip && !tar {
+        return Err(neither());
+    }
+    if let Some(image) = cloud_oci::archive::read_if_image(body.clone(), limits, &TargetPlatform::host())? {
+        return Ok(Upload::Oci(Box::new(image)));
+    }
+    if !gzip {
+        return Err(neither());
+    }
+    match cloud_store::parse_bundle(&body) {
+        Ok((manifest, _)) => Ok(Upload::Bundle(manifest, body)),
+        Err(BundleError::MissingManifest) => Err(neither()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// List the images the tenant can use: built-in ones and its own.

@@ -38,6 +38,8 @@ pub(crate) async fn create_instance(
             validate::name(NameKind::Instance, &format!("{name}-{}", body.replicas))?;
         }
     }
+    let port = body.port.map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or(p)).transpose();
+    let port = port.map_err(|p| invalid(format!("port must be 1 to 65535, got {p}")))?;
     let memory_mb = body.memory_mb.unwrap_or(128);
     if !(16..=65536).contains(&memory_mb) {
         return Err(invalid(format!("memory_mb must be 16 to 65536, got {memory_mb}")));
@@ -68,6 +70,7 @@ pub(crate) async fn create_instance(
         replicas: body.replicas,
         restart_policy: body.restart_policy,
         memory_mb,
+        port,
         start: body.start,
     };
     let created = state.store.create_instances(auth.tenant, new).await?;

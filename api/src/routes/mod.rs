@@ -43,7 +43,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(instances::start_instance)
             .service(instances::stop_instance)
             .service(instances::instance_logs)
-            .service(images::upload_image)
+            .service(images::create_image)
             .service(images::list_images)
             .service(images::get_image)
             .service(images::delete_image)

@@ -66,7 +66,7 @@ async fn bad_bundles_are_refused_with_reasons() {
     let res = reqwest::Client::new()
         .post(api.url("/v1/images?name=x"))
         .bearer_auth(t)
-        .header("content-type", "application/json")
+        .header("content-type", "text/plain")
         .body("{}")
         .send()
         .await

@@ -8,6 +8,7 @@ mod feed;
 mod images;
 mod instances;
 mod malformed;
+mod oci;
 mod openapi;
 mod services;
 mod tenants;
