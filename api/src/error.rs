@@ -93,6 +93,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ImagePlatform
         | UnsupportedImage
         | InsecureRegistry
+        | RegistryNotAllowed
         | RegistryDenied
         | ImageNotFound => StatusCode::UNPROCESSABLE_ENTITY,
         // The registry the client named failed, not the client's request nor this server: a retry may succeed.
@@ -203,6 +204,7 @@ impl From<OciError> for ApiError {
             OciError::Unsupported { .. } => C::UnsupportedImage,
             OciError::Reference { .. } => C::InvalidImageReference,
             OciError::InsecureRegistry { .. } => C::InsecureRegistry,
+            OciError::RegistryNotAllowed { .. } => C::RegistryNotAllowed,
             OciError::RegistryDenied { .. } => C::RegistryDenied,
             OciError::NotFound { .. } => C::ImageNotFound,
             OciError::RegistryUnavailable { .. } => {

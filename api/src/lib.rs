@@ -40,6 +40,8 @@ pub struct ApiConfig {
     pub max_image_entries: u64,
     /// Registries (`host[:port]`) pulled from over plain http; every other registry must speak https.
     pub insecure_registries: Vec<String>,
+    /// Registries (`host[:port]`) pulled from over https although on loopback, private or link-local addresses.
+    pub private_registries: Vec<String>,
     /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
     pub resolver: Option<std::net::SocketAddr>,
     /// The platform secret key (`platform.secret_key_file`), required: it seals the token signing key, uploaded
@@ -56,6 +58,7 @@ impl Default for ApiConfig {
             max_image_unpacked_bytes: image.max_unpacked_bytes,
             max_image_entries: image.max_entries,
             insecure_registries: Vec::new(),
+            private_registries: Vec::new(),
             resolver: None,
             secret_key: None,
         }
@@ -110,7 +113,13 @@ impl AppState {
             store,
             ca_pem: tokio::sync::OnceCell::new(),
             ownership: cloud_certs::ownership::OwnershipChecker::new(config.resolver),
-            registries: cloud_oci::registry::Registries::new(config.insecure_registries.clone(), config.image_limits()),
+            registries: cloud_oci::registry::Registries::new(
+                cloud_oci::registry::RegistryAccess {
+                    insecure: config.insecure_registries.clone(),
+                    private: config.private_registries.clone(),
+                },
+                config.image_limits(),
+            ),
             config,
         })
     }

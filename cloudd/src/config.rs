@@ -120,6 +120,9 @@ pub struct ApiSection {
     pub max_image_entries: u64,
     /// Registries (`host[:port]`) the API may pull from over plain http. Default none: https only.
     pub insecure_registries: Vec<String>,
+    /// Registries (`host[:port]`) the API may pull from over https although they are on loopback, private or
+    /// link-local addresses. Default none: public addresses only.
+    pub private_registries: Vec<String>,
     /// Database connections per API process.
     pub max_connections: u32,
 }
@@ -134,6 +137,7 @@ impl Default for ApiSection {
             max_image_unpacked_bytes: d.max_image_unpacked_bytes,
             max_image_entries: d.max_image_entries,
             insecure_registries: d.insecure_registries,
+            private_registries: d.private_registries,
             max_connections: 20,
         }
     }
@@ -363,11 +367,16 @@ impl Config {
 
     /// The API's limits.
     pub fn api_config(&self) -> anyhow::Result<cloud_api::ApiConfig> {
-        for host in &self.api.insecure_registries {
-            // A registry is what a reference names before its first '/'.
-            let named = cloud_oci::Reference::parse(&format!("{host}/x")).ok().map(|r| r.registry);
-            if named.as_deref() != Some(host.as_str()) {
-                bail!("api.insecure_registries: {host:?} must be host[:port] of a registry, e.g. \"127.0.0.1:5000\"");
+        for (key, hosts) in [
+            ("insecure_registries", &self.api.insecure_registries),
+            ("private_registries", &self.api.private_registries),
+        ] {
+            for host in hosts {
+                // A registry is what a reference names before its first '/'.
+                let named = cloud_oci::Reference::parse(&format!("{host}/x")).ok().map(|r| r.registry);
+                if named.as_deref() != Some(host.as_str()) {
+                    bail!("api.{key}: {host:?} must be host[:port] of a registry, e.g. \"127.0.0.1:5000\"");
+                }
             }
         }
         Ok(cloud_api::ApiConfig {
@@ -376,6 +385,7 @@ impl Config {
             max_image_unpacked_bytes: self.api.max_image_unpacked_bytes,
             max_image_entries: self.api.max_image_entries,
             insecure_registries: self.api.insecure_registries.clone(),
+            private_registries: self.api.private_registries.clone(),
             resolver: self.platform.resolver,
             secret_key: self.secret_key()?.map(std::sync::Arc::new),
         })

@@ -56,6 +56,8 @@ pub enum ErrorCode {
     InvalidImageReference,
     /// The registry speaks plain http and is not among the platform's insecure registries.
     InsecureRegistry,
+    /// The registry is on a loopback, private or link-local address the platform is not configured to reach.
+    RegistryNotAllowed,
     /// The registry refused access to the image (it answered 401 or 403 to an anonymous pull).
     RegistryDenied,
     /// The registry has no such repository, tag or digest.
@@ -138,6 +140,7 @@ impl ErrorCode {
             Self::UnsupportedImage => "unsupported_image",
             Self::InvalidImageReference => "invalid_image_reference",
             Self::InsecureRegistry => "insecure_registry",
+            Self::RegistryNotAllowed => "registry_not_allowed",
             Self::RegistryDenied => "registry_denied",
             Self::ImageNotFound => "image_not_found",
             Self::RegistryUnavailable => "registry_unavailable",

@@ -98,6 +98,14 @@ pub enum OciError {
         /// The registry host.
         registry: String,
     },
+    /// The registry is on a loopback, private or link-local address the platform is not configured to reach.
+    #[error(
+        "registry {registry} is not on a public address; add it to the private (or insecure) registries to pull from it"
+    )]
+    RegistryNotAllowed {
+        /// The registry host.
+        registry: String,
+    },
     /// The registry could not be reached or answered something unusable.
     #[error("registry {registry}: {reason}")]
     RegistryUnavailable {

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 
 use cloud_oci::build::{self, LayerBuilder};
-use cloud_oci::registry::Registries;
+use cloud_oci::registry::{Registries, RegistryAccess};
 use cloud_oci::{Image, ImageConfig, Limits, OciError, Reference};
 
 struct Registry {
@@ -18,6 +18,10 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn insecure(host: &str) -> RegistryAccess {
+    RegistryAccess { insecure: vec![host.to_owned()], ..Default::default() }
 }
 
 fn free_port() -> u16 {
@@ -87,7 +91,7 @@ async fn an_image_pushed_to_a_registry_pulls_back_verified() {
     let reg = registry().await;
     let image = sample();
     push(&image, &format!("{}/team/hello:v1", reg.host));
-    let client = Registries::new(vec![reg.host.clone()], Limits::default());
+    let client = Registries::new(insecure(&reg.host), Limits::default());
     let pulled = client.pull(&Reference::parse(&format!("{}/team/hello:v1", reg.host)).unwrap()).await.unwrap();
     assert_eq!(pulled.config, image.config);
     assert_eq!(pulled.layers[0].diff_id, image.layers[0].diff_id);
@@ -98,12 +102,17 @@ async fn an_image_pushed_to_a_registry_pulls_back_verified() {
     // A tag that does not exist.
     let e = client.pull(&Reference::parse(&format!("{}/team/hello:v2", reg.host)).unwrap()).await.unwrap_err();
     assert!(matches!(e, OciError::NotFound { .. }), "{e}");
-    // The registry is plain http and not configured as insecure.
-    let strict = Registries::new(vec![], Limits::default());
+    // On loopback and not allowed there.
+    let strict = Registries::new(RegistryAccess::default(), Limits::default());
     let e = strict.pull(&Reference::parse(&format!("{}/team/hello:v1", reg.host)).unwrap()).await.unwrap_err();
+    assert!(matches!(e, OciError::RegistryNotAllowed { .. }), "{e}");
+    // Allowed there, but plain http and not configured as insecure.
+    let private =
+        Registries::new(RegistryAccess { private: vec![reg.host.clone()], ..Default::default() }, Limits::default());
+    let e = private.pull(&Reference::parse(&format!("{}/team/hello:v1", reg.host)).unwrap()).await.unwrap_err();
     assert!(matches!(e, OciError::InsecureRegistry { .. }), "{e}");
     // Over the size limit.
-    let small = Registries::new(vec![reg.host.clone()], Limits { max_stored_bytes: 64, ..Limits::default() });
+    let small = Registries::new(insecure(&reg.host), Limits { max_stored_bytes: 64, ..Limits::default() });
     let e = small.pull(&Reference::parse(&format!("{}/team/hello:v1", reg.host)).unwrap()).await.unwrap_err();
     assert!(matches!(e, OciError::TooLarge { .. }), "{e}");
 
@@ -121,26 +130,39 @@ async fn an_image_pushed_to_a_registry_pulls_back_verified() {
 #[tokio::test]
 async fn unreachable_and_refusing_registries_say_so() {
     let closed = format!("127.0.0.1:{}", free_port());
-    let client = Registries::new(vec![closed.clone()], Limits::default());
+    let client = Registries::new(insecure(&closed), Limits::default());
     let e = client.pull(&Reference::parse(&format!("{closed}/a:b")).unwrap()).await.unwrap_err();
     assert!(matches!(e, OciError::RegistryUnavailable { .. }), "{e}");
 
     // A registry that wants credentials we do not have.
+    let host = answering("www-authenticate: Basic realm=\"reg\"").await;
+    let client = Registries::new(insecure(&host), Limits::default());
+    let e = client.pull(&Reference::parse(&format!("{host}/private/app:v1")).unwrap()).await.unwrap_err();
+    assert!(matches!(e, OciError::RegistryDenied { status: 401, .. }), "{e}");
+
+    // A registry that sends us for a token to a private address, or over plain http.
+    let host = answering("www-authenticate: Bearer realm=\"https://169.254.169.254/token\",service=\"x\"").await;
+    let client = Registries::new(insecure(&host), Limits::default());
+    let e = client.pull(&Reference::parse(&format!("{host}/app:v1")).unwrap()).await.unwrap_err();
+    assert!(matches!(e, OciError::RegistryNotAllowed { .. }), "{e}");
+    let host = answering("www-authenticate: Bearer realm=\"http://auth.example/token\"").await;
+    let client = Registries::new(insecure(&host), Limits::default());
+    let e = client.pull(&Reference::parse(&format!("{host}/app:v1")).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("not https"), "{e}");
+}
+
+/// A stand-in registry that answers every request 401 with the given challenge header.
+async fn answering(challenge: &str) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let host = listener.local_addr().unwrap().to_string();
+    let answer = format!("HTTP/1.1 401 Unauthorized\r\n{challenge}\r\ncontent-length: 0\r\n\r\n");
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         while let Ok((mut conn, _)) = listener.accept().await {
             let mut buf = [0u8; 4096];
             let _ = conn.read(&mut buf).await;
-            let _ = conn
-                .write_all(
-                    b"HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"reg\"\r\ncontent-length: 0\r\n\r\n",
-                )
-                .await;
+            let _ = conn.write_all(answer.as_bytes()).await;
         }
     });
-    let client = Registries::new(vec![host.clone()], Limits::default());
-    let e = client.pull(&Reference::parse(&format!("{host}/private/app:v1")).unwrap()).await.unwrap_err();
-    assert!(matches!(e, OciError::RegistryDenied { status: 401, .. }), "{e}");
+    host
 }

@@ -397,11 +397,20 @@ async fn refused_pulls_answer_a_code_naming_the_problem_and_store_nothing() {
         crate::into_res(res).await.problem(424, "registry_unavailable", &closed);
     }
 
-    // The registry speaks plain http and this platform does not list it as insecure.
+    // A registry on a loopback address this platform was not told to reach: a tenant may not make the API knock
+    // on private addresses (by name, by address, or through a registry's redirect or token service).
     let strict = TestApi::start().await;
     let before = stored(&strict).await;
-    pull(&strict, "app", &reference).await.problem(422, "insecure_registry", &reg.host);
+    pull(&strict, "app", &reference).await.problem(422, "registry_not_allowed", &reg.host);
+    let by_name = reference.replace("127.0.0.1", "localhost");
+    pull(&strict, "app", &by_name).await.problem(422, "registry_not_allowed", "localhost");
     assert_eq!(stored(&strict).await, before);
+    // Allowed as private, but it speaks plain http and is not listed as insecure.
+    let private_only =
+        TestApi::start_with(ApiConfig { private_registries: vec![reg.host.clone()], ..Default::default() }).await;
+    let before = stored(&private_only).await;
+    pull(&private_only, "app", &reference).await.problem(422, "insecure_registry", &reg.host);
+    assert_eq!(stored(&private_only).await, before);
 
     // Over the size limit.
     let small =
