@@ -7,11 +7,14 @@
 //! - no new privileges, a reduced capability set, a system call filter ([`seccomp`]), masked and read-only
 //!   kernel interfaces, the standard few devices, and memory, pids and cpu limits in a cgroup of its own.
 //!
-//! runc is started detached: nothing of ours stays beside a running sandbox. This process becomes the child
+//! runc is started detached: nothing of ours but a small init stays beside a running sandbox. Its first process
+//! is that init (`init/main.rs`, bind-mounted read-only at [`INIT_PATH`]), which starts the image's program,
+//! forwards signals to it and reaps orphans, and ends the sandbox when the [`Sandboxes`] that started it is gone
+//! (dropped, or its process killed): a sandbox never outlives its supervisor. This process becomes the child
 //! subreaper, so a sandbox's first process is re-parented to it and its exit status is read through a pidfd.
-//! A sandbox outlives a crashed agent; the next agent removes it ([`Sandboxes::remove_all`]) and starts it
-//! again from scratch. What is not covered: kernel bugs reachable from inside (the kernel is shared; microVMs
-//! are the stronger boundary where hosts have KVM).
+//! What a dead agent leaves (mounts, writable layers, runc's state, cgroups) the next agent removes
+//! ([`Sandboxes::remove_all`]) before it starts anything. What is not covered: kernel bugs reachable from inside
+//! (the kernel is shared; microVMs are the stronger boundary where hosts have KVM).
 
 pub mod ids;
 mod mounts;
@@ -29,6 +32,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
 pub use ids::{IdPool, IdRange};
+
+/// Where a sandbox's init is, inside.
+pub const INIT_PATH: &str = "/dev/init";
+
+/// The init program, as built for this platform.
+const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/init"));
 
 /// Why a sandbox could not be set up, started or removed.
 #[derive(Debug, thiserror::Error)]
@@ -116,12 +125,15 @@ pub struct SandboxConfig {
     pub runc: PathBuf,
 }
 
-/// The node's sandboxes.
+/// The node's sandboxes. They live as long as this value: dropping it (or the death of this process) ends them.
 #[derive(Debug)]
 pub struct Sandboxes {
     dir: PathBuf,
     runc: PathBuf,
     ids: IdPool,
+    /// Each sandbox's init holds a copy of the read end as descriptor 3 and ends its sandbox at end of file,
+    /// when the write end, which only this value holds (close-on-exec), is closed.
+    watchdog: (OwnedFd, OwnedFd),
 }
 
 /// A running sandbox.
@@ -142,8 +154,19 @@ pub struct Sandbox {
 impl Sandboxes {
     /// Checks that runc works and makes this process the child subreaper (see the crate docs).
     pub async fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
-        let me = Self { runc: config.runc, ids: IdPool::new(config.ids), dir: config.dir };
+        let (read, write) = std::io::pipe().map_err(io("creating the watchdog pipe"))?;
+        let me = Self {
+            runc: config.runc,
+            ids: IdPool::new(config.ids),
+            dir: config.dir,
+            watchdog: (OwnedFd::from(read), OwnedFd::from(write)),
+        };
         std::fs::create_dir_all(me.runc_root()).map_err(io(format!("creating {}", me.dir.display())))?;
+        // Sandboxes' root filesystems are mounted below: no one else on the host lists them (each sandbox's own
+        // directory lets in only its root, which runc needs to pass through here).
+        std::fs::set_permissions(&me.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(io(format!("restricting {}", me.dir.display())))?;
+        me.install_init().map_err(io(format!("writing {}", me.init().display())))?;
         let out = tokio::process::Command::new(&me.runc).arg("--version").output().await.map_err(|e| {
             SandboxError::Runc { message: format!("cannot run {} ({e}); scripts/setup installs it", me.runc.display()) }
         })?;
@@ -156,6 +179,22 @@ impl Sandboxes {
 
     fn runc_root(&self) -> PathBuf {
         self.dir.join("runc")
+    }
+
+    fn init(&self) -> PathBuf {
+        self.dir.join("init")
+    }
+
+    /// Writes the init program beside the sandboxes (replaced whole: running sandboxes keep the one they have).
+    fn install_init(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::read(self.init()).is_ok_and(|have| have == INIT) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".init-{}", std::process::id()));
+        std::fs::write(&tmp, INIT)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+        std::fs::rename(&tmp, self.init())
     }
 
     fn bundle(&self, id: &str) -> PathBuf {
@@ -183,10 +222,10 @@ impl Sandboxes {
         }
     }
 
-    async fn start_with(&self, spec: &SandboxSpec, ids: IdRange) -> Result<Sandbox, SandboxError> {
+    async fn start_with(&self, spec: &SandboxSpec, mut ids: IdRange) -> Result<Sandbox, SandboxError> {
         let bundle = self.bundle(&spec.id);
-        let (spec2, bundle2, base) = (spec.clone(), bundle.clone(), ids.base);
-        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base)).await.map_err(|e| {
+        let (spec2, bundle2, base, init) = (spec.clone(), bundle.clone(), ids.base, self.init());
+        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base, &init)).await.map_err(|e| {
             SandboxError::Io { what: "preparing the root filesystem".into(), source: std::io::Error::other(e) }
         })??;
 
@@ -196,8 +235,10 @@ impl Sandboxes {
         let pid_file = bundle.join("pid");
         let mut cmd = self.runc();
         cmd.arg("--log").arg(&log).arg("--log-format").arg("json");
-        cmd.args(["run", "--detach", "--pid-file"]).arg(&pid_file).arg("--bundle").arg(&bundle).arg(&spec.id);
+        cmd.args(["run", "--detach", "--preserve-fds", "1", "--pid-file"]).arg(&pid_file);
+        cmd.arg("--bundle").arg(&bundle).arg(&spec.id);
         cmd.stdout(Stdio::from(OwnedFd::from(out_w))).stderr(Stdio::from(OwnedFd::from(err_w)));
+        pass_as_fd3(&mut cmd, self.watchdog.0.as_raw_fd());
         let status = cmd.status().await.map_err(io("running runc"))?;
         // The write ends now live in the sandbox (and in the Command, dropped above): its output reaches us
         // until its last process ends.
@@ -210,6 +251,7 @@ impl Sandboxes {
             .ok_or_else(|| SandboxError::Runc { message: "no pid file after run".into() })?;
         let exit =
             watch(pidfd_open(pid).map_err(io("opening the sandbox's pidfd"))?).map_err(io("watching the sandbox"))?;
+        ids.held_by(pid);
         let receiver = |r: std::io::PipeReader| pipe::Receiver::from_owned_fd(OwnedFd::from(r)).ok();
         Ok(Sandbox { id: spec.id.clone(), pid, exit, stdout: receiver(out_r), stderr: receiver(err_r), _ids: ids })
     }
@@ -224,9 +266,14 @@ impl Sandboxes {
         }
     }
 
-    /// Stops a sandbox: SIGTERM, then SIGKILL after `grace`; returns how it ended.
+    /// Stops a sandbox: SIGTERM to its program (through its init), then SIGKILL to every process after `grace`;
+    /// returns how it ended.
     pub async fn stop(&self, sandbox: &mut Sandbox, grace: Duration) -> Result<ExitStatus, SandboxError> {
-        self.signal(&sandbox.id, "TERM").await?;
+        // The init alone: it passes the signal on to the program, which decides what its own children get.
+        let out = self.runc().args(["kill", &sandbox.id, "TERM"]).output().await.map_err(io("running runc kill"))?;
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not running") {
+            return Err(SandboxError::Runc { message: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
         if let Ok(status) = tokio::time::timeout(grace, sandbox.wait()).await {
             return status;
         }
@@ -254,7 +301,12 @@ impl Sandboxes {
         let out = self.runc().args(["list", "-q"]).output().await.map_err(io("running runc list"))?;
         ids.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
         if let Ok(dir) = std::fs::read_dir(&self.dir) {
-            ids.extend(dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n != "runc"));
+            ids.extend(
+                dir.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n != "runc"),
+            );
         }
         for id in &ids {
             self.remove(id).await?;
@@ -278,11 +330,16 @@ impl Sandbox {
 }
 
 /// Mounts the root filesystem and writes the bundle: blocking work.
-fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32) -> Result<(), SandboxError> {
+fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32, init: &Path) -> Result<(), SandboxError> {
     let err = |what: String| move |e| SandboxError::Io { what, source: e };
     for d in ["l", "upper", "work", "rootfs"] {
         std::fs::create_dir_all(bundle.join(d)).map_err(err(format!("creating {}", bundle.join(d).display())))?;
     }
+    // runc mounts the root filesystem from inside the sandbox's user namespace: its root must reach it, and no
+    // one else (its group is the sandbox root's alone).
+    std::os::unix::fs::chown(bundle, Some(0), Some(base)).map_err(err("chown the bundle".into()))?;
+    std::fs::set_permissions(bundle, std::os::unix::fs::PermissionsExt::from_mode(0o710))
+        .map_err(err("restricting the bundle".into()))?;
     // The writable layer is the sandbox root's own; its top directory becomes the root directory.
     std::os::unix::fs::chown(bundle.join("upper"), Some(base), Some(base)).map_err(err("chown upper".into()))?;
     let userns = mounts::user_namespace(base, ids::RANGE_SIZE).map_err(err("creating the id mapping".into()))?;
@@ -304,7 +361,8 @@ fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32) -> Result<(), SandboxEr
     mounts::overlay(&top_first, &bundle.join("upper"), &bundle.join("work"), &bundle.join("rootfs"))
         .map_err(err("mounting the root filesystem".into()))?;
     let account = user::resolve(&bundle.join("rootfs"), &spec.user)?;
-    let files = spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname") };
+    let files =
+        spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname"), init: init.to_owned() };
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(ip) = spec.address {
         hosts.push_str(&format!("{ip}\t{}\n", spec.hostname));
@@ -340,6 +398,21 @@ fn last_error(log: &Path) -> String {
         .filter(|v| v["level"] == "error" || v["level"] == "fatal")
         .find_map(|v| v["msg"].as_str().map(str::to_owned))
         .unwrap_or_else(|| "failed without saying why".into())
+}
+
+/// Makes `fd` the child's descriptor 3, inherited across exec (runc's `--preserve-fds 1` passes it on).
+#[allow(unsafe_code)]
+fn pass_as_fd3(cmd: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl, which are
+    // async-signal-safe, on integers. dup2 onto itself keeps close-on-exec set, hence the fcntl.
+    unsafe {
+        cmd.pre_exec(move || {
+            if (fd != 3 && libc::dup2(fd, 3) < 0) || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[allow(unsafe_code)]
