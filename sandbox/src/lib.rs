@@ -16,6 +16,7 @@
 //! ([`Sandboxes::remove_all`]) before it starts anything. What is not covered: kernel bugs reachable from inside
 //! (the kernel is shared; microVMs are the stronger boundary where hosts have KVM).
 
+mod cgroups;
 pub mod ids;
 mod mounts;
 mod seccomp;
@@ -167,6 +168,7 @@ impl Sandboxes {
         std::fs::set_permissions(&me.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .map_err(io(format!("restricting {}", me.dir.display())))?;
         me.install_init().map_err(io(format!("writing {}", me.init().display())))?;
+        cgroups::ensure_visible().map_err(io("mounting the cgroup hierarchies"))?;
         let out = tokio::process::Command::new(&me.runc).arg("--version").output().await.map_err(|e| {
             SandboxError::Runc { message: format!("cannot run {} ({e}); scripts/setup installs it", me.runc.display()) }
         })?;
