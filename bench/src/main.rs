@@ -130,7 +130,7 @@ async fn deploy(n: usize, cloudd: PathBuf) -> anyhow::Result<()> {
     let api = TestApi::start_with_settings(settings, Default::default()).await;
     let feed = ChangeFeed::start(api.store.clone()).await?;
     let state = std::env::temp_dir().join(format!("cloud-bench-{}", std::process::id()));
-    let mut cfg = cloud_runtime::NodeConfig::new("bench".into(), state, cloudd);
+    let mut cfg = cloud_runtime::NodeConfig::new("bench".into(), state);
     cfg.heartbeat = Duration::from_millis(500);
     let node = cloud_runtime::start(api.store.clone(), feed, cfg).await?;
     let client = reqwest::Client::new();

@@ -98,17 +98,17 @@ pub fn bridge_name(tenant: Uuid) -> String {
     format!("{BRIDGE_PREFIX}{}", short(tenant))
 }
 
-/// Where one node's instances live: namespace names carry the node so agents sharing a host leave each other
-/// alone.
+/// The network namespaces of one node's instances: names carry the node so agents sharing a host leave each
+/// other alone.
 #[derive(Debug, Clone)]
-pub struct Sandboxes {
+pub struct Networks {
     prefix: String,
     /// Where instances' DNS queries to their gateway are forwarded, if anywhere.
     dns: Option<SocketAddrV4>,
 }
 
-impl Sandboxes {
-    /// The sandboxes of a node.
+impl Networks {
+    /// The networks of a node's instances.
     pub fn new(node: Uuid) -> Self {
         Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]), dns: None }
     }
@@ -168,6 +168,10 @@ impl Sandboxes {
                 return Err(e);
             }
         }
+        if let Err(e) = allow_low_ports(self.netns_path(instance)).await {
+            let _ = self.destroy(instance).await;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -185,6 +189,39 @@ impl Sandboxes {
         run("ip", &["netns", "del", &ns]).await?;
         let _ = run("ip", &["link", "del", &format!("cv{}", short(instance))]).await;
         Ok(())
+    }
+}
+
+/// Lets any process of the namespace listen on ports below 1024. The namespace is the instance's alone, and
+/// its sandbox's root, root of its own user namespace only, would otherwise need a capability over the host's
+/// (which owns the network namespace) to listen on port 80 as images expect to.
+async fn allow_low_ports(netns: String) -> Result<(), NetError> {
+    let knob = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
+    let sysctl = |source| NetError::Sysctl { knob: format!("{knob} in {netns}"), source };
+    let file = std::fs::File::open(&netns).map_err(sysctl)?;
+    // A thread of its own enters the namespace (only a thread's own /proc/sys/net is the namespace's) and ends
+    // there, never serving anything else.
+    let written = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
+            enter_netns(&file)?;
+            std::fs::write(knob, "0")
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    written.map_err(sysctl)
+}
+
+#[allow(unsafe_code)]
+fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a descriptor we hold open; it changes only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
