@@ -79,7 +79,8 @@ impl Fixture {
         let secret = Arc::new(cloud_certs::seal::SecretKey::from_bytes(&[k as u8; 32]));
         let api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
         let api = TestApi::start_with_settings(settings, api_config).await;
-        let state = std::env::temp_dir().join(format!("cloud-edge-test-{}", std::process::id()));
+        // Shared by every run: each agent removes what the agents of earlier tests and runs left there.
+        let state = std::env::temp_dir().join("cloud-edge-test");
         let mut c = NodeConfig::new(format!("edge-n{k}"), state);
         c.memory_mb = 4096;
         c.heartbeat = Duration::from_millis(200);

@@ -34,8 +34,10 @@ async fn api() -> TestApi {
     TestApi::start_with_settings(settings, Default::default()).await
 }
 
+/// One state directory for every agent of these tests, on every run: each agent removes what the agents of
+/// earlier tests and runs left there (their sandboxes' mounts and cgroups), and layers are unpacked once.
 fn state_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("cloud-node-test-{}", std::process::id()))
+    std::env::temp_dir().join("cloud-node-test")
 }
 
 /// A node of this test process. Every agent of the host shares the default id range directory, as they must.

@@ -247,6 +247,15 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
                 tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
                 let _ = networks.destroy(leftover).await;
             }
+            // And what nodes that shared this state directory and never came back left.
+            for gone in sandboxes.remove_abandoned().await? {
+                tracing::info!(node = %gone, "removed the sandboxes of a node whose agent is gone");
+                let Ok(gone) = gone.parse::<Uuid>() else { continue };
+                let theirs = net::Networks::new(gone);
+                for leftover in theirs.existing() {
+                    let _ = theirs.destroy(leftover).await;
+                }
+            }
             net::remove_idle_bridges().await;
             Some(sandboxes)
         }

@@ -85,8 +85,9 @@ impl IdPool {
     }
 }
 
+/// Takes an exclusive lock on a file without waiting; false when another open file holds it.
 #[allow(unsafe_code)]
-fn try_lock(file: &File) -> bool {
+pub(crate) fn try_lock(file: &File) -> bool {
     // SAFETY: flock(2) on a descriptor we own.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }

@@ -132,6 +132,9 @@ pub struct Sandboxes {
     dir: PathBuf,
     runc: PathBuf,
     ids: IdPool,
+    /// An exclusive lock on `<dir>/lock` while this value lives: how another agent tells a directory whose
+    /// agent is gone ([`Sandboxes::remove_abandoned`]).
+    _lock: std::fs::File,
     /// Each sandbox's init holds a copy of the read end as descriptor 3 and ends its sandbox at end of file,
     /// when the write end, which only this value holds (close-on-exec), is closed.
     watchdog: (OwnedFd, OwnedFd),
@@ -156,13 +159,20 @@ impl Sandboxes {
     /// Checks that runc works and makes this process the child subreaper (see the crate docs).
     pub async fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let (read, write) = std::io::pipe().map_err(io("creating the watchdog pipe"))?;
+        std::fs::create_dir_all(config.dir.join("runc")).map_err(io(format!("creating {}", config.dir.display())))?;
+        let lock = lock_file(&config.dir).map_err(io(format!("locking {}", config.dir.display())))?;
+        if !ids::try_lock(&lock) {
+            return Err(SandboxError::Runc {
+                message: format!("another agent runs the sandboxes of {} (its lock is held)", config.dir.display()),
+            });
+        }
         let me = Self {
             runc: config.runc,
             ids: IdPool::new(config.ids),
             dir: config.dir,
+            _lock: lock,
             watchdog: (OwnedFd::from(read), OwnedFd::from(write)),
         };
-        std::fs::create_dir_all(me.runc_root()).map_err(io(format!("creating {}", me.dir.display())))?;
         // Sandboxes' root filesystems are mounted below: no one else on the host lists them (each sandbox's own
         // directory lets in only its root, which runc needs to pass through here).
         std::fs::set_permissions(&me.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
@@ -179,8 +189,8 @@ impl Sandboxes {
         Ok(me)
     }
 
-    fn runc_root(&self) -> PathBuf {
-        self.dir.join("runc")
+    fn place(&self) -> Place<'_> {
+        Place { runc: &self.runc, dir: &self.dir }
     }
 
     fn init(&self) -> PathBuf {
@@ -204,9 +214,7 @@ impl Sandboxes {
     }
 
     fn runc(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.runc);
-        cmd.arg("--root").arg(self.runc_root()).stdin(Stdio::null()).kill_on_drop(true);
-        cmd
+        self.place().runc()
     }
 
     /// Sets up and starts a sandbox.
@@ -286,23 +294,72 @@ impl Sandboxes {
     /// Removes a sandbox and everything it had: its processes, runc's state, its cgroup, its mounts and
     /// writable layer. Nothing there is fine.
     pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        self.place().remove(id).await
+    }
+
+    /// Removes every sandbox of this node, as an agent does when it starts: what a crashed agent left.
+    pub async fn remove_all(&self) -> Result<usize, SandboxError> {
+        self.place().remove_all().await
+    }
+
+    /// Removes the sandboxes of the other directories beside this one whose agent is gone (their lock is
+    /// free): what agents that never came back left, such as a node renamed, or one of a database since reset.
+    /// Returns those directories' names (their nodes).
+    pub async fn remove_abandoned(&self) -> Result<Vec<String>, SandboxError> {
+        let Some(parent) = self.dir.parent() else { return Ok(Vec::new()) };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(parent).map_err(io(format!("listing {}", parent.display())))?.flatten() {
+            let dir = entry.path();
+            if dir == self.dir || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            // Held while cleaning, so that two agents starting together do not both clean.
+            let Ok(lock) = lock_file(&dir) else { continue };
+            if !ids::try_lock(&lock) {
+                continue;
+            }
+            Place { runc: &self.runc, dir: &dir }.remove_all().await?;
+            std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
+            removed.extend(entry.file_name().into_string().ok());
+        }
+        Ok(removed)
+    }
+}
+
+fn lock_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock"))
+}
+
+/// A directory of sandboxes and the runc that runs them: what removing them needs.
+struct Place<'a> {
+    runc: &'a Path,
+    dir: &'a Path,
+}
+
+impl Place<'_> {
+    fn runc(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.runc);
+        cmd.arg("--root").arg(self.dir.join("runc")).stdin(Stdio::null()).kill_on_drop(true);
+        cmd
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), SandboxError> {
         let out = self.runc().args(["delete", "--force", id]).output().await.map_err(io("running runc delete"))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && !stderr.contains("does not exist") && !stderr.contains("not exist") {
             return Err(SandboxError::Runc { message: stderr.trim().to_owned() });
         }
-        let bundle = self.bundle(id);
+        let bundle = self.dir.join(id);
         tokio::task::spawn_blocking(move || teardown(&bundle))
             .await
             .map_err(|e| SandboxError::Io { what: "removing the sandbox".into(), source: std::io::Error::other(e) })?
     }
 
-    /// Removes every sandbox of this node, as an agent does when it starts: what a crashed agent left.
-    pub async fn remove_all(&self) -> Result<usize, SandboxError> {
+    async fn remove_all(&self) -> Result<usize, SandboxError> {
         let mut ids = std::collections::BTreeSet::new();
         let out = self.runc().args(["list", "-q"]).output().await.map_err(io("running runc list"))?;
         ids.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
-        if let Ok(dir) = std::fs::read_dir(&self.dir) {
+        if let Ok(dir) = std::fs::read_dir(self.dir) {
             ids.extend(
                 dir.flatten()
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))

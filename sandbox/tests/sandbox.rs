@@ -46,14 +46,19 @@ async fn fixture() -> Option<Fixture> {
     }
     let dir = tempfile::tempdir().unwrap();
     let layer = busybox_layer(dir.path());
-    let sandboxes = Sandboxes::new(SandboxConfig {
-        dir: dir.path().join("sandboxes"),
+    let sandboxes = node(dir.path(), "a").await;
+    Some(Fixture { _dir: dir, sandboxes, layer })
+}
+
+/// The sandboxes of node `name`, beside the other nodes' in `dir/nodes`. The host's id ranges are shared by
+/// every agent of the host, tests included.
+async fn node(dir: &std::path::Path, name: &str) -> Sandboxes {
+    let config = SandboxConfig {
+        dir: dir.join("nodes").join(name),
         ids: cloud_sandbox::ids::DEFAULT_DIR.into(),
         runc: "runc".into(),
-    })
-    .await
-    .unwrap();
-    Some(Fixture { _dir: dir, sandboxes, layer })
+    };
+    Sandboxes::new(config).await.unwrap()
 }
 
 fn spec(f: &Fixture, id: &str, script: &str) -> SandboxSpec {
@@ -129,9 +134,10 @@ async fn stop_and_remove_all_leave_nothing_behind() {
     assert_eq!(f.sandboxes.remove_all().await.unwrap(), 2);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(f._dir.path().to_str().unwrap()), "no mount left");
-    let left: Vec<_> =
-        std::fs::read_dir(f._dir.path().join("sandboxes")).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(left.len(), 2, "only runc's state dir and the init: {left:?}");
+    let mut left: Vec<_> =
+        std::fs::read_dir(f._dir.path().join("nodes/a")).unwrap().flatten().map(|e| e.file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["init", "lock", "runc"], "only runc's state dir, the init and the node's lock");
 }
 
 /// Programs rarely handle SIGTERM as a pid namespace's first process must (they would ignore it): the init
@@ -172,16 +178,30 @@ async fn no_sandbox_outlives_its_supervisor() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(s);
-    let next = Sandboxes::new(SandboxConfig {
-        dir: dir.path().join("sandboxes"),
-        ids: cloud_sandbox::ids::DEFAULT_DIR.into(),
-        runc: "runc".into(),
-    })
-    .await
-    .unwrap();
+    let next = node(dir.path(), "a").await;
     assert_eq!(next.remove_all().await.unwrap(), 1);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(dir.path().to_str().unwrap()), "no mount left");
+}
+
+/// What an agent that never comes back left (its node renamed, or its database reset) is removed by the next
+/// agent to start beside it; a live agent's sandboxes are left alone.
+#[tokio::test]
+async fn abandoned_sandboxes_are_removed_and_live_ones_kept() {
+    let Some(f) = fixture().await else { return };
+    let gone = node(f._dir.path(), "gone").await;
+    let _ = gone.start(&spec(&f, "t7", "exec sleep 1000")).await.unwrap();
+    drop(gone);
+    let live = f.sandboxes.start(&spec(&f, "t8", "exec sleep 1000")).await.unwrap();
+    let next = node(f._dir.path(), "next").await;
+    assert_eq!(next.remove_abandoned().await.unwrap(), ["gone"]);
+    assert!(!f._dir.path().join("nodes/gone").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/nodes/gone/"), "no mount of the abandoned node left");
+    assert!(mounts.contains("/nodes/a/t8/"), "the live node's sandbox is kept");
+    assert!(std::path::Path::new(&format!("/proc/{}", live.pid)).exists());
+    f.sandboxes.remove("t8").await.unwrap();
+    assert!(next.remove_abandoned().await.unwrap().is_empty(), "a is alive, next is the caller");
 }
 
 trait TermExt {
