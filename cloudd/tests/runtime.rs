@@ -1147,3 +1147,70 @@ async fn a_fork_bomb_and_a_memory_hog_hurt_only_their_own_instance() {
     assert_eq!(running(&api, &mallory, "bomb").await["state"], "running", "the bomb is held, not ended");
     node.shutdown().await;
 }
+
+/// A busybox layer for OCI images built in tests, with an `app` account.
+fn busybox_layer() -> cloud_oci::build::LayerBuilder {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let mut l = cloud_oci::build::LayerBuilder::new().dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "httpd", "id", "pwd", "echo"] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    l.dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/www:/bin/sh\n")
+        .dir("tmp", 0o1777)
+}
+
+/// OCI images run as their config says (Entrypoint, Cmd replaced by an instance's args, Env under the
+/// instance's, WorkingDir, User, ExposedPorts), on their layers stacked (a whiteout hides a lower file), and a
+/// layer two images share, whatever their tenants, is unpacked once on the node.
+#[tokio::test]
+async fn oci_images_run_as_their_config_says_on_layers_unpacked_once_and_shared() {
+    let Some((_host, api, node)) = with_node("n-oci").await else { return };
+    let (other, other_token) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
+    let base = busybox_layer()
+        .dir("www", 0o755)
+        .file("www/index.html", 0o644, b"base\n")
+        .file("www/gone.txt", 0o644, b"hidden above\n")
+        .into_tar();
+    let config = cloud_oci::ImageConfig {
+        entrypoint: vec!["/bin/sh".into(), "-c".into()],
+        cmd: vec!["echo \"user=$(id -u) dir=$(pwd) greeting=$GREETING\"; exec httpd -f -p \"$PORT\" -h /www".into()],
+        env: vec!["GREETING=from-image".into(), "PATH=/bin".into()],
+        working_dir: "/www".into(),
+        user: "app".into(),
+        exposed_ports: vec![8081],
+    };
+    let top_a =
+        cloud_oci::build::LayerBuilder::new().file("www/.wh.gone.txt", 0o644, b"").file("www/a.txt", 0o644, b"alpha\n");
+    let image_a = cloud_oci::build::image(&config, &[base.clone(), top_a.into_tar()]);
+    let top_b = cloud_oci::build::LayerBuilder::new().file("www/b.txt", 0o644, b"beta\n");
+    let image_b = cloud_oci::build::image(&config, &[base, top_b.into_tar()]);
+    api.store.put_oci_image(api.tenant.id, "site", &image_a, "upload").await.unwrap();
+    api.store.put_oci_image(other.id, "site", &image_b, "upload").await.unwrap();
+
+    create(&api, &api.token, json!({"image": "site", "name": "site-a", "env": {"GREETING": "from-instance"}})).await;
+    let args = json!(["echo args; exec httpd -f -p \"$PORT\" -h /www"]);
+    create(&api, &other_token, json!({"image": "site", "name": "site-b", "args": args})).await;
+    let a_ip = running(&api, &api.token, "site-a").await["private_ip"].as_str().unwrap().to_owned();
+    let b_ip = running(&api, &other_token, "site-b").await["private_ip"].as_str().unwrap().to_owned();
+    let get = async |ip: &str, path: &str| {
+        let res = reqwest::get(format!("http://{ip}:8081/{path}")).await.unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
+    };
+    assert_eq!(get(&a_ip, "index.html").await, (200, "base\n".into()));
+    assert_eq!(get(&a_ip, "a.txt").await, (200, "alpha\n".into()));
+    assert_eq!(get(&a_ip, "gone.txt").await.0, 404, "the whiteout hides the lower layer's file");
+    assert_eq!(get(&b_ip, "gone.txt").await, (200, "hidden above\n".into()));
+    assert_eq!(get(&b_ip, "b.txt").await, (200, "beta\n".into()));
+    let a_log = wait_for_log(&api, &api.token, "site-a", "its line", |l| l.iter().any(|(s, _)| s == "stdout")).await;
+    assert!(a_log.contains(&("stdout".into(), "user=1000 dir=/www greeting=from-instance".into())), "{a_log:?}");
+    let b_log = wait_for_log(&api, &other_token, "site-b", "its line", |l| l.iter().any(|(s, _)| s == "stdout")).await;
+    assert!(b_log.contains(&("stdout".into(), "args".into())), "args replace Cmd: {b_log:?}");
+
+    let layers = state_dir().join("layers");
+    for layer in image_a.layers.iter().chain(&image_b.layers) {
+        assert!(layers.join(layer.diff_id.hex()).is_dir(), "{} unpacked", layer.diff_id);
+    }
+    assert_eq!(image_a.layers[0].diff_id, image_b.layers[0].diff_id, "one base layer");
+    node.shutdown().await;
+}
