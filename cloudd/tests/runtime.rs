@@ -348,6 +348,7 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
 
     // Crash: the sandbox ends with the agent; its namespace, mounts and cgroups stay.
     let first_node = first.node;
+    let pids = host_pids(&first, &inst);
     first.abort();
     let mut dead = false;
     for _ in 0..100 {
@@ -358,6 +359,11 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(dead, "the instance's sandbox ended with its agent");
+    let t0 = std::time::Instant::now();
+    while pids.iter().any(|p| PathBuf::from(format!("/proc/{p}")).exists()) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "its processes were never reaped: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(PathBuf::from(format!("/run/netns/{ns}")).exists());
     let left = sandbox_traces(first_node, &inst);
     assert!(left.iter().any(|t| t.starts_with("mount")), "what a crash leaves: {left:?}");
@@ -1045,9 +1051,14 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     files
 }
 
-/// Every process of the host.
+/// Every live process of the host (a zombie has ended: it holds no uid any more).
 fn walk_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+    let live = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+    };
+    let pids = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok());
+    pids.filter(live).collect()
 }
 
 /// The limit a process's cgroup sets in `file` of the v1 `controller` (or of the unified hierarchy), with the

@@ -53,7 +53,10 @@ fn still_running(path: &std::path::Path, base: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let Some(pid) = text.lines().nth(1).and_then(|l| l.trim().parse::<u32>().ok()) else { return false };
-    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| (base..base + RANGE_SIZE).contains(&m.uid()))
+    // A zombie (ended, not yet reaped) holds nothing.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let alive = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']));
+    alive && std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| (base..base + RANGE_SIZE).contains(&m.uid()))
 }
 
 impl IdPool {

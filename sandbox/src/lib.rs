@@ -62,6 +62,12 @@ pub enum SandboxError {
     /// Every id range on the host is held.
     #[error("no free uid/gid range for another sandbox on this host")]
     NoIds,
+    /// Another agent (of the same node, on this host) holds the directory.
+    #[error("another agent runs the sandboxes of {dir}")]
+    Busy {
+        /// The node's sandbox directory.
+        dir: String,
+    },
     /// The image's `User` does not resolve.
     #[error("the image's user {user:?}: {reason}")]
     User {
@@ -147,7 +153,9 @@ pub struct Sandbox {
     pub id: String,
     /// Its first process, as the host sees it.
     pub pid: i32,
-    exit: AsyncFd<OwnedFd>,
+    /// A pidfd of the first process; taken by [`Drop`] when the process was never waited for.
+    exit: Option<AsyncFd<OwnedFd>>,
+    reaped: bool,
     /// The first process's standard output.
     pub stdout: Option<pipe::Receiver>,
     /// The first process's standard error.
@@ -162,9 +170,7 @@ impl Sandboxes {
         std::fs::create_dir_all(config.dir.join("runc")).map_err(io(format!("creating {}", config.dir.display())))?;
         let lock = lock_file(&config.dir).map_err(io(format!("locking {}", config.dir.display())))?;
         if !ids::try_lock(&lock) {
-            return Err(SandboxError::Runc {
-                message: format!("another agent runs the sandboxes of {} (its lock is held)", config.dir.display()),
-            });
+            return Err(SandboxError::Busy { dir: config.dir.display().to_string() });
         }
         let me = Self {
             runc: config.runc,
@@ -219,7 +225,10 @@ impl Sandboxes {
 
     /// Sets up and starts a sandbox.
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
-        self.remove(&spec.id).await?;
+        // What a previous run of the same id left, if anything (asking runc costs a process).
+        if self.bundle(&spec.id).exists() || self.dir.join("runc").join(&spec.id).exists() {
+            self.remove(&spec.id).await?;
+        }
         let ids = self.ids.acquire(&spec.id)?;
         match self.start_with(spec, ids).await {
             Ok(s) => Ok(s),
@@ -263,7 +272,15 @@ impl Sandboxes {
             watch(pidfd_open(pid).map_err(io("opening the sandbox's pidfd"))?).map_err(io("watching the sandbox"))?;
         ids.held_by(pid);
         let receiver = |r: std::io::PipeReader| pipe::Receiver::from_owned_fd(OwnedFd::from(r)).ok();
-        Ok(Sandbox { id: spec.id.clone(), pid, exit, stdout: receiver(out_r), stderr: receiver(err_r), _ids: ids })
+        Ok(Sandbox {
+            id: spec.id.clone(),
+            pid,
+            exit: Some(exit),
+            reaped: false,
+            stdout: receiver(out_r),
+            stderr: receiver(err_r),
+            _ids: ids,
+        })
     }
 
     /// Sends a signal to every process of a sandbox.
@@ -377,13 +394,30 @@ impl Place<'_> {
 impl Sandbox {
     /// Waits until the sandbox's first process ends (the others die with it: it is the pid namespace's init).
     pub async fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
+        let exit = self.exit.as_ref().expect("taken only when dropped");
         loop {
-            let mut guard = self.exit.readable().await.map_err(io("waiting for the sandbox"))?;
-            match waitid(self.exit.get_ref()) {
-                Ok(Some(status)) => return Ok(status),
+            let mut guard = exit.readable().await.map_err(io("waiting for the sandbox"))?;
+            match waitid(exit.get_ref(), libc::WNOHANG) {
+                Ok(Some(status)) => {
+                    self.reaped = true;
+                    return Ok(status);
+                }
                 Ok(None) => guard.clear_ready(),
                 Err(e) => return Err(io("waiting for the sandbox")(e)),
             }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    /// A sandbox dropped without its end being waited for (its supervisor was aborted) would stay a zombie child
+    /// of this process once it ends: a thread waits for that end and reaps it.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Some(pidfd) = self.exit.take().map(AsyncFd::into_inner) {
+            std::thread::spawn(move || drop(waitid(&pidfd, 0)));
         }
     }
 }
@@ -501,14 +535,12 @@ fn watch(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(pidfd) }.map_err(|e| e.into())
 }
 
-/// Reaps the process behind a pidfd if it has exited.
+/// Reaps the process behind a pidfd if it has exited (with `WNOHANG`), or once it exits.
 #[allow(unsafe_code)]
-fn waitid(pidfd: &OwnedFd) -> std::io::Result<Option<ExitStatus>> {
+fn waitid(pidfd: &OwnedFd, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
     // SAFETY: waitid fills the zeroed siginfo it is given.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
-    };
+    let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | flags) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
