@@ -12,9 +12,10 @@
 //! forwards signals to it and reaps orphans, and ends the sandbox when the [`Sandboxes`] that started it is gone
 //! (dropped, or its process killed): a sandbox never outlives its supervisor. This process becomes the child
 //! subreaper, so a sandbox's first process is re-parented to it and its exit status is read through a pidfd.
-//! What a dead agent leaves (mounts, writable layers, runc's state, cgroups) the next agent removes
-//! ([`Sandboxes::remove_all`]) before it starts anything. What is not covered: kernel bugs reachable from inside
-//! (the kernel is shared; microVMs are the stronger boundary where hosts have KVM).
+//! What a dead agent leaves (mounts, writable layers, runc's state, cgroups) the next agent of its node removes
+//! ([`Sandboxes::remove_all`]) before it starts anything, and any agent beside it once it is gone for good
+//! ([`Sandboxes::remove_abandoned`]). What is not covered: kernel bugs reachable from inside (the kernel is
+//! shared; microVMs are the stronger boundary where hosts have KVM).
 
 mod cgroups;
 pub mod ids;
