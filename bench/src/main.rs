@@ -1,10 +1,10 @@
 //! Benchmarks beside the peers a user would pick instead. `cloud-bench dns` is in [`dns`].
 //!
 //! `cloud-bench deploy`: deploy-to-ready time and per-instance memory of the node agent, measured beside the
-//! peer a user would compare with: the same `hello` program started directly on the host, with no namespace,
-//! bridge, cgroup or API in between. Needs root (the node agent does) and a built `cloudd`.
+//! peer a user would compare with: the built-in `hello` image's program started directly on the host, with no
+//! sandbox, namespace, bridge or API in between. Needs root (the node agent does).
 //!
-//! Usage: `cargo run --release -p cloud-bench -- deploy [--instances 50] [--cloudd target/release/cloudd]`
+//! Usage: `cargo run --release -p cloud-bench -- deploy [--instances 50]`
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -52,24 +52,19 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.first().map(String::as_str) != Some("deploy") {
         bail!(
-            "usage: cloud-bench deploy [--instances N] [--cloudd PATH] | cloud-bench dns [--names N] [--seconds S] | \
+            "usage: cloud-bench deploy [--instances N] | cloud-bench dns [--names N] [--seconds S] | \
              cloud-bench edge [--seconds S] [--connections N] [--routes N] [--cloudd PATH]"
         );
     }
     let mut n = 50usize;
-    let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--instances" => n = it.next().context("--instances N")?.parse()?,
-            "--cloudd" => cloudd = PathBuf::from(it.next().context("--cloudd PATH")?),
             other => bail!("unknown argument {other}"),
         }
     }
-    if !cloudd.exists() {
-        bail!("{} does not exist: build it first (cargo build --release -p cloudd)", cloudd.display());
-    }
-    deploy(n, cloudd).await
+    deploy(n).await
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -95,16 +90,29 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The peer: `cloudd hello` started directly on loopback, timed from spawn to its port accepting.
-fn direct_starts(cloudd: &PathBuf, n: usize) -> anyhow::Result<(Vec<Duration>, u64)> {
+/// The built-in `hello` image's program, taken out of its layer into a directory of its own.
+fn hello_program() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cloud-bench-hello-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut budget = cloud_oci::layer::Budget::new(cloud_oci::Limits::default());
+    for layer in &cloud_builtin::hello().layer_blobs {
+        cloud_oci::layer::flatten(&layer.data, &dir, &mut budget)?;
+    }
+    Ok(dir.join("hello"))
+}
+
+/// The peer: the `hello` program started directly on loopback, timed from spawn to its port accepting.
+fn direct_starts(n: usize) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let hello = hello_program()?;
     let mut times = Vec::new();
     let mut rss = 0;
     for i in 0..n {
         let port = 20000 + (std::process::id() as u16 % 1000) * 10 + (i as u16 % 10);
         let t0 = Instant::now();
-        let mut child = Command::new(cloudd)
-            .arg("hello")
+        let mut child = Command::new(&hello)
             .env("PORT", port.to_string())
+            .env("PRIVATE_IP", "127.0.0.1")
             .env("INSTANCE", format!("direct-{i}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -123,14 +131,14 @@ fn direct_starts(cloudd: &PathBuf, n: usize) -> anyhow::Result<(Vec<Duration>, u
     Ok((times, rss / n as u64))
 }
 
-async fn deploy(n: usize, cloudd: PathBuf) -> anyhow::Result<()> {
-    let (direct, direct_rss) = direct_starts(&cloudd, n)?;
+async fn deploy(n: usize) -> anyhow::Result<()> {
+    let (direct, direct_rss) = direct_starts(n)?;
 
     let settings = Settings { tenant_pool: "10.250.0.0/16".parse()?, tenant_prefix: 20, ..Settings::default() };
     let api = TestApi::start_with_settings(settings, Default::default()).await;
     let feed = ChangeFeed::start(api.store.clone()).await?;
     let state = std::env::temp_dir().join(format!("cloud-bench-{}", std::process::id()));
-    let mut cfg = cloud_runtime::NodeConfig::new("bench".into(), state, cloudd);
+    let mut cfg = cloud_runtime::NodeConfig::new("bench".into(), state);
     cfg.heartbeat = Duration::from_millis(500);
     let node = cloud_runtime::start(api.store.clone(), feed, cfg).await?;
     let client = reqwest::Client::new();
@@ -166,12 +174,24 @@ async fn deploy(n: usize, cloudd: PathBuf) -> anyhow::Result<()> {
         deploys.push(t0.elapsed());
     }
     let after = mem_available_kb();
-    let pids = Command::new("sh")
-        .args(["-c", "ip netns list | awk '{print $1}' | grep '^cloud-' | xargs -r -n1 ip netns pids"])
-        .output()?;
-    let pids: Vec<u32> =
-        String::from_utf8_lossy(&pids.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
-    let rss: u64 = pids.iter().map(|p| rss_kb(*p)).sum::<u64>() / pids.len().max(1) as u64;
+    // Per instance: every process of its sandbox (the init and the program), as its namespace lists them.
+    let node_ns = cloud_runtime::netns_name(node.node, uuid::Uuid::nil());
+    let prefix = node_ns.trim_end_matches('0');
+    let mut sandboxes = 0u64;
+    let mut rss = 0u64;
+    for ns in std::fs::read_dir("/run/netns")?.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+        if !ns.starts_with(prefix) {
+            continue;
+        }
+        let out = Command::new("ip").args(["netns", "pids", &ns]).output()?;
+        let pids = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect::<Vec<u32>>();
+        rss += pids.iter().map(|p| rss_kb(*p)).sum::<u64>();
+        sandboxes += 1;
+    }
+    let rss = rss / sandboxes.max(1);
     node.shutdown().await;
 
     let (mut direct, mut deploys) = (direct, deploys);
@@ -189,10 +209,10 @@ async fn deploy(n: usize, cloudd: PathBuf) -> anyhow::Result<()> {
     println!("memory per instance");
     println!("| | KiB |");
     println!("|---|---|");
-    println!("| process RSS in its sandbox | {rss} |");
+    println!("| RSS of its sandbox's processes (init and program) | {rss} |");
     println!("| process RSS started directly | {direct_rss} |");
     println!(
-        "| host memory used per instance (MemAvailable drop / {n}: process, namespace, veth, cgroup, agent) | {} |",
+        "| host memory used per instance (MemAvailable drop / {n}: processes, writable layer, mounts, namespace, veth, cgroup, agent) | {} |",
         before.saturating_sub(after) / n as u64
     );
     Ok(())

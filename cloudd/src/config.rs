@@ -102,6 +102,17 @@ pub struct NodeSection {
     /// instances then get a resolv.conf naming their gateway. Default none (instances see the host's
     /// resolv.conf); `cloudd dev`: its own private listener.
     pub dns: Option<std::net::SocketAddrV4>,
+    /// The OCI runtime sandboxes run through. Default `runc` (from PATH).
+    pub runc: Option<PathBuf>,
+    /// Where sandboxes' host uid/gid ranges are held, shared by every node agent of the host. Default
+    /// `/run/cloud/ids`.
+    pub ids_dir: Option<PathBuf>,
+    /// The static busybox directory bundles' base layer is built from. Default `/bin/busybox`.
+    pub busybox: Option<PathBuf>,
+    /// Processes and threads per instance. Default 512.
+    pub pids_limit: Option<i64>,
+    /// CPU per instance, in thousandths of a core; 0 for no limit. Default 1000.
+    pub cpu_millicores: Option<u64>,
 }
 
 /// `[api]`
@@ -356,12 +367,30 @@ impl Config {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "node".into()),
         };
-        let exe = std::env::current_exe().context("finding the cloudd executable")?;
-        let mut cfg = cloud_runtime::NodeConfig::new(name, self.node.state_dir.clone().unwrap_or(state_dir), exe);
-        if let Some(m) = self.node.memory_mb {
+        let n = &self.node;
+        let mut cfg = cloud_runtime::NodeConfig::new(name, n.state_dir.clone().unwrap_or(state_dir));
+        if let Some(m) = n.memory_mb {
             cfg.memory_mb = m;
         }
-        cfg.dns = self.node.dns;
+        cfg.dns = n.dns;
+        if let Some(runc) = &n.runc {
+            cfg.runc = runc.clone();
+        }
+        if let Some(dir) = &n.ids_dir {
+            cfg.ids_dir = dir.clone();
+        }
+        if let Some(busybox) = &n.busybox {
+            cfg.busybox = busybox.clone();
+        }
+        if let Some(pids) = n.pids_limit {
+            if pids < 1 {
+                bail!("node.pids_limit = {pids}: an instance needs at least one process");
+            }
+            cfg.pids_limit = pids;
+        }
+        if let Some(m) = n.cpu_millicores {
+            cfg.cpu_millicores = (m > 0).then_some(m);
+        }
         Ok(cfg)
     }
 

@@ -1,10 +1,9 @@
-//! The edge with real instances: the API creates services and instances, the node agent runs `hello` in network
-//! namespaces, and the edge routes real HTTPS, HTTP, TLS and TCP traffic to them on their private IPs. Needs root
+//! The edge with real instances: the API creates services and instances, the node agent runs `hello` in sandboxes
+//! in network namespaces, and the edge routes real HTTPS, HTTP, TLS and TCP traffic to them on their private IPs. Needs root
 //! (for the node agent), as CI has; tests take turns on the host's network stack.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -80,8 +79,9 @@ impl Fixture {
         let secret = Arc::new(cloud_certs::seal::SecretKey::from_bytes(&[k as u8; 32]));
         let api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
         let api = TestApi::start_with_settings(settings, api_config).await;
-        let state = std::env::temp_dir().join(format!("cloud-edge-test-{}", std::process::id()));
-        let mut c = NodeConfig::new(format!("edge-n{k}"), state, PathBuf::from(env!("CARGO_BIN_EXE_cloudd")));
+        // Shared by every run: each agent removes what the agents of earlier tests and runs left there.
+        let state = std::env::temp_dir().join("cloud-edge-test");
+        let mut c = NodeConfig::new(format!("edge-n{k}"), state);
         c.memory_mb = 4096;
         c.heartbeat = Duration::from_millis(200);
         c.stop_grace = Duration::from_secs(1);
@@ -631,7 +631,7 @@ async fn scale_to_zero_stops_an_idle_service_and_the_first_request_wakes_it() {
 async fn a_request_during_a_deploy_waits_for_the_starting_instance() {
     let Some(f) = Fixture::start().await else { return };
     let t = f.api.token.clone();
-    let slow = r#"{"command": ["sh", "-c", "sleep 2; exec python3 -m http.server 9000"], "port": 9000}"#;
+    let slow = r#"{"command": ["sh", "-c", "sleep 2; echo up > /tmp/index.html; exec httpd -f -p 9000 -h /tmp"], "port": 9000}"#;
     f.api.upload_image(&t, "slow", &[("manifest.json", slow)]).await;
     let (status, svc) =
         f.call(&t, reqwest::Method::POST, "/v1/services", Some(json!({"name": "slow", "ports": ["443:9000"]}))).await;

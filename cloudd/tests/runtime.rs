@@ -1,5 +1,5 @@
-//! The node agent with real instances: network namespaces, veths, bridges, nftables, processes of the real
-//! `cloudd` binary (the built-in `hello`) and of uploaded bundles. Needs root, as the agent does; CI runs as
+//! The node agent with real instances: sandboxes through runc, network namespaces, veths, bridges, nftables,
+//! the built-in `hello` image and uploaded bundles (busybox scripts). Needs root, as the agent does; CI runs as
 //! root. Tests share the host's network stack, so they take turns.
 
 use std::collections::HashSet;
@@ -34,9 +34,15 @@ async fn api() -> TestApi {
     TestApi::start_with_settings(settings, Default::default()).await
 }
 
+/// One state directory for every agent of these tests, on every run: each agent removes what the agents of
+/// earlier tests and runs left there (their sandboxes' mounts and cgroups), and layers are unpacked once.
+fn state_dir() -> PathBuf {
+    std::env::temp_dir().join("cloud-node-test")
+}
+
+/// A node of this test process. Every agent of the host shares the default id range directory, as they must.
 fn config(name: &str) -> NodeConfig {
-    let state = std::env::temp_dir().join(format!("cloud-node-test-{}", std::process::id()));
-    let mut c = NodeConfig::new(name.into(), state, PathBuf::from(env!("CARGO_BIN_EXE_cloudd")));
+    let mut c = NodeConfig::new(name.into(), state_dir());
     c.memory_mb = 4096;
     c.heartbeat = Duration::from_millis(200);
     c.live_window = Duration::from_secs(2);
@@ -134,16 +140,43 @@ fn namespaces_of(node: &NodeHandle) -> HashSet<String> {
         .collect()
 }
 
-const SERVE_PY: &str = r#"
-import http.server, os
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("bundle " + os.environ["INSTANCE"] + " " + os.environ.get("GREETING", "") + "\n").encode()
-        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-print("serving", flush=True)
-http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+/// A bundle's server on the base layer's busybox: a page naming the instance, served by busybox httpd.
+const SERVE_SH: &str = r#"mkdir -p /tmp/www
+echo "bundle $INSTANCE $GREETING" > /tmp/www/index.html
+echo serving
+exec httpd -f -p "$PORT" -h /tmp/www
 "#;
+
+/// What a sandbox of `instance` left on the host, by what each would be: its runc bundle directory, its mounts,
+/// its cgroups, its held id range.
+fn sandbox_traces(node: uuid::Uuid, instance: &Value) -> Vec<String> {
+    let id = cloud_runtime::sandbox_id(node, instance["id"].as_str().unwrap().parse().unwrap());
+    let dir = state_dir().join("sandboxes").join(node.simple().to_string()).join(&id);
+    let mut traces = Vec::new();
+    if dir.exists() {
+        traces.push(format!("directory {}", dir.display()));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    traces.extend(mounts.lines().filter(|l| l.contains(&id)).map(|l| format!("mount {l}")));
+    for controller in ["memory", "pids", "cpu", "unified", ""] {
+        let cgroup = PathBuf::from("/sys/fs/cgroup").join(controller).join("cloud-sandbox").join(&id);
+        if cgroup.exists() {
+            traces.push(format!("cgroup {}", cgroup.display()));
+        }
+    }
+    for range in std::fs::read_dir(cloud_sandbox_ids()).into_iter().flatten().flatten() {
+        let owner = std::fs::read_to_string(range.path()).unwrap_or_default();
+        let free = Command::new("flock").args(["-n", "-x"]).arg(range.path()).arg("true").status().unwrap().success();
+        if owner.lines().next() == Some(id.as_str()) && !free {
+            traces.push(format!("id range {}", range.path().display()));
+        }
+    }
+    traces
+}
+
+fn cloud_sandbox_ids() -> PathBuf {
+    config("any").ids_dir
+}
 
 #[tokio::test]
 async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
@@ -157,36 +190,34 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
     let ip = hello["private_ip"].as_str().unwrap();
     let answer = http_get(ip, 8080).await.unwrap();
     assert_eq!(answer, format!("hello from web-1 ({ip})\n"));
-    // The memory limit (128 MiB by default) is the cgroup's, where the host has a memory controller.
-    let id = hello["id"].as_str().unwrap().replace('-', "");
-    let v1 = format!("/sys/fs/cgroup/memory/cloud/{id}/memory.limit_in_bytes");
-    let v2 = format!("/sys/fs/cgroup/cloud/{id}/memory.max");
-    match std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)) {
-        Ok(limit) => assert_eq!(limit.trim(), (128u64 << 20).to_string()),
-        Err(_) => eprintln!("no memory cgroup controller on this host: limit not checked"),
-    }
+    // The memory limit (128 MiB by default) is the sandbox's cgroup's (v1 here, v2 where a host has it).
+    let id = cloud_runtime::sandbox_id(node.node, hello["id"].as_str().unwrap().parse().unwrap());
+    let v1 = format!("/sys/fs/cgroup/memory/cloud-sandbox/{id}/memory.limit_in_bytes");
+    let v2 = format!("/sys/fs/cgroup/cloud-sandbox/{id}/memory.max");
+    let limit = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)).expect("a memory cgroup");
+    assert_eq!(limit.trim(), (128u64 << 20).to_string());
 
     api.upload_image(
         t,
-        "pyweb",
-        &[("manifest.json", r#"{"command": ["python3", "serve.py"], "port": 9000}"#), ("serve.py", SERVE_PY)],
+        "shweb",
+        &[("manifest.json", r#"{"command": ["sh", "serve.sh"], "port": 9000}"#), ("serve.sh", SERVE_SH)],
     )
     .await;
-    create(&api, t, json!({"image": "pyweb", "name": "py-1", "env": {"GREETING": "hi"}})).await;
-    let py = running(&api, t, "py-1").await;
-    let py_ip = py["private_ip"].as_str().unwrap();
+    create(&api, t, json!({"image": "shweb", "name": "sh-1", "env": {"GREETING": "hi"}})).await;
+    let web = running(&api, t, "sh-1").await;
+    let web_ip = web["private_ip"].as_str().unwrap();
     let metrics = node.metrics_text();
     assert!(metrics.contains("cloud_node_instances_running 2"), "{metrics}");
     assert!(metrics.contains("cloud_node_instance_starts_total 2"), "{metrics}");
     assert!(metrics.contains("cloud_node_boot_seconds_count 2"), "{metrics}");
     assert!(node.is_healthy());
-    assert_ne!(py_ip, ip);
-    assert_eq!(http_get(py_ip, 9000).await.unwrap(), "bundle py-1 hi\n");
+    assert_ne!(web_ip, ip);
+    assert_eq!(http_get(web_ip, 9000).await.unwrap(), "bundle sh-1 hi\n");
 
     // Its output and the platform's notes are served by the API.
     let mut logs = Value::Null;
     for _ in 0..50 {
-        logs = call(&api, reqwest::Method::GET, "/v1/instances/py-1/logs", t, None).await.1;
+        logs = call(&api, reqwest::Method::GET, "/v1/instances/sh-1/logs", t, None).await.1;
         if logs.to_string().contains("serving") {
             break;
         }
@@ -202,7 +233,7 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
     assert!(lines.iter().any(|(s, l)| s == "system" && l.starts_with("listening on")), "{lines:?}");
     // follow=true streams the same lines as Server-Sent Events.
     let res =
-        reqwest::Client::new().get(api.url("/v1/instances/py-1/logs?follow=true")).bearer_auth(t).send().await.unwrap();
+        reqwest::Client::new().get(api.url("/v1/instances/sh-1/logs?follow=true")).bearer_auth(t).send().await.unwrap();
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut stream = res.bytes_stream();
     let mut seen = String::new();
@@ -310,8 +341,14 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
     let ip = inst["private_ip"].as_str().unwrap().to_owned();
     let ns = netns_of(&first, &inst);
     assert!(http_get(&ip, 8080).await.is_ok());
+    let running_traces = sandbox_traces(first.node, &inst);
+    for what in ["directory", "mount", "cgroup", "id range"] {
+        assert!(running_traces.iter().any(|t| t.starts_with(what)), "{what} in {running_traces:?}");
+    }
 
-    // Crash: the process dies with the agent, the namespace stays.
+    // Crash: the sandbox ends with the agent; its namespace, mounts and cgroups stay.
+    let first_node = first.node;
+    let pids = host_pids(&first, &inst);
     first.abort();
     let mut dead = false;
     for _ in 0..100 {
@@ -321,8 +358,16 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(dead, "the instance's process died with its agent");
+    assert!(dead, "the instance's sandbox ended with its agent");
+    let t0 = std::time::Instant::now();
+    while pids.iter().any(|p| PathBuf::from(format!("/proc/{p}")).exists()) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "its processes were never reaped: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(PathBuf::from(format!("/run/netns/{ns}")).exists());
+    let left = sandbox_traces(first_node, &inst);
+    assert!(left.iter().any(|t| t.starts_with("mount")), "what a crash leaves: {left:?}");
+    assert!(!left.iter().any(|t| t.starts_with("id range")), "a range is free once its sandbox ended: {left:?}");
 
     // The restarted agent cleans up and starts the instance again, at the same address.
     let second = node(&api, config("n-crash")).await;
@@ -336,6 +381,8 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
     }
     assert!(answered);
     assert_eq!(namespaces_of(&second), HashSet::from([ns.clone()]), "exactly one namespace, no leftovers");
+    let again = sandbox_traces(second.node, &inst);
+    assert_eq!(again.len(), running_traces.len(), "one sandbox, nothing of the first: {again:?}");
 
     let tenant_bridge = format!("cb-{}", &api.tenant.id.simple().to_string()[..12]);
     assert!(PathBuf::from(format!("/sys/class/net/{tenant_bridge}")).exists());
@@ -346,13 +393,18 @@ async fn a_crashed_agent_leaves_nothing_behind_and_delete_cleans_everything() {
     for _ in 0..100 {
         clean = namespaces_of(&second).is_empty()
             && !PathBuf::from(format!("/sys/class/net/{veth}")).exists()
-            && !PathBuf::from(format!("/sys/class/net/{tenant_bridge}")).exists();
+            && !PathBuf::from(format!("/sys/class/net/{tenant_bridge}")).exists()
+            && sandbox_traces(second.node, &inst).is_empty();
         if clean {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(clean, "namespace, veth and bridge are gone after delete");
+    assert!(
+        clean,
+        "sandbox, namespace, veth and bridge are gone after delete: {:?}",
+        sandbox_traces(second.node, &inst)
+    );
     // The address is released but held (routes to it may still be cached): the next instance gets another.
     let next = create(&api, t, json!({"image": "hello", "name": "next", "start": false})).await;
     assert_ne!(next["private_ip"], ip.as_str());
@@ -386,6 +438,10 @@ async fn a_lost_nodes_instances_are_rescheduled_per_restart_policy() {
     assert!(http_get(ip, 8080).await.unwrap().contains("moves"));
     let down = wait_for(&api, t, "stays-down", "failed", |i| i["state"] == "failed").await;
     assert!(down["state_reason"].as_str().unwrap().contains("node n-big was lost"), "{down}");
+    // The machine comes back: its agent removes what its sandboxes left.
+    let back = node(&api, config("n-big")).await;
+    assert!(sandbox_traces(back.node, &down).is_empty(), "{:?}", sandbox_traces(back.node, &down));
+    back.shutdown().await;
     spare.shutdown().await;
 }
 
@@ -472,7 +528,7 @@ async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
     assert!(namespaces_of(&node).is_empty(), "no namespaces in loopback mode");
 
     // No isolation is claimed, but no exec gains privilege either.
-    let script = "grep NoNewPrivs /proc/self/status\nexec python3 -m http.server --bind \"$PRIVATE_IP\" \"$PORT\"\n";
+    let script = "grep NoNewPrivs /proc/self/status\nexec busybox httpd -f -p \"$PRIVATE_IP:$PORT\"\n";
     api.upload_image(
         &api.token,
         "nnp",
@@ -488,25 +544,21 @@ async fn loopback_mode_runs_instances_on_their_own_127_addresses() {
     node.shutdown().await;
 }
 
-const RESOLVE_PY: &str = r#"
-import http.server, os, socket
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        name = self.path.rsplit("/", 1)[-1]
-        if self.path == "/resolv.conf":
-            body = open("/etc/resolv.conf").read()
-        else:
-            try:
-                body = " ".join(sorted(socket.gethostbyname_ex(name)[2]))
-            except OSError as e:
-                body = "error " + type(e).__name__
-        body = body.encode()
-        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
-"#;
+/// An instance answering over HTTP what its resolver makes of a name (busybox httpd, CGI scripts, nslookup
+/// reading the instance's /etc/resolv.conf): `/cgi-bin/resolve?NAME` gives the addresses, or `error ...`.
+const RESOLVER: &[(&str, &str)] = &[
+    ("manifest.json", r#"{"command": ["httpd", "-f", "-p", "9000", "-h", "/app/www"], "port": 9000}"#),
+    (
+        "www/cgi-bin/resolve",
+        r#"#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+out=$(nslookup "$QUERY_STRING" 2>&1)
+ips=$(echo "$out" | awk '/^Name:/ { n = 1; next } n && /^Address/ { print $NF }' | sort | tr '\n' ' ')
+if [ -n "$ips" ]; then printf '%s' "${ips% }"; else printf 'error %s' "$(echo "$out" | tail -n 1)"; fi
+"#,
+    ),
+    ("www/cgi-bin/resolv.conf", "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /etc/resolv.conf\n"),
+];
 
 #[tokio::test]
 async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
@@ -528,12 +580,7 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
 
     let (_, other) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
     let t = &api.token;
-    api.upload_image(
-        t,
-        "resolver",
-        &[("manifest.json", r#"{"command": ["python3", "resolve.py"], "port": 9000}"#), ("resolve.py", RESOLVE_PY)],
-    )
-    .await;
+    api.upload_image(t, "resolver", RESOLVER).await;
     create(&api, t, json!({"image": "hello", "name": "peer"})).await;
     let asker = create(&api, t, json!({"image": "resolver", "name": "asker"})).await;
     create(&api, &other, json!({"image": "hello", "name": "stranger"})).await;
@@ -541,7 +588,7 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
     let asker_ip = running(&api, t, "asker").await["private_ip"].as_str().unwrap().to_owned();
     running(&api, &other, "stranger").await;
     let resolve = |name: &str| {
-        let url = format!("http://{asker_ip}:9000/resolve/{name}");
+        let url = format!("http://{asker_ip}:9000/cgi-bin/resolve?{name}");
         async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
     };
 
@@ -549,11 +596,11 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
         let net: ipnet::Ipv4Net = api.tenant.network.parse().unwrap();
         Ipv4Addr::from(u32::from(net.network()) + 1)
     };
-    let conf = reqwest::get(format!("http://{asker_ip}:9000/resolv.conf")).await.unwrap().text().await.unwrap();
+    let conf = reqwest::get(format!("http://{asker_ip}:9000/cgi-bin/resolv.conf")).await.unwrap().text().await.unwrap();
     assert!(conf.contains(&format!("nameserver {gateway}\n")) && conf.contains("search internal"), "{conf}");
     assert_eq!(std::fs::read_to_string("/etc/resolv.conf").ok(), host_resolv, "the host's resolv.conf is untouched");
 
-    // The instance's own resolver (glibc, through /etc/resolv.conf) asks our DNS via its gateway.
+    // The instance's own resolver (through its /etc/resolv.conf) asks our DNS via its gateway.
     assert_eq!(resolve("peer.internal").await, peer_ip);
     assert_eq!(resolve("peer").await, peer_ip, "search domain internal");
     assert_eq!(resolve(&format!("peer.{}.internal", api.tenant.name)).await, peer_ip);
@@ -625,14 +672,14 @@ fn raw_bundle(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
 
 /// Tries what a tenant's image could do with privileged files, reports it, then serves.
 const PRIVILEGE_SH: &str = r#"#!/bin/sh
-echo "setuid: $(./id-setuid)"
-echo "setgid: $(./id-setgid)"
+echo "setuid: $(./suid/id)"
+echo "setgid: $(./sgid/id)"
 echo "write: $( (echo pwned > shared.txt) 2>&1 && echo wrote)"
 echo "create: $( (echo x > open-dir/new) 2>&1 && echo created)"
 grep NoNewPrivs /proc/self/status
-awk -v d="$PWD" '$5 == d { print "mount: " $6 }' /proc/self/mountinfo
+awk '$5 == "/" { print "mount: " $6 }' /proc/self/mountinfo
 echo "checked"
-exec python3 -m http.server "$PORT"
+exec httpd -f -p "$PORT"
 "#;
 
 /// Issue 14, item 1: a copy of `id` with mode 4755 in a bundle ran as euid 0.
@@ -640,12 +687,13 @@ exec python3 -m http.server "$PORT"
 async fn a_setuid_or_setgid_file_in_an_image_never_runs_as_root() {
     let Some((_host, api, node)) = with_node("n-suid").await else { return };
     let t = &api.token;
-    let id = std::fs::read("/usr/bin/id").unwrap();
+    // Static, so that it runs in the sandbox; named `id`, so that busybox runs its `id`.
+    let id = std::fs::read("/bin/busybox").unwrap();
     let bundle = raw_bundle(&[
         ("manifest.json", tar::EntryType::Regular, 0o644, br#"{"command": ["./run.sh"], "port": 9000}"#),
         ("run.sh", tar::EntryType::Regular, 0o755, PRIVILEGE_SH.as_bytes()),
-        ("id-setuid", tar::EntryType::Regular, 0o4755, &id),
-        ("id-setgid", tar::EntryType::Regular, 0o2755, &id),
+        ("suid/id", tar::EntryType::Regular, 0o4755, &id),
+        ("sgid/id", tar::EntryType::Regular, 0o2755, &id),
         // Unpacked images are shared by every instance of the digest, whatever its tenant.
         ("shared.txt", tar::EntryType::Regular, 0o666, b"original\n"),
         ("open-dir/", tar::EntryType::Directory, 0o777, b""),
@@ -671,14 +719,28 @@ async fn a_setuid_or_setgid_file_in_an_image_never_runs_as_root() {
     assert!(!line("setgid: ").contains("egid="), "the setgid copy ran with another effective gid: {out:?}");
     assert!(!line("write: ").contains("wrote"), "a file of the shared image was writable: {out:?}");
     assert!(!line("create: ").contains("created"), "a directory of the shared image was writable: {out:?}");
-    // Each layer on its own would have stopped it: no_new_privs, a nosuid read-only view, and the modes.
+    // Each layer on its own would have stopped it: no_new_privs, a nosuid view, the modes, and the shared layer
+    // read-only beneath the sandbox's own writable one.
     assert_eq!(line("NoNewPrivs:"), "NoNewPrivs:\t1", "{out:?}");
     let mount = line("mount: ");
-    for flag in ["ro", "nosuid", "nodev"] {
+    for flag in ["nosuid", "nodev"] {
         assert!(mount.trim_start_matches("mount: ").split(',').any(|f| f == flag), "{flag} in {mount:?} ({out:?})");
     }
-    let dir = config("n-suid").state_dir.join("bundles").join(digest.trim_start_matches("sha256:"));
-    for (file, mode) in [("id-setuid", 0o755), ("id-setgid", 0o755), ("shared.txt", 0o644), ("open-dir", 0o755)] {
+    let inst = call(&api, reqwest::Method::GET, "/v1/instances/suid-1", t, None).await.1;
+    let layers: Vec<String> = sandbox_traces(node.node, &inst)
+        .into_iter()
+        .filter(|t| t.split_whitespace().nth(5).is_some_and(|at| at.rsplit('/').nth(1) == Some("l")))
+        .collect();
+    assert!(!layers.is_empty());
+    for l in &layers {
+        let options = l.split_whitespace().nth(6).unwrap_or_default();
+        for flag in ["ro", "nosuid", "nodev"] {
+            assert!(options.split(',').any(|f| f == flag), "{flag} in {l}");
+        }
+    }
+    let hex = digest.trim_start_matches("sha256:");
+    let dir = config("n-suid").state_dir.join("layers").join(format!("bundle-{hex}")).join("app");
+    for (file, mode) in [("suid/id", 0o755), ("sgid/id", 0o755), ("shared.txt", 0o644), ("open-dir", 0o755)] {
         let meta = std::fs::symlink_metadata(dir.join(file)).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!((meta.mode() & 0o7777, meta.uid()), (mode, 0), "{file}: mode {:o}", meta.mode());
@@ -692,7 +754,7 @@ async fn a_setuid_or_setgid_file_in_an_image_never_runs_as_root() {
 async fn device_nodes_in_an_image_are_refused() {
     let Some((_host, api, node)) = with_node("n-dev").await else { return };
     let t = &api.token;
-    let manifest = br#"{"command": ["sh", "-c", "cat null; echo read; echo x > null && echo wrote; exec python3 -m http.server $PORT"], "port": 9000}"#;
+    let manifest = br#"{"command": ["sh", "-c", "cat null; echo read; echo x > null && echo wrote; exec httpd -f -p $PORT"], "port": 9000}"#;
     let bundle = raw_bundle(&[
         ("manifest.json", tar::EntryType::Regular, 0o644, manifest),
         ("null", tar::EntryType::Char, 0o666, b""),
@@ -750,7 +812,7 @@ const MAX_LINE: usize = 16 * 1024;
 async fn a_400_mb_log_line_is_cut_and_leaves_the_agents_memory_alone() {
     let Some((_host, api, node)) = with_node("n-flood").await else { return };
     let t = &api.token;
-    let flood = "head -c 400000000 /dev/zero | tr '\\0' A; echo\necho 'after the flood'\nexec python3 -m http.server \"$PORT\"\n";
+    let flood = "head -c 400000000 /dev/zero | tr '\\0' A; echo\necho 'after the flood'\nexec httpd -f -p \"$PORT\"\n";
     api.upload_image(
         t,
         "flood",
@@ -792,8 +854,8 @@ async fn a_400_mb_log_line_is_cut_and_leaves_the_agents_memory_alone() {
 async fn a_flooding_instance_is_limited_and_does_not_crowd_out_its_neighbour() {
     let Some((_host, api, node)) = with_node("n-noisy").await else { return };
     let t = &api.token;
-    let noisy = "(while :; do yes 'flood flood flood flood' | head -c 1000000; sleep 0.1; done) &\nexec python3 -m http.server \"$PORT\"\n";
-    let quiet = "for i in $(seq 1 300); do echo \"quiet $i\"; done\nexec python3 -m http.server \"$PORT\"\n";
+    let noisy = "(while :; do yes 'flood flood flood flood' | head -c 1000000; sleep 0.1; done) &\nexec httpd -f -p \"$PORT\"\n";
+    let quiet = "for i in $(seq 1 300); do echo \"quiet $i\"; done\nexec httpd -f -p \"$PORT\"\n";
     for (name, script) in [("noisy", noisy), ("quiet", quiet)] {
         let manifest = format!(r#"{{"command": ["sh", "{name}.sh"], "port": 9000}}"#);
         api.upload_image(t, name, &[("manifest.json", &manifest), (&format!("{name}.sh"), script)]).await;
@@ -853,4 +915,313 @@ async fn stored_logs_stay_within_the_byte_budget_newest_first() {
             call(&api, reqwest::Method::GET, &format!("/v1/instances/chatty/logs?limit={bad}"), t, None).await;
         assert_eq!((status, problem["code"].as_str()), (400, Some("invalid_query")), "limit={bad}");
     }
+}
+
+/// The processes of an instance, as the host sees them (whatever runs in its network namespace).
+fn host_pids(node: &NodeHandle, instance: &Value) -> Vec<u32> {
+    let out = Command::new("ip").args(["netns", "pids", &netns_of(node, instance)]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// A process's real, effective, saved and filesystem uids, as the host sees them.
+fn host_uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
+    line.split_whitespace().skip(1).filter_map(|u| u.parse().ok()).collect()
+}
+
+/// Tenant A's instance: a secret in its environment and one in a file of its image, serving that image's
+/// directory with busybox httpd (on the host's busybox too, so that the attack can be run on runtimes that ran
+/// instances on the host's userland).
+const VAULT: &[(&str, &str)] = &[
+    ("manifest.json", r#"{"command": ["busybox", "httpd", "-f", "-p", "9000"], "port": 9000}"#),
+    ("secret.txt", "alpha-file-secret-4242\n"),
+    ("index.html", "vault\n"),
+];
+
+/// What tenant B's instance tries against A (whose pids, file and the node's directories it is told), one line
+/// per attack that worked, then serves.
+const PROBE_SH: &str = r#"
+# Controls: the same means work on what is the instance's own.
+tr '\0' '\n' < /proc/$$/environ | grep -q '^A_PIDS=' && echo "control: read its own environment"
+kill -0 $$ && echo "control: signalled itself"
+( exec 3< /proc/$$/mem ) && echo "control: opened its own memory"
+echo "pids: $(ls /proc | grep -E '^[0-9]+$' | tr '\n' ' ')"
+for p in $A_PIDS; do
+    [ -d /proc/$p ] && echo "attack: sees A's process $p"
+    cat /proc/$p/environ 2>/dev/null | tr '\0' '\n' | grep -q alpha-env-secret && echo "attack: read A's environment through /proc/$p/environ"
+    cat /proc/$p/cwd/secret.txt 2>/dev/null | grep -q alpha-file && echo "attack: read A's file through /proc/$p/cwd"
+    kill -0 $p 2>/dev/null && echo "attack: signalled A's process $p"
+    ( exec 3< /proc/$p/mem ) 2>/dev/null && echo "attack: opened A's memory for ptrace (/proc/$p/mem)"
+done
+for f in /proc/[0-9]*/environ; do
+    tr '\0' '\n' < $f 2>/dev/null | grep -q alpha-env-secret && echo "attack: read A's environment through $f"
+done
+cat "$A_FILE" 2>/dev/null | grep -q alpha-file && echo "attack: read A's file $A_FILE"
+[ -n "$(ls -A "$STATE_DIR" 2>/dev/null)" ] && echo "attack: listed the node's state directory $STATE_DIR"
+[ -n "$(ls -A "$DATA_DIR" 2>/dev/null)" ] && echo "attack: listed the platform's data directory $DATA_DIR"
+[ -n "$(head -n 1 /etc/shadow 2>/dev/null)" ] && echo "attack: read /etc/shadow"
+mkdir -p /tmp/m && mount -t tmpfs none /tmp/m 2>/dev/null && echo "attack: mounted a tmpfs"
+mknod /tmp/null c 1 3 2>/dev/null && echo "attack: created a device node"
+echo "probe: done"
+exec busybox httpd -f -p "$PORT"
+"#;
+
+/// Issue 15: tenant B's instance walked /proc to tenant A's environment, read A's image files, and could signal
+/// A. Attacked from inside B, with A on the same node.
+#[tokio::test]
+async fn another_tenants_instance_cannot_see_read_signal_or_share_ids_with_an_instance() {
+    let Some((_host, api, node)) = with_node("n-attack").await else { return };
+    let (_, mallory) = api.tenant("mallory", &[Scope::Read, Scope::Write]).await;
+    api.upload_image(&api.token, "vault", VAULT).await;
+    let a = create(
+        &api,
+        &api.token,
+        json!({"image": "vault", "name": "vault", "env": {"SECRET": "alpha-env-secret-4242"}}),
+    )
+    .await;
+    running(&api, &api.token, "vault").await;
+    let a_pids = host_pids(&node, &a);
+    assert!(!a_pids.is_empty());
+    // Where the node unpacked A's image (not the view of it its sandbox mounts).
+    let a_file = walk(&state_dir())
+        .into_iter()
+        .find(|p| p.ends_with("secret.txt") && !p.to_string_lossy().contains("/sandboxes/"))
+        .expect("A's image on the node");
+    let data_dir = std::env::temp_dir().join(format!("cloud-tests-pg-{}", std::process::id()));
+
+    api.upload_image(
+        &mallory,
+        "probe",
+        &[("manifest.json", r#"{"command": ["sh", "probe.sh"], "port": 9000}"#), ("probe.sh", PROBE_SH)],
+    )
+    .await;
+    let env = json!({
+        "A_PIDS": a_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
+        "A_FILE": a_file.display().to_string(),
+        "STATE_DIR": state_dir().display().to_string(),
+        "DATA_DIR": data_dir.display().to_string(),
+    });
+    let b = create(&api, &mallory, json!({"image": "probe", "name": "probe", "env": env})).await;
+    let lines =
+        wait_for_log(&api, &mallory, "probe", "the probe's end", |l| l.iter().any(|(_, l)| l == "probe: done")).await;
+    let controls = lines.iter().filter(|(_, l)| l.starts_with("control: ")).count();
+    assert_eq!(controls, 3, "the probe's means work on itself: {lines:?}");
+    let mut worked: Vec<String> =
+        lines.iter().filter_map(|(_, l)| l.strip_prefix("attack: ")).map(str::to_owned).collect();
+    let visible = lines.iter().find_map(|(_, l)| l.strip_prefix("pids: ")).unwrap_or_default();
+    let visible: Vec<u32> = visible.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    // Its own pid namespace: its init, its shell and the commands of that line, nothing else.
+    if visible.len() > 6 {
+        worked.push(format!("saw {} processes in /proc: {visible:?}", visible.len()));
+    }
+
+    // From the host: each instance's processes run as host uids of their own, which no other process has.
+    running(&api, &mallory, "probe").await;
+    let b_pids = host_pids(&node, &b);
+    let uids_of = |pids: &[u32]| pids.iter().flat_map(|p| host_uids(*p)).collect::<HashSet<u32>>();
+    let (a_uids, b_uids) = (uids_of(&a_pids), uids_of(&b_pids));
+    for (who, uids, own) in [("A", &a_uids, &a_pids), ("B", &b_uids, &b_pids)] {
+        for uid in uids.iter().filter(|u| [0, 65534].contains(*u)) {
+            worked.push(format!("{who} runs as host uid {uid}"));
+        }
+        let others: Vec<u32> = walk_pids()
+            .into_iter()
+            .filter(|p| !own.contains(p))
+            .filter(|p| host_uids(*p).iter().any(|u| uids.contains(u)))
+            .collect();
+        if !others.is_empty() {
+            worked.push(format!("{who}'s host uids {uids:?} are also those of processes {others:?}"));
+        }
+    }
+    assert!(worked.is_empty(), "attacks on another tenant's instance worked: {worked:#?}");
+    node.shutdown().await;
+}
+
+/// Every file under a directory (not following links).
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => files.extend(walk(&e.path())),
+            Ok(_) => files.push(e.path()),
+            Err(_) => {}
+        }
+    }
+    files
+}
+
+/// Every live process of the host (a zombie has ended: it holds no uid any more).
+fn walk_pids() -> Vec<u32> {
+    let live = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+    };
+    let pids = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok());
+    pids.filter(live).collect()
+}
+
+/// The limit a process's cgroup sets in `file` of the v1 `controller` (or of the unified hierarchy), with the
+/// cgroup's path; `None` for no limit.
+fn cgroup_limit(pid: u32, controller: &str, file: &str) -> (String, Option<u64>) {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let dir = if controllers.split(',').any(|c| c == controller) {
+            PathBuf::from("/sys/fs/cgroup").join(controller)
+        } else if controllers.is_empty() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            continue;
+        };
+        let limit = std::fs::read_to_string(dir.join(path.trim_start_matches('/')).join(file));
+        if let Some(value) = limit.ok().and_then(|v| v.trim().parse().ok()) {
+            return (path.to_owned(), Some(value));
+        }
+    }
+    (String::new(), None)
+}
+
+/// Waits for the instance at `ip` to answer a connection (and closes it).
+async fn knock(ip: &str, port: u16) {
+    let t0 = std::time::Instant::now();
+    while tokio::net::TcpStream::connect((ip, port)).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{ip}:{port} never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 15: a process that forks without end or allocates without end hurts only its own instance. Tenant B
+/// runs both; tenant A on the same node keeps answering, and so does the host.
+#[tokio::test]
+async fn a_fork_bomb_and_a_memory_hog_hurt_only_their_own_instance() {
+    let Some((_host, api, node)) = with_node("n-bomb").await else { return };
+    let (_, mallory) = api.tenant("mallory", &[Scope::Read, Scope::Write]).await;
+    api.upload_image(&api.token, "vault", VAULT).await;
+    create(&api, &api.token, json!({"image": "vault", "name": "vault"})).await;
+    let a_ip = running(&api, &api.token, "vault").await["private_ip"].as_str().unwrap().to_owned();
+    let a_answers = async || {
+        for _ in 0..5 {
+            assert_eq!(http_get(&a_ip, 9000).await.as_deref(), Ok("vault\n"), "A stopped answering");
+        }
+    };
+    a_answers().await;
+
+    // The bomb waits for a second connection (the first is the node's readiness check): it goes off only once
+    // the test has seen it is held by a limit of its own, so that a runtime without one is never bombed.
+    let bomb = "busybox nc -l -p \"$PORT\" </dev/null\nbusybox nc -l -p \"$PORT\" </dev/null\necho bombing\n\
+                bomb() { bomb | bomb & }\nbomb\nexec busybox nc -l -p \"$PORT\" </dev/null\n";
+    api.upload_image(
+        &mallory,
+        "bomb",
+        &[("manifest.json", r#"{"command": ["sh", "bomb.sh"], "port": 9000}"#), ("bomb.sh", bomb)],
+    )
+    .await;
+    let b = create(&api, &mallory, json!({"image": "bomb", "name": "bomb", "restart_policy": "never"})).await;
+    let b_ip = running(&api, &mallory, "bomb").await["private_ip"].as_str().unwrap().to_owned();
+    let b_pid = host_pids(&node, &b)[0];
+    let (cgroup, limit) = cgroup_limit(b_pid, "pids", "pids.max");
+    let (own, _) = cgroup_limit(std::process::id(), "pids", "pids.max");
+    if limit.is_none_or(|l| l > 512) || cgroup == own {
+        node.shutdown().await;
+        panic!("B's processes are held by no process limit of their own (pids cgroup {cgroup:?}, limit {limit:?})");
+    }
+    knock(&b_ip, 9000).await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let current = std::fs::read_to_string(format!("/sys/fs/cgroup/pids{cgroup}/pids.current"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup{cgroup}/pids.current")))
+            .map_or(0, |c| c.trim().parse::<u64>().unwrap_or(0));
+        if current + 16 >= limit.unwrap() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the bomb never reached its limit ({current})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a_answers().await;
+    assert!(Command::new("true").status().unwrap().success(), "the host can still start processes");
+
+    // Allocating without end: the sandbox's memory limit ends it, and it alone.
+    let hog = "echo hogging\nx=0123456789abcdef\nwhile :; do x=\"$x$x\"; done\n";
+    api.upload_image(
+        &mallory,
+        "hog",
+        &[("manifest.json", r#"{"command": ["sh", "hog.sh"], "port": 9000}"#), ("hog.sh", hog)],
+    )
+    .await;
+    create(&api, &mallory, json!({"image": "hog", "name": "hog", "memory_mb": 32, "restart_policy": "never"})).await;
+    let hog = wait_for(&api, &mallory, "hog", "failed", |i| i["state"] == "failed").await;
+    let reason = hog["state_reason"].as_str().unwrap();
+    assert!(reason.contains("exited with code 137"), "killed for its memory: {reason}");
+    a_answers().await;
+    assert_eq!(running(&api, &mallory, "bomb").await["state"], "running", "the bomb is held, not ended");
+    node.shutdown().await;
+}
+
+/// A busybox layer for OCI images built in tests, with an `app` account.
+fn busybox_layer() -> cloud_oci::build::LayerBuilder {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let mut l = cloud_oci::build::LayerBuilder::new().dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "httpd", "id", "pwd", "echo"] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    l.dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/www:/bin/sh\n")
+        .dir("tmp", 0o1777)
+}
+
+/// OCI images run as their config says (Entrypoint, Cmd replaced by an instance's args, Env under the
+/// instance's, WorkingDir, User, ExposedPorts), on their layers stacked (a whiteout hides a lower file), and a
+/// layer two images share, whatever their tenants, is unpacked once on the node.
+#[tokio::test]
+async fn oci_images_run_as_their_config_says_on_layers_unpacked_once_and_shared() {
+    let Some((_host, api, node)) = with_node("n-oci").await else { return };
+    let (other, other_token) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
+    let base = busybox_layer()
+        .dir("www", 0o755)
+        .file("www/index.html", 0o644, b"base\n")
+        .file("www/gone.txt", 0o644, b"hidden above\n")
+        .into_tar();
+    let config = cloud_oci::ImageConfig {
+        entrypoint: vec!["/bin/sh".into(), "-c".into()],
+        cmd: vec!["echo \"user=$(id -u) dir=$(pwd) greeting=$GREETING\"; exec httpd -f -p \"$PORT\" -h /www".into()],
+        env: vec!["GREETING=from-image".into(), "PATH=/bin".into()],
+        working_dir: "/www".into(),
+        user: "app".into(),
+        exposed_ports: vec![8081],
+    };
+    let top_a =
+        cloud_oci::build::LayerBuilder::new().file("www/.wh.gone.txt", 0o644, b"").file("www/a.txt", 0o644, b"alpha\n");
+    let image_a = cloud_oci::build::image(&config, &[base.clone(), top_a.into_tar()]);
+    let top_b = cloud_oci::build::LayerBuilder::new().file("www/b.txt", 0o644, b"beta\n");
+    let image_b = cloud_oci::build::image(&config, &[base, top_b.into_tar()]);
+    api.store.put_oci_image(api.tenant.id, "site", &image_a, "upload").await.unwrap();
+    api.store.put_oci_image(other.id, "site", &image_b, "upload").await.unwrap();
+
+    create(&api, &api.token, json!({"image": "site", "name": "site-a", "env": {"GREETING": "from-instance"}})).await;
+    let args = json!(["echo args; exec httpd -f -p \"$PORT\" -h /www"]);
+    create(&api, &other_token, json!({"image": "site", "name": "site-b", "args": args})).await;
+    let a_ip = running(&api, &api.token, "site-a").await["private_ip"].as_str().unwrap().to_owned();
+    let b_ip = running(&api, &other_token, "site-b").await["private_ip"].as_str().unwrap().to_owned();
+    let get = async |ip: &str, path: &str| {
+        let res = reqwest::get(format!("http://{ip}:8081/{path}")).await.unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
+    };
+    assert_eq!(get(&a_ip, "index.html").await, (200, "base\n".into()));
+    assert_eq!(get(&a_ip, "a.txt").await, (200, "alpha\n".into()));
+    assert_eq!(get(&a_ip, "gone.txt").await.0, 404, "the whiteout hides the lower layer's file");
+    assert_eq!(get(&b_ip, "gone.txt").await, (200, "hidden above\n".into()));
+    assert_eq!(get(&b_ip, "b.txt").await, (200, "beta\n".into()));
+    let a_log = wait_for_log(&api, &api.token, "site-a", "its line", |l| l.iter().any(|(s, _)| s == "stdout")).await;
+    assert!(a_log.contains(&("stdout".into(), "user=1000 dir=/www greeting=from-instance".into())), "{a_log:?}");
+    let b_log = wait_for_log(&api, &other_token, "site-b", "its line", |l| l.iter().any(|(s, _)| s == "stdout")).await;
+    assert!(b_log.contains(&("stdout".into(), "args".into())), "args replace Cmd: {b_log:?}");
+
+    let layers = state_dir().join("layers");
+    for layer in image_a.layers.iter().chain(&image_b.layers) {
+        assert!(layers.join(layer.diff_id.hex()).is_dir(), "{} unpacked", layer.diff_id);
+    }
+    assert_eq!(image_a.layers[0].diff_id, image_b.layers[0].diff_id, "one base layer");
+    node.shutdown().await;
 }

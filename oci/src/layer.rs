@@ -76,7 +76,16 @@ pub fn inspect(blob: &[u8], budget: &mut Budget) -> Result<LayerStats, OciError>
 /// of the layer: unpack into a temporary directory and rename it into place. Needs root (ownership, whiteout
 /// devices, `trusted.` attributes).
 pub fn unpack(blob: &[u8], dest: &Path, budget: &mut Budget) -> Result<LayerStats, OciError> {
-    walk(blob, budget, Some(&mut Writer::new(dest)))
+    walk(blob, budget, Some(&mut Writer::new(dest, false)))
+}
+
+/// Applies a layer onto `dest`, a directory holding the layers below it already applied: one flat root
+/// filesystem, for hosts that cannot stack layers (no root, so no overlay mounts, ownership or whiteout
+/// devices). Whiteouts delete what they hide; files belong to whoever runs this; a parent that a lower layer
+/// made a link or a file is replaced by a directory, never followed. Returns the same as [`inspect`]; on error
+/// `dest` holds part of the image.
+pub fn flatten(blob: &[u8], dest: &Path, budget: &mut Budget) -> Result<LayerStats, OciError> {
+    walk(blob, budget, Some(&mut Writer::new(dest, true)))
 }
 
 /// A reader that hashes what passes through it.
@@ -241,11 +250,29 @@ struct Writer {
     root: PathBuf,
     /// Directories' times, applied at the end (creating their children changes them).
     dir_times: Vec<(PathBuf, std::time::SystemTime)>,
+    /// Flattening (see [`flatten`]): the paths this layer wrote, with their parents, which an opaque directory
+    /// keeps while it removes what lower layers put there.
+    flat: Option<HashSet<PathBuf>>,
 }
 
 impl Writer {
-    fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf(), dir_times: Vec::new() }
+    fn new(root: &Path, flat: bool) -> Self {
+        Self { root: root.to_path_buf(), dir_times: Vec::new(), flat: flat.then(HashSet::new) }
+    }
+
+    /// Notes that this layer wrote `rel` (flattening only).
+    fn wrote(&mut self, rel: &Path) {
+        if let Some(written) = &mut self.flat {
+            written.extend(rel.ancestors().filter(|a| !a.as_os_str().is_empty()).map(Path::to_path_buf));
+        }
+    }
+
+    /// Sets the owner, unless flattening (then everything is the caller's).
+    fn chown(&self, path: &Path, (uid, gid): (u32, u32)) -> Result<(), OciError> {
+        if self.flat.is_some() {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(Self::io(path))
     }
 
     fn io(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
@@ -260,6 +287,12 @@ impl Writer {
                 at.push(part);
                 match std::fs::symlink_metadata(&at) {
                     Ok(m) if m.is_dir() => {}
+                    // A lower layer's link or file where this layer has a directory: the directory wins, as in
+                    // an overlay stack.
+                    Ok(_) if self.flat.is_some() => {
+                        std::fs::remove_file(&at).map_err(Self::io(&at))?;
+                        std::fs::create_dir(&at).map_err(Self::io(&at))?;
+                    }
                     Ok(_) => {
                         return Err(OciError::Unsafe {
                             path: rel.display().to_string(),
@@ -314,12 +347,15 @@ impl Writer {
         if written != size {
             return Err(corrupt(format!("{} is truncated", rel.display())));
         }
-        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(Self::io(&path))?;
+        if self.flat.is_none() {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(Self::io(&path))?;
+        }
         // After the chown, which would clear setuid bits anyway; `mode` has none.
         file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(Self::io(&path))?;
         if let Some(t) = mtime {
             file.set_modified(t).map_err(Self::io(&path))?;
         }
+        self.wrote(rel);
         Ok(())
     }
 
@@ -327,7 +363,7 @@ impl Writer {
         &mut self,
         rel: &Path,
         mode: u32,
-        (uid, gid): (u32, u32),
+        owner: (u32, u32),
         mtime: Option<std::time::SystemTime>,
     ) -> Result<(), OciError> {
         let path = self.place(rel)?;
@@ -337,21 +373,25 @@ impl Writer {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Self::io(&path)(e)),
         }
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(Self::io(&path))?;
+        self.chown(&path, owner)?;
+        // Flattening without root, later layers must be able to write here.
+        let mode = if self.flat.is_some() { mode | 0o700 } else { mode };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(Self::io(&path))?;
+        self.wrote(rel);
         if let Some(t) = mtime {
             self.dir_times.push((path, t));
         }
         Ok(())
     }
 
-    fn symlink(&mut self, rel: &Path, target: &[u8], (uid, gid): (u32, u32)) -> Result<(), OciError> {
+    fn symlink(&mut self, rel: &Path, target: &[u8], owner: (u32, u32)) -> Result<(), OciError> {
         use std::os::unix::ffi::OsStrExt;
         let path = self.place(rel)?;
         Self::clear(&path, false)?;
         // The target is resolved inside the sandbox's root, never by us.
         std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path).map_err(Self::io(&path))?;
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(Self::io(&path))
+        self.wrote(rel);
+        self.chown(&path, owner)
     }
 
     fn hard_link(&mut self, rel: &Path, target: &Path) -> Result<(), OciError> {
@@ -361,25 +401,78 @@ impl Writer {
             return Ok(());
         }
         Self::clear(&path, false)?;
-        std::fs::hard_link(&source, &path).map_err(Self::io(&path))
+        std::fs::hard_link(&source, &path).map_err(Self::io(&path))?;
+        self.wrote(rel);
+        Ok(())
     }
 
-    fn fifo(&mut self, rel: &Path, mode: u32, (uid, gid): (u32, u32)) -> Result<(), OciError> {
+    fn fifo(&mut self, rel: &Path, mode: u32, owner: (u32, u32)) -> Result<(), OciError> {
         let path = self.place(rel)?;
         Self::clear(&path, false)?;
         mknod(&path, libc::S_IFIFO | mode, 0).map_err(Self::io(&path))?;
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(Self::io(&path))
+        self.wrote(rel);
+        self.chown(&path, owner)
     }
 
-    /// Hides `rel` of the layers below: overlayfs' whiteout, a 0/0 character device.
+    /// Hides `rel` of the layers below: overlayfs' whiteout, a 0/0 character device; flattening, its removal.
     fn whiteout(&mut self, rel: &Path) -> Result<(), OciError> {
+        if self.flat.is_some() {
+            // Nothing to remove where a parent is missing or not a directory (never followed).
+            return match self.existing(rel) {
+                Some(path) => Self::clear(&path, false),
+                None => Ok(()),
+            };
+        }
         let path = self.place(rel)?;
         Self::clear(&path, false)?;
         mknod(&path, libc::S_IFCHR, 0).map_err(Self::io(&path))
     }
 
+    /// The full path of `rel` when every parent is a real directory.
+    fn existing(&self, rel: &Path) -> Option<PathBuf> {
+        let mut at = self.root.clone();
+        for part in rel.parent()?.components() {
+            at.push(part);
+            if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+                return None;
+            }
+        }
+        Some(self.root.join(rel))
+    }
+
+    /// Flattening: removes under `rel` (a real directory) whatever this layer did not write.
+    fn prune(&self, rel: &Path) -> Result<(), OciError> {
+        let written = self.flat.as_ref().expect("flattening");
+        let dir = self.root.join(rel);
+        for entry in std::fs::read_dir(&dir).map_err(Self::io(&dir))? {
+            let entry = entry.map_err(Self::io(&dir))?;
+            let child = rel.join(entry.file_name());
+            if !written.contains(&child) {
+                Self::clear(&entry.path(), false)?;
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                self.prune(&child)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Hides everything the layers below hold in directory `rel`.
     fn opaque(&mut self, rel: &Path) -> Result<(), OciError> {
+        if self.flat.is_some() {
+            if !rel.as_os_str().is_empty() {
+                let path = self.place(rel)?;
+                // A lower layer's link or file there is replaced, never followed.
+                Self::clear(&path, true)?;
+                match std::fs::create_dir(&path) {
+                    Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                        .map_err(Self::io(&path))?,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Self::io(&path)(e)),
+                }
+                self.wrote(rel);
+            }
+            return self.prune(rel);
+        }
         let path = if rel.as_os_str().is_empty() {
             self.root.clone()
         } else {

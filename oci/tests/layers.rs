@@ -162,3 +162,49 @@ fn truncated_and_garbage_layers_are_corrupt_not_panics() {
         assert!(matches!(e, Err(OciError::Corrupt { .. })), "{e:?}");
     }
 }
+
+/// Without root (a node in loopback mode), layers are applied one onto the other in one directory: the same
+/// view as the overlay stack, and links from lower layers are replaced, never followed.
+#[test]
+fn flattened_layers_give_the_overlays_view_without_following_links() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("victim"), "keep").unwrap();
+    std::fs::create_dir(outside.path().join("dir")).unwrap();
+    std::fs::write(outside.path().join("dir/inner"), "keep").unwrap();
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0")
+        .file("etc/hosts", 0o644, b"127.0.0.1")
+        .dir("var/cache", 0o555)
+        .file("var/cache/old", 0o644, b"o")
+        .dir("var/cache/sub", 0o755)
+        .file("var/cache/sub/old", 0o644, b"o")
+        .symlink("out", outside.path().to_str().unwrap())
+        .symlink("opq", outside.path().join("dir").to_str().unwrap())
+        .into_tar();
+    let top = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/.wh.passwd", 0o644, b"")
+        .file("var/cache/sub/kept", 0o644, b"k")
+        .file("var/cache/.wh..wh..opq", 0o644, b"")
+        .file("var/cache/new", 0o644, b"n")
+        .file("out/.wh.victim", 0o644, b"")
+        .file("out/file", 0o644, b"f")
+        .file("opq/.wh..wh..opq", 0o644, b"")
+        .into_tar();
+    let root = tempfile::tempdir().unwrap();
+    let mut budget = Budget::new(Limits::default());
+    assert_eq!(layer::flatten(&base, root.path(), &mut budget).unwrap().diff_id, Digest::of(&base));
+    assert_eq!(layer::flatten(&top, root.path(), &mut budget).unwrap().diff_id, Digest::of(&top));
+    let seen = |p: &str| root.path().join(p).exists();
+    assert_eq!(
+        (seen("etc/passwd"), seen("etc/hosts"), seen("var/cache/old"), seen("var/cache/new")),
+        (false, true, false, true),
+        "(passwd, hosts, old, new) as the image's last layer says"
+    );
+    assert!(seen("var/cache/sub/kept") && !seen("var/cache/sub/old"), "opaque hides below, keeps its own layer's");
+    assert!(std::fs::symlink_metadata(root.path().join("out")).unwrap().is_dir(), "the link became a directory");
+    assert_eq!(std::fs::read_to_string(outside.path().join("victim")).unwrap(), "keep");
+    assert_eq!(std::fs::read_to_string(outside.path().join("dir/inner")).unwrap(), "keep");
+    assert!(!outside.path().join("file").exists(), "nothing written through the link");
+}

@@ -1,10 +1,13 @@
 //! The node agent: registers the node, heartbeats, schedules pending instances onto live nodes, and reconciles
 //! the instances assigned to it, desired state against observed, reporting what it observes.
 //!
-//! Each instance runs in its own network namespace with a veth into its tenant's bridge, as an unprivileged
-//! account, in a memory cgroup where one is available. State lives in PostgreSQL and in the kernel (namespaces
-//! and bridges by name); the agent itself keeps nothing that a restart would lose: a restarted agent deletes the
-//! namespaces it finds and starts again what should run. It needs root.
+//! As root, each instance is a sandbox ([`cloud_sandbox`]): its image's layers under a private writable layer,
+//! its own user namespace on a host id range no other instance holds, its own pid, mount, ipc and uts
+//! namespaces, limits on memory, processes and CPU, and its own network namespace with a veth into its tenant's
+//! bridge. State lives in PostgreSQL and in the kernel (namespaces and bridges by name); the agent itself keeps
+//! nothing that a restart would lose: sandboxes end with the agent, and a restarted agent removes what they and
+//! their namespaces left and starts again what should run. Without root (loopback mode) instances are host
+//! processes with no isolation.
 
 mod images;
 mod logs;
@@ -31,7 +34,13 @@ pub use net::NetError;
 
 /// The network namespace an instance runs in on a node (`ip netns exec <name> ...` enters it).
 pub fn netns_name(node: Uuid, instance: Uuid) -> String {
-    net::Sandboxes::new(node).netns(instance)
+    net::Networks::new(node).netns(instance)
+}
+
+/// The sandbox (runc container, cgroup `cloud-sandbox/<id>`) an instance runs in on a node: named after both,
+/// so that agents sharing a host never touch each other's, even for one instance moved between them.
+pub fn sandbox_id(node: Uuid, instance: Uuid) -> String {
+    format!("{}{}", &node.simple().to_string()[..8], instance.simple())
 }
 
 /// How a node agent runs.
@@ -43,14 +52,20 @@ pub struct NodeConfig {
     pub address: String,
     /// Memory the node offers to instances, MiB.
     pub memory_mb: u64,
-    /// Where unpacked images live.
+    /// Where unpacked images and sandboxes live.
     pub state_dir: PathBuf,
-    /// The `cloudd` executable, run for images whose command is `cloudd` (the built-in `hello`).
-    pub self_exe: PathBuf,
-    /// Account instances run as (default `nobody`).
-    pub user: (u32, u32),
     /// How instances are kept apart.
     pub isolation: Isolation,
+    /// The OCI runtime (runc) sandboxes run through.
+    pub runc: PathBuf,
+    /// Where sandboxes' host id ranges are handed out: one directory shared by every agent of a host.
+    pub ids_dir: PathBuf,
+    /// The static busybox that the base layer of directory bundles is built from.
+    pub busybox: PathBuf,
+    /// Processes and threads an instance may have.
+    pub pids_limit: i64,
+    /// CPU time an instance may use, in thousandths of a core (none: no limit).
+    pub cpu_millicores: Option<u64>,
     /// How long a started instance has to accept connections on its port.
     pub ready_timeout: Duration,
     /// How long a stopping instance has between SIGTERM and SIGKILL.
@@ -74,15 +89,18 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults for a node storing its state in `state_dir`.
-    pub fn new(name: String, state_dir: PathBuf, self_exe: PathBuf) -> Self {
+    pub fn new(name: String, state_dir: PathBuf) -> Self {
         Self {
             name,
             address: "127.0.0.1".into(),
             memory_mb: total_memory_mb() * 4 / 5,
             state_dir,
-            self_exe,
-            user: (65534, 65534),
             isolation: if current_uid() == 0 { Isolation::Namespaces } else { Isolation::Loopback },
+            runc: "runc".into(),
+            ids_dir: cloud_sandbox::ids::DEFAULT_DIR.into(),
+            busybox: "/bin/busybox".into(),
+            pids_limit: DEFAULT_PIDS_LIMIT,
+            cpu_millicores: Some(DEFAULT_CPU_MILLICORES),
             ready_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
@@ -96,6 +114,12 @@ impl NodeConfig {
     }
 }
 
+/// Processes and threads per instance unless configured otherwise: plenty for a server, few enough that a fork
+/// bomb stays inside its instance.
+pub const DEFAULT_PIDS_LIMIT: i64 = 512;
+/// CPU per instance unless configured otherwise: one core, so one busy instance never takes a whole node.
+pub const DEFAULT_CPU_MILLICORES: u64 = 1000;
+
 fn total_memory_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -106,12 +130,19 @@ fn total_memory_mb() -> u64 {
 /// How a node runs its instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
-    /// As root: a network namespace per instance, a bridge per tenant, nftables between tenants and the host.
+    /// As root: a sandbox and a network namespace per instance, a bridge per tenant, nftables between tenants
+    /// and the host.
     Namespaces,
-    /// Without root: instances run as the agent's user in the host's network, each bound to its private IP,
-    /// which must be a loopback address (a tenant pool inside 127.0.0.0/8). No isolation is claimed.
+    /// Without root: instances run as host processes of the agent's user in the host's network, each bound to
+    /// its private IP, which must be a loopback address (a tenant pool inside 127.0.0.0/8). No isolation is
+    /// claimed.
     Loopback,
 }
+
+/// What loopback mode lacks, said once when such an agent starts.
+const LOOPBACK_WARNING: &str = "loopback mode (the agent is not root): instances run as host processes of this user, \
+    in the host's network, pid, mount, user, ipc and uts namespaces and filesystem, without memory, process or \
+    CPU limits: nothing isolates them from each other, from other tenants or from the host";
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +157,9 @@ pub enum NodeError {
     /// Host networking failed.
     #[error("host networking")]
     Net(#[from] NetError),
+    /// The sandboxes could not be set up (runc missing) or what a previous run left could not be removed.
+    #[error("sandboxes")]
+    Sandbox(#[from] cloud_sandbox::SandboxError),
 }
 
 /// What the agent shares with its supervisors.
@@ -134,7 +168,9 @@ pub(crate) struct Shared {
     pub store: Store,
     pub config: NodeConfig,
     pub node: Uuid,
-    pub sandboxes: net::Sandboxes,
+    pub networks: net::Networks,
+    /// Namespace mode only.
+    pub sandboxes: Option<cloud_sandbox::Sandboxes>,
     pub images: images::ImageCache,
     pub logs: logs::LogQueue,
     pub metrics: metrics::NodeMetrics,
@@ -178,7 +214,8 @@ impl NodeHandle {
         let _ = self.task.await;
     }
 
-    /// Stops the agent abruptly, as a crash would: instance processes die with it, namespaces stay behind.
+    /// Stops the agent abruptly, as a crash would: instances end with it; namespaces, mounts and cgroups stay
+    /// behind for the next agent to remove.
     pub fn abort(self) {
         self.task.abort();
     }
@@ -190,27 +227,58 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         return Err(NodeError::NotRoot);
     }
     let node = store.register_node(&config.name, &config.address, config.memory_mb).await?;
-    let sandboxes = net::Sandboxes::new(node).with_dns(config.dns);
-    if config.isolation == Isolation::Namespaces {
-        net::install_firewall(config.dns).await?;
-        // Whatever a previous run of this node left behind: its processes died with it; clean their namespaces.
-        for leftover in sandboxes.existing() {
-            tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
-            let _ = sandboxes.destroy(leftover).await;
-            let cgroup = leftover.simple().to_string();
-            let _ = tokio::task::spawn_blocking(move || process::MemoryCgroup::remove_named(&cgroup)).await;
+    let networks = net::Networks::new(node).with_dns(config.dns);
+    let sandboxes = match config.isolation {
+        Isolation::Namespaces => {
+            let sandboxes = cloud_sandbox::Sandboxes::new(cloud_sandbox::SandboxConfig {
+                dir: config.state_dir.join("sandboxes").join(node.simple().to_string()),
+                ids: config.ids_dir.clone(),
+                runc: config.runc.clone(),
+            })
+            .await?;
+            net::install_firewall(config.dns).await?;
+            // Whatever a previous run of this node left behind: its sandboxes ended with it; remove their
+            // mounts, writable layers, cgroups and runc's state, then their namespaces.
+            let removed = sandboxes.remove_all().await?;
+            if removed > 0 {
+                tracing::info!(removed, "removed the sandboxes a previous run left");
+            }
+            for leftover in networks.existing() {
+                tracing::info!(instance = %leftover, "removing a namespace left by a previous run");
+                let _ = networks.destroy(leftover).await;
+            }
+            // And what nodes that shared this state directory and never came back left.
+            for gone in sandboxes.remove_abandoned().await? {
+                tracing::info!(node = %gone, "removed the sandboxes of a node whose agent is gone");
+                let Ok(gone) = gone.parse::<Uuid>() else { continue };
+                let theirs = net::Networks::new(gone);
+                for leftover in theirs.existing() {
+                    let _ = theirs.destroy(leftover).await;
+                }
+            }
+            net::remove_idle_bridges().await;
+            Some(sandboxes)
         }
-        net::remove_idle_bridges().await;
-    }
-    // Bundles unpacked by earlier versions (under `images/`) kept their setuid bits and modes: unpacked again.
-    let old_images = config.state_dir.join("images");
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(old_images)).await;
+        Isolation::Loopback => {
+            tracing::warn!("{LOOPBACK_WARNING}");
+            None
+        }
+    };
+    let layout = if sandboxes.is_some() { images::Layout::Stacked } else { images::Layout::Flat };
+    let images = images::ImageCache::new(config.state_dir.clone(), layout, config.busybox.clone());
+    let state_dir = config.state_dir.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        images::remove_leftovers(&state_dir);
+        remove_earlier_versions(&state_dir);
+    })
+    .await;
     let (logs_tx, logs_rx) = logs::LogQueue::new(logs::QUEUE_BYTES);
     let shared = Arc::new(Shared {
-        images: images::ImageCache::new(config.state_dir.join("bundles")),
+        images,
         store: store.clone(),
         config,
         node,
+        networks,
         sandboxes,
         logs: logs_tx,
         metrics: metrics::NodeMetrics::new(),
@@ -222,6 +290,22 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     let metrics = shared.metrics.clone();
     let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx));
     Ok(NodeHandle { node, metrics, stop: stop_tx, task })
+}
+
+/// Removes what earlier versions of the agent kept and this one does not use: bundles unpacked with their
+/// setuid bits (`images/`), bundles run from the host's userland (`bundles/`), and the empty memory cgroups of
+/// instances that ran as host processes.
+fn remove_earlier_versions(state_dir: &std::path::Path) {
+    for old in ["images", "bundles"] {
+        let _ = std::fs::remove_dir_all(state_dir.join(old));
+    }
+    for parent in ["/sys/fs/cgroup/cloud", "/sys/fs/cgroup/memory/cloud"] {
+        if let Ok(dir) = std::fs::read_dir(parent) {
+            // rmdir only removes empty cgroups: one still in use by an older agent on this host stays.
+            dir.flatten().filter(|e| e.path().is_dir()).for_each(|e| drop(std::fs::remove_dir(e.path())));
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
 }
 
 #[allow(unsafe_code)]

@@ -98,17 +98,17 @@ pub fn bridge_name(tenant: Uuid) -> String {
     format!("{BRIDGE_PREFIX}{}", short(tenant))
 }
 
-/// Where one node's instances live: namespace names carry the node so agents sharing a host leave each other
-/// alone.
+/// The network namespaces of one node's instances: names carry the node so agents sharing a host leave each
+/// other alone.
 #[derive(Debug, Clone)]
-pub struct Sandboxes {
+pub struct Networks {
     prefix: String,
     /// Where instances' DNS queries to their gateway are forwarded, if anywhere.
     dns: Option<SocketAddrV4>,
 }
 
-impl Sandboxes {
-    /// The sandboxes of a node.
+impl Networks {
+    /// The networks of a node's instances.
     pub fn new(node: Uuid) -> Self {
         Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]), dns: None }
     }
@@ -146,7 +146,6 @@ impl Sandboxes {
         }
         let bridge = ensure_bridge(tenant, network, self.dns.is_some_and(|d| d.ip().is_loopback())).await?;
         let host = format!("cv{}", short(instance));
-        let peer = format!("cp{}", short(instance));
         let addr = format!("{ip}/{}", network.prefix_len());
         let gateway = cloud_domain::ipam::gateway(network).to_string();
         // A leftover host end from a crash would make `add` fail.
@@ -154,19 +153,24 @@ impl Sandboxes {
             let _ = run("ip", &["link", "del", &host]).await;
         }
         run("ip", &["netns", "add", &ns]).await?;
-        // Two batches instead of one process per step: forking `ip` is most of a sandbox's set-up time.
+        // Two batches instead of one process per step: forking `ip` is most of a sandbox's set-up time. The
+        // peer is created in the namespace as eth0: moving a device between namespaces waits for an RCU grace
+        // period, some 20 ms, twice what the rest takes.
         let mac = mac_for(ip);
         let outside = format!(
-            "link add {host} type veth peer name {peer} address {mac}\nlink set {peer} netns {ns}\nlink set {host} master {bridge}\nlink set {host} up\n"
+            "link add {host} type veth peer name eth0 netns {ns} address {mac}\nlink set {host} master {bridge}\nlink set {host} up\n"
         );
-        let inside = format!(
-            "link set {peer} name eth0\naddr add {addr} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {gateway}\n"
-        );
+        let inside =
+            format!("addr add {addr} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {gateway}\n");
         for (args, script) in [(vec!["-batch", "-"], outside), (vec!["-n", ns.as_str(), "-batch", "-"], inside)] {
             if let Err(e) = run_with_input("ip", &args, &script).await {
                 let _ = self.destroy(instance).await;
                 return Err(e);
             }
+        }
+        if let Err(e) = allow_low_ports(self.netns_path(instance)).await {
+            let _ = self.destroy(instance).await;
+            return Err(e);
         }
         Ok(())
     }
@@ -185,6 +189,39 @@ impl Sandboxes {
         run("ip", &["netns", "del", &ns]).await?;
         let _ = run("ip", &["link", "del", &format!("cv{}", short(instance))]).await;
         Ok(())
+    }
+}
+
+/// Lets any process of the namespace listen on ports below 1024. The namespace is the instance's alone, and
+/// its sandbox's root, root of its own user namespace only, would otherwise need a capability over the host's
+/// (which owns the network namespace) to listen on port 80 as images expect to.
+async fn allow_low_ports(netns: String) -> Result<(), NetError> {
+    let knob = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
+    let sysctl = |source| NetError::Sysctl { knob: format!("{knob} in {netns}"), source };
+    let file = std::fs::File::open(&netns).map_err(sysctl)?;
+    // A thread of its own enters the namespace (only a thread's own /proc/sys/net is the namespace's) and ends
+    // there, never serving anything else.
+    let written = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
+            enter_netns(&file)?;
+            std::fs::write(knob, "0")
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    written.map_err(sysctl)
+}
+
+#[allow(unsafe_code)]
+fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a descriptor we hold open; it changes only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

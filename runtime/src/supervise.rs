@@ -1,19 +1,20 @@
 //! One task per instance: start it, wait until it listens, watch it, restart it per policy with backoff, stop
 //! it, clean up after it, and report every state it passes through.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloud_domain::state::{InstanceState, RestartPolicy};
+use cloud_sandbox::{Sandbox, SandboxSpec};
 use cloud_store::{Assignment, Observation};
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::logs::{LogEntry, Output, OutputBudget, Tail};
-use crate::process::{Launch, MemoryCgroup, kill, spawn};
-use crate::{Isolation, Shared, Want};
+use crate::process::{HostLaunch, kill, spawn};
+use crate::{Shared, Want};
 
 /// How a run of the instance ended.
 enum Outcome {
@@ -108,18 +109,94 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
     }
 }
 
-/// Stops whatever runs and removes the sandbox and cgroup.
+/// Removes what the instance had on the host: its sandbox (processes, mounts, writable layer, cgroup), its
+/// network namespace, its tenant's bridge when it was the last, its resolv.conf.
 async fn cleanup(shared: &Shared, id: uuid::Uuid, tenant: uuid::Uuid) {
-    if shared.config.isolation == Isolation::Loopback {
-        return;
+    let Some(sandboxes) = &shared.sandboxes else { return };
+    if let Err(e) = sandboxes.remove(&crate::sandbox_id(shared.node, id)).await {
+        tracing::warn!(instance = %id, error = %cloud_domain::error_chain(&e), "could not remove the sandbox");
     }
-    if let Err(e) = shared.sandboxes.destroy(id).await {
+    if let Err(e) = shared.networks.destroy(id).await {
         tracing::warn!(instance = %id, error = %e, "could not remove the namespace");
     }
-    let cgroup = id.simple().to_string();
-    tokio::task::spawn_blocking(move || MemoryCgroup::remove_named(&cgroup)).await.ok();
     crate::net::remove_idle_bridge(tenant).await;
     let _ = tokio::fs::remove_file(resolv_conf_path(shared, id)).await;
+}
+
+/// A started instance: a sandbox, or a host process in loopback mode.
+enum Started {
+    Sandbox(Sandbox),
+    Host(Child),
+}
+
+impl Started {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Sandbox(s) => s.pid as u32,
+            Self::Host(c) => c.id().unwrap_or(0),
+        }
+    }
+
+    /// Its standard output and error, once.
+    fn take_output(&mut self) -> Vec<(Box<dyn AsyncRead + Unpin + Send>, &'static str)> {
+        let mut out: Vec<(Box<dyn AsyncRead + Unpin + Send>, &'static str)> = Vec::new();
+        match self {
+            Self::Sandbox(s) => {
+                out.extend(s.stdout.take().map(|r| (Box::new(r) as _, "stdout")));
+                out.extend(s.stderr.take().map(|r| (Box::new(r) as _, "stderr")));
+            }
+            Self::Host(c) => {
+                out.extend(c.stdout.take().map(|r| (Box::new(r) as _, "stdout")));
+                out.extend(c.stderr.take().map(|r| (Box::new(r) as _, "stderr")));
+            }
+        }
+        out
+    }
+
+    /// Waits for its end: the exit code, none when a signal ended it.
+    async fn wait(&mut self) -> Option<i32> {
+        match self {
+            Self::Sandbox(s) => s.wait().await.ok().and_then(|s| s.code()),
+            Self::Host(c) => c.wait().await.ok().and_then(|s| s.code()),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after the grace period.
+    async fn stop(&mut self, shared: &Shared) {
+        let grace = shared.config.stop_grace;
+        match self {
+            Self::Sandbox(s) => {
+                let sandboxes = shared.sandboxes.as_ref().expect("sandboxes run only in namespace mode");
+                if let Err(e) = sandboxes.stop(s, grace).await {
+                    tracing::warn!(sandbox = %s.id, error = %cloud_domain::error_chain(&e), "could not stop the sandbox");
+                }
+            }
+            Self::Host(c) => {
+                if let Some(pid) = c.id() {
+                    kill(pid as i32, libc::SIGTERM);
+                }
+                if tokio::time::timeout(grace, c.wait()).await.is_err() {
+                    let _ = c.start_kill();
+                    let _ = c.wait().await;
+                }
+            }
+        }
+    }
+
+    /// SIGKILL, and the wait for the end.
+    async fn kill(&mut self, shared: &Shared) {
+        match self {
+            Self::Sandbox(s) => {
+                let sandboxes = shared.sandboxes.as_ref().expect("sandboxes run only in namespace mode");
+                let _ = sandboxes.signal(&s.id, "KILL").await;
+                let _ = s.wait().await;
+            }
+            Self::Host(c) => {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
 }
 
 /// Where an instance's resolv.conf is kept while it runs.
@@ -137,94 +214,91 @@ async fn run_once(
 ) -> Outcome {
     let started = Instant::now();
     let ended = |reason: String, exit_code: Option<i32>| Outcome::Ended { reason, exit_code, ran: started.elapsed() };
-    let (bundle, manifest) = match shared.images.prepare(&shared.store, &a.image_digest).await {
+    let image = match shared.images.prepare(&shared.store, &a.image_digest).await {
         Ok(x) => x,
         Err(e) => return ended(format!("image: {}", cloud_domain::error_chain(&e)), None),
     };
-    let namespaced = shared.config.isolation == Isolation::Namespaces;
-    if namespaced {
-        if let Err(e) = shared.sandboxes.create(a.id, a.tenant_id, a.network, a.private_ip).await {
-            return ended(format!("network: {e}"), None);
-        }
-    } else if !a.private_ip.is_loopback() {
-        return ended(
-            format!(
-                "this node runs without root (loopback mode) and needs 127.x private IPs, not {}: set platform.tenant_pool inside 127.0.0.0/8",
-                a.private_ip
-            ),
-            None,
-        );
-    }
-    let resolv_conf = match (namespaced, shared.config.dns) {
-        (true, Some(_)) => {
-            let path = resolv_conf_path(shared, a.id);
-            let written = tokio::fs::create_dir_all(path.parent().expect("a file in a directory"))
-                .await
-                .and(tokio::fs::write(&path, crate::net::resolv_conf(a.network)).await);
-            if let Err(e) = written {
-                return ended(format!("cannot write {}: {e}", path.display()), None);
+    let launch = match image.run.launch(a) {
+        Ok(l) => l,
+        Err(reason) => return ended(reason, None),
+    };
+    let port = image.run.port;
+    let mut instance = match &shared.sandboxes {
+        Some(sandboxes) => {
+            if let Err(e) = shared.networks.create(a.id, a.tenant_id, a.network, a.private_ip).await {
+                return ended(format!("network: {e}"), None);
             }
-            Some(path)
+            let resolv_conf = match shared.config.dns {
+                Some(_) => {
+                    let path = resolv_conf_path(shared, a.id);
+                    let written = tokio::fs::create_dir_all(path.parent().expect("a file in a directory"))
+                        .await
+                        .and(tokio::fs::write(&path, crate::net::resolv_conf(a.network)).await);
+                    if let Err(e) = written {
+                        return ended(format!("cannot write {}: {e}", path.display()), None);
+                    }
+                    Some(path)
+                }
+                // As before a DNS was configured: the host's (whose servers instances may not reach).
+                None => Some(std::path::PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
+            };
+            let spec = SandboxSpec {
+                id: crate::sandbox_id(shared.node, a.id),
+                layers: image.layers.clone(),
+                argv: launch.argv.clone(),
+                env: launch.env,
+                cwd: image.run.cwd.clone(),
+                user: image.run.user.clone(),
+                hostname: a.name.clone(),
+                netns: Some(shared.networks.netns_path(a.id).into()),
+                address: Some(a.private_ip.into()),
+                resolv_conf,
+                limits: cloud_sandbox::Limits {
+                    memory_bytes: u64::from(a.memory_mb) << 20,
+                    pids: shared.config.pids_limit,
+                    cpu_millicores: shared.config.cpu_millicores,
+                },
+            };
+            match sandboxes.start(&spec).await {
+                Ok(s) => Started::Sandbox(s),
+                Err(e) => return ended(format!("cannot start the sandbox: {}", cloud_domain::error_chain(&e)), None),
+            }
         }
-        _ => None,
-    };
-    let cgroup = namespaced
-        .then(|| MemoryCgroup::create(&a.id.simple().to_string(), a.memory_mb as u64 * 1024 * 1024))
-        .flatten();
-    if cgroup.is_none() {
-        tracing::debug!(instance = %a.id, "no memory cgroup available: the memory limit is not enforced");
-    }
-
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
-    env.insert("HOME".into(), "/tmp".into());
-    env.extend(a.env.clone());
-    env.insert("PORT".into(), manifest.port.to_string());
-    env.insert("PRIVATE_IP".into(), a.private_ip.to_string());
-    env.insert("INSTANCE".into(), a.name.clone());
-    env.insert("SERVICE".into(), a.service.clone().unwrap_or_default());
-    let mut argv: Vec<String> = manifest.command.iter().chain(&a.args).cloned().collect();
-    argv[0] = if argv[0] == "cloudd" {
-        shared.config.self_exe.display().to_string()
-    } else if argv[0].contains('/') {
-        bundle.join(&argv[0]).display().to_string()
-    } else {
-        argv[0].clone()
-    };
-    let launch = Launch {
-        argv,
-        cwd: bundle,
-        env,
-        netns: namespaced.then(|| shared.sandboxes.netns_path(a.id)),
-        user: namespaced.then_some(shared.config.user),
-        cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
-        private_mounts: namespaced,
-        resolv_conf,
-    };
-    let mut child = match spawn(&launch) {
-        Ok(c) => c,
-        Err(e) => return ended(format!("cannot start {:?}: {e}", manifest.command[0]), None),
+        None => {
+            if !a.private_ip.is_loopback() {
+                return ended(
+                    format!(
+                        "this node runs without root (loopback mode) and needs 127.x private IPs, not {}: set platform.tenant_pool inside 127.0.0.0/8",
+                        a.private_ip
+                    ),
+                    None,
+                );
+            }
+            let host = HostLaunch::from_image(&image.layers[0], &image.run.cwd, launch.argv.clone(), launch.env);
+            match spawn(&host) {
+                Ok(c) => Started::Host(c),
+                Err(e) => return ended(format!("cannot start {:?}: {e}", host.argv[0]), None),
+            }
+        }
     };
     shared.metrics.starts.inc();
-    r.note(format!("started {:?} as pid {}", launch.argv, child.id().unwrap_or(0))).await;
-    let tail = capture_output(shared, a.id, budget, &mut child);
-    let with_tail = |reason: String| {
-        let tail = tail.lock().map(|t| t.joined()).unwrap_or_default();
-        if tail.is_empty() { reason } else { format!("{reason}; last output:\n{tail}") }
-    };
+    r.note(format!("started {:?} as pid {}", launch.argv, instance.pid())).await;
+    let mut output = capture_output(shared, a.id, budget, &mut instance);
+    let exited = |code: Option<i32>| code.map_or("none (killed by a signal)".into(), |c| c.to_string());
 
     // Ready once the port accepts connections from the host, as the edge will connect.
-    let addr = (a.private_ip, manifest.port);
+    let addr = (a.private_ip, port);
     loop {
         tokio::select! {
-            status = child.wait() => {
-                let code = status.ok().and_then(|s| s.code());
-                return ended(with_tail(format!("exited with code {} before listening on port {}", code.map_or("none (killed)".into(), |c| c.to_string()), manifest.port)), code);
+            code = instance.wait() => {
+                let reason = format!("exited with code {} before listening on port {port}", exited(code));
+                return ended(output.with_tail(reason).await, code);
             }
             changed = want.changed() => {
                 let w = if changed.is_err() { Want::Remove } else { want.borrow().clone() };
                 if !matches!(w, Want::Run(_)) {
-                    return Outcome::Wanted(stop_child(&mut child, shared.config.stop_grace, w).await);
+                    instance.stop(shared).await;
+                    return Outcome::Wanted(w);
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(10)) => {
@@ -232,15 +306,15 @@ async fn run_once(
                     break;
                 }
                 if started.elapsed() > shared.config.ready_timeout {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    return ended(with_tail(format!("did not listen on port {} within {}s", manifest.port, shared.config.ready_timeout.as_secs())), None);
+                    instance.kill(shared).await;
+                    let reason = format!("did not listen on port {port} within {}s", shared.config.ready_timeout.as_secs());
+                    return ended(output.with_tail(reason).await, None);
                 }
             }
         }
     }
     let boot = started.elapsed().as_micros() as u64;
-    r.note(format!("listening on {}:{} after {} ms", a.private_ip, manifest.port, boot / 1000)).await;
+    r.note(format!("listening on {}:{port} after {} ms", a.private_ip, boot / 1000)).await;
     r.report(InstanceState::Running, None, None, Some(boot)).await;
     shared.metrics.boot.observe(boot as f64 / 1e6);
     shared.metrics.running.inc();
@@ -249,40 +323,52 @@ async fn run_once(
 
     loop {
         tokio::select! {
-            status = child.wait() => {
-                let code = status.ok().and_then(|s| s.code());
-                return ended(with_tail(format!("exited with code {}", code.map_or("none (killed by a signal)".into(), |c| c.to_string()))), code);
+            code = instance.wait() => {
+                return ended(output.with_tail(format!("exited with code {}", exited(code))).await, code);
             }
             changed = want.changed() => {
                 let w = if changed.is_err() { Want::Remove } else { want.borrow().clone() };
                 if !matches!(w, Want::Run(_)) {
-                    return Outcome::Wanted(stop_child(&mut child, shared.config.stop_grace, w).await);
+                    instance.stop(shared).await;
+                    return Outcome::Wanted(w);
                 }
             }
         }
     }
 }
 
-/// SIGTERM, then SIGKILL after the grace period.
-async fn stop_child(child: &mut Child, grace: Duration, want: Want) -> Want {
-    if let Some(pid) = child.id() {
-        kill(pid as i32, libc::SIGTERM);
-    }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
-    want
+/// A run's output on its way to the log shipper.
+struct Captured {
+    /// The last few lines, for failure reasons.
+    tail: Arc<Mutex<Tail>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Sends the child's output to the log shipper, within the instance's budget, and keeps the last few lines for
-/// failure reasons.
+impl Captured {
+    /// `reason`, followed by the last lines of output once read to their end: an instance's last words are
+    /// still in its pipes when its end is seen. A process it left behind may hold them open: not waited for long.
+    async fn with_tail(&mut self, reason: String) -> String {
+        let readers = std::mem::take(&mut self.readers);
+        let _ = tokio::time::timeout(Duration::from_secs(1), join_all(readers)).await;
+        let tail = self.tail.lock().map(|t| t.joined()).unwrap_or_default();
+        if tail.is_empty() { reason } else { format!("{reason}; last output:\n{tail}") }
+    }
+}
+
+async fn join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// Sends the instance's output to the log shipper, within the instance's budget, and keeps the last few lines
+/// for failure reasons.
 fn capture_output(
     shared: &Arc<Shared>,
     id: uuid::Uuid,
     budget: &Arc<Mutex<OutputBudget>>,
-    child: &mut Child,
-) -> Arc<Mutex<Tail>> {
+    instance: &mut Started,
+) -> Captured {
     let output = Output {
         instance: id,
         queue: shared.logs.clone(),
@@ -290,13 +376,9 @@ fn capture_output(
         tail: Arc::new(Mutex::new(Tail::default())),
         dropped_bytes: shared.metrics.log_dropped_bytes.clone(),
     };
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(output.clone().capture(stdout, "stdout"));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(output.clone().capture(stderr, "stderr"));
-    }
-    output.tail
+    let readers =
+        instance.take_output().into_iter().map(|(stream, name)| tokio::spawn(output.clone().capture(stream, name)));
+    Captured { readers: readers.collect(), tail: output.tail }
 }
 
 /// Decrements a gauge when dropped.

@@ -14,6 +14,9 @@ use std::path::PathBuf;
 
 use crate::SandboxError;
 
+/// Where ranges are held unless configured otherwise: host-wide, and gone at reboot with the sandboxes.
+pub const DEFAULT_DIR: &str = "/run/cloud/ids";
+
 /// Ids per sandbox: a full 16-bit id space, as images expect (uid 65534 `nobody` included).
 pub const RANGE_SIZE: u32 = 65536;
 /// The first range's first id.
@@ -32,7 +35,28 @@ pub struct IdPool {
 pub struct IdRange {
     /// The host id that is root (0) inside the sandbox.
     pub base: u32,
-    _lock: File,
+    lock: File,
+}
+
+impl IdRange {
+    /// Records the first process of the sandbox holding the range, so that the range is not handed out again
+    /// while that process lives, even after the lock is gone with the agent that held it.
+    pub fn held_by(&mut self, pid: i32) {
+        let _ = self.lock.write_all(format!("{pid}\n").as_bytes());
+    }
+}
+
+/// Whether the process a range's file names still runs with ids of that range. A sandbox ends with its agent
+/// (see the crate docs), a moment after the agent's lock is released: this covers that moment, and any sandbox
+/// that could outlive its agent.
+fn still_running(path: &std::path::Path, base: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(pid) = text.lines().nth(1).and_then(|l| l.trim().parse::<u32>().ok()) else { return false };
+    // A zombie (ended, not yet reaped) holds nothing.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let alive = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']));
+    alive && std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| (base..base + RANGE_SIZE).contains(&m.uid()))
 }
 
 impl IdPool {
@@ -54,17 +78,19 @@ impl IdPool {
                 .truncate(false)
                 .open(&path)
                 .map_err(io)?;
-            if try_lock(&file) {
-                let _ = file.set_len(0).and_then(|()| file.write_all(owner.as_bytes()));
-                return Ok(IdRange { base: FIRST + k * RANGE_SIZE, _lock: file });
+            let base = FIRST + k * RANGE_SIZE;
+            if try_lock(&file) && !still_running(&path, base) {
+                let _ = file.set_len(0).and_then(|()| file.write_all(format!("{owner}\n").as_bytes()));
+                return Ok(IdRange { base, lock: file });
             }
         }
         Err(SandboxError::NoIds)
     }
 }
 
+/// Takes an exclusive lock on a file without waiting; false when another open file holds it.
 #[allow(unsafe_code)]
-fn try_lock(file: &File) -> bool {
+pub(crate) fn try_lock(file: &File) -> bool {
     // SAFETY: flock(2) on a descriptor we own.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }

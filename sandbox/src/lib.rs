@@ -7,12 +7,17 @@
 //! - no new privileges, a reduced capability set, a system call filter ([`seccomp`]), masked and read-only
 //!   kernel interfaces, the standard few devices, and memory, pids and cpu limits in a cgroup of its own.
 //!
-//! runc is started detached: nothing of ours stays beside a running sandbox. This process becomes the child
+//! runc is started detached: nothing of ours but a small init stays beside a running sandbox. Its first process
+//! is that init (`init/main.rs`, bind-mounted read-only at [`INIT_PATH`]), which starts the image's program,
+//! forwards signals to it and reaps orphans, and ends the sandbox when the [`Sandboxes`] that started it is gone
+//! (dropped, or its process killed): a sandbox never outlives its supervisor. This process becomes the child
 //! subreaper, so a sandbox's first process is re-parented to it and its exit status is read through a pidfd.
-//! A sandbox outlives a crashed agent; the next agent removes it ([`Sandboxes::remove_all`]) and starts it
-//! again from scratch. What is not covered: kernel bugs reachable from inside (the kernel is shared; microVMs
-//! are the stronger boundary where hosts have KVM).
+//! What a dead agent leaves (mounts, writable layers, runc's state, cgroups) the next agent of its node removes
+//! ([`Sandboxes::remove_all`]) before it starts anything, and any agent beside it once it is gone for good
+//! ([`Sandboxes::remove_abandoned`]). What is not covered: kernel bugs reachable from inside (the kernel is
+//! shared; microVMs are the stronger boundary where hosts have KVM).
 
+mod cgroups;
 pub mod ids;
 mod mounts;
 mod seccomp;
@@ -29,6 +34,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
 pub use ids::{IdPool, IdRange};
+
+/// Where a sandbox's init is, inside.
+pub const INIT_PATH: &str = "/dev/init";
+
+/// The init program, as built for this platform.
+const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/init"));
 
 /// Why a sandbox could not be set up, started or removed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +63,12 @@ pub enum SandboxError {
     /// Every id range on the host is held.
     #[error("no free uid/gid range for another sandbox on this host")]
     NoIds,
+    /// Another agent (of the same node, on this host) holds the directory.
+    #[error("another agent runs the sandboxes of {dir}")]
+    Busy {
+        /// The node's sandbox directory.
+        dir: String,
+    },
     /// The image's `User` does not resolve.
     #[error("the image's user {user:?}: {reason}")]
     User {
@@ -116,12 +133,18 @@ pub struct SandboxConfig {
     pub runc: PathBuf,
 }
 
-/// The node's sandboxes.
+/// The node's sandboxes. They live as long as this value: dropping it (or the death of this process) ends them.
 #[derive(Debug)]
 pub struct Sandboxes {
     dir: PathBuf,
     runc: PathBuf,
     ids: IdPool,
+    /// An exclusive lock on `<dir>/lock` while this value lives: how another agent tells a directory whose
+    /// agent is gone ([`Sandboxes::remove_abandoned`]).
+    _lock: std::fs::File,
+    /// Each sandbox's init holds a copy of the read end as descriptor 3 and ends its sandbox at end of file,
+    /// when the write end, which only this value holds (close-on-exec), is closed.
+    watchdog: (OwnedFd, OwnedFd),
 }
 
 /// A running sandbox.
@@ -131,7 +154,9 @@ pub struct Sandbox {
     pub id: String,
     /// Its first process, as the host sees it.
     pub pid: i32,
-    exit: AsyncFd<OwnedFd>,
+    /// A pidfd of the first process; taken by [`Drop`] when the process was never waited for.
+    exit: Option<AsyncFd<OwnedFd>>,
+    reaped: bool,
     /// The first process's standard output.
     pub stdout: Option<pipe::Receiver>,
     /// The first process's standard error.
@@ -142,8 +167,25 @@ pub struct Sandbox {
 impl Sandboxes {
     /// Checks that runc works and makes this process the child subreaper (see the crate docs).
     pub async fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
-        let me = Self { runc: config.runc, ids: IdPool::new(config.ids), dir: config.dir };
-        std::fs::create_dir_all(me.runc_root()).map_err(io(format!("creating {}", me.dir.display())))?;
+        let (read, write) = std::io::pipe().map_err(io("creating the watchdog pipe"))?;
+        std::fs::create_dir_all(config.dir.join("runc")).map_err(io(format!("creating {}", config.dir.display())))?;
+        let lock = lock_file(&config.dir).map_err(io(format!("locking {}", config.dir.display())))?;
+        if !ids::try_lock(&lock) {
+            return Err(SandboxError::Busy { dir: config.dir.display().to_string() });
+        }
+        let me = Self {
+            runc: config.runc,
+            ids: IdPool::new(config.ids),
+            dir: config.dir,
+            _lock: lock,
+            watchdog: (OwnedFd::from(read), OwnedFd::from(write)),
+        };
+        // Sandboxes' root filesystems are mounted below: no one else on the host lists them (each sandbox's own
+        // directory lets in only its root, which runc needs to pass through here).
+        std::fs::set_permissions(&me.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(io(format!("restricting {}", me.dir.display())))?;
+        me.install_init().map_err(io(format!("writing {}", me.init().display())))?;
+        cgroups::ensure_visible().map_err(io("mounting the cgroup hierarchies"))?;
         let out = tokio::process::Command::new(&me.runc).arg("--version").output().await.map_err(|e| {
             SandboxError::Runc { message: format!("cannot run {} ({e}); scripts/setup installs it", me.runc.display()) }
         })?;
@@ -154,8 +196,24 @@ impl Sandboxes {
         Ok(me)
     }
 
-    fn runc_root(&self) -> PathBuf {
-        self.dir.join("runc")
+    fn place(&self) -> Place<'_> {
+        Place { runc: &self.runc, dir: &self.dir }
+    }
+
+    fn init(&self) -> PathBuf {
+        self.dir.join("init")
+    }
+
+    /// Writes the init program beside the sandboxes (replaced whole: running sandboxes keep the one they have).
+    fn install_init(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::read(self.init()).is_ok_and(|have| have == INIT) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".init-{}", std::process::id()));
+        std::fs::write(&tmp, INIT)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+        std::fs::rename(&tmp, self.init())
     }
 
     fn bundle(&self, id: &str) -> PathBuf {
@@ -163,14 +221,15 @@ impl Sandboxes {
     }
 
     fn runc(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.runc);
-        cmd.arg("--root").arg(self.runc_root()).stdin(Stdio::null()).kill_on_drop(true);
-        cmd
+        self.place().runc()
     }
 
     /// Sets up and starts a sandbox.
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
-        self.remove(&spec.id).await?;
+        // What a previous run of the same id left, if anything (asking runc costs a process).
+        if self.bundle(&spec.id).exists() || self.dir.join("runc").join(&spec.id).exists() {
+            self.remove(&spec.id).await?;
+        }
         let ids = self.ids.acquire(&spec.id)?;
         match self.start_with(spec, ids).await {
             Ok(s) => Ok(s),
@@ -183,10 +242,10 @@ impl Sandboxes {
         }
     }
 
-    async fn start_with(&self, spec: &SandboxSpec, ids: IdRange) -> Result<Sandbox, SandboxError> {
+    async fn start_with(&self, spec: &SandboxSpec, mut ids: IdRange) -> Result<Sandbox, SandboxError> {
         let bundle = self.bundle(&spec.id);
-        let (spec2, bundle2, base) = (spec.clone(), bundle.clone(), ids.base);
-        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base)).await.map_err(|e| {
+        let (spec2, bundle2, base, init) = (spec.clone(), bundle.clone(), ids.base, self.init());
+        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base, &init)).await.map_err(|e| {
             SandboxError::Io { what: "preparing the root filesystem".into(), source: std::io::Error::other(e) }
         })??;
 
@@ -196,8 +255,10 @@ impl Sandboxes {
         let pid_file = bundle.join("pid");
         let mut cmd = self.runc();
         cmd.arg("--log").arg(&log).arg("--log-format").arg("json");
-        cmd.args(["run", "--detach", "--pid-file"]).arg(&pid_file).arg("--bundle").arg(&bundle).arg(&spec.id);
+        cmd.args(["run", "--detach", "--preserve-fds", "1", "--pid-file"]).arg(&pid_file);
+        cmd.arg("--bundle").arg(&bundle).arg(&spec.id);
         cmd.stdout(Stdio::from(OwnedFd::from(out_w))).stderr(Stdio::from(OwnedFd::from(err_w)));
+        pass_as_fd3(&mut cmd, self.watchdog.0.as_raw_fd());
         let status = cmd.status().await.map_err(io("running runc"))?;
         // The write ends now live in the sandbox (and in the Command, dropped above): its output reaches us
         // until its last process ends.
@@ -210,8 +271,17 @@ impl Sandboxes {
             .ok_or_else(|| SandboxError::Runc { message: "no pid file after run".into() })?;
         let exit =
             watch(pidfd_open(pid).map_err(io("opening the sandbox's pidfd"))?).map_err(io("watching the sandbox"))?;
+        ids.held_by(pid);
         let receiver = |r: std::io::PipeReader| pipe::Receiver::from_owned_fd(OwnedFd::from(r)).ok();
-        Ok(Sandbox { id: spec.id.clone(), pid, exit, stdout: receiver(out_r), stderr: receiver(err_r), _ids: ids })
+        Ok(Sandbox {
+            id: spec.id.clone(),
+            pid,
+            exit: Some(exit),
+            reaped: false,
+            stdout: receiver(out_r),
+            stderr: receiver(err_r),
+            _ids: ids,
+        })
     }
 
     /// Sends a signal to every process of a sandbox.
@@ -224,9 +294,14 @@ impl Sandboxes {
         }
     }
 
-    /// Stops a sandbox: SIGTERM, then SIGKILL after `grace`; returns how it ended.
+    /// Stops a sandbox: SIGTERM to its program (through its init), then SIGKILL to every process after `grace`;
+    /// returns how it ended.
     pub async fn stop(&self, sandbox: &mut Sandbox, grace: Duration) -> Result<ExitStatus, SandboxError> {
-        self.signal(&sandbox.id, "TERM").await?;
+        // The init alone: it passes the signal on to the program, which decides what its own children get.
+        let out = self.runc().args(["kill", &sandbox.id, "TERM"]).output().await.map_err(io("running runc kill"))?;
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not running") {
+            return Err(SandboxError::Runc { message: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
         if let Ok(status) = tokio::time::timeout(grace, sandbox.wait()).await {
             return status;
         }
@@ -237,24 +312,78 @@ impl Sandboxes {
     /// Removes a sandbox and everything it had: its processes, runc's state, its cgroup, its mounts and
     /// writable layer. Nothing there is fine.
     pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        self.place().remove(id).await
+    }
+
+    /// Removes every sandbox of this node, as an agent does when it starts: what a crashed agent left.
+    pub async fn remove_all(&self) -> Result<usize, SandboxError> {
+        self.place().remove_all().await
+    }
+
+    /// Removes the sandboxes of the other directories beside this one whose agent is gone (their lock is
+    /// free): what agents that never came back left, such as a node renamed, or one of a database since reset.
+    /// Returns those directories' names (their nodes).
+    pub async fn remove_abandoned(&self) -> Result<Vec<String>, SandboxError> {
+        let Some(parent) = self.dir.parent() else { return Ok(Vec::new()) };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(parent).map_err(io(format!("listing {}", parent.display())))?.flatten() {
+            let dir = entry.path();
+            if dir == self.dir || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            // Held while cleaning, so that two agents starting together do not both clean.
+            let Ok(lock) = lock_file(&dir) else { continue };
+            if !ids::try_lock(&lock) {
+                continue;
+            }
+            Place { runc: &self.runc, dir: &dir }.remove_all().await?;
+            std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
+            removed.extend(entry.file_name().into_string().ok());
+        }
+        Ok(removed)
+    }
+}
+
+fn lock_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock"))
+}
+
+/// A directory of sandboxes and the runc that runs them: what removing them needs.
+struct Place<'a> {
+    runc: &'a Path,
+    dir: &'a Path,
+}
+
+impl Place<'_> {
+    fn runc(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.runc);
+        cmd.arg("--root").arg(self.dir.join("runc")).stdin(Stdio::null()).kill_on_drop(true);
+        cmd
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), SandboxError> {
         let out = self.runc().args(["delete", "--force", id]).output().await.map_err(io("running runc delete"))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && !stderr.contains("does not exist") && !stderr.contains("not exist") {
             return Err(SandboxError::Runc { message: stderr.trim().to_owned() });
         }
-        let bundle = self.bundle(id);
+        let bundle = self.dir.join(id);
         tokio::task::spawn_blocking(move || teardown(&bundle))
             .await
             .map_err(|e| SandboxError::Io { what: "removing the sandbox".into(), source: std::io::Error::other(e) })?
     }
 
-    /// Removes every sandbox of this node, as an agent does when it starts: what a crashed agent left.
-    pub async fn remove_all(&self) -> Result<usize, SandboxError> {
+    async fn remove_all(&self) -> Result<usize, SandboxError> {
         let mut ids = std::collections::BTreeSet::new();
         let out = self.runc().args(["list", "-q"]).output().await.map_err(io("running runc list"))?;
         ids.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
-        if let Ok(dir) = std::fs::read_dir(&self.dir) {
-            ids.extend(dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n != "runc"));
+        if let Ok(dir) = std::fs::read_dir(self.dir) {
+            ids.extend(
+                dir.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n != "runc"),
+            );
         }
         for id in &ids {
             self.remove(id).await?;
@@ -266,10 +395,14 @@ impl Sandboxes {
 impl Sandbox {
     /// Waits until the sandbox's first process ends (the others die with it: it is the pid namespace's init).
     pub async fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
+        let exit = self.exit.as_ref().expect("taken only when dropped");
         loop {
-            let mut guard = self.exit.readable().await.map_err(io("waiting for the sandbox"))?;
-            match waitid(self.exit.get_ref()) {
-                Ok(Some(status)) => return Ok(status),
+            let mut guard = exit.readable().await.map_err(io("waiting for the sandbox"))?;
+            match waitid(exit.get_ref(), libc::WNOHANG) {
+                Ok(Some(status)) => {
+                    self.reaped = true;
+                    return Ok(status);
+                }
                 Ok(None) => guard.clear_ready(),
                 Err(e) => return Err(io("waiting for the sandbox")(e)),
             }
@@ -277,12 +410,30 @@ impl Sandbox {
     }
 }
 
+impl Drop for Sandbox {
+    /// A sandbox dropped without its end being waited for (its supervisor was aborted) would stay a zombie child
+    /// of this process once it ends: a thread waits for that end and reaps it.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Some(pidfd) = self.exit.take().map(AsyncFd::into_inner) {
+            std::thread::spawn(move || drop(waitid(&pidfd, 0)));
+        }
+    }
+}
+
 /// Mounts the root filesystem and writes the bundle: blocking work.
-fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32) -> Result<(), SandboxError> {
+fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32, init: &Path) -> Result<(), SandboxError> {
     let err = |what: String| move |e| SandboxError::Io { what, source: e };
     for d in ["l", "upper", "work", "rootfs"] {
         std::fs::create_dir_all(bundle.join(d)).map_err(err(format!("creating {}", bundle.join(d).display())))?;
     }
+    // runc mounts the root filesystem from inside the sandbox's user namespace: its root must reach it, and no
+    // one else (its group is the sandbox root's alone).
+    std::os::unix::fs::chown(bundle, Some(0), Some(base)).map_err(err("chown the bundle".into()))?;
+    std::fs::set_permissions(bundle, std::os::unix::fs::PermissionsExt::from_mode(0o710))
+        .map_err(err("restricting the bundle".into()))?;
     // The writable layer is the sandbox root's own; its top directory becomes the root directory.
     std::os::unix::fs::chown(bundle.join("upper"), Some(base), Some(base)).map_err(err("chown upper".into()))?;
     let userns = mounts::user_namespace(base, ids::RANGE_SIZE).map_err(err("creating the id mapping".into()))?;
@@ -304,7 +455,8 @@ fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32) -> Result<(), SandboxEr
     mounts::overlay(&top_first, &bundle.join("upper"), &bundle.join("work"), &bundle.join("rootfs"))
         .map_err(err("mounting the root filesystem".into()))?;
     let account = user::resolve(&bundle.join("rootfs"), &spec.user)?;
-    let files = spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname") };
+    let files =
+        spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname"), init: init.to_owned() };
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(ip) = spec.address {
         hosts.push_str(&format!("{ip}\t{}\n", spec.hostname));
@@ -342,6 +494,21 @@ fn last_error(log: &Path) -> String {
         .unwrap_or_else(|| "failed without saying why".into())
 }
 
+/// Makes `fd` the child's descriptor 3, inherited across exec (runc's `--preserve-fds 1` passes it on).
+#[allow(unsafe_code)]
+fn pass_as_fd3(cmd: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl, which are
+    // async-signal-safe, on integers. dup2 onto itself keeps close-on-exec set, hence the fcntl.
+    unsafe {
+        cmd.pre_exec(move || {
+            if (fd != 3 && libc::dup2(fd, 3) < 0) || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[allow(unsafe_code)]
 fn set_subreaper() -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments.
@@ -369,14 +536,12 @@ fn watch(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(pidfd) }.map_err(|e| e.into())
 }
 
-/// Reaps the process behind a pidfd if it has exited.
+/// Reaps the process behind a pidfd if it has exited (with `WNOHANG`), or once it exits.
 #[allow(unsafe_code)]
-fn waitid(pidfd: &OwnedFd) -> std::io::Result<Option<ExitStatus>> {
+fn waitid(pidfd: &OwnedFd, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
     // SAFETY: waitid fills the zeroed siginfo it is given.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
-    };
+    let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | flags) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }

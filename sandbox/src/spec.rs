@@ -68,6 +68,8 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
         json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "ro", "nosuid", "noexec", "nodev"]}),
         bind(&files.hosts, "/etc/hosts"),
         bind(&files.hostname, "/etc/hostname"),
+        // The init, the one host file a sandbox runs (root-owned, so nobody's inside: read-only to it).
+        json!({"destination": crate::INIT_PATH, "type": "bind", "source": files.init, "options": ["bind", "ro", "nosuid", "nodev"]}),
     ];
     if let Some(resolv) = &spec.resolv_conf {
         mounts.push(bind(resolv, "/etc/resolv.conf"));
@@ -99,7 +101,7 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
         "process": {
             "terminal": false,
             "user": {"uid": account.uid, "gid": account.gid},
-            "args": spec.argv,
+            "args": std::iter::once(crate::INIT_PATH).chain(spec.argv.iter().map(String::as_str)).collect::<Vec<_>>(),
             "env": env,
             "cwd": spec.cwd,
             "capabilities": {
@@ -133,6 +135,7 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
 pub(crate) struct BundleFiles {
     pub hosts: std::path::PathBuf,
     pub hostname: std::path::PathBuf,
+    pub init: std::path::PathBuf,
 }
 
 /// This process's hard limit on open files.

@@ -46,14 +46,19 @@ async fn fixture() -> Option<Fixture> {
     }
     let dir = tempfile::tempdir().unwrap();
     let layer = busybox_layer(dir.path());
-    let sandboxes = Sandboxes::new(SandboxConfig {
-        dir: dir.path().join("sandboxes"),
-        ids: std::env::temp_dir().join("cloud-sandbox-test-ids"),
-        runc: "runc".into(),
-    })
-    .await
-    .unwrap();
+    let sandboxes = node(dir.path(), "a").await;
     Some(Fixture { _dir: dir, sandboxes, layer })
+}
+
+/// The sandboxes of node `name`, beside the other nodes' in `dir/nodes`. The host's id ranges are shared by
+/// every agent of the host, tests included.
+async fn node(dir: &std::path::Path, name: &str) -> Sandboxes {
+    let config = SandboxConfig {
+        dir: dir.join("nodes").join(name),
+        ids: cloud_sandbox::ids::DEFAULT_DIR.into(),
+        runc: "runc".into(),
+    };
+    Sandboxes::new(config).await.unwrap()
 }
 
 fn spec(f: &Fixture, id: &str, script: &str) -> SandboxSpec {
@@ -109,7 +114,7 @@ async fn inside_a_sandbox_the_host_is_out_of_reach() {
     let s = f.sandboxes.start(&spec(&f, "t2", script)).await.unwrap();
     let (out, _) = output(s).await;
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].parse::<u32>().unwrap() <= 3, "only its own processes: {out}");
+    assert!(lines[0].parse::<u32>().unwrap() <= 4, "only its own processes: {out}");
     for bad in ["READ-SHADOW", "MOUNTED", "MKNOD", "SYSCTL"] {
         assert!(!out.contains(bad), "{bad}: {out}");
     }
@@ -129,7 +134,74 @@ async fn stop_and_remove_all_leave_nothing_behind() {
     assert_eq!(f.sandboxes.remove_all().await.unwrap(), 2);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(f._dir.path().to_str().unwrap()), "no mount left");
-    assert_eq!(std::fs::read_dir(f._dir.path().join("sandboxes")).unwrap().count(), 1, "only runc's state dir");
+    let mut left: Vec<_> =
+        std::fs::read_dir(f._dir.path().join("nodes/a")).unwrap().flatten().map(|e| e.file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["init", "lock", "runc"], "only runc's state dir, the init and the node's lock");
+}
+
+/// Programs rarely handle SIGTERM as a pid namespace's first process must (they would ignore it): the init
+/// passes it on, so a stop takes as long as the program needs, not the grace period.
+#[tokio::test]
+async fn a_program_without_a_handler_stops_at_once_and_reaped_orphans_do_not_pile_up() {
+    let Some(f) = fixture().await else { return };
+    // `sleep` has no handler; the subshells are orphaned at once and must be reaped by someone.
+    let script = "for i in 1 2 3; do (sleep 0 &); done; echo ready; exec sleep 1000";
+    let mut s = f.sandboxes.start(&spec(&f, "t5", script)).await.unwrap();
+    let mut out = s.stdout.take().unwrap();
+    let mut first = [0u8; 6];
+    out.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"ready\n");
+    let t0 = std::time::Instant::now();
+    let status = f.sandboxes.stop(&mut s, Duration::from_secs(20)).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "stopped after {:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(128 + 15), "the program's end, as a shell reports it: {status:?}");
+    f.sandboxes.remove("t5").await.unwrap();
+}
+
+/// A sandbox ends with the `Sandboxes` that started it (as with the agent's process, killed or not): nothing
+/// runs unsupervised, and the next agent removes what is left on disk.
+#[tokio::test]
+async fn no_sandbox_outlives_its_supervisor() {
+    let Some(f) = fixture().await else { return };
+    let s = f.sandboxes.start(&spec(&f, "t6", "exec sleep 1000")).await.unwrap();
+    let pid = s.pid;
+    let Fixture { _dir: dir, sandboxes, .. } = f;
+    drop(sandboxes);
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_or(true, |st| st.lines().any(|l| l.starts_with("State:") && l.contains("Z")))
+    };
+    let t0 = std::time::Instant::now();
+    while !gone() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the sandbox outlived its supervisor");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    let next = node(dir.path(), "a").await;
+    assert_eq!(next.remove_all().await.unwrap(), 1);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(dir.path().to_str().unwrap()), "no mount left");
+}
+
+/// What an agent that never comes back left (its node renamed, or its database reset) is removed by the next
+/// agent to start beside it; a live agent's sandboxes are left alone.
+#[tokio::test]
+async fn abandoned_sandboxes_are_removed_and_live_ones_kept() {
+    let Some(f) = fixture().await else { return };
+    let gone = node(f._dir.path(), "gone").await;
+    let _ = gone.start(&spec(&f, "t7", "exec sleep 1000")).await.unwrap();
+    drop(gone);
+    let live = f.sandboxes.start(&spec(&f, "t8", "exec sleep 1000")).await.unwrap();
+    let next = node(f._dir.path(), "next").await;
+    assert_eq!(next.remove_abandoned().await.unwrap(), ["gone"]);
+    assert!(!f._dir.path().join("nodes/gone").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/nodes/gone/"), "no mount of the abandoned node left");
+    assert!(mounts.contains("/nodes/a/t8/"), "the live node's sandbox is kept");
+    assert!(std::path::Path::new(&format!("/proc/{}", live.pid)).exists());
+    f.sandboxes.remove("t8").await.unwrap();
+    assert!(next.remove_abandoned().await.unwrap().is_empty(), "a is alive, next is the caller");
 }
 
 trait TermExt {
