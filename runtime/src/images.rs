@@ -86,8 +86,6 @@ pub struct RunConfig {
     pub cwd: String,
     /// User to run as inside (empty: root of the sandbox).
     pub user: String,
-    /// The port it listens on.
-    pub port: u16,
 }
 
 /// An image ready to run.
@@ -121,7 +119,8 @@ impl RunConfig {
         let mut env: BTreeMap<String, String> =
             self.env.iter().filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect();
         env.extend(a.env.clone());
-        env.insert("PORT".into(), self.port.to_string());
+        // The instance's port: the image's, unless it was created with another (the store decided which).
+        env.insert("PORT".into(), a.port.to_string());
         env.insert("PRIVATE_IP".into(), a.private_ip.to_string());
         env.insert("INSTANCE".into(), a.name.clone());
         env.insert("SERVICE".into(), a.service.clone().unwrap_or_default());
@@ -234,7 +233,6 @@ impl ImageCache {
             env: vec![format!("PATH={BUNDLE_PATH}"), "HOME=/tmp".into()],
             cwd: APP_DIR.into(),
             user: BUNDLE_USER.into(),
-            port: manifest.port,
         };
         let layers = match self.layout {
             Layout::Stacked => vec![self.base_layer().await?, target],
@@ -272,7 +270,6 @@ impl ImageCache {
             env: config.env.clone(),
             cwd: config.working_dir.clone(),
             user: config.user.clone(),
-            port: config.exposed_ports.first().copied().unwrap_or(cloud_store::DEFAULT_IMAGE_PORT),
         };
         // Bounds the node's work even for an image stored before the API checked it.
         let mut budget = Budget::new(cloud_oci::Limits::default());
@@ -584,6 +581,7 @@ mod tests {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             memory_mb: 128,
+            port: 8080,
             restart_policy: RestartPolicy::Never,
             desired: DesiredState::Running,
             state: InstanceState::Pending,
@@ -599,7 +597,6 @@ mod tests {
             env: vec!["PATH=/bin".into(), "MODE=image".into(), "PORT=1".into(), "broken".into()],
             cwd: "/".into(),
             user: String::new(),
-            port: 8080,
         }
     }
 

@@ -222,7 +222,7 @@ async fn run_once(
         Ok(l) => l,
         Err(reason) => return ended(reason, None),
     };
-    let port = image.run.port;
+    let port = a.port;
     let mut instance = match &shared.sandboxes {
         Some(sandboxes) => {
             if let Err(e) = shared.networks.create(a.id, a.tenant_id, a.network, a.private_ip).await {

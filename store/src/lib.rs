@@ -36,7 +36,6 @@ pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
-pub use images::DEFAULT_IMAGE_PORT;
 pub use instances::NewInstances;
 pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
