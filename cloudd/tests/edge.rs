@@ -13,6 +13,7 @@ use cloud_edge::{CertStore, EdgeConfig, EdgeHandle, ServedCert};
 use cloud_runtime::{NodeConfig, NodeHandle};
 use cloud_store::{ChangeFeed, Settings, Store};
 use cloud_tests::TestApi;
+use cloud_tests::registry;
 use cloud_tests::relay::Relay;
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
@@ -62,6 +63,15 @@ impl Fixture {
 
     /// With tenant networks of `prefix` bits and the edge reading the database through `edge_store`.
     async fn start_with(prefix: u8, edge_store: impl AsyncFnOnce(&TestApi) -> Store) -> Option<Self> {
+        Self::start_configured(prefix, |_| {}, edge_store).await
+    }
+
+    /// As [`start_with`](Self::start_with), with the API's configuration changed by `api`.
+    async fn start_configured(
+        prefix: u8,
+        api: impl FnOnce(&mut cloud_api::ApiConfig),
+        edge_store: impl AsyncFnOnce(&TestApi) -> Store,
+    ) -> Option<Self> {
         if !is_root() {
             eprintln!("skipped: the node agent needs root");
             return None;
@@ -77,7 +87,8 @@ impl Fixture {
         };
         // The API seals uploaded keys and the edge opens them with the same platform secret key.
         let secret = Arc::new(cloud_certs::seal::SecretKey::from_bytes(&[k as u8; 32]));
-        let api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
+        let mut api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
+        api(&mut api_config);
         let api = TestApi::start_with_settings(settings, api_config).await;
         // Shared by every run: each agent removes what the agents of earlier tests and runs left there.
         let state = std::env::temp_dir().join("cloud-edge-test");
@@ -818,4 +829,70 @@ async fn acme_http_01_answers_are_served_on_port_80_for_their_domain_only() {
     f.api.store.put_acme_http_token(fqdn, "tok2", "tok2.thumbprint").await.unwrap();
     let res = f.https(&[fqdn]).get(format!("https://{fqdn}/.well-known/acme-challenge/tok2")).send().await.unwrap();
     assert!(res.text().await.unwrap().starts_with("hello from"));
+}
+
+#[tokio::test]
+async fn images_from_oci_and_docker_archives_and_from_a_registry_serve_through_the_edge() {
+    if !is_root() {
+        eprintln!("skipped: the node agent needs root");
+        return;
+    }
+    let registry = registry::Registry::start();
+    let insecure = vec![registry.host.clone()];
+    let Some(f) =
+        Fixture::start_configured(22, |c| c.insecure_registries = insecure, async |api: &TestApi| api.store.clone())
+            .await
+    else {
+        return;
+    };
+    let t = f.api.token.clone();
+    let dir = tempfile::tempdir().unwrap();
+    for source in ["oci-archive", "docker-archive", "registry"] {
+        // A busybox httpd image of our own, its page naming where the image came from.
+        let image = registry::web_image(8080, &format!("served from the {source} image"));
+        let name = format!("web-{}", source.split('-').next().unwrap());
+        let res = match source {
+            "registry" => {
+                let reference = registry.push(&image, "team/web:v1");
+                reqwest::Client::new()
+                    .post(f.api.url("/v1/images"))
+                    .bearer_auth(&t)
+                    .json(&json!({"name": name, "reference": reference}))
+                    .send()
+                    .await
+                    .unwrap()
+            }
+            archive => {
+                let format = if archive == "oci-archive" {
+                    registry::ArchiveFormat::Oci
+                } else {
+                    registry::ArchiveFormat::Docker
+                };
+                let path = registry::skopeo_archive(&image, dir.path(), format);
+                reqwest::Client::new()
+                    .post(f.api.url(&format!("/v1/images?name={name}")))
+                    .bearer_auth(&t)
+                    .header("content-type", "application/x-tar")
+                    .body(std::fs::read(path).unwrap())
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        };
+        let status = res.status().as_u16();
+        let stored: Value = res.json().await.unwrap();
+        assert_eq!((status, stored["format"].as_str()), (201, Some("oci")), "{source}: {stored}");
+        let (status, svc) =
+            f.call(&t, reqwest::Method::POST, "/v1/services", Some(json!({"name": name, "ports": ["443:8080"]}))).await;
+        assert_eq!(status, 201, "{svc}");
+        let body = json!({"image": name, "service": name, "restart_policy": "never"});
+        let (status, created) = f.call(&t, reqwest::Method::POST, "/v1/instances", Some(body)).await;
+        assert_eq!(status, 201, "{created}");
+        let fqdn = svc["fqdn"].as_str().unwrap().to_owned();
+        f.wait_routable(&fqdn, 1).await;
+        // Through the edge, the certificate verified against the platform CA.
+        let page = f.https(&[&fqdn]).get(format!("https://{fqdn}/")).send().await.unwrap();
+        assert_eq!(page.status(), 200, "{source}");
+        assert_eq!(page.text().await.unwrap(), format!("served from the {source} image\n"));
+    }
 }

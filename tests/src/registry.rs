@@ -117,6 +117,27 @@ pub fn sample_image(port: u16, marker: &str) -> Image {
     build::image(&config, &[base_layer(), LayerBuilder::new().file("srv/marker", 0o644, marker.as_bytes()).into_tar()])
 }
 
+/// An image that serves `page` over HTTP on `port` with the host's static busybox (`httpd`), as a tenant's own
+/// image would: it runs in a sandbox, where nothing of the host is there.
+pub fn web_image(port: u16, page: &str) -> Image {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed by scripts/setup");
+    let layer = LayerBuilder::new()
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .dir("www", 0o755)
+        .file("www/index.html", 0o644, format!("{page}\n").as_bytes())
+        .into_tar();
+    let config = ImageConfig {
+        entrypoint: vec!["/bin/busybox".into(), "httpd".into(), "-f".into(), "-h".into(), "/www".into()],
+        cmd: vec!["-p".into(), port.to_string()],
+        working_dir: "/www".into(),
+        user: "65534:65534".into(),
+        exposed_ports: vec![port],
+        ..Default::default()
+    };
+    build::image(&config, &[layer])
+}
+
 /// The layer every [`sample_image`] shares.
 pub fn base_layer() -> Vec<u8> {
     LayerBuilder::new()
