@@ -8,7 +8,7 @@
 //!   kernel interfaces, the standard few devices, and memory, pids and cpu limits in a cgroup of its own.
 //!
 //! runc is started detached: nothing of ours but a small init stays beside a running sandbox. Its first process
-//! is that init (`init/main.rs`, bind-mounted read-only at [`INIT_PATH`]), which starts the image's program,
+//! is that init (`builtin/programs/init.rs`, bind-mounted read-only at [`INIT_PATH`]), which starts the image's program,
 //! forwards signals to it and reaps orphans, and ends the sandbox when the [`Sandboxes`] that started it is gone
 //! (dropped, or its process killed): a sandbox never outlives its supervisor. This process becomes the child
 //! subreaper, so a sandbox's first process is re-parented to it and its exit status is read through a pidfd.
@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use cloud_builtin::INIT;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
@@ -37,9 +38,6 @@ pub use ids::{IdPool, IdRange};
 
 /// Where a sandbox's init is, inside.
 pub const INIT_PATH: &str = "/dev/init";
-
-/// The init program, as built for this platform.
-const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/init"));
 
 /// Why a sandbox could not be set up, started or removed.
 #[derive(Debug, thiserror::Error)]
