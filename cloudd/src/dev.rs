@@ -48,9 +48,6 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     let cfg = &cfg;
     let store = crate::open_store(url, cfg).await?;
     let created = ensure_admin_token(&store, &key, &cfg.dev.tenant, 365, "cloudd dev: local cloudctl remote").await?;
-    if !nix_is_root() {
-        tracing::warn!("not root: instances run in loopback mode, on 127.x addresses without isolation");
-    }
     let dns = start_dns(cfg, store.clone()).await?;
     // Instances ask the private listener actually bound (the configuration may say port 0).
     let private_dns = dns.private_addrs().into_iter().find_map(|a| match a {

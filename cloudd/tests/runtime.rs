@@ -1225,3 +1225,83 @@ async fn oci_images_run_as_their_config_says_on_layers_unpacked_once_and_shared(
     assert_eq!(image_a.layers[0].diff_id, image_b.layers[0].diff_id, "one base layer");
     node.shutdown().await;
 }
+
+/// A node agent that is not root: `cloudd node` as `nobody` runs instances as rootless sandboxes (its own pid,
+/// mount and user namespaces on a read-only image, in the host's network on 127.x addresses), and says what is
+/// missing when it starts.
+#[tokio::test]
+async fn an_unprivileged_node_runs_instances_as_rootless_sandboxes() {
+    if !is_root() {
+        eprintln!("skipped: the test starts a node as nobody, which needs root");
+        return;
+    }
+    let _host = HOST.lock().await;
+    let k = POOL.fetch_add(1, Ordering::SeqCst);
+    let pool = format!("127.{}.{}.0/20", 200 + (k + 25) / 16 % 50, (k % 16) * 16);
+    let url = cloud_tests::fresh_database().await;
+    let store = cloud_store::Store::new(
+        cloud_store::connect(&url, 5).await.unwrap(),
+        Settings { tenant_pool: pool.parse().unwrap(), ..Settings::default() },
+    );
+    store.migrate().await.unwrap();
+    let api = TestApi::start_on(store, Default::default()).await;
+
+    // Everything the agent touches belongs to nobody, its binary included (ours may sit under /root).
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let exe = dir.path().join("cloudd");
+    std::fs::copy(env!("CARGO_BIN_EXE_cloudd"), &exe).unwrap();
+    let config = dir.path().join("node.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"rootless-n\"\nstate_dir = \"{}\"\nmemory_mb = 1024\nops_listen = \"127.0.0.1:0\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(&exe);
+    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    let mut agent = cmd
+        .args(["--config", &config.display().to_string(), "node"])
+        .env("DATABASE_URL", &url)
+        .env("CLOUD_TENANT_POOL", &pool)
+        .env_remove("HOME")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    create(&api, &api.token, json!({"image": "hello", "name": "rl-hello"})).await;
+    let script = "id -u\ncat /proc/self/uid_map\nls /proc | grep -c '^[0-9]'\n\
+                  exec busybox httpd -f -p \"$PRIVATE_IP:$PORT\"\n";
+    api.upload_image(
+        &api.token,
+        "probe",
+        &[("manifest.json", r#"{"command": ["sh", "probe.sh"], "port": 9000}"#), ("probe.sh", script)],
+    )
+    .await;
+    create(&api, &api.token, json!({"image": "probe", "name": "rl-probe"})).await;
+    let hello = running(&api, &api.token, "rl-hello").await;
+    let ip = hello["private_ip"].as_str().unwrap();
+    assert!(ip.starts_with("127."), "{ip}");
+    assert_eq!(http_get(ip, 8080).await.unwrap(), format!("hello from rl-hello ({ip})\n"));
+    let lines = wait_for_log(&api, &api.token, "rl-probe", "the probe's output", |l| {
+        l.iter().filter(|(s, _)| s == "stdout").count() >= 3
+    })
+    .await;
+    let out: Vec<&str> = lines.iter().filter(|(s, _)| s == "stdout").map(|(_, l)| l.trim()).collect();
+    assert_eq!(out[0], "0", "root inside: {out:?}");
+    assert!(out[1].split_whitespace().eq(["0", "65534", "1"]), "root inside is nobody outside: {out:?}");
+    // Its init, the shell, ls and grep: none of the host's processes, nor hello's.
+    assert!(out[2].parse::<u32>().unwrap() <= 4, "its own pid namespace: {out:?}");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("rootless sandboxes"), "the agent says what is missing: {text}");
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -69,6 +69,9 @@ pub enum ImageError {
 pub enum Layout {
     /// Layers stacked by each sandbox (as root).
     Stacked,
+    /// One directory per image holding its whole root filesystem, a rootless sandbox's read-only root (a
+    /// bundle's includes the base layer).
+    Rooted,
     /// One directory per image, run from by host processes (loopback mode).
     Flat,
 }
@@ -236,6 +239,7 @@ impl ImageCache {
         };
         let layers = match self.layout {
             Layout::Stacked => vec![self.base_layer().await?, target],
+            Layout::Rooted => vec![self.rooted_bundle(&hex, &target).await?],
             Layout::Flat => vec![target],
         };
         Ok(Prepared { layers, run })
@@ -294,7 +298,7 @@ impl ImageCache {
                 }
                 dirs
             }
-            Layout::Flat => {
+            Layout::Flat | Layout::Rooted => {
                 let target =
                     self.roots_dir().join(Digest::parse(digest).map_err(|e| unpack_error(e.to_string()))?.hex());
                 if !target.is_dir() {
@@ -336,6 +340,34 @@ impl ImageCache {
     }
 
     /// The base layer of bundles, built from the host's busybox the first time.
+    /// A bundle's whole root for a rootless sandbox: the base layer applied without root, then the bundle's
+    /// unpacked files (`bundle`, as for the other layouts) copied under `/app`.
+    async fn rooted_bundle(&self, hex: &str, bundle: &Path) -> Result<PathBuf, ImageError> {
+        let (busybox, dir, bundle) = (self.busybox.clone(), self.roots_dir(), bundle.to_owned());
+        let target = dir.join(format!("bundle-{hex}"));
+        if target.is_dir() {
+            return Ok(target);
+        }
+        let target2 = target.clone();
+        blocking(move || {
+            let binary = std::fs::read(&busybox).map_err(|e| e.to_string())?;
+            if !is_static(&binary) {
+                return Err("it is not a static executable (install busybox-static)".into());
+            }
+            let tar = base_layer_tar(&busybox, &binary)?;
+            let tmp = temporary(&dir)?;
+            let built = cloud_oci::layer::flatten(&tar, &tmp, &mut Budget::new(cloud_oci::Limits::default()))
+                .map_err(|e| cloud_domain::error_chain(&e))
+                .and_then(|_| {
+                    copy_tree(&bundle.join(APP_DIR.trim_start_matches('/')), &tmp.join(APP_DIR.trim_start_matches('/')))
+                });
+            publish(&tmp, &target2, built)
+        })
+        .await
+        .map_err(|reason| ImageError::Base { busybox: self.busybox.display().to_string(), reason })?;
+        Ok(target)
+    }
+
     async fn base_layer(&self) -> Result<PathBuf, ImageError> {
         let busybox = self.busybox.clone();
         let dir = self.layers_dir();
@@ -369,6 +401,26 @@ async fn fetch(store: &Store, digest: &str) -> Result<Vec<u8>, ImageError> {
         return Err(ImageError::Integrity { digest: digest.into(), actual: actual.to_string() });
     }
     Ok(bytes)
+}
+
+/// Copies a directory tree of regular files, directories and symbolic links (never followed), keeping modes.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let meta = std::fs::symlink_metadata(from).map_err(|e| err(from, e))?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(from).map_err(|e| err(from, e))?;
+        return std::os::unix::fs::symlink(target, to).map_err(|e| err(to, e));
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(to).map_err(|e| err(to, e))?;
+        for entry in std::fs::read_dir(from).map_err(|e| err(from, e))? {
+            let entry = entry.map_err(|e| err(from, e))?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+    } else {
+        std::fs::copy(from, to).map_err(|e| err(from, e))?;
+    }
+    std::fs::set_permissions(to, meta.permissions()).map_err(|e| err(to, e))
 }
 
 /// Runs blocking file work off the async threads.

@@ -95,7 +95,7 @@ impl NodeConfig {
             address: "127.0.0.1".into(),
             memory_mb: total_memory_mb() * 4 / 5,
             state_dir,
-            isolation: if current_uid() == 0 { Isolation::Namespaces } else { Isolation::Loopback },
+            isolation: if current_uid() == 0 { Isolation::Namespaces } else { Isolation::Rootless },
             runc: "runc".into(),
             ids_dir: cloud_sandbox::ids::DEFAULT_DIR.into(),
             busybox: "/bin/busybox".into(),
@@ -133,10 +133,28 @@ pub enum Isolation {
     /// As root: a sandbox and a network namespace per instance, a bridge per tenant, nftables between tenants
     /// and the host.
     Namespaces,
-    /// Without root: instances run as host processes of the agent's user in the host's network, each bound to
-    /// its private IP, which must be a loopback address (a tenant pool inside 127.0.0.0/8). No isolation is
+    /// Without root, where the kernel lets users make user namespaces: each instance a rootless sandbox (its
+    /// own pid, mount, ipc, uts and user namespaces on a read-only copy of its image, the seccomp filter, the
+    /// reduced capabilities, `no_new_privs`), in the host's network bound to its private IP, which must be a
+    /// loopback address (a tenant pool inside 127.0.0.0/8). Every sandbox is the agent's uid outside, and none
+    /// has memory, process or CPU limits (cgroups are root's to hand out).
+    Rootless,
+    /// Without root and without user namespaces (or runc): instances run as host processes of the agent's user
+    /// in the host's network, each bound to its private IP, which must be a loopback address. No isolation is
     /// claimed.
     Loopback,
+}
+
+/// What rootless mode lacks, said once when such an agent starts.
+const ROOTLESS_WARNING: &str = "rootless sandboxes (the agent is not root): each instance has its own pid, mount, \
+    ipc, uts and user namespaces and a read-only image, but all run as this user in the host's network, without \
+    memory, process or CPU limits; run the agent as root to isolate tenants from each other";
+
+/// Whether this kernel lets an unprivileged user make user namespaces (rootless sandboxes need them).
+fn user_namespaces_allowed() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    read("/proc/sys/user/max_user_namespaces").is_none_or(|n| n > 0)
+        && read("/proc/sys/kernel/unprivileged_userns_clone").is_none_or(|v| v == 1)
 }
 
 /// What loopback mode lacks, said once when such an agent starts.
@@ -259,12 +277,38 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
             net::remove_idle_bridges().await;
             Some(sandboxes)
         }
-        Isolation::Loopback => {
+        Isolation::Rootless if user_namespaces_allowed() => {
+            let dir = config.state_dir.join("sandboxes").join(node.simple().to_string());
+            match cloud_sandbox::Sandboxes::new(cloud_sandbox::SandboxConfig {
+                dir,
+                ids: config.ids_dir.clone(),
+                runc: config.runc.clone(),
+            })
+            .await
+            {
+                Ok(sandboxes) => {
+                    sandboxes.remove_all().await?;
+                    sandboxes.remove_abandoned().await?;
+                    tracing::warn!("{ROOTLESS_WARNING}");
+                    Some(sandboxes)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %cloud_domain::error_chain(&e), "no rootless sandboxes");
+                    tracing::warn!("{LOOPBACK_WARNING}");
+                    None
+                }
+            }
+        }
+        Isolation::Rootless | Isolation::Loopback => {
             tracing::warn!("{LOOPBACK_WARNING}");
             None
         }
     };
-    let layout = if sandboxes.is_some() { images::Layout::Stacked } else { images::Layout::Flat };
+    let layout = match &sandboxes {
+        Some(s) if s.rootless() => images::Layout::Rooted,
+        Some(_) => images::Layout::Stacked,
+        None => images::Layout::Flat,
+    };
     let images = images::ImageCache::new(config.state_dir.clone(), layout, config.busybox.clone());
     let state_dir = config.state_dir.clone();
     let _ = tokio::task::spawn_blocking(move || {

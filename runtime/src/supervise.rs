@@ -116,11 +116,21 @@ async fn cleanup(shared: &Shared, id: uuid::Uuid, tenant: uuid::Uuid) {
     if let Err(e) = sandboxes.remove(&crate::sandbox_id(shared.node, id)).await {
         tracing::warn!(instance = %id, error = %cloud_domain::error_chain(&e), "could not remove the sandbox");
     }
+    if sandboxes.rootless() {
+        return;
+    }
     if let Err(e) = shared.networks.destroy(id).await {
         tracing::warn!(instance = %id, error = %e, "could not remove the namespace");
     }
     crate::net::remove_idle_bridge(tenant).await;
     let _ = tokio::fs::remove_file(resolv_conf_path(shared, id)).await;
+}
+
+/// Why an instance cannot run on a node without root, which puts instances in the host's network.
+fn loopback_only(ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "this node runs without root (in the host's network) and needs 127.x private IPs, not {ip}: set platform.tenant_pool inside 127.0.0.0/8"
+    )
 }
 
 /// A started instance: a sandbox, or a host process in loopback mode.
@@ -224,12 +234,22 @@ async fn run_once(
     };
     let port = a.port;
     let mut instance = match &shared.sandboxes {
+        Some(sandboxes) if sandboxes.rootless() && !a.private_ip.is_loopback() => {
+            return ended(loopback_only(a.private_ip), None);
+        }
         Some(sandboxes) => {
-            if let Err(e) = shared.networks.create(a.id, a.tenant_id, a.network, a.private_ip).await {
-                return ended(format!("network: {e}"), None);
-            }
+            let network = if sandboxes.rootless() {
+                // An unprivileged agent cannot make a network namespace the host reaches: the host's, where the
+                // instance binds its own 127.x address.
+                cloud_sandbox::Network::Host
+            } else {
+                if let Err(e) = shared.networks.create(a.id, a.tenant_id, a.network, a.private_ip).await {
+                    return ended(format!("network: {e}"), None);
+                }
+                cloud_sandbox::Network::Join(shared.networks.netns_path(a.id).into())
+            };
             let resolv_conf = match shared.config.dns {
-                Some(_) => {
+                Some(_) if !sandboxes.rootless() => {
                     let path = resolv_conf_path(shared, a.id);
                     let written = tokio::fs::create_dir_all(path.parent().expect("a file in a directory"))
                         .await
@@ -239,8 +259,8 @@ async fn run_once(
                     }
                     Some(path)
                 }
-                // As before a DNS was configured: the host's (whose servers instances may not reach).
-                None => Some(std::path::PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
+                // Without a DNS for private names (or in the host's network): the host's.
+                _ => Some(std::path::PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
             };
             let spec = SandboxSpec {
                 id: crate::sandbox_id(shared.node, a.id),
@@ -250,7 +270,7 @@ async fn run_once(
                 cwd: image.run.cwd.clone(),
                 user: image.run.user.clone(),
                 hostname: a.name.clone(),
-                netns: Some(shared.networks.netns_path(a.id).into()),
+                network,
                 address: Some(a.private_ip.into()),
                 resolv_conf,
                 limits: cloud_sandbox::Limits {
@@ -266,13 +286,7 @@ async fn run_once(
         }
         None => {
             if !a.private_ip.is_loopback() {
-                return ended(
-                    format!(
-                        "this node runs without root (loopback mode) and needs 127.x private IPs, not {}: set platform.tenant_pool inside 127.0.0.0/8",
-                        a.private_ip
-                    ),
-                    None,
-                );
+                return ended(loopback_only(a.private_ip), None);
             }
             let host = HostLaunch::from_image(&image.layers[0], &image.run.cwd, launch.argv.clone(), launch.env);
             match spawn(&host) {

@@ -99,14 +99,25 @@ pub struct SandboxSpec {
     pub user: String,
     /// Host name inside.
     pub hostname: String,
-    /// The network namespace to join (`/run/netns/...`); none: a new one with only loopback.
-    pub netns: Option<PathBuf>,
+    /// Its network.
+    pub network: Network,
     /// The private address, for `/etc/hosts`.
     pub address: Option<std::net::IpAddr>,
     /// Shown as `/etc/resolv.conf`.
     pub resolv_conf: Option<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
+}
+
+/// The network a sandbox is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// An existing network namespace (`/run/netns/...`): the instance's.
+    Join(PathBuf),
+    /// A new one with only loopback.
+    Own,
+    /// The host's (rootless sandboxes of an unprivileged agent, which cannot make one reachable from the host).
+    Host,
 }
 
 /// Resource limits of a sandbox.
@@ -143,6 +154,8 @@ pub struct Sandboxes {
     /// Each sandbox's init holds a copy of the read end as descriptor 3 and ends its sandbox at end of file,
     /// when the write end, which only this value holds (close-on-exec), is closed.
     watchdog: (OwnedFd, OwnedFd),
+    /// This process is not root: sandboxes are rootless (see [`Sandboxes::rootless`]).
+    rootless: bool,
 }
 
 /// A running sandbox.
@@ -159,7 +172,8 @@ pub struct Sandbox {
     pub stdout: Option<pipe::Receiver>,
     /// The first process's standard error.
     pub stderr: Option<pipe::Receiver>,
-    _ids: IdRange,
+    /// Its host id range (none for a rootless sandbox, which maps the agent's own ids).
+    _ids: Option<IdRange>,
 }
 
 impl Sandboxes {
@@ -177,13 +191,16 @@ impl Sandboxes {
             dir: config.dir,
             _lock: lock,
             watchdog: (OwnedFd::from(read), OwnedFd::from(write)),
+            rootless: current_uid() != 0,
         };
         // Sandboxes' root filesystems are mounted below: no one else on the host lists them (each sandbox's own
         // directory lets in only its root, which runc needs to pass through here).
         std::fs::set_permissions(&me.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .map_err(io(format!("restricting {}", me.dir.display())))?;
         me.install_init().map_err(io(format!("writing {}", me.init().display())))?;
-        cgroups::ensure_visible().map_err(io("mounting the cgroup hierarchies"))?;
+        if !me.rootless {
+            cgroups::ensure_visible().map_err(io("mounting the cgroup hierarchies"))?;
+        }
         let out = tokio::process::Command::new(&me.runc).arg("--version").output().await.map_err(|e| {
             SandboxError::Runc { message: format!("cannot run {} ({e}); scripts/setup installs it", me.runc.display()) }
         })?;
@@ -196,6 +213,16 @@ impl Sandboxes {
 
     fn place(&self) -> Place<'_> {
         Place { runc: &self.runc, dir: &self.dir }
+    }
+
+    /// Whether sandboxes are rootless: this process is not root, so each sandbox maps only its own uid and gid
+    /// (root inside is this process's user outside, shared by every sandbox), runs in the host's network, on its
+    /// image as one read-only directory (a [`SandboxSpec`] then has exactly one layer: the flattened image) with
+    /// its own `/tmp` and `/run`, and has no cgroup limits. Its pid, mount, ipc, uts and user namespaces, the
+    /// capability set, the seccomp filter, `no_new_privs`, the masked paths and the init are those of every
+    /// sandbox.
+    pub fn rootless(&self) -> bool {
+        self.rootless
     }
 
     fn init(&self) -> PathBuf {
@@ -228,7 +255,7 @@ impl Sandboxes {
         if self.bundle(&spec.id).exists() || self.dir.join("runc").join(&spec.id).exists() {
             self.remove(&spec.id).await?;
         }
-        let ids = self.ids.acquire(&spec.id)?;
+        let ids = if self.rootless { None } else { Some(self.ids.acquire(&spec.id)?) };
         match self.start_with(spec, ids).await {
             Ok(s) => Ok(s),
             Err(e) => {
@@ -240,11 +267,21 @@ impl Sandboxes {
         }
     }
 
-    async fn start_with(&self, spec: &SandboxSpec, mut ids: IdRange) -> Result<Sandbox, SandboxError> {
+    async fn start_with(&self, spec: &SandboxSpec, mut ids: Option<IdRange>) -> Result<Sandbox, SandboxError> {
         let bundle = self.bundle(&spec.id);
-        let (spec2, bundle2, base, init) = (spec.clone(), bundle.clone(), ids.base, self.init());
-        tokio::task::spawn_blocking(move || prepare(&spec2, &bundle2, base, &init)).await.map_err(|e| {
-            SandboxError::Io { what: "preparing the root filesystem".into(), source: std::io::Error::other(e) }
+        let mapping = match &ids {
+            Some(range) => spec::Ids::Range(range.base),
+            None => spec::Ids::Own { uid: current_uid(), gid: current_gid() },
+        };
+        let (spec2, bundle2, init) = (spec.clone(), bundle.clone(), self.init());
+        tokio::task::spawn_blocking(move || match mapping {
+            spec::Ids::Range(base) => prepare(&spec2, &bundle2, base, &init),
+            own => prepare_rootless(&spec2, &bundle2, own, &init),
+        })
+        .await
+        .map_err(|e| SandboxError::Io {
+            what: "preparing the root filesystem".into(),
+            source: std::io::Error::other(e),
         })??;
 
         let (out_r, out_w) = std::io::pipe().map_err(io("creating a pipe"))?;
@@ -269,7 +306,9 @@ impl Sandboxes {
             .ok_or_else(|| SandboxError::Runc { message: "no pid file after run".into() })?;
         let exit =
             watch(pidfd_open(pid).map_err(io("opening the sandbox's pidfd"))?).map_err(io("watching the sandbox"))?;
-        ids.held_by(pid);
+        if let Some(ids) = &mut ids {
+            ids.held_by(pid);
+        }
         let receiver = |r: std::io::PipeReader| pipe::Receiver::from_owned_fd(OwnedFd::from(r)).ok();
         Ok(Sandbox {
             id: spec.id.clone(),
@@ -453,15 +492,57 @@ fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32, init: &Path) -> Result<
     mounts::overlay(&top_first, &bundle.join("upper"), &bundle.join("work"), &bundle.join("rootfs"))
         .map_err(err("mounting the root filesystem".into()))?;
     let account = user::resolve(&bundle.join("rootfs"), &spec.user)?;
-    let files =
-        spec::BundleFiles { hosts: bundle.join("hosts"), hostname: bundle.join("hostname"), init: init.to_owned() };
+    let files = spec::BundleFiles {
+        hosts: bundle.join("hosts"),
+        hostname: bundle.join("hostname"),
+        init: init.to_owned(),
+        root: None,
+    };
+    write_bundle(spec, bundle, spec::Ids::Range(base), &account, &files)
+}
+
+/// The bundle of a rootless sandbox: its root is the one flattened image directory, read-only and shared, so
+/// nothing is mounted here; the sandbox runs as its root, the only id it maps.
+fn prepare_rootless(spec: &SandboxSpec, bundle: &Path, ids: spec::Ids, init: &Path) -> Result<(), SandboxError> {
+    let err = |what: String| move |e| SandboxError::Io { what, source: e };
+    let [root] = spec.layers.as_slice() else {
+        return Err(SandboxError::Io {
+            what: "a rootless sandbox".into(),
+            source: std::io::Error::other(format!(
+                "needs its image as one directory, not {} layers",
+                spec.layers.len()
+            )),
+        });
+    };
+    std::fs::create_dir_all(bundle).map_err(err(format!("creating {}", bundle.display())))?;
+    std::fs::set_permissions(bundle, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(err("restricting the bundle".into()))?;
+    let account = user::Account { uid: 0, gid: 0, home: "/root".into() };
+    let files = spec::BundleFiles {
+        hosts: bundle.join("hosts"),
+        hostname: bundle.join("hostname"),
+        init: init.to_owned(),
+        root: Some(root.clone()),
+    };
+    write_bundle(spec, bundle, ids, &account, &files)
+}
+
+/// The files the sandbox sees from us and runc's `config.json`.
+fn write_bundle(
+    spec: &SandboxSpec,
+    bundle: &Path,
+    ids: spec::Ids,
+    account: &user::Account,
+    files: &spec::BundleFiles,
+) -> Result<(), SandboxError> {
+    let err = |what: String| move |e| SandboxError::Io { what, source: e };
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(ip) = spec.address {
         hosts.push_str(&format!("{ip}\t{}\n", spec.hostname));
     }
     std::fs::write(&files.hosts, hosts).map_err(err("writing hosts".into()))?;
     std::fs::write(&files.hostname, format!("{}\n", spec.hostname)).map_err(err("writing hostname".into()))?;
-    let config = spec::config(spec, base, &account, &files);
+    let config = spec::config(spec, ids, account, files);
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).expect("JSON serializes"))
         .map_err(err("writing config.json".into()))
 }
@@ -472,6 +553,10 @@ fn teardown(bundle: &Path) -> Result<(), SandboxError> {
         return Ok(());
     }
     let err = |what: String| move |e| SandboxError::Io { what, source: e };
+    // A rootless sandbox mounted nothing here (and unmounting would need root).
+    if !bundle.join("rootfs").exists() {
+        return std::fs::remove_dir_all(bundle).map_err(err(format!("removing {}", bundle.display())));
+    }
     mounts::unmount(&bundle.join("rootfs")).map_err(err("unmounting the root filesystem".into()))?;
     if let Ok(layers) = std::fs::read_dir(bundle.join("l")) {
         for l in layers.flatten() {
@@ -505,6 +590,18 @@ fn pass_as_fd3(cmd: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
             Ok(())
         });
     }
+}
+
+#[allow(unsafe_code)]
+fn current_uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    unsafe { libc::getuid() }
+}
+
+#[allow(unsafe_code)]
+fn current_gid() -> u32 {
+    // SAFETY: getgid(2) cannot fail and touches no memory.
+    unsafe { libc::getgid() }
 }
 
 #[allow(unsafe_code)]

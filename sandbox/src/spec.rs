@@ -43,8 +43,17 @@ const MASKED: &[&str] = &[
 /// Kernel interfaces sandboxes may read but not write.
 const READ_ONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
-/// The configuration of one sandbox whose id range starts at `base`, running as `account`.
-pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &BundleFiles) -> Value {
+/// Whose ids a sandbox's user namespace maps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ids {
+    /// A range of 65536 host ids of its own, from this base (as root).
+    Range(u32),
+    /// The agent's own uid and gid, as root inside (rootless: an unprivileged agent maps nothing else).
+    Own { uid: u32, gid: u32 },
+}
+
+/// The configuration of one sandbox whose ids are `ids`, running as `account`.
+pub(crate) fn config(spec: &SandboxSpec, ids: Ids, account: &Account, files: &BundleFiles) -> Value {
     let mut env = spec.env.clone();
     let has = |env: &[String], key: &str| env.iter().any(|e| e.split_once('=').is_some_and(|(k, _)| k == key));
     if !has(&env, "PATH") {
@@ -60,7 +69,11 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": match ids {
+            Ids::Range(_) => &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"][..],
+            // Group 5 (tty) is not mapped.
+            Ids::Own { .. } => &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"][..],
+        }}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         // A user namespace cannot mount sysfs for a network namespace it does not own: the host's, read-only,
@@ -74,6 +87,12 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
     if let Some(resolv) = &spec.resolv_conf {
         mounts.push(bind(resolv, "/etc/resolv.conf"));
     }
+    if let Ids::Own { .. } = ids {
+        // The root filesystem is shared and read-only: scratch space of the sandbox's own.
+        for dir in ["/tmp", "/run"] {
+            mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
+        }
+    }
     let mut namespaces = vec![
         json!({"type": "pid"}),
         json!({"type": "ipc"}),
@@ -81,10 +100,11 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
         json!({"type": "mount"}),
         json!({"type": "user"}),
     ];
-    namespaces.push(match &spec.netns {
-        Some(path) => json!({"type": "network", "path": path}),
-        None => json!({"type": "network"}),
-    });
+    match &spec.network {
+        crate::Network::Join(path) => namespaces.push(json!({"type": "network", "path": path})),
+        crate::Network::Own => namespaces.push(json!({"type": "network"})),
+        crate::Network::Host => {}
+    }
     let mut resources = json!({
         "devices": [{"allow": false, "access": "rwm"}],
         "memory": {"limit": spec.limits.memory_bytes},
@@ -95,8 +115,21 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
     }
     // Raising a hard limit needs a capability over the host: at most what the agent has.
     let nofile = open_files_limit().min(65536);
-    let mapping = json!([{"containerID": 0, "hostID": base, "size": RANGE_SIZE}]);
-    json!({
+    let (uid_map, gid_map) = match ids {
+        Ids::Range(base) => (
+            json!([{"containerID": 0, "hostID": base, "size": RANGE_SIZE}]),
+            json!([{"containerID": 0, "hostID": base, "size": RANGE_SIZE}]),
+        ),
+        Ids::Own { uid, gid } => (
+            json!([{"containerID": 0, "hostID": uid, "size": 1}]),
+            json!([{"containerID": 0, "hostID": gid, "size": 1}]),
+        ),
+    };
+    let root = match (ids, files.root.as_deref()) {
+        (Ids::Own { .. }, Some(dir)) => json!({"path": dir, "readonly": true}),
+        _ => json!({"path": "rootfs", "readonly": false}),
+    };
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -114,20 +147,24 @@ pub(crate) fn config(spec: &SandboxSpec, base: u32, account: &Account, files: &B
             // A sandbox is killed before the platform when memory runs out.
             "oomScoreAdj": 500,
         },
-        "root": {"path": "rootfs", "readonly": false},
+        "root": root,
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {
-            "uidMappings": mapping,
-            "gidMappings": mapping,
+            "uidMappings": uid_map,
+            "gidMappings": gid_map,
             "namespaces": namespaces,
-            "resources": resources,
-            "cgroupsPath": format!("/cloud-sandbox/{}", spec.id),
             "maskedPaths": MASKED,
             "readonlyPaths": READ_ONLY,
             "seccomp": crate::seccomp::profile(),
         },
-    })
+    });
+    // Cgroups are root's to hand out (v1): an unprivileged agent's sandboxes have no limits of their own.
+    if let Ids::Range(_) = ids {
+        config["linux"]["resources"] = resources;
+        config["linux"]["cgroupsPath"] = json!(format!("/cloud-sandbox/{}", spec.id));
+    }
+    config
 }
 
 /// Files the runtime bind-mounts into the sandbox, kept in its bundle directory.
@@ -136,6 +173,8 @@ pub(crate) struct BundleFiles {
     pub hosts: std::path::PathBuf,
     pub hostname: std::path::PathBuf,
     pub init: std::path::PathBuf,
+    /// The root filesystem when it is a directory of its own (rootless: the flattened image), else `rootfs`.
+    pub root: Option<std::path::PathBuf>,
 }
 
 /// This process's hard limit on open files.

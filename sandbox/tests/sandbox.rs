@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cloud_oci::build::LayerBuilder;
 use cloud_oci::layer::{self, Budget};
-use cloud_sandbox::{Limits, SandboxConfig, SandboxSpec, Sandboxes};
+use cloud_sandbox::{Limits, Network, SandboxConfig, SandboxSpec, Sandboxes};
 use tokio::io::AsyncReadExt;
 
 fn is_root() -> bool {
@@ -70,7 +70,7 @@ fn spec(f: &Fixture, id: &str, script: &str) -> SandboxSpec {
         cwd: "/".into(),
         user: String::new(),
         hostname: "box".into(),
-        netns: None,
+        network: Network::Own,
         address: None,
         resolv_conf: None,
         limits: Limits { memory_bytes: 64 << 20, pids: 64, cpu_millicores: Some(500) },
@@ -217,4 +217,84 @@ impl TermExt for std::process::ExitStatus {
 
 fn libc_sigterm() -> i32 {
     15
+}
+
+/// Set (to the working directory) in the copy of this test binary that runs as `nobody`.
+const ROOTLESS_CHILD: &str = "CLOUD_SANDBOX_ROOTLESS_CHILD";
+
+/// An unprivileged agent's sandboxes: this test runs a copy of itself as `nobody` (the child half below), which
+/// flattens a busybox image without root and starts a rootless sandbox on it.
+#[tokio::test]
+async fn an_unprivileged_agent_makes_rootless_sandboxes() {
+    if let Some(dir) = std::env::var_os(ROOTLESS_CHILD) {
+        return rootless_child(PathBuf::from(dir)).await;
+    }
+    if !is_root() {
+        eprintln!("skipped: the test becomes nobody, which needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    // The test binary may sit where nobody cannot read it (under /root): a copy nobody can run.
+    let exe = dir.path().join("sandbox-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    let out = std::os::unix::process::CommandExt::gid(
+        std::os::unix::process::CommandExt::uid(&mut std::process::Command::new(&exe), 65534),
+        65534,
+    )
+    .args(["--exact", "an_unprivileged_agent_makes_rootless_sandboxes", "--nocapture"])
+    .env(ROOTLESS_CHILD, dir.path())
+    .env_remove("HOME")
+    .output()
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("1 passed"), "as nobody:\n{stdout}\n{stderr}");
+}
+
+async fn rootless_child(dir: PathBuf) {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed by scripts/setup");
+    let mut layer = LayerBuilder::new().dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "id", "cat", "ls", "grep", "echo", "mount", "touch", "kill"] {
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    layer::flatten(&layer.into_tar(), &root, &mut Budget::new(cloud_oci::Limits::default())).unwrap();
+    let sandboxes =
+        Sandboxes::new(SandboxConfig { dir: dir.join("sandboxes"), ids: dir.join("ids"), runc: "runc".into() })
+            .await
+            .unwrap();
+    assert!(sandboxes.rootless());
+    let script = "id -u; cat /proc/self/uid_map; echo scratch > /tmp/x && cat /tmp/x; \
+                  touch /bin/new 2>/dev/null || echo read-only; ls /proc | grep -c '^[0-9]'; \
+                  mount -t tmpfs t /tmp 2>/dev/null && echo MOUNTED; grep NoNewPrivs /proc/self/status; \
+                  kill -0 1 && echo init";
+    let spec = SandboxSpec {
+        id: "rootless1".into(),
+        layers: vec![root],
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        cwd: "/".into(),
+        user: String::new(),
+        hostname: "box".into(),
+        network: Network::Host,
+        address: None,
+        resolv_conf: None,
+        limits: Limits { memory_bytes: 64 << 20, pids: 64, cpu_millicores: None },
+    };
+    let s = sandboxes.start(&spec).await.unwrap();
+    let host_uid = std::fs::metadata(format!("/proc/{}", s.pid)).unwrap().uid();
+    assert_eq!(host_uid, 65534, "root inside is the agent's user outside");
+    let (out, code) = output(s).await;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(lines[0], "0", "root inside: {out}");
+    assert!(lines[1].split_whitespace().eq(["0", "65534", "1"]), "only the agent's own uid is mapped: {out}");
+    assert_eq!(lines[2..4], ["scratch", "read-only"], "a /tmp of its own on a read-only root: {out}");
+    // Its init, the shell, ls and grep.
+    assert!(lines[4].parse::<u32>().unwrap() <= 4, "only its own processes: {out}");
+    assert!(!out.contains("MOUNTED"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1") && out.ends_with("init\n"), "{out}");
+    sandboxes.remove("rootless1").await.unwrap();
+    assert!(!dir.join("sandboxes/rootless1").exists());
 }
