@@ -3,10 +3,10 @@
 //! (it lets us pick the SNI); per-request latencies come from its log file. Then the route table at scale: the
 //! same requests with 100k services loaded, the memory a route costs, and create-to-routable latency.
 //!
-//! Needs nginx and h2load (`apt-get install nginx-light nghttp2-client`) and a built `cloudd` (the backend).
+//! Needs nginx and h2load (`apt-get install nginx-light nghttp2-client`); the backend is the built-in `hello` image's program.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,7 +115,7 @@ async fn start_edge(store: &Store, certs: Arc<CertStore>) -> anyhow::Result<clou
     Ok(cloud_edge::start(store.clone(), feed, certs, config).await?)
 }
 
-pub async fn run(cloudd: PathBuf, seconds: u64, connections: usize, routes: usize) -> anyhow::Result<()> {
+pub async fn run(seconds: u64, connections: usize, routes: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-edge-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let store = cloud_tests::fresh_store().await;
@@ -126,15 +126,14 @@ pub async fn run(cloudd: PathBuf, seconds: u64, connections: usize, routes: usiz
     // The backend both proxies share: the built-in hello, on loopback.
     let backend_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
-    let mut hello = Command::new(&cloudd)
-        .arg("hello")
+    let mut hello = Command::new(crate::hello_program()?)
         .env("PORT", backend_port.to_string())
         .env("PRIVATE_IP", "127.0.0.1")
         .env("INSTANCE", "bench-1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {} hello", cloudd.display()))?;
+        .context("starting the hello program")?;
     let ports = cloud_domain::ports::parse_specs(&[format!("443:{backend_port}")], &Default::default())?;
     let new = |name: &str| NewService {
         name: Some(name.into()),

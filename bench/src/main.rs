@@ -37,23 +37,21 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.first().map(String::as_str) == Some("edge") {
         let (mut seconds, mut connections, mut routes) = (10u64, 64usize, 100_000usize);
-        let mut cloudd = std::env::current_exe()?.with_file_name("cloudd");
         let mut it = args[1..].iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
                 "--connections" => connections = it.next().context("--connections N")?.parse()?,
                 "--routes" => routes = it.next().context("--routes N")?.parse()?,
-                "--cloudd" => cloudd = PathBuf::from(it.next().context("--cloudd PATH")?),
                 other => bail!("unknown argument {other}"),
             }
         }
-        return edge::run(cloudd, seconds, connections, routes).await;
+        return edge::run(seconds, connections, routes).await;
     }
     if args.first().map(String::as_str) != Some("deploy") {
         bail!(
             "usage: cloud-bench deploy [--instances N] | cloud-bench dns [--names N] [--seconds S] | \
-             cloud-bench edge [--seconds S] [--connections N] [--routes N] [--cloudd PATH]"
+             cloud-bench edge [--seconds S] [--connections N] [--routes N]"
         );
     }
     let mut n = 50usize;
@@ -91,7 +89,7 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 /// The built-in `hello` image's program, taken out of its layer into a directory of its own.
-fn hello_program() -> anyhow::Result<PathBuf> {
+pub(crate) fn hello_program() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-hello-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

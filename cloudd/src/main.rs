@@ -3,7 +3,6 @@
 
 mod config;
 mod dev;
-mod hello;
 mod ops;
 
 use std::path::PathBuf;
@@ -46,13 +45,12 @@ enum Command {
     Token,
     /// Print the OpenAPI document of the API (what `scripts/openapi` checks in).
     Openapi,
-    /// Serve the built-in `hello` image: an HTTP server answering with its instance name and private IP.
-    Hello,
     /// Run the edge: TLS termination, routing by name and balancing to instances (needs DATABASE_URL).
     Edge,
     /// Run the authoritative DNS for service names and private instance names (needs DATABASE_URL).
     Dns,
-    /// Run a node agent: runs the instances scheduled on this machine (needs root and DATABASE_URL).
+    /// Run a node agent: runs the instances scheduled on this machine (needs DATABASE_URL; root for full
+    /// isolation).
     Node,
     /// Run the certificate manager: verifies custom domains, orders and renews ACME certificates (needs
     /// DATABASE_URL and platform.secret_key_file).
@@ -92,7 +90,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", cloud_api::openapi().to_pretty_json()?);
             Ok(())
         }
-        Command::Hello => hello::serve().await,
         Command::Edge => {
             let cfg = load()?;
             let store = connect(&cfg).await?;

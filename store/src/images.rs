@@ -73,6 +73,16 @@ async fn put_blobs(tx: &mut sqlx::PgConnection, image: &cloud_oci::Image) -> Res
     Ok(())
 }
 
+/// An image row to store.
+struct NewImage<'a> {
+    digest: &'a str,
+    size: u64,
+    command: &'a [String],
+    port: u16,
+    format: ImageFormat,
+    source: &'a str,
+}
+
 /// What an OCI image runs: its command and port.
 fn oci_run(image: &cloud_oci::Image) -> Result<(Vec<String>, u16), StoreError> {
     let command = image.config.argv();
@@ -96,43 +106,21 @@ impl Store {
     ) -> Result<Image, StoreError> {
         let digest = digest(bundle);
         let mut tx = self.pool.begin().await?;
-        let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
-        let (count, exists): (i64, bool) =
-            sqlx::query_as("SELECT count(*), coalesce(bool_or(name = $2), false) FROM images WHERE tenant_id = $1")
-                .bind(tenant)
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-        if !exists && count >= quotas.max_images as i64 {
-            return Err(StoreError::QuotaExceeded {
-                detail: format!("max_images is {} and the tenant has {count}", quotas.max_images),
-            });
-        }
+        let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
         sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
             .bind(&digest)
             .bind(bundle)
             .execute(&mut *tx)
             .await?;
-        let row: ImageRow = sqlx::query_as(
-            "INSERT INTO images (id, tenant_id, name, digest, size_bytes, command, port)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (tenant_id, name) WHERE tenant_id IS NOT NULL DO UPDATE
-                 SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
-                     port = EXCLUDED.port, format = 'bundle', source = 'upload'
-             RETURNING id, name, digest, size_bytes, command, port, builtin, format, source, created_at",
-        )
-        .bind(Uuid::new_v4())
-        .bind(tenant)
-        .bind(name)
-        .bind(&digest)
-        .bind(bundle.len() as i64)
-        .bind(&manifest.command)
-        .bind(manifest.port as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-        let image = Image::from(row);
-        let action = if exists { EventAction::Updated } else { EventAction::Created };
-        record_event(&mut tx, Some(tenant), "image", image.id, action, &image).await?;
+        let row = NewImage {
+            digest: &digest,
+            size: bundle.len() as u64,
+            command: &manifest.command,
+            port: manifest.port,
+            format: ImageFormat::Bundle,
+            source: "upload",
+        };
+        let image = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
         tx.commit().await?;
         Ok(image)
     }
@@ -148,7 +136,24 @@ impl Store {
     ) -> Result<Image, StoreError> {
         let (command, port) = oci_run(image)?;
         let mut tx = self.pool.begin().await?;
-        let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
+        let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
+        put_blobs(&mut tx, image).await?;
+        let row = NewImage {
+            digest: image.digest.as_str(),
+            size: image.stored_bytes() + image.manifest.len() as u64,
+            command: &command,
+            port,
+            format: ImageFormat::Oci,
+            source,
+        };
+        let stored = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Whether the tenant has an image of that name already; refused when it has none and is at its quota.
+    async fn reserve_image_name(tx: &mut sqlx::PgConnection, tenant: Uuid, name: &str) -> Result<bool, StoreError> {
+        let (quotas, _, _) = Self::lock_tenant(&mut *tx, tenant).await?;
         let (count, exists): (i64, bool) =
             sqlx::query_as("SELECT count(*), coalesce(bool_or(name = $2), false) FROM images WHERE tenant_id = $1")
                 .bind(tenant)
@@ -160,30 +165,40 @@ impl Store {
                 detail: format!("max_images is {} and the tenant has {count}", quotas.max_images),
             });
         }
-        put_blobs(&mut tx, image).await?;
-        let row: ImageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        Ok(exists)
+    }
+
+    /// Points the tenant's image `name` at `row` (a new image, or a new version of one) and records the event.
+    async fn upsert_image(
+        tx: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        name: &str,
+        row: &NewImage<'_>,
+        exists: bool,
+    ) -> Result<Image, StoreError> {
+        let stored: ImageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO images (id, tenant_id, name, digest, size_bytes, command, port, format, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'oci', $8)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (tenant_id, name) WHERE tenant_id IS NOT NULL DO UPDATE
                  SET digest = EXCLUDED.digest, size_bytes = EXCLUDED.size_bytes, command = EXCLUDED.command,
-                     port = EXCLUDED.port, format = 'oci', source = EXCLUDED.source
+                     port = EXCLUDED.port, format = EXCLUDED.format, source = EXCLUDED.source
              RETURNING {IMAGE_COLUMNS}"
         )))
         .bind(Uuid::new_v4())
         .bind(tenant)
         .bind(name)
-        .bind(image.digest.as_str())
-        .bind((image.stored_bytes() + image.manifest.len() as u64) as i64)
-        .bind(&command)
-        .bind(port as i32)
-        .bind(source)
+        .bind(row.digest)
+        .bind(row.size as i64)
+        .bind(row.command)
+        .bind(row.port as i32)
+        .bind(row.format.as_str())
+        .bind(row.source)
         .fetch_one(&mut *tx)
         .await?;
-        let stored = Image::from(row);
+        let image = Image::from(stored);
         let action = if exists { EventAction::Updated } else { EventAction::Created };
-        record_event(&mut tx, Some(tenant), "image", stored.id, action, &stored).await?;
-        tx.commit().await?;
-        Ok(stored)
+        record_event(&mut *tx, Some(tenant), "image", image.id, action, &image).await?;
+        Ok(image)
     }
 
     /// An image visible to the tenant (its own first, then built-in) by name or id.
