@@ -330,8 +330,18 @@ impl Store {
         .bind(port as i32)
         .execute(&mut *tx)
         .await?;
-        // The previous version goes once no instance runs it.
         if let Some((old,)) = previous.filter(|(d,)| d != hello.digest.as_str()) {
+            // The platform's own image: its instances run the new version from their next start (an earlier
+            // platform's hello, a bundle run by the host's `cloudd`, cannot run in a sandbox at all). The previous
+            // version's blobs then go.
+            sqlx::query(
+                "UPDATE instances SET image_digest = $1
+                 WHERE image_digest = $2 AND image_id IN (SELECT id FROM images WHERE name = 'hello' AND tenant_id IS NULL)",
+            )
+            .bind(hello.digest.as_str())
+            .bind(&old)
+            .execute(&mut *tx)
+            .await?;
             Self::collect_blobs(&mut tx, &old).await?;
         }
         tx.commit().await?;

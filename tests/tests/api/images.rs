@@ -93,3 +93,42 @@ async fn oversize_uploads_are_refused() {
         .unwrap();
     crate::into_res(res).await.problem(413, "payload_too_large", "");
 }
+
+/// An upgrade from a platform whose `hello` was a bundle run by the host's `cloudd`: its instances run the new
+/// image from their next start, and the old bundle goes.
+#[tokio::test]
+async fn an_earlier_platforms_hello_is_replaced_under_its_instances() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    let created = post(&api, "/v1/instances", t, json!({"image": "hello", "name": "old-hello"})).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let current = get(&api, "/v1/images/hello", t).await.body["digest"].as_str().unwrap().to_owned();
+    // What the earlier platform stored: its hello bundle, the image and the instance pointing at it.
+    let old = cloud_tests::bundle(&[("manifest.json", r#"{"command": ["cloudd", "hello"], "port": 8080}"#)]);
+    let old_digest = cloud_oci::Digest::of(&old).to_string();
+    let pool = api.store.pool();
+    sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2)")
+        .bind(&old_digest)
+        .bind(&old)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE images SET digest = $1, format = 'bundle' WHERE name = 'hello' AND tenant_id IS NULL")
+        .bind(&old_digest)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE instances SET image_digest = $1").bind(&old_digest).execute(pool).await.unwrap();
+
+    // The new version starts (every role migrates, which registers the built-in images).
+    api.store.migrate().await.unwrap();
+    let (digest,): (String,) =
+        sqlx::query_as("SELECT image_digest FROM instances WHERE name = 'old-hello'").fetch_one(pool).await.unwrap();
+    assert_eq!(digest, current, "the instance runs the new hello");
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM image_blobs WHERE digest = $1")
+        .bind(&old_digest)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the old bundle is gone");
+}
