@@ -214,23 +214,13 @@ async fn hello_and_an_uploaded_bundle_run_and_answer_on_their_private_ips() {
     assert_ne!(web_ip, ip);
     assert_eq!(http_get(web_ip, 9000).await.unwrap(), "bundle sh-1 hi\n");
 
-    // Its output and the platform's notes are served by the API.
-    let mut logs = Value::Null;
-    for _ in 0..50 {
-        logs = call(&api, reqwest::Method::GET, "/v1/instances/sh-1/logs", t, None).await.1;
-        if logs.to_string().contains("serving") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let lines: Vec<(String, String)> = logs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["stream"].as_str().unwrap().to_owned(), l["line"].as_str().unwrap().to_owned()))
-        .collect();
-    assert!(lines.iter().any(|(s, l)| s == "stdout" && l == "serving"), "{lines:?}");
-    assert!(lines.iter().any(|(s, l)| s == "system" && l.starts_with("listening on")), "{lines:?}");
+    // Its output and the platform's notes are served by the API: the program's line and the agent's, which the
+    // agent may write after the program's (wait for both, not for the first).
+    wait_for_log(&api, t, "sh-1", "the program's output and the agent's note", |lines| {
+        lines.iter().any(|(s, l)| s == "stdout" && l == "serving")
+            && lines.iter().any(|(s, l)| s == "system" && l.starts_with("listening on"))
+    })
+    .await;
     // follow=true streams the same lines as Server-Sent Events.
     let res =
         reqwest::Client::new().get(api.url("/v1/instances/sh-1/logs?follow=true")).bearer_auth(t).send().await.unwrap();

@@ -329,11 +329,12 @@ async fn run_once(
     }
     let boot = started.elapsed().as_micros() as u64;
     r.note(format!("listening on {}:{port} after {} ms", a.private_ip, boot / 1000)).await;
-    r.report(InstanceState::Running, None, None, Some(boot)).await;
+    // Counted before the report, so that whoever sees the instance running sees it in the metrics too.
     shared.metrics.boot.observe(boot as f64 / 1e6);
     shared.metrics.running.inc();
     // Counted down however the run ends.
     let _running = GaugeGuard(shared.metrics.running.clone());
+    r.report(InstanceState::Running, None, None, Some(boot)).await;
 
     loop {
         tokio::select! {
