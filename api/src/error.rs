@@ -36,6 +36,13 @@ impl ApiError {
         Self::new(ErrorCode::InternalError, "an internal error occurred; the server log has the details")
     }
 
+    /// PostgreSQL did not answer (in time): the one answer of every request that needs it then, whatever the
+    /// request, so clients see one code and one `Retry-After` for an outage.
+    pub fn database_unavailable() -> Self {
+        Self::new(ErrorCode::DatabaseUnavailable, "the database did not answer in time; retry shortly")
+            .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS)
+    }
+
     /// Adds a response header.
     pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
         self.headers.push((name, HeaderValue::from_static(value)));
@@ -53,6 +60,10 @@ impl ApiError {
         }
     }
 }
+
+/// What `Retry-After` says when the database did not answer: about the interval of the readiness probe that
+/// notices it is back, so that a retry does not land before anyone could know.
+const RETRY_AFTER_SECONDS: &str = "2";
 
 /// The status each code is answered with.
 pub fn status_of(code: ErrorCode) -> StatusCode {
@@ -98,7 +109,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ImageNotFound => StatusCode::UNPROCESSABLE_ENTITY,
         // The registry the client named failed, not the client's request nor this server: a retry may succeed.
         RegistryUnavailable => StatusCode::FAILED_DEPENDENCY,
-        CapacityExhausted | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        CapacityExhausted | Unavailable | DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -148,8 +159,7 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),
             ref e if e.is_unavailable() => {
                 tracing::warn!(error = %chain(e), "database unavailable");
-                Self::new(C::Unavailable, "the database is unreachable; retry shortly")
-                    .with_header(header::RETRY_AFTER, "2")
+                Self::database_unavailable()
             }
             other => Self::internal(&other),
         }

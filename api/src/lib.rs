@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 mod idempotency;
 mod metrics;
+mod readiness;
 mod routes;
 mod validate;
 
@@ -98,6 +99,8 @@ pub struct AppState {
     pub ownership: cloud_certs::ownership::OwnershipChecker,
     /// Pulls images from registries.
     pub registries: cloud_oci::registry::Registries,
+    /// Keeps `cloud_api_database_up` current.
+    _probe: readiness::DatabaseProbe,
 }
 
 impl AppState {
@@ -105,11 +108,13 @@ impl AppState {
     /// feed. Fails without the platform secret key.
     pub async fn new(store: Store, config: ApiConfig) -> Result<Self, StartError> {
         let secret_key = config.secret_key.clone().ok_or(StartError::NoSecretKey)?;
+        let metrics = Metrics::new();
         Ok(Self {
             signer: TokenSigner::load(&store, &secret_key).await?,
             secret_key,
             feed: ChangeFeed::start(store.clone()).await?,
-            metrics: Metrics::new(),
+            _probe: readiness::DatabaseProbe::start(store.clone(), metrics.database_up.clone()),
+            metrics,
             store,
             ca_pem: tokio::sync::OnceCell::new(),
             ownership: cloud_certs::ownership::OwnershipChecker::new(config.resolver),

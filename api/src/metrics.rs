@@ -16,7 +16,7 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
-    /// 1 when the database answered the last readiness check, else 0.
+    /// 1 when the database answered the last check (the background probe's or `/readyz`'s), else 0.
     pub database_up: IntGauge,
 }
 
@@ -42,7 +42,8 @@ impl Metrics {
         )
         .expect("valid metric");
         let database_up =
-            IntGauge::new("cloud_api_database_up", "1 when PostgreSQL answered the last check").expect("valid metric");
+            IntGauge::new("cloud_api_database_up", "1 when PostgreSQL answered the last check (every second)")
+                .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),

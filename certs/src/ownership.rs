@@ -141,7 +141,11 @@ impl OwnershipChecker {
             match done {
                 Ok((_, Ok(()))) => pass.verified += 1,
                 // The database failing ends the pass; a claim removed, taken or lapsed meanwhile does not.
-                Ok((_, Err(OwnershipError::Store(e @ StoreError::Database(_))))) => return Err(e.into()),
+                Ok((_, Err(OwnershipError::Store(e))))
+                    if e.is_unavailable() || matches!(e, StoreError::Database(_)) =>
+                {
+                    return Err(e.into());
+                }
                 Ok((claim, Err(e))) => {
                     tracing::debug!(domain = %claim.name, reason = %e, "custom domain not verified yet")
                 }

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// PostgreSQL URL; without it `cloudd dev` runs an embedded cluster (other roles require it).
     pub database_url: Option<String>,
+    /// Seconds an operation waits for PostgreSQL before it fails (the API answers 503 `database_unavailable`,
+    /// the node agent and the certificate manager retry). Default 5.
+    pub database_timeout_seconds: Option<u64>,
     /// API role settings.
     pub api: ApiSection,
     /// Names and address pools of the platform.
@@ -296,6 +299,11 @@ impl Config {
         if !(1..=365).contains(&p.domain_claim_days) {
             bail!("platform.domain_claim_days = {} must be between 1 and 365", p.domain_claim_days);
         }
+        let database_timeout = match self.database_timeout_seconds {
+            None => cloud_store::DEFAULT_DATABASE_TIMEOUT,
+            Some(0) => bail!("database_timeout_seconds = 0: an operation needs at least a second"),
+            Some(s) => std::time::Duration::from_secs(s),
+        };
         Ok(cloud_store::Settings {
             region: p.region.clone(),
             base_domain: p.base_domain.clone(),
@@ -304,6 +312,7 @@ impl Config {
             tcp_ports: lo..=hi,
             ip_hold: cloud_store::Settings::default().ip_hold,
             domain_claim_ttl: std::time::Duration::from_secs(u64::from(p.domain_claim_days) * 86400),
+            database_timeout,
         })
     }
 
@@ -489,6 +498,9 @@ mod tests {
         let mut bad = Config::default();
         bad.platform.tcp_ports = "9-1".into();
         assert!(bad.store_settings().unwrap_err().to_string().contains("platform.tcp_ports"));
+        assert_eq!(Config::default().store_settings().unwrap().database_timeout, std::time::Duration::from_secs(5));
+        let never = Config { database_timeout_seconds: Some(0), ..Config::default() };
+        assert!(never.store_settings().unwrap_err().to_string().contains("database_timeout_seconds = 0"));
     }
 
     /// The sample lists every key (set, or commented out with an example value) and the reference documents

@@ -168,10 +168,11 @@ async fn connect(cfg: &Config) -> anyhow::Result<Store> {
 
 /// Opens the store on a URL and applies migrations.
 pub(crate) async fn open_store(url: &str, cfg: &Config) -> anyhow::Result<Store> {
-    let pool = cloud_store::connect(url, cfg.api.max_connections)
+    let settings = cfg.store_settings()?;
+    let pool = cloud_store::connect_with_timeout(url, cfg.api.max_connections, settings.database_timeout)
         .await
         .context("connecting to PostgreSQL (is DATABASE_URL right and the server up?)")?;
-    let store = Store::new(pool, cfg.store_settings()?);
+    let store = Store::new(pool, settings);
     store.migrate().await.context("applying migrations")?;
     Ok(store)
 }

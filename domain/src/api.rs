@@ -114,6 +114,8 @@ pub enum ErrorCode {
     CertificateNameMismatch,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
+    /// PostgreSQL did not answer within the API's bound; the response says when to retry (`Retry-After`).
+    DatabaseUnavailable,
     /// An unexpected server error; the server log has details.
     InternalError,
 }
@@ -169,6 +171,7 @@ impl ErrorCode {
             Self::CertificateChainInvalid => "certificate_chain_invalid",
             Self::CertificateNameMismatch => "certificate_name_mismatch",
             Self::Unavailable => "unavailable",
+            Self::DatabaseUnavailable => "database_unavailable",
             Self::InternalError => "internal_error",
         }
     }

@@ -61,53 +61,63 @@ impl Store {
     /// Stores a valid certificate for a domain the tenant verified, replacing the domain's current one (whoever
     /// held the name before).
     pub async fn put_certificate(&self, tenant: Uuid, new: NewCertificate) -> Result<Certificate, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // The domain stays the tenant's until this commits: a claim that is not (or no longer) the tenant's
-        // verified domain never gets a certificate stored.
-        let owned: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM domains WHERE name = $1 AND tenant_id = $2 AND custom AND verified_at IS NOT NULL
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            // The domain stays the tenant's until this commits: a claim that is not (or no longer) the tenant's
+            // verified domain never gets a certificate stored.
+            let owned: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM domains WHERE name = $1 AND tenant_id = $2 AND custom AND verified_at IS NOT NULL
              FOR SHARE",
-        )
-        .bind(&new.domain)
-        .bind(tenant)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if owned.is_none() {
-            return Err(StoreError::NotFound { kind: "verified custom domain", key: new.domain });
-        }
-        let replaced: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
-            "DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error', 'pending')
+            )
+            .bind(&new.domain)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if owned.is_none() {
+                return Err(StoreError::NotFound { kind: "verified custom domain", key: new.domain });
+            }
+            let replaced: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+                "DELETE FROM certificates WHERE domain = $1 AND state IN ('valid', 'error', 'pending')
              RETURNING id, tenant_id",
-        )
-        .bind(&new.domain)
-        .fetch_all(&mut *tx)
-        .await?;
-        let id = Uuid::new_v4();
-        let row: Row = sqlx::query_as(
-            "INSERT INTO certificates (id, tenant_id, domain, names, source, chain_pem, key_encrypted, state,
+            )
+            .bind(&new.domain)
+            .fetch_all(&mut *tx)
+            .await?;
+            let id = Uuid::new_v4();
+            let row: Row = sqlx::query_as(
+                "INSERT INTO certificates (id, tenant_id, domain, names, source, chain_pem, key_encrypted, state,
                                        not_before, not_after)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', $8, $9)
              RETURNING id, domain, names, source, state, state_reason, not_before, not_after, created_at",
-        )
-        .bind(id)
-        .bind(tenant)
-        .bind(&new.domain)
-        .bind(&new.names)
-        .bind(new.source)
-        .bind(&new.chain_pem)
-        .bind(&new.key_sealed)
-        .bind(new.not_before)
-        .bind(new.not_after)
-        .fetch_one(&mut *tx)
-        .await?;
-        let cert = view(row);
-        for (old, holder) in replaced {
-            record_event(&mut tx, holder, "certificate", old, EventAction::Deleted, &serde_json::json!({"id": old}))
+            )
+            .bind(id)
+            .bind(tenant)
+            .bind(&new.domain)
+            .bind(&new.names)
+            .bind(new.source)
+            .bind(&new.chain_pem)
+            .bind(&new.key_sealed)
+            .bind(new.not_before)
+            .bind(new.not_after)
+            .fetch_one(&mut *tx)
+            .await?;
+            let cert = view(row);
+            for (old, holder) in replaced {
+                record_event(
+                    &mut tx,
+                    holder,
+                    "certificate",
+                    old,
+                    EventAction::Deleted,
+                    &serde_json::json!({"id": old}),
+                )
                 .await?;
-        }
-        record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Created, &cert).await?;
-        tx.commit().await?;
-        Ok(cert)
+            }
+            record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Created, &cert).await?;
+            tx.commit().await?;
+            Ok(cert)
+        })
+        .await
     }
 
     /// The tenant's certificates, oldest first.
@@ -117,40 +127,49 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Certificate>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
              ORDER BY created_at, id LIMIT $4"
-        )))
-        .bind(tenant)
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let rows = rows.into_iter().map(view).collect();
-        Ok(page::finish(rows, limit, |c: &Certificate| Cursor { created_at: c.created_at, id: c.id }))
+            )))
+            .bind(tenant)
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            let rows = rows.into_iter().map(view).collect();
+            Ok(page::finish(rows, limit, |c: &Certificate| Cursor { created_at: c.created_at, id: c.id }))
+        })
+        .await
     }
 
     /// One of the tenant's certificates.
     pub async fn certificate(&self, tenant: Uuid, id: Uuid) -> Result<Certificate, StoreError> {
-        let row: Option<Row> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT} WHERE tenant_id = $1 AND id = $2")))
-                .bind(tenant)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(view).ok_or_else(|| StoreError::NotFound { kind: "certificate", key: id.to_string() })
+        self.bounded(async {
+            let row: Option<Row> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT} WHERE tenant_id = $1 AND id = $2")))
+                    .bind(tenant)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            row.map(view).ok_or_else(|| StoreError::NotFound { kind: "certificate", key: id.to_string() })
+        })
+        .await
     }
 
     /// Deletes one of the tenant's certificates (the edge stops serving it).
     pub async fn delete_certificate(&self, tenant: Uuid, id: Uuid) -> Result<(), StoreError> {
-        let cert = self.certificate(tenant, id).await?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM certificates WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Deleted, &cert).await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async {
+            let cert = self.certificate(tenant, id).await?;
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM certificates WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            record_event(&mut tx, Some(tenant), "certificate", id, EventAction::Deleted, &cert).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Every valid certificate whose domain is still a verified domain of a service of the same tenant: what the
@@ -178,33 +197,42 @@ impl Store {
         token: &str,
         key_authorization: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO acme_http_tokens (token, domain, key_authorization) VALUES ($1, $2, $3)
+        self.bounded(async {
+            sqlx::query(
+                "INSERT INTO acme_http_tokens (token, domain, key_authorization) VALUES ($1, $2, $3)
              ON CONFLICT (token) DO UPDATE SET domain = $2, key_authorization = $3",
-        )
-        .bind(token)
-        .bind(domain.trim_end_matches('.').to_ascii_lowercase())
-        .bind(key_authorization)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+            )
+            .bind(token)
+            .bind(domain.trim_end_matches('.').to_ascii_lowercase())
+            .bind(key_authorization)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Withdraws an http-01 answer.
     pub async fn remove_acme_http_token(&self, token: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM acme_http_tokens WHERE token = $1").bind(token).execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("DELETE FROM acme_http_tokens WHERE token = $1").bind(token).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The http-01 answer for `token` when it was published for `host`.
     pub async fn acme_http_answer(&self, host: &str, token: &str) -> Result<Option<String>, StoreError> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT key_authorization FROM acme_http_tokens WHERE token = $1 AND domain = $2")
-                .bind(token)
-                .bind(host)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(k,)| k))
+        self.bounded(async {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT key_authorization FROM acme_http_tokens WHERE token = $1 AND domain = $2")
+                    .bind(token)
+                    .bind(host)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.map(|(k,)| k))
+        })
+        .await
     }
 }
 
@@ -229,9 +257,10 @@ impl Store {
         retry_after: std::time::Duration,
         limit: i64,
     ) -> Result<Vec<DueDomain>, StoreError> {
-        let interval = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        let rows: Vec<(String, Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT d.name, d.tenant_id,
+        self.bounded(async {
+            let interval = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            let rows: Vec<(String, Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT d.name, d.tenant_id,
                     (SELECT max(c.not_after) FROM certificates c
                      WHERE c.domain = d.name AND c.tenant_id = d.tenant_id AND c.state = 'valid')
              FROM domains d
@@ -241,13 +270,18 @@ impl Store {
                AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.domain = d.name AND c.state = 'error'
                                AND c.updated_at > now() - $2)
              ORDER BY d.verified_at, d.name LIMIT $3",
-        )
-        .bind(interval(renew_before))
-        .bind(interval(retry_after))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|(domain, tenant_id, not_after)| DueDomain { domain, tenant_id, not_after }).collect())
+            )
+            .bind(interval(renew_before))
+            .bind(interval(retry_after))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(domain, tenant_id, not_after)| DueDomain { domain, tenant_id, not_after })
+                .collect())
+        })
+        .await
     }
 
     /// Takes the order lease of `domain` for `holder` (for `ttl`), unless another holder has a live one.
@@ -257,40 +291,46 @@ impl Store {
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<bool, StoreError> {
-        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        let row: Option<(String,)> = sqlx::query_as(
-            "INSERT INTO acme_orders (domain, holder, expires_at) VALUES ($1, $2, now() + $3)
+        self.bounded(async {
+            let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+            let row: Option<(String,)> = sqlx::query_as(
+                "INSERT INTO acme_orders (domain, holder, expires_at) VALUES ($1, $2, now() + $3)
              ON CONFLICT (domain) DO UPDATE SET holder = $2, expires_at = now() + $3
              WHERE acme_orders.expires_at < now() OR acme_orders.holder = $2
              RETURNING domain",
-        )
-        .bind(domain)
-        .bind(holder)
-        .bind(ttl)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.is_some())
+            )
+            .bind(domain)
+            .bind(holder)
+            .bind(ttl)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.is_some())
+        })
+        .await
     }
 
     /// Gives the lease back.
     pub async fn release_acme_lease(&self, domain: &str, holder: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM acme_orders WHERE domain = $1 AND holder = $2")
-            .bind(domain)
-            .bind(holder)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("DELETE FROM acme_orders WHERE domain = $1 AND holder = $2")
+                .bind(domain)
+                .bind(holder)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records that an order for a tenant's domain is under way (shown as `pending` in its certificate list).
     pub async fn record_acme_pending(&self, tenant: Uuid, domain: &str) -> Result<(), StoreError> {
-        self.record_acme_state(tenant, domain, "pending", None).await
+        self.bounded(async { self.record_acme_state(tenant, domain, "pending", None).await }).await
     }
 
     /// Records why the last order for a tenant's domain failed (shown in its certificate list; the domain waits
     /// before the next attempt). The valid certificate, if any, keeps being served.
     pub async fn record_acme_error(&self, tenant: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
-        self.record_acme_state(tenant, domain, "error", Some(reason)).await
+        self.bounded(async { self.record_acme_state(tenant, domain, "error", Some(reason)).await }).await
     }
 
     /// Replaces the domain's pending or error record.

@@ -92,90 +92,105 @@ impl Store {
     /// with N pending, each is checked within ceil(N / limit) calls, and replicas calling at once take different
     /// claims.
     pub async fn claims_to_check(&self, limit: i64) -> Result<Vec<PendingDomain>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH due AS (
+        self.bounded(async {
+            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "WITH due AS (
                  SELECT c.id FROM domains c
                  WHERE c.custom AND c.verified_at IS NULL AND c.expires_at > now()
                    AND NOT EXISTS (SELECT 1 FROM domains v WHERE v.name = c.name AND v.verified_at IS NOT NULL)
                  ORDER BY coalesce(c.checked_at, c.created_at), c.id LIMIT $1
                  FOR UPDATE OF c SKIP LOCKED)
              UPDATE domains d SET checked_at = now() FROM due WHERE d.id = due.id RETURNING {COLUMNS}"
-        )))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut claims: Vec<PendingDomain> = rows.into_iter().map(pending).collect();
-        claims.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
-        Ok(claims)
+            )))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut claims: Vec<PendingDomain> = rows.into_iter().map(pending).collect();
+            claims.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
+            Ok(claims)
+        })
+        .await
     }
 
     /// Every unverified claim that has not lapsed (for operators and tests), by name.
     pub async fn pending_claims(&self) -> Result<Vec<PendingDomain>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM domains d WHERE d.custom AND d.verified_at IS NULL AND d.expires_at > now()
+        self.bounded(async {
+            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM domains d WHERE d.custom AND d.verified_at IS NULL AND d.expires_at > now()
              ORDER BY d.name, d.id"
-        )))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(pending).collect())
+            )))
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(pending).collect())
+        })
+        .await
     }
 
     /// Removes at most `limit` lapsed claims; their services change (as any update, an event each). Returns how
     /// many were removed.
     pub async fn remove_expired_claims(&self, limit: i64) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let removed: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "DELETE FROM domains WHERE id IN (
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let removed: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "DELETE FROM domains WHERE id IN (
                  SELECT id FROM domains WHERE verified_at IS NULL AND expires_at <= now()
                  ORDER BY expires_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING tenant_id, service_id",
-        )
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let services: BTreeSet<(Uuid, Uuid)> = removed.iter().copied().collect();
-        for (tenant, service) in services {
-            let view = self.service_in(&mut tx, tenant, service).await?;
-            record_event(&mut tx, Some(tenant), "service", service, EventAction::Updated, &view).await?;
-        }
-        tx.commit().await?;
-        if !removed.is_empty() {
-            tracing::info!(count = removed.len(), "expired custom-domain claims removed");
-        }
-        Ok(removed.len())
+            )
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            let services: BTreeSet<(Uuid, Uuid)> = removed.iter().copied().collect();
+            for (tenant, service) in services {
+                let view = self.service_in(&mut tx, tenant, service).await?;
+                record_event(&mut tx, Some(tenant), "service", service, EventAction::Updated, &view).await?;
+            }
+            tx.commit().await?;
+            if !removed.is_empty() {
+                tracing::info!(count = removed.len(), "expired custom-domain claims removed");
+            }
+            Ok(removed.len())
+        })
+        .await
     }
 
     /// A custom domain of a tenant's service (by name or id), verified or not; another tenant's is not found.
     pub async fn service_domain(&self, tenant: Uuid, service: &str, domain: &str) -> Result<PendingDomain, StoreError> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM domains d JOIN services s ON s.id = d.service_id AND s.tenant_id = d.tenant_id
+        self.bounded(async {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM domains d JOIN services s ON s.id = d.service_id AND s.tenant_id = d.tenant_id
              WHERE d.tenant_id = $1 AND (s.name = $2 OR s.id = $3) AND d.name = $4 AND d.custom"
-        )))
-        .bind(tenant)
-        .bind(service)
-        .bind(as_uuid(service))
-        .bind(&domain)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(pending)
-            .ok_or_else(|| StoreError::NotFound { kind: "domain", key: format!("{domain} (of service {service})") })
+            )))
+            .bind(tenant)
+            .bind(service)
+            .bind(as_uuid(service))
+            .bind(&domain)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(pending)
+                .ok_or_else(|| StoreError::NotFound { kind: "domain", key: format!("{domain} (of service {service})") })
+        })
+        .await
     }
 
     /// A custom domain of any of the tenant's services; another tenant's is not found.
     pub async fn tenant_domain(&self, tenant: Uuid, domain: &str) -> Result<PendingDomain, StoreError> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM domains d WHERE d.tenant_id = $1 AND d.name = $2 AND d.custom"
-        )))
-        .bind(tenant)
-        .bind(&domain)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(pending).ok_or_else(|| StoreError::NotFound {
-            kind: "domain",
-            key: format!("{domain} (no service of this tenant has it as a custom domain)"),
+        self.bounded(async {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM domains d WHERE d.tenant_id = $1 AND d.name = $2 AND d.custom"
+            )))
+            .bind(tenant)
+            .bind(&domain)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(pending).ok_or_else(|| StoreError::NotFound {
+                kind: "domain",
+                key: format!("{domain} (no service of this tenant has it as a custom domain)"),
+            })
         })
+        .await
     }
 
     /// Records that a claim's ownership was proven: its service changes (the edge starts routing the domain, the
@@ -183,48 +198,51 @@ impl Store {
     /// each. Idempotent for a verified claim. A lapsed claim is [`StoreError::ClaimExpired`]; a name another
     /// tenant verified first, even an instant before, is [`StoreError::DomainTaken`].
     pub async fn mark_domain_verified(&self, domain: Uuid) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row: Option<(String, bool, bool)> = sqlx::query_as(
-            "SELECT name, verified_at IS NOT NULL, coalesce(expires_at <= now(), false) FROM domains
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let row: Option<(String, bool, bool)> = sqlx::query_as(
+                "SELECT name, verified_at IS NOT NULL, coalesce(expires_at <= now(), false) FROM domains
              WHERE id = $1 FOR UPDATE",
-        )
-        .bind(domain)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((name, verified, expired)) = row else {
-            return Err(StoreError::NotFound { kind: "domain", key: domain.to_string() });
-        };
-        if verified {
-            return Ok(());
-        }
-        if expired {
-            return Err(StoreError::ClaimExpired { name });
-        }
-        // Claims recorded before such names were refused stay unprovable.
-        if cloud_domain::domains::is_platform_domain(&name, &self.settings.base_domain) {
-            return Err(StoreError::Invalid(format!(
-                "domain \"{name}\" is inside the platform's own domain {}: it cannot be a custom domain",
-                self.settings.base_domain
-            )));
-        }
-        let updated = sqlx::query_as::<_, (Uuid, Uuid)>(
+            )
+            .bind(domain)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((name, verified, expired)) = row else {
+                return Err(StoreError::NotFound { kind: "domain", key: domain.to_string() });
+            };
+            if verified {
+                return Ok(());
+            }
+            if expired {
+                return Err(StoreError::ClaimExpired { name });
+            }
+            // Claims recorded before such names were refused stay unprovable.
+            if cloud_domain::domains::is_platform_domain(&name, &self.settings.base_domain) {
+                return Err(StoreError::Invalid(format!(
+                    "domain \"{name}\" is inside the platform's own domain {}: it cannot be a custom domain",
+                    self.settings.base_domain
+                )));
+            }
+            let updated = sqlx::query_as::<_, (Uuid, Uuid)>(
             "UPDATE domains SET verified_at = now(), expires_at = NULL WHERE id = $1 RETURNING tenant_id, service_id",
         )
         .bind(domain)
         .fetch_one(&mut *tx)
         .await;
-        let (tenant, service) = match updated {
-            Ok(r) => r,
-            Err(e) if violated_constraint(&e).as_deref() == Some("domains_verified_name") => {
-                return Err(StoreError::DomainTaken { name, why: VERIFIED_ELSEWHERE });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let view = self.service_in(&mut tx, tenant, service).await?;
-        record_event(&mut tx, Some(tenant), "service", service, EventAction::Updated, &view).await?;
-        self.touch_claimants(&mut tx, &[name], service).await?;
-        tx.commit().await?;
-        Ok(())
+            let (tenant, service) = match updated {
+                Ok(r) => r,
+                Err(e) if violated_constraint(&e).as_deref() == Some("domains_verified_name") => {
+                    return Err(StoreError::DomainTaken { name, why: VERIFIED_ELSEWHERE });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let view = self.service_in(&mut tx, tenant, service).await?;
+            record_event(&mut tx, Some(tenant), "service", service, EventAction::Updated, &view).await?;
+            self.touch_claimants(&mut tx, &[name], service).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records an update of every service (but `except`) with an unverified claim on one of `names`: whether

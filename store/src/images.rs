@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use cloud_domain::api::{EventAction, Image, ImageFormat, ImageManifest};
+use futures_util::TryFutureExt;
 use uuid::Uuid;
 
 use crate::bundle::digest;
@@ -105,24 +106,27 @@ impl Store {
         bundle: &[u8],
     ) -> Result<Image, StoreError> {
         let digest = digest(bundle);
-        let mut tx = self.pool.begin().await?;
-        let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
-        sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
-            .bind(&digest)
-            .bind(bundle)
-            .execute(&mut *tx)
-            .await?;
-        let row = NewImage {
-            digest: &digest,
-            size: bundle.len() as u64,
-            command: &manifest.command,
-            port: manifest.port,
-            format: ImageFormat::Bundle,
-            source: "upload",
-        };
-        let image = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
-        tx.commit().await?;
-        Ok(image)
+        self.bounded_for(self.bulk_timeout(bundle.len() as u64), async {
+            let mut tx = self.pool.begin().await?;
+            let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
+            sqlx::query("INSERT INTO image_blobs (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
+                .bind(&digest)
+                .bind(bundle)
+                .execute(&mut *tx)
+                .await?;
+            let row = NewImage {
+                digest: &digest,
+                size: bundle.len() as u64,
+                command: &manifest.command,
+                port: manifest.port,
+                format: ImageFormat::Bundle,
+                source: "upload",
+            };
+            let image = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
+            tx.commit().await?;
+            Ok(image)
+        })
+        .await
     }
 
     /// Stores a verified OCI image under a name (`source`: `upload` or the registry reference); pushing a name
@@ -135,20 +139,24 @@ impl Store {
         source: &str,
     ) -> Result<Image, StoreError> {
         let (command, port) = oci_run(image)?;
-        let mut tx = self.pool.begin().await?;
-        let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
-        put_blobs(&mut tx, image).await?;
-        let row = NewImage {
-            digest: image.digest.as_str(),
-            size: image.stored_bytes() + image.manifest.len() as u64,
-            command: &command,
-            port,
-            format: ImageFormat::Oci,
-            source,
-        };
-        let stored = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
-        tx.commit().await?;
-        Ok(stored)
+        let size = image.stored_bytes() + image.manifest.len() as u64;
+        self.bounded_for(self.bulk_timeout(size), async {
+            let mut tx = self.pool.begin().await?;
+            let exists = Self::reserve_image_name(&mut tx, tenant, name).await?;
+            put_blobs(&mut tx, image).await?;
+            let row = NewImage {
+                digest: image.digest.as_str(),
+                size,
+                command: &command,
+                port,
+                format: ImageFormat::Oci,
+                source,
+            };
+            let stored = Self::upsert_image(&mut tx, tenant, name, &row, exists).await?;
+            tx.commit().await?;
+            Ok(stored)
+        })
+        .await
     }
 
     /// Whether the tenant has an image of that name already; refused when it has none and is at its quota.
@@ -203,25 +211,44 @@ impl Store {
 
     /// An image visible to the tenant (its own first, then built-in) by name or id.
     pub async fn image(&self, tenant: Uuid, key: &str) -> Result<Image, StoreError> {
-        let row: Option<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
+        self.bounded(async {
+            let row: Option<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
              ORDER BY tenant_id NULLS LAST LIMIT 1"
-        )))
-        .bind(tenant)
-        .bind(key)
-        .bind(as_uuid(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(Image::from).ok_or_else(|| StoreError::NotFound { kind: "image", key: key.to_owned() })
+            )))
+            .bind(tenant)
+            .bind(key)
+            .bind(as_uuid(key))
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(Image::from).ok_or_else(|| StoreError::NotFound { kind: "image", key: key.to_owned() })
+        })
+        .await
     }
 
     /// The bytes of a blob (a bundle, a manifest, a config or a layer) by digest.
     pub async fn image_bundle(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
-        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT data FROM image_blobs WHERE digest = $1")
-            .bind(digest)
-            .fetch_optional(&self.pool)
+        let missing = || StoreError::NotFound { kind: "image bundle", key: digest.to_owned() };
+        // Its size first (octet_length reads it without the data), to know how long reading it may take.
+        let size: Option<(i32,)> = self
+            .bounded(
+                sqlx::query_as("SELECT octet_length(data) FROM image_blobs WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .map_err(StoreError::from),
+            )
             .await?;
-        row.map(|(d,)| d).ok_or_else(|| StoreError::NotFound { kind: "image bundle", key: digest.to_owned() })
+        let (size,) = size.ok_or_else(missing)?;
+        let row: Option<(Vec<u8>,)> = self
+            .bounded_for(
+                self.bulk_timeout(size.max(0) as u64),
+                sqlx::query_as("SELECT data FROM image_blobs WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .map_err(StoreError::from),
+            )
+            .await?;
+        row.map(|(d,)| d).ok_or_else(missing)
     }
 
     /// A page of the images visible to the tenant (built-in and its own) in creation order.
@@ -231,46 +258,52 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Image>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let rows: Vec<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL)
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let rows: Vec<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL)
                AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
              ORDER BY created_at, id LIMIT $4"
-        )))
-        .bind(tenant)
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let rows = rows.into_iter().map(Image::from).collect();
-        Ok(page::finish(rows, limit, |i: &Image| Cursor { created_at: i.created_at, id: i.id }))
+            )))
+            .bind(tenant)
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            let rows = rows.into_iter().map(Image::from).collect();
+            Ok(page::finish(rows, limit, |i: &Image| Cursor { created_at: i.created_at, id: i.id }))
+        })
+        .await
     }
 
     /// Deletes one of the tenant's images, refused while instances use it; an unreferenced bundle goes too.
     pub async fn delete_image(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
-        let image = self.image(tenant, key).await?;
-        if image.builtin {
-            return Err(StoreError::Invalid(format!("image \"{}\" is built in and cannot be deleted", image.name)));
-        }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT 1 FROM images WHERE id = $1 FOR UPDATE").bind(image.id).execute(&mut *tx).await?;
-        let (users,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances WHERE image_id = $1")
-            .bind(image.id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if users > 0 {
-            return Err(StoreError::ImageInUse { name: image.name, count: users });
-        }
-        sqlx::query("DELETE FROM images WHERE id = $1 AND tenant_id = $2")
-            .bind(image.id)
-            .bind(tenant)
-            .execute(&mut *tx)
-            .await?;
-        Self::collect_blobs(&mut tx, &image.digest).await?;
-        record_event(&mut tx, Some(tenant), "image", image.id, EventAction::Deleted, &image).await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async {
+            let image = self.image(tenant, key).await?;
+            if image.builtin {
+                return Err(StoreError::Invalid(format!("image \"{}\" is built in and cannot be deleted", image.name)));
+            }
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT 1 FROM images WHERE id = $1 FOR UPDATE").bind(image.id).execute(&mut *tx).await?;
+            let (users,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances WHERE image_id = $1")
+                .bind(image.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if users > 0 {
+                return Err(StoreError::ImageInUse { name: image.name, count: users });
+            }
+            sqlx::query("DELETE FROM images WHERE id = $1 AND tenant_id = $2")
+                .bind(image.id)
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await?;
+            Self::collect_blobs(&mut tx, &image.digest).await?;
+            record_event(&mut tx, Some(tenant), "image", image.id, EventAction::Deleted, &image).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes a bundle or manifest no image or instance names any more, and then the blobs of that manifest

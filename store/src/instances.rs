@@ -126,204 +126,213 @@ impl Store {
 
     /// Creates instances (and an ephemeral service when ports are given) in one transaction.
     pub async fn create_instances(&self, tenant: Uuid, new: NewInstances) -> Result<CreatedInstances, StoreError> {
-        if new.service.is_some() && new.ports.is_some() {
-            return Err(StoreError::Invalid(
-                "give either a service to attach to or ports for a new ephemeral service, not both".into(),
-            ));
-        }
-        let mut tx = self.pool.begin().await?;
-        let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
-
-        let image: Option<(Uuid, String, String, i32)> = sqlx::query_as(
-            "SELECT id, name, digest, port FROM images WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
-             ORDER BY tenant_id NULLS LAST LIMIT 1",
-        )
-        .bind(tenant)
-        .bind(&new.image)
-        .bind(as_uuid(&new.image))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (image_id, image_name, digest, image_port) =
-            image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
-        let port = new.port.map_or(image_port, i32::from);
-
-        let (count, memory): (i64, i64) =
-            sqlx::query_as("SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1")
-                .bind(tenant)
-                .fetch_one(&mut *tx)
-                .await?;
-        let replicas = new.replicas as i64;
-        if count + replicas > quotas.max_instances as i64 {
-            return Err(StoreError::QuotaExceeded {
-                detail: format!(
-                    "max_instances is {} and the tenant has {count}; {replicas} more do not fit",
-                    quotas.max_instances
-                ),
-            });
-        }
-        let wanted = replicas * new.memory_mb as i64;
-        if memory + wanted > quotas.max_memory_mb as i64 {
-            return Err(StoreError::QuotaExceeded {
-                detail: format!(
-                    "max_memory_mb is {} and the tenant uses {memory}; {wanted} more do not fit",
-                    quotas.max_memory_mb
-                ),
-            });
-        }
-
-        let mut names = Vec::new();
-        for i in 1..=new.replicas {
-            names.push(match (&new.name, new.replicas) {
-                (Some(n), 1) => Some(n.clone()),
-                (Some(n), _) => Some(format!("{n}-{i}")),
-                (None, _) => None,
-            });
-        }
-
-        let service_id = match (&new.service, &new.ports) {
-            (Some(key), _) => Some(Self::service_id(&mut tx, tenant, key, RowLock::Share).await?.0),
-            (None, Some(ports)) => {
-                // The ephemeral service is named after its first instance when that name is free.
-                let first = names[0].clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
-                names[0] = Some(first.clone());
-                let mut spec = NewService {
-                    name: Some(first),
-                    ports: ports.clone(),
-                    soft_limit: None,
-                    scale_to_zero_after: None,
-                    hard_limit: None,
-                    domains: Vec::new(),
-                    persistent: false,
-                };
-                let id = match self.insert_service(&mut tx, tenant, spec.clone()).await {
-                    Err(StoreError::AlreadyExists { .. }) => {
-                        spec.name = None;
-                        self.insert_service(&mut tx, tenant, spec).await?
-                    }
-                    other => other?,
-                };
-                let view = self.service_in(&mut tx, tenant, id).await?;
-                record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &view).await?;
-                Some(id)
+        self.bounded(async {
+            if new.service.is_some() && new.ports.is_some() {
+                return Err(StoreError::Invalid(
+                    "give either a service to attach to or ports for a new ephemeral service, not both".into(),
+                ));
             }
-            (None, None) => None,
-        };
+            let mut tx = self.pool.begin().await?;
+            let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
 
-        sqlx::query("DELETE FROM released_private_ips WHERE tenant_id = $1 AND released_at < now() - $2")
+            let image: Option<(Uuid, String, String, i32)> = sqlx::query_as(
+                "SELECT id, name, digest, port FROM images
+                 WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
+                 ORDER BY tenant_id NULLS LAST LIMIT 1",
+            )
             .bind(tenant)
-            .bind(self.settings.ip_hold)
-            .execute(&mut *tx)
+            .bind(&new.image)
+            .bind(as_uuid(&new.image))
+            .fetch_optional(&mut *tx)
             .await?;
-        let used: Vec<(IpAddr,)> = sqlx::query_as(
-            "SELECT private_ip FROM instances WHERE tenant_id = $1 UNION ALL
-             SELECT ip FROM released_private_ips WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut used: BTreeSet<Ipv4Addr> = used
-            .into_iter()
-            .filter_map(|(ip,)| match ip {
-                IpAddr::V4(v4) => Some(v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+            let (image_id, image_name, digest, image_port) =
+                image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
+            let port = new.port.map_or(image_port, i32::from);
 
-        let (last,): (Option<IpAddr>,) = sqlx::query_as("SELECT last_private_ip FROM tenants WHERE id = $1")
+            let (count, memory): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1",
+            )
             .bind(tenant)
             .fetch_one(&mut *tx)
             .await?;
-        let mut cursor = match last {
-            Some(IpAddr::V4(v4)) => Some(v4),
-            _ => None,
-        };
+            let replicas = new.replicas as i64;
+            if count + replicas > quotas.max_instances as i64 {
+                return Err(StoreError::QuotaExceeded {
+                    detail: format!(
+                        "max_instances is {} and the tenant has {count}; {replicas} more do not fit",
+                        quotas.max_instances
+                    ),
+                });
+            }
+            let wanted = replicas * new.memory_mb as i64;
+            if memory + wanted > quotas.max_memory_mb as i64 {
+                return Err(StoreError::QuotaExceeded {
+                    detail: format!(
+                        "max_memory_mb is {} and the tenant uses {memory}; {wanted} more do not fit",
+                        quotas.max_memory_mb
+                    ),
+                });
+            }
 
-        let (desired, state) = if new.start {
-            (DesiredState::Running, InstanceState::Pending)
-        } else {
-            (DesiredState::Stopped, InstanceState::Stopped)
-        };
-        let mut created = Vec::new();
-        for name in names {
-            let ip = ipam::next_free_host(network, &used, cursor)
-                .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
-            used.insert(ip);
-            cursor = Some(ip);
-            let id = Uuid::new_v4();
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let chosen = name.clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
-                sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
-                let res = sqlx::query(
-                    "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
-                         memory_mb, restart_policy, desired_state, state, private_ip, port)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                )
-                .bind(id)
+            let mut names = Vec::new();
+            for i in 1..=new.replicas {
+                names.push(match (&new.name, new.replicas) {
+                    (Some(n), 1) => Some(n.clone()),
+                    (Some(n), _) => Some(format!("{n}-{i}")),
+                    (None, _) => None,
+                });
+            }
+
+            let service_id = match (&new.service, &new.ports) {
+                (Some(key), _) => Some(Self::service_id(&mut tx, tenant, key, RowLock::Share).await?.0),
+                (None, Some(ports)) => {
+                    // The ephemeral service is named after its first instance when that name is free.
+                    let first =
+                        names[0].clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                    names[0] = Some(first.clone());
+                    let mut spec = NewService {
+                        name: Some(first),
+                        ports: ports.clone(),
+                        soft_limit: None,
+                        scale_to_zero_after: None,
+                        hard_limit: None,
+                        domains: Vec::new(),
+                        persistent: false,
+                    };
+                    let id = match self.insert_service(&mut tx, tenant, spec.clone()).await {
+                        Err(StoreError::AlreadyExists { .. }) => {
+                            spec.name = None;
+                            self.insert_service(&mut tx, tenant, spec).await?
+                        }
+                        other => other?,
+                    };
+                    let view = self.service_in(&mut tx, tenant, id).await?;
+                    record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &view).await?;
+                    Some(id)
+                }
+                (None, None) => None,
+            };
+
+            sqlx::query("DELETE FROM released_private_ips WHERE tenant_id = $1 AND released_at < now() - $2")
                 .bind(tenant)
-                .bind(service_id)
-                .bind(image_id)
-                .bind(&digest)
-                .bind(&chosen)
-                .bind(&new.args)
-                .bind(sqlx::types::Json(&new.env))
-                .bind(new.memory_mb as i32)
-                .bind(new.restart_policy.as_str())
-                .bind(desired.as_str())
-                .bind(state.as_str())
-                .bind(IpAddr::V4(ip))
-                .bind(port)
+                .bind(self.settings.ip_hold)
                 .execute(&mut *tx)
-                .await;
-                match res {
-                    Ok(_) => break,
-                    Err(e) if violated_constraint(&e).as_deref() == Some("instances_tenant_id_name_key") => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT insert_instance").execute(&mut *tx).await?;
-                        if name.is_some() {
-                            return Err(StoreError::AlreadyExists { kind: "instance", name: chosen });
-                        }
-                        if attempt >= 8 {
-                            return Err(StoreError::CapacityExhausted { what: "generated instance names" });
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let view = Self::instance_view(&mut tx, id).await?;
-            record_event(&mut tx, Some(tenant), "instance", id, EventAction::Created, &view).await?;
-            created.push(view);
-        }
-        let service = match service_id {
-            Some(id) => {
-                let view = self.service_in(&mut tx, tenant, id).await?;
-                if new.service.is_some() {
-                    record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &view).await?;
-                }
-                Some(view)
-            }
-            None => None,
-        };
-        sqlx::query("UPDATE tenants SET last_private_ip = $2 WHERE id = $1")
+                .await?;
+            let used: Vec<(IpAddr,)> = sqlx::query_as(
+                "SELECT private_ip FROM instances WHERE tenant_id = $1 UNION ALL
+                 SELECT ip FROM released_private_ips WHERE tenant_id = $1",
+            )
             .bind(tenant)
-            .bind(cursor.map(IpAddr::V4))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(CreatedInstances { instances: created, service })
+            let mut used: BTreeSet<Ipv4Addr> = used
+                .into_iter()
+                .filter_map(|(ip,)| match ip {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+
+            let (last,): (Option<IpAddr>,) = sqlx::query_as("SELECT last_private_ip FROM tenants WHERE id = $1")
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut cursor = match last {
+                Some(IpAddr::V4(v4)) => Some(v4),
+                _ => None,
+            };
+
+            let (desired, state) = if new.start {
+                (DesiredState::Running, InstanceState::Pending)
+            } else {
+                (DesiredState::Stopped, InstanceState::Stopped)
+            };
+            let mut created = Vec::new();
+            for name in names {
+                let ip = ipam::next_free_host(network, &used, cursor)
+                    .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
+                used.insert(ip);
+                cursor = Some(ip);
+                let id = Uuid::new_v4();
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let chosen = name.clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
+                    sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
+                    let res = sqlx::query(
+                        "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
+                             memory_mb, restart_policy, desired_state, state, private_ip, port)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    )
+                    .bind(id)
+                    .bind(tenant)
+                    .bind(service_id)
+                    .bind(image_id)
+                    .bind(&digest)
+                    .bind(&chosen)
+                    .bind(&new.args)
+                    .bind(sqlx::types::Json(&new.env))
+                    .bind(new.memory_mb as i32)
+                    .bind(new.restart_policy.as_str())
+                    .bind(desired.as_str())
+                    .bind(state.as_str())
+                    .bind(IpAddr::V4(ip))
+                    .bind(port)
+                    .execute(&mut *tx)
+                    .await;
+                    match res {
+                        Ok(_) => break,
+                        Err(e) if violated_constraint(&e).as_deref() == Some("instances_tenant_id_name_key") => {
+                            sqlx::query("ROLLBACK TO SAVEPOINT insert_instance").execute(&mut *tx).await?;
+                            if name.is_some() {
+                                return Err(StoreError::AlreadyExists { kind: "instance", name: chosen });
+                            }
+                            if attempt >= 8 {
+                                return Err(StoreError::CapacityExhausted { what: "generated instance names" });
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let view = Self::instance_view(&mut tx, id).await?;
+                record_event(&mut tx, Some(tenant), "instance", id, EventAction::Created, &view).await?;
+                created.push(view);
+            }
+            let service = match service_id {
+                Some(id) => {
+                    let view = self.service_in(&mut tx, tenant, id).await?;
+                    if new.service.is_some() {
+                        record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &view).await?;
+                    }
+                    Some(view)
+                }
+                None => None,
+            };
+            sqlx::query("UPDATE tenants SET last_private_ip = $2 WHERE id = $1")
+                .bind(tenant)
+                .bind(cursor.map(IpAddr::V4))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(CreatedInstances { instances: created, service })
+        })
+        .await
     }
 
     /// An instance of the tenant by name or id.
     pub async fn instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
-        let row: Option<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_INSTANCE} WHERE i.tenant_id = $1 AND (i.name = $2 OR i.id = $3)"
-        )))
-        .bind(tenant)
-        .bind(key)
-        .bind(as_uuid(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(Instance::from).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
+        self.bounded(async {
+            let row: Option<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_INSTANCE} WHERE i.tenant_id = $1 AND (i.name = $2 OR i.id = $3)"
+            )))
+            .bind(tenant)
+            .bind(key)
+            .bind(as_uuid(key))
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(Instance::from).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
+        })
+        .await
     }
 
     /// A page of the tenant's instances in creation order.
@@ -333,44 +342,50 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Instance>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let rows: Vec<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_INSTANCE} WHERE i.tenant_id = $1
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let rows: Vec<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_INSTANCE} WHERE i.tenant_id = $1
                AND ($2::timestamptz IS NULL OR (i.created_at, i.id) > ($2, $3))
              ORDER BY i.created_at, i.id LIMIT $4"
-        )))
-        .bind(tenant)
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let rows = rows.into_iter().map(Instance::from).collect();
-        Ok(page::finish(rows, limit, |i: &Instance| Cursor { created_at: i.created_at, id: i.id }))
+            )))
+            .bind(tenant)
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            let rows = rows.into_iter().map(Instance::from).collect();
+            Ok(page::finish(rows, limit, |i: &Instance| Cursor { created_at: i.created_at, id: i.id }))
+        })
+        .await
     }
 
     /// Deletes an instance; an ephemeral service left without instances goes in the same transaction.
     pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let found: Option<(Uuid, Option<Uuid>)> =
-            sqlx::query_as("SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
-                .bind(tenant)
-                .bind(key)
-                .bind(as_uuid(key))
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (id, service) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
-        if let Some(service) = service {
-            // Serialises with other deletions of the service's instances, so exactly one of two concurrent
-            // deletions of the last instances sees none left.
-            sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE").bind(service).execute(&mut *tx).await?;
-        }
-        self.delete_instances_in(&mut tx, tenant, &[id]).await?;
-        if let Some(service) = service {
-            self.reap_ephemeral(&mut tx, tenant, service).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let found: Option<(Uuid, Option<Uuid>)> =
+                sqlx::query_as("SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
+                    .bind(tenant)
+                    .bind(key)
+                    .bind(as_uuid(key))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let (id, service) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
+            if let Some(service) = service {
+                // Serialises with other deletions of the service's instances, so exactly one of two concurrent
+                // deletions of the last instances sees none left.
+                sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE").bind(service).execute(&mut *tx).await?;
+            }
+            self.delete_instances_in(&mut tx, tenant, &[id]).await?;
+            if let Some(service) = service {
+                self.reap_ephemeral(&mut tx, tenant, service).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes instances inside the caller's transaction and records their events.
@@ -408,12 +423,12 @@ impl Store {
 
     /// Asks for an instance to run (from stopped or failed).
     pub async fn start_instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
-        self.transition(tenant, key, state::start).await
+        self.bounded(async { self.transition(tenant, key, state::start).await }).await
     }
 
     /// Asks for an instance to stop.
     pub async fn stop_instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
-        self.transition(tenant, key, state::stop).await
+        self.bounded(async { self.transition(tenant, key, state::stop).await }).await
     }
 
     async fn transition(

@@ -47,6 +47,13 @@ pub use zone::{ZoneChanges, ZoneData, ZoneDomain, ZoneInstance, ZonePatch, ZoneS
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// [`Settings::database_timeout`] unless configured otherwise.
+pub const DEFAULT_DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The slowest transfer of image data an operation is given time for, on top of [`Settings::database_timeout`]:
+/// storing or reading a 256 MiB image may take half a minute more, not forever.
+pub const BULK_BYTES_PER_SECOND: u64 = 8 << 20;
+
 /// Platform-wide settings the store needs to generate names and allocate resources.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -67,6 +74,11 @@ pub struct Settings {
     /// How long an unverified custom-domain claim lasts: long enough for an owner to publish a TXT record, short
     /// enough that an abandoned or squatting claim does not linger.
     pub domain_claim_ttl: Duration,
+    /// How long one operation may wait for PostgreSQL, taking a connection included, before it fails with
+    /// [`StoreError::Unresponsive`]: a frozen, overloaded or cut-off server makes callers fail in bounded time
+    /// instead of hanging (a server that froze leaves its TCP connections open, so nothing else would end the
+    /// wait). Operations that move image data get more time for their bytes ([`BULK_BYTES_PER_SECOND`]).
+    pub database_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -79,6 +91,7 @@ impl Default for Settings {
             tcp_ports: 30000..=32767,
             ip_hold: Duration::from_secs(60),
             domain_claim_ttl: Duration::from_secs(7 * 86400),
+            database_timeout: DEFAULT_DATABASE_TIMEOUT,
         }
     }
 }
@@ -180,6 +193,13 @@ pub enum StoreError {
     /// The database failed or is unreachable.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// The database did not finish the operation in time: frozen, overloaded or cut off. What the operation did
+    /// is rolled back unless it had committed, which the caller cannot tell: a retry must be safe to repeat.
+    #[error("the database did not answer within {waited:?}")]
+    Unresponsive {
+        /// How long the operation waited.
+        waited: Duration,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -189,9 +209,14 @@ impl From<sqlx::Error> for StoreError {
 }
 
 impl StoreError {
-    /// True when the database could not be reached (as opposed to refusing the operation).
+    /// True when the database could not be reached or did not answer in time (as opposed to refusing the
+    /// operation): a later retry may succeed.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed))
+        matches!(
+            self,
+            Self::Unresponsive { .. }
+                | Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+        )
     }
 }
 
@@ -205,9 +230,36 @@ fn violated_constraint(e: &sqlx::Error) -> Option<String> {
     }
 }
 
-/// Connects a pool with timeouts suited to an API: fail fast when PostgreSQL is down rather than hang.
+/// Connects a pool that waits at most [`DEFAULT_DATABASE_TIMEOUT`] for PostgreSQL; see [`connect_with_timeout`].
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(5)).connect(url).await
+    connect_with_timeout(url, max_connections, DEFAULT_DATABASE_TIMEOUT).await
+}
+
+/// Connects a pool that fails rather than hangs when PostgreSQL does not answer: taking a connection (opening
+/// one, or checking an idle one) gives up after `timeout`, and so does checking a connection given back.
+///
+/// A connection comes back mid-statement when an operation was abandoned at its bound; sqlx then waits for the
+/// server to finish the statement before reusing the connection, and on a frozen server that wait never ends
+/// and holds a slot of the pool. Here a connection that does not answer within `timeout` is closed instead (a
+/// new one is opened when needed), so an outage leaves neither hung slots nor half-read connections behind.
+pub async fn connect_with_timeout(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                match tokio::time::timeout(timeout, sqlx::Connection::ping(conn)).await {
+                    Ok(answered) => answered.map(|()| true),
+                    // An error (not `false`) makes sqlx drop the connection without a goodbye it may not take.
+                    Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("a connection given back did not answer within {timeout:?}; closing it"),
+                    ))),
+                }
+            })
+        })
+        .connect(url)
+        .await
 }
 
 /// Access to the platform state.
@@ -242,39 +294,72 @@ impl Store {
         self.ensure_builtin_images().await
     }
 
-    /// True when the database answers.
-    pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    /// True when the database answers within `wait` (taking a connection included).
+    pub async fn ping_within(&self, wait: Duration) -> bool {
+        let ping = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(tokio::time::timeout(wait, ping).await, Ok(Ok(_)))
+    }
+
+    /// Runs one operation within [`Settings::database_timeout`]. Every operation callers wait on goes through
+    /// here (or [`bounded_for`](Self::bounded_for)), so no caller waits longer on a database that stopped
+    /// answering; the snapshot reads of the edge and the DNS, which serve their last snapshot meanwhile, do not.
+    async fn bounded<T>(&self, op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.bounded_for(self.settings.database_timeout, op).await
+    }
+
+    /// Runs one operation within `waited`. Abandoning it drops its connection mid-transaction: PostgreSQL rolls
+    /// back what was not committed, and the pool closes the connection unless it answers
+    /// ([`connect_with_timeout`]).
+    async fn bounded_for<T>(
+        &self,
+        waited: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(waited, op).await.unwrap_or(Err(StoreError::Unresponsive { waited }))
+    }
+
+    /// [`Settings::database_timeout`] plus the time to move `bytes` of image data.
+    fn bulk_timeout(&self, bytes: u64) -> Duration {
+        self.settings.database_timeout + Duration::from_secs(bytes / BULK_BYTES_PER_SECOND)
     }
 
     /// The platform secret `name`, if stored.
     pub async fn stored_platform_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|(v,)| v))
+        self.bounded(async {
+            let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.map(|(v,)| v))
+        })
+        .await
     }
 
     /// Removes the platform secret `name`.
     pub async fn delete_platform_secret(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM platform_secrets WHERE name = $1").bind(name).execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("DELETE FROM platform_secrets WHERE name = $1").bind(name).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The platform secret `name`; the first caller's `fresh` value wins when several replicas race. Values are
     /// stored as given: callers seal what must not be readable from a copy of the database.
     pub async fn platform_secret_or(&self, name: &str, fresh: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        sqlx::query("INSERT INTO platform_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(&fresh)
-            .execute(&self.pool)
-            .await?;
-        let (value,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(value)
+        self.bounded(async {
+            sqlx::query("INSERT INTO platform_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .bind(&fresh)
+                .execute(&self.pool)
+                .await?;
+            let (value,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM platform_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(value)
+        })
+        .await
     }
 }
 

@@ -138,38 +138,48 @@ impl Store {
     /// Notes that a service was just asked for (its scale-to-zero idle time starts over). No change-feed event:
     /// this follows traffic, not the tenant's intent, and edges throttle it.
     pub async fn touch_service(&self, id: Uuid) -> Result<(), StoreError> {
-        sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1").bind(id).execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Starts again the instances of a service that were stopped for idleness; how many were.
     pub async fn wake_service(&self, id: Uuid) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        let woken: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "UPDATE instances SET desired_state = 'running', idle_stopped = false, updated_at = now(),
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("UPDATE services SET last_request_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            let woken: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "UPDATE instances SET desired_state = 'running', idle_stopped = false, updated_at = now(),
                  state = CASE WHEN state IN ('stopped', 'failed') THEN 'pending' ELSE state END,
                  state_reason = 'woken by a request'
              WHERE service_id = $1 AND idle_stopped RETURNING id, tenant_id",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (instance, tenant) in &woken {
-            let view = Self::instance_view(&mut tx, *instance).await?;
-            record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
-        }
-        tx.commit().await?;
-        Ok(woken.len())
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (instance, tenant) in &woken {
+                let view = Self::instance_view(&mut tx, *instance).await?;
+                record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
+            }
+            tx.commit().await?;
+            Ok(woken.len())
+        })
+        .await
     }
 
     /// Stops the running instances of scale-to-zero services that had no request for their idle time (counted
     /// from the last request or the instance's start, whichever is later); how many. Safe to run from every
     /// edge at once: the rows are locked and a stopped instance no longer matches.
     pub async fn stop_idle_instances(&self) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let stopped: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "UPDATE instances i SET desired_state = 'stopped', idle_stopped = true, updated_at = now(),
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let stopped: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "UPDATE instances i SET desired_state = 'stopped', idle_stopped = true, updated_at = now(),
                  state = CASE WHEN i.state = 'running' THEN 'stopping' ELSE i.state END,
                  state_reason = 'no request for ' || s.scale_to_zero_after || 's: scaled to zero'
              FROM services s
@@ -178,15 +188,17 @@ impl Store {
                AND greatest(coalesce(s.last_request_at, '-infinity'), coalesce(i.started_at, i.created_at))
                    < now() - make_interval(secs => s.scale_to_zero_after)
              RETURNING i.id, i.tenant_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for (instance, tenant) in &stopped {
-            let view = Self::instance_view(&mut tx, *instance).await?;
-            record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
-        }
-        tx.commit().await?;
-        Ok(stopped.len())
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for (instance, tenant) in &stopped {
+                let view = Self::instance_view(&mut tx, *instance).await?;
+                record_event(&mut tx, Some(*tenant), "instance", *instance, EventAction::Updated, &view).await?;
+            }
+            tx.commit().await?;
+            Ok(stopped.len())
+        })
+        .await
     }
 }
 

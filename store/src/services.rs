@@ -88,22 +88,25 @@ const TCP_PORT_LOCK: i64 = 7_265_747;
 impl Store {
     /// Creates a service in its own transaction.
     pub async fn create_service(&self, tenant: Uuid, new: NewService) -> Result<Service, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM services WHERE tenant_id = $1")
-            .bind(tenant)
-            .fetch_one(&mut *tx)
-            .await?;
-        if count >= quotas.max_services as i64 {
-            return Err(StoreError::QuotaExceeded {
-                detail: format!("max_services is {} and the tenant has {count}", quotas.max_services),
-            });
-        }
-        let id = self.insert_service(&mut tx, tenant, new).await?;
-        let service = self.service_in(&mut tx, tenant, id).await?;
-        record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &service).await?;
-        tx.commit().await?;
-        Ok(service)
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let (quotas, _, _) = Self::lock_tenant(&mut tx, tenant).await?;
+            let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM services WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+            if count >= quotas.max_services as i64 {
+                return Err(StoreError::QuotaExceeded {
+                    detail: format!("max_services is {} and the tenant has {count}", quotas.max_services),
+                });
+            }
+            let id = self.insert_service(&mut tx, tenant, new).await?;
+            let service = self.service_in(&mut tx, tenant, id).await?;
+            record_event(&mut tx, Some(tenant), "service", id, EventAction::Created, &service).await?;
+            tx.commit().await?;
+            Ok(service)
+        })
+        .await
     }
 
     /// Inserts a service inside the caller's transaction (which holds the tenant lock); returns its id.
@@ -449,9 +452,12 @@ impl Store {
 
     /// A service of the tenant by name or id.
     pub async fn service(&self, tenant: Uuid, key: &str) -> Result<Service, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let (id, _, _) = Self::service_id(&mut conn, tenant, key, RowLock::None).await?;
-        self.service_in(&mut conn, tenant, id).await
+        self.bounded(async {
+            let mut conn = self.pool.acquire().await?;
+            let (id, _, _) = Self::service_id(&mut conn, tenant, key, RowLock::None).await?;
+            self.service_in(&mut conn, tenant, id).await
+        })
+        .await
     }
 
     /// A page of the tenant's services in creation order.
@@ -461,102 +467,113 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Service>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let mut conn = self.pool.acquire().await?;
-        let rows: Vec<ServiceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_SERVICE} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let mut conn = self.pool.acquire().await?;
+            let rows: Vec<ServiceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_SERVICE} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
              ORDER BY created_at, id LIMIT $4"
-        )))
-        .bind(tenant)
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&mut *conn)
-        .await?;
-        let views = self.views(&mut conn, rows).await?;
-        Ok(page::finish(views, limit, |s: &Service| Cursor { created_at: s.created_at, id: s.id }))
+            )))
+            .bind(tenant)
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&mut *conn)
+            .await?;
+            let views = self.views(&mut conn, rows).await?;
+            Ok(page::finish(views, limit, |s: &Service| Cursor { created_at: s.created_at, id: s.id }))
+        })
+        .await
     }
 
     /// Changes a service.
     pub async fn update_service(&self, tenant: Uuid, key: &str, change: ServiceChange) -> Result<Service, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if change.domains.is_some() {
-            // The domain quota counts over the tenant's services; the tenant lock comes first, as in every
-            // creation, so the two locks are always taken in one order.
-            Self::lock_tenant(&mut tx, tenant).await?;
-        }
-        let (id, _, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
-        let before = self.service_in(&mut tx, tenant, id).await?;
-        let soft = change.soft_limit.unwrap_or(before.soft_limit);
-        let hard = change.hard_limit.unwrap_or(before.hard_limit);
-        if let (Some(s), Some(h)) = (soft, hard)
-            && s > h
-        {
-            return Err(StoreError::Invalid(format!("soft_limit {s} must not exceed hard_limit {h}")));
-        }
-        let idle = change.scale_to_zero_after.unwrap_or(before.scale_to_zero_after);
-        sqlx::query(
-            "UPDATE services SET soft_limit = $2, hard_limit = $3, scale_to_zero_after = $4, updated_at = now()
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            if change.domains.is_some() {
+                // The domain quota counts over the tenant's services; the tenant lock comes first, as in every
+                // creation, so the two locks are always taken in one order.
+                Self::lock_tenant(&mut tx, tenant).await?;
+            }
+            let (id, _, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
+            let before = self.service_in(&mut tx, tenant, id).await?;
+            let soft = change.soft_limit.unwrap_or(before.soft_limit);
+            let hard = change.hard_limit.unwrap_or(before.hard_limit);
+            if let (Some(s), Some(h)) = (soft, hard)
+                && s > h
+            {
+                return Err(StoreError::Invalid(format!("soft_limit {s} must not exceed hard_limit {h}")));
+            }
+            let idle = change.scale_to_zero_after.unwrap_or(before.scale_to_zero_after);
+            sqlx::query(
+                "UPDATE services SET soft_limit = $2, hard_limit = $3, scale_to_zero_after = $4, updated_at = now()
              WHERE id = $1",
-        )
-        .bind(id)
-        .bind(soft.map(|v| v as i32))
-        .bind(hard.map(|v| v as i32))
-        .bind(idle.map(|v| v as i32))
-        .execute(&mut *tx)
-        .await?;
-        if let Some(ports) = &change.ports {
-            sqlx::query("DELETE FROM service_ports WHERE service_id = $1").bind(id).execute(&mut *tx).await?;
-            self.insert_ports(&mut tx, id, ports, &before.ports).await?;
-        }
-        let mut released = Vec::new();
-        if let Some(domains) = &change.domains {
-            // Keep the records (verification state, token, expiry) of domains that stay; a lapsed claim listed
-            // again is claimed anew.
-            let keep: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
-            let removed: Vec<(String, bool)> = sqlx::query_as(
-                "DELETE FROM domains WHERE service_id = $1
-                     AND (NOT (name = ANY($2)) OR (verified_at IS NULL AND expires_at <= now()))
-                 RETURNING name, verified_at IS NOT NULL",
             )
             .bind(id)
-            .bind(&keep)
-            .fetch_all(&mut *tx)
+            .bind(soft.map(|v| v as i32))
+            .bind(hard.map(|v| v as i32))
+            .bind(idle.map(|v| v as i32))
+            .execute(&mut *tx)
             .await?;
-            released = removed.into_iter().filter(|(_, verified)| *verified).map(|(n, _)| n).collect();
-            let existing: Vec<(String,)> =
-                sqlx::query_as("SELECT name FROM domains WHERE service_id = $1").bind(id).fetch_all(&mut *tx).await?;
-            let existing: BTreeSet<String> = existing.into_iter().map(|(n,)| n).collect();
-            let new: Vec<(String, bool)> = domains.iter().filter(|(n, _)| !existing.contains(n)).cloned().collect();
-            self.insert_domains(&mut tx, tenant, id, &new).await?;
-        }
-        let service = self.service_in(&mut tx, tenant, id).await?;
-        record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &service).await?;
-        // Names this service let go are free for the tenants still claiming them.
-        self.touch_claimants(&mut tx, &released, id).await?;
-        tx.commit().await?;
-        Ok(service)
+            if let Some(ports) = &change.ports {
+                sqlx::query("DELETE FROM service_ports WHERE service_id = $1").bind(id).execute(&mut *tx).await?;
+                self.insert_ports(&mut tx, id, ports, &before.ports).await?;
+            }
+            let mut released = Vec::new();
+            if let Some(domains) = &change.domains {
+                // Keep the records (verification state, token, expiry) of domains that stay; a lapsed claim listed
+                // again is claimed anew.
+                let keep: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
+                let removed: Vec<(String, bool)> = sqlx::query_as(
+                    "DELETE FROM domains WHERE service_id = $1
+                     AND (NOT (name = ANY($2)) OR (verified_at IS NULL AND expires_at <= now()))
+                 RETURNING name, verified_at IS NOT NULL",
+                )
+                .bind(id)
+                .bind(&keep)
+                .fetch_all(&mut *tx)
+                .await?;
+                released = removed.into_iter().filter(|(_, verified)| *verified).map(|(n, _)| n).collect();
+                let existing: Vec<(String,)> = sqlx::query_as("SELECT name FROM domains WHERE service_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let existing: BTreeSet<String> = existing.into_iter().map(|(n,)| n).collect();
+                let new: Vec<(String, bool)> = domains.iter().filter(|(n, _)| !existing.contains(n)).cloned().collect();
+                self.insert_domains(&mut tx, tenant, id, &new).await?;
+            }
+            let service = self.service_in(&mut tx, tenant, id).await?;
+            record_event(&mut tx, Some(tenant), "service", id, EventAction::Updated, &service).await?;
+            // Names this service let go are free for the tenants still claiming them.
+            self.touch_claimants(&mut tx, &released, id).await?;
+            tx.commit().await?;
+            Ok(service)
+        })
+        .await
     }
 
     /// Deletes a service. With instances, a persistent service is refused unless `force`, which deletes them too.
     pub async fn delete_service(&self, tenant: Uuid, key: &str, force: bool) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (id, name, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
-        let service = self.service_in(&mut tx, tenant, id).await?;
-        if !service.instances.is_empty() {
-            if !force {
-                return Err(StoreError::ServiceHasInstances { name, count: service.instances.len() as i64 });
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let (id, name, _) = Self::service_id(&mut tx, tenant, key, RowLock::Update).await?;
+            let service = self.service_in(&mut tx, tenant, id).await?;
+            if !service.instances.is_empty() {
+                if !force {
+                    return Err(StoreError::ServiceHasInstances { name, count: service.instances.len() as i64 });
+                }
+                let ids: Vec<Uuid> = service.instances.iter().map(|i| i.id).collect();
+                self.delete_instances_in(&mut tx, tenant, &ids).await?;
             }
-            let ids: Vec<Uuid> = service.instances.iter().map(|i| i.id).collect();
-            self.delete_instances_in(&mut tx, tenant, &ids).await?;
-        }
-        sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        record_event(&mut tx, Some(tenant), "service", id, EventAction::Deleted, &service).await?;
-        let released: Vec<String> =
-            service.domains.iter().filter(|d| d.custom && d.verified).map(|d| d.name.clone()).collect();
-        self.touch_claimants(&mut tx, &released, id).await?;
-        tx.commit().await?;
-        Ok(())
+            sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            record_event(&mut tx, Some(tenant), "service", id, EventAction::Deleted, &service).await?;
+            let released: Vec<String> =
+                service.domains.iter().filter(|d| d.custom && d.verified).map(|d| d.name.clone()).collect();
+            self.touch_claimants(&mut tx, &released, id).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes the service inside the caller's transaction when it is ephemeral and has no instances left.

@@ -70,49 +70,53 @@ fn to_i32(v: u32) -> i32 {
 impl Store {
     /// Creates a tenant with its own private network carved from the platform pool.
     pub async fn create_tenant(&self, name: &str, quotas: QuotasPatch) -> Result<Tenant, StoreError> {
-        let q = quotas.apply(Quotas::default());
-        // Two replicas may pick the same free subnet; the exclusion constraint refuses the loser, which retries.
-        for _ in 0..8 {
-            let used: Vec<(String,)> =
-                sqlx::query_as("SELECT network::text FROM tenants").fetch_all(&self.pool).await?;
-            let used: Vec<Ipv4Net> = used.iter().filter_map(|(n,)| n.parse().ok()).collect();
-            let Some(network) = ipam::next_free_subnet(self.settings.tenant_pool, self.settings.tenant_prefix, &used)
-            else {
-                return Err(StoreError::CapacityExhausted { what: "tenant networks" });
-            };
-            let id = Uuid::new_v4();
-            let mut tx = self.pool.begin().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO tenants (id, name, network, max_services, max_instances, max_memory_mb, max_images,
+        self.bounded(async {
+            let q = quotas.apply(Quotas::default());
+            // Two replicas may pick the same free subnet; the exclusion constraint refuses the loser, which retries.
+            for _ in 0..8 {
+                let used: Vec<(String,)> =
+                    sqlx::query_as("SELECT network::text FROM tenants").fetch_all(&self.pool).await?;
+                let used: Vec<Ipv4Net> = used.iter().filter_map(|(n,)| n.parse().ok()).collect();
+                let Some(network) =
+                    ipam::next_free_subnet(self.settings.tenant_pool, self.settings.tenant_prefix, &used)
+                else {
+                    return Err(StoreError::CapacityExhausted { what: "tenant networks" });
+                };
+                let id = Uuid::new_v4();
+                let mut tx = self.pool.begin().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO tenants (id, name, network, max_services, max_instances, max_memory_mb, max_images,
                                       max_domains)
                  VALUES ($1, $2, $3::cidr, $4, $5, $6, $7, $8)",
-            )
-            .bind(id)
-            .bind(name)
-            .bind(network.to_string())
-            .bind(to_i32(q.max_services))
-            .bind(to_i32(q.max_instances))
-            .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
-            .bind(to_i32(q.max_images))
-            .bind(to_i32(q.max_domains))
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {}
-                Err(e) => match violated_constraint(&e).as_deref() {
-                    Some("tenants_name_key") => {
-                        return Err(StoreError::AlreadyExists { kind: "tenant", name: name.to_owned() });
-                    }
-                    Some("tenants_network_disjoint") => continue,
-                    _ => return Err(e.into()),
-                },
+                )
+                .bind(id)
+                .bind(name)
+                .bind(network.to_string())
+                .bind(to_i32(q.max_services))
+                .bind(to_i32(q.max_instances))
+                .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
+                .bind(to_i32(q.max_images))
+                .bind(to_i32(q.max_domains))
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Ok(_) => {}
+                    Err(e) => match violated_constraint(&e).as_deref() {
+                        Some("tenants_name_key") => {
+                            return Err(StoreError::AlreadyExists { kind: "tenant", name: name.to_owned() });
+                        }
+                        Some("tenants_network_disjoint") => continue,
+                        _ => return Err(e.into()),
+                    },
+                }
+                let tenant = Self::tenant_in(&mut tx, id).await?;
+                record_event(&mut tx, Some(id), "tenant", id, EventAction::Created, &tenant).await?;
+                tx.commit().await?;
+                return Ok(tenant);
             }
-            let tenant = Self::tenant_in(&mut tx, id).await?;
-            record_event(&mut tx, Some(id), "tenant", id, EventAction::Created, &tenant).await?;
-            tx.commit().await?;
-            return Ok(tenant);
-        }
-        Err(StoreError::CapacityExhausted { what: "tenant networks (too much contention)" })
+            Err(StoreError::CapacityExhausted { what: "tenant networks (too much contention)" })
+        })
+        .await
     }
 
     async fn tenant_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Tenant, StoreError> {
@@ -125,13 +129,16 @@ impl Store {
 
     /// A tenant by name or id.
     pub async fn tenant(&self, key: &str) -> Result<Tenant, StoreError> {
-        let row: Option<TenantRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2")))
-                .bind(key)
-                .bind(as_uuid(key))
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(Tenant::from).ok_or_else(|| StoreError::NotFound { kind: "tenant", key: key.to_owned() })
+        self.bounded(async {
+            let row: Option<TenantRow> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2")))
+                    .bind(key)
+                    .bind(as_uuid(key))
+                    .fetch_optional(&self.pool)
+                    .await?;
+            row.map(Tenant::from).ok_or_else(|| StoreError::NotFound { kind: "tenant", key: key.to_owned() })
+        })
+        .await
     }
 
     /// A page of tenants in creation order.
@@ -140,63 +147,72 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Tenant>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let rows: Vec<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TENANT} WHERE ($1::timestamptz IS NULL OR (t.created_at, t.id) > ($1, $2))
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let rows: Vec<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_TENANT} WHERE ($1::timestamptz IS NULL OR (t.created_at, t.id) > ($1, $2))
              ORDER BY t.created_at, t.id LIMIT $3"
-        )))
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let rows = rows.into_iter().map(Tenant::from).collect();
-        Ok(page::finish(rows, limit, |t: &Tenant| Cursor { created_at: t.created_at, id: t.id }))
+            )))
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            let rows = rows.into_iter().map(Tenant::from).collect();
+            Ok(page::finish(rows, limit, |t: &Tenant| Cursor { created_at: t.created_at, id: t.id }))
+        })
+        .await
     }
 
     /// Changes a tenant's quotas. Lowering a quota below current use is allowed: it only blocks new resources.
     pub async fn update_tenant(&self, key: &str, quotas: QuotasPatch) -> Result<Tenant, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = self.tenant(key).await?;
-        let q = quotas.apply(current.quotas);
-        sqlx::query(
-            "UPDATE tenants SET max_services = $2, max_instances = $3, max_memory_mb = $4, max_images = $5,
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let current = self.tenant(key).await?;
+            let q = quotas.apply(current.quotas);
+            sqlx::query(
+                "UPDATE tenants SET max_services = $2, max_instances = $3, max_memory_mb = $4, max_images = $5,
                  max_domains = $6, updated_at = now() WHERE id = $1",
-        )
-        .bind(current.id)
-        .bind(to_i32(q.max_services))
-        .bind(to_i32(q.max_instances))
-        .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
-        .bind(to_i32(q.max_images))
-        .bind(to_i32(q.max_domains))
-        .execute(&mut *tx)
-        .await?;
-        let tenant = Self::tenant_in(&mut tx, current.id).await?;
-        record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Updated, &tenant).await?;
-        tx.commit().await?;
-        Ok(tenant)
+            )
+            .bind(current.id)
+            .bind(to_i32(q.max_services))
+            .bind(to_i32(q.max_instances))
+            .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
+            .bind(to_i32(q.max_images))
+            .bind(to_i32(q.max_domains))
+            .execute(&mut *tx)
+            .await?;
+            let tenant = Self::tenant_in(&mut tx, current.id).await?;
+            record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Updated, &tenant).await?;
+            tx.commit().await?;
+            Ok(tenant)
+        })
+        .await
     }
 
     /// Deletes an empty tenant and its tokens.
     pub async fn delete_tenant(&self, key: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let tenant = self.tenant(key).await?;
-        sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(tenant.id).execute(&mut *tx).await?;
-        let tenant = Self::tenant_in(&mut tx, tenant.id).await?;
-        let u = tenant.usage;
-        let mut left = Vec::new();
-        for (n, what) in [(u.services, "service(s)"), (u.instances, "instance(s)"), (u.images, "image(s)")] {
-            if n > 0 {
-                left.push(format!("{n} {what}"));
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let tenant = self.tenant(key).await?;
+            sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(tenant.id).execute(&mut *tx).await?;
+            let tenant = Self::tenant_in(&mut tx, tenant.id).await?;
+            let u = tenant.usage;
+            let mut left = Vec::new();
+            for (n, what) in [(u.services, "service(s)"), (u.instances, "instance(s)"), (u.images, "image(s)")] {
+                if n > 0 {
+                    left.push(format!("{n} {what}"));
+                }
             }
-        }
-        if !left.is_empty() {
-            return Err(StoreError::TenantNotEmpty { name: tenant.name, what: left.join(", ") });
-        }
-        sqlx::query("DELETE FROM tenants WHERE id = $1").bind(tenant.id).execute(&mut *tx).await?;
-        record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Deleted, &tenant).await?;
-        tx.commit().await?;
-        Ok(())
+            if !left.is_empty() {
+                return Err(StoreError::TenantNotEmpty { name: tenant.name, what: left.join(", ") });
+            }
+            sqlx::query("DELETE FROM tenants WHERE id = $1").bind(tenant.id).execute(&mut *tx).await?;
+            record_event(&mut tx, Some(tenant.id), "tenant", tenant.id, EventAction::Deleted, &tenant).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Locks the tenant row for the rest of the transaction and returns its quotas and network. Creations that

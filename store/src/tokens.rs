@@ -59,10 +59,13 @@ impl Store {
         expires_at: DateTime<Utc>,
         description: &str,
     ) -> Result<Token, StoreError> {
-        let id = Uuid::new_v4();
-        let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO tokens (id, tenant_id, scopes, expires_at, description) VALUES ($1, $2, $3, $4, $5)")
+        self.bounded(async {
+            let id = Uuid::new_v4();
+            let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO tokens (id, tenant_id, scopes, expires_at, description) VALUES ($1, $2, $3, $4, $5)",
+            )
             .bind(id)
             .bind(tenant)
             .bind(&scopes)
@@ -70,10 +73,12 @@ impl Store {
             .bind(description)
             .execute(&mut *tx)
             .await?;
-        let token = Self::token_in(&mut tx, id).await?;
-        record_event(&mut tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
-        tx.commit().await?;
-        Ok(token)
+            let token = Self::token_in(&mut tx, id).await?;
+            record_event(&mut tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
+            tx.commit().await?;
+            Ok(token)
+        })
+        .await
     }
 
     async fn token_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Token, StoreError> {
@@ -86,17 +91,20 @@ impl Store {
 
     /// The grant and state of a token, for authentication.
     pub async fn token_status(&self, id: Uuid) -> Result<Option<TokenStatus>, StoreError> {
-        let row: Option<(Uuid, Vec<String>, DateTime<Utc>, Option<DateTime<Utc>>)> =
-            sqlx::query_as("SELECT tenant_id, scopes, expires_at, revoked_at FROM tokens WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(tenant_id, scopes, expires_at, revoked_at)| TokenStatus {
-            tenant_id,
-            scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
-            expires_at,
-            revoked_at,
-        }))
+        self.bounded(async {
+            let row: Option<(Uuid, Vec<String>, DateTime<Utc>, Option<DateTime<Utc>>)> =
+                sqlx::query_as("SELECT tenant_id, scopes, expires_at, revoked_at FROM tokens WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.map(|(tenant_id, scopes, expires_at, revoked_at)| TokenStatus {
+                tenant_id,
+                scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+                expires_at,
+                revoked_at,
+            }))
+        })
+        .await
     }
 
     /// A page of a tenant's tokens.
@@ -106,36 +114,43 @@ impl Store {
         cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<Token>, Option<Cursor>), StoreError> {
-        let (ts, id) = page::after(cursor);
-        let rows: Vec<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT_TOKEN} WHERE k.tenant_id = $1 AND ($2::timestamptz IS NULL OR (k.created_at, k.id) > ($2, $3))
+        self.bounded(async {
+            let (ts, id) = page::after(cursor);
+            let rows: Vec<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{SELECT_TOKEN} WHERE k.tenant_id = $1 AND ($2::timestamptz IS NULL OR (k.created_at, k.id) > ($2, $3))
              ORDER BY k.created_at, k.id LIMIT $4"
-        )))
-        .bind(tenant)
-        .bind(ts)
-        .bind(id)
-        .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let rows = rows.into_iter().map(Token::from).collect();
-        Ok(page::finish(rows, limit, |t: &Token| Cursor { created_at: t.created_at, id: t.id }))
+            )))
+            .bind(tenant)
+            .bind(ts)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+            let rows = rows.into_iter().map(Token::from).collect();
+            Ok(page::finish(rows, limit, |t: &Token| Cursor { created_at: t.created_at, id: t.id }))
+        })
+        .await
     }
 
     /// Revokes a token of the tenant (idempotent: revoking twice keeps the first time).
     pub async fn revoke_token(&self, tenant: Uuid, id: Uuid) -> Result<Token, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated =
-            sqlx::query("UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant_id = $2")
-                .bind(id)
-                .bind(tenant)
-                .execute(&mut *tx)
-                .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind: "token", key: id.to_string() });
-        }
-        let token = Self::token_in(&mut tx, id).await?;
-        record_event(&mut tx, Some(tenant), "token", id, EventAction::Updated, &token).await?;
-        tx.commit().await?;
-        Ok(token)
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant_id = $2",
+            )
+            .bind(id)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::NotFound { kind: "token", key: id.to_string() });
+            }
+            let token = Self::token_in(&mut tx, id).await?;
+            record_event(&mut tx, Some(tenant), "token", id, EventAction::Updated, &token).await?;
+            tx.commit().await?;
+            Ok(token)
+        })
+        .await
     }
 }

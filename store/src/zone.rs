@@ -230,12 +230,12 @@ impl Store {
     /// Publishes an ACME dns-01 TXT record (`name` is the full `_acme-challenge.<domain>`, no trailing dot).
     /// Publishing the same pair twice is a no-op.
     pub async fn put_acme_challenge(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.change_acme_challenge(name, value, true).await
+        self.bounded(async { self.change_acme_challenge(name, value, true).await }).await
     }
 
     /// Withdraws an ACME dns-01 TXT record; withdrawing an absent record is a no-op.
     pub async fn remove_acme_challenge(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.change_acme_challenge(name, value, false).await
+        self.bounded(async { self.change_acme_challenge(name, value, false).await }).await
     }
 
     async fn change_acme_challenge(&self, name: &str, value: &str, put: bool) -> Result<(), StoreError> {
