@@ -104,17 +104,61 @@ pub(crate) async fn middleware(
             // request (as when the answer cannot be sealed, which only a failing random source causes).
             let answered = !status.is_server_error() && status != StatusCode::FAILED_DEPENDENCY;
             let sealed = if answered { state.secret_key.seal(&bytes).ok() } else { None };
-            let outcome = match sealed {
-                None => state.store.idempotency_abandon(token, &key).await,
-                Some(sealed) => {
-                    let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-                    state.store.idempotency_finish(token, &key, status.as_u16(), ct, &sealed).await
+            let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let record =
+                Record { store: state.store.clone(), token, key, answer: sealed.map(|s| (status.as_u16(), ct, s)) };
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                // Mostly PostgreSQL not answering, which the release would wait for too: the client is told to
+                // retry later at once, and the key is released meanwhile.
+                tokio::spawn(record.write_until_taken());
+            } else if let Err(e) = record.write().await {
+                if e.is_unavailable() {
+                    // Left as it is, the claim would answer every retry with 409 for a day.
+                    tokio::spawn(record.write_until_taken());
+                } else {
+                    tracing::warn!(error = %crate::error::chain(&e), "could not record an idempotency key");
                 }
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(error = %crate::error::chain(&e), "could not record an idempotency key");
             }
             Ok(ServiceResponse::new(http_req, res.set_body(bytes).map_into_boxed_body()))
+        }
+    }
+}
+
+/// How long the end of a claimed key is retried while PostgreSQL does not answer.
+const RECORD_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The end of a claimed key: the response to replay (status, content type, sealed body), or none (released).
+struct Record {
+    store: cloud_store::Store,
+    token: uuid::Uuid,
+    key: String,
+    answer: Option<(u16, String, Vec<u8>)>,
+}
+
+impl Record {
+    async fn write(&self) -> Result<(), cloud_store::StoreError> {
+        match &self.answer {
+            None => self.store.idempotency_abandon(self.token, &self.key).await,
+            Some((status, ct, body)) => self.store.idempotency_finish(self.token, &self.key, *status, ct, body).await,
+        }
+    }
+
+    /// Writes, retrying with backoff (1 s doubling to 30 s) while PostgreSQL does not answer, for at most
+    /// [`RECORD_RETRY_FOR`].
+    async fn write_until_taken(self) {
+        let deadline = tokio::time::Instant::now() + RECORD_RETRY_FOR;
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            match self.write().await {
+                Ok(()) => return,
+                Err(e) if e.is_unavailable() && tokio::time::Instant::now() + wait < deadline => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                }
+                Err(e) => {
+                    return tracing::warn!(error = %crate::error::chain(&e), "could not record an idempotency key");
+                }
+            }
         }
     }
 }
