@@ -14,6 +14,8 @@ mod logs;
 mod metrics;
 mod net;
 mod process;
+mod reports;
+mod retry;
 mod supervise;
 
 use std::collections::HashMap;
@@ -191,6 +193,7 @@ pub(crate) struct Shared {
     pub sandboxes: Option<cloud_sandbox::Sandboxes>,
     pub images: images::ImageCache,
     pub logs: logs::LogQueue,
+    pub reports: reports::Reports,
     pub metrics: metrics::NodeMetrics,
     /// Since when heartbeats have reached PostgreSQL without a failure (`None` while they fail).
     pub in_contact_since: std::sync::Mutex<Option<std::time::Instant>>,
@@ -317,6 +320,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     })
     .await;
     let (logs_tx, logs_rx) = logs::LogQueue::new(logs::QUEUE_BYTES);
+    let (reports, reports_rx) = reports::Reports::new();
     let shared = Arc::new(Shared {
         images,
         store: store.clone(),
@@ -325,6 +329,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         networks,
         sandboxes,
         logs: logs_tx,
+        reports,
         metrics: metrics::NodeMetrics::new(),
         // Registration just reached the database.
         in_contact_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
@@ -332,7 +337,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     tracing::info!(%node, name = %shared.config.name, "node agent up");
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = shared.metrics.clone();
-    let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx));
+    let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx, reports_rx));
     Ok(NodeHandle { node, metrics, stop: stop_tx, task })
 }
 
@@ -363,13 +368,32 @@ struct Supervisor {
     task: tokio::task::AbortHandle,
 }
 
+/// How long a stopping agent keeps trying to write the observations and log lines still queued.
+const FLUSH_AT_STOP: Duration = Duration::from_secs(10);
+
+/// Aborts a task when dropped: what the agent spawns ends with it, also when the agent is aborted.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run(
     shared: Arc<Shared>,
     feed: ChangeFeed,
     mut stop: watch::Receiver<bool>,
     logs_rx: mpsc::UnboundedReceiver<logs::Queued>,
+    reports_rx: mpsc::UnboundedReceiver<reports::Pending>,
 ) {
-    let shipper = tokio::spawn(ship_logs(shared.store.clone(), logs_rx));
+    let mut shipper = AbortOnDrop(tokio::spawn(ship_logs(shared.store.clone(), logs_rx)));
+    let mut reports = AbortOnDrop(tokio::spawn(reports::write(
+        shared.store.clone(),
+        shared.node,
+        reports_rx,
+        shared.metrics.reports_pending.clone(),
+    )));
     let mut changes = feed.subscribe();
     // Owned here, so that aborting the agent aborts every supervisor, whose child processes then die.
     let mut tasks = tokio::task::JoinSet::new();
@@ -377,16 +401,25 @@ async fn run(
     let heartbeat = {
         let shared = shared.clone();
         tasks.spawn(async move {
+            // A heartbeat is only worth its moment: a failed one is not retried but followed by the next.
+            let mut failing = false;
             loop {
                 let result = shared.store.heartbeat(shared.node).await;
                 shared.metrics.heartbeat_ok.set(result.is_ok() as i64);
                 {
                     let mut since = shared.in_contact_since.lock().expect("contact lock");
                     match result {
-                        Ok(()) => *since = Some(since.unwrap_or_else(std::time::Instant::now)),
+                        Ok(()) => {
+                            *since = Some(since.unwrap_or_else(std::time::Instant::now));
+                            if std::mem::take(&mut failing) {
+                                tracing::info!("heartbeats reach PostgreSQL again");
+                            }
+                        }
                         Err(e) => {
                             *since = None;
-                            tracing::warn!(error = %e, "heartbeat failed");
+                            if !std::mem::replace(&mut failing, true) {
+                                tracing::warn!(error = %cloud_domain::error_chain(&e), "heartbeat failed");
+                            }
                         }
                     }
                 }
@@ -394,16 +427,28 @@ async fn run(
             }
         })
     };
+    let mut backoff = retry::Backoff::default();
     loop {
         while tasks.try_join_next().is_some() {}
         supervisors.retain(|_, s| !s.task.is_finished());
-        if let Err(e) = reconcile(&shared, &mut supervisors, &mut tasks).await {
-            tracing::warn!(error = %e, "reconcile failed; retrying");
-        }
+        let wait = match reconcile(&shared, &mut supervisors, &mut tasks).await {
+            Ok(()) => {
+                if backoff.succeeded() {
+                    tracing::info!("reconciling again");
+                }
+                shared.config.heartbeat
+            }
+            Err(e) => {
+                if !backoff.failing() {
+                    tracing::warn!(error = %cloud_domain::error_chain(&e), "reconcile failed; retrying");
+                }
+                backoff.after_failure().max(shared.config.heartbeat)
+            }
+        };
         tokio::select! {
             _ = stop.changed() => break,
             _ = changes.changed() => {}
-            _ = tokio::time::sleep(shared.config.heartbeat) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     tracing::info!("node agent stopping");
@@ -419,7 +464,13 @@ async fn run(
         tracing::warn!(error = %e, "could not hand instances back for rescheduling");
     }
     drop(shared);
-    let _ = shipper.await;
+    let flushed = async {
+        let _ = (&mut reports.0).await;
+        let _ = (&mut shipper.0).await;
+    };
+    if tokio::time::timeout(FLUSH_AT_STOP, flushed).await.is_err() {
+        tracing::warn!("stopping with observations or log lines PostgreSQL did not take");
+    }
 }
 
 async fn reconcile(
@@ -474,6 +525,7 @@ async fn reconcile(
 /// room ([`logs::QUEUE_BYTES`]), released only once stored; each instance's share of it is bounded by its rate.
 async fn ship_logs(store: Store, mut rx: mpsc::UnboundedReceiver<logs::Queued>) {
     let mut batch: HashMap<Uuid, Vec<logs::Queued>> = HashMap::new();
+    let mut backoff = retry::Backoff::default();
     loop {
         let Some(first) = rx.recv().await else { break };
         batch.entry(first.entry.instance).or_default().push(first);
@@ -491,8 +543,30 @@ async fn ship_logs(store: Store, mut rx: mpsc::UnboundedReceiver<logs::Queued>) 
         for (id, queued) in batch.drain() {
             let (lines, room): (Vec<(DateTime<Utc>, &str, String)>, Vec<_>) =
                 queued.into_iter().map(|q| ((q.entry.at, q.entry.stream, q.entry.line), q.room)).unzip();
-            if let Err(e) = store.append_logs(id, &lines).await {
-                tracing::warn!(error = %e, instance = %id, "could not store log lines");
+            // Held while PostgreSQL does not answer, with their room in the queue: what comes meanwhile is
+            // dropped, counted and noted once the queue is full, as when the database falls behind.
+            loop {
+                match store.append_logs(id, &lines).await {
+                    Ok(()) => {
+                        if backoff.succeeded() {
+                            tracing::info!("log lines reach PostgreSQL again");
+                        }
+                        break;
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        if !backoff.failing() {
+                            tracing::warn!(
+                                error = %cloud_domain::error_chain(&e),
+                                "cannot store log lines; retrying until PostgreSQL answers"
+                            );
+                        }
+                        tokio::time::sleep(backoff.after_failure()).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %cloud_domain::error_chain(&e), instance = %id, "log lines refused; dropped");
+                        break;
+                    }
+                }
             }
             drop(room);
         }

@@ -33,6 +33,9 @@ pub const QUEUE_BYTES: usize = 4 << 20;
 /// Least time between two notes of dropped output of one instance.
 pub const NOTE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Longest wait for room in the queue for a note of the platform.
+const NOTE_WAIT: Duration = Duration::from_secs(2);
+
 /// What a queued entry costs besides its text (its bookkeeping), so that empty lines are not free.
 const ENTRY_COST: usize = 64;
 
@@ -107,10 +110,15 @@ impl LogQueue {
         }
     }
 
-    /// Queues a note of the platform, waiting for room: notes are few and small.
+    /// Queues a note of the platform, waiting for room: notes are few and small. Not for longer than
+    /// [`NOTE_WAIT`], though: the queue stays full while PostgreSQL does not take lines, and the supervisor that
+    /// writes the note must go on restarting or stopping its instance meanwhile.
     pub async fn send(&self, entry: LogEntry) {
-        if let Ok(room) = self.room.clone().acquire_many_owned(self.cost(&entry)).await {
-            let _ = self.tx.send(Queued { entry, room });
+        let room = self.room.clone().acquire_many_owned(self.cost(&entry));
+        match tokio::time::timeout(NOTE_WAIT, room).await {
+            Ok(Ok(room)) => drop(self.tx.send(Queued { entry, room })),
+            Ok(Err(_)) => {}
+            Err(_) => tracing::debug!(instance = %entry.instance, line = %entry.line, "log queue full; note dropped"),
         }
     }
 }

@@ -18,6 +18,8 @@ pub(crate) struct NodeMetrics {
     pub heartbeat_ok: IntGauge,
     /// Bytes of instance output dropped, by reason (`rate`, `queue_full`).
     pub log_dropped_bytes: IntCounterVec,
+    /// Observations of instances waiting to be written to PostgreSQL.
+    pub reports_pending: IntGauge,
 }
 
 impl NodeMetrics {
@@ -42,6 +44,11 @@ impl NodeMetrics {
             &["reason"],
         )
         .expect("valid");
+        let reports_pending = IntGauge::new(
+            "cloud_node_reports_pending",
+            "Observations of instances not yet written to PostgreSQL (retried while it does not answer)",
+        )
+        .expect("valid");
         for c in [
             Box::new(starts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ends.clone()),
@@ -49,10 +56,11 @@ impl NodeMetrics {
             Box::new(running.clone()),
             Box::new(heartbeat_ok.clone()),
             Box::new(log_dropped_bytes.clone()),
+            Box::new(reports_pending.clone()),
         ] {
             registry.register(c).expect("unique names");
         }
-        Self { registry, starts, ends, boot, running, heartbeat_ok, log_dropped_bytes }
+        Self { registry, starts, ends, boot, running, heartbeat_ok, log_dropped_bytes, reports_pending }
     }
 
     pub fn render(&self) -> String {

@@ -32,11 +32,26 @@ struct Reporter {
 }
 
 impl Reporter {
-    async fn report(&self, state: InstanceState, reason: Option<String>, exit_code: Option<i32>, boot: Option<u64>) {
+    /// Hands an observation over to be written (see [`crate::reports`]) and goes on.
+    fn report(&self, state: InstanceState, reason: Option<String>, exit_code: Option<i32>, boot: Option<u64>) {
+        drop(self.submit(state, reason, exit_code, boot));
+    }
+
+    /// The last observation of a supervisor, waited for until it is written: the run is over for good only once
+    /// the database says so.
+    async fn report_last(&self, state: InstanceState, reason: Option<String>, exit_code: Option<i32>) {
+        let _ = self.submit(state, reason, exit_code, None).await;
+    }
+
+    fn submit(
+        &self,
+        state: InstanceState,
+        reason: Option<String>,
+        exit_code: Option<i32>,
+        boot: Option<u64>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
         let obs = Observation { state, reason, exit_code, boot_time_us: boot, restart_count: self.restarts };
-        if let Err(e) = self.shared.store.report(self.shared.node, self.id, &obs).await {
-            tracing::warn!(instance = %self.id, error = %e, "could not report state");
-        }
+        self.shared.reports.submit(self.id, obs)
     }
 
     async fn note(&self, line: String) {
@@ -56,7 +71,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
             Want::Run(a) => *a,
             Want::Stop => {
                 cleanup(&shared, id, tenant).await;
-                r.report(InstanceState::Stopped, None, None, None).await;
+                r.report_last(InstanceState::Stopped, None, None).await;
                 return;
             }
             Want::Remove => {
@@ -64,12 +79,12 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
                 return;
             }
         };
-        r.report(InstanceState::Starting, None, None, None).await;
+        r.report(InstanceState::Starting, None, None, None);
         match run_once(&shared, &r, &a, &budget, &mut want).await {
             Outcome::Wanted(Want::Stop) => {
                 cleanup(&shared, id, tenant).await;
                 r.note("stopped".into()).await;
-                r.report(InstanceState::Stopped, None, None, None).await;
+                r.report_last(InstanceState::Stopped, None, None).await;
                 return;
             }
             Outcome::Wanted(_) => {
@@ -87,7 +102,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
                 if !restart {
                     let state = if exit_code == Some(0) { InstanceState::Stopped } else { InstanceState::Failed };
                     shared.metrics.ends.with_label_values(&[state.as_str()]).inc();
-                    r.report(state, Some(reason), exit_code, None).await;
+                    r.report_last(state, Some(reason), exit_code).await;
                     return;
                 }
                 // A run that lasted a while was healthy: start the backoff over.
@@ -98,7 +113,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Assignment, mut want: 
                 shared.metrics.ends.with_label_values(&["restarted"]).inc();
                 let why = format!("{reason}; restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts);
                 r.note(format!("restarting in {}s (restart {})", backoff.as_secs_f32(), r.restarts)).await;
-                r.report(InstanceState::Starting, Some(why), exit_code, None).await;
+                r.report(InstanceState::Starting, Some(why), exit_code, None);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = want.changed() => {}
@@ -334,7 +349,7 @@ async fn run_once(
     shared.metrics.running.inc();
     // Counted down however the run ends.
     let _running = GaugeGuard(shared.metrics.running.clone());
-    r.report(InstanceState::Running, None, None, Some(boot)).await;
+    r.report(InstanceState::Running, None, None, Some(boot));
 
     loop {
         tokio::select! {
