@@ -19,6 +19,34 @@ use crate::seal::SecretKey;
 /// Name of the ACME account credentials (sealed) in `platform_secrets`, per directory.
 const ACCOUNT_SECRET: &str = "acme_account";
 
+/// First wait before writing again what PostgreSQL did not take; it doubles up to [`RETRY_LONGEST`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LONGEST: Duration = Duration::from_secs(5);
+
+/// How long the challenge answers of an order are retried: the CA gives an order minutes, not hours.
+const RESPONDER_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs a write again, with backoff, while PostgreSQL does not answer, until `deadline`; other errors (and the
+/// last one) are returned. For what a pass cannot simply redo next time: an issued certificate, the release of a
+/// lease, the reason an order failed, the answers the CA is about to check.
+async fn persist<T, F: Future<Output = Result<T, StoreError>>>(
+    what: &str,
+    deadline: tokio::time::Instant,
+    mut write: impl FnMut() -> F,
+) -> Result<T, StoreError> {
+    let mut wait = RETRY_FIRST;
+    loop {
+        match write().await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(what, error = %cloud_domain::error_chain(&e), retry_in = ?wait, "PostgreSQL did not take a write; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_LONGEST);
+            }
+            done => return done,
+        }
+    }
+}
+
 /// How the manager works.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -146,9 +174,14 @@ impl CertManager {
                 if !self.store.take_acme_lease(&d.domain, &self.config.holder, self.lease_ttl()).await? {
                     continue;
                 }
+                // Past the lease another replica may order the name: writes about this order stop trying then.
+                let lease_end = tokio::time::Instant::now() + self.lease_ttl();
                 self.store.record_acme_pending(d.tenant_id, &d.domain).await?;
-                let outcome = self.order(&d).await;
-                self.store.release_acme_lease(&d.domain, &self.config.holder).await?;
+                let outcome = self.order(&d, lease_end).await;
+                persist("release of an ACME lease", lease_end, || {
+                    self.store.release_acme_lease(&d.domain, &self.config.holder)
+                })
+                .await?;
                 match outcome {
                     Ok(()) => {
                         self.orders.with_label_values(&["issued"]).inc();
@@ -157,7 +190,10 @@ impl CertManager {
                     Err(OrderFailure::Acme(e)) => {
                         let reason = cloud_domain::error_chain(&e);
                         tracing::warn!(domain = %d.domain, %reason, "ACME order failed");
-                        self.store.record_acme_error(d.tenant_id, &d.domain, &reason).await?;
+                        persist("reason of a failed ACME order", lease_end, || {
+                            self.store.record_acme_error(d.tenant_id, &d.domain, &reason)
+                        })
+                        .await?;
                         self.orders.with_label_values(&["failed"]).inc();
                         report.failed.push(d.domain);
                     }
@@ -219,7 +255,7 @@ impl CertManager {
         Ok(self.client.as_ref().expect("set above"))
     }
 
-    async fn order(&mut self, d: &DueDomain) -> Result<(), OrderFailure> {
+    async fn order(&mut self, d: &DueDomain, lease_end: tokio::time::Instant) -> Result<(), OrderFailure> {
         let kind = if d.domain.starts_with("*.") { ChallengeKind::Dns01 } else { self.config.challenge };
         let responder = StoreResponder {
             store: self.store.clone(),
@@ -235,19 +271,17 @@ impl CertManager {
         let sealed = self.key.seal(issued.key_pem.as_bytes()).map_err(|e| OrderFailure::Manager(e.into()))?;
         let to_utc =
             |t: time::OffsetDateTime| chrono::DateTime::from_timestamp(t.unix_timestamp(), 0).unwrap_or_default();
-        self.store
-            .put_certificate(
-                d.tenant_id,
-                NewCertificate {
-                    domain: d.domain.clone(),
-                    names: checked.names,
-                    source: "acme",
-                    chain_pem: issued.chain_pem,
-                    key_sealed: sealed,
-                    not_before: to_utc(checked.not_before),
-                    not_after: to_utc(checked.not_after),
-                },
-            )
+        let certificate = NewCertificate {
+            domain: d.domain.clone(),
+            names: checked.names,
+            source: "acme",
+            chain_pem: issued.chain_pem,
+            key_sealed: sealed,
+            not_before: to_utc(checked.not_before),
+            not_after: to_utc(checked.not_after),
+        };
+        // Issued and paid for in the CA's rate limits: kept trying for as long as the lease lasts.
+        persist("an issued certificate", lease_end, || self.store.put_certificate(d.tenant_id, certificate.clone()))
             .await
             .map_err(|e| OrderFailure::Manager(e.into()))?;
         tracing::info!(domain = %d.domain, not_after = %checked.not_after, "ACME certificate stored");
@@ -295,15 +329,17 @@ struct StoreResponder {
 #[async_trait]
 impl ChallengeResponder for StoreResponder {
     async fn publish_http01(&self, domain: &str, token: &str, key_authorization: &str) -> Result<(), ResponderError> {
-        Ok(self.store.put_acme_http_token(domain, token, key_authorization).await?)
+        let put = || self.store.put_acme_http_token(domain, token, key_authorization);
+        Ok(persist("an http-01 answer", responder_deadline(), put).await?)
     }
 
     async fn withdraw_http01(&self, _domain: &str, token: &str) -> Result<(), ResponderError> {
-        Ok(self.store.remove_acme_http_token(token).await?)
+        let remove = || self.store.remove_acme_http_token(token);
+        Ok(persist("withdrawing an http-01 answer", responder_deadline(), remove).await?)
     }
 
     async fn publish_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
-        self.store.put_acme_challenge(record, value).await?;
+        persist("a dns-01 answer", responder_deadline(), || self.store.put_acme_challenge(record, value)).await?;
         if self.dns_servers.is_empty() {
             tokio::time::sleep(self.dns_propagation).await;
             return Ok(());
@@ -323,6 +359,58 @@ impl ChallengeResponder for StoreResponder {
     }
 
     async fn withdraw_dns01(&self, record: &str, value: &str) -> Result<(), ResponderError> {
-        Ok(self.store.remove_acme_challenge(record, value).await?)
+        let remove = || self.store.remove_acme_challenge(record, value);
+        Ok(persist("withdrawing a dns-01 answer", responder_deadline(), remove).await?)
+    }
+}
+
+fn responder_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + RESPONDER_RETRY_FOR
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn unresponsive() -> StoreError {
+        StoreError::Unresponsive { waited: Duration::from_secs(5) }
+    }
+
+    #[tokio::test]
+    async fn a_write_postgresql_did_not_take_is_retried_until_it_is_taken() {
+        let attempts = AtomicU32::new(0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let written = persist("test", deadline, || async {
+            match attempts.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(unresponsive()),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(written.unwrap(), 2, "taken at the third attempt");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_or_a_deadline_ends_the_retries() {
+        let attempts = AtomicU32::new(0);
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        let refused = persist("test", far, || async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(StoreError::Invalid("no".into()))
+        })
+        .await;
+        assert!(matches!(refused, Err(StoreError::Invalid(_))));
+        assert_eq!(attempts.swap(0, Ordering::SeqCst), 1, "a refusal is not retried");
+
+        let now = tokio::time::Instant::now();
+        let late = persist("test", now, || async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(unresponsive())
+        })
+        .await;
+        assert!(matches!(late, Err(StoreError::Unresponsive { .. })));
+        assert_eq!(attempts.load(Ordering::SeqCst), 1, "no retry past the deadline");
     }
 }
