@@ -34,6 +34,8 @@ impl Block {
 pub struct Reader {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
     buf: Vec<u8>,
+    /// The blocks without data that [`Reader::event`] skipped, in order.
+    pub skipped: Vec<Block>,
 }
 
 impl Reader {
@@ -41,7 +43,7 @@ impl Reader {
     pub fn new(res: reqwest::Response) -> Self {
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["content-type"], "text/event-stream");
-        Self { body: Box::pin(res.bytes_stream().map(|c| c.map(|b| b.to_vec()))), buf: Vec::new() }
+        Self { body: Box::pin(res.bytes_stream().map(|c| c.map(|b| b.to_vec()))), buf: Vec::new(), skipped: Vec::new() }
     }
 
     /// The next block, waiting until `deadline`; `None` when the stream ends.
@@ -83,6 +85,7 @@ impl Reader {
             if b.data.is_some() {
                 return b;
             }
+            self.skipped.push(b);
         }
     }
 
