@@ -1,8 +1,9 @@
 //! The test harness: real PostgreSQL, real servers on port 0, no shared state between tests.
 //!
 //! Each test gets a fresh database on one server per test binary: the server named by `DATABASE_URL` (any
-//! database on it; the harness creates new ones beside it), or else a private cluster started from the system's
-//! PostgreSQL binaries that dies with the test process.
+//! database on it; the harness creates new ones beside it; tests that count statements need it to load
+//! `pg_stat_statements`), or else a private cluster started from the system's PostgreSQL binaries that dies with
+//! the test process.
 
 pub mod pebble;
 pub mod pki;
