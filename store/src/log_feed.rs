@@ -127,7 +127,7 @@ impl LogFeed {
     pub fn follow(&self, id: Uuid) -> LogFollower {
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
         let rx = self.shared.followed().entry(id).or_insert_with(|| watch::channel(Arc::default()).0).subscribe();
-        LogFollower { shared: self.shared.clone(), id, rx, epoch, last: 0, behind: true, dirty: true }
+        LogFollower { shared: self.shared.clone(), id, rx, epoch, last: 0, behind: true, catch_up_to: 0, dirty: true }
     }
 
     /// Instances followed in this process now.
@@ -154,20 +154,22 @@ pub struct LogFollower {
     epoch: u64,
     /// The last line delivered.
     last: i64,
-    /// Whether lines after `last` may exist that this follower must read from the database.
+    /// Whether lines after `last` may exist that this follower must read from the database...
     behind: bool,
+    /// ...at least up to this `seq`, if they still exist.
+    catch_up_to: i64,
     /// Whether the tail may hold lines not yet delivered.
     dirty: bool,
 }
 
 impl LogFollower {
-    /// Where the follower starts: after line `seq`. `complete` says that the caller read every line there was
-    /// (a short read); otherwise the follower first reads the rest from the database.
-    pub fn start_after(&mut self, seq: i64, complete: bool) {
+    /// Where the follower starts: after line `seq`. `newest` is the newest line's `seq` (0 for an empty log) when
+    /// the caller read up to it; without it, the follower first reads on from the database.
+    pub fn start_after(&mut self, seq: i64, newest: Option<i64>) {
         self.last = seq;
-        self.behind = !complete;
-        if complete {
-            self.seed();
+        self.behind = newest.is_none();
+        if let Some(newest) = newest {
+            self.seed(newest);
         }
     }
 
@@ -177,12 +179,15 @@ impl LogFollower {
             if self.behind {
                 let lines = self.shared.store.log_lines_after(self.id, self.last, BATCH).await?;
                 if (lines.len() as i64) < BATCH {
+                    // Read up to the newest line: lines below the window's start that were not there are gone.
                     self.behind = false;
-                    self.last = lines.last().map_or(self.last, |l| l.seq);
-                    self.seed();
+                    if let Some(l) = lines.last() {
+                        self.seed(l.seq);
+                    }
+                    self.last = self.last.max(self.catch_up_to);
                 }
                 if let Some(l) = lines.last() {
-                    self.last = l.seq;
+                    self.last = self.last.max(l.seq);
                     return Ok(LogUpdate::Lines(lines));
                 }
                 continue;
@@ -197,7 +202,7 @@ impl LogFollower {
             if let Some(after) = tail.complete_after {
                 if after > self.last {
                     // Fell behind what is kept in memory.
-                    self.behind = true;
+                    (self.behind, self.catch_up_to) = (true, after);
                     continue;
                 }
                 let new: Vec<LogLine> =
@@ -214,23 +219,22 @@ impl LogFollower {
         }
     }
 
-    /// Tells the feed what this follower read, when the feed knows nothing yet: every line after `last` will be
+    /// Tells the feed, when it knows nothing yet, that `newest` is the newest line: every line after it will be
     /// announced. Not when notifications may have been lost since the follower subscribed.
-    fn seed(&mut self) {
+    fn seed(&mut self, newest: i64) {
+        self.dirty = true;
         if self.shared.epoch.load(Ordering::SeqCst) != self.epoch {
             return;
         }
-        let last = self.last;
         if let Some(tx) = self.shared.sender(self.id) {
             tx.send_if_modified(|tail| {
                 if tail.complete_after.is_some() {
                     return false;
                 }
-                *tail = Arc::new(LogTail { complete_after: Some(last), ..(**tail).clone() });
+                *tail = Arc::new(LogTail { complete_after: Some(newest), ..(**tail).clone() });
                 true
             });
         }
-        self.dirty = true;
     }
 }
 

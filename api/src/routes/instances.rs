@@ -220,10 +220,16 @@ pub(crate) async fn instance_logs(
     // Following before reading: a line stored in between is announced to the follower, not lost.
     let mut follower = state.logs.follow(state.store.instance_id(tenant, &key).await?);
     let (_, lines) = state.store.logs(tenant, &key, after, limit).await?;
-    // Without `after`, the read ends at the newest line; with it, a full read may have left some behind.
-    let complete = after.is_none() || (lines.len() as i64) < limit;
+    // Without `after`, the read ends at the newest line (0: none yet); with it, a full read may have left some
+    // behind, and an empty one says nothing of where the log ends (`after` may be past it).
+    let newest = match (lines.last(), after) {
+        (Some(l), None) => Some(l.seq),
+        (Some(l), Some(_)) if (lines.len() as i64) < limit => Some(l.seq),
+        (None, None) => Some(0),
+        _ => None,
+    };
     let start = after.unwrap_or_else(|| lines.first().map_or(0, |l| l.seq - 1));
-    follower.start_after(lines.last().map_or(start, |l| l.seq), complete);
+    follower.start_after(lines.last().map_or(start, |l| l.seq), newest);
     let (tx, res) = sse::response();
     let keepalive = state.config.stream_keepalive;
     tokio::spawn(async move {

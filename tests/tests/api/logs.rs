@@ -164,6 +164,33 @@ async fn last_event_id_resumes_after_that_line_however_far_behind() {
     }
 }
 
+/// A client resuming after an id beyond the newest line (a stale or made-up one) waits for that id; the other
+/// followers of the instance are neither held up by it nor made to read the database over and over.
+#[tokio::test]
+async fn a_follower_resuming_past_the_end_holds_up_no_other() {
+    let api = start().await;
+    let id = instance(&api, "web").await;
+    let agent = agent(&api).await;
+    append(&agent, id, &texts(1..=3)).await;
+    let mut ahead = follow(&api, "web", "", Some("1000")).await;
+    assert_eq!(ahead.block().await.id.as_deref(), Some("1000"));
+    let mut s = follow(&api, "web", "", None).await;
+    for seq in 1..=3 {
+        assert_eq!(s.event().await.seq(), seq);
+    }
+
+    // Both idle for two keepalive periods: nothing to read.
+    let before = log_reads(&api).await;
+    for _ in 0..2 {
+        assert_eq!(s.block().await.comments, ["keepalive"]);
+    }
+    let reads = log_reads(&api).await - before;
+    assert!(reads <= 1, "an idle follower made the database read the log {reads} times");
+
+    append(&agent, id, &texts(4..=4)).await;
+    assert_eq!(s.event().await.seq(), 4);
+}
+
 #[tokio::test]
 async fn a_follow_ends_when_the_instance_is_deleted() {
     let api = start().await;
@@ -210,7 +237,7 @@ async fn the_feed_forgets_an_instance_when_its_last_follower_goes() {
     let agent = agent(&api).await;
     let feed = LogFeed::start(api.store.clone()).await.unwrap();
     let mut a = feed.follow(id);
-    a.start_after(0, true);
+    a.start_after(0, None);
     let b = feed.follow(id);
     assert_eq!(feed.followed_instances(), 1);
     append(&agent, id, &texts(1..=2)).await;
