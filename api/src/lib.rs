@@ -11,6 +11,7 @@ mod idempotency;
 mod metrics;
 mod readiness;
 mod routes;
+mod sse;
 mod validate;
 
 use std::net::TcpListener;
@@ -18,7 +19,7 @@ use std::net::TcpListener;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
 use cloud_domain::api::ErrorCode;
-use cloud_store::{ChangeFeed, Store};
+use cloud_store::{ChangeFeed, LogFeed, Store};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_actix_web::AppExt;
@@ -48,6 +49,8 @@ pub struct ApiConfig {
     /// The platform secret key (`platform.secret_key_file`), required: it seals the token signing key, uploaded
     /// certificates' keys and stored idempotent responses. `None` only so that the limits have a default.
     pub secret_key: Option<std::sync::Arc<cloud_certs::seal::SecretKey>>,
+    /// How long an event stream stays silent before a keepalive comment: shorter than proxies' idle timeouts.
+    pub stream_keepalive: std::time::Duration,
 }
 
 impl Default for ApiConfig {
@@ -62,6 +65,7 @@ impl Default for ApiConfig {
             private_registries: Vec::new(),
             resolver: None,
             secret_key: None,
+            stream_keepalive: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct AppState {
     pub secret_key: std::sync::Arc<cloud_certs::seal::SecretKey>,
     /// The newest committed change, for event streams.
     pub feed: ChangeFeed,
+    /// New log lines, for log streams.
+    pub logs: LogFeed,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Limits.
@@ -105,7 +111,7 @@ pub struct AppState {
 
 impl AppState {
     /// Loads the signing key (sealing one left in clear by an earlier version) and starts following the change
-    /// feed. Fails without the platform secret key.
+    /// feed and the log notifications. Fails without the platform secret key.
     pub async fn new(store: Store, config: ApiConfig) -> Result<Self, StartError> {
         let secret_key = config.secret_key.clone().ok_or(StartError::NoSecretKey)?;
         let metrics = Metrics::new();
@@ -114,6 +120,7 @@ impl AppState {
             secret_key,
             feed: ChangeFeed::start(store.clone()).await?,
             _probe: readiness::DatabaseProbe::start(store.clone(), metrics.database_up.clone()),
+            logs: LogFeed::start(store.clone()).await?,
             metrics,
             store,
             ca_pem: tokio::sync::OnceCell::new(),

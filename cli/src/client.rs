@@ -105,26 +105,34 @@ impl Client {
 
     /// Sends a request; API errors become their problem detail, network errors name the remote.
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let res = req.send().await.map_err(|e| {
-            let mut cause = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                cause = format!("{cause}: {s}");
-                src = s.source();
-            }
-            anyhow!("cannot reach remote \"{}\" at {}: {cause}", self.name, self.base)
-        })?;
+        let res = req.send().await.map_err(|e| self.unreachable(&e))?;
         if res.status().is_success() {
             return Ok(res);
         }
+        Err(self.failure(res).await)
+    }
+
+    /// A network error, naming the remote.
+    pub fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let mut cause = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            cause = format!("{cause}: {s}");
+            src = s.source();
+        }
+        anyhow!("cannot reach remote \"{}\" at {}: {cause}", self.name, self.base)
+    }
+
+    /// An unsuccessful response as an error: its problem detail when it has one.
+    pub async fn failure(&self, res: reqwest::Response) -> anyhow::Error {
         let status = res.status();
         let text = res.text().await.unwrap_or_default();
         match serde_json::from_str::<Problem>(&text) {
-            Ok(p) => bail!("{} ({})", p.detail, p.code.as_str()),
+            Ok(p) => anyhow!("{} ({})", p.detail, p.code.as_str()),
             Err(_) if status == StatusCode::NOT_FOUND => {
-                bail!("{} answered 404: is it this platform's API?", self.base)
+                anyhow!("{} answered 404: is it this platform's API?", self.base)
             }
-            Err(_) => bail!("{} answered {status}: {}", self.base, text.trim()),
+            Err(_) => anyhow!("{} answered {status}: {}", self.base, text.trim()),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod image;
 pub mod output;
 pub mod pin;
 pub mod progress;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,7 +24,6 @@ use cloud_domain::api::{
     QuotasPatch, Scope, Service, Tenant, Token, UpdateService, UpdateTenant, WhoAmI,
 };
 use cloud_domain::state::RestartPolicy;
-use futures_util::StreamExt;
 
 use crate::client::{Client, seg};
 use crate::config::{Config, Remote};
@@ -674,32 +674,46 @@ fn name_of_instance(i: &Instance) -> String {
     i.name.clone()
 }
 
+/// Renders once following the changes, then again after each burst of changes until interrupted. Changes made
+/// while reconnecting are replayed by the stream, so none is missed.
 async fn watch_loop<F, Fut>(c: &Client, render: F) -> anyhow::Result<()>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    render().await?;
-    let res = c.send(c.request(reqwest::Method::GET, "/v1/events")).await?;
-    let mut stream = res.bytes_stream();
-    let mut buf = String::new();
-    while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        let mut changed = false;
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            changed |= frame.lines().any(|l| l.starts_with("data: "));
+    // Events arriving while a render runs make one more render, not one each.
+    let changed = tokio::sync::Notify::new();
+    let mut opened = false;
+    let follow = stream::follow(c, "/v1/events", |message| {
+        // The first render waits for the stream: a change made before it is in the render, one after it comes.
+        if matches!(message, stream::Message::Event { .. }) || !std::mem::replace(&mut opened, true) {
+            changed.notify_one();
         }
-        if changed {
-            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                print!("\x1b[2J\x1b[H");
-            } else {
-                println!();
-            }
-            render().await?;
-        }
+        Ok(())
+    });
+    tokio::select! {
+        r = follow => r,
+        r = redraw(&changed, &render) => r,
     }
-    Ok(())
+}
+
+/// Renders whenever `changed` is notified, with a separation from the previous render.
+async fn redraw<F, Fut>(changed: &tokio::sync::Notify, render: &F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    changed.notified().await;
+    render().await?;
+    loop {
+        changed.notified().await;
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            print!("\x1b[2J\x1b[H");
+        } else {
+            println!();
+        }
+        render().await?;
+    }
 }
 
 async fn service(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Result<()> {
@@ -901,20 +915,16 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: u32) -> anyhow::Result
         lines.iter().for_each(print_log);
         return Ok(());
     }
-    let res = c.send(c.request(reqwest::Method::GET, &format!("{path}&follow=true"))).await?;
-    let mut stream = res.bytes_stream();
-    let mut buf = String::new();
-    while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            for data in frame.lines().filter_map(|l| l.strip_prefix("data: ")) {
-                if let Ok(line) = serde_json::from_str::<LogLine>(data) {
-                    print_log(&line);
-                }
-            }
+    stream::follow(c, &format!("{path}&follow=true"), |message| {
+        if let stream::Message::Event { data, .. } = message {
+            let line: LogLine = serde_json::from_str(&data)
+                .with_context(|| format!("remote \"{}\" sent a log line that is not a LogLine", c.name()))?;
+            print_log(&line);
         }
-    }
+        Ok(())
+    })
+    .await?;
+    eprintln!("instance {name} was deleted: its log ends");
     Ok(())
 }
 

@@ -426,6 +426,7 @@ impl Config {
             private_registries: self.api.private_registries.clone(),
             resolver: self.platform.resolver,
             secret_key: self.secret_key()?.map(std::sync::Arc::new),
+            ..cloud_api::ApiConfig::default()
         })
     }
 

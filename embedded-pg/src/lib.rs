@@ -94,7 +94,14 @@ impl Durability {
         match self {
             Durability::Persistent => &[],
             Durability::Ephemeral => {
-                &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=300"]
+                // pg_stat_statements (shipped with the server) lets tests count the statements a component runs.
+                &[
+                    "fsync=off",
+                    "synchronous_commit=off",
+                    "full_page_writes=off",
+                    "max_connections=300",
+                    "shared_preload_libraries=pg_stat_statements",
+                ]
             }
         }
     }
@@ -108,7 +115,7 @@ impl EmbeddedPg {
     }
 
     /// Like [`EmbeddedPg::start`], tuned for throwaway test clusters: `fsync`, `synchronous_commit` and
-    /// `full_page_writes` off, `max_connections` 300.
+    /// `full_page_writes` off, `max_connections` 300, `pg_stat_statements` loaded.
     pub async fn start_ephemeral(opts: Options) -> Result<EmbeddedPg, Error> {
         Self::start_with(opts, Durability::Ephemeral).await
     }

@@ -1,6 +1,6 @@
 //! The platform's only state: PostgreSQL.
 //!
-//! This crate owns every SQL statement, the migrations and the change feed. Each public operation is one
+//! This crate owns every SQL statement, the migrations, the change feed and the log feed. Each public operation is one
 //! transaction that either commits whole or leaves nothing behind, and appends its events to the change feed in
 //! the same transaction. Invariants that races could break (unique names, disjoint networks, unique private IPs,
 //! unique raw TCP ports) are database constraints; the code here turns their violations into [`StoreError`]s.
@@ -15,6 +15,7 @@ mod feed;
 mod idempotency;
 mod images;
 mod instances;
+mod log_feed;
 mod nodes;
 mod page;
 mod routes;
@@ -37,6 +38,7 @@ pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ow
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
+pub use log_feed::{LOGS_CHANNEL, LogFeed, LogFollower, LogUpdate};
 pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
 pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};

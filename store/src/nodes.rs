@@ -386,6 +386,46 @@ impl Store {
         after: Option<i64>,
         limit: i64,
     ) -> Result<(Uuid, Vec<LogLine>), StoreError> {
+        let id = self.instance_id(tenant, key).await?;
+        let lines = match after {
+            Some(after) => self.log_lines_after(id, after, limit).await?,
+            None => {
+                self.bounded(async {
+                    let mut rows: Vec<(i64, DateTime<Utc>, String, String)> = sqlx::query_as(
+                        "SELECT seq, at, stream, line FROM instance_logs WHERE instance_id = $1 ORDER BY seq DESC LIMIT $2",
+                    )
+                    .bind(id)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.reverse();
+                    Ok(rows.into_iter().map(|(seq, at, stream, line)| LogLine { seq, at, stream, line }).collect())
+                })
+                .await?
+            }
+        };
+        Ok((id, lines))
+    }
+
+    /// Log lines of an instance (by id, whoever its tenant) after `after`, oldest first, at most `limit`.
+    pub async fn log_lines_after(&self, id: Uuid, after: i64, limit: i64) -> Result<Vec<LogLine>, StoreError> {
+        self.bounded(async {
+            let rows: Vec<(i64, DateTime<Utc>, String, String)> = sqlx::query_as(
+                "SELECT seq, at, stream, line FROM instance_logs WHERE instance_id = $1 AND seq > $2
+                 ORDER BY seq LIMIT $3",
+            )
+            .bind(id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(|(seq, at, stream, line)| LogLine { seq, at, stream, line }).collect())
+        })
+        .await
+    }
+
+    /// The id of a tenant's instance, by name or id.
+    pub async fn instance_id(&self, tenant: Uuid, key: &str) -> Result<Uuid, StoreError> {
         self.bounded(async {
             let found: Option<(Uuid,)> =
                 sqlx::query_as("SELECT id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
@@ -394,32 +434,17 @@ impl Store {
                     .bind(as_uuid(key))
                     .fetch_optional(&self.pool)
                     .await?;
-            let (id,) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
-            let rows: Vec<(i64, DateTime<Utc>, String, String)> = match after {
-                Some(after) => {
-                    sqlx::query_as(
-                        "SELECT seq, at, stream, line FROM instance_logs WHERE instance_id = $1 AND seq > $2
-                     ORDER BY seq LIMIT $3",
-                    )
-                    .bind(id)
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-                }
-                None => {
-                    let mut rows: Vec<(i64, DateTime<Utc>, String, String)> = sqlx::query_as(
-                    "SELECT seq, at, stream, line FROM instance_logs WHERE instance_id = $1 ORDER BY seq DESC LIMIT $2",
-                )
-                .bind(id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                    rows.reverse();
-                    rows
-                }
-            };
-            Ok((id, rows.into_iter().map(|(seq, at, stream, line)| LogLine { seq, at, stream, line }).collect()))
+            found.map(|(id,)| id).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
+        })
+        .await
+    }
+
+    /// Which of these instances still exist.
+    pub async fn existing_instances(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        self.bounded(async {
+            let rows: Vec<(Uuid,)> =
+                sqlx::query_as("SELECT id FROM instances WHERE id = ANY($1)").bind(ids).fetch_all(&self.pool).await?;
+            Ok(rows.into_iter().map(|(id,)| id).collect())
         })
         .await
     }

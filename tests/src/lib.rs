@@ -1,8 +1,9 @@
 //! The test harness: real PostgreSQL, real servers on port 0, no shared state between tests.
 //!
 //! Each test gets a fresh database on one server per test binary: the server named by `DATABASE_URL` (any
-//! database on it; the harness creates new ones beside it), or else a private cluster started from the system's
-//! PostgreSQL binaries that dies with the test process.
+//! database on it; the harness creates new ones beside it; tests that count statements need it to load
+//! `pg_stat_statements`), or else a private cluster started from the system's PostgreSQL binaries that dies with
+//! the test process.
 
 pub mod pebble;
 pub mod pki;
@@ -113,6 +114,7 @@ pub struct TestApi {
     pub secret_key: Arc<SecretKey>,
     /// Signs tokens with the platform's key, as the API does.
     pub signer: TokenSigner,
+    config: ApiConfig,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -135,16 +137,42 @@ impl TestApi {
     /// Starts the API over an existing store, as a new replica or a new version would.
     pub async fn start_on(store: Store, mut config: ApiConfig) -> Self {
         let secret_key = config.secret_key.get_or_insert_with(|| Arc::new(random_secret_key())).clone();
-        let state = AppState::new(store.clone(), config).await.expect("API state");
-        let signer = state.signer.clone();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
         let base = format!("http://{}", listener.local_addr().expect("local addr"));
-        let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
-        let handle = server.handle();
-        tokio::spawn(server);
+        let (signer, handle) = serve(&store, &config, listener).await;
         let admin = [Scope::Read, Scope::Write, Scope::Admin];
         let (tenant, created) = tenant_with_token(&store, &signer, "acme", &admin).await;
-        Self { base, store, tenant, token: created.jwt, secret_key, signer, handle }
+        Self { base, store, tenant, token: created.jwt, secret_key, signer, config, handle }
+    }
+
+    /// Stops the API, cutting its connections, and starts it again on the same address over the same database,
+    /// as a restart (or an upgrade) does.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Stops the API, cutting its connections.
+    pub async fn stop(&mut self) {
+        self.handle.stop(false).await;
+    }
+
+    /// Starts a stopped API again on the same address over the same database.
+    pub async fn start_again(&mut self) {
+        let addr = self.base.trim_start_matches("http://");
+        // The old listener is closed when its server has stopped; the address is free again soon after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let listener = loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("binding {addr} again: {e}"),
+            }
+        };
+        let (signer, handle) = serve(&self.store, &self.config, listener).await;
+        (self.signer, self.handle) = (signer, handle);
     }
 
     /// A new tenant and a token with the given scopes.
@@ -178,6 +206,20 @@ impl TestApi {
         let status = res.status();
         assert_eq!(status, 201, "uploading {name}: {}", res.text().await.unwrap_or_default());
     }
+}
+
+/// Serves the API over `store` on `listener`.
+async fn serve(
+    store: &Store,
+    config: &ApiConfig,
+    listener: TcpListener,
+) -> (TokenSigner, actix_web::dev::ServerHandle) {
+    let state = AppState::new(store.clone(), config.clone()).await.expect("API state");
+    let signer = state.signer.clone();
+    let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
+    let handle = server.handle();
+    tokio::spawn(server);
+    (signer, handle)
 }
 
 /// An image bundle: `files` (path, content), executable, packed as tar.gz.

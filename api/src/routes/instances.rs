@@ -1,11 +1,12 @@
 //! Instances.
 
-use actix_web::{HttpResponse, delete, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use cloud_domain::api::{CreateInstance, CreatedInstances, ErrorCode, Instance, LogLine, Page, Problem, Scope};
 use cloud_domain::names::NameKind;
-use cloud_store::NewInstances;
+use cloud_store::{LogUpdate, NewInstances};
 
 use crate::error::{ApiError, ApiResult};
+use crate::sse::{self, LogFrame};
 use crate::validate::{self, ListQuery};
 use crate::{AppState, Auth};
 
@@ -170,24 +171,38 @@ pub(crate) async fn stop_instance(
 pub(crate) struct LogsQuery {
     /// Only lines after this `seq`; without it, the last `limit` lines.
     after: Option<i64>,
-    /// At most this many lines, 1 to 2000 (default 100).
+    /// At most this many lines, 1 to 2000 (default 100); with `follow`, the most sent at once.
     limit: Option<i64>,
-    /// Keep the response open and stream new lines as Server-Sent Events (`data` is a `LogLine`).
+    /// Keep the response open and stream lines as Server-Sent Events (`id` the line's `seq`, `data` a `LogLine`)
+    /// until the instance is deleted. Resume with `Last-Event-ID` (as `after`).
     #[serde(default)]
     follow: bool,
 }
 
 /// An instance's output (stdout, stderr, and the platform's `system` notes), oldest first.
+///
+/// With `follow=true`, a text/event-stream: first a comment and `id: <seq it starts after>`, then each line as an
+/// event as soon as it is stored, and a comment every 15 s while idle. It ends when the instance is deleted; a
+/// client that reconnects with `Last-Event-ID` misses no line and gets none twice.
 #[utoipa::path(tag = "instances", security(("bearer" = [])),
-    params(("instance" = String, Path, description = "Instance name or id"), LogsQuery),
+    params(
+        ("instance" = String, Path, description = "Instance name or id"),
+        LogsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+            description = "With `follow=true`: resume after this line (its `id`, a `seq`); takes precedence over `after`"),
+    ),
     responses(
-        (status = 200, description = "Log lines (or a text/event-stream of them with follow=true)", body = Vec<LogLine>),
+        (status = 200, description = "Log lines; with follow=true, a text/event-stream of them", content(
+            (Vec<LogLine> = "application/json"),
+            (LogFrame = "text/event-stream"),
+        )),
         (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
 ))]
 #[get("/instances/{instance}/logs")]
 pub(crate) async fn instance_logs(
     state: web::Data<AppState>,
     auth: Auth,
+    req: HttpRequest,
     path: web::Path<String>,
     query: web::Query<LogsQuery>,
 ) -> ApiResult<HttpResponse> {
@@ -196,36 +211,63 @@ pub(crate) async fn instance_logs(
     if !(1..=2000).contains(&limit) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, format!("limit must be 1 to 2000, got {limit}")));
     }
-    let (_, lines) = state.store.logs(auth.tenant, &path, query.after, limit).await?;
     if !query.follow {
+        let (_, lines) = state.store.logs(auth.tenant, &path, query.after, limit).await?;
         return Ok(HttpResponse::Ok().json(lines));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
-    let (store, tenant, key) = (state.store.clone(), auth.tenant, path.into_inner());
+    let after = sse::last_event_id(&req)?.or(query.after);
+    let (tenant, key) = (auth.tenant, path.into_inner());
+    // Following before reading: a line stored in between is announced to the follower, not lost.
+    let mut follower = state.logs.follow(state.store.instance_id(tenant, &key).await?);
+    let (_, lines) = state.store.logs(tenant, &key, after, limit).await?;
+    // Without `after`, the read ends at the newest line (0: none yet); with it, a full read may have left some
+    // behind, and an empty one says nothing of where the log ends (`after` may be past it).
+    let newest = match (lines.last(), after) {
+        (Some(l), None) => Some(l.seq),
+        (Some(l), Some(_)) if (lines.len() as i64) < limit => Some(l.seq),
+        (None, None) => Some(0),
+        _ => None,
+    };
+    let start = after.unwrap_or_else(|| lines.first().map_or(0, |l| l.seq - 1));
+    follower.start_after(lines.last().map_or(start, |l| l.seq), newest);
+    let (tx, res) = sse::response();
+    let keepalive = state.config.stream_keepalive;
     tokio::spawn(async move {
-        let mut last = query.after.unwrap_or(0);
-        let mut batch = lines;
-        loop {
-            for l in batch.drain(..) {
-                last = l.seq;
-                let frame = format!("id: {}\ndata: {}\n\n", l.seq, serde_json::to_string(&l).unwrap_or_default());
-                if tx.send(Ok(web::Bytes::from(frame))).await.is_err() {
-                    return;
-                }
+        if tx.send(Ok(sse::opening(&format!("log of instance {key}"), start))).await.is_err() {
+            return;
+        }
+        for l in &lines {
+            if tx.send(Ok(sse::event(l.seq, None, l))).await.is_err() {
+                return;
             }
+        }
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {}
+                next = follower.next() => match next {
+                    Ok(LogUpdate::Lines(lines)) => {
+                        for l in &lines {
+                            if tx.send(Ok(sse::event(l.seq, None, l))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(LogUpdate::Ended) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "log stream: cannot read lines");
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            _ = tx.closed() => return,
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(keepalive) => {
+                    if tx.send(Ok(sse::keepalive())).await.is_err() {
+                        return;
+                    }
+                }
                 _ = tx.closed() => return,
             }
-            batch = match store.logs(tenant, &key, Some(last), 500).await {
-                Ok((_, b)) => b,
-                // Deleted: the stream ends.
-                Err(_) => return,
-            };
         }
     });
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-cache"))
-        .streaming(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    Ok(res)
 }

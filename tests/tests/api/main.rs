@@ -7,10 +7,12 @@ mod events;
 mod feed;
 mod images;
 mod instances;
+mod logs;
 mod malformed;
 mod oci;
 mod openapi;
 mod services;
+mod sse;
 mod tenants;
 mod token_attacks;
 
