@@ -83,8 +83,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | InvalidImageReference
         | InvalidCertificate => StatusCode::BAD_REQUEST,
         MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
-        InsufficientScope | QuotaExceeded => StatusCode::FORBIDDEN,
-        NotFound | RouteNotFound => StatusCode::NOT_FOUND,
+        // The platform's policy forbids the registry: no request changes that, only its configuration.
+        InsufficientScope | QuotaExceeded | InsecureRegistry | RegistryNotAllowed | RegistryDenied => {
+            StatusCode::FORBIDDEN
+        }
+        NotFound | RouteNotFound | ImageNotFound => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         AlreadyExists
         | DomainTaken
@@ -93,7 +96,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ImageInUse
         | InvalidStateTransition
         | IdempotencyKeyInProgress
-        | TenantNotEmpty => StatusCode::CONFLICT,
+        | TenantNotEmpty
+        | LimitsConflict => StatusCode::CONFLICT,
         PayloadTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IdempotencyKeyReused
@@ -102,13 +106,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | CertificateChainInvalid
         | CertificateNameMismatch
         | ImagePlatform
-        | UnsupportedImage
-        | InsecureRegistry
-        | RegistryNotAllowed
-        | RegistryDenied
-        | ImageNotFound => StatusCode::UNPROCESSABLE_ENTITY,
-        // The registry the client named failed, not the client's request nor this server: a retry may succeed.
-        RegistryUnavailable => StatusCode::FAILED_DEPENDENCY,
+        | UnsupportedImage => StatusCode::UNPROCESSABLE_ENTITY,
+        // The registry the client named failed (as an upstream of a gateway): a retry may succeed.
+        RegistryUnavailable => StatusCode::BAD_GATEWAY,
         CapacityExhausted | Unavailable | DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -156,6 +156,7 @@ impl From<StoreError> for ApiError {
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
+            StoreError::LimitsConflict { .. } => Self::new(C::LimitsConflict, detail),
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),
             ref e if e.is_unavailable() => {
                 tracing::warn!(error = %chain(e), "database unavailable");
@@ -189,7 +190,12 @@ impl From<DomainError> for ApiError {
 
 impl From<PortSpecError> for ApiError {
     fn from(e: PortSpecError) -> Self {
-        Self::new(ErrorCode::InvalidPortSpec, e.to_string())
+        // Each spec is valid (the document says which are); two of them claim one port.
+        let code = match e {
+            PortSpecError::Conflict { .. } => ErrorCode::PortConflict,
+            _ => ErrorCode::InvalidPortSpec,
+        };
+        Self::new(code, e.to_string())
     }
 }
 

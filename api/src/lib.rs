@@ -6,8 +6,11 @@
 //! serves it and checked in under `openapi/`.
 
 pub mod auth;
+mod document;
 pub mod error;
 mod idempotency;
+mod json;
+mod methods;
 mod metrics;
 mod readiness;
 mod routes;
@@ -17,7 +20,7 @@ mod validate;
 use std::net::TcpListener;
 
 use actix_web::middleware::from_fn;
-use actix_web::{App, HttpRequest, HttpServer, web};
+use actix_web::{App, HttpServer, web};
 use cloud_domain::api::ErrorCode;
 use cloud_store::{ChangeFeed, LogFeed, Store};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -172,46 +175,51 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The OpenAPI document, generated from the routes.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes::configure).split_for_parts().1
+/// The OpenAPI document, generated from the routes, for a platform with the default settings (what
+/// `scripts/openapi` checks in).
+pub fn openapi() -> serde_json::Value {
+    openapi_for(&cloud_store::Settings::default())
+}
+
+/// The OpenAPI document of a platform with these settings (its raw TCP port range and domains).
+pub fn openapi_for(settings: &cloud_store::Settings) -> serde_json::Value {
+    let doc = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes::configure).split_for_parts().1;
+    let mut doc = serde_json::to_value(doc).expect("the document serializes");
+    document::finish(&mut doc, settings);
+    doc
 }
 
 /// Starts serving on a bound listener. The returned server runs until stopped or dropped.
 pub fn serve(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
-    let json_limit = state.config.max_json_bytes;
     // Bodies read whole (by the idempotency layer) may be image bundles.
     let body_limit = state.config.max_image_bytes;
+    let doc = openapi_for(state.store.settings());
+    let routes = web::Data::new(methods::RouteTable::new(&doc));
     let server = HttpServer::new(move || {
-        let (app, api) = App::new()
-            .into_utoipa_app()
-            .openapi(ApiDoc::openapi())
-            .app_data(state.clone())
-            .app_data(web::JsonConfig::default().limit(json_limit).error_handler(|e, _| validate::json_error(e).into()))
-            .app_data(web::PayloadConfig::new(body_limit))
-            .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                ApiError::new(ErrorCode::InvalidQuery, format!("invalid query string: {e}")).into()
-            }))
-            .app_data(
-                web::PathConfig::default().error_handler(|e, _| {
+        let (app, _) =
+            App::new()
+                .into_utoipa_app()
+                .openapi(ApiDoc::openapi())
+                .app_data(state.clone())
+                .app_data(routes.clone())
+                .app_data(web::PayloadConfig::new(body_limit))
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    ApiError::new(ErrorCode::InvalidQuery, format!("invalid query string: {e}")).into()
+                }))
+                .app_data(web::PathConfig::default().error_handler(|e, _| {
                     ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {e}")).into()
-                }),
-            )
-            .configure(routes::configure)
-            .split_for_parts();
+                }))
+                .configure(routes::configure)
+                .split_for_parts();
         app.wrap(from_fn(idempotency::middleware))
             .wrap(from_fn(metrics::middleware))
-            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
+            .service(SwaggerUi::new("/docs/{_:.*}").external_url_unchecked("/openapi.json", doc.clone()))
             .route("/docs", web::get().to(|| async { web::Redirect::to("/docs/").permanent() }))
-            .default_service(web::to(not_found))
+            .default_service(web::to(methods::unrouted))
     })
     .workers(2)
     .shutdown_timeout(5)
     .listen(listener)?
     .run();
     Ok(server)
-}
-
-async fn not_found(req: HttpRequest) -> ApiResult<actix_web::HttpResponse> {
-    Err(ApiError::new(ErrorCode::RouteNotFound, format!("no route for {} {}", req.method(), req.path())))
 }

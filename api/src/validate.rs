@@ -10,7 +10,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, ApiResult};
 
-/// Renders JSON body failures with the parser's own words (which name the field and position).
+/// Renders JSON body failures with the parser's own words.
 pub(crate) fn json_error(e: JsonPayloadError) -> ApiError {
     match e {
         JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
@@ -31,7 +31,7 @@ pub(crate) fn json_error(e: JsonPayloadError) -> ApiError {
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Page size, 1 to 500 (default 50). Parsed here rather than by serde so errors name the parameter.
-    #[param(value_type = Option<u32>)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -73,33 +73,14 @@ pub(crate) fn ports(inputs: &[PortInput], settings: &Settings) -> ApiResult<Vec<
     Ok(ports::expand(&specs, &PortPolicy { tcp_ports: settings.tcp_ports.clone() })?)
 }
 
-/// Soft and hard limits must be positive, and soft at most hard.
+/// The soft limit is at most the hard limit (each one's bounds were checked as the body was read).
 pub(crate) fn limits(soft: Option<u32>, hard: Option<u32>) -> ApiResult<()> {
-    for (what, v) in [("soft_limit", soft), ("hard_limit", hard)] {
-        if v == Some(0) || v.is_some_and(|v| v > i32::MAX as u32) {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, format!("{what} must be between 1 and {}", i32::MAX)));
-        }
-    }
     if let (Some(s), Some(h)) = (soft, hard)
         && s > h
     {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, format!("soft_limit {s} must not exceed hard_limit {h}")));
+        return Err(ApiError::new(ErrorCode::LimitsConflict, format!("soft_limit {s} must not exceed hard_limit {h}")));
     }
     Ok(())
-}
-
-/// The most a service may idle before scaling to zero: a week.
-const MAX_SCALE_TO_ZERO_AFTER: u32 = 7 * 24 * 3600;
-
-/// A scale-to-zero idle time is between one second and a week.
-pub(crate) fn scale_to_zero(after: Option<u32>) -> ApiResult<()> {
-    match after {
-        Some(s) if s == 0 || s > MAX_SCALE_TO_ZERO_AFTER => Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("scale_to_zero_after {s} must be between 1 and {MAX_SCALE_TO_ZERO_AFTER} seconds"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// Resolves domain inputs to (fully qualified name, custom) with the rules of `cloud_domain::domains`: `name` is
@@ -145,10 +126,9 @@ mod tests {
     }
 
     #[test]
-    fn limits_are_positive_and_ordered() {
+    fn limits_are_ordered() {
         assert!(limits(Some(1), Some(1)).is_ok());
         assert!(limits(None, Some(5)).is_ok());
-        assert!(limits(Some(0), None).unwrap_err().detail.contains("soft_limit must be"));
         assert!(limits(Some(6), Some(5)).unwrap_err().detail.contains("must not exceed"));
     }
 }

@@ -889,7 +889,7 @@ async fn deploy(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()
         replicas: args.replicas,
         restart_policy: args.restart,
         memory_mb: args.memory,
-        port: args.internal_port.map(u32::from),
+        port: args.internal_port,
         start: !args.no_start,
     };
     let created = deploy::create_and_wait(c, req, Duration::from_secs(args.timeout)).await?;

@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Openapi => {
-            println!("{}", cloud_api::openapi().to_pretty_json()?);
+            println!("{}", serde_json::to_string_pretty(&cloud_api::openapi())?);
             Ok(())
         }
         Command::Edge => {

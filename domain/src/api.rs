@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::int;
 use crate::ports::{PortMapping, PortSpec};
 use crate::state::{DesiredState, InstanceState, RestartPolicy};
 
@@ -30,9 +31,10 @@ pub enum ErrorCode {
     ReservedName,
     /// A domain is not a valid domain name, or a custom domain lies inside the platform's own domain.
     InvalidDomain,
-    /// A port spec does not parse, breaks a port rule, or repeats a public port of the same request.
+    /// A port spec does not parse or breaks a port rule.
     InvalidPortSpec,
-    /// The raw TCP public port asked for belongs to another service.
+    /// The raw TCP public port asked for belongs to another service, or two specs of one request claim one public
+    /// port.
     PortConflict,
     /// A pagination cursor was not issued by this API.
     InvalidCursor,
@@ -82,6 +84,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A resource with this name already exists.
     AlreadyExists,
+    /// A service's soft limit would exceed its hard limit, both given or one against the one it has. Each is
+    /// valid alone (the document says which are): together they conflict.
+    LimitsConflict,
     /// The domain is already attached to another service, or verified by another tenant.
     DomainTaken,
     /// A service lists more domains than one service may have.
@@ -155,6 +160,7 @@ impl ErrorCode {
             Self::RouteNotFound => "route_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyExists => "already_exists",
+            Self::LimitsConflict => "limits_conflict",
             Self::DomainTaken => "domain_taken",
             Self::TooManyDomains => "too_many_domains",
             Self::ServiceHasInstances => "service_has_instances",
@@ -186,6 +192,7 @@ pub struct Problem {
     /// A short summary of the problem type.
     pub title: String,
     /// The HTTP status code.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
     /// What went wrong with this request, naming the offending value.
     pub detail: String,
@@ -235,19 +242,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-/// A tenant's limits.
+/// A tenant's limits. Counts go to 2147483647 (a PostgreSQL `integer`), memory to 2^53 - 1 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Quotas {
     /// Services the tenant may have at once.
+    #[schema(maximum = 2147483647)]
     pub max_services: u32,
     /// Instances the tenant may have at once.
+    #[schema(maximum = 2147483647)]
     pub max_instances: u32,
     /// Sum of the memory of all the tenant's instances, in MiB.
+    #[schema(maximum = 9007199254740991_u64)]
     pub max_memory_mb: u64,
     /// Images the tenant may have uploaded at once.
+    #[schema(maximum = 2147483647)]
     pub max_images: u32,
     /// Extra names (custom domains and platform subdomains) over all the tenant's services at once; expired
     /// claims do not count.
+    #[schema(maximum = 2147483647)]
     pub max_domains: u32,
 }
 
@@ -262,14 +274,24 @@ impl Default for Quotas {
 #[serde(deny_unknown_fields)]
 pub struct QuotasPatch {
     /// Services the tenant may have at once.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 0, { int::MAX_I32 }>")]
+    #[schema(maximum = 2147483647)]
     pub max_services: Option<u32>,
     /// Instances the tenant may have at once.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 0, { int::MAX_I32 }>")]
+    #[schema(maximum = 2147483647)]
     pub max_instances: Option<u32>,
     /// Sum of the memory of all the tenant's instances, in MiB.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 0, { int::MAX_SAFE }>")]
+    #[schema(maximum = 9007199254740991_u64)]
     pub max_memory_mb: Option<u64>,
     /// Images the tenant may have uploaded at once.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 0, { int::MAX_I32 }>")]
+    #[schema(maximum = 2147483647)]
     pub max_images: Option<u32>,
     /// Extra names (custom domains and platform subdomains) over all the tenant's services at once.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 0, { int::MAX_I32 }>")]
+    #[schema(maximum = 2147483647)]
     pub max_domains: Option<u32>,
 }
 
@@ -365,14 +387,17 @@ pub struct CreateToken {
     /// Tenant name or id; only admins may name another tenant. Default: the caller's tenant.
     #[serde(default)]
     pub tenant: Option<String>,
-    /// Scopes; only scopes the caller holds may be granted. Default: read and write.
+    /// Scopes, at least one; only scopes the caller holds may be granted. Default: read and write.
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub scopes: Option<Vec<Scope>>,
     /// Lifetime in seconds (60 s to 10 years). Default: 30 days.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::optional::<_, _, 60, 315_360_000>")]
+    #[schema(minimum = 60, maximum = 315360000)]
     pub expires_in_seconds: Option<u64>,
-    /// Free text to recognise the token.
+    /// Free text to recognise the token, at most 256 characters.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub description: String,
 }
 
@@ -411,16 +436,27 @@ pub enum PortInput {
 
 impl<'de> Deserialize<'de> for PortInput {
     // Untagged enums lose the inner error ("did not match any variant"): dispatch by JSON type instead, so an
-    // unknown field in the object form is named.
+    // unknown field or a bad number in the object form is named, with its path.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        match serde_json::Value::deserialize(d)? {
-            serde_json::Value::String(s) => Ok(Self::Spec(s)),
-            v @ serde_json::Value::Object(_) => serde_json::from_value(v).map(Self::Object).map_err(D::Error::custom),
-            _ => Err(D::Error::custom(
-                "a port is a spec string such as \"443:8080\" or an object {\"port\", \"destination_port\", \"handlers\"}",
-            )),
+        struct PortVisitor;
+        impl<'de> serde::de::Visitor<'de> for PortVisitor {
+            type Value = PortInput;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a port spec string such as \"443:8080\" or an object {\"port\", \"destination_port\", \"handlers\"}",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortInput, E> {
+                Ok(PortInput::Spec(s.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PortInput, A::Error> {
+                PortSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(PortInput::Object)
+            }
         }
+        d.deserialize_any(PortVisitor)
     }
 }
 
@@ -526,13 +562,16 @@ pub struct CreateService {
     #[serde(default)]
     pub ports: Vec<PortInput>,
     /// Soft limit per instance.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, { int::MAX_I32 }>")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub soft_limit: Option<u32>,
     /// Hard limit per instance.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, { int::MAX_I32 }>")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub hard_limit: Option<u32>,
-    /// Scale to zero after this many idle seconds (1 to 604800).
-    #[serde(default)]
+    /// Scale to zero after this many idle seconds (1 to 604800, a week).
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 604_800>")]
+    #[schema(minimum = 1, maximum = 604800)]
     pub scale_to_zero_after: Option<u32>,
     /// Extra names: `name` for `name.<region>.<base_domain>`, or a fully qualified custom domain with a
     /// trailing dot (`www.example.com.`, `*.example.com.`) outside the platform's base domain. At most 50 per
@@ -549,26 +588,21 @@ pub struct UpdateService {
     #[serde(default)]
     pub ports: Option<Vec<PortInput>>,
     /// New soft limit, or `null` to remove it.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>)]
+    #[serde(default, deserialize_with = "int::clearable::<_, _, 1, { int::MAX_I32 }>")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 2147483647)]
     pub soft_limit: Option<Option<u32>>,
     /// New hard limit, or `null` to remove it.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>)]
+    #[serde(default, deserialize_with = "int::clearable::<_, _, 1, { int::MAX_I32 }>")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 2147483647)]
     pub hard_limit: Option<Option<u32>>,
-    /// New scale-to-zero idle time, or `null` to keep instances running.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>)]
+    /// New scale-to-zero idle time (1 to 604800 seconds), or `null` to keep instances running.
+    #[serde(default, deserialize_with = "int::clearable::<_, _, 1, 604_800>")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 604800)]
     pub scale_to_zero_after: Option<Option<u32>>,
     /// Replaces all extra names (same forms and limits as at creation). A domain listed again keeps its
     /// verification and token; an expired claim listed again is claimed anew.
     #[serde(default)]
     pub domains: Option<Vec<String>>,
-}
-
-/// Tells an absent field (`None`, via `default`) from an explicit `null` (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// The service an instance belongs to.
@@ -611,6 +645,7 @@ pub struct Instance {
     /// Node running it, once scheduled.
     pub node: Option<String>,
     /// The port it listens on (given to it as `PORT`): its image's unless it was created with another.
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// Arguments appended to the image's command.
     pub args: Vec<String>,
@@ -666,19 +701,21 @@ pub struct CreateInstance {
     #[serde(default)]
     pub ports: Option<Vec<PortInput>>,
     /// How many instances to create (1 to 64).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "int::exact::<_, _, 1, 64>")]
+    #[schema(minimum = 1, maximum = 64)]
     pub replicas: u32,
     /// Restart policy.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
-    /// Memory limit in MiB (default 128).
-    #[serde(default)]
+    /// Memory limit in MiB, 16 to 65536 (default 128).
+    #[serde(default, deserialize_with = "int::optional::<_, _, 16, 65_536>")]
+    #[schema(minimum = 16, maximum = 65536)]
     pub memory_mb: Option<u32>,
     /// The port the instances listen on (given to them as `PORT`, and where readiness is checked), 1 to 65535.
     /// Default: the image's (an OCI image's first exposed TCP port, else 8080; a bundle's manifest port).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 65_535>")]
     #[schema(minimum = 1, maximum = 65535)]
-    pub port: Option<u32>,
+    pub port: Option<u16>,
     /// Start at once (default true); false leaves the instances stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -727,6 +764,7 @@ pub struct Image {
     /// The command it runs (an OCI image's Entrypoint then Cmd).
     pub command: Vec<String>,
     /// The port it listens on (an OCI image's first exposed TCP port, else 8080).
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// How it is stored.
     pub format: ImageFormat,

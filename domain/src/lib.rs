@@ -7,6 +7,7 @@
 pub mod api;
 pub mod domains;
 pub mod generate;
+pub mod int;
 pub mod ipam;
 pub mod names;
 pub mod ports;

@@ -52,6 +52,13 @@ pub const RESERVED_NAMES: &[&str] = &[
 /// The longest DNS label.
 pub const MAX_LABEL: usize = 63;
 
+/// A name's characters and length as a regular expression (ECMA 262, for the OpenAPI document); names shaped
+/// like a UUID ([`UUID_PATTERN`]) and [`RESERVED_NAMES`] are refused too.
+pub const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
+/// What a name must not look like: resources are addressed by name or UUID.
+pub const UUID_PATTERN: &str = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
 /// Why a name or domain was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -49,8 +49,10 @@ impl fmt::Display for Handler {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PortMapping {
     /// Public port (0 only before a raw TCP port is allocated).
+    #[schema(maximum = 65535)]
     pub port: u16,
     /// Port on the instance; for a redirect, the https port redirected to.
+    #[schema(minimum = 1, maximum = 65535)]
     pub destination_port: u16,
     /// Handlers in canonical order (tls, http, redirect, tcp).
     pub handlers: Vec<Handler>,
@@ -75,9 +77,12 @@ impl fmt::Display for PortMapping {
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     /// Public port; 0 allocates a raw TCP port.
+    #[serde(deserialize_with = "crate::int::exact::<_, _, 0, 65_535>")]
+    #[schema(maximum = 65535)]
     pub port: u16,
     /// Port on the instance; defaults to the public port (443 for a redirect).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::int::optional::<_, _, 1, 65_535>")]
+    #[schema(minimum = 1, maximum = 65535)]
     pub destination_port: Option<u16>,
     /// Handlers; defaults depend on the port (443: tls+http and a redirect from 80; 80: http; tcp range: tcp;
     /// others: tls).
@@ -176,6 +181,9 @@ impl FromStr for PortSpec {
             let text = text.unwrap_or("");
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax(format!("{what} port \"{text}\" is not a number")));
+            }
+            if text.len() > 1 && text.starts_with('0') {
+                return Err(syntax(format!("{what} port \"{text}\" has a leading zero")));
             }
             text.parse::<u16>().map_err(|_| syntax(format!("{what} port {text} is out of range (1-65535)")))
         };
@@ -373,8 +381,195 @@ pub fn allocate_tcp_port(range: &RangeInclusive<u16>, used: &BTreeSet<u16>) -> O
     range.clone().find(|p| !used.contains(p))
 }
 
+/// A regular expression (without anchors) matching exactly the decimal numbers `lo..=hi`, without leading
+/// zeros: what the OpenAPI document says a number in a string looks like.
+pub fn range_pattern(lo: u32, hi: u32) -> String {
+    fn same_length(lo: &[u8], hi: &[u8], out: &mut Vec<String>, prefix: &str) {
+        if lo.is_empty() {
+            out.push(prefix.to_owned());
+            return;
+        }
+        let (a, b) = (lo[0], hi[0]);
+        let digit =
+            |x: u8, y: u8| if x == y { (x as char).to_string() } else { format!("[{}-{}]", x as char, y as char) };
+        let rest = lo.len() - 1;
+        if a == b {
+            return same_length(&lo[1..], &hi[1..], out, &format!("{prefix}{}", a as char));
+        }
+        let lo_full = lo[1..].iter().all(|&d| d == b'0');
+        let hi_full = hi[1..].iter().all(|&d| d == b'9');
+        let any = |n: usize| if n == 0 { String::new() } else { format!("[0-9]{{{n}}}") };
+        let (first, last) = (if lo_full { a } else { a + 1 }, if hi_full { b } else { b - 1 });
+        if !lo_full {
+            same_length(&lo[1..], &vec![b'9'; rest], out, &format!("{prefix}{}", a as char));
+        }
+        if first <= last {
+            out.push(format!("{prefix}{}{}", digit(first, last), any(rest)));
+        }
+        if !hi_full {
+            same_length(&vec![b'0'; rest], &hi[1..], out, &format!("{prefix}{}", b as char));
+        }
+    }
+    let mut out = Vec::new();
+    let mut start = lo;
+    while start <= hi {
+        let digits = start.to_string().len() as u32;
+        let end = hi.min(10u32.pow(digits) - 1);
+        same_length(start.to_string().as_bytes(), end.to_string().as_bytes(), &mut out, "");
+        start = end + 1;
+    }
+    format!("(?:{})", out.join("|"))
+}
+
+/// The public ports that take tls (and are not 0, 80, 443 or in the raw TCP range), as ranges.
+fn tls_ports(policy: &PortPolicy) -> Vec<(u32, u32)> {
+    let (tcp_lo, tcp_hi) = (u32::from(*policy.tcp_ports.start()), u32::from(*policy.tcp_ports.end()));
+    let mut out = Vec::new();
+    let mut start = 1;
+    for p in 1..=65536u32 {
+        let taken = p == 65536 || p == 80 || p == 443 || (tcp_lo..=tcp_hi).contains(&p);
+        if taken {
+            if start < p {
+                out.push((start, p - 1));
+            }
+            start = p + 1;
+        }
+    }
+    out
+}
+
+/// A regular expression matching exactly the port spec strings that [`PortSpec::from_str`] and [`expand`] accept
+/// on their own, or with a spec for 443 beside a redirect (two specs may still claim one public port), for the
+/// OpenAPI document.
+pub fn spec_pattern(policy: &PortPolicy) -> String {
+    let dest = range_pattern(1, 65535);
+    let tcp = range_pattern(u32::from(*policy.tcp_ports.start()), u32::from(*policy.tcp_ports.end()));
+    let tls: Vec<String> = tls_ports(policy).into_iter().map(|(lo, hi)| range_pattern(lo, hi)).collect();
+    let tls = format!("(?:{})", tls.join("|"));
+    let raw = r"(?:/(?:tcp|tcp\+proxy|proxy\+tcp|proxy))?";
+    [
+        format!(r"443(?::{dest})?(?:/(?:tls\+http|http\+tls))?"),
+        format!(r"80(?::{dest})?(?:/http)?"),
+        r"80(?::443)?/(?:http\+redirect|redirect\+http)".to_owned(),
+        format!("0:{dest}{raw}"),
+        format!("{tcp}(?::{dest})?{raw}"),
+        format!(r"{tls}(?::{dest})?(?:/(?:tls|tls\+proxy|proxy\+tls|proxy|tls\+http|http\+tls))?"),
+    ]
+    .iter()
+    .map(|alternative| format!("^{alternative}$"))
+    .collect::<Vec<_>>()
+    .join("|")
+}
+
+/// A JSON Schema matching exactly the port spec objects that [`expand`] accepts (as [`spec_pattern`] the
+/// strings), for the OpenAPI document: which handlers, destination and proxy each kind of public port takes.
+pub fn spec_object_schema(policy: &PortPolicy) -> serde_json::Value {
+    use serde_json::json;
+    let (tcp_lo, tcp_hi) = (*policy.tcp_ports.start(), *policy.tcp_ports.end());
+    let set = |handlers: &[&str]| {
+        json!({"type": "array", "items": {"enum": handlers}, "minItems": handlers.len(), "maxItems": handlers.len(),
+               "uniqueItems": true})
+    };
+    let default_or = |sets: Vec<serde_json::Value>| {
+        let mut any = vec![json!({"type": "null"})];
+        any.extend(sets);
+        json!({"anyOf": any})
+    };
+    let no_proxy = json!({"const": false});
+    let tls_ports: Vec<_> =
+        tls_ports(policy).into_iter().map(|(lo, hi)| json!({"minimum": lo, "maximum": hi})).collect();
+    let shape = |port: serde_json::Value, handlers: serde_json::Value, proxy: serde_json::Value| json!({"properties": {"port": port, "handlers": handlers, "proxy": proxy}});
+    json!({
+        "anyOf": [
+            shape(json!({"const": 443}), default_or(vec![set(&["tls", "http"])]), no_proxy.clone()),
+            shape(json!({"const": 80}), default_or(vec![set(&["http"])]), no_proxy.clone()),
+            {
+                "properties": {
+                    "port": {"const": 80},
+                    "handlers": set(&["http", "redirect"]),
+                    "destination_port": {"anyOf": [{"type": "null"}, {"const": 443}]},
+                    "proxy": no_proxy,
+                },
+                "required": ["handlers"],
+            },
+            {
+                "properties": {
+                    "port": {"const": 0},
+                    "handlers": default_or(vec![set(&["tcp"])]),
+                    "destination_port": {"type": "integer"},
+                },
+                "required": ["destination_port"],
+            },
+            shape(json!({"minimum": tcp_lo, "maximum": tcp_hi}), default_or(vec![set(&["tcp"])]), json!({})),
+            shape(json!({"anyOf": tls_ports.clone()}), default_or(vec![set(&["tls"])]), json!({})),
+            shape(json!({"anyOf": tls_ports}), set(&["tls", "http"]), no_proxy),
+        ]
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn range_patterns_match_exactly_their_numbers() {
+        let check = |lo: u32, hi: u32| {
+            let re = regex::Regex::new(&format!("^{}$", range_pattern(lo, hi))).unwrap();
+            for n in 0..=70000u32 {
+                assert_eq!(re.is_match(&n.to_string()), (lo..=hi).contains(&n), "{n} against {lo}..={hi}");
+            }
+            assert!(!re.is_match(&format!("0{lo}")), "a leading zero");
+        };
+        for (lo, hi) in [(1, 65535), (0, 9), (30000, 32767), (444, 29999), (81, 442), (7, 7), (32768, 65535)] {
+            check(lo, hi);
+        }
+    }
+
+    #[test]
+    fn the_spec_pattern_matches_exactly_the_specs_that_expand() {
+        let policy = PortPolicy::default();
+        let re = regex::Regex::new(&spec_pattern(&policy)).unwrap();
+        let suffixes = [
+            "",
+            "/tls",
+            "/http",
+            "/tcp",
+            "/redirect",
+            "/proxy",
+            "/tls+http",
+            "/http+tls",
+            "/tls+proxy",
+            "/proxy+tls",
+            "/tcp+proxy",
+            "/proxy+tcp",
+            "/http+redirect",
+            "/redirect+http",
+            "/tls+http+proxy",
+            "/http+proxy",
+            "/tls+tcp",
+            "/redirect",
+            "/tls+redirect",
+            "/",
+            "/tls+tls",
+        ];
+        let ports = [0, 1, 22, 79, 80, 81, 442, 443, 444, 8080, 8443, 29999, 30000, 31000, 32767, 32768, 65535];
+        let dests = ["", ":1", ":443", ":8080", ":65535", ":0", ":65536", ":08080"];
+        for port in ports {
+            for dest in dests {
+                for suffix in suffixes {
+                    let spec = format!("{port}{dest}{suffix}");
+                    // A redirect also needs a spec for 443 in its list: the document says so of the list.
+                    let https: PortSpec = "443".parse().unwrap();
+                    let accepted = spec.parse::<PortSpec>().is_ok_and(|s| {
+                        expand(std::slice::from_ref(&s), &policy).is_ok() || expand(&[s, https], &policy).is_ok()
+                    });
+                    assert_eq!(re.is_match(&spec), accepted, "{spec}");
+                }
+            }
+        }
+        for bad in ["", "0443", "443:", ":443", "443:8080:1", "65536", "x", "443/TLS", " 443"] {
+            assert!(!re.is_match(bad), "{bad}");
+        }
+    }
     use super::*;
 
     fn expand_str(specs: &[&str]) -> Result<Vec<String>, (String, &'static str)> {

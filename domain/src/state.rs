@@ -10,6 +10,9 @@ macro_rules! wire_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal,)* }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        // utoipa does not see a `rename` whose text comes from a macro argument, and so documented `OnFailure`:
+        // every spelling is the kebab-case of its variant, which it does see (a test holds them together).
+        #[serde(rename_all = "kebab-case")]
         pub enum $name {
             $($(#[$vm])* #[serde(rename = $text)] $variant,)*
         }
@@ -144,6 +147,24 @@ pub fn stop(current: InstanceState) -> Result<Transition, StateError> {
 mod tests {
     use super::InstanceState::*;
     use super::*;
+
+    #[test]
+    fn the_document_spells_each_state_as_the_wire_does() {
+        fn documented<T: utoipa::PartialSchema>() -> Vec<String> {
+            let schema = serde_json::to_value(T::schema()).unwrap();
+            serde_json::from_value(schema["enum"].clone()).unwrap()
+        }
+        let wire = |all: &[&str]| all.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            documented::<InstanceState>(),
+            wire(&["pending", "starting", "running", "stopping", "stopped", "failed", "deleted"])
+        );
+        assert_eq!(documented::<DesiredState>(), wire(&["running", "stopped"]));
+        assert_eq!(documented::<RestartPolicy>(), wire(&["never", "always", "on-failure"]));
+        for p in [RestartPolicy::Never, RestartPolicy::Always, RestartPolicy::OnFailure] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+    }
 
     #[test]
     fn start_and_stop_follow_the_table() {

@@ -44,7 +44,10 @@ impl Reference {
         let host_ok =
             registry.split(':').next().is_some_and(|h| {
                 !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-            }) && registry.split_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_ok_and(|p| p != 0));
+            }) && registry.split_once(':').is_none_or(|(_, p)| {
+                // Digits without a leading zero, as the OpenAPI document's pattern has it.
+                !p.starts_with('0') && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+            });
         if !host_ok {
             return Err(err("the registry must be host[:port]"));
         }

@@ -189,6 +189,14 @@ pub enum StoreError {
     /// A request that is well-formed but contradicts itself or the stored state.
     #[error("{0}")]
     Invalid(String),
+    /// A service's soft limit would exceed its hard limit (given together, or one against the one stored).
+    #[error("soft_limit {soft} must not exceed hard_limit {hard}")]
+    LimitsConflict {
+        /// The soft limit.
+        soft: u32,
+        /// The hard limit.
+        hard: u32,
+    },
     /// An image that cannot be run as it is (e.g. it names no program).
     #[error("{0}")]
     InvalidImage(String),
@@ -220,6 +228,17 @@ impl StoreError {
                 | Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
         )
     }
+}
+
+/// A client's value for an `integer` column, refused rather than changed when it does not fit. The API checks
+/// the documented bounds first; this keeps every other caller from storing something else than it asked for.
+fn int_column(field: &str, v: u32) -> Result<i32, StoreError> {
+    i32::try_from(v).map_err(|_| StoreError::Invalid(format!("{field} {v} exceeds the largest value, {}", i32::MAX)))
+}
+
+/// A client's value for a `bigint` column, refused rather than changed when it does not fit.
+fn bigint_column(field: &str, v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{field} {v} exceeds the largest value, {}", i64::MAX)))
 }
 
 /// The name of the constraint a database error violated, if it is a unique or exclusion violation.

@@ -11,7 +11,7 @@ use cloud_domain::state::InstanceState;
 use uuid::Uuid;
 
 use crate::page::{self, Cursor};
-use crate::{Store, StoreError, as_uuid, record_event, violated_constraint};
+use crate::{Store, StoreError, as_uuid, int_column, record_event, violated_constraint};
 
 /// A validated service to create.
 #[derive(Debug, Clone)]
@@ -137,10 +137,10 @@ impl Store {
             .bind(tenant)
             .bind(&name)
             .bind(&fqdn)
-            .bind(new.soft_limit.map(|v| v as i32))
-            .bind(new.hard_limit.map(|v| v as i32))
+            .bind(new.soft_limit.map(|v| int_column("soft_limit", v)).transpose()?)
+            .bind(new.hard_limit.map(|v| int_column("hard_limit", v)).transpose()?)
             .bind(new.persistent)
-            .bind(new.scale_to_zero_after.map(|v| v as i32))
+            .bind(new.scale_to_zero_after.map(|v| int_column("scale_to_zero_after", v)).transpose()?)
             .execute(&mut *conn)
             .await;
             let retry = match res {
@@ -502,7 +502,7 @@ impl Store {
             if let (Some(s), Some(h)) = (soft, hard)
                 && s > h
             {
-                return Err(StoreError::Invalid(format!("soft_limit {s} must not exceed hard_limit {h}")));
+                return Err(StoreError::LimitsConflict { soft: s, hard: h });
             }
             let idle = change.scale_to_zero_after.unwrap_or(before.scale_to_zero_after);
             sqlx::query(
@@ -510,9 +510,9 @@ impl Store {
              WHERE id = $1",
             )
             .bind(id)
-            .bind(soft.map(|v| v as i32))
-            .bind(hard.map(|v| v as i32))
-            .bind(idle.map(|v| v as i32))
+            .bind(soft.map(|v| int_column("soft_limit", v)).transpose()?)
+            .bind(hard.map(|v| int_column("hard_limit", v)).transpose()?)
+            .bind(idle.map(|v| int_column("scale_to_zero_after", v)).transpose()?)
             .execute(&mut *tx)
             .await?;
             if let Some(ports) = &change.ports {

@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use uuid::Uuid;
 
 use crate::page::{self, Cursor};
-use crate::{Store, StoreError, as_uuid, record_event, violated_constraint};
+use crate::{Store, StoreError, as_uuid, bigint_column, int_column, record_event, violated_constraint};
 
 #[derive(sqlx::FromRow)]
 struct TenantRow {
@@ -62,11 +62,6 @@ impl From<TenantRow> for Tenant {
     }
 }
 
-/// Clamps a quota to what the database column holds.
-fn to_i32(v: u32) -> i32 {
-    v.min(i32::MAX as u32) as i32
-}
-
 impl Store {
     /// Creates a tenant with its own private network carved from the platform pool.
     pub async fn create_tenant(&self, name: &str, quotas: QuotasPatch) -> Result<Tenant, StoreError> {
@@ -92,11 +87,11 @@ impl Store {
                 .bind(id)
                 .bind(name)
                 .bind(network.to_string())
-                .bind(to_i32(q.max_services))
-                .bind(to_i32(q.max_instances))
-                .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
-                .bind(to_i32(q.max_images))
-                .bind(to_i32(q.max_domains))
+                .bind(int_column("quotas.max_services", q.max_services)?)
+                .bind(int_column("quotas.max_instances", q.max_instances)?)
+                .bind(bigint_column("quotas.max_memory_mb", q.max_memory_mb)?)
+                .bind(int_column("quotas.max_images", q.max_images)?)
+                .bind(int_column("quotas.max_domains", q.max_domains)?)
                 .execute(&mut *tx)
                 .await;
                 match inserted {
@@ -175,11 +170,11 @@ impl Store {
                  max_domains = $6, updated_at = now() WHERE id = $1",
             )
             .bind(current.id)
-            .bind(to_i32(q.max_services))
-            .bind(to_i32(q.max_instances))
-            .bind(q.max_memory_mb.min(i64::MAX as u64) as i64)
-            .bind(to_i32(q.max_images))
-            .bind(to_i32(q.max_domains))
+            .bind(int_column("quotas.max_services", q.max_services)?)
+            .bind(int_column("quotas.max_instances", q.max_instances)?)
+            .bind(bigint_column("quotas.max_memory_mb", q.max_memory_mb)?)
+            .bind(int_column("quotas.max_images", q.max_images)?)
+            .bind(int_column("quotas.max_domains", q.max_domains)?)
             .execute(&mut *tx)
             .await?;
             let tenant = Self::tenant_in(&mut tx, current.id).await?;

@@ -24,7 +24,7 @@ use crate::{AppState, Auth};
 pub(crate) async fn upload_certificate(
     state: web::Data<AppState>,
     auth: Auth,
-    body: web::Json<UploadCertificate>,
+    body: crate::json::Json<UploadCertificate>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();

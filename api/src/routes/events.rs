@@ -19,6 +19,7 @@ const BATCH: i64 = 500;
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventsQuery {
     /// Replay events after this version (default: only new ones). `Last-Event-ID` does the same on reconnect.
+    #[param(minimum = 0)]
     since: Option<i64>,
 }
 

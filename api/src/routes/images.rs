@@ -75,8 +75,7 @@ pub(crate) async fn create_image(
             ));
         }
         let body = read_body(payload, state.config.max_json_bytes, "api.max_json_bytes").await?;
-        let pull: PullImage = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
+        let pull: PullImage = crate::json::parse(&body)?;
         validate::name(NameKind::Image, &pull.name)?;
         let reference = Reference::parse(&pull.reference)?;
         let image = state.registries.pull(&reference).await?;

@@ -10,9 +10,6 @@ use crate::sse::{self, LogFrame};
 use crate::validate::{self, ListQuery};
 use crate::{AppState, Auth};
 
-/// Variables the platform sets for every instance.
-const PLATFORM_ENV: [&str; 4] = ["PORT", "PRIVATE_IP", "INSTANCE", "SERVICE"];
-
 /// Create instances of an image, attached to a service, to a new ephemeral service (`ports`), or to none.
 #[utoipa::path(tag = "instances", security(("bearer" = [])), request_body = CreateInstance, responses(
     (status = 201, description = "Created", body = CreatedInstances),
@@ -22,7 +19,7 @@ const PLATFORM_ENV: [&str; 4] = ["PORT", "PRIVATE_IP", "INSTANCE", "SERVICE"];
 pub(crate) async fn create_instance(
     state: web::Data<AppState>,
     auth: Auth,
-    body: web::Json<CreateInstance>,
+    body: crate::json::Json<CreateInstance>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();
@@ -30,28 +27,21 @@ pub(crate) async fn create_instance(
     if body.image.is_empty() {
         return Err(invalid("image must name an image".into()));
     }
-    if !(1..=64).contains(&body.replicas) {
-        return Err(invalid(format!("replicas must be 1 to 64, got {}", body.replicas)));
-    }
     if let Some(name) = &body.name {
         validate::name(NameKind::Instance, name)?;
         if body.replicas > 1 {
             validate::name(NameKind::Instance, &format!("{name}-{}", body.replicas))?;
         }
     }
-    let port = body.port.map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or(p)).transpose();
-    let port = port.map_err(|p| invalid(format!("port must be 1 to 65535, got {p}")))?;
+    // replicas, port and memory_mb were checked against their bounds as the body was read.
     let memory_mb = body.memory_mb.unwrap_or(128);
-    if !(16..=65536).contains(&memory_mb) {
-        return Err(invalid(format!("memory_mb must be 16 to 65536, got {memory_mb}")));
-    }
     for key in body.env.keys() {
         let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(invalid(format!("env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*")));
         }
-        if PLATFORM_ENV.contains(&key.as_str()) {
+        if crate::document::PLATFORM_ENV.contains(&key.as_str()) {
             return Err(invalid(format!("env name \"{key}\" is set by the platform and cannot be overridden")));
         }
     }
@@ -71,7 +61,7 @@ pub(crate) async fn create_instance(
         replicas: body.replicas,
         restart_policy: body.restart_policy,
         memory_mb,
-        port,
+        port: body.port,
         start: body.start,
     };
     let created = state.store.create_instances(auth.tenant, new).await?;
@@ -172,6 +162,7 @@ pub(crate) struct LogsQuery {
     /// Only lines after this `seq`; without it, the last `limit` lines.
     after: Option<i64>,
     /// At most this many lines, 1 to 2000 (default 100); with `follow`, the most sent at once.
+    #[param(minimum = 1, maximum = 2000)]
     limit: Option<i64>,
     /// Keep the response open and stream lines as Server-Sent Events (`id` the line's `seq`, `data` a `LogLine`)
     /// until the instance is deleted. Resume with `Last-Event-ID` (as `after`).

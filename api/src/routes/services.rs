@@ -20,7 +20,7 @@ use crate::{AppState, Auth};
 pub(crate) async fn create_service(
     state: web::Data<AppState>,
     auth: Auth,
-    body: web::Json<CreateService>,
+    body: crate::json::Json<CreateService>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();
@@ -30,7 +30,6 @@ pub(crate) async fn create_service(
     }
     let ports = validate::ports(&body.ports, settings)?;
     validate::limits(body.soft_limit, body.hard_limit)?;
-    validate::scale_to_zero(body.scale_to_zero_after)?;
     let domains = validate::domains(&body.domains, settings)?;
     let new = NewService {
         name: body.name,
@@ -128,14 +127,13 @@ pub(crate) async fn update_service(
     state: web::Data<AppState>,
     auth: Auth,
     path: web::Path<String>,
-    body: web::Json<UpdateService>,
+    body: crate::json::Json<UpdateService>,
 ) -> ApiResult<web::Json<Service>> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();
     let settings = state.store.settings();
     let ports = body.ports.as_deref().map(|p| validate::ports(p, settings)).transpose()?;
     validate::limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
-    validate::scale_to_zero(body.scale_to_zero_after.flatten())?;
     let domains = body.domains.as_deref().map(|d| validate::domains(d, settings)).transpose()?;
     let change = ServiceChange {
         ports,

@@ -17,7 +17,7 @@ use crate::{AppState, Auth};
 pub(crate) async fn create_tenant(
     state: web::Data<AppState>,
     auth: Auth,
-    body: web::Json<CreateTenant>,
+    body: crate::json::Json<CreateTenant>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Admin)?;
     validate::name(NameKind::Tenant, &body.name)?;
@@ -76,7 +76,7 @@ pub(crate) async fn update_tenant(
     state: web::Data<AppState>,
     auth: Auth,
     path: web::Path<String>,
-    body: web::Json<UpdateTenant>,
+    body: crate::json::Json<UpdateTenant>,
 ) -> ApiResult<web::Json<Tenant>> {
     auth.require(Scope::Admin)?;
     Ok(web::Json(state.store.update_tenant(&path, body.quotas).await?))

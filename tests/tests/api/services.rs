@@ -82,6 +82,10 @@ async fn port_specs_in_both_forms_and_their_rules() {
     let res = post(&api, "/v1/services", t, json!({"ports": [format!("{allocated}:6379/tcp")]})).await;
     res.problem(409, "port_conflict", &allocated.to_string());
 
+    // Each spec is valid alone; two claiming one public port conflict.
+    let res = post(&api, "/v1/services", t, json!({"ports": ["443:8080", "443:9090"]})).await;
+    res.problem(409, "port_conflict", "already mapped");
+
     let bad: [(Value, &str, &str); 8] = [
         (json!(["80:8080/tls"]), "invalid_port_spec", "80:8080/tls"),
         (json!(["443:8080/http"]), "invalid_port_spec", "443"),
@@ -89,7 +93,7 @@ async fn port_specs_in_both_forms_and_their_rules() {
         (json!(["8443:80/http+redirect"]), "invalid_port_spec", "redirect"),
         (json!(["70000:80"]), "invalid_port_spec", "70000"),
         (json!(["443:8080/bogus"]), "invalid_port_spec", "bogus"),
-        (json!(["443:8080", "443:9090"]), "invalid_port_spec", "already mapped"),
+        (json!(["0443:8080"]), "invalid_port_spec", "leading zero"),
         (json!([{"port": 443, "nope": 1}]), "invalid_json", "nope"),
     ];
     for (ports, code, needle) in bad {
@@ -190,7 +194,7 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     assert_eq!(cleared.body["soft_limit"], Value::Null);
     assert_eq!(cleared.body["hard_limit"], 20);
     assert_eq!(cleared.body["domains"].as_array().unwrap().len(), 2);
-    patch(&api, "/v1/services/svc-2", t, json!({"soft_limit": 30})).await.problem(400, "invalid_request", "hard_limit");
+    patch(&api, "/v1/services/svc-2", t, json!({"soft_limit": 30})).await.problem(409, "limits_conflict", "hard_limit");
 
     // Scale to zero: set, refused out of range, turned off with null.
     let lazy = patch(&api, "/v1/services/svc-2", t, json!({"scale_to_zero_after": 300})).await;
