@@ -57,8 +57,14 @@ pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
         merge(domains, json!({"maxItems": cloud_domain::domains::MAX_DOMAINS_PER_SERVICE}));
         merge(at(domains, "/items"), domain(settings));
     }
-    for item in at(doc, "/paths").as_object_mut().into_iter().flat_map(|p| p.values_mut()) {
+    for (path, item) in at(doc, "/paths").as_object_mut().into_iter().flat_map(|p| p.iter_mut()) {
         for op in item.as_object_mut().into_iter().flat_map(|i| i.values_mut()) {
+            if path.starts_with("/v1/")
+                && let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut)
+            {
+                // Every operation of the API reads or writes PostgreSQL, whose silence is bounded.
+                responses.entry("503").or_insert_with(database_unavailable);
+            }
             let parameters = op.get_mut("parameters").and_then(Value::as_array_mut);
             for p in parameters.into_iter().flatten() {
                 match p["name"].as_str() {
@@ -70,6 +76,19 @@ pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
             }
         }
     }
+}
+
+/// The answer of an operation whose database did not answer in time.
+fn database_unavailable() -> Value {
+    json!({
+        "description": "`database_unavailable`: PostgreSQL did not answer within the API's bound \
+                        (`database_timeout_seconds`); nothing was changed that a retry would not find",
+        "headers": {"Retry-After": {
+            "description": "Seconds to wait before asking again",
+            "schema": {"type": "integer", "format": "uint32", "minimum": 0, "maximum": u32::MAX},
+        }},
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    })
 }
 
 /// The part of the document at a JSON pointer, which the code that generates it always writes.

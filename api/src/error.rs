@@ -97,7 +97,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | InvalidStateTransition
         | IdempotencyKeyInProgress
         | TenantNotEmpty
-        | LimitsConflict => StatusCode::CONFLICT,
+        | LimitsConflict
+        | NamesConflict => StatusCode::CONFLICT,
         PayloadTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IdempotencyKeyReused
@@ -107,8 +108,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | CertificateNameMismatch
         | ImagePlatform
         | UnsupportedImage => StatusCode::UNPROCESSABLE_ENTITY,
-        // The registry the client named failed (as an upstream of a gateway): a retry may succeed.
-        RegistryUnavailable => StatusCode::BAD_GATEWAY,
+        // The registry the client named failed, not the client's request nor this server: a retry may succeed.
+        RegistryUnavailable => StatusCode::FAILED_DEPENDENCY,
         CapacityExhausted | Unavailable | DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

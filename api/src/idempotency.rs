@@ -100,9 +100,9 @@ pub(crate) async fn middleware(
             let (http_req, res) = res.into_parts();
             let (res, body) = res.into_parts();
             let bytes = to_bytes(body).await.unwrap_or_default();
-            // A server fault is not an answer, nor is a failed registry (502): release the key so a retry runs the
+            // A server fault is not an answer, nor is a failed registry (424): release the key so a retry runs the
             // request (as when the answer cannot be sealed, which only a failing random source causes).
-            let answered = !status.is_server_error();
+            let answered = !status.is_server_error() && status != StatusCode::FAILED_DEPENDENCY;
             let sealed = if answered { state.secret_key.seal(&bytes).ok() } else { None };
             let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let record =

@@ -87,6 +87,8 @@ pub enum ErrorCode {
     /// A service's soft limit would exceed its hard limit, both given or one against the one it has. Each is
     /// valid alone (the document says which are): together they conflict.
     LimitsConflict,
+    /// A pull names its image twice, in the query (`?name=`) and in the body, differently.
+    NamesConflict,
     /// The domain is already attached to another service, or verified by another tenant.
     DomainTaken,
     /// A service lists more domains than one service may have.
@@ -161,6 +163,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyExists => "already_exists",
             Self::LimitsConflict => "limits_conflict",
+            Self::NamesConflict => "names_conflict",
             Self::DomainTaken => "domain_taken",
             Self::TooManyDomains => "too_many_domains",
             Self::ServiceHasInstances => "service_has_instances",

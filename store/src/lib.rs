@@ -392,22 +392,23 @@ async fn record_event<T: serde::Serialize>(
     resource_id: uuid::Uuid,
     action: cloud_domain::api::EventAction,
     resource: &T,
-) -> Result<i64, StoreError> {
+) -> Result<(), StoreError> {
     let action = match action {
         cloud_domain::api::EventAction::Created => "created",
         cloud_domain::api::EventAction::Updated => "updated",
         cloud_domain::api::EventAction::Deleted => "deleted",
     };
     let payload = serde_json::to_value(resource).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let (version,): (i64,) = sqlx::query_as("SELECT record_event($1, $2, $3, $4, $5)")
+    // Its version is given at commit (migrations/0020_events_numbered_at_commit.sql).
+    sqlx::query("SELECT record_event($1, $2, $3, $4, $5)")
         .bind(tenant)
         .bind(resource_type)
         .bind(resource_id)
         .bind(action)
         .bind(payload)
-        .fetch_one(conn)
+        .execute(conn)
         .await?;
-    Ok(version)
+    Ok(())
 }
 
 /// `Some(uuid)` when `key` is a UUID, so lookups can match a name or an id with one query.

@@ -194,6 +194,8 @@ impl Store {
                 .await?;
             used.extend(rows.into_iter().map(|(p,)| p as u16));
         }
+        // A port given explicitly is never allocated to a `0:DEST/tcp` listed before it.
+        used.extend(mappings.iter().map(|m| m.port).filter(|p| *p != 0));
         let range = &self.settings.tcp_ports;
         for m in mappings {
             let mut port = m.port;
@@ -202,7 +204,7 @@ impl Store {
                     .iter()
                     .find(|p| p.handlers == m.handlers && p.destination_port == m.destination_port)
                     .map(|p| p.port)
-                    .filter(|p| !used.contains(p) && !mappings.iter().any(|o| o.port == *p));
+                    .filter(|p| !used.contains(p));
                 port = match kept {
                     Some(p) => p,
                     None => ports::allocate_tcp_port(range, &used)

@@ -29,7 +29,7 @@ pub(crate) struct EventsQuery {
 /// The stream opens with a comment and `id: <version it starts after>`, and a comment every 15 s keeps it alive
 /// while idle. A client that reconnects with `Last-Event-ID` misses no event and gets none twice.
 #[utoipa::path(tag = "events", security(("bearer" = [])), params(EventsQuery,
-    ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+    ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0,
         description = "Resume after this event (its `id`, a version); takes precedence over `since`"),
 ), responses(
     (status = 200, description = "An endless text/event-stream; each event as described", body = EventFrame, content_type = "text/event-stream"),
@@ -43,10 +43,10 @@ pub(crate) async fn stream_events(
     query: web::Query<EventsQuery>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Read)?;
+    if query.since.is_some_and(|v| v < 0) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "since must be a version, 0 or more"));
+    }
     let since = match sse::last_event_id(&req)?.or(query.since) {
-        Some(v) if v < 0 => {
-            return Err(ApiError::new(ErrorCode::InvalidQuery, "since must be a version, 0 or more"));
-        }
         Some(v) => v,
         None => state.store.current_version().await?,
     };

@@ -68,14 +68,14 @@ pub(crate) async fn create_image(
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let image = if ct == "application/json" {
-        if query.name.is_some() {
-            return Err(ApiError::new(
-                ErrorCode::InvalidQuery,
-                "a pull names its image in the JSON body ({\"name\", \"reference\"}), not with ?name=",
-            ));
-        }
         let body = read_body(payload, state.config.max_json_bytes, "api.max_json_bytes").await?;
         let pull: PullImage = crate::json::parse(&body)?;
+        if let Some(name) = query.name.as_deref().filter(|n| *n != pull.name) {
+            return Err(ApiError::new(
+                ErrorCode::NamesConflict,
+                format!("the query names the image {name:?} and the body {:?}: give one name", pull.name),
+            ));
+        }
         validate::name(NameKind::Image, &pull.name)?;
         let reference = Reference::parse(&pull.reference)?;
         let image = state.registries.pull(&reference).await?;

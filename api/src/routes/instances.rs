@@ -179,8 +179,8 @@ pub(crate) struct LogsQuery {
     params(
         ("instance" = String, Path, description = "Instance name or id"),
         LogsQuery,
-        ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
-            description = "With `follow=true`: resume after this line (its `id`, a `seq`); takes precedence over `after`"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0,
+            description = "Resume after this line (its `id`, a `seq`); takes precedence over `after`"),
     ),
     responses(
         (status = 200, description = "Log lines; with follow=true, a text/event-stream of them", content(
@@ -202,11 +202,11 @@ pub(crate) async fn instance_logs(
     if !(1..=2000).contains(&limit) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, format!("limit must be 1 to 2000, got {limit}")));
     }
+    let after = sse::last_event_id(&req)?.or(query.after);
     if !query.follow {
-        let (_, lines) = state.store.logs(auth.tenant, &path, query.after, limit).await?;
+        let (_, lines) = state.store.logs(auth.tenant, &path, after, limit).await?;
         return Ok(HttpResponse::Ok().json(lines));
     }
-    let after = sse::last_event_id(&req)?.or(query.after);
     let (tenant, key) = (auth.tenant, path.into_inner());
     // Following before reading: a line stored in between is announced to the follower, not lost.
     let mut follower = state.logs.follow(state.store.instance_id(tenant, &key).await?);

@@ -67,7 +67,7 @@ async fn scopes_limit_what_a_token_may_do() {
     post(&api, "/v1/tokens", &writer, json!({"scopes": ["admin"]})).await.problem(403, "insufficient_scope", "admin");
     post(&api, "/v1/tokens", &writer, json!({"expires_in_seconds": 5})).await.problem(
         400,
-        "invalid_request",
+        "invalid_json",
         "expires_in_seconds",
     );
 

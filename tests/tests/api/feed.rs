@@ -53,3 +53,58 @@ async fn concurrent_writers_produce_a_gapless_ordered_feed_that_followers_resume
     let other = store.create_tenant("other", QuotasPatch::default()).await.unwrap();
     assert!(store.events_since(Some(other.id), version, 1000).await.unwrap().iter().all(|e| e.resource_id == other.id));
 }
+
+/// A transaction that records an event and then waits for a row held by another that records an event too: both
+/// commit, in the order they commit. When the first event took the event lock until commit, the second waited for
+/// that lock while holding the row, and PostgreSQL aborted one of them as a deadlock (an API request answered 500
+/// while a node agent scheduled instances).
+#[tokio::test]
+async fn writers_that_wait_for_each_others_rows_do_not_deadlock_on_the_feed() {
+    let store = cloud_tests::fresh_store().await;
+    let tenant = store.create_tenant("acme", QuotasPatch::default()).await.unwrap();
+    let before = store.current_version().await.unwrap();
+    let pool = store.pool().clone();
+    let record = "SELECT record_event($1, 'tenant', $1, 'updated', $2)";
+
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(tenant.id).execute(&mut *holder).await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query(record).bind(tenant.id).bind(serde_json::json!({"by": "waiter"})).execute(&mut *tx).await?;
+            sqlx::query("UPDATE tenants SET updated_at = now() WHERE id = $1")
+                .bind(tenant.id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+    });
+    // The waiter has recorded its event and waits for the row.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the second transaction never waited for the row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query(record).bind(tenant.id).bind(serde_json::json!({"by": "holder"})).execute(&mut *holder).await.unwrap();
+    holder.commit().await.unwrap();
+    waiter.await.unwrap().unwrap();
+
+    let by: Vec<String> = store
+        .events_since(None, before, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.resource["by"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(by, ["holder", "waiter"], "events in commit order");
+}

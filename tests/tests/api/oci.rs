@@ -159,12 +159,8 @@ async fn archives_written_by_skopeo_upload_as_oci_images_and_instances_take_thei
     assert_eq!(default.body["instances"][0]["image_digest"], archive_digest(&oci).as_str());
     let custom = post(&api, "/v1/instances", t, json!({"image": "web", "name": "w2", "port": 7000})).await;
     assert_eq!(custom.body["instances"][0]["port"], 7000, "{}", custom.body);
-    post(&api, "/v1/instances", t, json!({"image": "web", "port": 0})).await.problem(400, "invalid_request", "port");
-    post(&api, "/v1/instances", t, json!({"image": "web", "port": 70000})).await.problem(
-        400,
-        "invalid_request",
-        "port",
-    );
+    post(&api, "/v1/instances", t, json!({"image": "web", "port": 0})).await.problem(400, "invalid_json", "port");
+    post(&api, "/v1/instances", t, json!({"image": "web", "port": 70000})).await.problem(400, "invalid_json", "port");
     let node = api.store.register_node("n1", "127.0.0.1", 1 << 20).await.unwrap();
     api.store.schedule_pending(std::time::Duration::from_secs(60)).await.unwrap();
     let mut ports: Vec<(String, u16)> =
@@ -356,25 +352,25 @@ async fn refused_pulls_answer_a_code_naming_the_problem_and_store_nothing() {
     let cases: Vec<(String, u16, &str, String)> = vec![
         (format!("{closed}/app:v1"), 424, "registry_unavailable", closed.clone()),
         (format!("{failing}/app:v1"), 424, "registry_unavailable", "500".into()),
-        (format!("{unauthorized}/private/app:v1"), 422, "registry_denied", "401".into()),
-        (format!("{}/team/app:v2", reg.host), 422, "image_not_found", "team/app:v2".into()),
-        (format!("{}/team/nothing:v1", reg.host), 422, "image_not_found", "team/nothing".into()),
+        (format!("{unauthorized}/private/app:v1"), 403, "registry_denied", "401".into()),
+        (format!("{}/team/app:v2", reg.host), 404, "image_not_found", "team/app:v2".into()),
+        (format!("{}/team/nothing:v1", reg.host), 404, "image_not_found", "team/nothing".into()),
         ("Not/A:Reference:".into(), 400, "invalid_image_reference", "Not/A:Reference:".into()),
     ];
     for (reference, status, code, needle) in &cases {
         pull(&api, "app", reference).await.problem(*status, code, needle);
         assert_eq!(stored(&api).await, before_all, "{reference}: nothing stored");
     }
-    // The body of a pull: JSON with a name and a reference, nothing else; the name is in the body.
+    // The body of a pull: JSON with a name and a reference, nothing else; a name in the query too must agree.
     post(&api, "/v1/images", &api.token, json!({"name": "app", "reference": reference, "tag": "x"})).await.problem(
         400,
         "invalid_json",
         "tag",
     );
-    post(&api, "/v1/images?name=app", &api.token, json!({"name": "app", "reference": reference})).await.problem(
-        400,
-        "invalid_query",
-        "body",
+    post(&api, "/v1/images?name=other", &api.token, json!({"name": "app", "reference": reference})).await.problem(
+        409,
+        "names_conflict",
+        "\"other\"",
     );
     post(&api, "/v1/images", &api.token, json!({"name": "Bad", "reference": reference})).await.problem(
         400,
@@ -401,15 +397,15 @@ async fn refused_pulls_answer_a_code_naming_the_problem_and_store_nothing() {
     // on private addresses (by name, by address, or through a registry's redirect or token service).
     let strict = TestApi::start().await;
     let before = stored(&strict).await;
-    pull(&strict, "app", &reference).await.problem(422, "registry_not_allowed", &reg.host);
+    pull(&strict, "app", &reference).await.problem(403, "registry_not_allowed", &reg.host);
     let by_name = reference.replace("127.0.0.1", "localhost");
-    pull(&strict, "app", &by_name).await.problem(422, "registry_not_allowed", "localhost");
+    pull(&strict, "app", &by_name).await.problem(403, "registry_not_allowed", "localhost");
     assert_eq!(stored(&strict).await, before);
     // Allowed as private, but it speaks plain http and is not listed as insecure.
     let private_only =
         TestApi::start_with(ApiConfig { private_registries: vec![reg.host.clone()], ..Default::default() }).await;
     let before = stored(&private_only).await;
-    pull(&private_only, "app", &reference).await.problem(422, "insecure_registry", &reg.host);
+    pull(&private_only, "app", &reference).await.problem(403, "insecure_registry", &reg.host);
     assert_eq!(stored(&private_only).await, before);
 
     // Over the size limit.

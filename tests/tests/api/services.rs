@@ -81,6 +81,12 @@ async fn port_specs_in_both_forms_and_their_rules() {
     assert_ne!(allocated, 30001);
     let res = post(&api, "/v1/services", t, json!({"ports": [format!("{allocated}:6379/tcp")]})).await;
     res.problem(409, "port_conflict", &allocated.to_string());
+    // The lowest free port is allocated, but never one the same list gives explicitly, even after the 0.
+    let next = (30000..=32767).find(|p| *p != allocated && *p != 30001).unwrap();
+    let s = create_service(&api, t, json!({"ports": ["0:6380/tcp", format!("{next}:6381/tcp")]})).await;
+    let ports: Vec<u64> = s["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    assert!(ports.contains(&next) && ports.iter().all(|p| (30000..=32767).contains(p)), "{ports:?}");
+    assert_ne!(ports[0], ports[1]);
 
     // Each spec is valid alone; two claiming one public port conflict.
     let res = post(&api, "/v1/services", t, json!({"ports": ["443:8080", "443:9090"]})).await;
@@ -103,7 +109,7 @@ async fn port_specs_in_both_forms_and_their_rules() {
     }
     // Nothing was left behind by the refusals.
     let list = get(&api, "/v1/services", t).await;
-    assert_eq!(list.body["items"].as_array().unwrap().len(), 5);
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 6);
 }
 
 #[tokio::test]
@@ -202,7 +208,7 @@ async fn crud_by_name_and_id_with_stable_pagination() {
     for bad in [0, 604_801] {
         patch(&api, "/v1/services/svc-2", t, json!({"scale_to_zero_after": bad})).await.problem(
             400,
-            "invalid_request",
+            "invalid_json",
             "scale_to_zero_after",
         );
     }
