@@ -109,3 +109,33 @@ async fn health_readiness_metrics_and_docs() {
     assert_eq!(pem, ca.cert_pem());
     assert_eq!(text("/v1/ca.pem").await.1, pem, "stable across requests");
 }
+
+/// What the document allows is accepted as it says, and what it rules out is refused, never changed: a quota
+/// past its bound is refused by name (it was stored as 2147483647), an integral number written `5.0` is the integer
+/// 5 (JSON Schema says so), and a method a path does not have is `405` with the ones it has.
+#[tokio::test]
+async fn the_server_keeps_to_the_document() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    let before = get(&api, "/v1/tenants/acme", t).await;
+    let res =
+        crate::patch(&api, "/v1/tenants/acme", t, serde_json::json!({"quotas": {"max_images": 2147483648u64}})).await;
+    res.problem(400, "invalid_json", "quotas.max_images");
+    assert_eq!(get(&api, "/v1/tenants/acme", t).await.body["quotas"], before.body["quotas"], "nothing changed");
+    let res = crate::patch(&api, "/v1/tenants/acme", t, serde_json::json!({"quotas": {"max_images": 39880.0}})).await;
+    assert_eq!((res.status, &res.body["quotas"]["max_images"]), (200, &serde_json::json!(39880)), "{}", res.body);
+    let res = raw(&api, Method::POST, "/v1/services", "application/json", r#"{"soft_limit": 5.5}"#).await;
+    res.problem(400, "invalid_json", "soft_limit");
+
+    for (method, path, allow) in [
+        (Method::PUT, "/v1/services", "GET, POST"),
+        (Method::POST, "/v1/services/web", "GET, DELETE, PATCH"),
+        (Method::DELETE, "/v1/events", "GET"),
+    ] {
+        let res = reqwest::Client::new().request(method.clone(), api.url(path)).bearer_auth(t).send().await.unwrap();
+        let allowed = res.headers().get("allow").map(|v| v.to_str().unwrap().to_owned());
+        let res = into_res(res).await;
+        res.problem(405, "method_not_allowed", method.as_str());
+        assert_eq!(allowed.as_deref(), Some(allow), "{method} {path}");
+    }
+}
