@@ -274,9 +274,17 @@ fn the_cli_drives_a_real_platform() {
     fails(&dev, &["service", "delete", "my-service"], "service_has_instances");
     assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "my-service\n");
 
-    // Logs of the running instance.
-    let logs = ok(&dev, &["instance", "logs", instance]);
-    assert!(logs.contains("sys listening on"), "{logs}");
+    // Logs of the running instance. The agent's note reaches PostgreSQL in the log shipper's own batches, not
+    // with the report that the instance runs.
+    let t0 = Instant::now();
+    loop {
+        let logs = ok(&dev, &["instance", "logs", instance]);
+        if logs.contains("sys listening on") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{logs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     ok(&dev, &["service", "delete", "my-service", "--force"]);
     assert_eq!(ok(&dev, &["service", "list", "-o", "name"]), "");

@@ -78,12 +78,19 @@ async fn certificates_are_obtained_via_http_01_through_the_edge_and_dns_01_throu
                       "domains": ["www.example.test.", "api.example.test.", "nope.example.test."]});
     let res = reqwest::Client::new().post(api.url("/v1/services")).bearer_auth(t).json(&body).send().await.unwrap();
     assert_eq!(res.status(), 201);
+    // Pebble resolves the domain through our DNS, which learns of the verification from the change feed: the
+    // challenge waits until the DNS serves it.
     let verify = |domain: &'static str| {
         let store = store.clone();
         let tenant = api.tenant.id;
+        let dns = &dns;
         async move {
             let d = store.tenant_domain(tenant, domain).await.unwrap();
             store.mark_domain_verified(d.id).await.unwrap();
+            let version = store.current_version().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(30), dns.wait_for_version(version))
+                .await
+                .unwrap_or_else(|_| panic!("our DNS never served version {version} ({domain} verified)"));
         }
     };
     verify("www.example.test").await;

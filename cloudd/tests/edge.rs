@@ -345,7 +345,12 @@ async fn the_hard_limit_refuses_with_503_and_retry_after() {
     let client = f.https(&[&fqdn]);
     let held = tokio::spawn({
         let (client, fqdn) = (client.clone(), fqdn.clone());
-        async move { client.get(format!("https://{fqdn}/sleep/3000")).send().await.unwrap().status() }
+        async move {
+            let res = client.get(format!("https://{fqdn}/sleep/3000")).send().await.unwrap();
+            let status = res.status();
+            res.bytes().await.unwrap();
+            status
+        }
     });
     // Wait until the slow request is in flight on the instance.
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -357,7 +362,13 @@ async fn the_hard_limit_refuses_with_503_and_retry_after() {
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(held.await.unwrap(), 200);
-    // Capacity is back once the request is done.
+    // Capacity is back once the request is done: the edge counts it until it has finished the response, which
+    // may be after the client has read the whole body.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while f.edge.table().by_host(&fqdn).unwrap().backends[0].in_flight() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the slow request is never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(client.get(format!("https://{fqdn}/")).send().await.unwrap().status(), 200);
 }
 
@@ -409,11 +420,15 @@ async fn a_killed_instance_costs_no_request_while_others_remain() {
     let victim = f.edge.table().by_host(&fqdn).unwrap().backends[0].clone();
 
     let kill_at = Arc::new(std::sync::OnceLock::new());
+    // How many instances have answered so far: the picks are random, so the victim is killed only once every
+    // instance (it included) has answered, as the last assertion requires.
+    let (answered_tx, mut answered) = tokio::sync::watch::channel(0usize);
     let load = tokio::spawn({
         let (client, fqdn, kill_at) = (client.clone(), fqdn.clone(), kill_at.clone());
         async move {
             // (sent after the kill, status) of each request; a transport error counts as status 0.
             let mut results: Vec<(Option<Duration>, u16, String)> = Vec::new();
+            let mut seen = BTreeSet::new();
             // Until well past the health window after the kill.
             while kill_at.get().is_none_or(|k: &tokio::time::Instant| k.elapsed() < Duration::from_secs(3)) {
                 let sent = tokio::time::Instant::now();
@@ -421,7 +436,11 @@ async fn a_killed_instance_costs_no_request_while_others_remain() {
                 match client.get(format!("https://{fqdn}/")).send().await {
                     Ok(res) => {
                         let status = res.status().as_u16();
-                        results.push((after_kill, status, res.text().await.unwrap_or_default()));
+                        let body = res.text().await.unwrap_or_default();
+                        if status == 200 && seen.insert(body.clone()) {
+                            answered_tx.send_replace(seen.len());
+                        }
+                        results.push((after_kill, status, body));
                     }
                     Err(e) => results.push((after_kill, 0, e.to_string())),
                 }
@@ -429,7 +448,8 @@ async fn a_killed_instance_costs_no_request_while_others_remain() {
             results
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all_answered = tokio::time::timeout(TIMEOUT, answered.wait_for(|n| *n == 3)).await.is_ok_and(|r| r.is_ok());
+    assert!(all_answered, "only {} of 3 instances answered before the kill", *answered.borrow());
     // Kill the instance's process behind the platform's back, as a crash would.
     let pids = std::process::Command::new("ip").args(["netns", "pids", &netns_for(&f, victim.id)]).output().unwrap();
     let pids = String::from_utf8_lossy(&pids.stdout).into_owned();

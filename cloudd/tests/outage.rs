@@ -18,8 +18,9 @@ use sqlx::Connection;
 
 /// How long the roles wait for PostgreSQL here (the configured bound; the default is 5 s).
 const BOUND: Duration = Duration::from_secs(2);
-/// What a busy 2-core machine may add to the bound before the answer is back (scheduling, a debug build).
-const SLACK: Duration = Duration::from_secs(1);
+/// What a busy 2-core machine may add to the bound before the answer is back (scheduling, a debug build); the
+/// bound plus this stays within 5 s, the default bound.
+const SLACK: Duration = Duration::from_secs(2);
 /// How long `/readyz` may take, whatever PostgreSQL does.
 const READYZ_WITHIN: Duration = Duration::from_secs(1);
 /// Generous, for what the platform does in its own time (starting an instance, catching up).
@@ -294,7 +295,9 @@ async fn a_frozen_postgresql_costs_bounded_503s_and_nothing_after_it_thaws() {
     let listed = get(&api.url("/v1/services"), &api.token).await;
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert_eq!(listed.body["items"][0]["name"], "web");
-    assert_eq!(metric(&metrics(&api).await, "cloud_api_database_up"), Some(1.0));
+    // A background probe that started during the freeze may still record its timeout after /readyz's answer.
+    until("cloud_api_database_up 1 again", async || metric(&metrics(&api).await, "cloud_api_database_up") == Some(1.0))
+        .await;
     // The request cut short did nothing, and its Idempotency-Key is free again (not claimed for a day): its retry
     // runs.
     until("the cut request's key is released", async || {
@@ -308,7 +311,11 @@ async fn a_frozen_postgresql_costs_bounded_503s_and_nothing_after_it_thaws() {
         get(&api.url("/v1/instances/victim"), &api.token).await.body["state"] == "failed"
     })
     .await;
-    assert_eq!(metric(&node.metrics_text(), "cloud_node_reports_pending"), Some(0.0));
+    // The writer updates the gauge on its next turn, after the report the API already shows.
+    until("cloud_node_reports_pending 0", async || {
+        metric(&node.metrics_text(), "cloud_node_reports_pending") == Some(0.0)
+    })
+    .await;
     // Changes flow again, through the change feed, to the edge and the DNS.
     let after = post(&api, "/v1/services", json!({"name": "after", "ports": ["80:8080"]})).await;
     let after_fqdn = after["fqdn"].as_str().unwrap().to_owned();

@@ -115,10 +115,19 @@ async fn http_get(ip: &str, port: u16) -> Result<String, String> {
     res.text().await.map_err(|e| e.to_string())
 }
 
-/// Whether a TCP connection from inside an instance's namespace to `ip:port` succeeds.
-fn connects_from(netns: &str, ip: &str, port: u16) -> bool {
+/// How long a connection expected to succeed may take, starting bash in the namespace included: a busy machine
+/// may take seconds to start it.
+const REACHABLE_WITHIN: Duration = Duration::from_secs(10);
+/// How long a connection expected to fail is given. The firewall drops (rather than rejects) what it refuses, so
+/// each such check waits the whole time: ten seconds would add some 40 s to the suite. A check that times out
+/// because bash started slowly passes too, which only weakens it on an overloaded machine, never fails it.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether a TCP connection from inside an instance's namespace to `ip:port` succeeds within `within`.
+fn connects_from(netns: &str, ip: &str, port: u16, within: Duration) -> bool {
+    let secs = within.as_secs().to_string();
     Command::new("ip")
-        .args(["netns", "exec", netns, "timeout", "2", "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+        .args(["netns", "exec", netns, "timeout", &secs, "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
         .stderr(std::process::Stdio::null())
         .status()
         .map(|s| s.success())
@@ -259,8 +268,8 @@ async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
     let a2_ip = a2["private_ip"].as_str().unwrap();
     let b1_ip = b1["private_ip"].as_str().unwrap();
 
-    assert!(connects_from(&ns, a2_ip, 8080), "same tenant: reachable");
-    assert!(!connects_from(&ns, b1_ip, 8080), "another tenant: unreachable");
+    assert!(connects_from(&ns, a2_ip, 8080, REACHABLE_WITHIN), "same tenant: reachable");
+    assert!(!connects_from(&ns, b1_ip, 8080, UNREACHABLE_AFTER), "another tenant: unreachable");
     assert!(http_get(b1_ip, 8080).await.is_ok(), "the host (where the edge runs) reaches every instance");
 
     // A service of the host listening on every address, and the database: out of reach from instances.
@@ -271,10 +280,10 @@ async fn tenants_cannot_reach_each_other_and_instances_cannot_reach_the_host() {
         Ipv4Addr::from(u32::from(net.network()) + 1)
     };
     assert!(std::net::TcpStream::connect((gateway, port)).is_ok(), "control: the host reaches its own port");
-    assert!(!connects_from(&ns, &gateway.to_string(), port), "instances cannot reach host ports");
+    assert!(!connects_from(&ns, &gateway.to_string(), port, UNREACHABLE_AFTER), "instances cannot reach host ports");
     let db_port: u16 = api.store.pool().connect_options().get_port();
-    assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
-    assert!(!connects_from(&ns, "127.0.0.1", db_port), "loopback is the instance's own");
+    assert!(!connects_from(&ns, &gateway.to_string(), db_port, UNREACHABLE_AFTER), "nor PostgreSQL");
+    assert!(!connects_from(&ns, "127.0.0.1", db_port, UNREACHABLE_AFTER), "loopback is the instance's own");
     node.shutdown().await;
 }
 
@@ -602,10 +611,13 @@ async fn instances_resolve_their_tenants_private_names_through_their_gateway() {
 
     // Only DNS is forwarded: the DNS listener itself, and every other host port, stay out of reach.
     let ns = netns_of(&node, &asker);
-    assert!(connects_from(&ns, &gateway.to_string(), 53), "DNS over TCP through the gateway");
-    assert!(!connects_from(&ns, &gateway.to_string(), private.port()), "the listener's own port is not open");
+    assert!(connects_from(&ns, &gateway.to_string(), 53, REACHABLE_WITHIN), "DNS over TCP through the gateway");
+    assert!(
+        !connects_from(&ns, &gateway.to_string(), private.port(), UNREACHABLE_AFTER),
+        "the listener's own port is not open"
+    );
     let db_port: u16 = api.store.pool().connect_options().get_port();
-    assert!(!connects_from(&ns, &gateway.to_string(), db_port), "nor PostgreSQL");
+    assert!(!connects_from(&ns, &gateway.to_string(), db_port, UNREACHABLE_AFTER), "nor PostgreSQL");
     node.shutdown().await;
     dns.shutdown().await;
 }

@@ -156,7 +156,8 @@ async fn a_program_without_a_handler_stops_at_once_and_reaped_orphans_do_not_pil
     assert_eq!(&first, b"ready\n");
     let t0 = std::time::Instant::now();
     let status = f.sandboxes.stop(&mut s, Duration::from_secs(20)).await.unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(5), "stopped after {:?}", t0.elapsed());
+    // Well under the 20 s grace period; runc takes its time on a busy machine.
+    assert!(t0.elapsed() < Duration::from_secs(15), "stopped after {:?}", t0.elapsed());
     assert_eq!(status.code(), Some(128 + 15), "the program's end, as a shell reports it: {status:?}");
     f.sandboxes.remove("t5").await.unwrap();
 }
