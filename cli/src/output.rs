@@ -301,7 +301,7 @@ mod tests {
         assert_eq!(field(&service, "ports.0.port").unwrap(), "443");
         assert_eq!(field(&service, "persistent").unwrap(), "true");
         assert_eq!(field(&service, "limits").unwrap(), "");
-        assert_eq!(field(&service, "ports.0").unwrap(), r#"{"destination_port":8080,"port":443}"#);
+        assert_eq!(field(&service, "ports.0").unwrap(), r#"{"port":443,"destination_port":8080}"#);
         let err = |p| field(&service, p).unwrap_err().to_string();
         assert_eq!(err("fdqn"), r#"no field "fdqn" in "fdqn" (fields here: fqdn, limits, name, persistent, ports)"#);
         assert_eq!(err("ports.1.port"), r#""1" in "ports.1.port" is not an index of a list of 1"#);
