@@ -1,9 +1,13 @@
-//! `cloud-bench edge`: our edge beside nginx doing the same job on the same machine in one run: TLS termination,
-//! HTTP/1.1 and HTTP/2 downstream, keep-alive to one `hello` backend, X-Forwarded-* headers. h2load drives both
-//! (it lets us pick the SNI); per-request latencies come from its log file. Then the route table at scale: the
-//! same requests with 100k services loaded, the memory a route costs, and create-to-routable latency.
+//! `cloud-bench edge`: our edge beside nginx and haproxy doing the same job on the same machine in one run: TLS
+//! termination, HTTP/1.1 and HTTP/2 downstream, keep-alive to one `hello` backend, the same forwarding headers
+//! (X-Forwarded-For/-Proto/-Host, Forwarded, X-Real-IP, a request id sent up and back), an access log line per
+//! request. h2load drives all three (it lets us pick the SNI); per-request latencies come from its log file, CPU
+//! time from `/proc` (user + system time of each proxy's processes over the run, divided by its requests). Runs
+//! are repeated (`--runs`, the order rotated each time) and reported as medians with their spread. Then the route
+//! table at scale: the same requests with 100k services loaded, the memory a route costs, and create-to-routable.
 //!
-//! Needs nginx and h2load (`apt-get install nginx-light nghttp2-client`); the backend is the built-in `hello` image's program.
+//! Needs nginx, haproxy and h2load (`apt-get install nginx-light haproxy nghttp2-client`); the backend is the
+//! built-in `hello` image's program. Our edge runs in this process with the access log on, as `cloudd` writes it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,6 +26,17 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     failed: u64,
+    /// Requests that succeeded.
+    done: u64,
+    /// What was negotiated: TLS version, cipher and application protocol.
+    tls: String,
+}
+
+/// A proxy under test: where it listens and the processes whose CPU time it spends.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    pids: Vec<u32>,
 }
 
 fn h2load(
@@ -49,16 +64,23 @@ fn h2load(
         .find(|l| l.starts_with("finished in"))
         .and_then(|l| l.split(", ").nth(1)?.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("h2load said: {text}"))?;
-    let failed = text
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .and_then(|l| l.split(", ").find(|p| p.ends_with("failed"))?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let count = |what: &str| {
+        text.lines()
+            .find(|l| l.starts_with("requests:"))
+            .and_then(|l| l.split(", ").find(|p| p.ends_with(what))?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (failed, done) = (count("failed"), count("succeeded"));
+    let tls = ["TLS Protocol:", "Cipher:", "Application protocol:"]
+        .iter()
+        .filter_map(|k| text.lines().find(|l| l.starts_with(k))?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut lat: Vec<u64> =
         std::fs::read_to_string(log)?.lines().filter_map(|l| l.split('\t').nth(2)?.parse().ok()).collect();
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).map_or(0.0, |us| *us as f64 / 1000.0);
-    Ok(Run { rps, p50_ms: pct(0.5), p99_ms: pct(0.99), failed })
+    Ok(Run { rps, p50_ms: pct(0.5), p99_ms: pct(0.99), failed, done, tls })
 }
 
 fn rss_kb() -> u64 {
@@ -66,6 +88,48 @@ fn rss_kb() -> u64 {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) spent so far by these processes, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // The kernel counts in clock ticks of 1/100 s on Linux (USER_HZ).
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces: utime and stime are
+            // fields 14 and 15 of the line, 12 and 13 after the state.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// A process and its children (nginx's master and workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid).chain(children.split_whitespace().filter_map(|c| c.parse().ok())).collect()
+}
+
+/// The median of some figures, and their smallest and largest.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    (median, v[0], v[v.len() - 1])
+}
+
+/// Waits until something accepts connections at `addr`.
+async fn listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} does not listen on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// A CA and the wildcard of the zone, as PEM files for nginx and parsed for our edge.
@@ -88,20 +152,58 @@ fn wildcard(zone: &str, dir: &Path) -> anyhow::Result<ServedCert> {
     let cert = leaf.signed_by(&key, &issuer)?;
     std::fs::write(dir.join("cert.pem"), cert.pem())?;
     std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+    std::fs::write(dir.join("haproxy.pem"), format!("{}{}", cert.pem(), key.serialize_pem()))?;
     Ok(ServedCert::from_pem(vec![name], &cert.pem(), &key.serialize_pem())?)
 }
 
+/// nginx as an operator would set it up for this: a worker per core, the access log on (buffered, as is usual
+/// in production), keep-alive to the backend, the edge's forwarding headers and request id.
 fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
     format!(
         "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 100000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n\
-         upstream backend {{ server {backend}; keepalive 64; }}\n\
-         server {{\n    listen {listen} ssl http2;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
+         http {{\n  access_log {d}/nginx-access.log combined buffer=64k flush=1s;\n  keepalive_requests 100000000;\n\
+         client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n\
+         upstream backend {{ server {backend}; keepalive 1024; keepalive_requests 100000000; keepalive_timeout 60s; }}\n\
+         server {{\n    listen {listen} ssl http2;\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
+         ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
          location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
          proxy_set_header Host $host;\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-         proxy_set_header X-Forwarded-Proto https;\n      proxy_set_header X-Request-Id $request_id;\n    }}\n  }}\n}}\n",
+         proxy_set_header Forwarded \"for=$remote_addr;proto=https;host=$host\";\n\
+         proxy_set_header X-Real-IP $remote_addr;\n      proxy_set_header X-Forwarded-Proto https;\n\
+         proxy_set_header X-Forwarded-Host $host;\n      proxy_set_header X-Request-Id $request_id;\n\
+         add_header X-Request-Id $request_id always;\n    }}\n  }}\n}}\n",
         d = dir.display()
     )
+}
+
+/// haproxy likewise: a thread per core, a log line per request (to its stdout, a file here), connections to the
+/// backend reused, the same headers and request id, and the cipher the others negotiate (its default prefers
+/// AES-256).
+fn haproxy_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
+    format!(
+        "global\n  nbthread 2\n  maxconn 4096\n  log stdout format raw local0\n\
+         ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256\n\
+         defaults\n  mode http\n  log global\n  option httplog\n  http-reuse always\n\
+         timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n\
+         frontend edge\n  bind {listen} ssl crt {d}/haproxy.pem alpn h2,http/1.1\n\
+         unique-id-format %[uuid()]\n  unique-id-header X-Request-Id\n  option forwardfor\n\
+         http-request set-header X-Real-IP %[src]\n  http-request set-header X-Forwarded-Proto https\n\
+         http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
+         http-request set-header Forwarded for=%[src];proto=https;host=%[req.hdr(host)]\n\
+         http-response set-header X-Request-Id %[unique-id]\n  default_backend hello\n\
+         backend hello\n  server hello {backend}\n",
+        d = dir.display()
+    )
+}
+
+/// Logs as `cloudd` does in production (the edge's access log on at `info`, one line written per event), into
+/// a file instead of stderr.
+fn log_as_cloudd_does(file: &Path) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLOUD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
+    let writer = std::sync::Mutex::new(std::fs::File::create(file)?);
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).init();
+    Ok(())
 }
 
 async fn start_edge(store: &Store, certs: Arc<CertStore>) -> anyhow::Result<cloud_edge::EdgeHandle> {
@@ -115,9 +217,10 @@ async fn start_edge(store: &Store, certs: Arc<CertStore>) -> anyhow::Result<clou
     Ok(cloud_edge::start(store.clone(), feed, certs, config).await?)
 }
 
-pub async fn run(seconds: u64, connections: usize, routes: usize) -> anyhow::Result<()> {
+pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-edge-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    log_as_cloudd_does(&dir.join("edge-access.log"))?;
     let store = cloud_tests::fresh_store().await;
     let zone = store.settings().zone();
     let quotas = QuotasPatch { max_services: Some(u32::MAX / 2), ..QuotasPatch::default() };
@@ -160,56 +263,106 @@ pub async fn run(seconds: u64, connections: usize, routes: usize) -> anyhow::Res
     let certs = Arc::new(CertStore::default());
     certs.replace(vec![wildcard(&zone, &dir)?]);
     let edge = start_edge(&store, certs.clone()).await?;
-    let nginx_addr =
-        SocketAddr::from(([127, 0, 0, 1], std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()));
+    let free = || -> anyhow::Result<SocketAddr> {
+        Ok(SocketAddr::from(([127, 0, 0, 1], std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())))
+    };
+    let (nginx_addr, haproxy_addr) = (free()?, free()?);
     std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, nginx_addr, backend))?;
+    std::fs::write(dir.join("haproxy.cfg"), haproxy_conf(&dir, haproxy_addr, backend))?;
     let mut nginx = Command::new("nginx")
-        .args([
-            "-p",
-            &dir.display().to_string(),
-            "-c",
-            &dir.join("nginx.conf").display().to_string(),
-            "-g",
-            "daemon off;",
-        ])
+        .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
+        .args(["-g", "daemon off;"])
         .stdout(Stdio::null())
         .spawn()
         .context("starting nginx (apt-get install nginx-light)")?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut haproxy = Command::new("haproxy")
+        .args(["-f", &dir.join("haproxy.cfg").display().to_string()])
+        .stdout(std::fs::File::create(dir.join("haproxy-access.log"))?)
+        .spawn()
+        .context("starting haproxy (apt-get install haproxy)")?;
+    listening(nginx_addr, "nginx").await?;
+    listening(haproxy_addr, "haproxy").await?;
+    let targets = [
+        Target { name: "edge", addr: edge.https_addr(), pids: vec![std::process::id()] },
+        Target { name: "nginx", addr: nginx_addr, pids: with_children(nginx.id()) },
+        Target { name: "haproxy", addr: haproxy_addr, pids: vec![haproxy.id()] },
+    ];
     let url = format!("https://{}/", svc.fqdn);
 
     println!(
-        "edge vs nginx {} on {} cores: {connections} connections, {seconds} s per run, hello backend",
+        "edge vs nginx {} and haproxy {} on {} cores: {connections} connections, {seconds} s per run, {runs} runs \
+         (order rotated), hello backend, access logs on",
         nginx_version(),
+        haproxy_version(),
         cores()
     );
-    println!("{:<28} {:>10} {:>9} {:>9} {:>7}", "run", "req/s", "p50 ms", "p99 ms", "failed");
-    let mut ratios = Vec::new();
+    println!(
+        "{:<30} {:>9} {:>8} {:>8} {:>10} {:>7}  negotiated",
+        "run", "req/s", "p50 ms", "p99 ms", "CPU us/req", "failed"
+    );
+    let protocols = [("HTTP/1.1 over TLS", false), ("HTTP/2 over TLS", true)];
+    // results[protocol][target]: one (req/s, p99 ms, CPU us/request) per run.
+    let mut results = vec![vec![Vec::new(); targets.len()]; protocols.len()];
+    for run in 0..runs {
+        for (p, (label, h2)) in protocols.iter().enumerate() {
+            let mut negotiated = Vec::new();
+            for k in 0..targets.len() {
+                let t = &targets[(run + k) % targets.len()];
+                let i = (run + k) % targets.len();
+                let cpu = cpu_seconds(&t.pids);
+                let r = h2load(t.addr, &url, *h2, connections, seconds, &dir.join(format!("{}.log", t.name)))?;
+                let cpu_us = (cpu_seconds(&t.pids) - cpu) * 1e6 / r.done.max(1) as f64;
+                println!(
+                    "{:<30} {:>9.0} {:>8.2} {:>8.2} {:>10.1} {:>7}  {}",
+                    format!("{}. {label}, {}", run + 1, t.name),
+                    r.rps,
+                    r.p50_ms,
+                    r.p99_ms,
+                    cpu_us,
+                    r.failed,
+                    r.tls
+                );
+                negotiated.push(r.tls.clone());
+                results[p][i].push((r.rps, r.p99_ms, cpu_us));
+            }
+            if negotiated.iter().any(|n| *n != negotiated[0]) {
+                bail!("the proxies negotiated different TLS parameters or protocols: {negotiated:?}");
+            }
+        }
+    }
+    println!("medians of {runs} runs (smallest-largest):");
     let mut small_h1_rps = 0.0;
-    for (label, h2) in [("HTTP/1.1 over TLS", false), ("HTTP/2 over TLS", true)] {
-        let ours = h2load(edge.https_addr(), &url, h2, connections, seconds, &dir.join("ours.log"))?;
-        let theirs = h2load(nginx_addr, &url, h2, connections, seconds, &dir.join("nginx.log"))?;
-        for (who, r) in [("edge", &ours), ("nginx", &theirs)] {
+    for (p, (label, _)) in protocols.iter().enumerate() {
+        let stat = |i: usize, f: fn(&(f64, f64, f64)) -> f64| spread(results[p][i].iter().map(f).collect());
+        for (i, t) in targets.iter().enumerate() {
+            let (rps, rps_lo, rps_hi) = stat(i, |r| r.0);
+            let (p99, p99_lo, p99_hi) = stat(i, |r| r.1);
+            let (cpu, cpu_lo, cpu_hi) = stat(i, |r| r.2);
             println!(
-                "{:<28} {:>10.0} {:>9.2} {:>9.2} {:>7}",
-                format!("{label}, {who}"),
-                r.rps,
-                r.p50_ms,
-                r.p99_ms,
-                r.failed
+                "  {label}, {}: {rps:.0} req/s ({rps_lo:.0}-{rps_hi:.0}), p99 {p99:.2} ms ({p99_lo:.2}-{p99_hi:.2}), \
+                 CPU {cpu:.1} us/req ({cpu_lo:.1}-{cpu_hi:.1})",
+                t.name
             );
         }
-        if !h2 {
-            small_h1_rps = ours.rps;
+        let (edge_rps, edge_p99, edge_cpu) = (stat(0, |r| r.0).0, stat(0, |r| r.1).0, stat(0, |r| r.2).0);
+        if p == 0 {
+            small_h1_rps = edge_rps;
         }
-        ratios.push((label, ours.rps / theirs.rps, ours.p99_ms / theirs.p99_ms.max(0.001)));
+        for (i, t) in targets.iter().enumerate().skip(1) {
+            println!(
+                "  ratio edge/{}, {label}: throughput {:.2}x, p99 latency {:.2}x, CPU per request {:.2}x",
+                t.name,
+                edge_rps / stat(i, |r| r.0).0,
+                edge_p99 / stat(i, |r| r.1).0.max(0.001),
+                edge_cpu / stat(i, |r| r.2).0.max(0.001),
+            );
+        }
     }
-    for (label, rps, p99) in &ratios {
-        println!("ratio edge/nginx, {label}: throughput {rps:.2}x, p99 latency {p99:.2}x");
+    // SIGTERM, not SIGKILL: a killed nginx master leaves its workers running.
+    for child in [&mut nginx, &mut haproxy] {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
     }
-    // SIGTERM, not SIGKILL: a killed master leaves its workers running.
-    let _ = Command::new("kill").args(["-TERM", &nginx.id().to_string()]).status();
-    let _ = nginx.wait();
 
     // The route table at scale: many services, then the same requests, memory per route, create-to-routable.
     let small = edge.table().len();
@@ -285,6 +438,15 @@ fn nginx_version() -> String {
         .arg("-v")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stderr).trim().trim_start_matches("nginx version: ").to_owned())
+        .unwrap_or_default()
+}
+
+fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(2).map(str::to_owned))
         .unwrap_or_default()
 }
 

@@ -36,22 +36,23 @@ async fn main() -> anyhow::Result<()> {
         return dns::run(names, seconds).await;
     }
     if args.first().map(String::as_str) == Some("edge") {
-        let (mut seconds, mut connections, mut routes) = (10u64, 64usize, 100_000usize);
+        let (mut seconds, mut connections, mut routes, mut runs) = (10u64, 64usize, 100_000usize, 3usize);
         let mut it = args[1..].iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
                 "--connections" => connections = it.next().context("--connections N")?.parse()?,
                 "--routes" => routes = it.next().context("--routes N")?.parse()?,
+                "--runs" => runs = it.next().context("--runs N")?.parse::<usize>()?.max(1),
                 other => bail!("unknown argument {other}"),
             }
         }
-        return edge::run(seconds, connections, routes).await;
+        return edge::run(seconds, connections, routes, runs).await;
     }
     if args.first().map(String::as_str) != Some("deploy") {
         bail!(
             "usage: cloud-bench deploy [--instances N] | cloud-bench dns [--names N] [--seconds S] | \
-             cloud-bench edge [--seconds S] [--connections N] [--routes N]"
+             cloud-bench edge [--seconds S] [--connections N] [--routes N] [--runs N]"
         );
     }
     let mut n = 50usize;
