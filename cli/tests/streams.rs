@@ -81,6 +81,18 @@ impl Peer {
     }
 }
 
+/// Creates the instance `web` of the built-in `hello` through the API.
+async fn create_web(api: &TestApi) {
+    let res = reqwest::Client::new()
+        .post(api.url("/v1/instances"))
+        .bearer_auth(&api.token)
+        .json(&serde_json::json!({"image": "hello", "name": "web"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+}
+
 fn line_json(seq: i64, text: &str) -> String {
     serde_json::json!({"seq": seq, "at": "2026-11-30T12:00:00Z", "stream": "stdout", "line": text}).to_string()
 }
@@ -204,14 +216,7 @@ async fn logs_follow_reconnects_with_last_event_id_after_a_dropped_connection() 
 #[tokio::test]
 async fn logs_follow_survives_an_api_restart_without_losing_or_repeating_lines() {
     let mut api = TestApi::start().await;
-    let res = reqwest::Client::new()
-        .post(api.url("/v1/instances"))
-        .bearer_auth(&api.token)
-        .json(&serde_json::json!({"image": "hello", "name": "web"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
+    create_web(&api).await;
     let id = api.store.instance_id(api.tenant.id, "web").await.unwrap();
     let store = api.store.clone();
     let append = |text: &str| {
@@ -245,14 +250,7 @@ async fn logs_follow_survives_an_api_restart_without_losing_or_repeating_lines()
 #[tokio::test]
 async fn watch_survives_an_api_restart() {
     let mut api = TestApi::start().await;
-    let create = reqwest::Client::new()
-        .post(api.url("/v1/instances"))
-        .bearer_auth(&api.token)
-        .json(&serde_json::json!({"image": "hello", "name": "web"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(create.status(), 201);
+    create_web(&api).await;
     let home = tempfile::tempdir().unwrap();
     let (child, mut lines) =
         cloudctl(&["instance", "list", "--watch", "-o", "name"], &api.base, &api.token, home.path());
