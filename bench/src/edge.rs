@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cloud_domain::api::QuotasPatch;
-use cloud_edge::{CertStore, EdgeConfig, ServedCert};
+use cloud_edge::{AccessLog, CertStore, EdgeConfig, LogTarget, ServedCert};
 use cloud_store::{ChangeFeed, NewService, Store};
 
 /// One load run's results.
@@ -206,11 +206,12 @@ fn log_as_cloudd_does(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_edge(store: &Store, certs: Arc<CertStore>) -> anyhow::Result<cloud_edge::EdgeHandle> {
+async fn start_edge(store: &Store, certs: Arc<CertStore>, dir: &Path) -> anyhow::Result<cloud_edge::EdgeHandle> {
     let config = EdgeConfig {
         https_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
         ports_ip: "127.0.0.1".parse()?,
+        access_log: AccessLog { target: LogTarget::File(dir.join("edge-access.log")), json: false },
         ..EdgeConfig::default()
     };
     let feed = ChangeFeed::start(store.clone()).await?;
@@ -220,7 +221,7 @@ async fn start_edge(store: &Store, certs: Arc<CertStore>) -> anyhow::Result<clou
 pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-edge-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    log_as_cloudd_does(&dir.join("edge-access.log"))?;
+    log_as_cloudd_does(&dir.join("edge.log"))?;
     let store = cloud_tests::fresh_store().await;
     let zone = store.settings().zone();
     let quotas = QuotasPatch { max_services: Some(u32::MAX / 2), ..QuotasPatch::default() };
@@ -262,7 +263,7 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
 
     let certs = Arc::new(CertStore::default());
     certs.replace(vec![wildcard(&zone, &dir)?]);
-    let edge = start_edge(&store, certs.clone()).await?;
+    let edge = start_edge(&store, certs.clone(), &dir).await?;
     let free = || -> anyhow::Result<SocketAddr> {
         Ok(SocketAddr::from(([127, 0, 0, 1], std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())))
     };
@@ -391,7 +392,7 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
     let built = t0.elapsed() - read;
     let per_route = (rss_kb().saturating_sub(before) * 1024) as f64 / table.len() as f64;
     drop(table);
-    let edge = start_edge(&store, certs).await?;
+    let edge = start_edge(&store, certs, &dir).await?;
     let big = edge.table().len();
     let scaled = h2load(edge.https_addr(), &url, false, connections, seconds, &dir.join("big.log"))?;
     println!(

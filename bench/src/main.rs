@@ -19,6 +19,10 @@ use serde_json::{Value, json};
 mod dns;
 mod edge;
 
+/// The allocator `cloudd` runs with, so the edge measured in this process allocates as in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -71,6 +71,13 @@ pub struct EdgeSection {
     pub ports_ip: Option<std::net::IpAddr>,
     /// Seconds open connections get to finish at shutdown. Default 5.
     pub grace_period_seconds: Option<u64>,
+    /// Threads serving connections, each with its own runtime, listening sockets and upstream pools. Default one
+    /// per core.
+    pub threads: Option<usize>,
+    /// Idle keep-alive connections to instances kept per thread and public port. Default 1024.
+    pub upstream_pool_size: Option<usize>,
+    /// Where the access log goes: `stderr` (default, beside the other logs), `off`, or a file path to append to.
+    pub access_log: Option<String>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd edge`. Default `127.0.0.1:9156`.
     pub ops_listen: Option<SocketAddr>,
 }
@@ -350,6 +357,18 @@ impl Config {
         if let Some(g) = e.grace_period_seconds {
             c.grace_period = std::time::Duration::from_secs(g);
         }
+        if let Some(n) = e.threads {
+            c.threads = n;
+        }
+        if let Some(n) = e.upstream_pool_size {
+            c.upstream_pool_size = n;
+        }
+        c.access_log.target = match e.access_log.as_deref() {
+            None | Some("stderr") => cloud_edge::LogTarget::Stderr,
+            Some("off") => cloud_edge::LogTarget::Off,
+            Some("") => bail!("edge.access_log is empty: say stderr, off or a file path"),
+            Some(path) => cloud_edge::LogTarget::File(path.into()),
+        };
         Ok(c)
     }
 

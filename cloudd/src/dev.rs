@@ -93,7 +93,8 @@ pub async fn start_dns(cfg: &Config, store: Store) -> anyhow::Result<cloud_dns::
 /// Starts the edge following the change feed, serving the platform wildcard from the platform CA (kept valid by
 /// a background task). Returns the CA too, for those who must trust it.
 pub async fn start_edge(cfg: &Config, store: Store) -> anyhow::Result<(cloud_edge::EdgeHandle, String)> {
-    let config = cfg.edge_config()?;
+    let mut config = cfg.edge_config()?;
+    config.access_log.json = std::env::var("CLOUD_LOG_FORMAT").is_ok_and(|v| v == "json");
     let key = config.secret_key.clone().context(
         "the edge needs the platform secret key (platform.secret_key_file): it seals the platform CA's key and \
          tenants' certificate keys",

@@ -13,6 +13,10 @@ use cloud_store::Store;
 
 use crate::config::Config;
 
+/// The edge allocates per request through pingora; see docs/edge.md for what this allocator saves there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cloudd", version, about = "The cloud platform daemon: one subcommand per role")]
 struct Cli {

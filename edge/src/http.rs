@@ -12,18 +12,20 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cloud_domain::ports::Handler;
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 use uuid::Uuid;
 
 use crate::Shared;
+use crate::access_log::Line;
 use crate::table::{InFlight, Pick, Service, normalize_host};
 
 /// Where ACME http-01 validators ask (RFC 8555 §8.3).
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
-/// The SNI a TLS client sent, attached to the connection at the handshake.
+/// The SNI a TLS client sent, lower case, attached to the connection at the handshake.
 #[derive(Debug, Clone)]
 pub struct Sni(pub String);
 
@@ -48,38 +50,46 @@ pub struct RequestCtx {
     host: String,
 }
 
-/// Builds a response with a short plain-text body.
-async fn respond(session: &mut Session, status: u16, body: &str, headers: &[(&'static str, String)]) -> Result<bool> {
+/// Builds a response of the edge's own with a short plain-text body and the request's id.
+async fn respond(
+    session: &mut Session,
+    request_id: &str,
+    status: u16,
+    body: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<bool> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-request-id", request_id)?;
     for (k, v) in headers {
-        resp.insert_header(*k, v.as_str())?;
+        resp.insert_header(*k, *v)?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true).await?;
     Ok(true)
 }
 
-/// The host a request names: the authority of an HTTP/2 request, else the Host header.
+/// The host a request names, normalized: the authority of an HTTP/2 request, else the Host header.
 fn request_host(session: &Session) -> Option<String> {
     let req = session.req_header();
     if let Some(a) = req.uri.authority() {
-        return Some(a.as_str().to_owned());
+        return Some(normalize_host(a.as_str()));
     }
-    session.get_header(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
+    session.get_header(http::header::HOST).and_then(|h| h.to_str().ok()).map(normalize_host)
 }
 
-fn sni(session: &Session) -> Option<String> {
+fn sni(session: &Session) -> Option<&str> {
     let digest = session.digest()?.ssl_digest.as_ref()?;
-    digest.extension.get::<Sni>().map(|s| s.0.to_ascii_lowercase())
+    digest.extension.get::<Sni>().map(|s| s.0.as_str())
 }
 
-/// A request id from the client is kept when it is short and printable; otherwise a fresh one.
+/// A request id from the client is kept when it is short and printable; otherwise a fresh one (a UUID v4 from
+/// the thread's generator, so no system call per request).
 fn request_id(session: &Session) -> String {
     match session.get_header("x-request-id").and_then(|h| h.to_str().ok()) {
         Some(id) if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) => id.to_owned(),
-        _ => Uuid::new_v4().simple().to_string(),
+        _ => uuid::Builder::from_random_bytes(rand::random()).into_uuid().simple().to_string(),
     }
 }
 
@@ -91,21 +101,28 @@ impl ProxyHttp for HttpRoute {
         RequestCtx { started: Some(Instant::now()), ..Default::default() }
     }
 
+    /// No downstream modules: the default adds a (disabled) compression module to every request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(session);
-        let rid = ("x-request-id", ctx.request_id.clone());
-        let Some(raw_host) = request_host(session) else {
-            return respond(session, 400, "the request names no host\n", &[rid]).await;
-        };
-        let host = normalize_host(&raw_host);
-        ctx.host = host.clone();
+        let host = request_host(session);
+        let named = host.is_some();
+        ctx.host = host.unwrap_or_default();
+        // The id and host stay borrowed from the context (the access log reads them there) while the rest of it
+        // is filled in.
+        let RequestCtx { request_id, host, service: routed, destination_port: to_port, in_flight, tried, .. } = ctx;
+        let (rid, host) = (request_id.as_str(), host.as_str());
+        if !named {
+            return respond(session, rid, 400, "the request names no host\n", &[]).await;
+        }
         // Over TLS the certificate was chosen for the SNI; a request for another host on the same connection
         // (HTTP/2 coalescing, or a forged Host) must open its own connection (RFC 9110 §15.5.20).
         if self.tls
             && let Some(sni) = sni(session)
             && sni != host
         {
-            return respond(session, 421, "this connection is for another host\n", &[rid]).await;
+            return respond(session, rid, 421, "this connection is for another host\n", &[]).await;
         }
         // ACME http-01 answers the certificate manager published for this host; anything else under that path
         // goes to the service like any request (a tenant may run its own ACME client).
@@ -115,68 +132,64 @@ impl ProxyHttp for HttpRoute {
             && token.len() <= 256
             && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            let name = host.split(':').next().unwrap_or(&host).to_owned();
-            match self.shared.store.acme_http_answer(&name, token).await {
-                Ok(Some(answer)) => {
-                    return respond(session, 200, &answer, &[rid]).await;
+            let (store, name, token) = (self.shared.store.clone(), host.to_owned(), token.to_owned());
+            match self.shared.on_control(async move { store.acme_http_answer(&name, &token).await }).await {
+                Some(Ok(Some(answer))) => {
+                    return respond(session, rid, 200, &answer, &[]).await;
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot read ACME http-01 answers"),
+                Some(Ok(None)) | None => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot read ACME http-01 answers")
+                }
             }
         }
         let table = self.shared.table.load();
-        let Some(service) = table.by_host(&host).cloned() else {
-            return respond(session, 404, &format!("no service at {host}\n"), &[rid]).await;
+        let Some(service) = table.by_normalized_host(host).cloned() else {
+            return respond(session, rid, 404, &format!("no service at {host}\n"), &[]).await;
         };
-        let Some(mapping) = service.port(self.port).cloned() else {
-            return respond(session, 404, &format!("{host} does not serve port {}\n", self.port), &[rid]).await;
+        drop(table);
+        let Some(mapping) = service.port(self.port) else {
+            return respond(session, rid, 404, &format!("{host} does not serve port {}\n", self.port), &[]).await;
         };
-        ctx.service = Some(service.clone());
-        if mapping.handlers.contains(&Handler::Redirect) {
-            let name = host.split(':').next().unwrap_or(&host);
-            let port =
-                if mapping.destination_port == 443 { String::new() } else { format!(":{}", mapping.destination_port) };
+        let (destination_port, http, redirect) = (
+            mapping.destination_port,
+            mapping.handlers.contains(&Handler::Http),
+            mapping.handlers.contains(&Handler::Redirect),
+        );
+        *routed = Some(service.clone());
+        if redirect {
+            let port = if destination_port == 443 { String::new() } else { format!(":{destination_port}") };
             let path = session.req_header().uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            let location = format!("https://{name}{port}{path}");
-            return respond(session, 308, &format!("moved to {location}\n"), &[("location", location.clone()), rid])
+            let location = format!("https://{host}{port}{path}");
+            let body = format!("moved to {location}\n");
+            return respond(session, rid, 308, &body, &[("location", &location)]).await;
+        }
+        if !http {
+            return respond(session, rid, 404, &format!("{host} does not serve HTTP on port {}\n", self.port), &[])
                 .await;
         }
-        if !mapping.handlers.contains(&Handler::Http) {
-            return respond(session, 404, &format!("{host} does not serve HTTP on port {}\n", self.port), &[rid]).await;
-        }
-        ctx.destination_port = mapping.destination_port;
+        *to_port = destination_port;
         crate::touch(&self.shared, &service);
-        match service.pick(&ctx.tried) {
-            Pick::Backend(g) => ctx.in_flight = Some(g),
+        match service.pick(tried) {
+            Pick::Backend(g) => *in_flight = Some(g),
             Pick::NoBackend if service.scale_to_zero_after.is_some() || service.starting > 0 => {
                 // Held until an instance runs: the first request after idleness or a deploy is slow, not lost.
                 let Some((woken, g)) = crate::wake(&self.shared, &service).await else {
                     self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
-                    return respond(
-                        session,
-                        503,
-                        "the service did not start in time\n",
-                        &[("retry-after", "1".into()), rid],
-                    )
-                    .await;
+                    return respond(session, rid, 503, "the service did not start in time\n", &[("retry-after", "1")])
+                        .await;
                 };
-                ctx.service = Some(woken);
-                ctx.in_flight = Some(g);
+                *routed = Some(woken);
+                *in_flight = Some(g);
             }
             Pick::NoBackend => {
                 self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "no_backend"]).inc();
-                return respond(
-                    session,
-                    503,
-                    "no instance of this service is running\n",
-                    &[("retry-after", "1".into()), rid],
-                )
-                .await;
+                return respond(session, rid, 503, "no instance of this service is running\n", &[("retry-after", "1")])
+                    .await;
             }
             Pick::Overloaded => {
                 self.shared.metrics.upstream_errors.with_label_values(&[&service.fqdn, "overloaded"]).inc();
-                return respond(session, 503, "every instance is at its limit\n", &[("retry-after", "1".into()), rid])
-                    .await;
+                return respond(session, rid, 503, "every instance is at its limit\n", &[("retry-after", "1")]).await;
             }
         }
         Ok(false)
@@ -237,11 +250,12 @@ impl ProxyHttp for HttpRoute {
         let proto = if self.tls { "https" } else { "http" };
         match session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
             Some(client) => {
-                let xff = appended(&upstream.headers, "x-forwarded-for", &client.to_string());
+                let client_ip = client.to_string();
+                let xff = appended(&upstream.headers, "x-forwarded-for", &client_ip);
                 upstream.insert_header("x-forwarded-for", xff)?;
                 let fwd = appended(&upstream.headers, "forwarded", &forwarded_element(client, proto, &ctx.host));
                 upstream.insert_header("forwarded", fwd)?;
-                upstream.insert_header("x-real-ip", client.to_string())?;
+                upstream.insert_header("x-real-ip", client_ip)?;
             }
             None => {
                 for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
@@ -267,45 +281,38 @@ impl ProxyHttp for HttpRoute {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let service = ctx.service.as_ref().map_or("-", |s| s.fqdn.as_str());
         let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        };
-        if ctx.service.is_some() {
-            self.shared.metrics.requests.with_label_values(&[service, class]).inc();
-            self.shared.metrics.latency.with_label_values(&[service]).observe(elapsed.as_secs_f64());
+        if let Some(s) = &ctx.service {
+            let m = s.metrics(&self.shared.metrics);
+            m.requests(status).inc();
+            m.latency.observe(elapsed.as_secs_f64());
             if e.is_some() && ctx.in_flight.is_some() {
-                self.shared.metrics.upstream_errors.with_label_values(&[service, "proxy"]).inc();
+                self.shared.metrics.upstream_errors.with_label_values(&[&s.fqdn, "proxy"]).inc();
             }
         }
         let req = session.req_header();
-        tracing::info!(
-            target: "cloud_edge::access",
-            request_id = %ctx.request_id,
-            client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
-            port = self.port,
-            host = %ctx.host,
-            method = %req.method,
-            path = %req.uri.path(),
+        self.shared.access_log.log(&Line {
+            request_id: &ctx.request_id,
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            port: self.port,
+            host: &ctx.host,
+            method: req.method.as_str(),
+            path: req.uri.path(),
             status,
-            service,
-            instance = %ctx.in_flight.as_ref().map_or("-", |g| g.backend().name.as_str()),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            error = %e.map(|e| e.to_string()).unwrap_or_default(),
-            "request"
-        );
+            service: ctx.service.as_ref().map_or("-", |s| s.fqdn.as_str()),
+            instance: ctx.in_flight.as_ref().map_or("-", |g| g.backend().name.as_str()),
+            duration: elapsed,
+            error: e.map(|e| e as &dyn std::fmt::Display),
+        });
     }
 }
 
 /// Every value of a list header (as many lines as the client sent) joined, with `ours` appended last. Values
 /// that are not visible ASCII are dropped: they are not addresses and an instance could not parse them.
 fn appended(headers: &http::HeaderMap, name: &str, ours: &str) -> String {
+    if !headers.contains_key(name) {
+        return ours.to_owned();
+    }
     let mut list: Vec<&str> =
         headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect();
     list.push(ours);
@@ -320,7 +327,10 @@ fn forwarded_element(client: std::net::IpAddr, proto: &str, host: &str) -> Strin
         std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
     // A wildcard service matches any first label the client sent, so the host is escaped as a quoted-string.
-    let host = host.replace('\\', "\\\\").replace('"', "\\\"");
+    if host.contains(['\\', '"']) {
+        let host = host.replace('\\', "\\\\").replace('"', "\\\"");
+        return format!("for={node};proto={proto};host=\"{host}\"");
+    }
     format!("for={node};proto={proto};host=\"{host}\"")
 }
 

@@ -12,29 +12,34 @@
 //! its host (or SNI, or dedicated TCP port) names, retries stay inside that service, and an unknown name gets an
 //! answer from the edge itself (404, or a refused handshake when no certificate covers it).
 
+mod access_log;
 mod certs;
+mod cores;
 mod http;
 mod metrics;
 pub mod proxy_protocol;
 mod server;
+mod stream;
 mod table;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use cloud_domain::ports::Handler;
 use cloud_store::{ChangeFeed, RouteChanges, Store, StoreError};
 use prometheus::{Encoder, Registry};
-use tokio::net::TcpListener;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::AccessWriter;
+pub use crate::access_log::{AccessLog, LogTarget};
 pub use crate::certs::{CertError, CertStore, ServedCert};
+use crate::cores::Cores;
 use crate::metrics::Metrics;
-use crate::server::{Connections, Kind, PortListeners};
+use crate::server::{Kind, PortListeners, bind_reuseport};
 pub use crate::table::{RouteTable, Service as RoutedService};
 
 /// How the edge listens and behaves.
@@ -67,6 +72,13 @@ pub struct EdgeConfig {
     /// Opens the keys of tenants' certificates stored in the database; without it only the certificates given
     /// through the [`CertStore`] are served.
     pub secret_key: Option<Arc<cloud_certs::seal::SecretKey>>,
+    /// Threads serving connections, each with its own runtime, listening sockets and upstream pools (0: one per
+    /// core).
+    pub threads: usize,
+    /// Idle keep-alive connections to instances kept per thread and public port.
+    pub upstream_pool_size: usize,
+    /// Where the access log goes and in which format.
+    pub access_log: AccessLog,
 }
 
 impl Default for EdgeConfig {
@@ -85,6 +97,9 @@ impl Default for EdgeConfig {
             retry_interval: Duration::from_secs(1),
             wake_timeout: Duration::from_secs(30),
             secret_key: None,
+            threads: 0,
+            upstream_pool_size: 1024,
+            access_log: AccessLog::default(),
         }
     }
 }
@@ -109,6 +124,20 @@ pub enum EdgeError {
         #[source]
         source: StoreError,
     },
+    /// The threads serving connections could not be started.
+    #[error("cannot start the edge's threads")]
+    Threads {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The access log file could not be opened.
+    #[error("cannot open the access log")]
+    AccessLog {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The metrics registry refused a metric (a programming error, reported rather than panicking).
     #[error("cannot register the edge's metrics")]
     Metrics {
@@ -124,11 +153,24 @@ pub(crate) struct Shared {
     /// Notified after every table swap (requests waiting for a woken service).
     pub(crate) swapped: tokio::sync::Notify,
     pub(crate) store: Store,
-    /// When each scale-to-zero service's last request was written to the database.
-    touched: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Instant>>,
     pub(crate) certs: Arc<CertStore>,
     pub(crate) metrics: Metrics,
+    pub(crate) access_log: AccessWriter,
     pub(crate) config: EdgeConfig,
+    /// Open downstream connections on every core, for the graceful shutdown.
+    pub(crate) open: AtomicUsize,
+    /// The runtime that started the edge, where database work runs (see [`cores`]).
+    control: tokio::runtime::Handle,
+}
+
+impl Shared {
+    /// Runs database work on the runtime that started the edge and waits for it; `None` if that runtime is gone.
+    pub(crate) async fn on_control<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        self.control.spawn(work).await.ok()
+    }
 }
 
 /// A running edge.
@@ -137,8 +179,8 @@ pub struct EdgeHandle {
     registry: Registry,
     https_addr: SocketAddr,
     http_addr: SocketAddr,
-    conns: Arc<Connections>,
-    ports: Arc<Mutex<PortListeners>>,
+    cores: Arc<Cores>,
+    ports: Arc<std::sync::Mutex<PortListeners>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -180,7 +222,7 @@ impl EdgeHandle {
         let mut ports: Vec<_> = self
             .ports
             .lock()
-            .await
+            .expect("ports lock")
             .open_ports()
             .into_iter()
             .map(|(p, k)| (p, if k == Kind::Tcp { "tcp" } else { "tls" }))
@@ -200,14 +242,15 @@ impl EdgeHandle {
     /// Stops accepting, lets open connections finish within the grace period, then stops.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        self.ports.lock().await.close_all();
+        self.cores.drain();
         let deadline = Instant::now() + self.shared.config.grace_period;
-        while self.conns.open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        while self.shared.open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for t in self.tasks {
+        for t in &self.tasks {
             t.abort();
         }
+        self.cores.exit().await;
     }
 }
 
@@ -220,6 +263,8 @@ pub async fn start(
 ) -> Result<EdgeHandle, EdgeError> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).map_err(|source| EdgeError::Metrics { source })?;
+    let access_log = AccessWriter::start(&config.access_log, metrics.access_log_dropped.clone())
+        .map_err(|source| EdgeError::AccessLog { source })?;
     let data = store.route_data().await.map_err(|source| EdgeError::InitialLoad { source })?;
     let table = RouteTable::load(data, None);
     metrics.table_version.set(table.version);
@@ -228,19 +273,23 @@ pub async fn start(
         table: ArcSwap::from_pointee(table),
         swapped: tokio::sync::Notify::new(),
         store: store.clone(),
-        touched: Default::default(),
         certs,
         metrics,
+        access_log,
         config: config.clone(),
+        open: AtomicUsize::new(0),
+        control: tokio::runtime::Handle::current(),
     });
 
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let https = bind(config.https_listen).await?;
-    let http = bind(config.http_listen).await?;
-    let https_addr = https.local_addr().map_err(|source| EdgeError::Bind { addr: config.https_listen, source })?;
-    let http_addr = http.local_addr().map_err(|source| EdgeError::Bind { addr: config.http_listen, source })?;
+    let bind = |addr: SocketAddr| bind_reuseport(addr, threads).map_err(|source| EdgeError::Bind { addr, source });
+    let https = bind(config.https_listen)?;
+    let http = bind(config.http_listen)?;
+    let https_addr = https[0].local_addr().map_err(|source| EdgeError::Bind { addr: config.https_listen, source })?;
+    let http_addr = http[0].local_addr().map_err(|source| EdgeError::Bind { addr: config.http_listen, source })?;
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -258,18 +307,19 @@ pub async fn start(
         );
         tasks.push(tokio::spawn(follow_certs));
     }
-    let conns = Arc::new(Connections::new(shared.clone(), stopped.clone()));
-    let ports = Arc::new(Mutex::new(PortListeners::new(conns.clone(), config.ports_ip, vec![https_addr, http_addr])));
-    ports.lock().await.reconcile().await;
+    let cores = Arc::new(Cores::start(&shared, threads).map_err(|source| EdgeError::Threads { source })?);
+    cores.listen(443, Kind::Tls, https);
+    cores.listen(80, Kind::Http, http);
+    let ports = PortListeners::new(shared.clone(), cores.clone(), config.ports_ip, vec![https_addr, http_addr]);
+    let ports = Arc::new(std::sync::Mutex::new(ports));
+    ports.lock().expect("ports lock").reconcile();
     tasks.extend([
-        tokio::spawn(conns.clone().accept_loop(https, 443, Kind::Tls)),
-        tokio::spawn(conns.clone().accept_loop(http, 80, Kind::Http)),
         tokio::spawn(follow(store, feed, shared.clone(), ports.clone(), stopped.clone())),
         tokio::spawn(check_health(shared.clone(), stopped.clone())),
         tokio::spawn(stop_idle(shared.clone(), stopped)),
     ]);
-    tracing::info!(https = %https_addr, http = %http_addr, services = shared.table.load().len(), "edge serving");
-    Ok(EdgeHandle { shared, registry, https_addr, http_addr, conns, ports, stop, tasks })
+    tracing::info!(https = %https_addr, http = %http_addr, threads, services = shared.table.load().len(), "edge serving");
+    Ok(EdgeHandle { shared, registry, https_addr, http_addr, cores, ports, stop, tasks })
 }
 
 /// Resolves once shutdown is signalled (or the signal is gone).
@@ -284,7 +334,7 @@ async fn follow(
     store: Store,
     feed: ChangeFeed,
     shared: Arc<Shared>,
-    ports: Arc<Mutex<PortListeners>>,
+    ports: Arc<std::sync::Mutex<PortListeners>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut moved = feed.subscribe();
@@ -321,7 +371,7 @@ async fn follow(
                 shared.table.store(Arc::new(table));
                 shared.swapped.notify_waiters();
                 if changed {
-                    ports.lock().await.reconcile().await;
+                    ports.lock().expect("ports lock").reconcile();
                 }
             }
             Err(e) => {
@@ -338,18 +388,11 @@ async fn follow(
 /// A request arrived for a service: for one that scales to zero, restart its idle clock in the database, at
 /// most once a second per service and edge.
 pub(crate) fn touch(shared: &Arc<Shared>, service: &table::Service) {
-    if service.scale_to_zero_after.is_none() {
+    if service.scale_to_zero_after.is_none() || !service.touch_due() {
         return;
     }
-    {
-        let mut touched = shared.touched.lock().expect("touched lock");
-        match touched.get(&service.id) {
-            Some(at) if at.elapsed() < Duration::from_secs(1) => return,
-            _ => touched.insert(service.id, Instant::now()),
-        };
-    }
     let (store, id) = (shared.store.clone(), service.id);
-    tokio::spawn(async move {
+    shared.control.spawn(async move {
         if let Err(e) = store.touch_service(id).await {
             tracing::debug!(service = %id, error = %e, "cannot record the last request");
         }
@@ -365,7 +408,8 @@ pub(crate) async fn wake(
 ) -> Option<(Arc<table::Service>, table::InFlight)> {
     let started = Instant::now();
     if service.scale_to_zero_after.is_some() {
-        match shared.store.wake_service(service.id).await {
+        let (store, id) = (shared.store.clone(), service.id);
+        match shared.on_control(async move { store.wake_service(id).await }).await? {
             Ok(n) => tracing::info!(service = %service.fqdn, instances = n, "waking a service scaled to zero"),
             Err(e) => {
                 let error = cloud_domain::error_chain(&e);

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use cloud_domain::ports::{Handler, PortMapping};
@@ -14,18 +14,19 @@ use pingora::listeners::TlsAccept;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::TlsRef;
-use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, Stream};
+use pingora::protocols::{ALPN, GetSocketDigest, SocketDigest, Ssl, Stream};
 use pingora::proxy::{HttpProxy, http_proxy};
 use pingora::server::configuration::ServerConf;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::Shared;
 use crate::certs::Resolver;
+use crate::cores::Cores;
 use crate::http::{HttpRoute, Sni};
 use crate::proxy_protocol::header_v2;
+use crate::stream::Coalesced;
 use crate::table::{Pick, Service};
 
 /// What a listener does with its connections.
@@ -49,11 +50,17 @@ impl Kind {
     }
 }
 
-/// pingora's stream over an accepted socket, with the socket digest its HTTP layer reads the client address from.
-fn l4(tcp: TcpStream) -> L4Stream {
+/// pingora's stream over an accepted socket, with the socket digest its HTTP layer reads the client address
+/// from, filled from what `accept` returned (so it never asks the kernel again).
+fn l4(tcp: TcpStream, client: SocketAddr, local: Option<SocketAddr>) -> L4Stream {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let mut stream = L4Stream::from(tcp);
-    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    let digest = SocketDigest::from_raw_fd(fd);
+    let _ = digest.peer_addr.set(Some(client.into()));
+    if let Some(local) = local {
+        let _ = digest.local_addr.set(Some(local.into()));
+    }
+    stream.set_socket_digest(digest);
     stream
 }
 
@@ -63,29 +70,26 @@ struct SniCapture;
 #[async_trait]
 impl TlsAccept for SniCapture {
     async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        tls.server_name().map(|n| Arc::new(Sni(n.to_owned())) as Arc<dyn std::any::Any + Send + Sync>)
+        tls.server_name().map(|n| Arc::new(Sni(n.to_ascii_lowercase())) as Arc<dyn std::any::Any + Send + Sync>)
     }
 }
 
-/// Everything connections need, shared by every listener.
+/// What one core needs to serve its connections. Each core has its own: the TLS acceptor, the HTTP engines (and
+/// with them the upstream keep-alive pools) and the shutdown signal, so nothing here is shared between cores.
 pub(crate) struct Connections {
     shared: Arc<Shared>,
     acceptor: Acceptor,
     conf: Arc<ServerConf>,
-    /// One HTTP engine per public port (the port is part of routing).
-    proxies: Mutex<HashMap<(u16, bool), Arc<HttpProxy<HttpRoute>>>>,
     shutdown: watch::Receiver<bool>,
-    /// Open downstream connections, for the graceful shutdown.
-    pub(crate) open: AtomicUsize,
 }
 
 /// Counts a connection while it lives.
-struct OpenGuard<'a>(&'a Connections, Kind);
+struct OpenGuard<'a>(&'a Shared, Kind);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.shared.metrics.connections.with_label_values(&[self.1.label()]).dec();
+        self.0.metrics.connections(self.1.label()).dec();
     }
 }
 
@@ -94,66 +98,72 @@ impl Connections {
         let mut tls = TlsSettings::with_callbacks(Box::new(SniCapture)).expect("settings without files");
         tls.set_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
         tls.enable_h2();
-        Self {
-            shared,
-            acceptor: tls.build(),
-            conf: Arc::new(ServerConf::default()),
-            proxies: Mutex::new(HashMap::new()),
-            shutdown,
-            open: AtomicUsize::new(0),
-        }
+        // One core's pool: `threads` multiplies the size, and this engine runs on one thread.
+        let conf = ServerConf {
+            threads: 1,
+            upstream_keepalive_pool_size: shared.config.upstream_pool_size,
+            ..ServerConf::default()
+        };
+        Self { shared, acceptor: tls.build(), conf: Arc::new(conf), shutdown }
     }
 
+    /// The HTTP engine of a public port on this core (the port is part of routing).
     fn proxy(&self, port: u16, tls: bool) -> Arc<HttpProxy<HttpRoute>> {
-        let mut proxies = self.proxies.lock().expect("proxies lock");
-        proxies
-            .entry((port, tls))
-            .or_insert_with(|| Arc::new(http_proxy(&self.conf, HttpRoute { shared: self.shared.clone(), port, tls })))
-            .clone()
+        let route = HttpRoute { shared: self.shared.clone(), port, tls };
+        Arc::new(http_proxy(&self.conf, route))
     }
 
-    /// Accepts on `listener` until shutdown; `port` is the public port it stands for.
+    /// Accepts on `listener` until the task is aborted; `port` is the public port it stands for. Connections stay
+    /// on this core's runtime from accept to close.
     pub(crate) async fn accept_loop(self: Arc<Self>, listener: TcpListener, port: u16, kind: Kind) {
-        let mut stop = self.shutdown.clone();
+        let proxy = match kind {
+            Kind::Http => Some(self.proxy(port, false)),
+            Kind::Tls => Some(self.proxy(port, true)),
+            Kind::Tcp => None,
+        };
         loop {
-            let (tcp, client) = tokio::select! {
-                _ = crate::stopped(&mut stop) => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(port, error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let (tcp, client) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(port, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
-            let this = self.clone();
+            let (this, proxy) = (self.clone(), proxy.clone());
             tokio::spawn(async move {
-                this.open.fetch_add(1, Ordering::Relaxed);
-                this.shared.metrics.connections.with_label_values(&[kind.label()]).inc();
-                let _open = OpenGuard(&this, kind);
+                this.shared.open.fetch_add(1, Ordering::Relaxed);
+                this.shared.metrics.connections(kind.label()).inc();
+                let _open = OpenGuard(&this.shared, kind);
                 let local = tcp.local_addr().ok();
-                match kind {
-                    Kind::Http => this.serve_http(port, false, Box::new(l4(tcp))).await,
-                    Kind::Tls => this.serve_tls(port, tcp, client, local).await,
-                    Kind::Tcp => this.serve_tcp(port, tcp, client, local).await,
+                let stream = l4(tcp, client, local);
+                match (kind, proxy) {
+                    (Kind::Tcp, _) | (_, None) => this.serve_tcp(port, stream, client, local).await,
+                    (Kind::Http, Some(proxy)) => this.serve_http(&proxy, Box::new(Coalesced::new(stream))).await,
+                    (Kind::Tls, Some(proxy)) => this.serve_tls(&proxy, port, stream, client, local).await,
                 }
             });
         }
     }
 
-    async fn serve_http(&self, port: u16, tls: bool, stream: Stream) {
-        let proxy = self.proxy(port, tls);
+    async fn serve_http(&self, proxy: &Arc<HttpProxy<HttpRoute>>, stream: Stream) {
         let mut next = proxy.process_new(stream, &self.shutdown).await;
         while let Some(stream) = next {
             next = proxy.process_new(stream, &self.shutdown).await;
         }
     }
 
-    async fn serve_tls(&self, port: u16, tcp: TcpStream, client: SocketAddr, local: Option<SocketAddr>) {
-        let handshake = self.acceptor.tls_handshake(l4(tcp));
+    async fn serve_tls(
+        &self,
+        proxy: &Arc<HttpProxy<HttpRoute>>,
+        port: u16,
+        stream: L4Stream,
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+    ) {
+        let handshake = self.acceptor.tls_handshake(stream);
         let tls = match tokio::time::timeout(self.shared.config.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             // Unknown SNI, garbage, a slow client: this connection ends, nothing else notices.
@@ -175,18 +185,20 @@ impl Connections {
         });
         match (raw, local) {
             (Some((service, mapping)), Some(local)) => self.forward(tls, client, local, service, &mapping).await,
+            // HTTP/2 frames are already written one flush at a time by the h2 codec.
+            _ if tls.selected_alpn_proto() == Some(ALPN::H2) => self.serve_http(proxy, Box::new(tls)).await,
             // HTTP, or no service on this port for the name: the HTTP layer answers (404, 421) properly.
-            _ => self.serve_http(port, true, Box::new(tls)).await,
+            _ => self.serve_http(proxy, Box::new(Coalesced::new(tls))).await,
         }
     }
 
-    async fn serve_tcp(&self, port: u16, tcp: TcpStream, client: SocketAddr, local: Option<SocketAddr>) {
+    async fn serve_tcp(&self, port: u16, stream: L4Stream, client: SocketAddr, local: Option<SocketAddr>) {
         let route = {
             let table = self.shared.table.load();
             table.by_tcp_port(port).and_then(|s| Some((s.clone(), s.port(port)?.clone())))
         };
         if let (Some((service, mapping)), Some(local)) = (route, local) {
-            self.forward(tcp, client, local, service, &mapping).await;
+            self.forward(stream, client, local, service, &mapping).await;
         }
     }
 
@@ -254,33 +266,56 @@ impl Connections {
     }
 }
 
-/// The listeners of service-declared ports, opened and closed as the route table changes.
+/// Binds `count` listening sockets on one address with `SO_REUSEPORT`, so each core accepts on its own and the
+/// kernel spreads connections between them. The first binds the address as given (port 0 picks one), the rest
+/// bind the port it got.
+pub(crate) fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut bound = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        at = listener.local_addr()?;
+        bound.push(listener);
+    }
+    Ok(bound)
+}
+
+/// The listeners of service-declared ports, opened and closed on every core as the route table changes.
 pub(crate) struct PortListeners {
-    conns: Arc<Connections>,
+    shared: Arc<Shared>,
+    cores: Arc<Cores>,
     ip: IpAddr,
     /// Ports the fixed listeners hold (never opened again here).
     fixed: Vec<SocketAddr>,
-    running: HashMap<u16, (Kind, JoinHandle<()>)>,
+    running: HashMap<u16, Kind>,
 }
 
 impl PortListeners {
-    pub(crate) fn new(conns: Arc<Connections>, ip: IpAddr, fixed: Vec<SocketAddr>) -> Self {
-        Self { conns, ip, fixed, running: HashMap::new() }
+    pub(crate) fn new(shared: Arc<Shared>, cores: Arc<Cores>, ip: IpAddr, fixed: Vec<SocketAddr>) -> Self {
+        Self { shared, cores, ip, fixed, running: HashMap::new() }
     }
 
     /// Opens what the table declares and closes what it no longer does. Open connections on a closed port go on.
-    pub(crate) async fn reconcile(&mut self) {
-        let (tcp, tls) = self.conns.shared.table.load().extra_ports(443);
+    pub(crate) fn reconcile(&mut self) {
+        let (tcp, tls) = self.shared.table.load().extra_ports(443);
         let mut want: HashMap<u16, Kind> = tls.into_iter().map(|p| (p, Kind::Tls)).collect();
         // A dedicated raw port wins over SNI routing on the same number.
         want.extend(tcp.into_iter().map(|p| (p, Kind::Tcp)));
         want.retain(|p, _| {
             !self.fixed.iter().any(|f| f.port() == *p && (f.ip() == self.ip || f.ip().is_unspecified()))
         });
-        self.running.retain(|port, (kind, task)| {
+        let cores = &self.cores;
+        self.running.retain(|port, kind| {
             let keep = want.get(port) == Some(kind);
             if !keep {
-                task.abort();
+                cores.close(*port);
                 tracing::info!(port, kind = kind.label(), "closed a service port");
             }
             keep
@@ -290,11 +325,11 @@ impl PortListeners {
                 continue;
             }
             let addr = SocketAddr::new(self.ip, port);
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
+            match bind_reuseport(addr, self.cores.len()) {
+                Ok(listeners) => {
                     tracing::info!(%addr, kind = kind.label(), "opened a service port");
-                    let task = tokio::spawn(self.conns.clone().accept_loop(listener, port, kind));
-                    self.running.insert(port, (kind, task));
+                    self.cores.listen(port, kind, listeners);
+                    self.running.insert(port, kind);
                 }
                 // Retried at the next change or resync.
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot open a service port"),
@@ -304,12 +339,6 @@ impl PortListeners {
 
     /// Ports open now, by kind.
     pub(crate) fn open_ports(&self) -> Vec<(u16, Kind)> {
-        self.running.iter().map(|(p, (k, _))| (*p, *k)).collect()
-    }
-
-    pub(crate) fn close_all(&mut self) {
-        for (_, (_, task)) in self.running.drain() {
-            task.abort();
-        }
+        self.running.iter().map(|(p, k)| (*p, *k)).collect()
     }
 }

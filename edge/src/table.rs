@@ -7,13 +7,15 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cloud_domain::ports::{Handler, PortMapping};
 use cloud_store::{RouteData, ServiceRoute};
 use uuid::Uuid;
+
+use crate::metrics::{Metrics, ServiceMetrics};
 
 /// A routable service.
 #[derive(Debug)]
@@ -40,12 +42,30 @@ pub struct Service {
     pub backends: Vec<Arc<Backend>>,
     /// Instances on their way to running: a request finding no backend waits for them rather than failing.
     pub starting: u32,
+    /// When a request last restarted the idle clock in the database (on the health marks' clock; 0: never).
+    pub(crate) last_touch_ms: AtomicU64,
+    /// Its metric handles, resolved at its first request and carried into later tables.
+    pub(crate) metric_handles: OnceLock<Arc<ServiceMetrics>>,
 }
 
 impl Service {
     /// The mapping for a public port.
     pub fn port(&self, port: u16) -> Option<&PortMapping> {
         self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Its per-service metric handles (looked up by label once, not per request).
+    pub(crate) fn metrics(&self, all: &Metrics) -> &ServiceMetrics {
+        self.metric_handles.get_or_init(|| Arc::new(ServiceMetrics::new(all, &self.fqdn)))
+    }
+
+    /// Whether the idle clock is due for a restart: at most once a second per service and edge, whichever core
+    /// the request came to.
+    pub(crate) fn touch_due(&self) -> bool {
+        let now = now_ms();
+        let last = self.last_touch_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1000)
+            && self.last_touch_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -224,8 +244,12 @@ impl RouteTable {
     /// The service a host name routes to: exact, then a wildcard domain one label up. The host may carry a
     /// port and a trailing dot and any case.
     pub fn by_host(&self, host: &str) -> Option<&Arc<Service>> {
-        let host = normalize_host(host);
-        if let Some(s) = self.hosts.get(host.as_str()) {
+        self.by_normalized_host(&normalize_host(host))
+    }
+
+    /// [`Self::by_host`] for a host already lower case, without a port or a trailing dot.
+    pub(crate) fn by_normalized_host(&self, host: &str) -> Option<&Arc<Service>> {
+        if let Some(s) = self.hosts.get(host) {
             return Some(s);
         }
         let (_, parent) = host.split_once('.')?;
@@ -311,6 +335,8 @@ fn build(s: ServiceRoute, old: Option<&Arc<Service>>) -> Arc<Service> {
         scale_to_zero_after: s.scale_to_zero_after,
         backends,
         starting: s.starting,
+        last_touch_ms: AtomicU64::new(old.map_or(0, |o| o.last_touch_ms.load(Ordering::Relaxed))),
+        metric_handles: old.and_then(|o| o.metric_handles.get().cloned()).map(OnceLock::from).unwrap_or_default(),
     })
 }
 

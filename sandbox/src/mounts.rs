@@ -38,16 +38,17 @@ pub(crate) fn user_namespace(base: u32, size: u32) -> io::Result<OwnedFd> {
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         unsafe {
-            // Our copy of the write end would keep the read below from ever seeing the end of the pipe.
             libc::close(done[1]);
             let ok: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
             libc::write(ready[1], (&ok as *const u8).cast(), 1);
+            // Waits for the parent's byte, not for the end of the pipe: a child forked at the same time by
+            // another thread holds a copy of our write end until it exits, and may itself be waiting for us.
             let mut b = 0u8;
             libc::read(done[0], (&mut b as *mut u8).cast(), 1);
             libc::_exit(0);
         }
     }
-    // SAFETY: closing the ends the child uses; reading one byte into a local.
+    // SAFETY: closing the ends the child uses; reading and writing one byte from and to locals.
     let result = (|| {
         if pid < 0 {
             return Err(io::Error::last_os_error());
@@ -66,6 +67,8 @@ pub(crate) fn user_namespace(base: u32, size: u32) -> io::Result<OwnedFd> {
     unsafe {
         libc::close(ready[0]);
         libc::close(ready[1]);
+        let go = 1u8;
+        libc::write(done[1], (&go as *const u8).cast(), 1);
         libc::close(done[1]);
         libc::close(done[0]);
         if pid > 0 {
