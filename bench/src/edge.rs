@@ -83,13 +83,6 @@ fn h2load(
     Ok(Run { rps, p50_ms: pct(0.5), p99_ms: pct(0.99), failed, done, tls })
 }
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// CPU time (user + system) spent so far by these processes, in seconds.
 fn cpu_seconds(pids: &[u32]) -> f64 {
     // The kernel counts in clock ticks of 1/100 s on Linux (USER_HZ).
@@ -384,13 +377,13 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
     .bind(tenant.id)
     .execute(store.pool())
     .await?;
-    let before = rss_kb();
+    crate::heap::start();
     let t0 = Instant::now();
     let data = store.route_data().await?;
     let read = t0.elapsed();
     let table = cloud_edge::RouteTable::load(data, None);
     let built = t0.elapsed() - read;
-    let per_route = (rss_kb().saturating_sub(before) * 1024) as f64 / table.len() as f64;
+    let per_route = crate::heap::stop() as f64 / table.len() as f64;
     drop(table);
     let edge = start_edge(&store, certs, &dir).await?;
     let big = edge.table().len();
@@ -403,7 +396,7 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
         scaled.rps / small_h1_rps.max(1.0),
     );
     println!(
-        "route table load: {:.0} ms reading, {:.0} ms building; ~{per_route:.0} bytes per route (RSS)",
+        "route table load: {:.0} ms reading, {:.0} ms building; ~{per_route:.0} bytes per route (heap)",
         read.as_secs_f64() * 1000.0,
         built.as_secs_f64() * 1000.0
     );
