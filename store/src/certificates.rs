@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use cloud_domain::api::{Certificate, EventAction};
 use uuid::Uuid;
 
-use crate::page::{self, Cursor};
+use crate::page::{self, Cursor, Table, Visible};
 use crate::{Store, StoreError, record_event};
 
 /// A checked certificate to store.
@@ -52,6 +52,7 @@ type Row = (
 
 const SELECT: &str = "SELECT id, domain, names, source, state, state_reason, not_before, not_after, created_at
                       FROM certificates";
+const CERTIFICATES: Table = Table { select: SELECT, alias: "" };
 
 fn view((id, domain, names, source, state, state_reason, not_before, not_after, created_at): Row) -> Certificate {
     Certificate { id, domain, names, source, state, state_reason, not_before, not_after, created_at }
@@ -128,19 +129,10 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Certificate>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
-            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-             ORDER BY created_at, id LIMIT $4"
-            )))
-            .bind(tenant)
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
-            .await?;
-            let rows = rows.into_iter().map(view).collect();
-            Ok(page::finish(rows, limit, |c: &Certificate| Cursor { created_at: c.created_at, id: c.id }))
+            let key = |r: &Row| Cursor { created_at: r.8, id: r.0 };
+            let (rows, next) =
+                page::list(&self.pool, CERTIFICATES, Visible::Tenant(tenant), cursor, limit, key).await?;
+            Ok((rows.into_iter().map(view).collect(), next))
         })
         .await
     }

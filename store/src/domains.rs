@@ -8,9 +8,11 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
+use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use crate::{Store, StoreError, as_uuid, record_event, violated_constraint};
+use crate::page;
+use crate::{Store, StoreError, record_event, violated_constraint};
 use cloud_domain::api::EventAction;
 
 /// A custom domain claim, with what proves its ownership.
@@ -158,16 +160,14 @@ impl Store {
     pub async fn service_domain(&self, tenant: Uuid, service: &str, domain: &str) -> Result<PendingDomain, StoreError> {
         self.bounded(async {
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let mut q = QueryBuilder::new(format!(
                 "SELECT {COLUMNS} FROM domains d JOIN services s ON s.id = d.service_id AND s.tenant_id = d.tenant_id
-             WHERE d.tenant_id = $1 AND (s.name = $2 OR s.id = $3) AND d.name = $4 AND d.custom"
-            )))
-            .bind(tenant)
-            .bind(service)
-            .bind(as_uuid(service))
-            .bind(&domain)
-            .fetch_optional(&self.pool)
-            .await?;
+             WHERE d.tenant_id = "
+            ));
+            q.push_bind(tenant).push(" AND ");
+            page::push_name_or_id(&mut q, "s.", service);
+            q.push(" AND d.name = ").push_bind(&domain).push(" AND d.custom");
+            let row: Option<Row> = q.build_query_as().fetch_optional(&self.pool).await?;
             row.map(pending)
                 .ok_or_else(|| StoreError::NotFound { kind: "domain", key: format!("{domain} (of service {service})") })
         })

@@ -7,8 +7,8 @@ use futures_util::TryFutureExt;
 use uuid::Uuid;
 
 use crate::bundle::digest;
-use crate::page::{self, Cursor};
-use crate::{Store, StoreError, as_uuid, record_event};
+use crate::page::{self, Cursor, RowLock, Table, Visible};
+use crate::{Store, StoreError, record_event};
 
 #[derive(sqlx::FromRow)]
 struct ImageRow {
@@ -44,6 +44,7 @@ impl From<ImageRow> for Image {
 const IMAGE_COLUMNS: &str = "id, name, digest, size_bytes, command, port, builtin, format, source, created_at";
 const SELECT_IMAGE: &str =
     "SELECT id, name, digest, size_bytes, command, port, builtin, format, source, created_at FROM images";
+const IMAGES: Table = Table { select: SELECT_IMAGE, alias: "" };
 
 /// The port an OCI image runs on when it exposes none, as Fly.io's default internal port.
 pub const DEFAULT_IMAGE_PORT: u16 = 8080;
@@ -212,15 +213,8 @@ impl Store {
     /// An image visible to the tenant (its own first, then built-in) by name or id.
     pub async fn image(&self, tenant: Uuid, key: &str) -> Result<Image, StoreError> {
         self.bounded(async {
-            let row: Option<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
-             ORDER BY tenant_id NULLS LAST LIMIT 1"
-            )))
-            .bind(tenant)
-            .bind(key)
-            .bind(as_uuid(key))
-            .fetch_optional(&self.pool)
-            .await?;
+            let visible = Visible::TenantOrBuiltin(tenant);
+            let row: Option<ImageRow> = page::find(&self.pool, IMAGES, visible, key, RowLock::None).await?;
             row.map(Image::from).ok_or_else(|| StoreError::NotFound { kind: "image", key: key.to_owned() })
         })
         .await
@@ -259,20 +253,10 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Image>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
-            let rows: Vec<ImageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_IMAGE} WHERE (tenant_id = $1 OR tenant_id IS NULL)
-               AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-             ORDER BY created_at, id LIMIT $4"
-            )))
-            .bind(tenant)
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
-            .await?;
-            let rows = rows.into_iter().map(Image::from).collect();
-            Ok(page::finish(rows, limit, |i: &Image| Cursor { created_at: i.created_at, id: i.id }))
+            let visible = Visible::TenantOrBuiltin(tenant);
+            let key = |r: &ImageRow| Cursor { created_at: r.created_at, id: r.id };
+            let (rows, next) = page::list(&self.pool, IMAGES, visible, cursor, limit, key).await?;
+            Ok((rows.into_iter().map(Image::from).collect(), next))
         })
         .await
     }

@@ -10,9 +10,8 @@ use cloud_domain::state::{self, DesiredState, InstanceState, RestartPolicy};
 use cloud_domain::{generate, ipam};
 use uuid::Uuid;
 
-use crate::page::{self, Cursor};
-use crate::services::RowLock;
-use crate::{NewService, Store, StoreError, as_uuid, record_event, violated_constraint};
+use crate::page::{self, Cursor, RowLock, Table, Visible};
+use crate::{NewService, Store, StoreError, record_event, violated_constraint};
 
 /// Validated instances to create.
 #[derive(Debug, Clone)]
@@ -79,6 +78,7 @@ const SELECT_INSTANCE: &str = "SELECT i.id, i.name, m.name AS image_name, i.imag
     JOIN tenants t ON t.id = i.tenant_id
     LEFT JOIN services s ON s.id = i.service_id
     LEFT JOIN nodes n ON n.id = i.node_id";
+const INSTANCES: Table = Table { select: SELECT_INSTANCE, alias: "i." };
 
 impl From<InstanceRow> for Instance {
     fn from(r: InstanceRow) -> Self {
@@ -135,16 +135,10 @@ impl Store {
             let mut tx = self.pool.begin().await?;
             let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
 
-            let image: Option<(Uuid, String, String, i32)> = sqlx::query_as(
-                "SELECT id, name, digest, port FROM images
-                 WHERE (tenant_id = $1 OR tenant_id IS NULL) AND (name = $2 OR id = $3)
-                 ORDER BY tenant_id NULLS LAST LIMIT 1",
-            )
-            .bind(tenant)
-            .bind(&new.image)
-            .bind(as_uuid(&new.image))
-            .fetch_optional(&mut *tx)
-            .await?;
+            let images = Table { select: "SELECT id, name, digest, port FROM images", alias: "" };
+            let visible = Visible::TenantOrBuiltin(tenant);
+            let image: Option<(Uuid, String, String, i32)> =
+                page::find(&mut *tx, images, visible, &new.image, RowLock::None).await?;
             let (image_id, image_name, digest, image_port) =
                 image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
             let port = new.port.map_or(image_port, i32::from);
@@ -322,14 +316,8 @@ impl Store {
     /// An instance of the tenant by name or id.
     pub async fn instance(&self, tenant: Uuid, key: &str) -> Result<Instance, StoreError> {
         self.bounded(async {
-            let row: Option<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_INSTANCE} WHERE i.tenant_id = $1 AND (i.name = $2 OR i.id = $3)"
-            )))
-            .bind(tenant)
-            .bind(key)
-            .bind(as_uuid(key))
-            .fetch_optional(&self.pool)
-            .await?;
+            let row: Option<InstanceRow> =
+                page::find(&self.pool, INSTANCES, Visible::Tenant(tenant), key, RowLock::None).await?;
             row.map(Instance::from).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
         })
         .await
@@ -343,20 +331,9 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Instance>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
-            let rows: Vec<InstanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_INSTANCE} WHERE i.tenant_id = $1
-               AND ($2::timestamptz IS NULL OR (i.created_at, i.id) > ($2, $3))
-             ORDER BY i.created_at, i.id LIMIT $4"
-            )))
-            .bind(tenant)
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
-            .await?;
-            let rows = rows.into_iter().map(Instance::from).collect();
-            Ok(page::finish(rows, limit, |i: &Instance| Cursor { created_at: i.created_at, id: i.id }))
+            let key = |r: &InstanceRow| Cursor { created_at: r.created_at, id: r.id };
+            let (rows, next) = page::list(&self.pool, INSTANCES, Visible::Tenant(tenant), cursor, limit, key).await?;
+            Ok((rows.into_iter().map(Instance::from).collect(), next))
         })
         .await
     }
@@ -365,13 +342,9 @@ impl Store {
     pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
+            let instances = Table { select: "SELECT id, service_id FROM instances", alias: "" };
             let found: Option<(Uuid, Option<Uuid>)> =
-                sqlx::query_as("SELECT id, service_id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
-                    .bind(tenant)
-                    .bind(key)
-                    .bind(as_uuid(key))
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                page::find(&mut *tx, instances, Visible::Tenant(tenant), key, RowLock::None).await?;
             let (id, service) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
             if let Some(service) = service {
                 // Serialises with other deletions of the service's instances, so exactly one of two concurrent
@@ -438,14 +411,9 @@ impl Store {
         rule: fn(InstanceState) -> Result<state::Transition, state::StateError>,
     ) -> Result<Instance, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let found: Option<(Uuid, String)> = sqlx::query_as(
-            "SELECT id, state FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR UPDATE",
-        )
-        .bind(tenant)
-        .bind(key)
-        .bind(as_uuid(key))
-        .fetch_optional(&mut *tx)
-        .await?;
+        let instances = Table { select: "SELECT id, state FROM instances", alias: "" };
+        let found: Option<(Uuid, String)> =
+            page::find(&mut *tx, instances, Visible::Tenant(tenant), key, RowLock::Update).await?;
         let (id, current) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
         let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
         let next = rule(current)?;

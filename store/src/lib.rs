@@ -410,8 +410,3 @@ async fn record_event<T: serde::Serialize>(
         .await?;
     Ok(())
 }
-
-/// `Some(uuid)` when `key` is a UUID, so lookups can match a name or an id with one query.
-fn as_uuid(key: &str) -> Option<uuid::Uuid> {
-    uuid::Uuid::parse_str(key).ok()
-}

@@ -11,7 +11,8 @@ use cloud_domain::state::{DesiredState, InstanceState, RestartPolicy};
 use ipnet::Ipv4Net;
 use uuid::Uuid;
 
-use crate::{Store, StoreError, as_uuid, record_event};
+use crate::page::{self, RowLock, Table, Visible};
+use crate::{Store, StoreError, record_event};
 
 /// Advisory lock key serialising scheduling passes platform-wide.
 const SCHEDULER_LOCK: i64 = 7_265_748;
@@ -427,13 +428,9 @@ impl Store {
     /// The id of a tenant's instance, by name or id.
     pub async fn instance_id(&self, tenant: Uuid, key: &str) -> Result<Uuid, StoreError> {
         self.bounded(async {
+            let instances = Table { select: "SELECT id FROM instances", alias: "" };
             let found: Option<(Uuid,)> =
-                sqlx::query_as("SELECT id FROM instances WHERE tenant_id = $1 AND (name = $2 OR id = $3)")
-                    .bind(tenant)
-                    .bind(key)
-                    .bind(as_uuid(key))
-                    .fetch_optional(&self.pool)
-                    .await?;
+                page::find(&self.pool, instances, Visible::Tenant(tenant), key, RowLock::None).await?;
             found.map(|(id,)| id).ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })
         })
         .await

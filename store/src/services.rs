@@ -10,8 +10,8 @@ use cloud_domain::ports::{self, Handler, PortMapping};
 use cloud_domain::state::InstanceState;
 use uuid::Uuid;
 
-use crate::page::{self, Cursor};
-use crate::{Store, StoreError, as_uuid, int_column, record_event, violated_constraint};
+use crate::page::{self, Cursor, RowLock, Table, Visible};
+use crate::{Store, StoreError, int_column, record_event, violated_constraint};
 
 /// A validated service to create.
 #[derive(Debug, Clone)]
@@ -64,17 +64,6 @@ struct ServiceRow {
 type DomainRow = (Uuid, String, bool, String, bool, Option<DateTime<Utc>>, bool, bool);
 
 const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after, persistent, created_at, updated_at FROM services";
-
-/// The row lock a lookup takes for the rest of its transaction.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum RowLock {
-    /// Read only.
-    None,
-    /// Others may read and share-lock, nobody may delete or update (attaching instances).
-    Share,
-    /// Exclusive (changing or deleting the service).
-    Update,
-}
 
 /// Why a tenant cannot attach a name twice.
 const OTHER_SERVICE: &str = "is already attached to another service of this tenant";
@@ -436,19 +425,8 @@ impl Store {
         key: &str,
         lock: RowLock,
     ) -> Result<(Uuid, String, bool), StoreError> {
-        let sql = match lock {
-            RowLock::Update => {
-                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR UPDATE"
-            }
-            RowLock::Share => {
-                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3) FOR SHARE"
-            }
-            RowLock::None => {
-                "SELECT id, name, persistent FROM services WHERE tenant_id = $1 AND (name = $2 OR id = $3)"
-            }
-        };
-        let row: Option<(Uuid, String, bool)> =
-            sqlx::query_as(sql).bind(tenant).bind(key).bind(as_uuid(key)).fetch_optional(conn).await?;
+        let services = Table { select: "SELECT id, name, persistent FROM services", alias: "" };
+        let row: Option<(Uuid, String, bool)> = page::find(conn, services, Visible::Tenant(tenant), key, lock).await?;
         row.ok_or_else(|| StoreError::NotFound { kind: "service", key: key.to_owned() })
     }
 
@@ -470,20 +448,11 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Service>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
             let mut conn = self.pool.acquire().await?;
-            let rows: Vec<ServiceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_SERVICE} WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-             ORDER BY created_at, id LIMIT $4"
-            )))
-            .bind(tenant)
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&mut *conn)
-            .await?;
-            let views = self.views(&mut conn, rows).await?;
-            Ok(page::finish(views, limit, |s: &Service| Cursor { created_at: s.created_at, id: s.id }))
+            let services = Table { select: SELECT_SERVICE, alias: "" };
+            let key = |r: &ServiceRow| Cursor { created_at: r.created_at, id: r.id };
+            let (rows, next) = page::list(&mut *conn, services, Visible::Tenant(tenant), cursor, limit, key).await?;
+            Ok((self.views(&mut conn, rows).await?, next))
         })
         .await
     }

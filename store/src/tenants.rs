@@ -6,8 +6,8 @@ use cloud_domain::ipam;
 use ipnet::Ipv4Net;
 use uuid::Uuid;
 
-use crate::page::{self, Cursor};
-use crate::{Store, StoreError, as_uuid, bigint_column, int_column, record_event, violated_constraint};
+use crate::page::{self, Cursor, RowLock, Table, Visible};
+use crate::{Store, StoreError, bigint_column, int_column, record_event, violated_constraint};
 
 #[derive(sqlx::FromRow)]
 struct TenantRow {
@@ -36,6 +36,7 @@ const SELECT_TENANT: &str = "SELECT t.id, t.name, t.network::text AS network, t.
         (SELECT count(*) FROM domains d
          WHERE d.tenant_id = t.id AND (d.verified_at IS NOT NULL OR d.expires_at > now())) AS domains
     FROM tenants t";
+const TENANTS: Table = Table { select: SELECT_TENANT, alias: "t." };
 
 impl From<TenantRow> for Tenant {
     fn from(r: TenantRow) -> Self {
@@ -125,12 +126,7 @@ impl Store {
     /// A tenant by name or id.
     pub async fn tenant(&self, key: &str) -> Result<Tenant, StoreError> {
         self.bounded(async {
-            let row: Option<TenantRow> =
-                sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_TENANT} WHERE t.name = $1 OR t.id = $2")))
-                    .bind(key)
-                    .bind(as_uuid(key))
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let row: Option<TenantRow> = page::find(&self.pool, TENANTS, Visible::All, key, RowLock::None).await?;
             row.map(Tenant::from).ok_or_else(|| StoreError::NotFound { kind: "tenant", key: key.to_owned() })
         })
         .await
@@ -143,18 +139,9 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Tenant>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
-            let rows: Vec<TenantRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_TENANT} WHERE ($1::timestamptz IS NULL OR (t.created_at, t.id) > ($1, $2))
-             ORDER BY t.created_at, t.id LIMIT $3"
-            )))
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
-            .await?;
-            let rows = rows.into_iter().map(Tenant::from).collect();
-            Ok(page::finish(rows, limit, |t: &Tenant| Cursor { created_at: t.created_at, id: t.id }))
+            let key = |r: &TenantRow| Cursor { created_at: r.created_at, id: r.id };
+            let (rows, next) = page::list(&self.pool, TENANTS, Visible::All, cursor, limit, key).await?;
+            Ok((rows.into_iter().map(Tenant::from).collect(), next))
         })
         .await
     }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use cloud_domain::api::{EventAction, Scope, Token};
 use uuid::Uuid;
 
-use crate::page::{self, Cursor};
+use crate::page::{self, Cursor, Table, Visible};
 use crate::{Store, StoreError, record_event};
 
 #[derive(sqlx::FromRow)]
@@ -49,6 +49,7 @@ pub struct TokenStatus {
 
 const SELECT_TOKEN: &str = "SELECT k.id, t.name AS tenant, k.scopes, k.description, k.expires_at, k.revoked_at,
         k.created_at FROM tokens k JOIN tenants t ON t.id = k.tenant_id";
+const TOKENS: Table = Table { select: SELECT_TOKEN, alias: "k." };
 
 impl Store {
     /// Records a new token for a tenant.
@@ -115,19 +116,9 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Token>, Option<Cursor>), StoreError> {
         self.bounded(async {
-            let (ts, id) = page::after(cursor);
-            let rows: Vec<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{SELECT_TOKEN} WHERE k.tenant_id = $1 AND ($2::timestamptz IS NULL OR (k.created_at, k.id) > ($2, $3))
-             ORDER BY k.created_at, k.id LIMIT $4"
-            )))
-            .bind(tenant)
-            .bind(ts)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
-            .await?;
-            let rows = rows.into_iter().map(Token::from).collect();
-            Ok(page::finish(rows, limit, |t: &Token| Cursor { created_at: t.created_at, id: t.id }))
+            let key = |r: &TokenRow| Cursor { created_at: r.created_at, id: r.id };
+            let (rows, next) = page::list(&self.pool, TOKENS, Visible::Tenant(tenant), cursor, limit, key).await?;
+            Ok((rows.into_iter().map(Token::from).collect(), next))
         })
         .await
     }
