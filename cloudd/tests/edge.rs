@@ -2,6 +2,7 @@
 //! in network namespaces, and the edge routes real HTTPS, HTTP, TLS and TCP traffic to them on their private IPs. Needs root
 //! (for the node agent), as CI has; tests take turns on the host's network stack.
 
+use rustls::pki_types::pem::PemObject;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -189,7 +190,7 @@ async fn tls_trusting(
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     {
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -766,7 +767,7 @@ async fn wait_served(ca_pem: &str, addr: SocketAddr, sni: &str, what: &str, want
 }
 
 fn leaf_der(chain_pem: &str) -> Vec<u8> {
-    rustls_pemfile::certs(&mut chain_pem.as_bytes()).next().unwrap().unwrap().to_vec()
+    rustls::pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next().unwrap().unwrap().to_vec()
 }
 
 #[tokio::test]

@@ -9,6 +9,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -39,7 +41,7 @@ pub enum CertError {
     NoKey,
     /// The PEM could not be read.
     #[error("unreadable PEM")]
-    Pem(#[source] std::io::Error),
+    Pem(#[source] rustls::pki_types::pem::Error),
     /// The key type is not supported.
     #[error("unsupported private key")]
     Key(#[source] rustls::Error),
@@ -48,13 +50,16 @@ pub enum CertError {
 impl ServedCert {
     /// Parses a PEM chain (leaf first) and a PEM private key.
     pub fn from_pem(names: Vec<String>, chain_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let chain =
-            rustls_pemfile::certs(&mut chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(CertError::Pem)?;
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CertError::Pem)?;
         if chain.is_empty() {
             return Err(CertError::NoCertificate);
         }
-        let key =
-            rustls_pemfile::private_key(&mut key_pem.as_bytes()).map_err(CertError::Pem)?.ok_or(CertError::NoKey)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
+            pem::Error::NoItemsFound => CertError::NoKey,
+            e => CertError::Pem(e),
+        })?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertError::Key)?;
         Ok(Self {
             names: names.into_iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()).collect(),
@@ -189,5 +194,24 @@ pub struct Resolver(pub Arc<CertStore>);
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.lookup(hello.server_name()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pem_chain_and_key_parse_and_what_is_missing_is_named() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".into()]).unwrap().self_signed(&key).unwrap();
+        let (chain, key) = (cert.pem(), key.serialize_pem());
+        let served = ServedCert::from_pem(vec!["A.Example.".into()], &chain, &key).unwrap();
+        assert_eq!(served.names, ["a.example"]);
+        assert_eq!(served.key.cert.len(), 1);
+        assert!(matches!(ServedCert::from_pem(vec![], "", &key), Err(CertError::NoCertificate)));
+        assert!(matches!(ServedCert::from_pem(vec![], &chain, &chain), Err(CertError::NoKey)));
+        let cut = &chain[..chain.len() / 2];
+        assert!(matches!(ServedCert::from_pem(vec![], cut, &key), Err(CertError::Pem(_))));
     }
 }
