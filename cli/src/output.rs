@@ -135,6 +135,11 @@ pub fn terminal_width() -> usize {
     terminal_size::terminal_size().map_or(120, |(w, _)| w.0 as usize)
 }
 
+/// The YAML form of an API object, as `-o yaml` prints it.
+pub fn yaml(value: &impl Serialize) -> anyhow::Result<String> {
+    Ok(serde_norway::to_string(value)?)
+}
+
 /// Prints values in a format.
 pub fn print<T: Serialize>(
     format: Format,
@@ -147,8 +152,8 @@ pub fn print<T: Serialize>(
         Format::Table => print!("{}", table(items).render(terminal_width())),
         Format::Json if single => println!("{}", serde_json::to_string_pretty(&items[0]).unwrap_or_default()),
         Format::Json => println!("{}", serde_json::to_string_pretty(items).unwrap_or_default()),
-        Format::Yaml if single => print!("{}", serde_yaml::to_string(&items[0]).unwrap_or_default()),
-        Format::Yaml => print!("{}", serde_yaml::to_string(items).unwrap_or_default()),
+        Format::Yaml if single => print!("{}", yaml(&items[0])?),
+        Format::Yaml => print!("{}", yaml(&items)?),
         Format::Name => items.iter().for_each(|i| println!("{}", name(i))),
         Format::Value(path) => values(items, path)?,
     }
@@ -312,5 +317,79 @@ mod tests {
         assert!("value=".parse::<Format>().unwrap_err().contains("needs a dotted field path"));
         assert!("value=a..b".parse::<Format>().is_err());
         assert!("xml".parse::<Format>().unwrap_err().contains("table, json, yaml, name or value=PATH"));
+    }
+
+    /// `-o yaml` of every kind of object the commands print, with the strings a YAML emitter must quote or
+    /// fold. The snapshot was written by `serde_yaml` 0.9 before the move to `serde_norway`: a YAML crate that
+    /// prints our objects differently fails here.
+    #[test]
+    fn yaml_matches_its_snapshot() {
+        use cloud_domain::api::{CreatedInstances, CreatedToken, WhoAmI};
+        let at = "2026-01-02T03:04:05.123456Z";
+        let tenant = serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000001", "name": "acme", "network": "10.96.0.0/22",
+            "quotas": {
+                "max_services": 10, "max_instances": 20, "max_memory_mb": 4096, "max_images": 5, "max_domains": 3,
+            },
+            "usage": {"services": 1, "instances": 2, "memory_mb": 256, "images": 0, "domains": 1},
+            "created_at": at,
+        });
+        let instance = serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000002", "name": "web-x7k2p", "image": "hello",
+            "image_digest": "sha256:0123456789abcdef", "desired_state": "running", "state": "failed",
+            "state_reason": "exited: code 1\nsee logs", "private_ip": "10.96.0.5",
+            "private_fqdn": "web-x7k2p.internal", "tenant_private_fqdn": "web-x7k2p.acme.internal", "node": null,
+            "service": {"id": "00000000-0000-0000-0000-000000000003", "name": "web", "fqdn": "web.dev.cloud.localhost"},
+            "port": 8080, "args": ["-c", "echo 'hi' && exit 1", "*", "- dash", "#hash", "key: value"],
+            "env": {"EMPTY": "", "BOOL": "true", "NULLISH": "null", "TILDE": "~", "OCTAL": "0123", "FLOAT": "1e3",
+                    "SPACED": " lead", "WIDE": "日本語", "LONG": "x".repeat(100), "MULTI": "a\nb\n", "YES": "yes"},
+            "memory_mb": 128, "restart_policy": "on-failure", "restart_count": 3, "exit_code": -1,
+            "boot_time_us": 18_446_744_073_709_551_615u64, "created_at": at, "updated_at": at,
+            "started_at": at, "stopped_at": null,
+        });
+        let service = serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000003", "name": "web", "fqdn": "web.dev.cloud.localhost",
+            "ports": [{"port": 443, "destination_port": 8080, "handlers": ["tls", "http"], "proxy": false},
+                      {"port": 80, "destination_port": 443, "handlers": ["http", "redirect"], "proxy": true}],
+            "soft_limit": null, "hard_limit": 100, "scale_to_zero_after": 300, "persistent": false,
+            "domains": [{"name": "www.example.com", "custom": true, "verified": false, "state": "pending",
+                         "expires_at": at, "verification": {"txt_name": "_cloud.www.example.com",
+                         "txt_value": "v=1; t=abc", "cname_target": "edge.dev.cloud.localhost"}}],
+            "instances": [{"id": "00000000-0000-0000-0000-000000000002", "name": "web-x7k2p", "state": "running",
+                           "private_ip": "fd00::5"}],
+            "private_fqdn": "web.internal", "created_at": at, "updated_at": at,
+        });
+        let created: CreatedInstances =
+            serde_json::from_value(serde_json::json!({"instances": [instance], "service": service})).unwrap();
+        let token: CreatedToken = serde_json::from_value(serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000004", "tenant": "acme", "scopes": ["read", "write"],
+            "description": "", "expires_at": at, "revoked_at": null, "created_at": at, "jwt": "eyJ.eyJ.sig",
+        }))
+        .unwrap();
+        let me: WhoAmI = serde_json::from_value(serde_json::json!({
+            "tenant": tenant, "token_id": "00000000-0000-0000-0000-000000000004", "scopes": ["admin"],
+            "expires_at": at,
+        }))
+        .unwrap();
+        let remotes: std::collections::BTreeMap<String, Value> = [
+            (
+                "dev".to_owned(),
+                serde_json::json!({"url": "https://127.0.0.1:7300", "default": true, "has_token": true}),
+            ),
+            (
+                "prod".to_owned(),
+                serde_json::json!({"url": "https://api.example.com", "default": false, "has_token": false}),
+            ),
+        ]
+        .into();
+        let rendered = [
+            yaml(&created).unwrap(),
+            yaml(&token).unwrap(),
+            yaml(&me).unwrap(),
+            yaml(&remotes).unwrap(),
+            yaml(&Vec::<Value>::new()).unwrap(),
+        ]
+        .join("---\n");
+        assert_eq!(rendered, include_str!("../tests/snapshots/objects.yaml"));
     }
 }

@@ -130,7 +130,7 @@ pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::R
     match out {
         Format::Table => print!("{}", deploy::summary(&created)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
-        Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
+        Format::Yaml => print!("{}", output::yaml(&created)?),
         Format::Name => created.instances.iter().for_each(|i| println!("{}", i.name)),
         Format::Value(path) => output::values(&[&created], path)?,
     }

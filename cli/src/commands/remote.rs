@@ -106,7 +106,7 @@ pub(crate) async fn run(cmd: &RemoteCmd, out: Format, env: &dyn Fn(&str) -> Opti
             let rows: Vec<(String, Remote)> = cfg.remotes.clone().into_iter().collect();
             match out {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&cfg.remotes_public())?),
-                Format::Yaml => print!("{}", serde_yaml::to_string(&cfg.remotes_public())?),
+                Format::Yaml => print!("{}", output::yaml(&cfg.remotes_public())?),
                 Format::Name => rows.iter().for_each(|(n, _)| println!("{n}")),
                 Format::Value(path) => output::values(&[cfg.remotes_public()], path)?,
                 Format::Table => {

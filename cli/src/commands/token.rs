@@ -55,7 +55,7 @@ pub(crate) async fn run(c: &Client, cmd: &TokenCmd, out: Format) -> anyhow::Resu
             match out {
                 Format::Table | Format::Name => println!("{}", created.jwt),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
-                Format::Yaml => print!("{}", serde_yaml::to_string(&created)?),
+                Format::Yaml => print!("{}", output::yaml(&created)?),
                 Format::Value(path) => output::values(&[&created], path)?,
             }
         }

@@ -9,7 +9,7 @@ pub(crate) async fn run(c: &Client, out: Format) -> anyhow::Result<()> {
     let me: WhoAmI = c.get("/v1/whoami").await?;
     match out {
         Format::Json => println!("{}", serde_json::to_string_pretty(&me)?),
-        Format::Yaml => print!("{}", serde_yaml::to_string(&me)?),
+        Format::Yaml => print!("{}", output::yaml(&me)?),
         Format::Name => println!("{}", me.tenant.name),
         Format::Value(path) => output::values(&[&me], path)?,
         Format::Table => {
