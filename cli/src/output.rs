@@ -5,6 +5,7 @@ use anyhow::bail;
 use cloud_domain::api::{Image, Instance, Service, Tenant, Token};
 use serde::Serialize;
 use serde_json::Value;
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 /// `-o` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,13 +90,14 @@ pub struct Table {
 }
 
 impl Table {
-    /// Renders with columns two spaces apart, shrinking the widest columns (with '…') to fit `width`.
+    /// Renders with columns two spaces apart, shrinking the widest columns (with '…') to fit `width`. Widths are
+    /// terminal columns, not characters: a CJK character takes two, a combining accent none.
     pub fn render(&self, width: usize) -> String {
         let cols = self.headers.len();
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.width()).collect();
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate().take(cols) {
-                widths[i] = widths[i].max(cell.chars().count());
+                widths[i] = widths[i].max(cell.width());
             }
         }
         let total = |w: &[usize]| w.iter().sum::<usize>() + 2 * w.len().saturating_sub(1);
@@ -111,16 +113,10 @@ impl Table {
         for row in std::iter::once(&headers).chain(&self.rows) {
             let mut line = String::new();
             for (i, cell) in row.iter().enumerate().take(cols) {
-                let w = widths[i];
-                let text: String = if cell.chars().count() > w {
-                    cell.chars().take(w.saturating_sub(1)).chain(['…']).collect()
-                } else {
-                    cell.clone()
-                };
+                let text = fit(cell, widths[i]);
+                line.push_str(&text);
                 if i + 1 < cols {
-                    line.push_str(&format!("{text:<w$}  "));
-                } else {
-                    line.push_str(&text);
+                    line.extend(std::iter::repeat_n(' ', widths[i].saturating_sub(text.width()) + 2));
                 }
             }
             out.push_str(line.trim_end());
@@ -130,9 +126,32 @@ impl Table {
     }
 }
 
-/// The terminal's width, or 120 when output is not a terminal (so scripts see full cells).
+/// A cell cut to at most `columns` terminal columns, ending in '…' when cut. A wide character that would
+/// straddle the edge is left out whole, so the cell may come out a column short.
+fn fit(cell: &str, columns: usize) -> String {
+    if cell.width() <= columns {
+        return cell.to_owned();
+    }
+    let mut used = 0;
+    let mut text: String = cell
+        .chars()
+        .take_while(|c| {
+            used += c.width().unwrap_or(0);
+            used < columns
+        })
+        .collect();
+    text.push('…');
+    text
+}
+
+/// The terminal's width, or no limit when output is not a terminal (so scripts see full cells).
 pub fn terminal_width() -> usize {
-    terminal_size::terminal_size().map_or(120, |(w, _)| w.0 as usize)
+    columns(terminal_size::terminal_size())
+}
+
+/// The columns a table may take, given the terminal's size if stdout is one.
+fn columns(terminal: Option<(terminal_size::Width, terminal_size::Height)>) -> usize {
+    terminal.map_or(usize::MAX, |(w, _)| usize::from(w.0))
 }
 
 /// The YAML form of an API object, as `-o yaml` prints it.
@@ -293,7 +312,53 @@ mod tests {
         assert_eq!(t.render(200), snapshot);
         let narrow = t.render(60);
         assert_eq!(narrow, include_str!("../tests/snapshots/table-narrow.txt"));
-        assert!(narrow.lines().all(|l| l.chars().count() <= 60), "{narrow}");
+        assert!(narrow.lines().all(|l| l.width() <= 60), "{narrow}");
+    }
+
+    #[test]
+    fn wide_and_combining_characters_keep_the_columns_lined_up() {
+        let t = Table {
+            headers: vec!["NAME", "DESCRIPTION", "AGE"],
+            // "日本語サービス" is 7 characters in 14 columns; "café" with a combining accent is 5 characters in 4.
+            rows: vec![
+                vec!["日本語サービス".into(), "cafe\u{301} au lait".into(), "5s".into()],
+                vec!["web".into(), "plain".into(), "3m".into()],
+            ],
+        };
+        let wide = t.render(200);
+        assert_eq!(
+            wide,
+            "NAME            DESCRIPTION   AGE\n\
+             日本語サービス  cafe\u{301} au lait  5s\n\
+             web             plain         3m\n"
+        );
+        // Shrunk to 30 columns, the NAME column is cut to 12 columns: the wide character that would straddle its
+        // edge is left out whole, and the next column still starts where it does on every other line.
+        let narrow = t.render(30);
+        assert_eq!(
+            narrow,
+            "NAME          DESCRIPTION  AGE\n\
+             日本語サー…   cafe\u{301} au la…  5s\n\
+             web           plain        3m\n"
+        );
+        // The AGE column starts at the same terminal column on every line.
+        for table in [wide, narrow] {
+            let lines: Vec<&str> = table.lines().collect();
+            let age = lines[0].find("AGE").unwrap();
+            for (line, cell) in lines[1..].iter().zip(["5s", "3m"]) {
+                assert_eq!(line[..line.find(cell).unwrap()].width(), age, "{table}");
+            }
+        }
+    }
+
+    #[test]
+    fn piped_tables_are_not_cut() {
+        let long = format!("{}.dev.cloud.localhost", "x".repeat(300));
+        let t = Table { headers: vec!["NAME", "FQDN"], rows: vec![vec!["web".into(), long.clone()]] };
+        let piped = t.render(columns(None));
+        assert_eq!(piped, format!("NAME  FQDN\nweb   {long}\n"));
+        let terminal = Some((terminal_size::Width(80), terminal_size::Height(24)));
+        assert!(t.render(columns(terminal)).lines().all(|l| l.width() <= 80));
     }
 
     #[test]
