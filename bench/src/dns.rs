@@ -35,13 +35,6 @@ fn dnsperf(addr: SocketAddr, queries: &Path, seconds: u64) -> anyhow::Result<Run
     Ok(Run { qps, avg_ms: avg * 1000.0, lost: find("Queries lost").unwrap_or_default() })
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 pub async fn run(names: usize, seconds: u64) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-dns-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -50,15 +43,7 @@ pub async fn run(names: usize, seconds: u64) -> anyhow::Result<()> {
     let zone = settings.zone();
     let tenant = store.create_tenant("bench", QuotasPatch::default()).await?;
     // Services inserted in bulk: the API's per-request cost is not what this measures.
-    sqlx::query(
-        "INSERT INTO services (id, tenant_id, name, fqdn)
-         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-00000000.' || $2 FROM generate_series(1, $3) AS i",
-    )
-    .bind(tenant.id)
-    .bind(&zone)
-    .bind(names as i64)
-    .execute(store.pool())
-    .await?;
+    cloud_tests::insert_services(&store, tenant.id, names as i64, &format!("00000000.{zone}")).await?;
     let mut queries = String::new();
     for i in 0..names.min(100_000) {
         let n = (i * 7919) % names + 1;
@@ -93,13 +78,13 @@ pub async fn run(names: usize, seconds: u64) -> anyhow::Result<()> {
         .context("starting knotd (apt-get install knot)")?;
     let knot_addr: SocketAddr = format!("127.0.0.1:{knot_port}").parse()?;
 
-    let before = rss_kb(std::process::id());
+    let before = cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0);
     let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
     let config =
         cloud_dns::DnsConfig { public_listen: vec!["127.0.0.1:0".parse()?], rate_limit: None, ..Default::default() };
     let ours = cloud_dns::start(store, feed, config).await?;
     let ours_addr = ours.public_addrs()[0];
-    let ours_kb = rss_kb(std::process::id()).saturating_sub(before);
+    let ours_kb = cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0).saturating_sub(before);
 
     // Both answer before measuring.
     let probe = dir.join("probe.txt");
@@ -116,7 +101,7 @@ pub async fn run(names: usize, seconds: u64) -> anyhow::Result<()> {
         let _ = knot.kill();
         bail!("knotd did not answer on {knot_addr}");
     }
-    let knot_kb = rss_kb(knot.id());
+    let knot_kb = cloud_tests::proc_status_kib(knot.id(), "VmRSS").unwrap_or(0);
 
     // The servers take turns with the machine's two cores; dnsperf runs on them too, alike for both.
     let ours_run = dnsperf(ours_addr, &query_file, seconds)?;

@@ -361,15 +361,7 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
     // The route table at scale: many services, then the same requests, memory per route, create-to-routable.
     let small = edge.table().len();
     edge.shutdown().await;
-    sqlx::query(
-        "INSERT INTO services (id, tenant_id, name, fqdn)
-         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-00000000.' || $2 FROM generate_series(1, $3) AS i",
-    )
-    .bind(tenant.id)
-    .bind(&zone)
-    .bind(routes as i64)
-    .execute(store.pool())
-    .await?;
+    cloud_tests::insert_services(&store, tenant.id, routes as i64, &format!("00000000.{zone}")).await?;
     sqlx::query(
         "INSERT INTO service_ports (service_id, port, destination_port, handlers)
          SELECT id, 443, 8080, ARRAY['tls', 'http'] FROM services WHERE name LIKE 's%' AND tenant_id = $1",

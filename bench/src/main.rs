@@ -142,13 +142,6 @@ fn mem_available_kb() -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The built-in `hello` image's program, taken out of its layer into a directory of its own.
 pub(crate) fn hello_program() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("cloud-bench-hello-{}", std::process::id()));
@@ -183,7 +176,7 @@ fn direct_starts(n: usize) -> anyhow::Result<(Vec<Duration>, u64)> {
             std::thread::sleep(Duration::from_micros(200));
         }
         times.push(t0.elapsed());
-        rss += rss_kb(child.id());
+        rss += cloud_tests::proc_status_kib(child.id(), "VmRSS").unwrap_or(0);
         child.kill()?;
         child.wait()?;
     }
@@ -247,7 +240,7 @@ async fn deploy(n: usize) -> anyhow::Result<()> {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect::<Vec<u32>>();
-        rss += pids.iter().map(|p| rss_kb(*p)).sum::<u64>();
+        rss += pids.iter().map(|p| cloud_tests::proc_status_kib(*p, "VmRSS").unwrap_or(0)).sum::<u64>();
         sandboxes += 1;
     }
     let rss = rss / sandboxes.max(1);

@@ -786,12 +786,6 @@ async fn device_nodes_in_an_image_are_refused() {
     node.shutdown().await;
 }
 
-fn proc_status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Stored log bytes (line text) of an instance.
 async fn stored_log_bytes(api: &TestApi, instance: &Value) -> i64 {
     let id: uuid::Uuid = instance["id"].as_str().unwrap().parse().unwrap();
@@ -823,14 +817,14 @@ async fn a_400_mb_log_line_is_cut_and_leaves_the_agents_memory_alone() {
     )
     .await;
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
-    let before = proc_status_kib("VmRSS:");
+    let before = cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap();
     let started = std::time::Instant::now();
     let inst = create(&api, t, json!({"image": "flood", "name": "flood-1"})).await;
     let lines = wait_for_log(&api, t, "flood-1", "the line after the flood", |l| {
         l.iter().any(|(s, l)| s == "stdout" && l == "after the flood")
     })
     .await;
-    let peak = proc_status_kib("VmHWM:");
+    let peak = cloud_tests::proc_status_kib(std::process::id(), "VmHWM").unwrap();
     eprintln!("flood read in {:?}; RSS {before} KiB before, peak {peak} KiB", started.elapsed());
     assert!(peak < before + 8 * 1024, "the agent's peak RSS grew from {before} KiB to {peak} KiB");
 

@@ -649,16 +649,7 @@ async fn with_many_names_loaded_a_change_is_patched_in_not_rebuilt() {
     let quotas = QuotasPatch { max_services: Some(names as u32 + 10), ..QuotasPatch::default() };
     let tenant = store.create_tenant("acme", quotas).await.unwrap();
     // Written behind the change feed's back before the DNS starts: only the initial full load sees them.
-    sqlx::query(
-        "INSERT INTO services (id, tenant_id, name, fqdn)
-         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-abcdefgh.dev.cloud.localhost'
-         FROM generate_series(1, $2) AS i",
-    )
-    .bind(tenant.id)
-    .bind(names)
-    .execute(store.pool())
-    .await
-    .unwrap();
+    cloud_tests::insert_services(&store, tenant.id, names, "abcdefgh.dev.cloud.localhost").await.unwrap();
     let feed = ChangeFeed::start(store.clone()).await.unwrap();
     // No periodic resync during the test: any full load would be the change itself.
     let config = DnsConfig { resync_interval: Duration::from_secs(3600), ..config() };
@@ -747,15 +738,7 @@ async fn resyncs_run_beside_patches_fix_drift_and_never_take_the_serial_back() {
     let quotas = QuotasPatch { max_services: Some(5_100), ..QuotasPatch::default() };
     let tenant = store.create_tenant("acme", quotas).await.unwrap();
     // Enough names that a full build takes a while, so patches land while resyncs are being built.
-    sqlx::query(
-        "INSERT INTO services (id, tenant_id, name, fqdn)
-         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-abcdefgh.dev.cloud.localhost'
-         FROM generate_series(1, 5000) AS i",
-    )
-    .bind(tenant.id)
-    .execute(store.pool())
-    .await
-    .unwrap();
+    cloud_tests::insert_services(&store, tenant.id, 5000, "abcdefgh.dev.cloud.localhost").await.unwrap();
     let feed = ChangeFeed::start(store.clone()).await.unwrap();
     let config = DnsConfig { resync_interval: Duration::from_millis(100), ..config() };
     let dns = cloud_dns::start(store.clone(), feed, config).await.unwrap();

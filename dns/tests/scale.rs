@@ -19,15 +19,6 @@ use tokio::net::UdpSocket;
 
 const N: i64 = 100_000;
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn new_service() -> NewService {
     NewService {
         name: None,
@@ -51,16 +42,7 @@ async fn load_patch_and_query_rate_with_100k_names() {
         .unwrap();
     let base: std::net::Ipv4Addr = tenant.network.split('/').next().unwrap().parse().unwrap();
     let inserted = Instant::now();
-    sqlx::query(
-        "INSERT INTO services (id, tenant_id, name, fqdn)
-         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-abcdefgh.dev.cloud.localhost'
-         FROM generate_series(1, $2) AS i",
-    )
-    .bind(tenant.id)
-    .bind(N)
-    .execute(store.pool())
-    .await
-    .unwrap();
+    cloud_tests::insert_services(&store, tenant.id, N, "abcdefgh.dev.cloud.localhost").await.unwrap();
     sqlx::query(
         "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, memory_mb, restart_policy,
                                 desired_state, state, private_ip, port)
@@ -87,7 +69,7 @@ async fn load_patch_and_query_rate_with_100k_names() {
     );
     drop(data);
 
-    let rss_before = rss_kib();
+    let rss_before = cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0);
     let feed = ChangeFeed::start(store.clone()).await.unwrap();
     let config = DnsConfig {
         public_listen: vec!["127.0.0.1:0".parse().unwrap()],
@@ -100,7 +82,10 @@ async fn load_patch_and_query_rate_with_100k_names() {
     let started = Instant::now();
     let dns = cloud_dns::start(store.clone(), feed, config).await.unwrap();
     println!("start (load + build): {:?}", started.elapsed());
-    println!("RSS growth with the snapshot: {} MiB", (rss_kib().saturating_sub(rss_before)) / 1024);
+    println!(
+        "RSS growth with the snapshot: {} MiB",
+        (cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0).saturating_sub(rss_before)) / 1024
+    );
 
     let metric = |text: &str, series: &str| -> f64 {
         text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)

@@ -100,6 +100,30 @@ pub async fn fresh_store_with(settings: Settings) -> Store {
     store
 }
 
+/// Inserts the services `s1` to `s<count>` of `tenant` straight into the table, behind the API's and the change
+/// feed's back, for scale tests and benchmarks that do not measure the API's cost per request: `s<i>` gets the FQDN
+/// `s<i>-<fqdn_suffix>` and no ports.
+pub async fn insert_services(store: &Store, tenant: uuid::Uuid, count: i64, fqdn_suffix: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO services (id, tenant_id, name, fqdn)
+         SELECT gen_random_uuid(), $1, 's' || i, 's' || i || '-' || $2 FROM generate_series(1, $3) AS i",
+    )
+    .bind(tenant)
+    .bind(fqdn_suffix)
+    .bind(count)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// A field of `/proc/<pid>/status` that is given in kB (`VmRSS`, `VmHWM`), in KiB; `None` when the process or the
+/// field is not there.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    value.split_whitespace().next()?.parse().ok()
+}
+
 /// A running API on port 0 over a fresh database, with one tenant and its admin token.
 pub struct TestApi {
     /// `http://127.0.0.1:<port>`.
@@ -269,12 +293,20 @@ async fn tenant_with_token(
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{proc_status_kib, with_database};
 
     #[test]
     fn database_names_are_replaced_in_urls() {
         assert_eq!(with_database("postgres://u:p@h:5/postgres", "x"), "postgres://u:p@h:5/x");
         assert_eq!(with_database("postgres://u:p@h:5", "x"), "postgres://u:p@h:5/x");
         assert_eq!(with_database("postgres://h/db?sslmode=disable", "x"), "postgres://h/x?sslmode=disable");
+    }
+
+    #[test]
+    fn status_fields_are_read_whole_by_name() {
+        let me = std::process::id();
+        assert!(proc_status_kib(me, "VmRSS").is_some_and(|kib| kib > 0));
+        assert_eq!(proc_status_kib(me, "VmRS"), None, "a prefix of a field's name is not the field");
+        assert_eq!(proc_status_kib(me, "NoSuchField"), None);
     }
 }

@@ -34,15 +34,6 @@ fn platform(n: u32) -> ZoneData {
     }
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Build, patch and lookup cost alone, without PostgreSQL:
 /// `cargo test -p cloud-dns --release --lib build_cost -- --ignored --nocapture`.
 #[test]
@@ -50,11 +41,14 @@ fn rss_kib() -> u64 {
 fn build_cost() {
     let data = platform(100_000);
     let copy = data.clone();
-    let rss = rss_kib();
+    let rss = cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0);
     let started = Instant::now();
     let snap = Snapshot::build(copy, &tests::params());
     println!("build of {} records: {:?}", snap.record_count(), started.elapsed());
-    println!("RSS growth with the snapshot: {} MiB", rss_kib().saturating_sub(rss) / 1024);
+    println!(
+        "RSS growth with the snapshot: {} MiB",
+        cloud_tests::proc_status_kib(std::process::id(), "VmRSS").unwrap_or(0).saturating_sub(rss) / 1024
+    );
     let started = Instant::now();
     let patches = 1000u32;
     let mut patched = snap.clone();
