@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use crate::server::Kind;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -29,7 +30,7 @@ pub struct Metrics {
     pub certificates: IntGauge,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
-    /// `connections` of each listener kind, looked up once.
+    /// `connections` of each listener kind, looked up once, in [`Kind::ALL`] order.
     open: [IntGauge; 3],
 }
 
@@ -74,7 +75,7 @@ impl Metrics {
             &["kind"],
         )?;
         let m = Self {
-            open: ["http", "tls", "tcp"].map(|k| connections.with_label_values(&[k])),
+            open: Kind::ALL.map(|k| connections.with_label_values(&[k.label()])),
             connections,
             requests: IntCounterVec::new(
                 Opts::new("edge_requests_total", "HTTP requests answered, by service and status class"),
@@ -118,12 +119,8 @@ impl Metrics {
         Ok(m)
     }
 
-    /// The open-connections gauge of a listener kind (`http`, `tls` or `tcp`).
-    pub(crate) fn connections(&self, kind: &str) -> &IntGauge {
-        match kind {
-            "http" => &self.open[0],
-            "tls" => &self.open[1],
-            _ => &self.open[2],
-        }
+    /// The open-connections gauge of a listener kind.
+    pub(crate) fn connections(&self, kind: Kind) -> &IntGauge {
+        &self.open[kind as usize]
     }
 }

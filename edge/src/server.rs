@@ -41,7 +41,10 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    /// Every kind, each at the index of its discriminant.
+    pub(crate) const ALL: [Kind; 3] = [Kind::Http, Kind::Tls, Kind::Tcp];
+
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Kind::Http => "http",
             Kind::Tls => "tls",
@@ -89,7 +92,7 @@ struct OpenGuard<'a>(&'a Shared, Kind);
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.connections(self.1.label()).dec();
+        self.0.metrics.connections(self.1).dec();
     }
 }
 
@@ -135,7 +138,7 @@ impl Connections {
             let (this, proxy) = (self.clone(), proxy.clone());
             tokio::spawn(async move {
                 this.shared.open.fetch_add(1, Ordering::Relaxed);
-                this.shared.metrics.connections(kind.label()).inc();
+                this.shared.metrics.connections(kind).inc();
                 let _open = OpenGuard(&this.shared, kind);
                 let local = tcp.local_addr().ok();
                 let stream = l4(tcp, client, local);
