@@ -232,15 +232,7 @@ pub async fn run(seconds: u64, connections: usize, routes: usize, runs: usize) -
         .spawn()
         .context("starting the hello program")?;
     let ports = cloud_domain::ports::parse_specs(&[format!("443:{backend_port}")], &Default::default())?;
-    let new = |name: &str| NewService {
-        name: Some(name.into()),
-        ports: ports.clone(),
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: vec![],
-        persistent: true,
-    };
+    let new = |name: &str| NewService { ports: ports.clone(), ..NewService::named(name) };
     let svc = store.create_service(tenant.id, new("bench")).await?;
     // The instance the node agent would run, recorded as running at the backend's address.
     sqlx::query(

@@ -75,11 +75,7 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let i = self.index(key);
-        if !self.shards[i].contains_key(key) {
-            return None;
-        }
-        self.shard_mut(i).get_mut(key)
+        self.shard_holding(key)?.get_mut(key)
     }
 
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
@@ -111,13 +107,22 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        let old = self.shard_holding(key)?.remove(key);
+        self.len -= usize::from(old.is_some());
+        old
+    }
+
+    /// The shard holding `key`, for changing; `None` (and no copy of a shared shard) when the key is absent.
+    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut HashMap<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let i = self.index(key);
         if !self.shards[i].contains_key(key) {
             return None;
         }
-        let old = self.shard_mut(i).remove(key);
-        self.len -= usize::from(old.is_some());
-        old
+        Some(self.shard_mut(i))
     }
 
     /// Every entry, in no particular order.

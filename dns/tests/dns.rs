@@ -70,15 +70,8 @@ impl Fixture {
 }
 
 async fn service(store: &Store, tenant: &Tenant, name: &str, domains: &[&str]) -> cloud_domain::api::Service {
-    let new = NewService {
-        name: Some(name.into()),
-        ports: vec![],
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: domains.iter().map(|d| (d.to_string(), false)).collect(),
-        persistent: true,
-    };
+    let new =
+        NewService { domains: domains.iter().map(|d| (d.to_string(), false)).collect(), ..NewService::named(name) };
     store.create_service(tenant.id, new).await.unwrap()
 }
 
@@ -280,15 +273,7 @@ async fn public_names_with_correct_flags_over_udp_and_tcp() {
 #[tokio::test]
 async fn a_verified_custom_domain_is_served_as_its_own_zone() {
     let f = Fixture::start().await;
-    let new = NewService {
-        name: Some("shop".into()),
-        ports: vec![],
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: vec![("www.example.org".into(), true)],
-        persistent: true,
-    };
+    let new = NewService { domains: vec![("www.example.org".into(), true)], ..NewService::named("shop") };
     f.store.create_service(f.tenant.id, new).await.unwrap();
     f.synced().await;
     let www = "www.example.org.";

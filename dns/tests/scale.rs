@@ -19,18 +19,6 @@ use tokio::net::UdpSocket;
 
 const N: i64 = 100_000;
 
-fn new_service() -> NewService {
-    NewService {
-        name: None,
-        ports: vec![],
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: vec![],
-        persistent: true,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test: run it in release with --ignored --nocapture"]
 async fn load_patch_and_query_rate_with_100k_names() {
@@ -92,7 +80,7 @@ async fn load_patch_and_query_rate_with_100k_names() {
     };
     let loads_before = metric(&dns.metrics_text(), "dns_snapshot_loads_total{result=\"ok\"}");
     let changed = Instant::now();
-    store.create_service(tenant.id, NewService { name: Some("late".into()), ..new_service() }).await.unwrap();
+    store.create_service(tenant.id, NewService::named("late")).await.unwrap();
     dns.wait_for_version(store.current_version().await.unwrap()).await;
     println!("change to served (one new service, commit included): {:?}", changed.elapsed());
 
@@ -100,7 +88,7 @@ async fn load_patch_and_query_rate_with_100k_names() {
     let rounds = 200;
     let (mut total, mut after_return) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
     for i in 0..rounds {
-        let new = NewService { name: Some(format!("late{i}")), ..new_service() };
+        let new = NewService::named(format!("late{i}"));
         let started = Instant::now();
         store.create_service(tenant.id, new).await.unwrap();
         let returned = Instant::now();

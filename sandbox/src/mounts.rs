@@ -84,7 +84,7 @@ pub(crate) fn idmapped_bind(source: &Path, target: &Path, userns: BorrowedFd<'_>
     let (src, dst) = (cstr(source)?, cstr(target)?);
     // SAFETY: the new mount API's system calls with valid NUL-terminated paths, a properly sized mount_attr and
     // descriptors we own; the tree descriptor is wrapped at once so it is closed on every path.
-    unsafe {
+    let tree = unsafe {
         let tree = check(libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
@@ -109,16 +109,9 @@ pub(crate) fn idmapped_bind(source: &Path, target: &Path, userns: BorrowedFd<'_>
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         ))?;
-        check(libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            dst.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
-        ))?;
-    }
-    Ok(())
+        tree
+    };
+    attach(&tree, &dst)
 }
 
 /// Mounts an overlay at `target`: `lowers` top first, writes going to `upper` (with `work` beside it).
@@ -160,16 +153,25 @@ pub(crate) fn overlay(lowers: &[&Path], upper: &Path, work: &Path, target: &Path
             libc::FSMOUNT_CLOEXEC,
             libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOSUID,
         ))? as i32);
-        check(libc::syscall(
+        attach(&mnt, &dst)
+    }
+}
+
+/// Attaches a detached mount (from `open_tree` or `fsmount`) at `target`.
+#[allow(unsafe_code)]
+fn attach(mount: &OwnedFd, target: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: move_mount of a descriptor we own to a valid NUL-terminated path.
+    check(unsafe {
+        libc::syscall(
             libc::SYS_move_mount,
-            mnt.as_raw_fd(),
+            mount.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_FDCWD,
-            dst.as_ptr(),
+            target.as_ptr(),
             libc::MOVE_MOUNT_F_EMPTY_PATH,
-        ))?;
-    }
-    Ok(())
+        )
+    })
+    .map(drop)
 }
 
 /// Detaches whatever is mounted at `target` (lazily: a process still inside keeps its view until it ends).

@@ -32,6 +32,21 @@ pub struct NewService {
     pub persistent: bool,
 }
 
+impl NewService {
+    /// A persistent service with no ports, limits or domains; callers set what they need on top.
+    pub fn named(name: impl Into<String>) -> Self {
+        NewService {
+            name: Some(name.into()),
+            ports: vec![],
+            soft_limit: None,
+            hard_limit: None,
+            scale_to_zero_after: None,
+            domains: vec![],
+            persistent: true,
+        }
+    }
+}
+
 /// A validated change to a service; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceChange {

@@ -5,18 +5,6 @@ use std::time::Duration;
 use cloud_domain::api::QuotasPatch;
 use cloud_store::{ChangeFeed, NewService};
 
-fn service(name: &str) -> NewService {
-    NewService {
-        name: Some(name.into()),
-        ports: vec![],
-        soft_limit: None,
-        hard_limit: None,
-        scale_to_zero_after: None,
-        domains: vec![],
-        persistent: true,
-    }
-}
-
 #[tokio::test]
 async fn concurrent_writers_produce_a_gapless_ordered_feed_that_followers_resume() {
     let store = cloud_tests::fresh_store().await;
@@ -33,7 +21,9 @@ async fn concurrent_writers_produce_a_gapless_ordered_feed_that_followers_resume
     let mut writers = Vec::new();
     for i in 0..20 {
         let store = store.clone();
-        writers.push(tokio::spawn(async move { store.create_service(tenant.id, service(&format!("s{i}"))).await }));
+        writers.push(tokio::spawn(
+            async move { store.create_service(tenant.id, NewService::named(format!("s{i}"))).await },
+        ));
     }
     for w in writers {
         w.await.unwrap().unwrap();
