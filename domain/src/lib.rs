@@ -10,7 +10,9 @@ pub mod generate;
 pub mod int;
 pub mod ipam;
 pub mod names;
+pub mod placement;
 pub mod ports;
+pub mod settings;
 pub mod state;
 
 /// `error: cause: cause...`, the whole chain of an error on one line, as logs and failure reasons show it.
