@@ -26,6 +26,7 @@ mod zone;
 
 use std::time::Duration;
 
+use cloud_domain::service::LimitsError;
 use cloud_domain::state::StateError;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -138,14 +139,9 @@ pub enum StoreError {
     /// A request that is well-formed but contradicts itself or the stored state.
     #[error("{0}")]
     Invalid(String),
-    /// A service's soft limit would exceed its hard limit (given together, or one against the one stored).
-    #[error("soft_limit {soft} must not exceed hard_limit {hard}")]
-    LimitsConflict {
-        /// The soft limit.
-        soft: u32,
-        /// The hard limit.
-        hard: u32,
-    },
+    /// A service's limits contradict each other (given together, or one against the one stored).
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
     /// An image that cannot be run as it is (e.g. it names no program).
     #[error("{0}")]
     InvalidImage(String),
