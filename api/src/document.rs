@@ -11,7 +11,7 @@
 //! finished with the running settings, the checked-in one with the defaults.
 
 use cloud_domain::names::{NAME_PATTERN, RESERVED_NAMES, UUID_PATTERN};
-use cloud_domain::ports::{self, PortPolicy};
+use cloud_domain::ports;
 use cloud_store::Settings;
 use serde_json::{Value, json};
 
@@ -24,7 +24,7 @@ const LABEL: &str = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
 /// Adds the rules to a document utoipa generated.
 pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
     integers(doc);
-    let policy = PortPolicy { tcp_ports: settings.tcp_ports.clone() };
+    let policy = settings.port_policy();
     let schemas = at(doc, "/components/schemas");
     for component in ["CreateTenant", "CreateService", "CreateInstance", "PullImage"] {
         merge(at(schemas, &format!("/{component}/properties/name")), name());

@@ -4,10 +4,12 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
+use cloud_certs::upload::UploadError;
 use cloud_domain::api::{ErrorCode, Problem};
 use cloud_domain::domains::DomainError;
 use cloud_domain::names::NameError;
 use cloud_domain::ports::PortSpecError;
+use cloud_domain::service::LimitsError;
 use cloud_oci::OciError;
 use cloud_store::{BundleError, StoreError};
 
@@ -157,7 +159,7 @@ impl From<StoreError> for ApiError {
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
-            StoreError::LimitsConflict { .. } => Self::new(C::LimitsConflict, detail),
+            StoreError::Limits(e) => e.into(),
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),
             ref e if e.is_unavailable() => {
                 tracing::warn!(error = %chain(e), "database unavailable");
@@ -170,9 +172,9 @@ impl From<StoreError> for ApiError {
 
 impl From<NameError> for ApiError {
     fn from(e: NameError) -> Self {
-        let code = match e.code() {
-            "reserved_name" => ErrorCode::ReservedName,
-            "invalid_domain" => ErrorCode::InvalidDomain,
+        let code = match e {
+            NameError::Reserved { .. } => ErrorCode::ReservedName,
+            NameError::Domain { .. } => ErrorCode::InvalidDomain,
             _ => ErrorCode::InvalidName,
         };
         Self::new(code, e.to_string())
@@ -189,12 +191,34 @@ impl From<DomainError> for ApiError {
     }
 }
 
+impl From<LimitsError> for ApiError {
+    fn from(e: LimitsError) -> Self {
+        let code = match e {
+            LimitsError::SoftAboveHard { .. } => ErrorCode::LimitsConflict,
+            _ => ErrorCode::InvalidRequest,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
 impl From<PortSpecError> for ApiError {
     fn from(e: PortSpecError) -> Self {
         // Each spec is valid (the document says which are); two of them claim one port.
         let code = match e {
             PortSpecError::Conflict { .. } => ErrorCode::PortConflict,
             _ => ErrorCode::InvalidPortSpec,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        let code = match &e {
+            UploadError::KeyMismatch => ErrorCode::CertificateKeyMismatch,
+            UploadError::NotCurrent { .. } | UploadError::ChainBroken { .. } => ErrorCode::CertificateChainInvalid,
+            UploadError::NameMismatch { .. } => ErrorCode::CertificateNameMismatch,
+            _ => ErrorCode::InvalidCertificate,
         };
         Self::new(code, e.to_string())
     }
@@ -236,3 +260,52 @@ impl From<OciError> for ApiError {
 
 /// Handlers' result type.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use cloud_domain::domains::resolve_domains;
+    use cloud_domain::names::{NameKind, validate_name};
+    use cloud_domain::service::check_limits;
+    use cloud_store::Settings;
+
+    use super::*;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, ErrorCode) {
+        let e = e.into();
+        (e.status.as_u16(), e.code)
+    }
+
+    #[test]
+    fn domain_errors_map_by_variant() {
+        let s = Settings::default();
+        let domains = |inputs: &[&str]| {
+            let inputs: Vec<String> = inputs.iter().map(|i| i.to_string()).collect();
+            resolve_domains(&inputs, &s.zone(), &s.base_domain)
+        };
+        for bad in [
+            "a.b.dev.cloud.localhost.",
+            "dev.cloud.localhost.",
+            "prod.cloud.localhost.",
+            "*.cloud.localhost.",
+            "cloud.localhost.",
+            "www.example.com",
+            "Shop",
+            "-x.",
+        ] {
+            assert_eq!(answer(domains(&[bad]).unwrap_err()), (400, ErrorCode::InvalidDomain), "{bad}");
+        }
+        assert_eq!(answer(domains(&["www.dev.cloud.localhost."]).unwrap_err()), (400, ErrorCode::ReservedName));
+        let many: Vec<String> = (0..51).map(|i| format!("d{i}.example.com.")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(answer(domains(&many).unwrap_err()), (400, ErrorCode::TooManyDomains));
+
+        assert_eq!(answer(validate_name(NameKind::Service, "internal").unwrap_err()), (400, ErrorCode::ReservedName));
+        assert_eq!(answer(validate_name(NameKind::Service, "Shop").unwrap_err()), (400, ErrorCode::InvalidName));
+
+        let limits = ApiError::from(check_limits(Some(6), Some(5)).unwrap_err());
+        assert_eq!((limits.status.as_u16(), limits.code), (409, ErrorCode::LimitsConflict));
+        assert_eq!(limits.detail, "soft_limit 6 must not exceed hard_limit 5");
+        let stored = ApiError::from(StoreError::from(check_limits(Some(6), Some(5)).unwrap_err()));
+        assert_eq!((stored.code, stored.detail), (limits.code, limits.detail));
+    }
+}

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::int;
 use crate::ports::{PortMapping, PortSpec};
+use crate::service;
 use crate::state::{DesiredState, InstanceState, RestartPolicy};
 
 /// Stable, machine-readable error codes carried in every problem document's `code`.
@@ -573,7 +574,7 @@ pub struct CreateService {
     #[schema(minimum = 1, maximum = 2147483647)]
     pub hard_limit: Option<u32>,
     /// Scale to zero after this many idle seconds (1 to 604800, a week).
-    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 604_800>")]
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, { service::MAX_SCALE_TO_ZERO_SECS }>")]
     #[schema(minimum = 1, maximum = 604800)]
     pub scale_to_zero_after: Option<u32>,
     /// Extra names: `name` for `name.<region>.<base_domain>`, or a fully qualified custom domain with a
@@ -599,7 +600,7 @@ pub struct UpdateService {
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 2147483647)]
     pub hard_limit: Option<Option<u32>>,
     /// New scale-to-zero idle time (1 to 604800 seconds), or `null` to keep instances running.
-    #[serde(default, deserialize_with = "int::clearable::<_, _, 1, 604_800>")]
+    #[serde(default, deserialize_with = "int::clearable::<_, _, 1, { service::MAX_SCALE_TO_ZERO_SECS }>")]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 604800)]
     pub scale_to_zero_after: Option<Option<u32>>,
     /// Replaces all extra names (same forms and limits as at creation). A domain listed again keeps its

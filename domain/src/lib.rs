@@ -1,8 +1,8 @@
 //! The platform's domain rules, as plain functions and types with no I/O.
 //!
-//! Everything a tenant can get wrong is decided here (names, port specs, state transitions), so that the API,
-//! the CLI and the data plane agree on one grammar and one set of error messages. Storage and transport live in
-//! other crates; this crate only computes.
+//! Everything a tenant can get wrong is decided here (names, port specs, domains, limits, state transitions), so
+//! that the API, the CLI and the data plane agree on one grammar and one set of error messages; so is where
+//! instances run. Storage and transport live in other crates; this crate only computes.
 
 pub mod api;
 pub mod domains;
@@ -10,7 +10,10 @@ pub mod generate;
 pub mod int;
 pub mod ipam;
 pub mod names;
+pub mod placement;
 pub mod ports;
+pub mod service;
+pub mod settings;
 pub mod state;
 
 /// `error: cause: cause...`, the whole chain of an error on one line, as logs and failure reasons show it.

@@ -13,6 +13,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::api::PortInput;
+
 /// What the edge does with a port's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -140,13 +142,6 @@ pub enum PortSpecError {
         /// The port.
         port: u16,
     },
-}
-
-impl PortSpecError {
-    /// The stable API error code. (`port_conflict` is kept for a port taken by another service.)
-    pub fn code(&self) -> &'static str {
-        "invalid_port_spec"
-    }
 }
 
 /// Platform settings the rules depend on.
@@ -376,6 +371,18 @@ pub fn parse_specs<S: AsRef<str>>(specs: &[S], policy: &PortPolicy) -> Result<Ve
     expand(&parsed, policy)
 }
 
+/// Parses and expands the ports of a request, spec strings and objects alike.
+pub fn expand_inputs(inputs: &[PortInput], policy: &PortPolicy) -> Result<Vec<PortMapping>, PortSpecError> {
+    let specs = inputs
+        .iter()
+        .map(|p| match p {
+            PortInput::Spec(s) => s.parse::<PortSpec>(),
+            PortInput::Object(o) => Ok(o.clone()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    expand(&specs, policy)
+}
+
 /// The lowest port of `range` not in `used`.
 pub fn allocate_tcp_port(range: &RangeInclusive<u16>, used: &BTreeSet<u16>) -> Option<u16> {
     range.clone().find(|p| !used.contains(p))
@@ -572,10 +579,10 @@ mod tests {
     }
     use super::*;
 
-    fn expand_str(specs: &[&str]) -> Result<Vec<String>, (String, &'static str)> {
+    fn expand_str(specs: &[&str]) -> Result<Vec<String>, String> {
         parse_specs(specs, &PortPolicy::default())
             .map(|m| m.iter().map(|m| m.to_string()).collect())
-            .map_err(|e| (e.to_string(), e.code()))
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -608,107 +615,77 @@ mod tests {
 
     #[test]
     fn every_rule_refuses_with_a_message_naming_spec_and_rule() {
-        let syntax = "invalid_port_spec";
-        let cases: &[(&[&str], &str, &str)] = &[
-            (&[""], syntax, "port spec \"\": is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080"),
-            (&["abc"], syntax, "port spec \"abc\": public port \"abc\" is not a number"),
-            (&["-1"], syntax, "port spec \"-1\": public port \"-1\" is not a number"),
-            (&[" 443"], syntax, "port spec \" 443\": public port \" 443\" is not a number"),
-            (&["70000:80"], syntax, "port spec \"70000:80\": public port 70000 is out of range (1-65535)"),
-            (&["443:"], syntax, "port spec \"443:\": destination port \"\" is not a number"),
-            (&["443:99999"], syntax, "port spec \"443:99999\": destination port 99999 is out of range (1-65535)"),
-            (&["1:2:3"], syntax, "port spec \"1:2:3\": has more than one ':'; write PUBLIC[:DEST]"),
-            (&["443/"], syntax, "port spec \"443/\": has '/' but no handler after it"),
+        let cases: &[(&[&str], &str)] = &[
+            (&[""], "port spec \"\": is empty; write PUBLIC[:DEST][/HANDLER[+HANDLER]], e.g. 443:8080"),
+            (&["abc"], "port spec \"abc\": public port \"abc\" is not a number"),
+            (&["-1"], "port spec \"-1\": public port \"-1\" is not a number"),
+            (&[" 443"], "port spec \" 443\": public port \" 443\" is not a number"),
+            (&["70000:80"], "port spec \"70000:80\": public port 70000 is out of range (1-65535)"),
+            (&["443:"], "port spec \"443:\": destination port \"\" is not a number"),
+            (&["443:99999"], "port spec \"443:99999\": destination port 99999 is out of range (1-65535)"),
+            (&["1:2:3"], "port spec \"1:2:3\": has more than one ':'; write PUBLIC[:DEST]"),
+            (&["443/"], "port spec \"443/\": has '/' but no handler after it"),
             (
                 &["443:8080/bogus"],
-                syntax,
                 "port spec \"443:8080/bogus\": unknown handler \"bogus\" (valid: tls, http, redirect, tcp, proxy)",
             ),
-            (&["443:8080/tls+tls"], syntax, "port spec \"443:8080/tls+tls\": names tls twice"),
-            (&["8443/tls+proxy+proxy"], syntax, "port spec \"8443/tls+proxy+proxy\": names proxy twice"),
-            (&["443:0"], syntax, "port spec \"443:0\": destination port must be 1-65535"),
+            (&["443:8080/tls+tls"], "port spec \"443:8080/tls+tls\": names tls twice"),
+            (&["8443/tls+proxy+proxy"], "port spec \"8443/tls+proxy+proxy\": names proxy twice"),
+            (&["443:0"], "port spec \"443:0\": destination port must be 1-65535"),
             (
                 &["443:8080/http"],
-                syntax,
                 "port spec \"443:8080/http\": port 443 serves https: its handlers are exactly tls+http",
             ),
-            (
-                &["443:8080/tls"],
-                syntax,
-                "port spec \"443:8080/tls\": port 443 serves https: its handlers are exactly tls+http",
-            ),
-            (&["80:8080/tls"], syntax, "port spec \"80:8080/tls\": port 80 serves plain http and never tls"),
-            (&["80:8080/tls+http"], syntax, "port spec \"80:8080/tls+http\": port 80 serves plain http and never tls"),
-            (
-                &["80:8080/tcp"],
-                syntax,
-                "port spec \"80:8080/tcp\": port 80 serves plain http: it needs the http handler",
-            ),
+            (&["443:8080/tls"], "port spec \"443:8080/tls\": port 443 serves https: its handlers are exactly tls+http"),
+            (&["80:8080/tls"], "port spec \"80:8080/tls\": port 80 serves plain http and never tls"),
+            (&["80:8080/tls+http"], "port spec \"80:8080/tls+http\": port 80 serves plain http and never tls"),
+            (&["80:8080/tcp"], "port spec \"80:8080/tcp\": port 80 serves plain http: it needs the http handler"),
             (
                 &["8080/http"],
-                syntax,
                 "port spec \"8080/http\": plain http is only for port 80; port 8080 takes tls, tls+http or tcp",
             ),
             (
                 &["8443:8080/http+redirect"],
-                syntax,
                 "port spec \"8443:8080/http+redirect\": redirect is only for port 80, not 8443",
             ),
             (
                 &["80:8443/http+redirect", "443"],
-                syntax,
                 "port spec \"80:8443/http+redirect\": redirect goes to https on 443, not 8443",
             ),
             (
                 &["80/http+redirect"],
-                syntax,
                 "port spec \"80/http+redirect\": redirect goes to https on 443, but no spec maps port 443",
             ),
             (
                 &["30001:5432/tcp+tls"],
-                syntax,
                 "port spec \"30001:5432/tcp+tls\": tcp forwards raw bytes and cannot combine with tls, http or redirect",
             ),
             (
                 &["5432/tcp"],
-                syntax,
                 "port spec \"5432/tcp\": a tcp public port is 0 (allocate) or within 30000-32767, not 5432",
             ),
             (
                 &["30001:80/tls"],
-                syntax,
                 "port spec \"30001:80/tls\": port 30001 is in the tcp range 30000-32767, reserved for tcp",
             ),
-            (
-                &["0:80/tls"],
-                syntax,
-                "port spec \"0:80/tls\": public port 0 allocates a raw tcp port; it needs the tcp handler",
-            ),
-            (&["0/tcp"], syntax, "port spec \"0/tcp\": public port 0 (allocate) needs a destination port"),
+            (&["0:80/tls"], "port spec \"0:80/tls\": public port 0 allocates a raw tcp port; it needs the tcp handler"),
+            (&["0/tcp"], "port spec \"0/tcp\": public port 0 (allocate) needs a destination port"),
             (
                 &["443:8080/tls+http+proxy"],
-                syntax,
                 "port spec \"443:8080/tls+http+proxy\": proxy needs a raw stream: tcp, or tls without http",
             ),
             (
                 &["8443:8080/tls+http+proxy"],
-                syntax,
                 "port spec \"8443:8080/tls+http+proxy\": proxy needs a raw stream: tcp, or tls without http",
             ),
-            (
-                &["443:8080", "443:9090"],
-                syntax,
-                "port spec \"443:9090\": public port 443 is already mapped by \"443:8080\"",
-            ),
+            (&["443:8080", "443:9090"], "port spec \"443:9090\": public port 443 is already mapped by \"443:8080\""),
             (
                 &["8443/tls", "8443:1/tls"],
-                syntax,
                 "port spec \"8443:1/tls\": public port 8443 is already mapped by \"8443/tls\"",
             ),
         ];
-        for (specs, code, msg) in cases {
-            let err = expand_str(specs).unwrap_err();
-            assert_eq!((err.0.as_str(), err.1), (*msg, *code), "{specs:?}");
+        for (specs, msg) in cases {
+            assert_eq!(expand_str(specs).unwrap_err(), *msg, "{specs:?}");
         }
     }
 

@@ -113,13 +113,6 @@ pub enum StateError {
     NotAllowed(String),
 }
 
-impl StateError {
-    /// The stable API error code.
-    pub fn code(&self) -> &'static str {
-        "invalid_state_transition"
-    }
-}
-
 /// Asks a stopped or failed instance to run.
 pub fn start(current: InstanceState) -> Result<Transition, StateError> {
     use InstanceState::*;
@@ -183,7 +176,6 @@ mod tests {
             assert_eq!(start(state).map_err(|e| e.to_string()), want_start.map_err(String::from), "start {state}");
             assert_eq!(stop(state).map_err(|e| e.to_string()), want_stop.map_err(String::from), "stop {state}");
         }
-        assert_eq!(stop(Stopped).unwrap_err().code(), "invalid_state_transition");
     }
 
     #[test]

@@ -24,11 +24,10 @@ mod tenants;
 mod tokens;
 mod zone;
 
-use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use cloud_domain::service::LimitsError;
 use cloud_domain::state::StateError;
-use ipnet::Ipv4Net;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -46,64 +45,15 @@ pub use services::{NewService, ServiceChange};
 pub use tokens::TokenStatus;
 pub use zone::{ZoneChanges, ZoneData, ZoneDomain, ZoneInstance, ZonePatch, ZoneService, ZoneTenant};
 
+/// The platform settings are a domain type; they are re-exported here because every role hands them to the store.
+pub use cloud_domain::settings::{DEFAULT_DATABASE_TIMEOUT, Settings};
+
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
-/// [`Settings::database_timeout`] unless configured otherwise.
-pub const DEFAULT_DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The slowest transfer of image data an operation is given time for, on top of [`Settings::database_timeout`]:
 /// storing or reading a 256 MiB image may take half a minute more, not forever.
 pub const BULK_BYTES_PER_SECOND: u64 = 8 << 20;
-
-/// Platform-wide settings the store needs to generate names and allocate resources.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Region label in service FQDNs.
-    pub region: String,
-    /// Base domain in service FQDNs.
-    pub base_domain: String,
-    /// The pool tenants' private networks are carved from.
-    pub tenant_pool: Ipv4Net,
-    /// Prefix length of each tenant's network.
-    pub tenant_prefix: u8,
-    /// Public ports raw TCP services are allocated from.
-    pub tcp_ports: RangeInclusive<u16>,
-    /// How long a deleted instance's private IP stays unallocated: longer than any edge or DNS cache may still
-    /// route to it and than the node takes to tear the old sandbox down, so the address never reaches a newcomer
-    /// while something still means the old instance.
-    pub ip_hold: Duration,
-    /// How long an unverified custom-domain claim lasts: long enough for an owner to publish a TXT record, short
-    /// enough that an abandoned or squatting claim does not linger.
-    pub domain_claim_ttl: Duration,
-    /// How long one operation may wait for PostgreSQL, taking a connection included, before it fails with
-    /// [`StoreError::Unresponsive`]: a frozen, overloaded or cut-off server makes callers fail in bounded time
-    /// instead of hanging (a server that froze leaves its TCP connections open, so nothing else would end the
-    /// wait). Operations that move image data get more time for their bytes ([`BULK_BYTES_PER_SECOND`]).
-    pub database_timeout: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            region: "dev".into(),
-            base_domain: "cloud.localhost".into(),
-            tenant_pool: "10.96.0.0/12".parse().expect("valid literal"),
-            tenant_prefix: 22,
-            tcp_ports: 30000..=32767,
-            ip_hold: Duration::from_secs(60),
-            domain_claim_ttl: Duration::from_secs(7 * 86400),
-            database_timeout: DEFAULT_DATABASE_TIMEOUT,
-        }
-    }
-}
-
-impl Settings {
-    /// The zone service FQDNs live in: `<region>.<base_domain>`.
-    pub fn zone(&self) -> String {
-        format!("{}.{}", self.region, self.base_domain)
-    }
-}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,14 +139,9 @@ pub enum StoreError {
     /// A request that is well-formed but contradicts itself or the stored state.
     #[error("{0}")]
     Invalid(String),
-    /// A service's soft limit would exceed its hard limit (given together, or one against the one stored).
-    #[error("soft_limit {soft} must not exceed hard_limit {hard}")]
-    LimitsConflict {
-        /// The soft limit.
-        soft: u32,
-        /// The hard limit.
-        hard: u32,
-    },
+    /// A service's limits contradict each other (given together, or one against the one stored).
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
     /// An image that cannot be run as it is (e.g. it names no program).
     #[error("{0}")]
     InvalidImage(String),

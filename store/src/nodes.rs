@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloud_domain::api::{EventAction, LogLine};
+use cloud_domain::placement::{Node, Pending, place, waiting_reason};
 use cloud_domain::state::{DesiredState, InstanceState, RestartPolicy};
 use ipnet::Ipv4Net;
 use uuid::Uuid;
@@ -128,8 +129,9 @@ impl Store {
         .await
     }
 
-    /// Assigns unscheduled instances that want to run to the live node with the most free memory. A node is
-    /// live when it heartbeated within `live`. Returns how many were assigned.
+    /// Assigns unscheduled instances that want to run, oldest first, to live nodes by
+    /// [`cloud_domain::placement::place`]. A node is live when it heartbeated within `live`. Returns how many were
+    /// assigned.
     pub async fn schedule_pending(&self, live: Duration) -> Result<usize, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
@@ -143,25 +145,22 @@ impl Store {
             if pending.is_empty() {
                 return Ok(0);
             }
-            let mut nodes: Vec<(Uuid, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let nodes: Vec<(Uuid, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT n.id, n.memory_mb - coalesce(sum(i.memory_mb), 0)::bigint
              FROM nodes n LEFT JOIN instances i ON i.node_id = n.id
              WHERE n.heartbeat_at > now() - interval '{}'
-             GROUP BY n.id ORDER BY n.id",
+             GROUP BY n.id",
                 interval(live)
             )))
             .fetch_all(&mut *tx)
             .await?;
+            let nodes: Vec<Node> = nodes.into_iter().map(|(id, free_mb)| Node { id, free_mb }).collect();
+            let queue: Vec<Pending> =
+                pending.iter().map(|&(id, _, memory, _)| Pending { id, memory_mb: memory as u32 }).collect();
+            let placed = place(&queue, &nodes);
             let mut assigned = 0;
-            for (id, tenant, memory, reason) in pending {
-                let best = nodes.iter_mut().filter(|(_, free)| *free >= memory as i64).max_by_key(|(_, free)| *free);
-                let (node, reason_now) = match best {
-                    Some((node, free)) => {
-                        *free -= memory as i64;
-                        (Some(*node), None)
-                    }
-                    None => (None, Some(format!("waiting for a node with {memory} MiB free"))),
-                };
+            for ((id, tenant, memory, reason), node) in pending.into_iter().zip(placed) {
+                let reason_now = node.is_none().then(|| waiting_reason(memory as u32));
                 if node.is_none() && reason == reason_now {
                     continue;
                 }

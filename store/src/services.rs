@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use cloud_domain::api::{Domain, DomainState, DomainVerification, EventAction, InstanceSummary, Service};
 use cloud_domain::generate;
 use cloud_domain::ports::{self, Handler, PortMapping};
+use cloud_domain::service::check_limits;
 use cloud_domain::state::InstanceState;
 use uuid::Uuid;
 
@@ -485,11 +486,7 @@ impl Store {
             let before = self.service_in(&mut tx, tenant, id).await?;
             let soft = change.soft_limit.unwrap_or(before.soft_limit);
             let hard = change.hard_limit.unwrap_or(before.hard_limit);
-            if let (Some(s), Some(h)) = (soft, hard)
-                && s > h
-            {
-                return Err(StoreError::LimitsConflict { soft: s, hard: h });
-            }
+            check_limits(soft, hard)?;
             let idle = change.scale_to_zero_after.unwrap_or(before.scale_to_zero_after);
             sqlx::query(
                 "UPDATE services SET soft_limit = $2, hard_limit = $3, scale_to_zero_after = $4, updated_at = now()

@@ -50,7 +50,7 @@ pub(crate) async fn upload_certificate(
     })
     .await
     .map_err(|e| ApiError::internal(&e))?;
-    let (checked, chain_pem, key_sealed) = checked.map_err(upload_error)?;
+    let (checked, chain_pem, key_sealed) = checked?;
     let to_utc = |t: time::OffsetDateTime| {
         chrono::DateTime::from_timestamp(t.unix_timestamp(), 0).unwrap_or(chrono::DateTime::UNIX_EPOCH)
     };
@@ -70,16 +70,6 @@ pub(crate) async fn upload_certificate(
         )
         .await?;
     Ok(HttpResponse::Created().json(cert))
-}
-
-fn upload_error(e: UploadError) -> ApiError {
-    let code = match &e {
-        UploadError::KeyMismatch => ErrorCode::CertificateKeyMismatch,
-        UploadError::NotCurrent { .. } | UploadError::ChainBroken { .. } => ErrorCode::CertificateChainInvalid,
-        UploadError::NameMismatch { .. } => ErrorCode::CertificateNameMismatch,
-        _ => ErrorCode::InvalidCertificate,
-    };
-    ApiError::new(code, e.to_string())
 }
 
 /// List the tenant's certificates.

@@ -3,7 +3,7 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use cloud_domain::api::{ErrorCode, Image, ImageArchive, ImageManifest, Page, Problem, PullImage, Scope};
-use cloud_domain::names::NameKind;
+use cloud_domain::names::{NameKind, validate_name};
 use cloud_oci::{Compression, Limits, Reference, TargetPlatform};
 use cloud_store::BundleError;
 use futures_util::StreamExt;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ApiResult};
-use crate::validate::{self, ListQuery};
+use crate::validate::ListQuery;
 use crate::{AppState, Auth};
 
 /// Where an upload goes.
@@ -76,7 +76,7 @@ pub(crate) async fn create_image(
                 format!("the query names the image {name:?} and the body {:?}: give one name", pull.name),
             ));
         }
-        validate::name(NameKind::Image, &pull.name)?;
+        validate_name(NameKind::Image, &pull.name)?;
         let reference = Reference::parse(&pull.reference)?;
         let image = state.registries.pull(&reference).await?;
         state.store.put_oci_image(auth.tenant, &pull.name, &image, &reference.to_string()).await?
@@ -87,7 +87,7 @@ pub(crate) async fn create_image(
                 "an upload needs its image name: POST /v1/images?name=N",
             ));
         };
-        validate::name(NameKind::Image, name)?;
+        validate_name(NameKind::Image, name)?;
         let body = read_body(payload, state.config.max_image_bytes, "api.max_image_bytes").await?;
         let limits = state.config.image_limits();
         // Reading verifies every blob and walks every layer: seconds for a large image, off the async workers.

@@ -2,12 +2,13 @@
 
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use cloud_domain::api::{CreateInstance, CreatedInstances, ErrorCode, Instance, LogLine, Page, Problem, Scope};
-use cloud_domain::names::NameKind;
+use cloud_domain::names::{NameKind, validate_name};
+use cloud_domain::ports::expand_inputs;
 use cloud_store::{LogUpdate, NewInstances};
 
 use crate::error::{ApiError, ApiResult};
 use crate::sse::{self, LogFrame};
-use crate::validate::{self, ListQuery};
+use crate::validate::ListQuery;
 use crate::{AppState, Auth};
 
 /// Create instances of an image, attached to a service, to a new ephemeral service (`ports`), or to none.
@@ -28,9 +29,9 @@ pub(crate) async fn create_instance(
         return Err(invalid("image must name an image".into()));
     }
     if let Some(name) = &body.name {
-        validate::name(NameKind::Instance, name)?;
+        validate_name(NameKind::Instance, name)?;
         if body.replicas > 1 {
-            validate::name(NameKind::Instance, &format!("{name}-{}", body.replicas))?;
+            validate_name(NameKind::Instance, &format!("{name}-{}", body.replicas))?;
         }
     }
     // replicas, port and memory_mb were checked against their bounds as the body was read.
@@ -50,7 +51,8 @@ pub(crate) async fn create_instance(
             "give either service (attach to an existing service) or ports (create an ephemeral one), not both".into(),
         ));
     }
-    let ports = body.ports.as_deref().map(|p| validate::ports(p, state.store.settings())).transpose()?;
+    let policy = state.store.settings().port_policy();
+    let ports = body.ports.as_deref().map(|p| expand_inputs(p, &policy)).transpose()?;
     let new = NewInstances {
         image: body.image,
         name: body.name,

@@ -2,13 +2,16 @@
 
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use cloud_domain::api::{CreateService, ErrorCode, Page, Problem, Scope, Service, UpdateService};
-use cloud_domain::names::NameKind;
+use cloud_domain::domains::resolve_domains;
+use cloud_domain::names::{NameKind, validate_name};
+use cloud_domain::ports::expand_inputs;
+use cloud_domain::service::check_limits;
 use cloud_store::{NewService, ServiceChange};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ApiResult};
-use crate::validate::{self, ListQuery};
+use crate::validate::ListQuery;
 use crate::{AppState, Auth};
 
 /// Create a service with a generated FQDN `<name>-<8 random>.<region>.<base_domain>`.
@@ -26,11 +29,11 @@ pub(crate) async fn create_service(
     let body = body.into_inner();
     let settings = state.store.settings();
     if let Some(name) = &body.name {
-        validate::name(NameKind::Service, name)?;
+        validate_name(NameKind::Service, name)?;
     }
-    let ports = validate::ports(&body.ports, settings)?;
-    validate::limits(body.soft_limit, body.hard_limit)?;
-    let domains = validate::domains(&body.domains, settings)?;
+    let ports = expand_inputs(&body.ports, &settings.port_policy())?;
+    check_limits(body.soft_limit, body.hard_limit)?;
+    let domains = resolve_domains(&body.domains, &settings.zone(), &settings.base_domain)?;
     let new = NewService {
         name: body.name,
         ports,
@@ -132,9 +135,11 @@ pub(crate) async fn update_service(
     auth.require(Scope::Write)?;
     let body = body.into_inner();
     let settings = state.store.settings();
-    let ports = body.ports.as_deref().map(|p| validate::ports(p, settings)).transpose()?;
-    validate::limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
-    let domains = body.domains.as_deref().map(|d| validate::domains(d, settings)).transpose()?;
+    let ports = body.ports.as_deref().map(|p| expand_inputs(p, &settings.port_policy())).transpose()?;
+    // Limits given together must agree here; the store checks one given alone against the one it keeps.
+    check_limits(body.soft_limit.flatten(), body.hard_limit.flatten())?;
+    let zone = settings.zone();
+    let domains = body.domains.as_deref().map(|d| resolve_domains(d, &zone, &settings.base_domain)).transpose()?;
     let change = ServiceChange {
         ports,
         soft_limit: body.soft_limit,

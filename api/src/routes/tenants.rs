@@ -2,10 +2,10 @@
 
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use cloud_domain::api::{CreateTenant, Page, Problem, Scope, Tenant, UpdateTenant};
-use cloud_domain::names::NameKind;
+use cloud_domain::names::{NameKind, validate_name};
 
 use crate::error::ApiResult;
-use crate::validate::{self, ListQuery};
+use crate::validate::ListQuery;
 use crate::{AppState, Auth};
 
 /// Create a tenant with its own private network.
@@ -20,7 +20,7 @@ pub(crate) async fn create_tenant(
     body: crate::json::Json<CreateTenant>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Admin)?;
-    validate::name(NameKind::Tenant, &body.name)?;
+    validate_name(NameKind::Tenant, &body.name)?;
     let tenant = state.store.create_tenant(&body.name, body.quotas).await?;
     Ok(HttpResponse::Created().json(tenant))
 }
