@@ -17,6 +17,9 @@ pub struct Config {
     /// Seconds an operation waits for PostgreSQL before it fails (the API answers 503 `database_unavailable`,
     /// the node agent and the certificate manager retry). Default 5.
     pub database_timeout_seconds: Option<u64>,
+    /// Whether a role applies pending migrations when it starts; otherwise it refuses a schema that is behind and
+    /// `cloudd migrate` applies them. Default false; `cloudd dev` always migrates its database.
+    pub migrate_on_start: bool,
     /// API role settings.
     pub api: ApiSection,
     /// Names and address pools of the platform.
@@ -34,7 +37,7 @@ pub struct Config {
 }
 
 /// `[certs]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CertsSection {
     /// ACME directory URL (e.g. `https://acme-v02.api.letsencrypt.org/directory`, or staging). Default none: only
@@ -56,11 +59,11 @@ pub struct CertsSection {
     /// 2 s wait).
     pub dns_servers: Vec<SocketAddr>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd certs`. Default `127.0.0.1:9157`.
-    pub ops_listen: Option<SocketAddr>,
+    pub ops_listen: SocketAddr,
 }
 
 /// `[edge]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeSection {
     /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` when it may bind ports below 1024 (root), else `127.0.0.1:8443`.
@@ -79,11 +82,11 @@ pub struct EdgeSection {
     /// Where the access log goes: `stderr` (default, beside the other logs), `off`, or a file path to append to.
     pub access_log: Option<String>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd edge`. Default `127.0.0.1:9156`.
-    pub ops_listen: Option<SocketAddr>,
+    pub ops_listen: SocketAddr,
 }
 
 /// `[dns]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsSection {
     /// Public listeners (UDP and TCP). Default `0.0.0.0:53`; `cloudd dev`: `127.0.0.1:5353`.
@@ -93,11 +96,11 @@ pub struct DnsSection {
     /// Addresses service FQDNs resolve to: the region's edges. Default `127.0.0.1`.
     pub edge_addresses: Option<Vec<std::net::IpAddr>>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd dns`. Default `127.0.0.1:9153`.
-    pub ops_listen: Option<SocketAddr>,
+    pub ops_listen: SocketAddr,
 }
 
 /// `[node]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSection {
     /// Unique node name. Default: the host name.
@@ -107,7 +110,7 @@ pub struct NodeSection {
     /// Memory offered to instances, MiB. Default: 80% of the machine's.
     pub memory_mb: Option<u64>,
     /// `/healthz`, `/readyz` and `/metrics` of `cloudd node`. Default `127.0.0.1:9154`.
-    pub ops_listen: Option<SocketAddr>,
+    pub ops_listen: SocketAddr,
     /// The private DNS listener on this host (IPv4) that instances' queries to their gateway are forwarded to;
     /// instances then get a resolv.conf naming their gateway. Default none (instances see the host's
     /// resolv.conf); `cloudd dev`: its own private listener.
@@ -124,6 +127,67 @@ pub struct NodeSection {
     /// CPU per instance, in thousandths of a core; 0 for no limit. Default 1000.
     pub cpu_millicores: Option<u64>,
 }
+
+impl Default for CertsSection {
+    fn default() -> Self {
+        Self {
+            acme_directory: None,
+            acme_contact: Vec::new(),
+            acme_root_file: None,
+            challenge: None,
+            renew_before_days: None,
+            interval_seconds: None,
+            dns_servers: Vec::new(),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9157)),
+        }
+    }
+}
+
+impl Default for EdgeSection {
+    fn default() -> Self {
+        Self {
+            https_listen: None,
+            http_listen: None,
+            ports_ip: None,
+            grace_period_seconds: None,
+            threads: None,
+            upstream_pool_size: None,
+            access_log: None,
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9156)),
+        }
+    }
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            private_listen: None,
+            edge_addresses: None,
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9153)),
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            name: None,
+            state_dir: None,
+            memory_mb: None,
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9154)),
+            dns: None,
+            runc: None,
+            ids_dir: None,
+            busybox: None,
+            pids_limit: None,
+            cpu_millicores: None,
+        }
+    }
+}
+
+/// Where a node agent keeps its state unless `node.state_dir` says otherwise (`cloudd dev`: `<data_dir>/node`).
+pub const DEFAULT_NODE_STATE_DIR: &str = "/var/lib/cloudd/node";
 
 /// `[api]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -245,9 +309,19 @@ impl Config {
         if let Some(v) = env("CLOUD_BASE_DOMAIN") {
             cfg.platform.base_domain = v;
         }
-        if let Some(v) = env("CLOUD_DNS_OPS_LISTEN") {
-            cfg.dns.ops_listen =
-                Some(v.parse().with_context(|| format!("CLOUD_DNS_OPS_LISTEN={v} is not an address:port"))?);
+        for (key, field) in [
+            ("CLOUD_DNS_OPS_LISTEN", &mut cfg.dns.ops_listen),
+            ("CLOUD_EDGE_OPS_LISTEN", &mut cfg.edge.ops_listen),
+            ("CLOUD_NODE_OPS_LISTEN", &mut cfg.node.ops_listen),
+            ("CLOUD_CERTS_OPS_LISTEN", &mut cfg.certs.ops_listen),
+        ] {
+            if let Some(v) = env(key) {
+                *field = v.parse().with_context(|| format!("{key}={v} is not an address:port"))?;
+            }
+        }
+        if let Some(v) = env("CLOUD_MIGRATE_ON_START") {
+            cfg.migrate_on_start =
+                v.parse().with_context(|| format!("CLOUD_MIGRATE_ON_START={v} is not true or false"))?;
         }
         for (key, field) in
             [("CLOUD_DNS_LISTEN", &mut cfg.dns.listen), ("CLOUD_DNS_PRIVATE_LISTEN", &mut cfg.dns.private_listen)]
@@ -260,7 +334,6 @@ impl Config {
         for (key, field) in [
             ("CLOUD_EDGE_HTTPS_LISTEN", &mut cfg.edge.https_listen),
             ("CLOUD_EDGE_HTTP_LISTEN", &mut cfg.edge.http_listen),
-            ("CLOUD_EDGE_OPS_LISTEN", &mut cfg.edge.ops_listen),
             ("CLOUD_RESOLVER", &mut cfg.platform.resolver),
         ] {
             if let Some(v) = env(key) {
@@ -387,8 +460,8 @@ impl Config {
         c
     }
 
-    /// The node agent's settings; `state_dir` is used when the file names none.
-    pub fn node_config(&self, state_dir: PathBuf) -> anyhow::Result<cloud_runtime::NodeConfig> {
+    /// The node agent's settings.
+    pub fn node_config(&self) -> anyhow::Result<cloud_runtime::NodeConfig> {
         let name = match &self.node.name {
             Some(n) => n.clone(),
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -396,7 +469,8 @@ impl Config {
                 .unwrap_or_else(|_| "node".into()),
         };
         let n = &self.node;
-        let mut cfg = cloud_runtime::NodeConfig::new(name, n.state_dir.clone().unwrap_or(state_dir));
+        let mut cfg =
+            cloud_runtime::NodeConfig::new(name, n.state_dir.clone().unwrap_or_else(|| DEFAULT_NODE_STATE_DIR.into()));
         if let Some(m) = n.memory_mb {
             cfg.memory_mb = m;
         }
@@ -564,7 +638,8 @@ mod tests {
         for key in &in_code {
             assert!(reference.contains(&format!("| `{key}` |")), "docs/configuration.md has no row for {key}");
         }
-        let sources = [include_str!("config.rs"), include_str!("main.rs"), include_str!("dev.rs")];
+        let sources =
+            [include_str!("config.rs"), include_str!("main.rs"), include_str!("dev.rs"), include_str!("roles/edge.rs")];
         for source in sources {
             for var in source
                 .split('"')
