@@ -40,7 +40,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result<()> {
     let mut cfg = cfg.clone();
     let key_file = cfg.platform.secret_key_file.get_or_insert_with(|| data_dir.join("secret.key")).clone();
-    cfg.node.state_dir.get_or_insert_with(|| data_dir.join("node"));
+    if !cfg.is_set("node.state_dir") {
+        cfg.node.state_dir = data_dir.join("node");
+    }
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let key = cloud_certs::seal::SecretKey::load_or_create(&key_file)?;
     let cfg = &cfg;

@@ -24,7 +24,13 @@ impl super::Role for Certs {
              keys",
         )?;
         let checker = cloud_certs::ownership::OwnershipChecker::new(cfg.platform.resolver);
-        let manager = CertManager::new(store, Arc::new(key), checker, cfg.manager_config()?);
+        let root_file = cfg.certs.acme_root_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let config = cfg
+            .certs
+            .clone()
+            .with_acme_from_file_keys()
+            .with_context(|| format!("certs.acme_root_file {root_file}"))?;
+        let manager = CertManager::new(store, Arc::new(key), checker, config);
         let probe = Arc::new(manager.probe());
         Ok(Self { task: tokio::spawn(manager.run()), probe })
     }

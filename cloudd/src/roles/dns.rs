@@ -16,7 +16,7 @@ pub struct Dns(pub Arc<DnsHandle>);
 impl super::Role for Dns {
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
-        let dns = cloud_dns::start(store, feed, cfg.dns_config()).await.context("starting the DNS")?;
+        let dns = cloud_dns::start(store, feed, cfg.dns.clone()).await.context("starting the DNS")?;
         tracing::info!(public = ?dns.public_addrs(), private = ?dns.private_addrs(), "DNS serving");
         Ok(Self(Arc::new(dns)))
     }

@@ -23,7 +23,8 @@ pub struct Edge {
 impl super::Role for Edge {
     /// Starts the edge following the change feed, serving the platform wildcard (kept valid by a background task).
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
-        let mut config = cfg.edge_config()?;
+        let mut config = cfg.edge.clone();
+        config.secret_key = cfg.secret_key()?.map(Arc::new);
         config.access_log.json = std::env::var("CLOUD_LOG_FORMAT").is_ok_and(|v| v == "json");
         let key = config.secret_key.clone().context(
             "the edge needs the platform secret key (platform.secret_key_file): it seals the platform CA's key and \

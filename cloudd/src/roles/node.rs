@@ -18,7 +18,7 @@ impl Node {
     /// one.
     pub async fn start_with_dns(cfg: &Config, store: Store, dns: Option<SocketAddrV4>) -> anyhow::Result<Self> {
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
-        let mut node_cfg = cfg.node_config()?;
+        let mut node_cfg = cfg.node.clone();
         node_cfg.dns = node_cfg.dns.or(dns);
         let node = cloud_runtime::start(store, feed, node_cfg).await.context("starting the node agent")?;
         Ok(Self(Arc::new(node)))
