@@ -32,9 +32,14 @@ pub use auth::{Auth, StartError, TokenSigner, issue_token};
 pub use error::{ApiError, ApiResult};
 pub use metrics::Metrics;
 
-/// Limits and knobs of the API.
-#[derive(Debug, Clone)]
+/// Limits and knobs of the API: the `[api]` section of `cloudd`'s configuration file.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
+    /// Where the process serving the API listens.
+    pub listen: std::net::SocketAddr,
+    /// PostgreSQL connections the process opens (its pool's size).
+    pub max_connections: u32,
     /// Largest JSON body accepted.
     pub max_json_bytes: usize,
     /// Largest image upload accepted, and the most an image (uploaded or pulled) may store.
@@ -48,11 +53,16 @@ pub struct ApiConfig {
     /// Registries (`host[:port]`) pulled from over https although on loopback, private or link-local addresses.
     pub private_registries: Vec<String>,
     /// Recursive resolver for custom domains' ownership records; `None`: /etc/resolv.conf's first nameserver.
+    /// A platform setting (`platform.resolver`), given by the caller.
+    #[serde(skip)]
     pub resolver: Option<std::net::SocketAddr>,
     /// The platform secret key (`platform.secret_key_file`), required: it seals the token signing key, uploaded
-    /// certificates' keys and stored idempotent responses. `None` only so that the limits have a default.
+    /// certificates' keys and stored idempotent responses. `None` only so that the limits have a default; the
+    /// caller opens the key file.
+    #[serde(skip)]
     pub secret_key: Option<std::sync::Arc<cloud_certs::seal::SecretKey>>,
     /// How long an event stream stays silent before a keepalive comment: shorter than proxies' idle timeouts.
+    #[serde(rename = "stream_keepalive_seconds", with = "cloud_domain::duration::seconds")]
     pub stream_keepalive: std::time::Duration,
 }
 
@@ -60,6 +70,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         let image = cloud_oci::Limits::default();
         Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7300)),
+            max_connections: 20,
             max_json_bytes: 256 * 1024,
             max_image_bytes: image.max_stored_bytes as usize,
             max_image_unpacked_bytes: image.max_unpacked_bytes,

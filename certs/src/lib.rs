@@ -1,5 +1,5 @@
 //! Certificates: the platform CA, which signs the wildcard `*.<region>.<base_domain>` the edge serves in dev and
-//! self-hosted mode.
+//! self-hosted mode ([`wildcard`] keeps it valid).
 //!
 //! Also the ownership check of custom domains ([`ownership`]): the platform routes and certifies a custom domain
 //! only once its owner published the TXT token.
@@ -17,6 +17,7 @@ pub mod manager;
 pub mod ownership;
 pub mod seal;
 pub mod upload;
+pub mod wildcard;
 
 use std::time::Duration;
 

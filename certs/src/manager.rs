@@ -47,35 +47,55 @@ async fn persist<T, F: Future<Output = Result<T, StoreError>>>(
     }
 }
 
-/// How the manager works.
-#[derive(Debug, Clone)]
+/// What the certificate manager does and how often: the `[certs]` section of `cloudd`'s configuration file.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
-    /// The ACME CA; without it only ownership checks run.
+    /// The ACME CA; without it only ownership checks run. Not in the file as such:
+    /// [`with_acme_from_file_keys`](Self::with_acme_from_file_keys) makes it from the `acme_*` keys.
+    #[serde(skip)]
     pub acme: Option<AcmeConfig>,
-    /// How domains prove control to the CA (wildcards always use dns-01).
+    /// The ACME directory URL; none: ownership checks only.
+    pub acme_directory: Option<String>,
+    /// Contact URLs of the ACME account (`mailto:ops@example.com`).
+    pub acme_contact: Vec<String>,
+    /// PEM file of the CA that signs the ACME server's own certificate, when no public one does (pebble).
+    pub acme_root_file: Option<std::path::PathBuf>,
+    /// How domains prove control to the CA (wildcards always use dns-01): `"http-01"` or `"dns-01"`.
+    #[serde(with = "challenge_kind")]
     pub challenge: ChallengeKind,
     /// Time between passes.
+    #[serde(rename = "interval_seconds", with = "cloud_domain::duration::seconds")]
     pub interval: Duration,
     /// Pending custom-domain claims looked up per pass (the least recently checked first).
     pub ownership_batch: i64,
     /// Renew an ACME certificate this long before it ends (a per-domain jitter of up to a tenth of it spreads
     /// renewals).
+    #[serde(rename = "renew_before_days", with = "cloud_domain::duration::days")]
     pub renew_before: Duration,
     /// After a failed order, wait this long before the next attempt for that domain.
+    #[serde(rename = "retry_after_seconds", with = "cloud_domain::duration::seconds")]
     pub retry_after: Duration,
     /// Our DNS servers: a dns-01 answer is handed to the CA once every one of them serves it. Empty: wait
     /// `dns_propagation` instead.
     pub dns_servers: Vec<SocketAddr>,
     /// See `dns_servers`.
+    #[serde(rename = "dns_propagation_seconds", with = "cloud_domain::duration::seconds")]
     pub dns_propagation: Duration,
     /// This replica's name in order leases.
     pub holder: String,
+    /// Where the process running the manager serves its `/healthz`, `/readyz` and `/metrics` (see
+    /// [`ManagerProbe`]).
+    pub ops_listen: SocketAddr,
 }
 
 impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             acme: None,
+            acme_directory: None,
+            acme_contact: Vec::new(),
+            acme_root_file: None,
             challenge: ChallengeKind::Http01,
             interval: Duration::from_secs(30),
             ownership_batch: 100,
@@ -84,6 +104,42 @@ impl Default for ManagerConfig {
             dns_servers: Vec::new(),
             dns_propagation: Duration::from_secs(2),
             holder: format!("certs-{}", uuid::Uuid::new_v4().simple()),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9157)),
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Sets [`acme`](Self::acme) from `acme_directory`, `acme_contact` and `acme_root_file` (read now), unless it
+    /// is set already.
+    pub fn with_acme_from_file_keys(mut self) -> std::io::Result<Self> {
+        if let (None, Some(url)) = (&self.acme, &self.acme_directory) {
+            let mut acme = AcmeConfig::new(url.clone());
+            acme.contact = self.acme_contact.clone();
+            acme.root_pem = self.acme_root_file.as_deref().map(std::fs::read_to_string).transpose()?;
+            self.acme = Some(acme);
+        }
+        Ok(self)
+    }
+}
+
+/// [`ChallengeKind`] as the file writes it.
+mod challenge_kind {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::acme::ChallengeKind;
+
+    pub fn serialize<S: Serializer>(kind: &ChallengeKind, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(kind)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ChallengeKind, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "http-01" => Ok(ChallengeKind::Http01),
+            "dns-01" => Ok(ChallengeKind::Dns01),
+            other => {
+                Err(serde::de::Error::custom(format!("{other:?} is not a challenge: use \"http-01\" or \"dns-01\"")))
+            }
         }
     }
 }

@@ -1,4 +1,6 @@
 //! `cloudd` configuration: one TOML file, every key optional with a default, environment overrides on top.
+//! Each role's section is that role's own configuration type (`cloud_edge::EdgeConfig` is `[edge]`, ...), so every
+//! setting a role has is a key; what is `cloudd`'s alone (`[platform]`, `[dev]`, the database) is here.
 //! The environment is read through a function, so tests never mutate the process environment.
 
 use std::net::SocketAddr;
@@ -17,150 +19,121 @@ pub struct Config {
     /// Seconds an operation waits for PostgreSQL before it fails (the API answers 503 `database_unavailable`,
     /// the node agent and the certificate manager retry). Default 5.
     pub database_timeout_seconds: Option<u64>,
-    /// API role settings.
-    pub api: ApiSection,
+    /// Whether a role applies pending migrations when it starts; otherwise it refuses a schema that is behind and
+    /// `cloudd migrate` applies them. Default false; `cloudd dev` always migrates its database.
+    pub migrate_on_start: bool,
+    /// The API.
+    pub api: cloud_api::ApiConfig,
     /// Names and address pools of the platform.
     pub platform: PlatformSection,
     /// `cloudd dev` settings.
     pub dev: DevSection,
-    /// Node agent settings.
-    pub node: NodeSection,
-    /// DNS settings.
-    pub dns: DnsSection,
-    /// Edge settings.
-    pub edge: EdgeSection,
-    /// Certificate manager settings.
-    pub certs: CertsSection,
+    /// The node agent.
+    pub node: cloud_runtime::NodeConfig,
+    /// The DNS.
+    pub dns: cloud_dns::DnsConfig,
+    /// The edge.
+    pub edge: cloud_edge::EdgeConfig,
+    /// The certificate manager.
+    pub certs: cloud_certs::manager::ManagerConfig,
+    /// The keys the file and the environment set, so that `cloudd dev`'s own defaults yield to them.
+    #[serde(skip)]
+    given: toml::Table,
 }
 
-/// `[certs]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CertsSection {
-    /// ACME directory URL (e.g. `https://acme-v02.api.letsencrypt.org/directory`, or staging). Default none: only
-    /// custom domains' ownership is checked, no certificates are ordered.
-    pub acme_directory: Option<String>,
-    /// Contact URLs of the ACME account (`mailto:ops@example.com`).
-    pub acme_contact: Vec<String>,
-    /// PEM file of the CA that signs the ACME server's own certificate, when no public one does (a test CA such
-    /// as pebble). Default: the system's roots.
-    pub acme_root_file: Option<PathBuf>,
-    /// `http-01` (answered by the edges on port 80) or `dns-01` (answered by our DNS). Wildcard domains always
-    /// use dns-01. Default `http-01`.
-    pub challenge: Option<String>,
-    /// Renew this many days before a certificate ends. Default 30.
-    pub renew_before_days: Option<u64>,
-    /// Seconds between passes (ownership checks and due orders). Default 30.
-    pub interval_seconds: Option<u64>,
-    /// Our DNS servers (`ip:port`): a dns-01 answer goes to the CA once each of them serves it. Default none (a
-    /// 2 s wait).
-    pub dns_servers: Vec<SocketAddr>,
-    /// `/healthz`, `/readyz` and `/metrics` of `cloudd certs`. Default `127.0.0.1:9157`.
-    pub ops_listen: Option<SocketAddr>,
+/// Variables not named `CLOUD_<SECTION>_<KEY>` (`CLOUD_<KEY>` at the top), as they were before every key had one.
+const ENV_NAMES: &[(&str, &str)] = &[
+    ("database_url", "DATABASE_URL"),
+    ("platform.region", "CLOUD_REGION"),
+    ("platform.base_domain", "CLOUD_BASE_DOMAIN"),
+    ("platform.tenant_pool", "CLOUD_TENANT_POOL"),
+    ("platform.resolver", "CLOUD_RESOLVER"),
+    ("platform.secret_key_file", "CLOUD_SECRET_KEY_FILE"),
+    ("dev.data_dir", "CLOUD_DATA_DIR"),
+];
+
+/// The environment variable that overrides `key` (`edge.http_listen`: `CLOUD_EDGE_HTTP_LISTEN`).
+pub fn env_name(key: &str) -> String {
+    match ENV_NAMES.iter().find(|(k, _)| *k == key) {
+        Some((_, var)) => (*var).to_owned(),
+        None => format!("CLOUD_{}", key.replace('.', "_").to_ascii_uppercase()),
+    }
 }
 
-/// `[edge]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EdgeSection {
-    /// https (public port 443). Default `0.0.0.0:443`; `cloudd dev`: `127.0.0.1:443` when it may bind ports below 1024 (root), else `127.0.0.1:8443`.
-    pub https_listen: Option<SocketAddr>,
-    /// http (public port 80). Default `0.0.0.0:80`; `cloudd dev`: `127.0.0.1:80` when it may bind ports below 1024 (root), else `127.0.0.1:8080`.
-    pub http_listen: Option<SocketAddr>,
-    /// Address the ports services declare (tls, tcp) open on. Default `0.0.0.0`; `cloudd dev`: `127.0.0.1`.
-    pub ports_ip: Option<std::net::IpAddr>,
-    /// Seconds open connections get to finish at shutdown. Default 5.
-    pub grace_period_seconds: Option<u64>,
-    /// Threads serving connections, each with its own runtime, listening sockets and upstream pools. Default one
-    /// per core.
-    pub threads: Option<usize>,
-    /// Idle keep-alive connections to instances kept per thread and public port. Default 1024.
-    pub upstream_pool_size: Option<usize>,
-    /// Where the access log goes: `stderr` (default, beside the other logs), `off`, or a file path to append to.
-    pub access_log: Option<String>,
-    /// `/healthz`, `/readyz` and `/metrics` of `cloudd edge`. Default `127.0.0.1:9156`.
-    pub ops_listen: Option<SocketAddr>,
-}
-
-/// `[dns]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsSection {
-    /// Public listeners (UDP and TCP). Default `0.0.0.0:53`; `cloudd dev`: `127.0.0.1:5353`.
-    pub listen: Option<Vec<SocketAddr>>,
-    /// Private listeners answering the `internal` zone per tenant. Default none; `cloudd dev`: `127.0.0.1:5354`.
-    pub private_listen: Option<Vec<SocketAddr>>,
-    /// Addresses service FQDNs resolve to: the region's edges. Default `127.0.0.1`.
-    pub edge_addresses: Option<Vec<std::net::IpAddr>>,
-    /// `/healthz`, `/readyz` and `/metrics` of `cloudd dns`. Default `127.0.0.1:9153`.
-    pub ops_listen: Option<SocketAddr>,
-}
-
-/// `[node]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NodeSection {
-    /// Unique node name. Default: the host name.
-    pub name: Option<String>,
-    /// Where the node keeps unpacked images. Default: `/var/lib/cloudd/node` (`<dev.data_dir>/node` in dev).
-    pub state_dir: Option<PathBuf>,
-    /// Memory offered to instances, MiB. Default: 80% of the machine's.
-    pub memory_mb: Option<u64>,
-    /// `/healthz`, `/readyz` and `/metrics` of `cloudd node`. Default `127.0.0.1:9154`.
-    pub ops_listen: Option<SocketAddr>,
-    /// The private DNS listener on this host (IPv4) that instances' queries to their gateway are forwarded to;
-    /// instances then get a resolv.conf naming their gateway. Default none (instances see the host's
-    /// resolv.conf); `cloudd dev`: its own private listener.
-    pub dns: Option<std::net::SocketAddrV4>,
-    /// The OCI runtime sandboxes run through. Default `runc` (from PATH).
-    pub runc: Option<PathBuf>,
-    /// Where sandboxes' host uid/gid ranges are held, shared by every node agent of the host. Default
-    /// `/run/cloud/ids`.
-    pub ids_dir: Option<PathBuf>,
-    /// The static busybox directory bundles' base layer is built from. Default `/bin/busybox`.
-    pub busybox: Option<PathBuf>,
-    /// Processes and threads per instance. Default 512.
-    pub pids_limit: Option<i64>,
-    /// CPU per instance, in thousandths of a core; 0 for no limit. Default 1000.
-    pub cpu_millicores: Option<u64>,
-}
-
-/// `[api]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiSection {
-    /// Address the API listens on.
-    pub listen: SocketAddr,
-    /// Largest JSON request body, in bytes.
-    pub max_json_bytes: usize,
-    /// Largest image upload, in bytes; also the most an image (uploaded or pulled) may store.
-    pub max_image_bytes: usize,
-    /// The most an image's layers may unpack to, in bytes.
-    pub max_image_unpacked_bytes: u64,
-    /// The most entries (files, directories, links) an image's layers may hold together.
-    pub max_image_entries: u64,
-    /// Registries (`host[:port]`) the API may pull from over plain http. Default none: https only.
-    pub insecure_registries: Vec<String>,
-    /// Registries (`host[:port]`) the API may pull from over https although they are on loopback, private or
-    /// link-local addresses. Default none: public addresses only.
-    pub private_registries: Vec<String>,
-    /// Database connections per API process.
-    pub max_connections: u32,
-}
-
-impl Default for ApiSection {
-    fn default() -> Self {
-        let d = cloud_api::ApiConfig::default();
-        Self {
-            listen: "127.0.0.1:7300".parse().expect("literal"),
-            max_json_bytes: d.max_json_bytes,
-            max_image_bytes: d.max_image_bytes,
-            max_image_unpacked_bytes: d.max_image_unpacked_bytes,
-            max_image_entries: d.max_image_entries,
-            insecure_registries: d.insecure_registries,
-            private_registries: d.private_registries,
-            max_connections: 20,
+/// Every key (`section.key`, or `key` at the top) with its default, whose JSON type says how an environment
+/// value is read.
+fn keys() -> Vec<(String, serde_json::Value)> {
+    let defaults = serde_json::to_value(Config::default()).expect("the configuration serializes");
+    let mut out = Vec::new();
+    for (k, v) in defaults.as_object().expect("a table") {
+        match v.as_object() {
+            Some(section) => out.extend(section.iter().map(|(f, v)| (format!("{k}.{f}"), v.clone()))),
+            None => out.push((k.clone(), v.clone())),
         }
+    }
+    out
+}
+
+/// An environment value as the key's type wants it: a string key takes it as is, a list takes `a,b` (or a TOML
+/// array), anything else a TOML value (`5`, `true`, `{ burst = 10 }`), else the text.
+fn env_value(default: &serde_json::Value, raw: &str) -> toml::Value {
+    let literal = |raw: &str| {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+    };
+    match default {
+        serde_json::Value::String(_) => toml::Value::String(raw.to_owned()),
+        serde_json::Value::Array(_) if !raw.trim_start().starts_with('[') => {
+            toml::Value::Array(raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(literal).collect())
+        }
+        _ => literal(raw),
+    }
+}
+
+/// Sets `section.key` (or `key`) in a table.
+fn set(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        Some((section, field)) => {
+            let section = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = section {
+                t.insert(field.to_owned(), value);
+            }
+        }
+        None => {
+            table.insert(key.to_owned(), value);
+        }
+    }
+}
+
+/// A range of ports, written `LOW-HIGH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    /// First port of the range.
+    pub low: u16,
+    /// Last port of the range.
+    pub high: u16,
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| 0 < *a && a <= b)
+            .map(|(low, high)| Self { low, high })
+            .ok_or_else(|| {
+                format!("{text:?} is not a port range: write LOW-HIGH with 0 < LOW <= HIGH, e.g. 30000-32767")
+            })
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> Self {
+        format!("{}-{}", r.low, r.high)
     }
 }
 
@@ -178,7 +151,7 @@ pub struct PlatformSection {
     /// Prefix length of each tenant's network.
     pub tenant_prefix: u8,
     /// Range of public ports for raw TCP services, `LOW-HIGH`.
-    pub tcp_ports: String,
+    pub tcp_ports: PortRange,
     /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
     /// Default: the first nameserver of /etc/resolv.conf.
     pub resolver: Option<SocketAddr>,
@@ -198,7 +171,7 @@ impl Default for PlatformSection {
             base_domain: s.base_domain,
             tenant_pool: None,
             tenant_prefix: s.tenant_prefix,
-            tcp_ports: format!("{}-{}", s.tcp_ports.start(), s.tcp_ports.end()),
+            tcp_ports: PortRange { low: *s.tcp_ports.start(), high: *s.tcp_ports.end() },
             resolver: None,
             domain_claim_days: (s.domain_claim_ttl.as_secs() / 86400) as u32,
             secret_key_file: None,
@@ -224,72 +197,54 @@ impl Default for DevSection {
 }
 
 impl Config {
-    /// Reads the file (when given) and applies the environment overrides.
+    /// Reads the file (when given) and applies the environment overrides: each key's variable (see
+    /// [`env_name`]), an empty one being ignored.
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let mut cfg: Config = match file {
+        let mut given = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+                let table: toml::Table =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                // Parsed as the configuration too, so that an error names its line.
+                toml::from_str::<Config>(&text).with_context(|| format!("parsing {}", path.display()))?;
+                table
             }
-            None => Config::default(),
+            None => toml::Table::new(),
         };
-        if let Some(v) = env("DATABASE_URL").filter(|v| !v.is_empty()) {
-            cfg.database_url = Some(v);
-        }
-        if let Some(v) = env("CLOUD_API_LISTEN") {
-            cfg.api.listen = v.parse().with_context(|| format!("CLOUD_API_LISTEN={v} is not an address:port"))?;
-        }
-        if let Some(v) = env("CLOUD_REGION") {
-            cfg.platform.region = v;
-        }
-        if let Some(v) = env("CLOUD_BASE_DOMAIN") {
-            cfg.platform.base_domain = v;
-        }
-        if let Some(v) = env("CLOUD_DNS_OPS_LISTEN") {
-            cfg.dns.ops_listen =
-                Some(v.parse().with_context(|| format!("CLOUD_DNS_OPS_LISTEN={v} is not an address:port"))?);
-        }
-        for (key, field) in
-            [("CLOUD_DNS_LISTEN", &mut cfg.dns.listen), ("CLOUD_DNS_PRIVATE_LISTEN", &mut cfg.dns.private_listen)]
-        {
-            if let Some(v) = env(key) {
-                let addrs = v.split(',').map(|a| a.trim().parse()).collect::<Result<Vec<SocketAddr>, _>>();
-                *field = Some(addrs.with_context(|| format!("{key}={v} is not a list of address:port"))?);
+        for (key, default) in keys() {
+            let var = env_name(&key);
+            if let Some(raw) = env(&var).filter(|v| !v.is_empty()) {
+                set(&mut given, &key, env_value(&default, &raw));
+                Config::deserialize(toml::Value::Table(given.clone())).with_context(|| format!("{var}={raw}"))?;
             }
         }
-        for (key, field) in [
-            ("CLOUD_EDGE_HTTPS_LISTEN", &mut cfg.edge.https_listen),
-            ("CLOUD_EDGE_HTTP_LISTEN", &mut cfg.edge.http_listen),
-            ("CLOUD_EDGE_OPS_LISTEN", &mut cfg.edge.ops_listen),
-            ("CLOUD_RESOLVER", &mut cfg.platform.resolver),
-        ] {
-            if let Some(v) = env(key) {
-                *field = Some(v.parse().with_context(|| format!("{key}={v} is not an address:port"))?);
-            }
-        }
-        if let Some(v) = env("CLOUD_SECRET_KEY_FILE") {
-            cfg.platform.secret_key_file = Some(PathBuf::from(v));
-        }
-        if let Some(v) = env("CLOUD_TENANT_POOL") {
-            cfg.platform.tenant_pool =
-                Some(v.parse().with_context(|| format!("CLOUD_TENANT_POOL={v} is not an IPv4 network"))?);
-        }
-        if let Some(v) = env("CLOUD_DATA_DIR") {
-            cfg.dev.data_dir = Some(v.into());
-        }
-        cfg.store_settings()?;
+        let mut cfg = Config::deserialize(toml::Value::Table(given.clone()))?;
+        cfg.given = given;
+        cfg.check()?;
         Ok(cfg)
+    }
+
+    /// Whether the file or the environment set `key` (`section.key`).
+    pub fn is_set(&self, key: &str) -> bool {
+        match key.split_once('.') {
+            Some((section, field)) => self.given.get(section).and_then(|s| s.get(field)).is_some(),
+            None => self.given.contains_key(key),
+        }
+    }
+
+    /// What serde cannot say about single values.
+    fn check(&mut self) -> anyhow::Result<()> {
+        self.store_settings()?;
+        if self.node.pids_limit < 1 {
+            bail!("node.pids_limit = {}: an instance needs at least one process", self.node.pids_limit);
+        }
+        self.certs.interval = self.certs.interval.max(std::time::Duration::from_secs(1));
+        self.check_registries()
     }
 
     /// The store's settings, checked.
     pub fn store_settings(&self) -> anyhow::Result<cloud_store::Settings> {
         let p = &self.platform;
-        let (lo, hi) = p
-            .tcp_ports
-            .split_once('-')
-            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
-            .filter(|(a, b)| 0 < *a && a <= b)
-            .with_context(|| format!("platform.tcp_ports = {:?} must be LOW-HIGH, e.g. 30000-32767", p.tcp_ports))?;
         let tenant_pool = p.tenant_pool.unwrap_or(cloud_store::Settings::default().tenant_pool);
         if p.tenant_prefix < tenant_pool.prefix_len() || p.tenant_prefix > 30 {
             bail!(
@@ -316,114 +271,52 @@ impl Config {
             base_domain: p.base_domain.clone(),
             tenant_pool,
             tenant_prefix: p.tenant_prefix,
-            tcp_ports: lo..=hi,
+            tcp_ports: p.tcp_ports.low..=p.tcp_ports.high,
             ip_hold: cloud_store::Settings::default().ip_hold,
             domain_claim_ttl: std::time::Duration::from_secs(u64::from(p.domain_claim_days) * 86400),
             database_timeout,
         })
     }
 
-    /// `cloudd dev` defaults: DNS on unprivileged loopback ports; as a normal user its node runs in loopback
-    /// mode, so private IPs come from 127.0.0.0/8 unless the configuration names a pool.
+    /// `cloudd dev` defaults, where the file and the environment say nothing: DNS on unprivileged loopback
+    /// ports, the edge on loopback; as a normal user its node runs in loopback mode, so private IPs come from
+    /// 127.0.0.0/8.
     pub fn for_dev(mut self, root: bool) -> Self {
         if !root && self.platform.tenant_pool.is_none() {
             self.platform.tenant_pool = Some("127.96.0.0/12".parse().expect("literal"));
         }
-        self.dns.listen.get_or_insert_with(|| vec!["127.0.0.1:5353".parse().expect("literal")]);
-        self.dns.private_listen.get_or_insert_with(|| vec!["127.0.0.1:5354".parse().expect("literal")]);
+        if !self.is_set("dns.listen") {
+            self.dns.public_listen = vec![SocketAddr::from(([127, 0, 0, 1], 5353))];
+        }
+        if !self.is_set("dns.private_listen") {
+            self.dns.private_listen = vec![SocketAddr::from(([127, 0, 0, 1], 5354))];
+        }
         // Ports below 1024 need root (or CAP_NET_BIND_SERVICE, or a lowered
         // net.ipv4.ip_unprivileged_port_start, as in containers): otherwise the edge takes the documented fallbacks.
         let (https, http) = if root || (can_bind(443) && can_bind(80)) { (443, 80) } else { (8443, 8080) };
-        self.edge.https_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], https)));
-        self.edge.http_listen.get_or_insert(SocketAddr::from(([127, 0, 0, 1], http)));
-        self.edge.ports_ip.get_or_insert(std::net::IpAddr::from([127, 0, 0, 1]));
+        if !self.is_set("edge.https_listen") {
+            self.edge.https_listen = SocketAddr::from(([127, 0, 0, 1], https));
+        }
+        if !self.is_set("edge.http_listen") {
+            self.edge.http_listen = SocketAddr::from(([127, 0, 0, 1], http));
+        }
+        if !self.is_set("edge.ports_ip") {
+            self.edge.ports_ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        }
         self
     }
 
-    /// The edge role's settings.
-    pub fn edge_config(&self) -> anyhow::Result<cloud_edge::EdgeConfig> {
-        let mut c =
-            cloud_edge::EdgeConfig { secret_key: self.secret_key()?.map(std::sync::Arc::new), ..Default::default() };
-        let e = &self.edge;
-        if let Some(a) = e.https_listen {
-            c.https_listen = a;
-        }
-        if let Some(a) = e.http_listen {
-            c.http_listen = a;
-        }
-        if let Some(ip) = e.ports_ip {
-            c.ports_ip = ip;
-        }
-        if let Some(g) = e.grace_period_seconds {
-            c.grace_period = std::time::Duration::from_secs(g);
-        }
-        if let Some(n) = e.threads {
-            c.threads = n;
-        }
-        if let Some(n) = e.upstream_pool_size {
-            c.upstream_pool_size = n;
-        }
-        c.access_log.target = match e.access_log.as_deref() {
-            None | Some("stderr") => cloud_edge::LogTarget::Stderr,
-            Some("off") => cloud_edge::LogTarget::Off,
-            Some("") => bail!("edge.access_log is empty: say stderr, off or a file path"),
-            Some(path) => cloud_edge::LogTarget::File(path.into()),
-        };
-        Ok(c)
-    }
-
-    /// The DNS role's settings.
-    pub fn dns_config(&self) -> cloud_dns::DnsConfig {
-        let mut c = cloud_dns::DnsConfig::default();
-        if let Some(l) = &self.dns.listen {
-            c.public_listen = l.clone();
-        }
-        if let Some(l) = &self.dns.private_listen {
-            c.private_listen = l.clone();
-        }
-        if let Some(e) = &self.dns.edge_addresses {
-            c.edge_addresses = e.clone();
-        }
-        c
-    }
-
-    /// The node agent's settings; `state_dir` is used when the file names none.
-    pub fn node_config(&self, state_dir: PathBuf) -> anyhow::Result<cloud_runtime::NodeConfig> {
-        let name = match &self.node.name {
-            Some(n) => n.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "node".into()),
-        };
-        let n = &self.node;
-        let mut cfg = cloud_runtime::NodeConfig::new(name, n.state_dir.clone().unwrap_or(state_dir));
-        if let Some(m) = n.memory_mb {
-            cfg.memory_mb = m;
-        }
-        cfg.dns = n.dns;
-        if let Some(runc) = &n.runc {
-            cfg.runc = runc.clone();
-        }
-        if let Some(dir) = &n.ids_dir {
-            cfg.ids_dir = dir.clone();
-        }
-        if let Some(busybox) = &n.busybox {
-            cfg.busybox = busybox.clone();
-        }
-        if let Some(pids) = n.pids_limit {
-            if pids < 1 {
-                bail!("node.pids_limit = {pids}: an instance needs at least one process");
-            }
-            cfg.pids_limit = pids;
-        }
-        if let Some(m) = n.cpu_millicores {
-            cfg.cpu_millicores = (m > 0).then_some(m);
-        }
-        Ok(cfg)
-    }
-
-    /// The API's limits.
+    /// The API's settings with the platform's resolver and secret key.
     pub fn api_config(&self) -> anyhow::Result<cloud_api::ApiConfig> {
+        self.check_registries()?;
+        Ok(cloud_api::ApiConfig {
+            resolver: self.platform.resolver,
+            secret_key: self.secret_key()?.map(std::sync::Arc::new),
+            ..self.api.clone()
+        })
+    }
+
+    fn check_registries(&self) -> anyhow::Result<()> {
         for (key, hosts) in [
             ("insecure_registries", &self.api.insecure_registries),
             ("private_registries", &self.api.private_registries),
@@ -436,47 +329,7 @@ impl Config {
                 }
             }
         }
-        Ok(cloud_api::ApiConfig {
-            max_json_bytes: self.api.max_json_bytes,
-            max_image_bytes: self.api.max_image_bytes,
-            max_image_unpacked_bytes: self.api.max_image_unpacked_bytes,
-            max_image_entries: self.api.max_image_entries,
-            insecure_registries: self.api.insecure_registries.clone(),
-            private_registries: self.api.private_registries.clone(),
-            resolver: self.platform.resolver,
-            secret_key: self.secret_key()?.map(std::sync::Arc::new),
-            ..cloud_api::ApiConfig::default()
-        })
-    }
-
-    /// The certificate manager's settings.
-    pub fn manager_config(&self) -> anyhow::Result<cloud_certs::manager::ManagerConfig> {
-        let c = &self.certs;
-        let mut m = cloud_certs::manager::ManagerConfig::default();
-        if let Some(url) = &c.acme_directory {
-            let mut acme = cloud_certs::acme::AcmeConfig::new(url.clone());
-            acme.contact = c.acme_contact.clone();
-            if let Some(file) = &c.acme_root_file {
-                acme.root_pem = Some(
-                    std::fs::read_to_string(file)
-                        .with_context(|| format!("certs.acme_root_file {}", file.display()))?,
-                );
-            }
-            m.acme = Some(acme);
-        }
-        m.challenge = match c.challenge.as_deref() {
-            None | Some("http-01") => cloud_certs::acme::ChallengeKind::Http01,
-            Some("dns-01") => cloud_certs::acme::ChallengeKind::Dns01,
-            Some(other) => bail!("certs.challenge = {other:?}: use \"http-01\" or \"dns-01\""),
-        };
-        if let Some(d) = c.renew_before_days {
-            m.renew_before = std::time::Duration::from_secs(d * 86400);
-        }
-        if let Some(s) = c.interval_seconds {
-            m.interval = std::time::Duration::from_secs(s.max(1));
-        }
-        m.dns_servers = c.dns_servers.clone();
-        Ok(m)
+        Ok(())
     }
 
     /// The platform secret key, when a file is configured.
@@ -493,6 +346,24 @@ fn can_bind(port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sample with its commented-out keys (`# key = value`) set.
+    fn uncommented(sample: &str) -> String {
+        let lines: Vec<&str> = sample
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect();
+        lines.join("\n")
+    }
 
     #[test]
     fn the_sample_config_parses_with_every_key() {
@@ -515,9 +386,19 @@ mod tests {
         registries.api.insecure_registries.push("http://reg.example.com".into());
         let err = registries.api_config().unwrap_err().to_string();
         assert!(err.contains("api.insecure_registries: \"http://reg.example.com\""), "{err}");
-        let mut bad = Config::default();
-        bad.platform.tcp_ports = "9-1".into();
-        assert!(bad.store_settings().unwrap_err().to_string().contains("platform.tcp_ports"));
+        let err = Config::load(None, |k| (k == "CLOUD_PLATFORM_TCP_PORTS").then(|| "9-1".to_owned())).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("CLOUD_PLATFORM_TCP_PORTS=9-1") && err.contains("\"9-1\" is not a port range"), "{err}");
+        let err = toml::from_str::<Config>("[platform]\ntcp_ports = \"9-1\"").unwrap_err().to_string();
+        assert!(err.contains("tcp_ports") && err.contains("LOW-HIGH"), "{err}");
+        let err = toml::from_str::<Config>("[certs]\nchallenge = \"tls-alpn-01\"").unwrap_err().to_string();
+        assert!(err.contains("\"tls-alpn-01\" is not a challenge"), "{err}");
+        let err = Config::load(None, |k| (k == "CLOUD_NODE_PIDS_LIMIT").then(|| "0".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("node.pids_limit = 0"), "{err}");
+        let off = Config::load(None, |k| (k == "CLOUD_DNS_RATE_LIMIT").then(|| "off".to_owned())).unwrap();
+        assert_eq!(off.dns.rate_limit, None);
+        let err = toml::from_str::<Config>("[edge]\naccess_log = \"\"").unwrap_err().to_string();
+        assert!(err.contains("say stderr, off or a file path"), "{err}");
         assert_eq!(Config::default().store_settings().unwrap().database_timeout, std::time::Duration::from_secs(5));
         let never = Config { database_timeout_seconds: Some(0), ..Config::default() };
         assert!(never.store_settings().unwrap_err().to_string().contains("database_timeout_seconds = 0"));
@@ -530,20 +411,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let sample = std::fs::read_to_string(root.join("docs/cloudd.example.toml")).unwrap();
         let reference = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
-        let uncommented: Vec<&str> = sample
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(rest)
-                    if rest
-                        .split_once(" = ")
-                        .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect();
-        let uncommented = uncommented.join("\n");
+        let uncommented = uncommented(&sample);
         let from_sample: Config = toml::from_str(&uncommented).expect("the sample, uncommented, parses");
         let paths = |v: &serde_json::Value| -> Vec<String> {
             let mut out = Vec::new();
@@ -562,9 +430,11 @@ mod tests {
         assert_eq!(in_sample, in_code, "docs/cloudd.example.toml must list every key");
         assert_eq!(paths(&serde_json::to_value(from_sample).unwrap()), in_code);
         for key in &in_code {
-            assert!(reference.contains(&format!("| `{key}` |")), "docs/configuration.md has no row for {key}");
+            let row = format!("| `{key}` | `{}`", env_name(key));
+            assert!(reference.contains(&row), "docs/configuration.md has no row for {key} naming its variable");
         }
-        let sources = [include_str!("config.rs"), include_str!("main.rs"), include_str!("dev.rs")];
+        let sources =
+            [include_str!("config.rs"), include_str!("main.rs"), include_str!("dev.rs"), include_str!("roles/edge.rs")];
         for source in sources {
             for var in source
                 .split('"')
@@ -579,5 +449,47 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>("[api]\nlisten_addr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+        for section in ["edge", "dns", "node", "certs"] {
+            let err = toml::from_str::<Config>(&format!("[{section}]\nbogus = 1")).unwrap_err();
+            assert!(err.to_string().contains("bogus"), "{section}: {err}");
+        }
+    }
+
+    /// The sample's value of every key, given as its environment variable alone, comes out as the key's value.
+    #[test]
+    fn every_key_can_be_set_from_the_environment() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sample = std::fs::read_to_string(root.join("docs/cloudd.example.toml")).unwrap();
+        let sample: toml::Table = toml::from_str(&uncommented(&sample)).expect("the sample, uncommented, parses");
+        let sample = serde_json::to_value(sample).unwrap();
+        fn text(v: &serde_json::Value) -> String {
+            match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) if a.is_empty() => "[]".into(),
+                serde_json::Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+                serde_json::Value::Object(_) => toml::Value::try_from(v).unwrap().to_string(),
+                other => other.to_string(),
+            }
+        }
+        for (key, _) in keys() {
+            let want = key.split('.').fold(&sample, |v, k| &v[k]);
+            assert!(!want.is_null(), "the sample has no value for {key}");
+            let var = env_name(&key);
+            let cfg = Config::load(None, |k| (k == var).then(|| text(want)))
+                .unwrap_or_else(|e| panic!("{var}={}: {e:#}", text(want)));
+            assert!(cfg.is_set(&key), "{var} did not set {key}");
+            let got = serde_json::to_value(&cfg).unwrap();
+            assert_eq!(key.split('.').fold(&got, |v, k| &v[k]), want, "{var}");
+        }
+    }
+
+    #[test]
+    fn dev_defaults_yield_to_the_file_and_the_environment() {
+        let env = |k: &str| (k == "CLOUD_DNS_LISTEN").then(|| "127.0.0.1:0".to_owned());
+        let cfg = Config::load(None, env).unwrap().for_dev(false);
+        assert_eq!(cfg.dns.public_listen, vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
+        assert_eq!(cfg.dns.private_listen, vec![SocketAddr::from(([127, 0, 0, 1], 5354))]);
+        assert_eq!(cfg.edge.ports_ip, std::net::IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(cfg.platform.tenant_pool, Some("127.96.0.0/12".parse().unwrap()));
     }
 }

@@ -4,14 +4,14 @@
 mod config;
 mod dev;
 mod ops;
+mod roles;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use cloud_store::Store;
 
 use crate::config::Config;
+use crate::roles::{api::Api, certs::Certs, dns::Dns, edge::Edge, node::Node};
 
 /// The edge allocates per request through pingora; see docs/edge.md for what this allocator saves there.
 #[global_allocator]
@@ -68,80 +68,23 @@ async fn main() -> anyhow::Result<()> {
     let load = || Config::load(cli.config.as_deref(), |k| std::env::var(k).ok());
     match cli.command {
         Command::Dev => dev::run(load()?).await,
-        Command::Api => run_api(load()?).await,
+        Command::Api => roles::run::<Api>(load()?).await,
+        Command::Edge => roles::run::<Edge>(load()?).await,
+        Command::Dns => roles::run::<Dns>(load()?).await,
+        Command::Node => roles::run::<Node>(load()?).await,
+        Command::Certs => roles::run::<Certs>(load()?).await,
         Command::Migrate => {
-            let cfg = load()?;
-            connect(&cfg).await?;
+            roles::connect_for(&load()?, true).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Bootstrap { tenant, days } => {
-            let cfg = load()?;
-            let key = cfg.secret_key()?.context(
-                "cloudd bootstrap needs the platform secret key (platform.secret_key_file): it seals the token \
-                 signing key",
-            )?;
-            let store = connect(&cfg).await?;
-            let created = dev::ensure_admin_token(&store, &key, &tenant, days, "cloudd bootstrap").await?;
-            println!("{}", created.jwt);
-            Ok(())
-        }
+        Command::Bootstrap { tenant, days } => roles::api::bootstrap(&load()?, &tenant, days).await,
         Command::Token => {
             println!("{}", dev::local_token()?);
             Ok(())
         }
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&cloud_api::openapi())?);
-            Ok(())
-        }
-        Command::Edge => {
-            let cfg = load()?;
-            let store = connect(&cfg).await?;
-            let edge = std::sync::Arc::new(dev::start_edge(&cfg, store).await?.0);
-            let listen = cfg.edge.ops_listen.unwrap_or_else(|| "127.0.0.1:9156".parse().expect("literal"));
-            let ops = ops::serve(listen, edge.clone())?;
-            dev::wait_for_shutdown().await;
-            ops.stop(true).await;
-            if let Ok(edge) = std::sync::Arc::try_unwrap(edge) {
-                edge.shutdown().await;
-            }
-            Ok(())
-        }
-        Command::Dns => {
-            let cfg = load()?;
-            let store = connect(&cfg).await?;
-            let dns = std::sync::Arc::new(dev::start_dns(&cfg, store).await?);
-            let listen = cfg.dns.ops_listen.unwrap_or_else(|| "127.0.0.1:9153".parse().expect("literal"));
-            let ops = ops::serve(listen, dns.clone())?;
-            dev::wait_for_shutdown().await;
-            ops.stop(true).await;
-            if let Ok(dns) = std::sync::Arc::try_unwrap(dns) {
-                dns.shutdown().await;
-            }
-            Ok(())
-        }
-        Command::Node => {
-            let cfg = load()?;
-            let store = connect(&cfg).await?;
-            let node = std::sync::Arc::new(dev::start_node(&cfg, store, "/var/lib/cloudd/node".into(), None).await?);
-            let listen = cfg.node.ops_listen.unwrap_or_else(|| "127.0.0.1:9154".parse().expect("literal"));
-            let ops = ops::serve(listen, node.clone())?;
-            dev::wait_for_shutdown().await;
-            ops.stop(true).await;
-            if let Ok(node) = std::sync::Arc::try_unwrap(node) {
-                node.shutdown().await;
-            }
-            Ok(())
-        }
-        Command::Certs => {
-            let cfg = load()?;
-            let store = connect(&cfg).await?;
-            let (task, probe) = dev::start_certs(&cfg, store)?;
-            let listen = cfg.certs.ops_listen.unwrap_or_else(|| "127.0.0.1:9157".parse().expect("literal"));
-            let ops = ops::serve(listen, std::sync::Arc::new(probe))?;
-            dev::wait_for_shutdown().await;
-            ops.stop(true).await;
-            task.abort();
             Ok(())
         }
     }
@@ -160,31 +103,4 @@ fn init_tracing() {
     } else {
         builder.init();
     }
-}
-
-/// Connects to the configured database and applies migrations.
-async fn connect(cfg: &Config) -> anyhow::Result<Store> {
-    let Some(url) = &cfg.database_url else {
-        bail!("DATABASE_URL (or database_url in the config file) is required for this role; `cloudd dev` embeds one")
-    };
-    open_store(url, cfg).await
-}
-
-/// Opens the store on a URL and applies migrations.
-pub(crate) async fn open_store(url: &str, cfg: &Config) -> anyhow::Result<Store> {
-    let settings = cfg.store_settings()?;
-    let pool = cloud_store::connect_with_timeout(url, cfg.api.max_connections, settings.database_timeout)
-        .await
-        .context("connecting to PostgreSQL (is DATABASE_URL right and the server up?)")?;
-    let store = Store::new(pool, settings);
-    store.migrate().await.context("applying migrations")?;
-    Ok(store)
-}
-
-async fn run_api(cfg: Config) -> anyhow::Result<()> {
-    let store = connect(&cfg).await?;
-    let server = dev::start_api(&cfg, store).await?;
-    dev::wait_for_shutdown().await;
-    server.stop(true).await;
-    Ok(())
 }

@@ -33,9 +33,42 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A fresh database with the schema applied by `cloudd migrate`, as an operator does before starting roles.
+async fn migrated_database() -> String {
+    let url = cloud_tests::fresh_database().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudd")).arg("migrate").env("DATABASE_URL", &url).output().unwrap();
+    assert!(out.status.success(), "cloudd migrate: {}", String::from_utf8_lossy(&out.stderr));
+    url
+}
+
+#[tokio::test]
+async fn a_role_refuses_a_schema_that_is_behind_and_names_cloudd_migrate() {
+    let url = cloud_tests::fresh_database().await;
+    let run = |role: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudd"));
+        cmd.arg(role).env("DATABASE_URL", &url).env("CLOUD_DNS_LISTEN", "127.0.0.1:0");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run("dns", &[]);
+    assert!(!out.status.success(), "cloudd dns started on an empty database");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("run `cloudd migrate` first"), "{said}");
+    assert!(said.contains("migrate_on_start"), "{said}");
+    // Nothing was applied behind the operator's back.
+    let pool = cloud_store::connect(&url, 1).await.unwrap();
+    let store = cloud_store::Store::new(pool, Default::default());
+    assert_eq!(store.pending_migrations().await.unwrap().len(), cloud_store::MIGRATOR.iter().count());
+    let out = run("migrate", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(store.pending_migrations().await.unwrap(), Vec::<i64>::new());
+}
+
 #[tokio::test]
 async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
-    let url = cloud_tests::fresh_database().await;
+    let url = migrated_database().await;
     let (dns_port, ops_port) = (free_port(), free_port());
     let _dns = Role(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
@@ -138,7 +171,7 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
 
 #[tokio::test]
 async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
-    let url = cloud_tests::fresh_database().await;
+    let url = migrated_database().await;
     // Without the platform secret key it cannot seal certificate keys: it says so and stops.
     let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
         .arg("certs")
@@ -174,7 +207,7 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
 
 #[tokio::test]
 async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signing_key() {
-    let url = cloud_tests::fresh_database().await;
+    let url = migrated_database().await;
     let run = |args: &[&str], key: Option<&std::path::Path>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudd"));
         cmd.args(args).env("DATABASE_URL", &url).env("CLOUD_API_LISTEN", "127.0.0.1:0");
@@ -290,7 +323,7 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
     let key_file = dir.path().join("secret.key");
     std::fs::write(&key_file, "5a".repeat(32)).unwrap();
     let p = Platform {
-        url: cloud_tests::fresh_database().await,
+        url: migrated_database().await,
         key_file,
         pool: format!("10.{}.0.0/16", 150 + std::process::id() % 10),
         api_port: free_port(),

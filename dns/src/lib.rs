@@ -39,11 +39,14 @@ pub use crate::rate_limit::RateLimit;
 use crate::rate_limit::RateLimiter;
 use crate::snapshot::{Listener, Snapshot, ZoneParams};
 
-/// How the DNS role listens and what it answers beyond what PostgreSQL holds.
-#[derive(Debug, Clone, PartialEq)]
+/// How the DNS role listens and what it answers beyond what PostgreSQL holds: the `[dns]` section of `cloudd`'s
+/// configuration file, durations in keys named `<field>_seconds`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DnsConfig {
     /// Internet-facing addresses, each served over UDP and TCP on the same port (port 0 picks one; the handle
     /// tells which). Public zone only.
+    #[serde(rename = "listen")]
     pub public_listen: Vec<SocketAddr>,
     /// Addresses on the tenants' private networks (UDP and TCP): both zones, the private one per tenant.
     pub private_listen: Vec<SocketAddr>,
@@ -54,25 +57,37 @@ pub struct DnsConfig {
     /// A/AAAA records for the NS names that lie inside the public zone (glue); empty publishes none.
     pub ns_addresses: Vec<IpAddr>,
     /// TTL of service FQDN and platform-domain records.
+    #[serde(rename = "service_ttl_seconds", with = "cloud_domain::duration::seconds")]
     pub service_ttl: Duration,
     /// TTL of private instance and service records: short, instances come and go.
+    #[serde(rename = "instance_ttl_seconds", with = "cloud_domain::duration::seconds")]
     pub instance_ttl: Duration,
     /// TTL of ACME challenge TXT records.
+    #[serde(rename = "challenge_ttl_seconds", with = "cloud_domain::duration::seconds")]
     pub challenge_ttl: Duration,
     /// TTL of the SOA and NS records at the zone apexes.
+    #[serde(rename = "apex_ttl_seconds", with = "cloud_domain::duration::seconds")]
     pub apex_ttl: Duration,
     /// TTL of negative answers (NXDOMAIN, NODATA): the SOA minimum and the SOA's TTL in the authority section.
+    #[serde(rename = "negative_ttl_seconds", with = "cloud_domain::duration::seconds")]
     pub negative_ttl: Duration,
     /// Largest UDP response we send, whatever the client's EDNS buffer says (RFC 9715 suggests 1232).
     pub max_udp_payload: u16,
     /// Full reload interval even when the change feed is quiet: the safety net for a missed notification.
+    #[serde(rename = "resync_interval_seconds", with = "cloud_domain::duration::seconds")]
     pub resync_interval: Duration,
     /// Delay before retrying a failed snapshot load.
+    #[serde(rename = "retry_interval_seconds", with = "cloud_domain::duration::seconds")]
     pub retry_interval: Duration,
     /// Idle TCP connections are closed after this long.
+    #[serde(rename = "tcp_idle_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub tcp_idle_timeout: Duration,
-    /// Per-source response-rate limit on the public UDP listeners; `None` disables it.
+    /// Per-source response-rate limit on the public UDP listeners; `None` disables it (`"off"` in a file).
+    #[serde(with = "rate_limit::setting")]
     pub rate_limit: Option<RateLimit>,
+    /// Where the process running the DNS serves its `/healthz`, `/readyz` and `/metrics` (see
+    /// [`DnsHandle::metrics_text`]).
+    pub ops_listen: SocketAddr,
 }
 
 impl Default for DnsConfig {
@@ -93,6 +108,7 @@ impl Default for DnsConfig {
             retry_interval: Duration::from_secs(1),
             tcp_idle_timeout: Duration::from_secs(10),
             rate_limit: Some(RateLimit::default()),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9153)),
         }
     }
 }

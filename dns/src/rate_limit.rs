@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Response-rate limits per source network.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained responses per second per source network.
     pub responses_per_second: f64,
@@ -23,6 +24,44 @@ pub struct RateLimit {
 impl Default for RateLimit {
     fn default() -> Self {
         Self { responses_per_second: 100.0, burst: 200, slip: 2 }
+    }
+}
+
+/// The limit as a configuration file writes it: its table, or `"off"`.
+pub(crate) mod setting {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::RateLimit;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        Limit(RateLimit),
+        Off(Off),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Off {
+        Off,
+    }
+
+    pub fn serialize<S: Serializer>(limit: &Option<RateLimit>, s: S) -> Result<S::Ok, S::Error> {
+        match limit {
+            Some(l) => Setting::Limit(*l),
+            None => Setting::Off(Off::Off),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RateLimit>, D::Error> {
+        match Setting::deserialize(d) {
+            Ok(Setting::Limit(l)) => Ok(Some(l)),
+            Ok(Setting::Off(Off::Off)) => Ok(None),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected \"off\" or { responses_per_second = <number>, burst = <number>, slip = <number> }",
+            )),
+        }
     }
 }
 

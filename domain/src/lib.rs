@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod domains;
+pub mod duration;
 pub mod generate;
 pub mod int;
 pub mod ipam;

@@ -21,8 +21,10 @@ pub enum LogTarget {
     File(PathBuf),
 }
 
-/// How the edge writes its access log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the edge writes its access log. In a configuration file it is its target: `"stderr"`, `"off"` or a file
+/// path; the format follows the rest of the log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct AccessLog {
     /// Where the lines go. Lines are written only when `tracing` would also let an `info` event of the target
     /// `cloud_edge::access` through (so `CLOUD_LOG=warn` silences it as before).
@@ -34,6 +36,30 @@ pub struct AccessLog {
 impl Default for AccessLog {
     fn default() -> Self {
         Self { target: LogTarget::Stderr, json: false }
+    }
+}
+
+impl TryFrom<String> for AccessLog {
+    type Error = String;
+
+    fn try_from(target: String) -> Result<Self, String> {
+        let target = match target.as_str() {
+            "stderr" => LogTarget::Stderr,
+            "off" => LogTarget::Off,
+            "" => return Err("the access log target is empty: say stderr, off or a file path".into()),
+            _ => LogTarget::File(target.into()),
+        };
+        Ok(Self { target, json: false })
+    }
+}
+
+impl From<AccessLog> for String {
+    fn from(log: AccessLog) -> Self {
+        match log.target {
+            LogTarget::Stderr => "stderr".into(),
+            LogTarget::Off => "off".into(),
+            LogTarget::File(path) => path.display().to_string(),
+        }
     }
 }
 

@@ -42,8 +42,10 @@ use crate::metrics::Metrics;
 use crate::server::{Kind, PortListeners, bind_reuseport};
 pub use crate::table::{RouteTable, Service as RoutedService};
 
-/// How the edge listens and behaves.
-#[derive(Debug, Clone)]
+/// How the edge listens and behaves: the `[edge]` section of `cloudd`'s configuration file, durations in keys
+/// named `<field>_seconds`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
     /// Where https (public port 443) is served; port 0 picks one (the handle tells which).
     pub https_listen: SocketAddr,
@@ -52,25 +54,35 @@ pub struct EdgeConfig {
     /// The address service-declared ports (tls, tcp) open on, each on its own public port number.
     pub ports_ip: IpAddr,
     /// Connecting to an instance fails after this long (and another instance is tried).
+    #[serde(rename = "connect_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub connect_timeout: Duration,
     /// Idle upstream keep-alive connections are closed after this long.
+    #[serde(rename = "upstream_idle_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub upstream_idle_timeout: Duration,
     /// A TLS handshake must complete within this long.
+    #[serde(rename = "handshake_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub handshake_timeout: Duration,
     /// An instance that failed a connect or a health check is avoided for this long.
+    #[serde(rename = "health_window_seconds", with = "cloud_domain::duration::seconds")]
     pub health_window: Duration,
     /// How often every instance's port is checked.
+    #[serde(rename = "health_interval_seconds", with = "cloud_domain::duration::seconds")]
     pub health_interval: Duration,
     /// On shutdown, open connections get this long to finish.
+    #[serde(rename = "grace_period_seconds", with = "cloud_domain::duration::seconds")]
     pub grace_period: Duration,
     /// Full reload interval even when the change feed is quiet.
+    #[serde(rename = "resync_interval_seconds", with = "cloud_domain::duration::seconds")]
     pub resync_interval: Duration,
     /// Delay before retrying after the database failed.
+    #[serde(rename = "retry_interval_seconds", with = "cloud_domain::duration::seconds")]
     pub retry_interval: Duration,
     /// How long a request to a service scaled to zero waits for an instance to start.
+    #[serde(rename = "wake_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub wake_timeout: Duration,
     /// Opens the keys of tenants' certificates stored in the database; without it only the certificates given
-    /// through the [`CertStore`] are served.
+    /// through the [`CertStore`] are served. Not a setting: the caller opens the key file.
+    #[serde(skip)]
     pub secret_key: Option<Arc<cloud_certs::seal::SecretKey>>,
     /// Threads serving connections, each with its own runtime, listening sockets and upstream pools (0: one per
     /// core).
@@ -79,6 +91,9 @@ pub struct EdgeConfig {
     pub upstream_pool_size: usize,
     /// Where the access log goes and in which format.
     pub access_log: AccessLog,
+    /// Where the process running the edge serves its `/healthz`, `/readyz` and `/metrics` (see
+    /// [`EdgeHandle::metrics_text`]).
+    pub ops_listen: SocketAddr,
 }
 
 impl Default for EdgeConfig {
@@ -100,6 +115,7 @@ impl Default for EdgeConfig {
             threads: 0,
             upstream_pool_size: 1024,
             access_log: AccessLog::default(),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9156)),
         }
     }
 }

@@ -45,8 +45,10 @@ pub fn sandbox_id(node: Uuid, instance: Uuid) -> String {
     format!("{}{}", &node.simple().to_string()[..8], instance.simple())
 }
 
-/// How a node agent runs.
-#[derive(Debug, Clone)]
+/// How a node agent runs: the `[node]` section of `cloudd`'s configuration file, durations in keys named
+/// `<field>_seconds`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// Unique node name (default: the host name).
     pub name: String,
@@ -56,7 +58,8 @@ pub struct NodeConfig {
     pub memory_mb: u64,
     /// Where unpacked images and sandboxes live.
     pub state_dir: PathBuf,
-    /// How instances are kept apart.
+    /// How instances are kept apart: not a setting, it follows from the agent's privileges.
+    #[serde(skip)]
     pub isolation: Isolation,
     /// The OCI runtime (runc) sandboxes run through.
     pub runc: PathBuf,
@@ -66,27 +69,63 @@ pub struct NodeConfig {
     pub busybox: PathBuf,
     /// Processes and threads an instance may have.
     pub pids_limit: i64,
-    /// CPU time an instance may use, in thousandths of a core (none: no limit).
+    /// CPU time an instance may use, in thousandths of a core (none: no limit; `0` in a file).
+    #[serde(with = "zero_is_none")]
     pub cpu_millicores: Option<u64>,
     /// How long a started instance has to accept connections on its port.
+    #[serde(rename = "ready_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub ready_timeout: Duration,
     /// How long a stopping instance has between SIGTERM and SIGKILL.
+    #[serde(rename = "stop_grace_seconds", with = "cloud_domain::duration::seconds")]
     pub stop_grace: Duration,
     /// Heartbeat period.
+    #[serde(rename = "heartbeat_seconds", with = "cloud_domain::duration::seconds")]
     pub heartbeat: Duration,
     /// A node is live (schedulable) if it heartbeated within this window.
+    #[serde(rename = "live_window_seconds", with = "cloud_domain::duration::seconds")]
     pub live_window: Duration,
     /// A node silent for this long is lost: its instances are rescheduled.
+    #[serde(rename = "lost_after_seconds", with = "cloud_domain::duration::seconds")]
     pub lost_after: Duration,
     /// First restart delay; doubles up to `max_backoff`.
+    #[serde(rename = "min_backoff_seconds", with = "cloud_domain::duration::seconds")]
     pub min_backoff: Duration,
     /// Longest restart delay.
+    #[serde(rename = "max_backoff_seconds", with = "cloud_domain::duration::seconds")]
     pub max_backoff: Duration,
     /// The private DNS listener on this host (a `cloudd dns` private listener). When set, namespaced instances
     /// get `/etc/resolv.conf` naming their gateway, and queries to the gateway's port 53 are forwarded there.
     pub dns: Option<SocketAddrV4>,
-    /// How much output each instance may send to the database (docs/configuration.md, "Instance logs").
+    /// How much output each instance may send to the database (docs/configuration.md, "Instance logs"); fixed
+    /// for now, not in the file.
+    #[serde(skip)]
     pub logs: LogLimits,
+    /// Where the process running the agent serves its `/healthz`, `/readyz` and `/metrics` (see
+    /// [`NodeHandle::metrics_text`]).
+    pub ops_listen: std::net::SocketAddr,
+}
+
+impl Default for NodeConfig {
+    /// Named after the host, its state in `/var/lib/cloudd/node`.
+    fn default() -> Self {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "node".into());
+        Self::new(name, "/var/lib/cloudd/node".into())
+    }
+}
+
+/// `cpu_millicores` as a file writes it: `0` for no limit.
+mod zero_is_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.unwrap_or(0))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Some(u64::deserialize(d)?).filter(|&m| m > 0))
+    }
 }
 
 impl NodeConfig {
@@ -112,6 +151,7 @@ impl NodeConfig {
             max_backoff: Duration::from_secs(30),
             dns: None,
             logs: LogLimits::default(),
+            ops_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9154)),
         }
     }
 }

@@ -260,6 +260,23 @@ impl Store {
         self.ensure_builtin_images().await
     }
 
+    /// Versions of the migrations this build has that the database has not applied (all of them on an empty
+    /// database), without changing anything: a process that does not migrate checks the schema it will use.
+    pub async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?
+        } else {
+            Vec::new()
+        };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+            .map(|m| m.version)
+            .collect())
+    }
+
     /// True when the database answers within `wait` (taking a connection included).
     pub async fn ping_within(&self, wait: Duration) -> bool {
         let ping = sqlx::query("SELECT 1").execute(&self.pool);

@@ -1,0 +1,107 @@
+//! The platform wildcard (`*.<zone>` and `<zone>`), issued by the platform CA and replaced before it ends: the
+//! certificate an edge serves for every service name. Whoever serves it is given each issued certificate through a
+//! closure, so this crate does not know the edge's certificate store.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::{CertsError, Issued, PlatformCa};
+
+/// Validity of each wildcard.
+pub const VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long before its end a wildcard is replaced.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Wait after a failed renewal before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What a caller's closure returns when it cannot serve a certificate.
+pub type ServeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the wildcard could not be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WildcardError {
+    /// The platform CA could not issue it.
+    #[error("cannot issue the platform wildcard for {zone}")]
+    Issue {
+        /// The zone it was for.
+        zone: String,
+        /// What failed.
+        #[source]
+        source: CertsError,
+    },
+    /// The caller's closure refused it.
+    #[error("cannot serve the platform wildcard for {zone}")]
+    Serve {
+        /// The zone it was for.
+        zone: String,
+        /// What failed.
+        #[source]
+        source: ServeError,
+    },
+}
+
+/// Issues the wildcard of `zone` now and hands it to `serve`, then keeps replacing it [`RENEW_BEFORE`] its end
+/// (hourly retries on failure) in the returned task, which runs until aborted. The first failure is returned.
+pub fn serve_and_renew<F>(
+    ca: PlatformCa,
+    zone: String,
+    mut serve: F,
+) -> Result<tokio::task::JoinHandle<()>, WildcardError>
+where
+    F: FnMut(Issued) -> Result<(), ServeError> + Send + 'static,
+{
+    let mut not_after = issue(&ca, &zone, &mut serve)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let wait = (not_after - RENEW_BEFORE - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+            tokio::time::sleep(wait.try_into().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))).await;
+            match issue(&ca, &zone, &mut serve) {
+                Ok(t) => not_after = t,
+                Err(e) => {
+                    let error = cloud_domain::error_chain(&e);
+                    tracing::warn!(%error, "cannot renew the platform wildcard; retrying in an hour");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+            }
+        }
+    }))
+}
+
+fn issue<F>(ca: &PlatformCa, zone: &str, serve: &mut F) -> Result<OffsetDateTime, WildcardError>
+where
+    F: FnMut(Issued) -> Result<(), ServeError>,
+{
+    let issued =
+        ca.issue_wildcard(zone, VALIDITY).map_err(|source| WildcardError::Issue { zone: zone.into(), source })?;
+    let not_after = issued.not_after;
+    serve(issued).map_err(|source| WildcardError::Serve { zone: zone.into(), source })?;
+    tracing::info!(zone, not_after = %not_after, "serving the platform wildcard certificate");
+    Ok(not_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_wildcard_is_handed_over_valid_for_ninety_days_and_a_refusal_is_returned() {
+        let store = cloud_tests::fresh_store().await;
+        let key = crate::seal::SecretKey::from_bytes(&[7; 32]);
+        let ca = PlatformCa::load_or_create(&store, &key).await.unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let renewal = serve_and_renew(ca, "dev.cloud.localhost".into(), move |issued| {
+            tx.send(issued.not_after).map_err(|e| e.into())
+        })
+        .unwrap();
+        let not_after = rx.recv().unwrap();
+        let days = (not_after - OffsetDateTime::now_utc()).whole_days();
+        assert!((89..=90).contains(&days), "{days}");
+        renewal.abort();
+
+        let ca = PlatformCa::load_or_create(&store, &key).await.unwrap();
+        let err = serve_and_renew(ca, "dev.cloud.localhost".into(), |_| Err("no room".into())).unwrap_err();
+        assert!(matches!(&err, WildcardError::Serve { zone, .. } if zone == "dev.cloud.localhost"), "{err:?}");
+    }
+}

@@ -1,0 +1,70 @@
+//! `cloudd api`: the tenant API on its listener, which also serves its own `/healthz`, `/readyz` and `/metrics`;
+//! and the admin token `cloudd bootstrap` and `cloudd dev` issue.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use anyhow::Context;
+use cloud_api::{AppState, issue_token};
+use cloud_domain::api::{CreatedToken, QuotasPatch, Scope};
+use cloud_store::{Store, StoreError};
+
+use crate::config::Config;
+use crate::ops::Probe;
+
+/// The API serving.
+pub struct Api(actix_web::dev::ServerHandle);
+
+impl super::Role for Api {
+    async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
+        let state = AppState::new(store, cfg.api_config()?).await.context("preparing the API")?;
+        let listener =
+            TcpListener::bind(cfg.api.listen).with_context(|| format!("binding the API to {}", cfg.api.listen))?;
+        let server = cloud_api::serve(actix_web::web::Data::new(state), listener)?;
+        let handle = server.handle();
+        tokio::spawn(server);
+        tracing::info!(listen = %cfg.api.listen, "API serving");
+        Ok(Self(handle))
+    }
+
+    fn ops(&self, _: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
+        None
+    }
+
+    async fn shutdown(self) {
+        self.0.stop(true).await;
+    }
+}
+
+/// `cloudd bootstrap`: creates the tenant if needed and prints an admin token for it.
+pub async fn bootstrap(cfg: &Config, tenant: &str, days: i64) -> anyhow::Result<()> {
+    let key = cfg.secret_key()?.context(
+        "cloudd bootstrap needs the platform secret key (platform.secret_key_file): it seals the token signing key",
+    )?;
+    let store = super::connect(cfg).await?;
+    let created = ensure_admin_token(&store, &key, tenant, days, "cloudd bootstrap").await?;
+    println!("{}", created.jwt);
+    Ok(())
+}
+
+/// Creates the tenant when missing and issues an admin token for it, signed with the platform's key (sealed with
+/// `key`).
+pub async fn ensure_admin_token(
+    store: &Store,
+    key: &cloud_certs::seal::SecretKey,
+    tenant: &str,
+    days: i64,
+    why: &str,
+) -> anyhow::Result<CreatedToken> {
+    cloud_domain::names::validate_name(cloud_domain::names::NameKind::Tenant, tenant)?;
+    let tenant = match store.tenant(tenant).await {
+        Ok(t) => t,
+        Err(StoreError::NotFound { .. }) => store.create_tenant(tenant, QuotasPatch::default()).await?,
+        Err(e) => return Err(e.into()),
+    };
+    let signer = cloud_api::TokenSigner::load(store, key).await?;
+    let scopes = [Scope::Read, Scope::Write, Scope::Admin];
+    issue_token(store, &signer, tenant.id, &scopes, chrono::Duration::days(days), why)
+        .await
+        .map_err(|e| anyhow::anyhow!("issuing a token: {e}"))
+}
