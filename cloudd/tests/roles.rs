@@ -5,6 +5,13 @@ use std::time::{Duration, Instant};
 
 struct Role(Child);
 
+impl Role {
+    /// Starts a role with its output discarded.
+    fn quiet(cmd: &mut Command) -> Role {
+        Role(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+    }
+}
+
 impl Drop for Role {
     fn drop(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
@@ -70,16 +77,12 @@ async fn a_role_refuses_a_schema_that_is_behind_and_names_cloudd_migrate() {
 async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
     let url = migrated_database().await;
     let (dns_port, ops_port) = (free_port(), free_port());
-    let _dns = Role(
+    let _dns = Role::quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .arg("dns")
             .env("DATABASE_URL", &url)
             .env("CLOUD_DNS_LISTEN", format!("127.0.0.1:{dns_port}"))
-            .env("CLOUD_DNS_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .env("CLOUD_DNS_OPS_LISTEN", format!("127.0.0.1:{ops_port}")),
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
@@ -107,18 +110,7 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
     let tenant = store.create_tenant("acme", Default::default()).await.unwrap();
     let ports = cloud_domain::ports::parse_specs(&["80:8080"], &Default::default()).unwrap();
     let svc = store
-        .create_service(
-            tenant.id,
-            cloud_store::NewService {
-                name: Some("web".into()),
-                ports,
-                soft_limit: None,
-                hard_limit: None,
-                scale_to_zero_after: None,
-                domains: vec![],
-                persistent: true,
-            },
-        )
+        .create_service(tenant.id, cloud_store::NewService { ports, ..cloud_store::NewService::named("web") })
         .await
         .unwrap();
     let (https, http, ops_port) = (free_port(), free_port(), free_port());
@@ -137,18 +129,14 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("secret.key");
     std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
-    let _edge = Role(
+    let _edge = Role::quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .arg("edge")
             .env("DATABASE_URL", &url)
             .env("CLOUD_SECRET_KEY_FILE", &key_file)
             .env("CLOUD_EDGE_HTTPS_LISTEN", format!("127.0.0.1:{https}"))
             .env("CLOUD_EDGE_HTTP_LISTEN", format!("127.0.0.1:{http}"))
-            .env("CLOUD_EDGE_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .env("CLOUD_EDGE_OPS_LISTEN", format!("127.0.0.1:{ops_port}")),
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
@@ -188,15 +176,11 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
     let ops_port = free_port();
     std::fs::write(dir.path().join("cloudd.toml"), format!("[certs]\nops_listen = \"127.0.0.1:{ops_port}\"\n"))
         .unwrap();
-    let _certs = Role(
+    let _certs = Role::quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .args(["--config", &dir.path().join("cloudd.toml").display().to_string(), "certs"])
             .env("DATABASE_URL", &url)
-            .env("CLOUD_SECRET_KEY_FILE", &key_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .env("CLOUD_SECRET_KEY_FILE", &key_file),
     );
     let ops = format!("http://127.0.0.1:{ops_port}");
     let client = reqwest::Client::new();
@@ -231,14 +215,7 @@ async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signi
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let port = free_port();
-    let _api = Role(
-        run(&["api"], Some(&key_file))
-            .env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _api = Role::quiet(run(&["api"], Some(&key_file)).env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}")));
     let api = format!("http://127.0.0.1:{port}");
     wait_ready(&api, "cloudd api did not become ready").await;
     let me = reqwest::Client::new().get(format!("{api}/v1/whoami")).bearer_auth(&token).send().await.unwrap();
