@@ -183,7 +183,7 @@ impl Networks {
         }
         if let Ok(pids) = run("ip", &["netns", "pids", &ns]).await {
             for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                crate::process::kill(pid, libc::SIGKILL);
+                crate::process::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
         }
         run("ip", &["netns", "del", &ns]).await?;
@@ -214,15 +214,9 @@ async fn allow_low_ports(netns: String) -> Result<(), NetError> {
     written.map_err(sysctl)
 }
 
-#[allow(unsafe_code)]
+/// Moves the calling thread (only it) into the network namespace `file` names.
 fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns(2) on a descriptor we hold open; it changes only the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?)
 }
 
 /// The instance's MAC address, derived from its IP. A reused IP then keeps its MAC, so the host's neighbour
