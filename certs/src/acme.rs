@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier, NewAccount, NewOrder,
-    Order, OrderStatus, Problem,
+    Order, OrderStatus, Problem, RetryPolicy,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::pki_types::CertificateDer;
@@ -44,14 +44,12 @@ pub struct AcmeConfig {
     pub root_pem: Option<String>,
     /// Bound on one account creation or restore, and on one whole order (from the new order to the chain).
     pub timeout: Duration,
-    /// First wait between two polls of an order; doubled after each poll up to [`poll_max`](Self::poll_max).
+    /// First wait before polling an order; doubled after each poll, unless the CA's `Retry-After` says when.
     pub poll_initial: Duration,
-    /// Longest wait between two polls.
-    pub poll_max: Duration,
 }
 
 impl AcmeConfig {
-    /// The directory at `directory_url`, no contact, system roots, 3 minutes per order, polls from 250 ms to 8 s.
+    /// The directory at `directory_url`, no contact, system roots, 3 minutes per order, polls from 250 ms.
     pub fn new(directory_url: impl Into<String>) -> Self {
         Self {
             directory_url: directory_url.into(),
@@ -59,7 +57,6 @@ impl AcmeConfig {
             root_pem: None,
             timeout: Duration::from_secs(180),
             poll_initial: Duration::from_millis(250),
-            poll_max: Duration::from_secs(8),
         }
     }
 }
@@ -421,15 +418,18 @@ impl AcmeClient {
         }
 
         progress.stage = "waiting for the server to validate the challenges";
-        let mut backoff = self.backoff(deadline);
-        loop {
-            backoff.wait(progress.stage, self.config.timeout).await?;
-            let state = order.refresh().await.map_err(classify(progress.stage))?;
-            match state.status {
-                OrderStatus::Ready => break,
-                OrderStatus::Invalid => return Err(blame(&mut order, names, kind).await),
-                OrderStatus::Pending | OrderStatus::Processing | OrderStatus::Valid => {}
+        let ready = poll_until(&self.config, deadline, progress.stage, &mut order, |order, policy| {
+            Box::pin(order.poll_ready(policy))
+        })
+        .await?;
+        match ready {
+            Ok(OrderStatus::Ready) => {}
+            // The order carries a problem (poll_ready's error) or became invalid: say which challenge failed.
+            Ok(_) => return Err(blame(&mut order, names, kind).await),
+            Err(instant_acme::Error::Api(_)) if order.state().error.is_some() => {
+                return Err(blame(&mut order, names, kind).await);
             }
+            Err(e) => return Err(classify(progress.stage)(e)),
         }
 
         progress.stage = "finalizing the order";
@@ -441,16 +441,16 @@ impl AcmeClient {
         order.finalize_csr(csr.der()).await.map_err(classify(progress.stage))?;
 
         progress.stage = "waiting for the certificate";
-        let mut backoff = self.backoff(deadline);
-        let chain_pem = loop {
-            match order.certificate().await {
-                Ok(Some(chain)) => break chain,
-                Ok(None) => backoff.wait(progress.stage, self.config.timeout).await?,
-                Err(instant_acme::Error::Api(problem)) => {
-                    return Err(AcmeError::OrderInvalid { names: names.join(", "), reason: describe(&problem) });
-                }
-                Err(e) => return Err(classify(progress.stage)(e)),
+        let chain = poll_until(&self.config, deadline, progress.stage, &mut order, |order, policy| {
+            Box::pin(order.poll_certificate(policy))
+        })
+        .await?;
+        let chain_pem = match chain {
+            Ok(chain) => chain,
+            Err(instant_acme::Error::Api(problem)) => {
+                return Err(AcmeError::OrderInvalid { names: names.join(", "), reason: describe(&problem) });
             }
+            Err(e) => return Err(classify(progress.stage)(e)),
         };
         let key_pem = key.serialize_pem();
         let now = OffsetDateTime::now_utc();
@@ -462,11 +462,33 @@ impl AcmeClient {
         let not_after = not_after.expect("names is not empty");
         Ok(Issued { chain_pem, key_pem, not_after })
     }
+}
 
-    fn backoff(&self, deadline: Instant) -> Backoff {
-        Backoff { delay: self.config.poll_initial, max: self.config.poll_max, deadline }
+/// Runs one of instant-acme's polls under its [`RetryPolicy`] (waits doubling from [`AcmeConfig::poll_initial`],
+/// or as long as the CA's `Retry-After` asks) until `deadline`. The policy gives up as soon as its next wait would
+/// end past its timeout, which with doubling waits can be half the time early: while a few waits are left before
+/// the deadline it is started afresh. A `Retry-After` past the deadline ends the wait at once. The outer `Result`
+/// is ours (the deadline), the inner the poll's.
+async fn poll_until<S, T>(
+    config: &AcmeConfig,
+    deadline: Instant,
+    stage: &'static str,
+    polled: &mut S,
+    poll: impl for<'a> Fn(&'a mut S, &'a RetryPolicy) -> Polling<'a, T>,
+) -> Result<Result<T, instant_acme::Error>, AcmeError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let policy = RetryPolicy::new().initial_delay(config.poll_initial).timeout(left);
+        match poll(polled, &policy).await {
+            Err(instant_acme::Error::Timeout(None)) if Instant::now() + config.poll_initial * 3 < deadline => {}
+            Err(instant_acme::Error::Timeout(_)) => return Err(AcmeError::Timeout { stage, after: config.timeout }),
+            polled => return Ok(polled),
+        }
     }
 }
+
+/// One poll of an order (boxed: an async closure's future borrowing the order would not be `Send`).
+type Polling<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, instant_acme::Error>> + Send + 'a>>;
 
 /// Where an order stands, kept outside the order's future so that a timeout can say what it was waiting for and
 /// the answers are withdrawn however the order ends.
@@ -480,31 +502,6 @@ struct Progress {
 enum Published {
     Http01 { domain: String, token: String },
     Dns01 { record: String, value: String },
-}
-
-/// Exponential waits, capped, until a deadline.
-struct Backoff {
-    delay: Duration,
-    max: Duration,
-    deadline: Instant,
-}
-
-impl Backoff {
-    /// When to poll next, seen from `now`; `None` once the deadline has passed.
-    fn next(&mut self, now: Instant) -> Option<Instant> {
-        if now >= self.deadline {
-            return None;
-        }
-        let at = (now + self.delay).min(self.deadline);
-        self.delay = (self.delay * 2).min(self.max);
-        Some(at)
-    }
-
-    async fn wait(&mut self, stage: &'static str, after: Duration) -> Result<(), AcmeError> {
-        let at = self.next(Instant::now()).ok_or(AcmeError::Timeout { stage, after })?;
-        tokio::time::sleep_until(at).await;
-        Ok(())
-    }
 }
 
 /// Why an invalid order is invalid: the first failed challenge with the CA's reason, else the order's problem.
@@ -596,23 +593,49 @@ mod tests {
         assert_eq!(describe(&bare), "no detail given");
     }
 
-    #[test]
-    fn polls_back_off_to_the_cap_and_stop_at_the_deadline() {
-        let start = Instant::now();
-        let mut backoff = Backoff {
-            delay: Duration::from_millis(250),
-            max: Duration::from_secs(1),
-            deadline: start + Duration::from_secs(3),
-        };
-        let mut now = start;
-        let mut waits = Vec::new();
-        while let Some(at) = backoff.next(now) {
-            waits.push((at - now).as_millis());
-            now = at;
-        }
-        // 250, 500, then capped at 1000, cut short by the deadline at 3 s.
-        assert_eq!(waits, [250, 500, 1000, 1000, 250]);
-        assert_eq!(now, start + Duration::from_secs(3));
+    /// As instant-acme's policy does with doubling waits: it stops at about half its time.
+    fn gives_up_at_half<'a>(state: &'a mut (u32, Instant), _: &'a RetryPolicy) -> Polling<'a, ()> {
+        state.0 += 1;
+        let deadline = state.1;
+        Box::pin(async move {
+            tokio::time::sleep(deadline.saturating_duration_since(Instant::now()) / 2).await;
+            Err(instant_acme::Error::Timeout(None))
+        })
+    }
+
+    fn second_time_lucky<'a>(calls: &'a mut u32, _: &'a RetryPolicy) -> Polling<'a, u32> {
+        *calls += 1;
+        let result = if *calls == 1 { Err(instant_acme::Error::Timeout(None)) } else { Ok(*calls) };
+        Box::pin(async move { result })
+    }
+
+    fn come_back_in_an_hour<'a>(asked: &'a mut u32, _: &'a RetryPolicy) -> Polling<'a, ()> {
+        *asked += 1;
+        let later = std::time::Instant::now() + Duration::from_secs(3600);
+        Box::pin(async move { Err(instant_acme::Error::Timeout(Some(later))) })
+    }
+
+    #[tokio::test]
+    async fn a_policy_that_gives_up_early_is_started_again_until_the_deadline() {
+        let mut config = AcmeConfig::new("https://acme.example/directory");
+        config.poll_initial = Duration::from_millis(10);
+        let deadline = Instant::now() + Duration::from_millis(400);
+        let mut state = (0, deadline);
+        let err = poll_until(&config, deadline, "waiting", &mut state, gives_up_at_half).await.unwrap_err();
+        assert!(matches!(err, AcmeError::Timeout { stage: "waiting", after } if after == config.timeout), "{err:?}");
+        assert!(state.0 >= 3, "started afresh while time was left: {}", state.0);
+        // Given up only once fewer than three initial waits were left.
+        assert!(Instant::now() + config.poll_initial * 3 >= deadline);
+
+        // A verdict ends the polling; the CA asking to come back after the deadline ends it at once.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut calls = 0;
+        let polled = poll_until(&config, deadline, "waiting", &mut calls, second_time_lucky).await;
+        assert_eq!(polled.unwrap().unwrap(), 2);
+        let mut asked = 0;
+        let polled = poll_until(&config, deadline, "waiting", &mut asked, come_back_in_an_hour).await;
+        assert!(matches!(polled, Err(AcmeError::Timeout { .. })), "{polled:?}");
+        assert_eq!(asked, 1);
     }
 
     #[tokio::test]

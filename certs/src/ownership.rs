@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cloud_store::{PendingDomain, Store, StoreError};
-use hickory_proto::op::{Message, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use hickory_proto::rr::{Name, RData};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::{Resolver, TokioResolver};
 
 /// Why ownership is not (yet) proven.
 #[derive(Debug, thiserror::Error)]
@@ -66,24 +67,55 @@ pub struct ClaimsPass {
 pub struct OwnershipChecker {
     resolver: Option<SocketAddr>,
     timeout: Duration,
+    retries: usize,
 }
 
 impl OwnershipChecker {
-    /// Asks `resolver`, or when `None` the first nameserver of /etc/resolv.conf at each lookup.
+    /// Asks `resolver`, or when `None` the nameservers of /etc/resolv.conf, read at each lookup.
     pub fn new(resolver: Option<SocketAddr>) -> Self {
-        Self { resolver, timeout: Duration::from_secs(3) }
+        Self { resolver, timeout: Duration::from_secs(2), retries: 1 }
     }
 
-    fn resolver(&self) -> Result<SocketAddr, OwnershipError> {
+    /// The nameservers to ask, UDP first and TCP when an answer comes truncated.
+    fn nameservers(&self) -> Result<Vec<SocketAddr>, OwnershipError> {
         if let Some(r) = self.resolver {
-            return Ok(r);
+            return Ok(vec![r]);
         }
-        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        conf.lines()
-            .filter_map(|l| l.trim().strip_prefix("nameserver"))
-            .find_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, 53))
-            .ok_or(OwnershipError::NoResolver)
+        let conf = hickory_resolver::system_conf::read_system_conf().map_err(|_| OwnershipError::NoResolver)?.0;
+        let servers: Vec<_> = conf.name_servers().iter().map(|ns| SocketAddr::new(ns.ip, 53)).collect();
+        if servers.is_empty() {
+            return Err(OwnershipError::NoResolver);
+        }
+        Ok(servers)
+    }
+
+    /// A resolver for one lookup. Nothing is cached across lookups: the owner has just published the record
+    /// and clicks "verify", so an answer (or NXDOMAIN) from a minute ago must not stand in for it.
+    fn client(&self, servers: &[SocketAddr]) -> Result<TokioResolver, NetError> {
+        let servers = servers
+            .iter()
+            .map(|addr| {
+                let connection = |mut c: ConnectionConfig| {
+                    c.port = addr.port();
+                    c
+                };
+                NameServerConfig::new(
+                    addr.ip(),
+                    true,
+                    vec![connection(ConnectionConfig::udp()), connection(ConnectionConfig::tcp())],
+                )
+            })
+            .collect();
+        let mut options = ResolverOpts::default();
+        options.timeout = self.timeout;
+        options.attempts = self.retries;
+        options.cache_size = 0;
+        options.positive_max_ttl = Some(Duration::ZERO);
+        options.negative_max_ttl = Some(Duration::ZERO);
+        options.use_hosts_file = ResolveHosts::Never;
+        Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
+            .with_options(options)
+            .build()
     }
 
     /// Checks the domain's TXT record.
@@ -155,32 +187,25 @@ impl OwnershipChecker {
         Ok(pass)
     }
 
-    /// The TXT strings at `name` (each record's strings concatenated, as RFC 7208 reads them), following what
-    /// the recursive resolver returns; NXDOMAIN and NODATA are empty.
+    /// The TXT strings at `name` (each record's strings concatenated, as RFC 7208 reads them), following the
+    /// CNAMEs the resolver returns; NXDOMAIN and NODATA are empty. Each question is retried once after a
+    /// timeout and asked again over TCP when the answer comes truncated.
     pub(crate) async fn txt(&self, name: &str) -> Result<Vec<String>, OwnershipError> {
-        let resolver = self.resolver()?;
-        let fail = |reason: String| OwnershipError::Lookup { record: name.to_owned(), resolver, reason };
+        let servers = self.nameservers()?;
+        let fail = |reason: String| OwnershipError::Lookup { record: name.to_owned(), resolver: servers[0], reason };
         let qname = Name::from_ascii(format!("{name}.")).map_err(|e| fail(format!("invalid name: {e}")))?;
-        let mut query = Message::query();
-        query.metadata.recursion_desired = true;
-        query.add_query(Query::query(qname, RecordType::TXT));
-        let bytes = query.to_vec().map_err(|e| fail(e.to_string()))?;
-        let mut reply = tokio::time::timeout(self.timeout, udp_exchange(resolver, &bytes, query.metadata.id))
-            .await
-            .map_err(|_| fail("no answer".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        if reply.metadata.truncation {
-            reply = tokio::time::timeout(self.timeout, tcp_exchange(resolver, &bytes))
-                .await
-                .map_err(|_| fail("no answer over TCP".into()))?
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        match reply.metadata.response_code {
-            ResponseCode::NoError | ResponseCode::NXDomain => {}
-            other => return Err(fail(format!("the resolver answered {other}"))),
-        }
-        Ok(reply
-            .answers
+        let client = self.client(&servers).map_err(|e| fail(e.to_string()))?;
+        let lookup = match client.txt_lookup(qname).await {
+            Ok(lookup) => lookup,
+            Err(NetError::Dns(DnsError::NoRecordsFound(_))) => return Ok(Vec::new()),
+            Err(NetError::Dns(DnsError::ResponseCode(code))) => {
+                return Err(fail(format!("the resolver answered {code}")));
+            }
+            Err(NetError::Timeout) => return Err(fail("no answer".into())),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        Ok(lookup
+            .answers()
             .iter()
             .filter_map(|r| match &r.data {
                 RData::TXT(txt) => {
@@ -192,31 +217,106 @@ impl OwnershipChecker {
     }
 }
 
-async fn udp_exchange(server: SocketAddr, bytes: &[u8], id: u16) -> std::io::Result<Message> {
-    let bind: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(server).await?;
-    sock.send(bytes).await?;
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let n = sock.recv(&mut buf).await?;
-        // Anything else on this socket (a late or forged reply) is not ours.
-        if let Ok(m) = Message::from_vec(&buf[..n])
-            && m.metadata.id == id
-        {
-            return Ok(m);
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-async fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> std::io::Result<Message> {
-    let mut stream = TcpStream::connect(server).await?;
-    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(bytes);
-    stream.write_all(&framed).await?;
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await?;
-    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-    stream.read_exact(&mut buf).await?;
-    Message::from_vec(&buf).map_err(std::io::Error::other)
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::TXT;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UdpSocket};
+
+    use super::*;
+
+    /// How the test resolver treats the UDP question it receives, counting from 0.
+    #[derive(Clone, Copy)]
+    enum Udp {
+        DropFirst,
+        Truncate,
+        Code(ResponseCode),
+    }
+
+    /// A resolver on loopback (UDP and TCP on one port) holding `value` at every TXT name; returns its
+    /// address and how many UDP questions it received.
+    async fn resolver(udp: Udp, value: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (tcp, sock) = loop {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            if let Ok(sock) = UdpSocket::bind(tcp.local_addr().unwrap()).await {
+                break (tcp, sock);
+            }
+        };
+        let addr = sock.local_addr().unwrap();
+        let answer = move |query: &Message, code: ResponseCode| {
+            let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+            reply.metadata.message_type = MessageType::Response;
+            reply.metadata.recursion_available = true;
+            reply.metadata.response_code = code;
+            let question = query.queries[0].clone();
+            if code == ResponseCode::NoError {
+                let txt = RData::TXT(TXT::new(vec![value.to_owned()]));
+                reply.add_answer(Record::from_rdata(question.name().clone(), 60, txt));
+            }
+            reply.add_query(question);
+            reply
+        };
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                let reply = match (udp, counter.fetch_add(1, Ordering::SeqCst)) {
+                    (Udp::DropFirst, 0) => continue,
+                    (Udp::DropFirst, _) => answer(&query, ResponseCode::NoError),
+                    (Udp::Truncate, _) => {
+                        let mut reply = answer(&query, ResponseCode::NoError);
+                        reply.answers.clear();
+                        reply.metadata.truncation = true;
+                        reply
+                    }
+                    (Udp::Code(code), _) => answer(&query, code),
+                };
+                sock.send_to(&reply.to_vec().unwrap(), from).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let mut len = [0u8; 2];
+                stream.read_exact(&mut len).await.unwrap();
+                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                stream.read_exact(&mut buf).await.unwrap();
+                let reply = answer(&Message::from_vec(&buf).unwrap(), ResponseCode::NoError).to_vec().unwrap();
+                let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&reply);
+                stream.write_all(&framed).await.unwrap();
+            }
+        });
+        (addr, asked)
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        let (addr, _) = resolver(Udp::Truncate, "cloud-verify=tcp").await;
+        let values = OwnershipChecker::new(Some(addr)).txt("_cloud-challenge.example.test").await.unwrap();
+        assert_eq!(values, ["cloud-verify=tcp"]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_question_is_asked_again() {
+        let (addr, asked) = resolver(Udp::DropFirst, "cloud-verify=again").await;
+        let values = OwnershipChecker::new(Some(addr)).txt("_cloud-challenge.example.test").await.unwrap();
+        assert_eq!(values, ["cloud-verify=again"]);
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nxdomain_is_no_record_and_servfail_is_an_error() {
+        let (addr, _) = resolver(Udp::Code(ResponseCode::NXDomain), "").await;
+        assert!(OwnershipChecker::new(Some(addr)).txt("_cloud-challenge.example.test").await.unwrap().is_empty());
+        let (addr, _) = resolver(Udp::Code(ResponseCode::ServFail), "").await;
+        let err = OwnershipChecker::new(Some(addr)).txt("_cloud-challenge.example.test").await.unwrap_err();
+        assert!(matches!(&err, OwnershipError::Lookup { resolver, .. } if *resolver == addr), "{err:?}");
+    }
 }

@@ -1,6 +1,5 @@
 //! Which account PostgreSQL runs as, and whether that account can reach the data dir.
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -77,28 +76,14 @@ pub(crate) fn chown_to(account: Option<&Account>, path: &Path) -> Result<(), Err
     account.map_or(Ok(()), |a| a.chown(path))
 }
 
-#[allow(unsafe_code)]
 pub(crate) fn effective_uid() -> u32 {
-    // SAFETY: geteuid takes no arguments, touches no memory of ours and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// The uid and primary gid of a user, through NSS (so not only /etc/passwd).
-#[allow(unsafe_code)]
 fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let name = CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: `passwd` is a plain C struct of integers and pointers, for which all-zero is a valid value.
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the duration of the call: `name` is NUL-terminated, `entry` and
-    // `found` are live locals and `buf` is writable for `buf.len()` bytes. getpwnam_r is the reentrant variant
-    // and only writes into what we pass. We read only the integer fields afterwards, not the pointers into `buf`.
-    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if rc != 0 || found.is_null() {
-        return None;
-    }
-    Some((entry.pw_uid, entry.pw_gid))
+    let user = nix::unistd::User::from_name(name).ok()??;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 #[cfg(test)]

@@ -11,6 +11,11 @@ use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{Id, WaitPidFlag};
+use nix::unistd::Pid;
 use tokio::sync::{oneshot, watch};
 
 use crate::Error;
@@ -87,11 +92,12 @@ impl Postmaster {
     }
 
     /// Sends `signal` unless the postmaster has already exited.
-    fn signal(&self, signal: libc::c_int, name: &'static str) -> Result<(), Error> {
+    fn signal(&self, signal: Signal) -> Result<(), Error> {
         let status = self.exit.lock();
         if status.is_some() {
             return Ok(());
         }
+        let name = signal.as_str();
         tracing::debug!(pid = self.pid, signal = name, "signalling postgres");
         send_signal(self.pid, signal).map_err(|source| Error::Signal { pid: self.pid, signal: name, source })
     }
@@ -99,12 +105,12 @@ impl Postmaster {
     /// Fast shutdown: SIGINT, then SIGKILL after 30 s.
     pub async fn stop(mut self) -> Result<(), Error> {
         self.stopped = true;
-        self.signal(libc::SIGINT, "SIGINT")?;
+        self.signal(Signal::SIGINT)?;
         if tokio::time::timeout(STOP_GRACE, self.exited()).await.is_ok() {
             return Ok(());
         }
         tracing::warn!(pid = self.pid, "PostgreSQL ignored SIGINT for {STOP_GRACE:?}; sending SIGKILL");
-        self.signal(libc::SIGKILL, "SIGKILL")?;
+        self.signal(Signal::SIGKILL)?;
         tokio::time::timeout(KILL_GRACE, self.exited())
             .await
             .map_err(|_| Error::StopTimeout { pid: self.pid, waited: STOP_GRACE + KILL_GRACE })
@@ -113,12 +119,12 @@ impl Postmaster {
     /// Like [`Postmaster::stop`], blocking the calling thread.
     fn stop_blocking(&mut self) -> Result<(), Error> {
         self.stopped = true;
-        self.signal(libc::SIGINT, "SIGINT")?;
+        self.signal(Signal::SIGINT)?;
         if self.wait_blocking(STOP_GRACE) {
             return Ok(());
         }
         tracing::warn!(pid = self.pid, "PostgreSQL ignored SIGINT for {STOP_GRACE:?}; sending SIGKILL");
-        self.signal(libc::SIGKILL, "SIGKILL")?;
+        self.signal(Signal::SIGKILL)?;
         if self.wait_blocking(KILL_GRACE) {
             Ok(())
         } else {
@@ -170,7 +176,7 @@ fn supervise(
     let pid = child.id() as i32;
     if pid_tx.send(Ok(pid)).is_err() {
         // Whoever started us gave up (a cancelled start): nobody else will ever stop this server.
-        let _ = send_signal(pid, libc::SIGINT);
+        let _ = send_signal(pid, Signal::SIGINT);
     }
     // Wait without reaping, so the pid stays ours (a zombie) until the exit is recorded under the lock.
     if let Err(err) = wait_without_reaping(pid) {
@@ -193,44 +199,33 @@ fn supervise(
 /// so it must be set here, not earlier.
 #[allow(unsafe_code)]
 fn set_death_signal(command: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
+    let parent = nix::unistd::getpid();
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls are allowed:
-    // prctl and getppid are plain system calls, and the errors are built without allocating.
+    // prctl and getppid are plain system calls, and nix's errors are errno values, built without allocating.
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT as libc::c_ulong) == -1 {
-                return Err(io::Error::last_os_error());
-            }
+            prctl::set_pdeathsig(Signal::SIGINT)?;
             // The parent may have died between fork and prctl, in which case no signal will ever come.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            if nix::unistd::getppid() != parent {
+                return Err(Errno::ESRCH.into());
             }
             Ok(())
         });
     }
 }
 
-#[allow(unsafe_code)]
-fn send_signal(pid: i32, signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: kill only takes integers and touches no memory of ours. The caller guarantees `pid` is our
-    // unreaped child, so it cannot name another process.
-    if unsafe { libc::kill(pid, signal) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+/// Signals `pid`, which the caller guarantees is our unreaped child, so that it cannot name another process.
+fn send_signal(pid: i32, signal: Signal) -> io::Result<()> {
+    Ok(nix::sys::signal::kill(Pid::from_raw(pid), signal)?)
 }
 
 /// Blocks until child `pid` has exited, leaving it unreaped.
-#[allow(unsafe_code)]
 fn wait_without_reaping(pid: i32) -> io::Result<()> {
     loop {
-        // SAFETY: `info` is a plain C struct for which all-zero is valid; it is a live local that waitid fills.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is valid for writes for the whole call; the other arguments are integers.
-        let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match nix::sys::wait::waitid(Id::Pid(Pid::from_raw(pid)), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -397,10 +397,8 @@ fn remove_earlier_versions(state_dir: &std::path::Path) {
     }
 }
 
-#[allow(unsafe_code)]
 fn current_uid() -> u32 {
-    // SAFETY: getuid(2) touches no memory.
-    unsafe { libc::getuid() }
+    nix::unistd::getuid().as_raw()
 }
 
 struct Supervisor {

@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// What PATH is for host processes: the host's programs (an image's PATH names directories inside it).
@@ -40,13 +43,9 @@ impl HostLaunch {
     }
 }
 
-/// Sends a signal to a process.
-#[allow(unsafe_code)]
-pub fn kill(pid: i32, signal: i32) {
-    // SAFETY: kill(2) touches no memory.
-    unsafe {
-        libc::kill(pid, signal);
-    }
+/// Sends a signal to a process; one that is already gone is no error.
+pub fn kill(pid: i32, signal: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
 }
 
 /// Starts the process with piped stdout and stderr.
@@ -70,15 +69,14 @@ pub fn spawn(launch: &HostLaunch) -> std::io::Result<Child> {
 
 #[allow(unsafe_code)]
 fn without_privilege(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is async-signal-safe.
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is async-signal-safe;
+    // nix's errors are plain errno values, built without allocating.
     unsafe {
         cmd.pre_exec(|| {
             // No exec from here on gains privilege: setuid and setgid bits and file capabilities are ignored,
             // whatever file the instance finds (its image, the host's own setuid programs).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            prctl::set_no_new_privs()?;
+            let _ = prctl::set_pdeathsig(Signal::SIGKILL);
             Ok(())
         });
     }

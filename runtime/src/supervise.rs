@@ -198,7 +198,7 @@ impl Started {
             }
             Self::Host(c) => {
                 if let Some(pid) = c.id() {
-                    kill(pid as i32, libc::SIGTERM);
+                    kill(pid as i32, nix::sys::signal::Signal::SIGTERM);
                 }
                 if tokio::time::timeout(grace, c.wait()).await.is_err() {
                     let _ = c.start_kill();
