@@ -215,20 +215,21 @@ impl Networks {
         Ok(())
     }
 
-    /// Kills whatever still runs in the namespace and deletes it (which deletes its veth pair too).
+    /// Deletes the veth pair, kills whatever still runs in the namespace and deletes the namespace.
     pub async fn destroy(&self, instance: Uuid) -> Result<(), NetError> {
         let path = self.netns_path(instance);
         if !Path::new(&path).exists() {
             return Ok(());
         }
-        for pid in pids_in(&path) {
-            crate::process::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        delete_netns(&path).await?;
+        // The pair goes first, at once: left to the namespace's end, the kernel removes it later, from a work
+        // queue, after the last process inside has exited, and a new instance could meet the old host end.
         if let Ok(links) = connect() {
             let _ = delete_link(&links, &format!("cv{}", short(instance))).await;
         }
-        Ok(())
+        for pid in pids_in(&path) {
+            crate::process::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        delete_netns(&path).await
     }
 }
 
