@@ -226,3 +226,15 @@ async fn peers_are_the_other_live_hosts_with_the_ips_of_their_instances_that_hav
     let events = api.store.events_since(None, since, 100).await.unwrap();
     assert!(events.iter().any(|e| e.resource_type == "node" && e.resource_id == n1.id), "{events:?}");
 }
+
+#[tokio::test]
+async fn of_hosts_announcing_one_address_at_once_exactly_one_gets_it() {
+    let api = TestApi::start().await;
+    let names: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
+    let nodes: Vec<NodeRegistration> = names.iter().map(|n| host(n, 10, 1)).collect();
+    let results = futures_util::future::join_all(nodes.iter().map(|n| api.store.register(n, LIVE))).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results.iter().filter(|r| matches!(r, Err(StoreError::UnderlayAddressTaken { .. }))).count();
+    assert_eq!((won, refused), (1, 7), "{results:?}");
+    assert_eq!(hosts(&api).await.len(), 1);
+}
