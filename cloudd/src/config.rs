@@ -150,6 +150,8 @@ pub struct PlatformSection {
     pub tenant_pool: Option<Ipv4Net>,
     /// Prefix length of each tenant's network.
     pub tenant_prefix: u8,
+    /// Pool hosts' overlay addresses come from (one per node that runs the overlay).
+    pub host_pool: Ipv4Net,
     /// Range of public ports for raw TCP services, `LOW-HIGH`.
     pub tcp_ports: PortRange,
     /// Recursive resolver (`ip:port`) that custom domains' ownership records are looked up through.
@@ -171,6 +173,7 @@ impl Default for PlatformSection {
             base_domain: s.base_domain,
             tenant_pool: None,
             tenant_prefix: s.tenant_prefix,
+            host_pool: s.host_pool,
             tcp_ports: PortRange { low: *s.tcp_ports.start(), high: *s.tcp_ports.end() },
             resolver: None,
             domain_claim_days: (s.domain_claim_ttl.as_secs() / 86400) as u32,
@@ -253,6 +256,12 @@ impl Config {
                 tenant_pool.prefix_len()
             );
         }
+        if p.host_pool.prefix_len() > 30 {
+            bail!("platform.host_pool = {} holds no host addresses; use a /30 or larger", p.host_pool);
+        }
+        if p.host_pool.contains(&tenant_pool.network()) || tenant_pool.contains(&p.host_pool.network()) {
+            bail!("platform.host_pool = {} overlaps platform.tenant_pool = {tenant_pool}", p.host_pool);
+        }
         if p.region.contains('.') || cloud_domain::names::validate_domain_name(&format!("{}.x", p.region)).is_err() {
             bail!("platform.region = {:?} must be one DNS label", p.region);
         }
@@ -271,6 +280,7 @@ impl Config {
             base_domain: p.base_domain.clone(),
             tenant_pool,
             tenant_prefix: p.tenant_prefix,
+            host_pool: p.host_pool,
             tcp_ports: p.tcp_ports.low..=p.tcp_ports.high,
             ip_hold: cloud_store::Settings::default().ip_hold,
             domain_claim_ttl: std::time::Duration::from_secs(u64::from(p.domain_claim_days) * 86400),

@@ -75,6 +75,30 @@ async fn node(api: &TestApi, cfg: NodeConfig) -> NodeHandle {
     cloud_runtime::start(api.store.clone(), feed, cfg).await.expect("node agent")
 }
 
+/// An agent announcing an underlay address that another live node holds does not start, and says which key to
+/// change. It fails at registration, before touching the host, so it needs neither root nor the host lock.
+#[tokio::test]
+async fn an_agent_announcing_a_held_underlay_address_does_not_start_and_names_the_key() {
+    let api = api().await;
+    let held = Ipv4Addr::new(192, 0, 2, 10);
+    let holder = cloud_store::NodeRegistration {
+        name: "holder",
+        address: "127.0.0.1",
+        memory_mb: 1024,
+        underlay_address: Some(held),
+        public_key: Some([1; 32]),
+    };
+    api.store.register(&holder, Duration::from_secs(60)).await.unwrap();
+    let feed = ChangeFeed::start(api.store.clone()).await.unwrap();
+    let cfg = NodeConfig { underlay_address: Some(held), ..config("newcomer") };
+    let err = cloud_runtime::start(api.store.clone(), feed, cfg).await.unwrap_err().to_string();
+    for needle in ["node.underlay_address", "CLOUD_NODE_UNDERLAY_ADDRESS", "192.0.2.10", "\"holder\""] {
+        assert!(err.contains(needle), "{err:?} should name {needle}");
+    }
+    let (nodes,): (i64,) = sqlx::query_as("SELECT count(*) FROM nodes").fetch_one(api.store.pool()).await.unwrap();
+    assert_eq!(nodes, 1, "the newcomer was not registered");
+}
+
 async fn call(api: &TestApi, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
     let mut req = reqwest::Client::new().request(method, api.url(path)).bearer_auth(token);
     if let Some(b) = body {

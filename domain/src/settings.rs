@@ -23,6 +23,9 @@ pub struct Settings {
     pub tenant_pool: Ipv4Net,
     /// Prefix length of each tenant's network.
     pub tenant_prefix: u8,
+    /// The pool hosts' overlay addresses come from: one address per node that runs the overlay, the source of
+    /// its own traffic (edge, DNS) towards instances on other hosts.
+    pub host_pool: Ipv4Net,
     /// Public ports raw TCP services are allocated from.
     pub tcp_ports: RangeInclusive<u16>,
     /// How long a deleted instance's private IP stays unallocated: longer than any edge or DNS cache may still
@@ -47,6 +50,7 @@ impl Default for Settings {
             base_domain: "cloud.localhost".into(),
             tenant_pool: "10.96.0.0/12".parse().expect("valid literal"),
             tenant_prefix: 22,
+            host_pool: "100.64.0.0/16".parse().expect("valid literal"),
             tcp_ports: 30000..=32767,
             ip_hold: Duration::from_secs(60),
             domain_claim_ttl: Duration::from_secs(7 * 86400),

@@ -19,14 +19,14 @@ mod retry;
 mod supervise;
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloud_domain::state::{DesiredState, InstanceState};
-use cloud_store::{Assignment, ChangeFeed, Store, StoreError};
+use cloud_store::{Assignment, ChangeFeed, NodeRegistration, Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Address other roles reach the node's instances through (informational for now).
     pub address: String,
+    /// This host's address on the network between hosts, where its peers' overlay tunnels end. None: the node
+    /// runs no overlay (one host).
+    pub underlay_address: Option<Ipv4Addr>,
     /// Memory the node offers to instances, MiB.
     pub memory_mb: u64,
     /// Where unpacked images and sandboxes live.
@@ -134,6 +137,7 @@ impl NodeConfig {
         Self {
             name,
             address: "127.0.0.1".into(),
+            underlay_address: None,
             memory_mb: total_memory_mb() * 4 / 5,
             state_dir,
             isolation: if current_uid() == 0 { Isolation::Namespaces } else { Isolation::Rootless },
@@ -154,6 +158,12 @@ impl NodeConfig {
             ops_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9154)),
         }
     }
+}
+
+/// PLACEHOLDER, to be replaced by the overlay's key (runtime/src/overlay.rs, issue 19): the public part of the key
+/// pair made at this start. No overlay runs yet, so none is announced and the node is nobody's peer.
+fn overlay_public_key() -> Option<[u8; 32]> {
+    None
 }
 
 /// Processes and threads per instance unless configured otherwise: plenty for a server, few enough that a fork
@@ -211,6 +221,17 @@ pub enum NodeError {
     /// The agent needs root for namespaces, bridges and nftables.
     #[error("namespace isolation needs root (network namespaces, bridges, nftables); run as root or in loopback mode")]
     NotRoot,
+    /// Another live node registered with this node's underlay address.
+    #[error(
+        "node.underlay_address = {address} is held by node \"{holder}\", which is live: set node.underlay_address \
+         (CLOUD_NODE_UNDERLAY_ADDRESS) to this host's own address, or stop that node's agent"
+    )]
+    UnderlayAddressTaken {
+        /// The address announced.
+        address: Ipv4Addr,
+        /// The live node holding it.
+        holder: String,
+    },
     /// The database failed.
     #[error("database")]
     Store(#[from] StoreError),
@@ -287,7 +308,20 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     if config.isolation == Isolation::Namespaces && current_uid() != 0 {
         return Err(NodeError::NotRoot);
     }
-    let node = store.register_node(&config.name, &config.address, config.memory_mb).await?;
+    let registration = NodeRegistration {
+        name: &config.name,
+        address: &config.address,
+        memory_mb: config.memory_mb,
+        underlay_address: config.underlay_address,
+        public_key: overlay_public_key(),
+    };
+    let node = match store.register(&registration, config.live_window).await {
+        Ok(registered) => registered.id,
+        Err(StoreError::UnderlayAddressTaken { address, node }) => {
+            return Err(NodeError::UnderlayAddressTaken { address, holder: node });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let networks = net::Networks::new(node).with_dns(config.dns);
     let sandboxes = match config.isolation {
         Isolation::Namespaces => {

@@ -38,7 +38,7 @@ pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
 pub use log_feed::{LOGS_CHANNEL, LogFeed, LogFollower, LogUpdate};
-pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, Observation};
+pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, NodeRegistration, Observation, Peer, Registered};
 pub use page::Cursor;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
@@ -126,6 +126,14 @@ pub enum StoreError {
     QuotaExceeded {
         /// Which quota, its limit and the current use.
         detail: String,
+    },
+    /// A node announced an underlay address that another live node holds: two hosts cannot end one tunnel.
+    #[error("underlay address {address} is held by node \"{node}\", which is live")]
+    UnderlayAddressTaken {
+        /// The address announced.
+        address: std::net::Ipv4Addr,
+        /// The live node holding it.
+        node: String,
     },
     /// A platform-wide pool ran out.
     #[error("no {what} left")]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloud_domain::api::{EventAction, LogLine};
+use cloud_domain::ipam;
 use cloud_domain::placement::{Node, Pending, place, waiting_reason};
 use cloud_domain::state::{DesiredState, InstanceState, RestartPolicy};
 use ipnet::Ipv4Net;
@@ -17,6 +18,14 @@ use crate::{Store, StoreError, record_event};
 
 /// Advisory lock key serialising scheduling passes platform-wide.
 const SCHEDULER_LOCK: i64 = 7_265_748;
+
+/// Advisory lock key serialising registrations of overlay nodes: who holds an underlay address and which overlay
+/// addresses are free are read and changed in one step.
+const HOSTS_LOCK: i64 = 7_265_749;
+
+/// Instance states in which an instance holds its private IP on its node: assigned and not ended. A pending one is
+/// about to start there, so peers route to it before it answers rather than after.
+const HOLDING_STATES: [&str; 4] = ["pending", "starting", "running", "stopping"];
 
 /// Log lines kept per instance; older ones are dropped as new ones arrive.
 pub const LOG_LINES_KEPT: i64 = 2000;
@@ -95,27 +104,244 @@ struct AssignmentRow {
     restart_count: i32,
 }
 
+/// What a node announces when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRegistration<'a> {
+    /// Unique node name: a node registering under a name already known takes that node's place.
+    pub name: &'a str,
+    /// Informational address (`node.address`).
+    pub address: &'a str,
+    /// Memory offered to instances, MiB.
+    pub memory_mb: u64,
+    /// Where its peers' tunnels end; `None` for a node that runs no overlay.
+    pub underlay_address: Option<Ipv4Addr>,
+    /// The public part of the overlay key pair it made at this start; `None` while it runs no overlay.
+    pub public_key: Option<[u8; 32]>,
+}
+
+/// What the platform recorded of a registered node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// The node's id.
+    pub id: Uuid,
+    /// Its overlay address, when it announced an underlay address.
+    pub overlay_address: Option<Ipv4Addr>,
+}
+
+/// Another live overlay node, as a node's overlay needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The node's id.
+    pub node: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Where its tunnel ends.
+    pub underlay_address: Ipv4Addr,
+    /// Its overlay address.
+    pub overlay_address: Ipv4Addr,
+    /// The public key it registered at its last start.
+    pub public_key: [u8; 32],
+    /// The private IPs of the instances assigned to it that have not ended, in order.
+    pub instance_ips: Vec<Ipv4Addr>,
+}
+
+/// A node's overlay identity as change-feed events carry it.
+#[derive(serde::Serialize)]
+struct NodeEvent<'a> {
+    id: Uuid,
+    name: &'a str,
+    underlay_address: Option<Ipv4Addr>,
+    overlay_address: Option<Ipv4Addr>,
+    /// Hex.
+    overlay_public_key: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct HostRow {
+    id: Uuid,
+    underlay_address: Option<IpAddr>,
+    overlay_address: Option<IpAddr>,
+    overlay_public_key: Option<Vec<u8>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct NamedHostRow {
+    name: String,
+    #[sqlx(flatten)]
+    host: HostRow,
+}
+
+fn v4(ip: Option<IpAddr>) -> Option<Ipv4Addr> {
+    match ip {
+        Some(IpAddr::V4(ip)) => Some(ip),
+        _ => None,
+    }
+}
+
 fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
 impl Store {
-    /// Registers a node (or refreshes it, by name) and returns its id.
+    /// Registers a node that runs no overlay (or refreshes it, by name) and returns its id.
     pub async fn register_node(&self, name: &str, address: &str, memory_mb: u64) -> Result<Uuid, StoreError> {
+        let node = NodeRegistration { name, address, memory_mb, underlay_address: None, public_key: None };
+        Ok(self.register(&node, Duration::ZERO).await?.id)
+    }
+
+    /// Registers a node (or refreshes it, by name). A node announcing an underlay address gets an overlay address
+    /// from [`Settings::host_pool`](crate::Settings::host_pool), once: it keeps it across re-registrations while
+    /// the address is in the pool. The key announced replaces the one stored, as agents make a fresh one at every
+    /// start. An underlay address held by another node that heartbeated within `live` is refused with
+    /// [`StoreError::UnderlayAddressTaken`], changing nothing; a dead holder loses it (and its key) to the newcomer.
+    /// A change peers must follow is an event on the change feed (type `node`, no tenant).
+    pub async fn register(&self, node: &NodeRegistration<'_>, live: Duration) -> Result<Registered, StoreError> {
+        if let Some(underlay) = node.underlay_address {
+            self.check_underlay(underlay)?;
+        }
         self.bounded(async {
-            let (id,): (Uuid,) = sqlx::query_as(
-                "INSERT INTO nodes (id, name, address, memory_mb) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, memory_mb = EXCLUDED.memory_mb,
-                 heartbeat_at = now()
-             RETURNING id",
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(HOSTS_LOCK).execute(&mut *tx).await?;
+            if let Some(underlay) = node.underlay_address {
+                let holder: Option<(Uuid, String, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, name, heartbeat_at > now() - interval '{}' FROM nodes
+                     WHERE underlay_address = $1 AND name <> $2 FOR UPDATE",
+                    interval(live)
+                )))
+                .bind(IpAddr::V4(underlay))
+                .bind(node.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match holder {
+                    Some((_, holder, true)) => {
+                        return Err(StoreError::UnderlayAddressTaken { address: underlay, node: holder });
+                    }
+                    Some((id, holder, false)) => {
+                        tracing::info!(%underlay, dead = %holder, taken_by = node.name, "underlay address taken over");
+                        let row: HostRow = sqlx::query_as(
+                            "UPDATE nodes SET underlay_address = NULL, overlay_public_key = NULL WHERE id = $1
+                             RETURNING id, underlay_address, overlay_address, overlay_public_key",
+                        )
+                        .bind(id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        record_node_event(&mut tx, &holder, &row, EventAction::Updated).await?;
+                    }
+                    None => {}
+                }
+            }
+            let before: Option<HostRow> = sqlx::query_as(
+                "SELECT id, underlay_address, overlay_address, overlay_public_key FROM nodes WHERE name = $1
+                 FOR UPDATE",
+            )
+            .bind(node.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let kept = before.as_ref().and_then(|b| v4(b.overlay_address));
+            let overlay = match node.underlay_address {
+                None => kept,
+                Some(_) => match kept.filter(|ip| self.settings.host_pool.contains(ip)) {
+                    Some(ip) => Some(ip),
+                    None => Some(Self::free_overlay_address(&mut tx, self.settings.host_pool).await?),
+                },
+            };
+            let after: HostRow = sqlx::query_as(
+                "INSERT INTO nodes (id, name, address, memory_mb, underlay_address, overlay_address, overlay_public_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, memory_mb = EXCLUDED.memory_mb,
+                     heartbeat_at = now(), underlay_address = EXCLUDED.underlay_address,
+                     overlay_address = EXCLUDED.overlay_address, overlay_public_key = EXCLUDED.overlay_public_key
+                 RETURNING id, underlay_address, overlay_address, overlay_public_key",
             )
             .bind(Uuid::new_v4())
-            .bind(name)
-            .bind(address)
-            .bind(memory_mb.min(i64::MAX as u64) as i64)
-            .fetch_one(&self.pool)
+            .bind(node.name)
+            .bind(node.address)
+            .bind(node.memory_mb.min(i64::MAX as u64) as i64)
+            .bind(node.underlay_address.map(IpAddr::V4))
+            .bind(overlay.map(IpAddr::V4))
+            .bind(node.public_key.map(|k| k.to_vec()))
+            .fetch_one(&mut *tx)
             .await?;
-            Ok(id)
+            let same = |b: &HostRow| {
+                (b.underlay_address, b.overlay_address, &b.overlay_public_key)
+                    == (after.underlay_address, after.overlay_address, &after.overlay_public_key)
+            };
+            // Nodes without an overlay stay out of the feed, as they were before hosts had one.
+            let action = match &before {
+                None if after.underlay_address.is_some() => Some(EventAction::Created),
+                Some(b) if !same(b) => Some(EventAction::Updated),
+                _ => None,
+            };
+            if let Some(action) = action {
+                record_node_event(&mut tx, node.name, &after, action).await?;
+            }
+            tx.commit().await?;
+            Ok(Registered { id: after.id, overlay_address: v4(after.overlay_address) })
+        })
+        .await
+    }
+
+    /// Refuses underlay addresses no peer could tunnel to, or that would route the overlay into itself.
+    fn check_underlay(&self, ip: Ipv4Addr) -> Result<(), StoreError> {
+        let why = if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            Some("is not a host address")
+        } else if self.settings.host_pool.contains(&ip) {
+            Some("is inside platform.host_pool, the overlay's own addresses")
+        } else if self.settings.tenant_pool.contains(&ip) {
+            Some("is inside platform.tenant_pool, the instances' addresses")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(StoreError::Invalid(format!("underlay address {ip} {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The lowest host-pool address no node holds. Nodes keep theirs while dead, so a node coming back gets the
+    /// address its peers knew.
+    async fn free_overlay_address(conn: &mut sqlx::PgConnection, pool: Ipv4Net) -> Result<Ipv4Addr, StoreError> {
+        let used: Vec<(IpAddr,)> =
+            sqlx::query_as("SELECT overlay_address FROM nodes WHERE overlay_address IS NOT NULL")
+                .fetch_all(conn)
+                .await?;
+        let used = used.into_iter().filter_map(|(ip,)| v4(Some(ip))).collect();
+        ipam::first_free_host(pool, &used).ok_or(StoreError::CapacityExhausted { what: "host overlay addresses" })
+    }
+
+    /// Every other overlay node that heartbeated within `live`, by name, with the private IPs of its instances
+    /// that have not ended: what `me`'s overlay must tunnel and route to. Nodes without a key yet are left out.
+    pub async fn overlay_peers(&self, me: Uuid, live: Duration) -> Result<Vec<Peer>, StoreError> {
+        self.bounded(async {
+            let rows: Vec<(Uuid, String, IpAddr, IpAddr, Vec<u8>, Vec<String>)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT n.id, n.name, n.underlay_address, n.overlay_address, n.overlay_public_key,
+                        coalesce(array_agg(host(i.private_ip) ORDER BY i.private_ip)
+                                 FILTER (WHERE i.id IS NOT NULL), '{{}}')
+                 FROM nodes n LEFT JOIN instances i ON i.node_id = n.id AND i.state = ANY($2)
+                 WHERE n.id <> $1 AND n.heartbeat_at > now() - interval '{}'
+                   AND n.underlay_address IS NOT NULL AND n.overlay_address IS NOT NULL
+                   AND n.overlay_public_key IS NOT NULL
+                 GROUP BY n.id ORDER BY n.name",
+                    interval(live)
+                )))
+                .bind(me)
+                .bind(&HOLDING_STATES[..])
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(node, name, underlay, overlay, key, ips)| {
+                    Some(Peer {
+                        node,
+                        name,
+                        underlay_address: v4(Some(underlay))?,
+                        overlay_address: v4(Some(overlay))?,
+                        public_key: key.try_into().ok()?,
+                        instance_ips: ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                    })
+                })
+                .collect())
         })
         .await
     }
@@ -236,8 +462,18 @@ impl Store {
                 let view = Self::instance_view(&mut tx, id).await?;
                 record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
             }
-            // Not schedulable any more until it registers again.
-            sqlx::query("UPDATE nodes SET heartbeat_at = 'epoch' WHERE id = $1").bind(node).execute(&mut *tx).await?;
+            // Not schedulable any more, nor anybody's peer, until it registers again.
+            let left: Option<NamedHostRow> = sqlx::query_as(
+                "UPDATE nodes SET heartbeat_at = 'epoch' WHERE id = $1
+                 RETURNING name, id, underlay_address, overlay_address, overlay_public_key",
+            )
+            .bind(node)
+            .fetch_optional(&mut *tx)
+            .await?;
+            // Peers drop it now rather than when its heartbeat would have lapsed.
+            if let Some(left) = left.filter(|l| l.host.underlay_address.is_some()) {
+                record_node_event(&mut tx, &left.name, &left.host, EventAction::Updated).await?;
+            }
             tx.commit().await?;
             Ok(())
         })
@@ -444,4 +680,20 @@ impl Store {
         })
         .await
     }
+}
+
+async fn record_node_event(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    row: &HostRow,
+    action: EventAction,
+) -> Result<(), StoreError> {
+    let event = NodeEvent {
+        id: row.id,
+        name,
+        underlay_address: v4(row.underlay_address),
+        overlay_address: v4(row.overlay_address),
+        overlay_public_key: row.overlay_public_key.as_ref().map(hex::encode),
+    };
+    record_event(conn, None, "node", row.id, action, &event).await
 }

@@ -5,6 +5,7 @@ mod certificates;
 mod domains;
 mod events;
 mod feed;
+mod hosts;
 mod images;
 mod instances;
 mod logs;
