@@ -235,6 +235,8 @@ async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signi
 /// node agents. Logs go to files in `dir` (printed when a wait fails).
 struct Platform {
     dir: tempfile::TempDir,
+    /// Every role process started, by log name, for [`Platform::logs`].
+    started: std::sync::Mutex<Vec<(String, u32)>>,
     url: String,
     key_file: std::path::PathBuf,
     pool: String,
@@ -256,7 +258,9 @@ impl Platform {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Role(cmd.spawn().unwrap())
+        let child = cmd.spawn().unwrap();
+        self.started.lock().unwrap().push((name.to_owned(), child.id()));
+        Role(child)
     }
 
     fn api(&self) -> Role {
@@ -272,6 +276,18 @@ impl Platform {
                 out.push_str(&format!("--- {}\n", e.path().display()));
                 tail.iter().rev().for_each(|l| out.push_str(&format!("{l}\n")));
             }
+        }
+        // A role that logged nothing either hangs or died: say which, and where its threads wait.
+        for (name, pid) in self.started.lock().unwrap().iter() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("gone");
+            let waits: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("wchan")).ok())
+                .collect();
+            out.push_str(&format!("--- {name} (pid {pid}): state {state}, threads waiting in {waits:?}\n"));
         }
         out
     }
@@ -305,6 +321,7 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
         pool: format!("10.{}.0.0/16", 150 + std::process::id() % 10),
         api_port: free_port(),
         dir,
+        started: Default::default(),
     };
     let mut api = p.api();
     let api_url = format!("http://127.0.0.1:{}", p.api_port);

@@ -271,13 +271,18 @@ impl Store {
     /// Versions of the migrations this build has that the database has not applied (all of them on an empty
     /// database), without changing anything: a process that does not migrate checks the schema it will use.
     pub async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let (exists,): (bool,) =
-            sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
-        let applied: Vec<i64> = if exists {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?
-        } else {
-            Vec::new()
-        };
+        let applied: Vec<i64> = self
+            .bounded(async {
+                let (exists,): (bool,) =
+                    sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                Ok(sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&self.pool)
+                    .await?)
+            })
+            .await?;
         Ok(MIGRATOR
             .iter()
             .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))

@@ -16,6 +16,8 @@ use crate::ops::Probe;
 pub struct Api(actix_web::dev::ServerHandle);
 
 impl super::Role for Api {
+    const NAME: &'static str = "api";
+
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         let state = AppState::new(store, cfg.api_config()?).await.context("preparing the API")?;
         let listener =

@@ -18,6 +18,8 @@ pub struct Certs {
 }
 
 impl super::Role for Certs {
+    const NAME: &'static str = "certs";
+
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         let key = cfg.secret_key()?.context(
             "the certificate manager needs the platform secret key (platform.secret_key_file): it seals certificate \

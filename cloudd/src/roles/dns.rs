@@ -14,6 +14,8 @@ use crate::ops::Probe;
 pub struct Dns(pub Arc<DnsHandle>);
 
 impl super::Role for Dns {
+    const NAME: &'static str = "dns";
+
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
         let dns = cloud_dns::start(store, feed, cfg.dns.clone()).await.context("starting the DNS")?;

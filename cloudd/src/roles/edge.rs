@@ -21,6 +21,8 @@ pub struct Edge {
 }
 
 impl super::Role for Edge {
+    const NAME: &'static str = "edge";
+
     /// Starts the edge following the change feed, serving the platform wildcard (kept valid by a background task).
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         let mut config = cfg.edge.clone();

@@ -19,6 +19,8 @@ use crate::ops::Probe;
 
 /// A role run as its own process.
 pub trait Role: Sized + Send + 'static {
+    /// Its subcommand, for the log.
+    const NAME: &'static str;
     /// Starts it on the store.
     fn start(cfg: &Config, store: Store) -> impl Future<Output = anyhow::Result<Self>> + Send;
     /// Where its operations endpoint listens and what it reports; `None` for a role that serves its own
@@ -30,8 +32,12 @@ pub trait Role: Sized + Send + 'static {
 
 /// Runs one role until SIGTERM or Ctrl-C: connects, starts it, serves its operations endpoint, then stops both.
 pub async fn run<R: Role>(cfg: Config) -> anyhow::Result<()> {
+    let role_name = R::NAME;
+    tracing::info!(role = role_name, "connecting to PostgreSQL");
     let store = connect(&cfg).await?;
+    tracing::info!(role = role_name, "connected, the schema is current; starting");
     let role = R::start(&cfg, store).await?;
+    tracing::info!(role = role_name, "started");
     let ops = role.ops(&cfg).map(|(listen, probe)| crate::ops::serve(listen, probe)).transpose()?;
     wait_for_shutdown().await;
     if let Some(ops) = ops {

@@ -26,6 +26,8 @@ impl Node {
 }
 
 impl super::Role for Node {
+    const NAME: &'static str = "node";
+
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
         Self::start_with_dns(cfg, store, None).await
     }
