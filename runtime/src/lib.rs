@@ -9,6 +9,7 @@
 //! their namespaces left and starts again what should run. Without root (loopback mode) instances are host
 //! processes with no isolation.
 
+mod hosts;
 mod images;
 mod logs;
 mod metrics;
@@ -160,12 +161,6 @@ impl NodeConfig {
     }
 }
 
-/// PLACEHOLDER, to be replaced by the overlay's key (runtime/src/overlay.rs, issue 19): the public part of the key
-/// pair made at this start. No overlay runs yet, so none is announced and the node is nobody's peer.
-fn overlay_public_key() -> Option<[u8; 32]> {
-    None
-}
-
 /// Processes and threads per instance unless configured otherwise: plenty for a server, few enough that a fork
 /// bomb stays inside its instance.
 pub const DEFAULT_PIDS_LIMIT: i64 = 512;
@@ -232,6 +227,15 @@ pub enum NodeError {
         /// The live node holding it.
         holder: String,
     },
+    /// An underlay address was set for a node that does not isolate instances in namespaces.
+    #[error(
+        "node.underlay_address needs namespace isolation (root): the overlay carries instances' private networks \
+         between hosts; unset it for a single host"
+    )]
+    OverlayNeedsNamespaces,
+    /// The overlay between hosts could not start.
+    #[error("the overlay between hosts")]
+    Overlay(#[from] cloud_overlay::OverlayError),
     /// The database failed.
     #[error("database")]
     Store(#[from] StoreError),
@@ -250,6 +254,8 @@ pub(crate) struct Shared {
     pub config: NodeConfig,
     pub node: Uuid,
     pub networks: net::Networks,
+    /// This host's part of the overlay between hosts, when it announced an underlay address.
+    pub overlay: Option<Arc<hosts::HostOverlay>>,
     /// Namespace mode only.
     pub sandboxes: Option<cloud_sandbox::Sandboxes>,
     pub images: images::ImageCache,
@@ -308,21 +314,34 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     if config.isolation == Isolation::Namespaces && current_uid() != 0 {
         return Err(NodeError::NotRoot);
     }
+    if config.underlay_address.is_some() && config.isolation != Isolation::Namespaces {
+        return Err(NodeError::OverlayNeedsNamespaces);
+    }
+    // A key of this start's own: a stolen one is worth nothing after the next restart.
+    let key = config.underlay_address.map(|_| cloud_overlay::Key::generate());
     let registration = NodeRegistration {
         name: &config.name,
         address: &config.address,
         memory_mb: config.memory_mb,
         underlay_address: config.underlay_address,
-        public_key: overlay_public_key(),
+        public_key: key.as_ref().map(cloud_overlay::Key::public),
     };
-    let node = match store.register(&registration, config.live_window).await {
-        Ok(registered) => registered.id,
+    let registered = match store.register(&registration, config.live_window).await {
+        Ok(registered) => registered,
         Err(StoreError::UnderlayAddressTaken { address, node }) => {
             return Err(NodeError::UnderlayAddressTaken { address, holder: node });
         }
         Err(e) => return Err(e.into()),
     };
-    let networks = net::Networks::new(node).with_dns(config.dns);
+    let node = registered.id;
+    let metrics = metrics::NodeMetrics::new();
+    let overlay = match (key, config.underlay_address, registered.overlay_address) {
+        (Some(key), Some(underlay), Some(address)) => {
+            Some(Arc::new(hosts::HostOverlay::start(underlay, address, key, metrics.clone()).await?))
+        }
+        _ => None,
+    };
+    let networks = net::Networks::new(node).with_dns(config.dns).with_overlay(overlay.is_some());
     let sandboxes = match config.isolation {
         Isolation::Namespaces => {
             let sandboxes = cloud_sandbox::Sandboxes::new(cloud_sandbox::SandboxConfig {
@@ -331,7 +350,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
                 runc: config.runc.clone(),
             })
             .await?;
-            net::install_firewall(config.dns).await?;
+            net::install_firewall(config.dns, overlay.as_ref().map(|_| store.settings().host_pool)).await?;
             // Whatever a previous run of this node left behind: its sandboxes ended with it; remove their
             // mounts, writable layers, cgroups and runc's state, then their namespaces.
             let removed = sandboxes.remove_all().await?;
@@ -401,10 +420,11 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         config,
         node,
         networks,
+        overlay,
         sandboxes,
         logs: logs_tx,
         reports,
-        metrics: metrics::NodeMetrics::new(),
+        metrics,
         // Registration just reached the database.
         in_contact_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
     });
@@ -499,6 +519,28 @@ async fn run(
             }
         })
     };
+    let peers = shared.overlay.clone().map(|overlay| {
+        let (shared, mut changes) = (shared.clone(), feed.subscribe());
+        tasks.spawn(async move {
+            let mut failing = false;
+            loop {
+                let followed = overlay.follow(&shared.store, shared.node, shared.config.live_window).await;
+                match followed {
+                    Ok(()) if std::mem::take(&mut failing) => tracing::info!("following the overlay's peers again"),
+                    Ok(()) => {}
+                    Err(e) if !std::mem::replace(&mut failing, true) => {
+                        tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot follow the overlay's peers");
+                    }
+                    Err(_) => {}
+                }
+                // Every change may move an address; the clock catches peers leaving the live window.
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(shared.config.heartbeat) => {}
+                }
+            }
+        })
+    });
     let mut backoff = retry::Backoff::default();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -525,6 +567,10 @@ async fn run(
     }
     tracing::info!("node agent stopping");
     heartbeat.abort();
+    // Peers keep their routes until the instances are gone; the overlay itself goes with the agent.
+    if let Some(peers) = peers {
+        peers.abort();
+    }
     for s in supervisors.values() {
         let _ = s.want.send(Want::Remove);
     }

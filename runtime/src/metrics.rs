@@ -20,6 +20,10 @@ pub(crate) struct NodeMetrics {
     pub log_dropped_bytes: IntCounterVec,
     /// Observations of instances waiting to be written to PostgreSQL.
     pub reports_pending: IntGauge,
+    /// Overlay packets, by what became of them (`sent`, `received`, `no_peer`, `unauthenticated`, `spoofed`).
+    pub overlay_packets: IntCounterVec,
+    /// Hosts this host's overlay tunnels to.
+    pub overlay_peers: IntGauge,
 }
 
 impl NodeMetrics {
@@ -49,6 +53,17 @@ impl NodeMetrics {
             "Observations of instances not yet written to PostgreSQL (retried while it does not answer)",
         )
         .expect("valid");
+        let overlay_packets = IntCounterVec::new(
+            Opts::new(
+                "cloud_node_overlay_packets_total",
+                "Packets of the overlay between hosts, by outcome: sent, received, dropped for no_peer, \
+                 unauthenticated (no peer's key, replayed, stale) or spoofed (a source the sending host does not hold)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
+        let overlay_peers =
+            IntGauge::new("cloud_node_overlay_peers", "Hosts this host's overlay tunnels to").expect("valid");
         for c in [
             Box::new(starts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ends.clone()),
@@ -57,10 +72,23 @@ impl NodeMetrics {
             Box::new(heartbeat_ok.clone()),
             Box::new(log_dropped_bytes.clone()),
             Box::new(reports_pending.clone()),
+            Box::new(overlay_packets.clone()),
+            Box::new(overlay_peers.clone()),
         ] {
             registry.register(c).expect("unique names");
         }
-        Self { registry, starts, ends, boot, running, heartbeat_ok, log_dropped_bytes, reports_pending }
+        Self {
+            registry,
+            starts,
+            ends,
+            boot,
+            running,
+            heartbeat_ok,
+            log_dropped_bytes,
+            reports_pending,
+            overlay_packets,
+            overlay_peers,
+        }
     }
 
     pub fn render(&self) -> String {

@@ -119,17 +119,25 @@ pub struct Networks {
     prefix: String,
     /// Where instances' DNS queries to their gateway are forwarded, if anywhere.
     dns: Option<SocketAddrV4>,
+    /// Whether tenant networks span hosts through the overlay: bridges then answer ARP for remote instances.
+    overlay: bool,
 }
 
 impl Networks {
     /// The networks of a node's instances.
     pub fn new(node: Uuid) -> Self {
-        Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]), dns: None }
+        Self { prefix: format!("cloud-{}-", &node.simple().to_string()[..8]), dns: None, overlay: false }
     }
 
     /// The same, forwarding instances' DNS queries (to their gateway, port 53) to `dns`.
     pub fn with_dns(mut self, dns: Option<SocketAddrV4>) -> Self {
         self.dns = dns;
+        self
+    }
+
+    /// The same, with tenant networks spanning hosts through the overlay ([`OVERLAY_DEVICE`]).
+    pub fn with_overlay(mut self, overlay: bool) -> Self {
+        self.overlay = overlay;
         self
     }
 
@@ -157,7 +165,8 @@ impl Networks {
         if Path::new(&self.netns_path(instance)).exists() {
             self.destroy(instance).await?;
         }
-        let bridge = ensure_bridge(tenant, network, self.dns.is_some_and(|d| d.ip().is_loopback())).await?;
+        let localnet = self.dns.is_some_and(|d| d.ip().is_loopback());
+        let bridge = ensure_bridge(tenant, network, localnet, self.overlay).await?;
         self.plug(instance, &bridge, network, ip).await
     }
 
@@ -333,7 +342,11 @@ fn share_netns_dir() -> io::Result<()> {
 async fn delete_netns(path: &str) -> Result<(), NetError> {
     let owned = path.to_owned();
     let deleted = tokio::task::spawn_blocking(move || {
-        nix::mount::umount2(owned.as_str(), MntFlags::MNT_DETACH)?;
+        match nix::mount::umount2(owned.as_str(), MntFlags::MNT_DETACH) {
+            // Not mounted (any more): what an agent killed in a mount namespace of its own leaves is the file.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
         std::fs::remove_file(&owned)
     })
     .await
@@ -413,7 +426,9 @@ fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
 /// Creates the tenant's bridge with the gateway address if it does not exist yet. `localnet` lets packets from
 /// the bridge be routed to a loopback address: the DNS forward rewrites queries to a listener on 127.0.0.1, which
 /// the kernel otherwise drops as martians (the input chain still drops everything else from the bridge).
-pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net, localnet: bool) -> Result<String, NetError> {
+/// `overlay` makes the bridge answer ARP for the tenant's instances on other hosts (routed into the overlay as
+/// /32s): an instance takes every address of its network as on its link.
+pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net, localnet: bool, overlay: bool) -> Result<String, NetError> {
     let bridge = bridge_name(tenant);
     if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
         let links = connect()?;
@@ -439,27 +454,44 @@ pub async fn ensure_bridge(tenant: Uuid, network: Ipv4Net, localnet: bool) -> Re
         let _ = add.execute().await;
         let up = LinkUnspec::new_with_index(index).up().build();
         links.link().set(up).execute().await.map_err(netlink(format!("set {bridge} up")))?;
-        nft(&format!("add element inet cloud intra {}\n", intra_element(&bridge))).await?;
+        nft(&format!(
+            "add element inet cloud intra {}\nadd element inet cloud nets {}\n",
+            intra_element(&bridge),
+            nets_element(&bridge, network)
+        ))
+        .await?;
     }
-    if localnet {
-        let knob = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
-        std::fs::write(&knob, "1").map_err(|source| NetError::Sysctl { knob, source })?;
+    for (knob, on) in [("route_localnet", localnet), ("proxy_arp", overlay)] {
+        if on {
+            let knob = format!("/proc/sys/net/ipv4/conf/{bridge}/{knob}");
+            std::fs::write(&knob, "1").map_err(|source| NetError::Sysctl { knob, source })?;
+        }
     }
     Ok(bridge)
 }
 
 /// `ip -4 addr show to <network>`: the links of the agent's namespace holding an IPv4 address inside `network`.
 async fn links_with_address_in(links: &Handle, network: Ipv4Net) -> Vec<String> {
+    let inside = link_addresses(links).await.into_iter().filter(|(_, a)| network.trunc().contains(&a.addr()));
+    inside.map(|(name, _)| name).collect()
+}
+
+/// The networks our bridges hold (their gateway's address and prefix), by bridge.
+async fn bridge_networks(links: &Handle) -> Vec<(String, Ipv4Net)> {
+    let ours = link_addresses(links).await.into_iter().filter(|(name, _)| name.starts_with(BRIDGE_PREFIX));
+    ours.map(|(name, address)| (name, address.trunc())).collect()
+}
+
+/// `ip -4 addr`: every IPv4 address of the agent's namespace with its prefix, by link name.
+async fn link_addresses(links: &Handle) -> Vec<(String, Ipv4Net)> {
     let addresses: Vec<_> = links.address().get().execute().try_collect().await.unwrap_or_default();
-    let mut names = Vec::new();
+    let mut found = Vec::new();
     for address in addresses {
-        let inside = address
-            .attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if network.trunc().contains(ip)));
-        if !inside {
-            continue;
-        }
+        let ip = address.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(net) = ip.and_then(|ip| Ipv4Net::new(ip, address.header.prefix_len).ok()) else { continue };
         let link = links.link().get().match_index(address.header.index).execute().try_next().await;
         let name = link.ok().flatten().and_then(|l| {
             l.attributes.into_iter().find_map(|a| match a {
@@ -467,9 +499,9 @@ async fn links_with_address_in(links: &Handle, network: Ipv4Net) -> Vec<String> 
                 _ => None,
             })
         });
-        names.extend(name);
+        found.extend(name.map(|name| (name, net)));
     }
-    names
+    found
 }
 
 /// Deletes the tenant's bridge when no port is attached any more (its last instance on this host is gone).
@@ -482,10 +514,14 @@ pub async fn remove_idle_bridge(tenant: Uuid) {
 }
 
 async fn delete_bridge(name: &str) {
+    let mut script = format!("delete element inet cloud intra {}\n", intra_element(name));
     if let Ok(links) = connect() {
+        for (_, network) in bridge_networks(&links).await.into_iter().filter(|(b, _)| b == name) {
+            script.push_str(&format!("delete element inet cloud nets {}\n", nets_element(name, network)));
+        }
         let _ = delete_link(&links, name).await;
     }
-    let _ = nft(&format!("delete element inet cloud intra {}\n", intra_element(name))).await;
+    let _ = nft(&script).await;
 }
 
 /// Deletes every bridge of ours without ports: what a crashed agent left behind.
@@ -511,7 +547,13 @@ pub async fn remove_idle_bridges() {
 /// With a DNS forward, queries to port 53 of any of the host's addresses (the gateway, for an instance) are
 /// rewritten to the private DNS listener, the one host service instances may reach. The source address is kept:
 /// it is how the DNS knows the asker's tenant.
-fn rules(dns: Option<SocketAddrV4>) -> String {
+///
+/// With the overlay (`hosts`, the hosts' overlay addresses), a tenant's bridge also reaches the tenant's network
+/// on other hosts through [`OVERLAY_DEVICE`] and is reached from it, the other hosts (their edges) reach
+/// instances, and nothing else crosses: the `nets` set pairs each bridge with its tenant's network. The overlay
+/// itself vouches for source addresses (a host only sends from what it holds). TCP through it is clamped to its
+/// MTU, so that large responses neither stall nor wait for path MTU discovery.
+fn rules(dns: Option<SocketAddrV4>, hosts: Option<Ipv4Net>) -> String {
     let (nat, allow) = match dns {
         Some(dns) => (
             format!(
@@ -529,22 +571,51 @@ fn rules(dns: Option<SocketAddrV4>) -> String {
         ),
         None => (String::new(), String::new()),
     };
+    let (overlay_in, overlay_forward, overlay_drop) = match hosts {
+        Some(hosts) => (
+            format!(
+                r#"
+        iifname "{OVERLAY_DEVICE}" ct state established,related accept
+        iifname "{OVERLAY_DEVICE}" drop"#
+            ),
+            format!(
+                r#"
+        oifname "{OVERLAY_DEVICE}" tcp flags syn tcp option maxseg size set rt mtu
+        iifname "{OVERLAY_DEVICE}" tcp flags syn tcp option maxseg size set {mss}
+        iifname "cb-*" oifname "{OVERLAY_DEVICE}" iifname . ip daddr @nets accept
+        iifname "{OVERLAY_DEVICE}" oifname "cb-*" oifname . ip saddr @nets accept
+        iifname "{OVERLAY_DEVICE}" oifname "cb-*" ip saddr {hosts} accept
+        iifname "cb-*" oifname "{OVERLAY_DEVICE}" ct state established,related accept"#,
+                mss = cloud_overlay::MTU - 40,
+            ),
+            format!(
+                r#"
+        iifname "{OVERLAY_DEVICE}" drop
+        oifname "{OVERLAY_DEVICE}" drop"#
+            ),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
     format!(
         r#"
 table inet cloud {{
     set intra {{
         type ifname . ifname
+    }}
+    set nets {{
+        type ifname . ipv4_addr
+        flags interval
     }}{nat}
     chain input {{
         type filter hook input priority -10; policy accept;
         iifname "cb-*" ct state established,related accept{allow}
-        iifname "cb-*" drop
+        iifname "cb-*" drop{overlay_in}
     }}
     chain forward {{
         type filter hook forward priority -10; policy accept;
-        iifname . oifname @intra accept
+        iifname . oifname @intra accept{overlay_forward}
         iifname "cb-*" drop
-        oifname "cb-*" drop
+        oifname "cb-*" drop{overlay_drop}
     }}
 }}
 "#
@@ -569,13 +640,26 @@ fn intra_element(bridge: &str) -> String {
     format!("{{ \"{bridge}\" . \"{bridge}\" }}")
 }
 
+fn nets_element(bridge: &str, network: Ipv4Net) -> String {
+    format!("{{ \"{bridge}\" . {} }}", network.trunc())
+}
+
+/// The TUN device of the overlay between hosts (cloud-overlay), when the node runs one.
+pub const OVERLAY_DEVICE: &str = "co0";
+
 /// Installs (or refreshes) the firewall rules, atomically: `nft -f` applies the whole script or nothing.
-/// The rules are per host: the last agent to start on a host sets its DNS forward.
-pub async fn install_firewall(dns: Option<SocketAddrV4>) -> Result<(), NetError> {
-    let mut script = format!("table inet cloud\ndelete table inet cloud\n{}", rules(dns));
+/// The rules are per host: the last agent to start on a host sets its DNS forward and its overlay's rules
+/// (`hosts`: the hosts' overlay addresses).
+pub async fn install_firewall(dns: Option<SocketAddrV4>, hosts: Option<Ipv4Net>) -> Result<(), NetError> {
+    let mut script = format!("table inet cloud\ndelete table inet cloud\n{}", rules(dns, hosts));
     // Bridges that exist already (another agent's on this host) keep switching.
     for bridge in our_bridges() {
         script.push_str(&format!("add element inet cloud intra {}\n", intra_element(&bridge)));
+    }
+    if let Ok(links) = connect() {
+        for (bridge, network) in bridge_networks(&links).await {
+            script.push_str(&format!("add element inet cloud nets {}\n", nets_element(&bridge, network)));
+        }
     }
     nft(&script).await
 }

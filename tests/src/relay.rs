@@ -17,9 +17,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Relays to `target`.
+    /// Relays to `target` from a port of loopback.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the relay");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Relays to `target` from `listen` (port 0: any).
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind(listen).await.expect("binding the relay");
         let relay =
             Relay { addr: listener.local_addr().expect("addr"), cut: Default::default(), conns: Default::default() };
         let (cut, conns) = (relay.cut.clone(), relay.conns.clone());
