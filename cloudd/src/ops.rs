@@ -16,7 +16,7 @@ pub trait Probe: Send + Sync + 'static {
     fn ready(&self) -> bool;
 }
 
-impl Probe for cloud_dns::DnsHandle {
+impl Probe for cloud_dns::DnsProbe {
     fn metrics(&self) -> String {
         self.metrics_text()
     }
@@ -26,7 +26,7 @@ impl Probe for cloud_dns::DnsHandle {
     }
 }
 
-impl Probe for cloud_edge::EdgeHandle {
+impl Probe for cloud_edge::EdgeProbe {
     fn metrics(&self) -> String {
         self.metrics_text()
     }
@@ -46,7 +46,7 @@ impl Probe for cloud_certs::manager::ManagerProbe {
     }
 }
 
-impl Probe for cloud_runtime::NodeHandle {
+impl Probe for cloud_runtime::NodeProbe {
     fn metrics(&self) -> String {
         self.metrics_text()
     }

@@ -168,9 +168,14 @@ fn capture(switch: &Netns, file: &Path) -> Capture {
 }
 
 /// An instance that fetches what it is asked to from inside its sandbox (busybox httpd and wget):
-/// `/cgi-bin/fetch?HOST:PORT` answers the page, or `error`.
+/// `/cgi-bin/fetch?HOST:PORT` answers the page, or `error`; `/cgi-bin/big` answers 1 MiB, far over the overlay's
+/// MTU.
 const PROBER: &[(&str, &str)] = &[
     ("manifest.json", r#"{"command": ["httpd", "-f", "-p", "9000", "-h", "/app/www"], "port": 9000}"#),
+    (
+        "www/cgi-bin/big",
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\nyes 0123456789abcde | head -c 1048576\n",
+    ),
     (
         "www/cgi-bin/fetch",
         "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ntimeout 3 wget -q -O - \"http://$QUERY_STRING/\" 2>/dev/null || echo error\n",
@@ -391,6 +396,12 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
             diagnose(&hosts).await
         );
     }
+    // A large response crosses the overlay whole (TCP clamped to its MTU), from an edge on another host.
+    let edge = if prober["node"] == "h1" { 2 } else { 1 };
+    let big = get(edge, &probe_fqdn, "/cgi-bin/big").await.unwrap_or_default();
+    assert_eq!(big.len(), 1 << 20, "1 MiB from {} through edge {edge}", prober["node"]);
+    assert!(big.lines().all(|l| l == "0123456789abcde" || "0123456789abcde".starts_with(l)));
+
     // Another tenant's instance reaches nothing of this tenant's on another host.
     let stranger = instances(&other).await[0].clone();
     let victim = *webs.iter().find(|i| i["node"] != stranger["node"]).unwrap();

@@ -171,6 +171,24 @@ pub struct DnsHandle {
     loader: JoinHandle<()>,
 }
 
+/// What an operations endpoint reports of a running DNS: [`DnsHandle::probe`].
+#[derive(Debug, Clone)]
+pub struct DnsProbe {
+    metrics: Metrics,
+}
+
+impl DnsProbe {
+    /// Prometheus text exposition of the server's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.text()
+    }
+
+    /// True while the last load failed and an older snapshot is served.
+    pub fn is_stale(&self) -> bool {
+        self.metrics.stale.get() != 0
+    }
+}
+
 impl std::fmt::Debug for DnsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DnsHandle")
@@ -212,12 +230,17 @@ impl DnsHandle {
 
     /// The Prometheus text exposition of this server's metrics.
     pub fn metrics_text(&self) -> String {
-        self.metrics.text()
+        self.probe().metrics_text()
     }
 
     /// True while the last load failed and an older snapshot is served.
     pub fn is_stale(&self) -> bool {
-        self.metrics.stale.get() != 0
+        self.probe().is_stale()
+    }
+
+    /// What an operations endpoint reports, held apart from the server so that it stops whenever it is told to.
+    pub fn probe(&self) -> DnsProbe {
+        DnsProbe { metrics: self.metrics.clone() }
     }
 
     /// Stops listening, waits for in-flight queries, and stops following the change feed.

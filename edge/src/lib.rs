@@ -201,6 +201,34 @@ pub struct EdgeHandle {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// What an operations endpoint reports of a running edge: [`EdgeHandle::probe`].
+#[derive(Clone)]
+pub struct EdgeProbe {
+    shared: Arc<Shared>,
+    registry: Registry,
+}
+
+impl std::fmt::Debug for EdgeProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeProbe").finish_non_exhaustive()
+    }
+}
+
+impl EdgeProbe {
+    /// True while the route table is stale (the database cannot be followed).
+    pub fn is_stale(&self) -> bool {
+        self.shared.metrics.table_stale.get() != 0
+    }
+
+    /// Prometheus text exposition of the edge's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.certificates.set(self.shared.certs.len() as i64);
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
 impl std::fmt::Debug for EdgeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeHandle").field("https", &self.https_addr).field("http", &self.http_addr).finish()
@@ -230,7 +258,7 @@ impl EdgeHandle {
 
     /// Whether the database could not be followed at the last attempt (the last table is being served).
     pub fn is_stale(&self) -> bool {
-        self.shared.metrics.table_stale.get() != 0
+        self.probe().is_stale()
     }
 
     /// Service ports open now: (port, "tls" | "tcp").
@@ -249,10 +277,12 @@ impl EdgeHandle {
 
     /// Prometheus text exposition of the edge's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.certificates.set(self.shared.certs.len() as i64);
-        let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        self.probe().metrics_text()
+    }
+
+    /// What an operations endpoint reports, held apart from the edge so that it drains whenever it is told to.
+    pub fn probe(&self) -> EdgeProbe {
+        EdgeProbe { shared: self.shared.clone(), registry: self.registry.clone() }
     }
 
     /// Stops accepting, lets open connections finish within the grace period, then stops.

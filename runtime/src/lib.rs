@@ -285,7 +285,14 @@ pub struct NodeHandle {
     task: JoinHandle<()>,
 }
 
-impl NodeHandle {
+/// What an operations endpoint reports of a running agent: held apart from the agent, so that the agent stops
+/// whenever it is told to, whoever still holds this.
+#[derive(Debug, Clone)]
+pub struct NodeProbe {
+    metrics: metrics::NodeMetrics,
+}
+
+impl NodeProbe {
     /// Prometheus text exposition of the agent's metrics.
     pub fn metrics_text(&self) -> String {
         self.metrics.render()
@@ -294,6 +301,23 @@ impl NodeHandle {
     /// True while heartbeats reach PostgreSQL.
     pub fn is_healthy(&self) -> bool {
         self.metrics.heartbeat_ok.get() == 1
+    }
+}
+
+impl NodeHandle {
+    /// Prometheus text exposition of the agent's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.probe().metrics_text()
+    }
+
+    /// True while heartbeats reach PostgreSQL.
+    pub fn is_healthy(&self) -> bool {
+        self.probe().is_healthy()
+    }
+
+    /// What an operations endpoint reports.
+    pub fn probe(&self) -> NodeProbe {
+        NodeProbe { metrics: self.metrics.clone() }
     }
 
     /// Stops every instance, cleans up the host, hands the node's instances back for rescheduling and stops.

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::ops::Probe;
 
 /// The DNS serving.
-pub struct Dns(pub Arc<DnsHandle>);
+pub struct Dns(pub DnsHandle);
 
 impl super::Role for Dns {
     const NAME: &'static str = "dns";
@@ -20,17 +20,14 @@ impl super::Role for Dns {
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
         let dns = cloud_dns::start(store, feed, cfg.dns.clone()).await.context("starting the DNS")?;
         tracing::info!(public = ?dns.public_addrs(), private = ?dns.private_addrs(), "DNS serving");
-        Ok(Self(Arc::new(dns)))
+        Ok(Self(dns))
     }
 
     fn ops(&self, cfg: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
-        Some((cfg.dns.ops_listen, self.0.clone()))
+        Some((cfg.dns.ops_listen, Arc::new(self.0.probe())))
     }
 
     async fn shutdown(self) {
-        // The operations endpoint, the only other holder, has stopped.
-        if let Ok(dns) = Arc::try_unwrap(self.0) {
-            dns.shutdown().await;
-        }
+        self.0.shutdown().await;
     }
 }

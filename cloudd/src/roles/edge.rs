@@ -13,7 +13,7 @@ use crate::ops::Probe;
 
 /// The edge serving.
 pub struct Edge {
-    pub handle: Arc<EdgeHandle>,
+    pub handle: EdgeHandle,
     /// The platform CA's certificate, for those who must trust it.
     pub ca_pem: String,
     /// Keeps the platform wildcard valid.
@@ -44,18 +44,15 @@ impl super::Role for Edge {
         })?;
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
         let edge = cloud_edge::start(store, feed, certs, config).await.context("starting the edge")?;
-        Ok(Self { handle: Arc::new(edge), ca_pem, renewal })
+        Ok(Self { handle: edge, ca_pem, renewal })
     }
 
     fn ops(&self, cfg: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
-        Some((cfg.edge.ops_listen, self.handle.clone()))
+        Some((cfg.edge.ops_listen, Arc::new(self.handle.probe())))
     }
 
     async fn shutdown(self) {
         self.renewal.abort();
-        // The operations endpoint, the only other holder, has stopped.
-        if let Ok(edge) = Arc::try_unwrap(self.handle) {
-            edge.shutdown().await;
-        }
+        self.handle.shutdown().await;
     }
 }

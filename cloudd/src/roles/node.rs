@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::ops::Probe;
 
 /// The node agent running.
-pub struct Node(pub Arc<NodeHandle>);
+pub struct Node(pub NodeHandle);
 
 impl Node {
     /// Starts the agent following the change feed; `dns` is the private DNS for instances unless `node.dns` names
@@ -21,7 +21,7 @@ impl Node {
         let mut node_cfg = cfg.node.clone();
         node_cfg.dns = node_cfg.dns.or(dns);
         let node = cloud_runtime::start(store, feed, node_cfg).await.context("starting the node agent")?;
-        Ok(Self(Arc::new(node)))
+        Ok(Self(node))
     }
 }
 
@@ -33,13 +33,10 @@ impl super::Role for Node {
     }
 
     fn ops(&self, cfg: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
-        Some((cfg.node.ops_listen, self.0.clone()))
+        Some((cfg.node.ops_listen, Arc::new(self.0.probe())))
     }
 
     async fn shutdown(self) {
-        // The operations endpoint, the only other holder, has stopped.
-        if let Ok(node) = Arc::try_unwrap(self.0) {
-            node.shutdown().await;
-        }
+        self.0.shutdown().await;
     }
 }
