@@ -21,13 +21,13 @@ use cloud_edge::{AccessLog, CertStore, EdgeConfig, LogTarget, ServedCert};
 use cloud_store::{ChangeFeed, NewService, Store};
 
 /// One load run's results.
-struct Run {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    failed: u64,
+pub(crate) struct Run {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub failed: u64,
     /// Requests that succeeded.
-    done: u64,
+    pub done: u64,
     /// What was negotiated: TLS version, cipher and application protocol.
     tls: String,
 }
@@ -39,7 +39,7 @@ struct Target {
     pids: Vec<u32>,
 }
 
-fn h2load(
+pub(crate) fn h2load(
     target: SocketAddr,
     url: &str,
     h2: bool,

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 mod dns;
 mod edge;
+mod hosts;
 
 /// The allocator `cloudd` runs with, so the edge measured in this process allocates as in production.
 #[global_allocator]
@@ -109,10 +110,24 @@ async fn main() -> anyhow::Result<()> {
         }
         return edge::run(seconds, connections, routes, runs).await;
     }
+    if args.first().map(String::as_str) == Some("hosts") {
+        let (mut seconds, mut connections, mut runs) = (10u64, 32usize, 3usize);
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
+                "--connections" => connections = it.next().context("--connections N")?.parse()?,
+                "--runs" => runs = it.next().context("--runs N")?.parse::<usize>()?.max(1),
+                other => bail!("unknown argument {other}"),
+            }
+        }
+        return hosts::run(seconds, connections, runs).await;
+    }
     if args.first().map(String::as_str) != Some("deploy") {
         bail!(
             "usage: cloud-bench deploy [--instances N] | cloud-bench dns [--names N] [--seconds S] | \
-             cloud-bench edge [--seconds S] [--connections N] [--routes N] [--runs N]"
+             cloud-bench edge [--seconds S] [--connections N] [--routes N] [--runs N] | \
+             cloud-bench hosts [--seconds S] [--connections N] [--runs N]"
         );
     }
     let mut n = 50usize;

@@ -7,120 +7,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const UNDERLAY: [u8; 3] = [198, 18, 0];
-/// The test's own leg on the underlay: PostgreSQL (relayed) and the clients are there.
-const DATABASE_HOST: u8 = 254;
+use cloud_tests::hosts::{Netns, Proc, Roles, Underlay, ip, ready};
 
 fn underlay(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], i)
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (scripts/setup installs iproute2)");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A `cloudd` process, stopped (SIGTERM, then SIGKILL after 20 s) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).stderr(Stdio::null()).status();
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Platform {
-    dir: tempfile::TempDir,
-    /// What roles on the hosts use: PostgreSQL through the relay on the underlay.
-    url: String,
-    key_file: PathBuf,
-    pool: String,
-}
-
-impl Platform {
-    /// Starts `cloudd <role>` in `netns` (or in the test's own namespace), its output in `<name>.log`.
-    fn role(&self, name: &str, netns: Option<&Netns>, role: &str, config: &str, env: &[(&str, String)]) -> Proc {
-        let config_path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_cloudd")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_cloudd")),
-        };
-        cmd.args(["--config", &config_path.display().to_string(), role])
-            .env("DATABASE_URL", &self.url)
-            .env("CLOUD_SECRET_KEY_FILE", &self.key_file)
-            .env("CLOUD_TENANT_POOL", &self.pool)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Proc(cmd.spawn().unwrap())
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut files: Vec<_> = std::fs::read_dir(self.dir.path()).unwrap().flatten().map(|e| e.path()).collect();
-        files.sort();
-        for path in files.iter().filter(|p| p.extension().is_some_and(|x| x == "log")) {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            out.push_str(&format!("--- {}\n", path.display()));
-            tail.iter().rev().for_each(|l| out.push_str(&format!("{l}\n")));
-        }
-        out
-    }
-
-    async fn wait(&self, what: &str, within: Duration, mut ok: impl AsyncFnMut() -> bool) {
-        let t0 = Instant::now();
-        while !ok().await {
-            assert!(t0.elapsed() < within, "never {what} (within {within:?}):\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-async fn ready(addr: SocketAddr) -> bool {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
-    client.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    Underlay::address(i)
 }
 
 /// A capture, ended when dropped.
@@ -157,7 +53,7 @@ fn capture(switch: &Netns, file: &Path) -> Capture {
     let mut child = Command::new("ip")
         .args(["netns", "exec", &switch.0, "tcpdump", "-i", "br0", "-U", "-n", "-w"])
         .arg(file)
-        .args(["not", "host", &underlay(DATABASE_HOST).to_string()])
+        .args(["not", "host", &Underlay::leg_address().to_string()])
         .stderr(Stdio::piped())
         .spawn()
         .expect("tcpdump (scripts/setup installs it)");
@@ -194,25 +90,8 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     }
     let tag = std::process::id() % 10_000;
     // The underlay: a switch, the test's leg into it, three hosts.
-    let switch = Netns::new(format!("hs{tag}-sw"));
-    ip(&["-n", &switch.0, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &switch.0, "link", "set", "br0", "up"]);
-    let leg = format!("hs{tag}u");
-    ip(&["link", "add", &leg, "type", "veth", "peer", "name", "up0", "netns", &switch.0]);
-    ip(&["-n", &switch.0, "link", "set", "up0", "master", "br0", "up"]);
-    ip(&["addr", "add", &format!("{}/24", underlay(DATABASE_HOST)), "dev", &leg]);
-    ip(&["link", "set", &leg, "up"]);
-    let hosts: Vec<Netns> = (1..=3u8)
-        .map(|i| {
-            let ns = Netns::new(format!("hs{tag}-h{i}"));
-            let port = format!("p{i}");
-            ip(&["-n", &switch.0, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
-            ip(&["-n", &switch.0, "link", "set", &port, "master", "br0", "up"]);
-            ip(&["-n", &ns.0, "addr", "add", &format!("{}/24", underlay(i)), "dev", "eth0"]);
-            ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
-            ns
-        })
-        .collect();
+    let net = Underlay::build(&format!("hs{tag}"), 3);
+    let (switch, hosts) = (&net.switch, &net.hosts);
 
     // PostgreSQL, migrated, relayed onto the underlay.
     let direct = cloud_tests::fresh_database().await;
@@ -221,22 +100,23 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     let store = cloud_store::Store::new(cloud_store::connect(&direct, 2).await.unwrap(), Default::default());
     let opts = store.pool().connect_options();
     let pg = SocketAddr::new(opts.get_host().parse().unwrap(), opts.get_port());
-    let relay = cloud_tests::relay::Relay::start_on(SocketAddr::from((underlay(DATABASE_HOST), 0)), pg).await;
+    let relay = cloud_tests::relay::Relay::start_on(SocketAddr::from((Underlay::leg_address(), 0)), pg).await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("secret.key");
     std::fs::write(&key_file, "3c".repeat(32)).unwrap();
-    let p = Platform {
+    let p = Roles {
+        cloudd: env!("CARGO_BIN_EXE_cloudd").into(),
+        dir: dir.path().to_owned(),
         url: direct.replacen(&pg.to_string(), &relay.addr.to_string(), 1),
         key_file,
         pool: format!("10.{}.0.0/16", 160 + std::process::id() % 10),
-        dir,
     };
     assert_ne!(p.url, direct, "the database URL names {pg}");
 
     // The API in the test's namespace; a tenant and another one.
     let api_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let api_url = format!("http://127.0.0.1:{api_port}");
-    let _api = p.role("api", None, "api", "", &[("CLOUD_API_LISTEN", format!("127.0.0.1:{api_port}"))]);
+    let _api = p.start("api", None, "api", "", &[("CLOUD_API_LISTEN", format!("127.0.0.1:{api_port}"))]);
     p.wait("the API ready", Duration::from_secs(60), async || ready(([127, 0, 0, 1], api_port).into()).await).await;
     let tenant = |name: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
@@ -261,21 +141,21 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
             ("CLOUD_DNS_PRIVATE_LISTEN", "127.0.0.1:5301".to_owned()),
             ("CLOUD_DNS_OPS_LISTEN", format!("{addr}:9153")),
         ];
-        roles.insert(format!("dns{i}"), p.role(&format!("h{i}-dns"), Some(ns), "dns", "", &dns_env));
+        roles.insert(format!("dns{i}"), p.start(&format!("h{i}-dns"), Some(ns), "dns", "", &dns_env));
         let node = format!(
             "[node]\nname = \"h{i}\"\nstate_dir = \"{}\"\nmemory_mb = 4096\nops_listen = \"{addr}:9154\"\n\
              underlay_address = \"{addr}\"\ndns = \"127.0.0.1:5301\"\nheartbeat_seconds = 1\n\
              live_window_seconds = 3\nlost_after_seconds = 5\nmin_backoff_seconds = 1\n",
-            p.dir.path().join(format!("h{i}-state")).display()
+            p.dir.join(format!("h{i}-state")).display()
         );
-        roles.insert(format!("node{i}"), p.role(&format!("h{i}-node"), Some(ns), "node", &node, &[]));
+        roles.insert(format!("node{i}"), p.start(&format!("h{i}-node"), Some(ns), "node", &node, &[]));
         ops.extend([SocketAddr::from((addr, 9153)), SocketAddr::from((addr, 9154))]);
         if i <= 2 {
             let edge =
                 format!("[edge]\nports_ip = \"{addr}\"\ngrace_period_seconds = 1\nops_listen = \"{addr}:9156\"\n");
             let env =
                 [("CLOUD_EDGE_HTTPS_LISTEN", format!("{addr}:443")), ("CLOUD_EDGE_HTTP_LISTEN", format!("{addr}:80"))];
-            roles.insert(format!("edge{i}"), p.role(&format!("h{i}-edge"), Some(ns), "edge", &edge, &env));
+            roles.insert(format!("edge{i}"), p.start(&format!("h{i}-edge"), Some(ns), "edge", &edge, &env));
             ops.push(SocketAddr::from((addr, 9156)));
         }
     }
@@ -349,8 +229,8 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
 
     // Through each edge, verified with the platform CA, every instance answers, on whatever host it runs; and
     // what crosses between hosts meanwhile is sealed.
-    let pcap = p.dir.path().join("underlay.pcap");
-    let tcpdump = capture(&switch, &pcap);
+    let pcap = p.dir.join("underlay.pcap");
+    let tcpdump = capture(switch, &pcap);
     let ca = reqwest::get(format!("{api_url}/v1/ca.pem")).await.unwrap().text().await.unwrap();
     let via = |edge: u8, name: &str| {
         reqwest::Client::builder()
@@ -393,7 +273,7 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
             prober["private_ip"],
             prober["node"],
             target["node"],
-            diagnose(&hosts).await
+            diagnose(hosts).await
         );
     }
     // A large response crosses the overlay whole (TCP clamped to its MTU), from an edge on another host.
@@ -459,8 +339,8 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
 
     // Host 3 comes back: its agent removes what the killed one left (namespaces, sandboxes) and rejoins.
     ip(&["-n", &hosts[2].0, "link", "set", "eth0", "up"]);
-    let config = std::fs::read_to_string(p.dir.path().join("h3-node.toml")).unwrap();
-    roles.insert("node3".into(), p.role("h3-node-back", Some(&hosts[2]), "node", &config, &[]));
+    let config = std::fs::read_to_string(p.dir.join("h3-node.toml")).unwrap();
+    roles.insert("node3".into(), p.start("h3-node-back", Some(&hosts[2]), "node", &config, &[]));
     let back = SocketAddr::from((underlay(3), 9154));
     p.wait("host 3 back", Duration::from_secs(60), async || ready(back).await).await;
 
@@ -475,8 +355,8 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     }
     drop(roles);
     drop(_api);
-    drop(hosts);
-    drop(switch);
+    let leg = net.leg.clone();
+    drop(net);
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let netns = String::from_utf8_lossy(&netns.stdout);
     assert!(!netns.contains(&format!("hs{tag}-")), "a host namespace is left: {netns}");
@@ -485,10 +365,12 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
         assert!(!netns.contains(&prefix), "an instance namespace of {node} is left: {netns}\n{}", p.logs());
     }
     // Nothing of the hosts' reached the test's own namespace.
-    ip(&["link", "del", &leg]);
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     let links = String::from_utf8_lossy(&links.stdout);
-    assert!(!links.contains(": co0:"), "an overlay device in the test's namespace: {links}");
+    assert!(
+        !links.contains(": co0:") && !links.contains(&format!(": {leg}@")),
+        "left in the test's namespace: {links}"
+    );
     for id in instance_ids {
         let veth = format!("cv{}", &id.simple().to_string()[..12]);
         assert!(!links.contains(&format!(": {veth}")), "instance veth {veth} in the test's namespace: {links}");

@@ -5,6 +5,7 @@
 //! `pg_stat_statements`), or else a private cluster started from the system's PostgreSQL binaries that dies with
 //! the test process.
 
+pub mod hosts;
 pub mod pebble;
 pub mod pki;
 pub mod registry;
