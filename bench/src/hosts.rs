@@ -62,12 +62,14 @@ pub async fn run(seconds: u64, connections: usize, runs: usize) -> anyhow::Resul
         }
         Ok(res.json().await?)
     };
+    // Host 2 offers more memory: once it is up, the scheduler places everything new there, behind the overlay.
     let node = |i: u8| {
         let addr = Underlay::address(i);
         let config = format!(
-            "[node]\nname = \"h{i}\"\nstate_dir = \"{}\"\nmemory_mb = 4096\nops_listen = \"{addr}:9154\"\n\
+            "[node]\nname = \"h{i}\"\nstate_dir = \"{}\"\nmemory_mb = {}\nops_listen = \"{addr}:9154\"\n\
              underlay_address = \"{addr}\"\n",
-            dir.join(format!("h{i}-state")).display()
+            dir.join(format!("h{i}-state")).display(),
+            4096 * u32::from(i)
         );
         (roles.start(&format!("h{i}-node"), Some(&net.hosts[usize::from(i) - 1]), "node", &config, &[]), addr)
     };
@@ -78,18 +80,17 @@ pub async fn run(seconds: u64, connections: usize, runs: usize) -> anyhow::Resul
         v["state"] == "running" && v["node"] == host
     };
 
-    // The far instance first, while host 2 is the only host; then host 1, which takes the near one (the most
-    // free memory).
-    let (_n2, a2) = node(2);
-    roles.wait("host 2 ready", Duration::from_secs(60), async || ready((a2, 9154).into()).await).await;
-    let far = post("/v1/services", json!({"name": "far", "ports": ["443:8080"]})).await?;
-    post("/v1/instances", json!({"image": "hello", "service": "far", "name": "far-1"})).await?;
-    roles.wait("far-1 running on h2", Duration::from_secs(60), async || running_on("far-1", "h2").await).await;
+    // The near instance first, while host 1 is the only host; then host 2, which takes the far one.
     let (_n1, a1) = node(1);
     roles.wait("host 1 ready", Duration::from_secs(60), async || ready((a1, 9154).into()).await).await;
     let near = post("/v1/services", json!({"name": "near", "ports": ["443:8080"]})).await?;
     post("/v1/instances", json!({"image": "hello", "service": "near", "name": "near-1"})).await?;
     roles.wait("near-1 running on h1", Duration::from_secs(60), async || running_on("near-1", "h1").await).await;
+    let (_n2, a2) = node(2);
+    roles.wait("host 2 ready", Duration::from_secs(60), async || ready((a2, 9154).into()).await).await;
+    let far = post("/v1/services", json!({"name": "far", "ports": ["443:8080"]})).await?;
+    post("/v1/instances", json!({"image": "hello", "service": "far", "name": "far-1"})).await?;
+    roles.wait("far-1 running on h2", Duration::from_secs(60), async || running_on("far-1", "h2").await).await;
     let edge_config = format!("[edge]\nports_ip = \"{a1}\"\nops_listen = \"{a1}:9156\"\n");
     let env = [("CLOUD_EDGE_HTTPS_LISTEN", format!("{a1}:443")), ("CLOUD_EDGE_HTTP_LISTEN", format!("{a1}:80"))];
     let _edge: Proc = roles.start("h1-edge", Some(&net.hosts[0]), "edge", &edge_config, &env);
@@ -129,6 +130,33 @@ pub async fn run(seconds: u64, connections: usize, runs: usize) -> anyhow::Resul
     println!("  same host:    {near_rps:>9.0} req/s   p50 {near_p50:.2} ms   p99 {near_p99:.2} ms");
     println!("  other host:   {far_rps:>9.0} req/s   p50 {far_p50:.2} ms   p99 {far_p99:.2} ms");
     println!("  other/same:   {:.2}x throughput, {:.2}x p99", far_rps / near_rps, far_p99 / near_p99);
+
+    // A new instance on host 2: when the edge on host 1 first serves it, against when the API says it runs.
+    let fresh = fqdn(&post("/v1/services", json!({"name": "fresh", "ports": ["443:8080"]})).await?);
+    let via = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve(&fresh, edge)
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let created = std::time::Instant::now();
+    post("/v1/instances", json!({"image": "hello", "service": "fresh", "name": "fresh-1"})).await?;
+    let (mut running, mut served) = (None, None);
+    while (running.is_none() || served.is_none()) && created.elapsed() < Duration::from_secs(60) {
+        if running.is_none() && running_on("fresh-1", "h2").await {
+            running = Some(created.elapsed());
+        }
+        if served.is_none() && via.get(format!("https://{fresh}/")).send().await.is_ok_and(|r| r.status() == 200) {
+            served = Some(created.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (running, served) = (running.context("fresh-1 never ran")?, served.context("fresh-1 never served")?);
+    println!(
+        "  a new instance on the other host: running {:.0} ms after its creation, served through the edge {:.0} ms \
+         after it was running",
+        running.as_secs_f64() * 1000.0,
+        (served.as_secs_f64() - running.as_secs_f64()) * 1000.0
+    );
     let stats = |i: u8| {
         let url = format!("http://{}:9154/metrics", Underlay::address(i));
         let client = client.clone();

@@ -64,7 +64,7 @@ fn capture(switch: &Netns, file: &Path) -> Capture {
 }
 
 /// An instance that fetches what it is asked to from inside its sandbox (busybox httpd and wget):
-/// `/cgi-bin/fetch?HOST:PORT` answers the page, or `error`; `/cgi-bin/big` answers 1 MiB, far over the overlay's
+/// `/cgi-bin/fetch?HOST:PORT/PATH` answers the page, or `error`; `/cgi-bin/big` answers 1 MiB, far over the overlay's
 /// MTU.
 const PROBER: &[(&str, &str)] = &[
     ("manifest.json", r#"{"command": ["httpd", "-f", "-p", "9000", "-h", "/app/www"], "port": 9000}"#),
@@ -74,7 +74,7 @@ const PROBER: &[(&str, &str)] = &[
     ),
     (
         "www/cgi-bin/fetch",
-        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ntimeout 3 wget -q -O - \"http://$QUERY_STRING/\" 2>/dev/null || echo error\n",
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ntimeout 3 wget -q -O - \"http://$QUERY_STRING\" 2>/dev/null || echo error\n",
     ),
 ];
 
@@ -143,7 +143,7 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
         ];
         roles.insert(format!("dns{i}"), p.start(&format!("h{i}-dns"), Some(ns), "dns", "", &dns_env));
         let node = format!(
-            "[node]\nname = \"h{i}\"\nstate_dir = \"{}\"\nmemory_mb = 4096\nops_listen = \"{addr}:9154\"\n\
+            "[node]\nname = \"h{i}\"\nstate_dir = \"{}\"\nmemory_mb = 4096\nops_listen = \"0.0.0.0:9154\"\n\
              underlay_address = \"{addr}\"\ndns = \"127.0.0.1:5301\"\nheartbeat_seconds = 1\n\
              live_window_seconds = 3\nlost_after_seconds = 5\nmin_backoff_seconds = 1\n",
             p.dir.join(format!("h{i}-state")).display()
@@ -265,7 +265,7 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     let target = *webs.iter().find(|i| i["node"] != prober["node"]).unwrap();
     let (target_name, target_ip) = (field(target, "name"), field(target, "private_ip"));
     for (how, address) in [("private IP", target_ip.clone()), ("private name", format!("{target_name}.internal"))] {
-        let body = get(1, &probe_fqdn, &format!("/cgi-bin/fetch?{address}:8080")).await.unwrap_or_default();
+        let body = get(1, &probe_fqdn, &format!("/cgi-bin/fetch?{address}:8080/")).await.unwrap_or_default();
         assert!(
             body.starts_with(&format!("hello from {target_name} ")),
             "{} {} on {} could not reach {target_name} {target_ip} on {} by {how}: {body:?}\n{}",
@@ -282,10 +282,25 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     assert_eq!(big.len(), 1 << 20, "1 MiB from {} through edge {edge}", prober["node"]);
     assert!(big.lines().all(|l| l == "0123456789abcde" || "0123456789abcde".starts_with(l)));
 
+    // No platform port of another host is in an instance's reach (the agents' operations endpoints listen on every
+    // address): not through the overlay (the host's overlay address), not through the underlay.
+    let other_host = ["h1", "h2", "h3"].into_iter().find(|h| prober["node"] != *h).unwrap();
+    let overlay_address: String = sqlx::query_scalar("SELECT host(overlay_address) FROM nodes WHERE name = $1")
+        .bind(other_host)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let underlay_address = underlay(other_host[1..].parse().unwrap());
+    assert!(ready(SocketAddr::from((underlay_address, 9154))).await, "{other_host}'s agent answers the test");
+    for address in [overlay_address, underlay_address.to_string()] {
+        let body = get(1, &probe_fqdn, &format!("/cgi-bin/fetch?{address}:9154/healthz")).await;
+        assert_eq!(body.as_deref(), Some("error\n"), "an instance reached {other_host}'s agent at {address}");
+    }
+
     // Another tenant's instance reaches nothing of this tenant's on another host.
     let stranger = instances(&other).await[0].clone();
     let victim = *webs.iter().find(|i| i["node"] != stranger["node"]).unwrap();
-    let body = get(2, &other_probe_fqdn, &format!("/cgi-bin/fetch?{}:8080", field(victim, "private_ip"))).await;
+    let body = get(2, &other_probe_fqdn, &format!("/cgi-bin/fetch?{}:8080/", field(victim, "private_ip"))).await;
     assert_eq!(body.as_deref(), Some("error\n"), "another tenant reached {} across hosts", victim["name"]);
 
     let size = || std::fs::metadata(&pcap).map_or(0, |m| m.len());
