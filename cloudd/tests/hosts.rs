@@ -5,28 +5,16 @@
 //! root (namespaces, TUN, nftables); skipped otherwise.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use cloud_tests::hosts::{Netns, Proc, Roles, Underlay, ip, ready};
+use cloud_tests::hosts::{Capture, Netns, Proc, Roles, Underlay, ip, ready};
 
 fn underlay(i: u8) -> Ipv4Addr {
     Underlay::address(i)
-}
-
-/// A capture, ended when dropped.
-struct Capture(Child);
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
 }
 
 /// What a host's kernel and overlay make of its traffic, for a failure's message.
@@ -46,21 +34,6 @@ async fn diagnose(hosts: &[Netns]) -> String {
         metrics.lines().filter(|l| l.starts_with("cloud_node_overlay")).for_each(|l| out.push_str(&format!("{l}\n")));
     }
     out
-}
-
-/// tcpdump on the switch, writing what crosses between hosts (not the test's own leg) to `file`.
-fn capture(switch: &Netns, file: &Path) -> Capture {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &switch.0, "tcpdump", "-i", "br0", "-U", "-n", "-w"])
-        .arg(file)
-        .args(["not", "host", &Underlay::leg_address().to_string()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump (scripts/setup installs it)");
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening on br0"), "tcpdump: {line}");
-    Capture(child)
 }
 
 /// An instance that fetches what it is asked to from inside its sandbox (busybox httpd and wget):
@@ -230,7 +203,8 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
     // Through each edge, verified with the platform CA, every instance answers, on whatever host it runs; and
     // what crosses between hosts meanwhile is sealed.
     let pcap = p.dir.join("underlay.pcap");
-    let tcpdump = capture(switch, &pcap);
+    // What crosses between hosts, not the test's own leg.
+    let tcpdump = Capture::start(switch, &pcap, &["not", "host", &Underlay::leg_address().to_string()]);
     let ca = reqwest::get(format!("{api_url}/v1/ca.pem")).await.unwrap().text().await.unwrap();
     let via = |edge: u8, name: &str| {
         reqwest::Client::builder()

@@ -1,30 +1,13 @@
 //! Roles run as their own `cloudd` processes on a shared PostgreSQL, as production runs them.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Role(Child);
+use cloud_tests::hosts::Proc as Role;
 
-impl Role {
-    /// Starts a role with its output discarded.
-    fn quiet(cmd: &mut Command) -> Role {
-        Role(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts a role with its output discarded.
+fn quiet(cmd: &mut Command) -> Role {
+    Role(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
 }
 
 /// Polls `<ops>/readyz` until it answers 200 (a minute at most).
@@ -77,7 +60,7 @@ async fn a_role_refuses_a_schema_that_is_behind_and_names_cloudd_migrate() {
 async fn cloudd_dns_serves_the_zone_and_its_operations_endpoints() {
     let url = migrated_database().await;
     let (dns_port, ops_port) = (free_port(), free_port());
-    let _dns = Role::quiet(
+    let _dns = quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .arg("dns")
             .env("DATABASE_URL", &url)
@@ -129,7 +112,7 @@ async fn cloudd_edge_routes_by_host_and_serves_its_operations_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("secret.key");
     std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
-    let _edge = Role::quiet(
+    let _edge = quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .arg("edge")
             .env("DATABASE_URL", &url)
@@ -176,7 +159,7 @@ async fn cloudd_certs_runs_passes_and_serves_its_operations_endpoints() {
     let ops_port = free_port();
     std::fs::write(dir.path().join("cloudd.toml"), format!("[certs]\nops_listen = \"127.0.0.1:{ops_port}\"\n"))
         .unwrap();
-    let _certs = Role::quiet(
+    let _certs = quiet(
         Command::new(env!("CARGO_BIN_EXE_cloudd"))
             .args(["--config", &dir.path().join("cloudd.toml").display().to_string(), "certs"])
             .env("DATABASE_URL", &url)
@@ -215,7 +198,7 @@ async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signi
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let port = free_port();
-    let _api = Role::quiet(run(&["api"], Some(&key_file)).env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}")));
+    let _api = quiet(run(&["api"], Some(&key_file)).env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}")));
     let api = format!("http://127.0.0.1:{port}");
     wait_ready(&api, "cloudd api did not become ready").await;
     let me = reqwest::Client::new().get(format!("{api}/v1/whoami")).bearer_auth(&token).send().await.unwrap();

@@ -2,53 +2,29 @@
 //! arrives whole and sealed, and nobody without a peer's key, or speaking for an address it does not hold, gets
 //! anything through. Needs root (namespaces, TUN); skipped otherwise.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloud_overlay::{Config, Key, Overlay, Peer};
+use cloud_tests::hosts::{Capture, Underlay, ip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MARKER: &str = "PLAINTEXT-SECRET-OF-TENANT-A";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (scripts/setup installs iproute2)");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// A network namespace, deleted with everything in it when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// A host: a thread inside its namespace running a runtime of its own, so that what is spawned on `rt` opens its
 /// sockets and devices there.
 struct Host {
     rt: tokio::runtime::Handle,
     _stop: tokio::sync::oneshot::Sender<()>,
-    ns: Netns,
+    ns: String,
 }
 
 impl Host {
-    fn new(ns: Netns) -> Self {
+    fn new(ns: &str) -> Self {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let path = format!("/var/run/netns/{}", ns.0);
+        let path = format!("/var/run/netns/{ns}");
         std::thread::spawn(move || {
             nix::sched::setns(std::fs::File::open(path).unwrap(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -57,7 +33,7 @@ impl Host {
                 let _ = stopped.await;
             });
         });
-        Self { rt: handle_rx.recv().unwrap(), _stop: stop, ns }
+        Self { rt: handle_rx.recv().unwrap(), _stop: stop, ns: ns.to_owned() }
     }
 
     async fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
@@ -85,28 +61,6 @@ impl Host {
     }
 }
 
-/// The underlay: a switch namespace with a bridge, and each host's `eth0` plugged into it.
-fn plug(switch: &Netns, host: &Netns, port: &str, address: Ipv4Addr) {
-    ip(&["-n", &switch.0, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &host.0]);
-    ip(&["-n", &switch.0, "link", "set", port, "master", "br0", "up"]);
-    ip(&["-n", &host.0, "addr", "add", &format!("{address}/24"), "dev", "eth0"]);
-    ip(&["-n", &host.0, "link", "set", "eth0", "up"]);
-}
-
-/// tcpdump on the switch, writing what crosses it to `file`; returns once it listens.
-fn capture(switch: &Netns, file: &std::path::Path) -> Child {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &switch.0, "tcpdump", "-i", "br0", "-U", "-n", "-w"])
-        .arg(file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump (scripts/setup installs it)");
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening on br0"), "tcpdump: {line}");
-    child
-}
-
 async fn wait_for(what: &str, ok: impl Fn() -> bool) {
     let t0 = Instant::now();
     while !ok() {
@@ -121,26 +75,17 @@ async fn hosts_talk_sealed_and_nobody_else_gets_through() {
         eprintln!("skipped: the overlay needs root");
         return;
     }
-    let tag = std::process::id() % 100_000;
-    let switch = Netns::new(format!("ovt{tag}-sw"));
-    ip(&["-n", &switch.0, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &switch.0, "link", "set", "br0", "up"]);
-    let underlay = |i: u8| Ipv4Addr::new(192, 0, 2, i);
+    let net = Underlay::build(&format!("ovt{}", std::process::id() % 100_000), 3);
+    let underlay = Underlay::address;
     let overlay = |i: u8| Ipv4Addr::new(100, 64, 0, i);
-    let (a, b, c) = (
-        Host::new(Netns::new(format!("ovt{tag}-a"))),
-        Host::new(Netns::new(format!("ovt{tag}-b"))),
-        Host::new(Netns::new(format!("ovt{tag}-c"))),
-    );
-    for (i, h) in [&a, &b, &c].into_iter().enumerate() {
-        plug(&switch, &h.ns, &format!("p{i}"), underlay(i as u8 + 1));
-    }
+    let mut hosts = net.hosts.iter().map(|ns| Host::new(&ns.0));
+    let (a, b, c) = (hosts.next().unwrap(), hosts.next().unwrap(), hosts.next().unwrap());
     // An instance's address on b (on its loopback: the overlay routes to the host, which delivers), and an
     // address of a's that b's overlay does not know a holds.
     let instance = Ipv4Addr::new(10, 99, 2, 2);
-    ip(&["-n", &b.ns.0, "addr", "add", &format!("{instance}/32"), "dev", "lo"]);
+    ip(&["-n", &b.ns, "addr", "add", &format!("{instance}/32"), "dev", "lo"]);
     let unheld = Ipv4Addr::new(10, 99, 1, 9);
-    ip(&["-n", &a.ns.0, "addr", "add", &format!("{unheld}/32"), "dev", "lo"]);
+    ip(&["-n", &a.ns, "addr", "add", &format!("{unheld}/32"), "dev", "lo"]);
 
     let (key_a, key_b, key_c) = (Key::generate(), Key::generate(), Key::generate());
     let (pub_a, pub_b) = (key_a.public(), key_b.public());
@@ -173,7 +118,7 @@ async fn hosts_talk_sealed_and_nobody_else_gets_through() {
 
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("underlay.pcap");
-    let mut tcpdump = capture(&switch, &pcap);
+    let tcpdump = Capture::start(&net.switch, &pcap, &[]);
     let mut conn = a.connect(None, (instance, 8080).into()).await.expect("a reaches b's instance through the overlay");
     conn.write_all(format!("GET /{MARKER} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -183,8 +128,7 @@ async fn hosts_talk_sealed_and_nobody_else_gets_through() {
     // tcpdump writes each packet as it reads it (-U): wait until it holds at least the response's size.
     let size = || std::fs::metadata(&pcap).map_or(0, |m| m.len() as usize);
     wait_for("the capture holding the transfer", || size() > body.len()).await;
-    let _ = Command::new("kill").args(["-INT", &tcpdump.id().to_string()]).status();
-    tcpdump.wait().unwrap();
+    drop(tcpdump);
     let captured = std::fs::read(&pcap).unwrap();
     assert!(!captured.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()), "plaintext crossed the underlay");
     assert!(oa.stats().sent > 0 && ob.stats().received > 0);

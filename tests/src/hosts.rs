@@ -2,8 +2,9 @@
 //! into it as `eth0` at `198.18.0.<i>`, and a leg from the caller's own namespace at `198.18.0.254`, where the
 //! caller relays PostgreSQL and sends its clients from. Everything is deleted when dropped. Needs root.
 
+use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -184,4 +185,34 @@ impl Roles {
 pub async fn ready(addr: std::net::SocketAddr) -> bool {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a client");
     client.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+}
+
+/// A packet capture (tcpdump), ended when dropped.
+#[derive(Debug)]
+pub struct Capture(Child);
+
+impl Capture {
+    /// Captures what crosses `switch`'s bridge (`filter`: tcpdump's expression, may be empty) into `file`, each
+    /// packet written as it is read; returns once tcpdump listens.
+    pub fn start(switch: &Netns, file: &Path, filter: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &switch.0, "tcpdump", "-i", "br0", "-U", "-n", "-w"])
+            .arg(file)
+            .args(filter)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (scripts/setup installs it)");
+        let mut line = String::new();
+        let stderr = child.stderr.as_mut().expect("tcpdump's stderr");
+        BufReader::new(stderr).read_line(&mut line).expect("tcpdump's first line");
+        assert!(line.contains("listening on br0"), "tcpdump: {line}");
+        Self(child)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
 }
