@@ -55,6 +55,9 @@ enum Command {
     Dns,
     /// Run a node agent: runs the instances scheduled on this machine (needs DATABASE_URL; root for full
     /// isolation).
+    ///
+    /// With node.underlay_address set, the host joins the others through the encrypted overlay; stopping the
+    /// agent leaves it (docs/operations.md, "Hosts join and leave").
     Node,
     /// Run the certificate manager: verifies custom domains, orders and renews ACME certificates (needs
     /// DATABASE_URL and platform.secret_key_file).

@@ -591,7 +591,7 @@ async fn run(
     }
     tracing::info!("node agent stopping");
     heartbeat.abort();
-    // Peers keep their routes until the instances are gone; the overlay itself goes with the agent.
+    // Peers are no longer followed: routes stay as they are while the instances stop, and go with the overlay.
     if let Some(peers) = peers {
         peers.abort();
     }
