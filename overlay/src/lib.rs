@@ -172,6 +172,8 @@ struct Shared {
     key: StaticSecret,
     device: tun::Device,
     socket: UdpSocket,
+    /// The port peers' tunnels end on: ours ([`Config::port`]).
+    port: u16,
     table: RwLock<Arc<Table>>,
     counters: Counters,
 }
@@ -224,8 +226,14 @@ impl Overlay {
             .map_err(netlink(format!("set {name} up with MTU {MTU}")))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|source| OverlayError::Host { action: "turn on IPv4 forwarding".into(), source })?;
-        let shared =
-            Arc::new(Shared { key: key.0, device, socket, table: Default::default(), counters: Default::default() });
+        let shared = Arc::new(Shared {
+            key: key.0,
+            device,
+            socket,
+            port: config.port,
+            table: Default::default(),
+            counters: Default::default(),
+        });
         let tasks = vec![
             tokio::spawn(seal_loop(shared.clone())),
             tokio::spawn(open_loop(shared.clone())),
@@ -313,17 +321,13 @@ impl Overlay {
         Tunnel {
             name: peer.name.clone(),
             public_key: peer.public_key,
-            endpoint: SocketAddr::V4(SocketAddrV4::new(peer.underlay, self.shared.socket_port())),
+            endpoint: SocketAddr::V4(SocketAddrV4::new(peer.underlay, self.shared.port)),
             noise: Mutex::new(noise),
         }
     }
 }
 
 impl Shared {
-    fn socket_port(&self) -> u16 {
-        self.socket.local_addr().map_or(PORT, |a| a.port())
-    }
-
     fn table(&self) -> Arc<Table> {
         self.table.read().expect("overlay table").clone()
     }

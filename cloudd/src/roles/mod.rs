@@ -32,12 +32,11 @@ pub trait Role: Sized + Send + 'static {
 
 /// Runs one role until SIGTERM or Ctrl-C: connects, starts it, serves its operations endpoint, then stops both.
 pub async fn run<R: Role>(cfg: Config) -> anyhow::Result<()> {
-    let role_name = R::NAME;
-    tracing::info!(role = role_name, "connecting to PostgreSQL");
+    tracing::info!(role = R::NAME, "connecting to PostgreSQL");
     let store = connect(&cfg).await?;
-    tracing::info!(role = role_name, "connected, the schema is current; starting");
+    tracing::info!(role = R::NAME, "connected, the schema is current; starting");
     let role = R::start(&cfg, store).await?;
-    tracing::info!(role = role_name, "started");
+    tracing::info!(role = R::NAME, "started");
     let ops = role.ops(&cfg).map(|(listen, probe)| crate::ops::serve(listen, probe)).transpose()?;
     wait_for_shutdown().await;
     if let Some(ops) = ops {
