@@ -13,8 +13,10 @@ pub mod output;
 pub mod pin;
 pub mod progress;
 pub mod stream;
+pub mod target;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::client::Client;
 use crate::config::Config;
@@ -35,10 +37,11 @@ pub use crate::commands::token::TokenCmd;
     name = "cloudctl",
     version,
     about = "Manage services, instances and images on the cloud platform",
-    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/web:v1 -p 443:80\n  cloudctl image push ./app.oci.tar --name app\n  cloudctl instance list -o json"
+    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/web:v1 -p 443:80\n  cloudctl image push ./app.oci.tar --name app\n  cloudctl instance list -o json\n  cloudctl service get prod:my-service\n\nA name can carry its remote, as with lxc: prod:my-service, or prod: alone for a list."
 )]
 pub struct Cli {
-    /// Remote to talk to (default: the configured default remote).
+    /// Remote to talk to (default: the names' REMOTE: prefix, which also overrides CLOUD_REMOTE, else the configured
+    /// default remote).
     #[arg(long, global = true, env = "CLOUD_REMOTE")]
     pub remote: Option<String>,
     /// Output format of read commands: table, json, yaml, name, or value=PATH for one field (e.g. value=fqdn).
@@ -60,7 +63,7 @@ pub enum Command {
     /// Deploy instances: of an image, of a directory or archive (pushed first), or of a registry reference
     /// (pulled first).
     #[command(
-        after_help = "Examples:\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy -p 443:8080 --image hello\n  cloudctl deploy ./app -p 443:8080 -e MODE=prod -R 3 --restart on-failure\n  cloudctl deploy ./app.oci.tar -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/team/web:v1 -p 443:80\n  cloudctl deploy --image ghcr.io/org/app:1.2 --image-name app --internal-port 3000 -p 443:3000"
+        after_help = "Examples:\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy -p 443:8080 --image hello\n  cloudctl deploy ./app -p 443:8080 -e MODE=prod -R 3 --restart on-failure\n  cloudctl deploy ./app.oci.tar -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/team/web:v1 -p 443:80\n  cloudctl deploy --image ghcr.io/org/app:1.2 --image-name app --internal-port 3000 -p 443:3000\n  cloudctl deploy --service prod:my-service --image hello"
     )]
     Deploy(DeployArgs),
     /// Manage instances.
@@ -98,9 +101,11 @@ pub enum Command {
 
 /// Runs the command line; errors go to stderr with a non-zero exit.
 pub fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let remote_typed = matches.value_source("remote") == Some(ValueSource::CommandLine);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-    if let Err(e) = runtime.block_on(run(cli, &|k| std::env::var(k).ok())) {
+    if let Err(e) = runtime.block_on(run(cli, remote_typed, &|k| std::env::var(k).ok())) {
         let mut msg = e.to_string();
         for cause in e.chain().skip(1) {
             msg.push_str(&format!(": {cause}"));
@@ -110,29 +115,34 @@ pub fn main() {
     }
 }
 
-fn connect(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Client> {
+fn connect(chosen: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Client> {
     let path = config::path(env);
     let cfg = Config::load(&path)?;
-    let (name, remote) = cfg.resolve(cli.remote.as_deref(), env)?;
+    let (name, remote) = cfg.resolve(chosen, env)?;
     Client::new(&name, &remote)
 }
 
-async fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+/// Runs a parsed command line; `remote_typed` says whether `--remote` was on it rather than from CLOUD_REMOTE.
+async fn run(mut cli: Cli, remote_typed: bool, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
     let out = cli.output;
+    // A typed --remote and a REMOTE: prefix must agree; CLOUD_REMOTE is a default, which a prefix overrides.
+    let (typed, ambient) = if remote_typed { (cli.remote.as_deref(), None) } else { (None, cli.remote.as_deref()) };
+    let remote = target::choose_remote(&mut cli.command, typed, ambient)?;
+    let connect = || connect(remote.as_deref(), env);
     match &cli.command {
         Command::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "cloudctl", &mut std::io::stdout());
             Ok(())
         }
         Command::Remote(cmd) => commands::remote::run(cmd, out, env).await,
-        Command::Whoami => commands::whoami::run(&connect(&cli, env)?, out).await,
-        Command::Ca { install } => commands::ca::run(&connect(&cli, env)?, *install).await,
-        Command::Service(cmd) => commands::service::run(&connect(&cli, env)?, cmd, out).await,
-        Command::Deploy(args) => commands::deploy::run(&connect(&cli, env)?, args, out).await,
-        Command::Instance(cmd) => commands::instance::run(&connect(&cli, env)?, cmd, out).await,
-        Command::Image(cmd) => commands::image::run(&connect(&cli, env)?, cmd, out).await,
-        Command::Tenant(cmd) => commands::tenant::run(&connect(&cli, env)?, cmd, out).await,
-        Command::Token(cmd) => commands::token::run(&connect(&cli, env)?, cmd, out).await,
+        Command::Whoami => commands::whoami::run(&connect()?, out).await,
+        Command::Ca { install } => commands::ca::run(&connect()?, *install).await,
+        Command::Service(cmd) => commands::service::run(&connect()?, cmd, out).await,
+        Command::Deploy(args) => commands::deploy::run(&connect()?, args, out).await,
+        Command::Instance(cmd) => commands::instance::run(&connect()?, cmd, out).await,
+        Command::Image(cmd) => commands::image::run(&connect()?, cmd, out).await,
+        Command::Tenant(cmd) => commands::tenant::run(&connect()?, cmd, out).await,
+        Command::Token(cmd) => commands::token::run(&connect()?, cmd, out).await,
     }
 }
 

@@ -22,23 +22,23 @@ pub struct DeployArgs {
     path: Option<PathBuf>,
     /// Attach to this service.
     #[arg(long, short, conflicts_with = "ports")]
-    service: Option<String>,
+    pub(crate) service: Option<String>,
     /// Create an ephemeral service with these port specs, deleted with its last instance.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
     /// Image to run: a name, or a registry reference (host[:port]/repository[:tag]) to pull first. With PATH:
     /// the name to push it as (default the file's or directory's name).
     #[arg(long, short)]
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// Name to store a pulled image under (default: the repository's last component).
     #[arg(long, conflicts_with = "path")]
-    image_name: Option<String>,
+    pub(crate) image_name: Option<String>,
     /// The port the instances listen on (their PORT; default the image's exposed port).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     internal_port: Option<u16>,
     /// Instance name.
     #[arg(long, short)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,

@@ -8,13 +8,20 @@ use cloud_domain::api::Image;
 use crate::client::{Client, seg};
 use crate::image;
 use crate::output::{self, Format, print};
+use crate::target::ListRemote;
 
 /// `cloudctl image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
     /// List images.
-    #[command(after_help = "Example:\n  cloudctl image list -o name", visible_alias = "ls")]
-    List,
+    #[command(
+        after_help = "Examples:\n  cloudctl image list -o name\n  cloudctl image list prod:",
+        visible_alias = "ls"
+    )]
+    List {
+        #[command(flatten)]
+        remote: ListRemote,
+    },
     /// Show an image.
     #[command(after_help = "Example:\n  cloudctl image get hello")]
     Get {
@@ -55,7 +62,7 @@ pub enum ImageCmd {
 pub(crate) async fn run(c: &Client, cmd: &ImageCmd, out: Format) -> anyhow::Result<()> {
     let name_of = |i: &Image| i.name.clone();
     match cmd {
-        ImageCmd::List => crate::list(c, "/v1/images", false, out, output::images, name_of).await?,
+        ImageCmd::List { .. } => crate::list(c, "/v1/images", false, out, output::images, name_of).await?,
         ImageCmd::Get { name } => {
             let i: Image = c.get(&format!("/v1/images/{}", seg(name))).await?;
             print(out, &[i], output::images, name_of, true)?;

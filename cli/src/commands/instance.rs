@@ -7,13 +7,19 @@ use cloud_domain::api::{Instance, LogLine};
 use crate::client::{Client, seg};
 use crate::output::{self, Format, print};
 use crate::stream;
+use crate::target::ListRemote;
 
 /// `cloudctl instance ...`
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
     /// List instances.
-    #[command(after_help = "Example:\n  cloudctl instance list --watch", visible_alias = "ls")]
+    #[command(
+        after_help = "Examples:\n  cloudctl instance list --watch\n  cloudctl instance list prod:",
+        visible_alias = "ls"
+    )]
     List {
+        #[command(flatten)]
+        remote: ListRemote,
         /// Re-render whenever something changes.
         #[arg(long, short)]
         watch: bool,
@@ -25,7 +31,10 @@ pub enum InstanceCmd {
         name: String,
     },
     /// Delete an instance (its ephemeral service goes with the last one).
-    #[command(after_help = "Example:\n  cloudctl instance delete hello-x1y2z", visible_alias = "rm")]
+    #[command(
+        after_help = "Examples:\n  cloudctl instance delete hello-x1y2z\n  cloudctl instance delete prod:web-1 prod:web-2",
+        visible_alias = "rm"
+    )]
     Delete {
         /// Names or ids.
         #[arg(required = true)]
@@ -63,7 +72,7 @@ fn name_of_instance(i: &Instance) -> String {
 
 pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::Result<()> {
     match cmd {
-        InstanceCmd::List { watch } => {
+        InstanceCmd::List { watch, .. } => {
             crate::list(c, "/v1/instances", *watch, out, output::instances, name_of_instance).await?;
         }
         InstanceCmd::Get { name } => {

@@ -6,6 +6,7 @@ use cloud_domain::api::{CreateService, DomainState, Service, UpdateService};
 use crate::client::{Client, seg};
 use crate::deploy;
 use crate::output::{self, Format, print};
+use crate::target::ListRemote;
 
 /// `cloudctl service ...`
 #[derive(Debug, Subcommand)]
@@ -25,14 +26,21 @@ pub enum ServiceCmd {
         opts: ServiceOpts,
     },
     /// List services.
-    #[command(after_help = "Example:\n  cloudctl service list -o json", visible_alias = "ls")]
+    #[command(
+        after_help = "Examples:\n  cloudctl service list -o json\n  cloudctl service list prod:",
+        visible_alias = "ls"
+    )]
     List {
+        #[command(flatten)]
+        remote: ListRemote,
         /// Re-render whenever something changes.
         #[arg(long, short)]
         watch: bool,
     },
     /// Show a service.
-    #[command(after_help = "Example:\n  cloudctl service get my-service -o yaml")]
+    #[command(
+        after_help = "Examples:\n  cloudctl service get my-service -o yaml\n  cloudctl service get prod:my-service"
+    )]
     Get {
         /// Name or id.
         name: String,
@@ -128,7 +136,7 @@ pub(crate) async fn run(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Re
                 print(out, &[s], output::services, name_of_service, true)?;
             }
         }
-        ServiceCmd::List { watch } => {
+        ServiceCmd::List { watch, .. } => {
             crate::list(c, "/v1/services", *watch, out, output::services, name_of_service).await?;
         }
         ServiceCmd::Get { name } => {

@@ -5,13 +5,17 @@ use cloud_domain::api::{CreateTenant, QuotasPatch, Tenant, UpdateTenant};
 
 use crate::client::{Client, seg};
 use crate::output::{self, Format, print};
+use crate::target::ListRemote;
 
 /// `cloudctl tenant ...`
 #[derive(Debug, Subcommand)]
 pub enum TenantCmd {
     /// List tenants.
-    #[command(after_help = "Example:\n  cloudctl tenant list", visible_alias = "ls")]
-    List,
+    #[command(after_help = "Examples:\n  cloudctl tenant list\n  cloudctl tenant list prod:", visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        remote: ListRemote,
+    },
     /// Show a tenant.
     #[command(after_help = "Example:\n  cloudctl tenant get acme")]
     Get {
@@ -77,7 +81,7 @@ impl QuotaOpts {
 pub(crate) async fn run(c: &Client, cmd: &TenantCmd, out: Format) -> anyhow::Result<()> {
     let name_of = |t: &Tenant| t.name.clone();
     match cmd {
-        TenantCmd::List => crate::list(c, "/v1/tenants", false, out, output::tenants, name_of).await?,
+        TenantCmd::List { .. } => crate::list(c, "/v1/tenants", false, out, output::tenants, name_of).await?,
         TenantCmd::Get { name } => {
             let t: Tenant = c.get(&format!("/v1/tenants/{}", seg(name))).await?;
             print(out, &[t], output::tenants, name_of, true)?;
