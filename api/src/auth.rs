@@ -146,6 +146,11 @@ pub async fn issue_token(
     Ok(CreatedToken { token, jwt })
 }
 
+/// The JWT of a token record made elsewhere (a join token's exchange), valid as long as the record says.
+pub fn sign_record(signer: &TokenSigner, tenant: Uuid, token: &cloud_domain::api::Token) -> String {
+    signer.sign(&Claims { sub: tenant, jti: token.id, iat: Utc::now().timestamp(), exp: token.expires_at.timestamp() })
+}
+
 /// The authenticated caller, as its token's record says. Extracting it rejects missing, invalid, expired and revoked
 /// tokens.
 #[derive(Debug, Clone)]

@@ -84,7 +84,16 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ImageDigestMismatch
         | InvalidImageReference
         | InvalidCertificate => StatusCode::BAD_REQUEST,
-        MissingToken | InvalidToken | TokenExpired | TokenRevoked => StatusCode::UNAUTHORIZED,
+        MissingToken
+        | InvalidToken
+        | TokenExpired
+        | TokenRevoked
+        | JoinTokenInvalid
+        | JoinTokenUsed
+        | JoinTokenExpired
+        | JoinTokenRevoked
+        | JoinTokenTenantDeleted => StatusCode::UNAUTHORIZED,
+        TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         // The platform's policy forbids the registry: no request changes that, only its configuration.
         InsufficientScope | QuotaExceeded | InsecureRegistry | RegistryNotAllowed | RegistryDenied => {
             StatusCode::FORBIDDEN
@@ -161,6 +170,18 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
             StoreError::Limits(e) => e.into(),
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),
+            StoreError::JoinRefused(refusal) => {
+                use cloud_domain::join::JoinRefusal as R;
+                let code = match refusal {
+                    R::Unknown => C::JoinTokenInvalid,
+                    R::Used(_) => C::JoinTokenUsed,
+                    R::Expired(_) => C::JoinTokenExpired,
+                    R::Revoked(_) => C::JoinTokenRevoked,
+                    R::TenantDeleted(_) => C::JoinTokenTenantDeleted,
+                    _ => C::JoinTokenInvalid,
+                };
+                Self::new(code, detail)
+            }
             ref e if e.is_unavailable() => {
                 tracing::warn!(error = %chain(e), "database unavailable");
                 Self::database_unavailable()

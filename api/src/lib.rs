@@ -12,9 +12,11 @@ mod idempotency;
 mod json;
 mod methods;
 mod metrics;
+mod rate_limit;
 mod readiness;
 mod routes;
 mod sse;
+pub mod tls;
 mod validate;
 
 use std::net::TcpListener;
@@ -38,6 +40,18 @@ pub use metrics::Metrics;
 pub struct ApiConfig {
     /// Where the process serving the API listens.
     pub listen: std::net::SocketAddr,
+    /// How the API is served: over TLS with a certificate of the platform CA, over TLS with the configured
+    /// certificate, or as plain HTTP for a TLS proxy in front.
+    pub tls: tls::TlsMode,
+    /// Names (DNS names or IP addresses) the platform CA's certificate is for, besides `localhost`, the loopback
+    /// addresses, the listen address and the hosts of `public_urls`.
+    pub tls_names: Vec<String>,
+    /// PEM certificate chain (leaf first) served with `tls = "files"`.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// The API's URLs as clients reach it, written into join tokens; empty: the listen address's.
+    pub public_urls: Vec<String>,
     /// PostgreSQL connections the process opens (its pool's size).
     pub max_connections: u32,
     /// Largest JSON body accepted.
@@ -71,6 +85,11 @@ impl Default for ApiConfig {
         let image = cloud_oci::Limits::default();
         Self {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7300)),
+            tls: tls::TlsMode::Platform,
+            tls_names: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            public_urls: Vec::new(),
             max_connections: 20,
             max_json_bytes: 256 * 1024,
             max_image_bytes: image.max_stored_bytes as usize,
@@ -120,8 +139,22 @@ pub struct AppState {
     pub ownership: cloud_certs::ownership::OwnershipChecker,
     /// Pulls images from registries.
     pub registries: cloud_oci::registry::Registries,
+    /// What join tokens tell clients: where the API is and what to pin. Set by whoever serves the API over TLS.
+    pub join: JoinSettings,
+    /// Bounds join attempts per source address.
+    pub join_limiter: rate_limit::RateLimiter,
     /// Keeps `cloud_api_database_up` current.
     _probe: readiness::DatabaseProbe,
+}
+
+/// What a join token says besides its secret.
+#[derive(Debug, Clone, Default)]
+pub struct JoinSettings {
+    /// The API's URLs as clients reach it.
+    pub urls: Vec<String>,
+    /// The certificate fingerprint clients pin: the platform CA's, or the configured certificate's; `None` for plain
+    /// HTTP behind a proxy, whose certificate a public CA vouches for.
+    pub fingerprint: Option<String>,
 }
 
 impl AppState {
@@ -147,6 +180,9 @@ impl AppState {
                 },
                 config.image_limits(),
             ),
+            join: JoinSettings { urls: tls::public_urls(&config), fingerprint: None },
+            // Ten attempts at once, then one every six seconds, per source address.
+            join_limiter: rate_limit::RateLimiter::new(10, std::time::Duration::from_secs(6)),
             config,
         })
     }
@@ -201,8 +237,13 @@ pub fn openapi_for(settings: &cloud_store::Settings) -> serde_json::Value {
     doc
 }
 
-/// Starts serving on a bound listener. The returned server runs until stopped or dropped.
-pub fn serve(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
+/// Starts serving on a bound listener, over TLS when given its settings (HTTP/2 and HTTP/1.1 by ALPN), else plain
+/// HTTP. The returned server runs until stopped or dropped.
+pub fn serve(
+    state: web::Data<AppState>,
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+) -> std::io::Result<actix_web::dev::Server> {
     // Bodies read whole (by the idempotency layer) may be image bundles.
     let body_limit = state.config.max_image_bytes;
     let doc = openapi_for(state.store.settings());
@@ -230,8 +271,10 @@ pub fn serve(state: web::Data<AppState>, listener: TcpListener) -> std::io::Resu
             .default_service(web::to(methods::unrouted))
     })
     .workers(2)
-    .shutdown_timeout(5)
-    .listen(listener)?
-    .run();
-    Ok(server)
+    .shutdown_timeout(5);
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config)?,
+        None => server.listen(listener)?,
+    };
+    Ok(server.run())
 }

@@ -1,6 +1,7 @@
-//! The platform wildcard (`*.<zone>` and `<zone>`), issued by the platform CA and replaced before it ends: the
-//! certificate an edge serves for every service name. Whoever serves it is given each issued certificate through a
-//! closure, so this crate does not know the edge's certificate store.
+//! Certificates the platform CA issues to the platform's own servers and replaces before they end: the wildcard
+//! (`*.<zone>` and `<zone>`) an edge serves for every service name, and the API's certificate for its own names.
+//! Whoever serves one is given each issued certificate through a closure, so this crate does not know the edge's
+//! certificate store or the API's TLS settings.
 
 use std::time::Duration;
 
@@ -18,24 +19,24 @@ const RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// What a caller's closure returns when it cannot serve a certificate.
 pub type ServeError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why the wildcard could not be served.
+/// Why a certificate could not be served.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WildcardError {
     /// The platform CA could not issue it.
-    #[error("cannot issue the platform wildcard for {zone}")]
+    #[error("cannot issue a platform certificate for {names}")]
     Issue {
-        /// The zone it was for.
-        zone: String,
+        /// The names it was for, joined by ", ".
+        names: String,
         /// What failed.
         #[source]
         source: CertsError,
     },
     /// The caller's closure refused it.
-    #[error("cannot serve the platform wildcard for {zone}")]
+    #[error("cannot serve a platform certificate for {names}")]
     Serve {
-        /// The zone it was for.
-        zone: String,
+        /// The names it was for, joined by ", ".
+        names: String,
         /// What failed.
         #[source]
         source: ServeError,
@@ -44,24 +45,32 @@ pub enum WildcardError {
 
 /// Issues the wildcard of `zone` now and hands it to `serve`, then keeps replacing it [`RENEW_BEFORE`] its end
 /// (hourly retries on failure) in the returned task, which runs until aborted. The first failure is returned.
-pub fn serve_and_renew<F>(
+pub fn serve_and_renew<F>(ca: PlatformCa, zone: String, serve: F) -> Result<tokio::task::JoinHandle<()>, WildcardError>
+where
+    F: FnMut(Issued) -> Result<(), ServeError> + Send + 'static,
+{
+    serve_and_renew_names(ca, vec![format!("*.{zone}"), zone], serve)
+}
+
+/// [`serve_and_renew`] for a certificate of `names` (DNS names, wildcards or IP addresses).
+pub fn serve_and_renew_names<F>(
     ca: PlatformCa,
-    zone: String,
+    names: Vec<String>,
     mut serve: F,
 ) -> Result<tokio::task::JoinHandle<()>, WildcardError>
 where
     F: FnMut(Issued) -> Result<(), ServeError> + Send + 'static,
 {
-    let mut not_after = issue(&ca, &zone, &mut serve)?;
+    let mut not_after = issue(&ca, &names, &mut serve)?;
     Ok(tokio::spawn(async move {
         loop {
             let wait = (not_after - RENEW_BEFORE - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
             tokio::time::sleep(wait.try_into().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))).await;
-            match issue(&ca, &zone, &mut serve) {
+            match issue(&ca, &names, &mut serve) {
                 Ok(t) => not_after = t,
                 Err(e) => {
                     let error = cloud_domain::error_chain(&e);
-                    tracing::warn!(%error, "cannot renew the platform wildcard; retrying in an hour");
+                    tracing::warn!(%error, "cannot renew a platform certificate; retrying in an hour");
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
             }
@@ -69,15 +78,15 @@ where
     }))
 }
 
-fn issue<F>(ca: &PlatformCa, zone: &str, serve: &mut F) -> Result<OffsetDateTime, WildcardError>
+fn issue<F>(ca: &PlatformCa, names: &[String], serve: &mut F) -> Result<OffsetDateTime, WildcardError>
 where
     F: FnMut(Issued) -> Result<(), ServeError>,
 {
-    let issued =
-        ca.issue_wildcard(zone, VALIDITY).map_err(|source| WildcardError::Issue { zone: zone.into(), source })?;
+    let joined = || names.join(", ");
+    let issued = ca.issue(names, VALIDITY).map_err(|source| WildcardError::Issue { names: joined(), source })?;
     let not_after = issued.not_after;
-    serve(issued).map_err(|source| WildcardError::Serve { zone: zone.into(), source })?;
-    tracing::info!(zone, not_after = %not_after, "serving the platform wildcard certificate");
+    serve(issued).map_err(|source| WildcardError::Serve { names: joined(), source })?;
+    tracing::info!(names = %joined(), not_after = %not_after, "serving a certificate of the platform CA");
     Ok(not_after)
 }
 
@@ -102,6 +111,9 @@ mod tests {
 
         let ca = PlatformCa::load_or_create(&store, &key).await.unwrap();
         let err = serve_and_renew(ca, "dev.cloud.localhost".into(), |_| Err("no room".into())).unwrap_err();
-        assert!(matches!(&err, WildcardError::Serve { zone, .. } if zone == "dev.cloud.localhost"), "{err:?}");
+        assert!(
+            matches!(&err, WildcardError::Serve { names, .. } if names == "*.dev.cloud.localhost, dev.cloud.localhost"),
+            "{err:?}"
+        );
     }
 }

@@ -36,6 +36,10 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/v1/tokens"),
     ("POST", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{id}"),
+    ("GET", "/v1/join-tokens"),
+    ("POST", "/v1/join-tokens"),
+    ("DELETE", "/v1/join-tokens/{id}"),
+    ("POST", "/v1/join"),
     ("GET", "/v1/events"),
 ];
 

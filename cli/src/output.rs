@@ -280,6 +280,29 @@ pub fn tokens(items: &[Token]) -> Table {
     }
 }
 
+/// Join tokens as a table.
+pub fn join_tokens(items: &[cloud_domain::api::JoinTokenInfo]) -> Table {
+    let state = |s: cloud_domain::api::JoinTokenState| {
+        serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    };
+    Table {
+        headers: vec!["ID", "TENANT", "SCOPES", "STATE", "EXPIRES", "DESCRIPTION"],
+        rows: items
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.to_string(),
+                    t.tenant.clone(),
+                    t.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                    state(t.state),
+                    t.expires_at.format("%Y-%m-%d %H:%M").to_string(),
+                    t.description.clone(),
+                ]
+            })
+            .collect(),
+    }
+}
+
 /// A short age like `5s`, `3m`, `2h`, `4d`.
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
     let s = (chrono::Utc::now() - created).num_seconds().max(0);

@@ -73,7 +73,7 @@ fn start_dev() -> Dev {
 fn start_dev_with(octet: u8, config: &str) -> Dev {
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let api = format!("http://127.0.0.1:{port}");
+    let api = format!("https://127.0.0.1:{port}");
     let pool = if is_root() { format!("10.{octet}.0.0/16") } else { format!("127.{octet}.0.0/16") };
     let config_file = home.path().join("cloudd.toml");
     std::fs::write(&config_file, config).unwrap();
@@ -175,7 +175,7 @@ fn the_cli_drives_a_real_platform() {
     ok(&dev, &["remote", "switch", "local"]);
     ok(&dev, &["remote", "remove", "elsewhere"]);
     assert_eq!(ok(&dev, &["remote", "list", "-o", "name"]), "local\n");
-    ok(&dev, &["remote", "add", "tokenless", &dev.api]);
+    ok(&dev, &["remote", "add", "tokenless", &dev.api, "--accept-certificate"]);
     fails(&dev, &["--remote", "tokenless", "service", "list"], "has no token");
     ok(&dev, &["remote", "rm", "tokenless"]);
     assert!(ok(&dev, &["whoami"]).contains("tenant: default"));
@@ -473,4 +473,101 @@ fn an_unknown_certificate_is_pinned_only_when_accepted() {
     let out = run(&["--remote", "lab", "whoami"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(&fp2) && err.contains("is not the pinned"), "{err}");
+}
+
+/// The config file of a home, empty when there is none.
+fn config_of(home: &Path) -> String {
+    std::fs::read_to_string(home.join("config/cloudctl/config.toml")).unwrap_or_default()
+}
+
+/// Runs cloudctl in `home` and asserts a one-line failure mentioning `needle`, with nothing written to the
+/// configuration.
+#[track_caller]
+fn refused(home: &Path, args: &[&str], needle: &str) {
+    let before = config_of(home);
+    let out = cloudctl_in(home, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(needle), "cloudctl {args:?}: {err:?} should mention {needle:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+    assert_eq!(config_of(home), before, "a refused `remote add` wrote to the configuration");
+}
+
+#[test]
+fn a_join_token_adds_a_pinned_remote_once_without_a_prompt() {
+    let dev = start_dev_with(212, "");
+    ok(&dev, &["service", "create", "my-service", "443:8080"]);
+    let join = ok(&dev, &["token", "create", "--join", "--scope", "read", "--scope", "write", "--description", "bob"]);
+    let join = join.trim();
+    let pin = json(&ok(&dev, &["remote", "list", "-o", "json"]))["local"]["fingerprint"].as_str().unwrap().to_owned();
+
+    // A teammate's fresh home, no terminal: the token alone adds the remote, pinned to the platform CA.
+    let bob = tempfile::tempdir().unwrap();
+    let out = cloudctl_in(bob.path(), &["remote", "add", "prod", join]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let remotes = json(&String::from_utf8(cloudctl_in(bob.path(), &["remote", "list", "-o", "json"]).stdout).unwrap());
+    assert_eq!(remotes["prod"]["url"], dev.api.as_str());
+    assert_eq!(
+        (remotes["prod"]["fingerprint"].as_str(), remotes["prod"]["auth"].as_str()),
+        (Some(&*pin), Some("token"))
+    );
+    let table = String::from_utf8(cloudctl_in(bob.path(), &["remote", "list"]).stdout).unwrap();
+    assert!(table.starts_with("NAME") && table.contains("AUTH") && table.contains(&pin[..20]), "{table}");
+    let yaml = String::from_utf8(cloudctl_in(bob.path(), &["remote", "list", "-o", "yaml"]).stdout).unwrap();
+    assert!(yaml.contains(&format!("fingerprint: {pin}")), "{yaml}");
+    let value =
+        String::from_utf8(cloudctl_in(bob.path(), &["remote", "list", "-o", "value=prod.auth"]).stdout).unwrap();
+    assert_eq!(value, "token\n");
+
+    // It works, by --remote and by REMOTE:NAME, with the scopes granted.
+    let list = |args: &[&str]| {
+        let out = cloudctl_in(bob.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(list(&["--remote", "prod", "service", "list", "-o", "name"]), "my-service\n");
+    assert_eq!(list(&["service", "list", "prod:", "-o", "name"]), "my-service\n");
+    assert_eq!(list(&["service", "get", "prod:my-service", "-o", "value=name"]), "my-service\n");
+    assert!(list(&["whoami", "--remote", "prod"]).contains("scopes: read,write"));
+    let listed = json(&ok(&dev, &["token", "list", "--join", "-o", "json"]));
+    assert_eq!((listed[0]["state"].as_str(), listed[0]["description"].as_str()), (Some("used"), Some("bob")));
+
+    // Used once: a second home is refused and keeps no remote.
+    let eve = tempfile::tempdir().unwrap();
+    refused(eve.path(), &["remote", "add", "prod", join], "join_token_used");
+    // A name that clashes is refused before the secret is spent; the token then still works elsewhere.
+    let next = ok(&dev, &["token", "create", "--join"]);
+    refused(bob.path(), &["remote", "add", "prod", next.trim()], "exists already");
+    let carol = tempfile::tempdir().unwrap();
+    assert!(cloudctl_in(carol.path(), &["remote", "add", "prod", next.trim()]).status.success());
+
+    // Revoked before use.
+    let revoked = ok(&dev, &["token", "create", "--join", "-o", "json"]);
+    let revoked = json(&revoked);
+    ok(&dev, &["token", "revoke", "--join", revoked["id"].as_str().unwrap()]);
+    refused(eve.path(), &["remote", "add", "prod", revoked["join_token"].as_str().unwrap()], "join_token_revoked");
+
+    // Expired, forged, mangled.
+    let fresh = ok(&dev, &["token", "create", "--join"]);
+    let mut token = cloud_domain::join::JoinToken::decode(fresh.trim(), chrono::Utc::now()).unwrap();
+    token.expires_at = chrono::Utc::now() - chrono::Duration::seconds(1);
+    refused(eve.path(), &["remote", "add", "prod", &token.encode()], "expired");
+    token.expires_at = chrono::Utc::now() + chrono::Duration::hours(1);
+    token.secret = cloud_domain::join::new_secret();
+    refused(eve.path(), &["remote", "add", "prod", &token.encode()], "join_token_invalid");
+    refused(eve.path(), &["remote", "add", "prod", "eyJub3QiOiJpdCJ9"], "not a join token");
+
+    // Another server at the same URL (the platform gone, something else on its port): refused before the secret
+    // is sent, showing the certificate it presented.
+    let port: u16 = dev.api.rsplit(':').next().unwrap().parse().unwrap();
+    drop(dev);
+    let (cert, key, other) = self_signed(eve.path(), "impostor");
+    let t0 = Instant::now();
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the API's port was not released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _impostor = tls_server(&cert, &key, port);
+    refused(eve.path(), &["remote", "add", "prod", fresh.trim()], &other);
+    let out = cloudctl_in(eve.path(), &["remote", "add", "prod", fresh.trim()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("is not the pinned {pin}")));
 }

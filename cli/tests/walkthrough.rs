@@ -211,7 +211,7 @@ fn the_readme_walkthrough_works_verbatim_and_survives_a_restart() {
     std::fs::create_dir(&work).unwrap();
     let mut dev = Dev::start(&ns, home.path(), 1);
     let banner = dev.output();
-    assert!(banner.contains("API:       http://127.0.0.1:7300/v1"), "{banner}");
+    assert!(banner.contains("API:       https://127.0.0.1:7300/v1"), "{banner}");
     assert!(banner.contains("DNS:       127.0.0.1:5353"), "{banner}");
     assert!(banner.contains("edge:      https://127.0.0.1:443  http://127.0.0.1:80"), "{banner}");
 

@@ -61,12 +61,18 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     std::fs::write(&ca_path, &edge.ca_pem).with_context(|| format!("writing {}", ca_path.display()))?;
     let certs = Certs::start(cfg, store.clone()).await?;
     let api = Api::start(cfg, store).await?;
-    let api_url = format!("http://{}", cfg.api.listen);
-    let config_path = write_local_remote(&api_url, &created.jwt)?;
+    let api_url = api.urls.first().cloned().context("the API has no URL")?;
+    let pin = api.tls.as_ref().map(|t| t.pin.clone());
+    let config_path = write_local_remote(&api_url, &created.jwt, pin)?;
     println!("cloudd dev is up.");
     println!("  API:       {api_url}/v1   (docs: {api_url}/docs/)");
     println!("  tenant:    {} (admin token in {}, `cloudd token` prints it)", cfg.dev.tenant, config_path.display());
-    println!("  try:       curl -H \"Authorization: Bearer $(cloudd token)\" {api_url}/v1/whoami");
+    let cacert = if cfg.api.tls == cloud_api::tls::TlsMode::Platform {
+        format!("--cacert {} ", ca_path.display())
+    } else {
+        String::new()
+    };
+    println!("  try:       curl {cacert}-H \"Authorization: Bearer $(cloudd token)\" {api_url}/v1/whoami");
     if let Some(a) = dns.0.public_addrs().first() {
         println!("  DNS:       {a}   (dig @{} -p {} <service fqdn>)", a.ip(), a.port());
     }
@@ -117,13 +123,14 @@ fn home() -> PathBuf {
 }
 
 /// Registers (or refreshes) the `local` remote in cloudctl's configuration, through cloudctl's own config module
-/// so both read and write one format; other remotes stay, and `local` becomes the default when none is set.
-fn write_local_remote(url: &str, token: &str) -> anyhow::Result<PathBuf> {
+/// so both read and write one format; other remotes stay, and `local` becomes the default when none is set. An
+/// https API is pinned to the platform CA that signs its certificate.
+fn write_local_remote(url: &str, token: &str, fingerprint: Option<String>) -> anyhow::Result<PathBuf> {
     let path = cloudctl::config::path(&|k| std::env::var(k).ok());
     let mut cfg = cloudctl::config::Config::load(&path)?;
     cfg.remotes.insert(
         "local".into(),
-        cloudctl::config::Remote { url: url.into(), token: Some(token.into()), ca: None, fingerprint: None },
+        cloudctl::config::Remote { url: url.into(), token: Some(token.into()), ca: None, fingerprint },
     );
     cfg.default_remote.get_or_insert_with(|| "local".into());
     cfg.save(&path)?;

@@ -23,6 +23,26 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A client of an API serving over TLS with a certificate of the platform CA: it trusts that CA and nothing else.
+/// The CA is read from the database (created now if no role has yet, as the API would), so the client exists
+/// before the API does.
+async fn api_client(url: &str, key_file: &std::path::Path) -> reqwest::Client {
+    let store = cloud_store::Store::new(cloud_store::connect(url, 1).await.unwrap(), Default::default());
+    let key = cloud_certs::seal::SecretKey::from_file(key_file).unwrap();
+    let ca = cloud_certs::PlatformCa::load_or_create(&store, &key).await.unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// The platform CA's certificate, as the API serves it at `/v1/ca.pem`.
+async fn ca_pem(url: &str) -> String {
+    let store = cloud_store::Store::new(cloud_store::connect(url, 1).await.unwrap(), Default::default());
+    cloud_certs::PlatformCa::stored_certificate(&store).await.unwrap().unwrap()
+}
+
 /// A fresh database with the schema applied by `cloudd migrate`, as an operator does before starting roles.
 async fn migrated_database() -> String {
     let url = cloud_tests::fresh_database().await;
@@ -199,10 +219,28 @@ async fn cloudd_api_and_bootstrap_need_the_secret_key_that_seals_the_token_signi
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let port = free_port();
     let _api = quiet(run(&["api"], Some(&key_file)).env("CLOUD_API_LISTEN", format!("127.0.0.1:{port}")));
-    let api = format!("http://127.0.0.1:{port}");
-    wait_ready(&api, "cloudd api did not become ready").await;
-    let me = reqwest::Client::new().get(format!("{api}/v1/whoami")).bearer_auth(&token).send().await.unwrap();
-    assert_eq!(me.status(), 200);
+    // Over TLS by default, with a certificate of the platform CA for the loopback address; HTTP/2 and HTTP/1.1.
+    let api = format!("https://127.0.0.1:{port}");
+    let client = api_client(&url, &key_file).await;
+    let t0 = Instant::now();
+    while !client.get(format!("{api}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "cloudd api did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let me = client.get(format!("{api}/v1/whoami")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!((me.status().as_u16(), me.version()), (200, reqwest::Version::HTTP_2));
+    let h1 = reqwest::Client::builder()
+        .http1_only()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem(&url).await.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let res = h1.get(format!("{api}/healthz")).send().await.unwrap();
+    assert_eq!((res.status().as_u16(), res.version()), (200, reqwest::Version::HTTP_11));
+    // Plain HTTP on the TLS port gets nothing, and a client that trusts only public roots refuses the certificate.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    assert!(reqwest::get(format!("{api}/healthz")).await.is_err());
     let me: serde_json::Value = me.json().await.unwrap();
     assert_eq!(
         (&me["tenant"]["name"], &me["scopes"]),
@@ -307,9 +345,12 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
         started: Default::default(),
     };
     let mut api = p.api();
-    let api_url = format!("http://127.0.0.1:{}", p.api_port);
-    p.wait("the API ready", async || reqwest::get(format!("{api_url}/readyz")).await.is_ok_and(|r| r.status() == 200))
-        .await;
+    let api_url = format!("https://127.0.0.1:{}", p.api_port);
+    let client = api_client(&p.url, &p.key_file).await;
+    p.wait("the API ready", async || {
+        client.get(format!("{api_url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     let out = Command::new(env!("CARGO_BIN_EXE_cloudd"))
         .args(["bootstrap", "--tenant", "initech"])
         .env("DATABASE_URL", &p.url)
@@ -359,7 +400,6 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
         p.wait(&format!("ready on {port}"), async || ready(port).await).await;
     }
 
-    let client = reqwest::Client::new();
     let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
         let mut req = client.request(method, format!("{api_url}{path}")).bearer_auth(&token);
         if let Some(b) = body {
@@ -385,7 +425,7 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
     .await;
 
     // Every edge serves the service, verified against the platform CA the API publishes.
-    let ca = reqwest::get(format!("{api_url}/v1/ca.pem")).await.unwrap().text().await.unwrap();
+    let ca = client.get(format!("{api_url}/v1/ca.pem")).send().await.unwrap().text().await.unwrap();
     let via = |https: u16| {
         reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
@@ -438,8 +478,11 @@ async fn a_scaled_out_platform_serves_from_every_edge_reschedules_a_killed_node_
     let before = call(reqwest::Method::GET, "/v1/services/web", None).await.1;
     drop(api);
     api = p.api();
-    p.wait("the API back", async || reqwest::get(format!("{api_url}/readyz")).await.is_ok_and(|r| r.status() == 200))
-        .await;
+    // The restarted API has a new certificate of the same CA: clients that trust the CA keep working.
+    p.wait("the API back", async || {
+        client.get(format!("{api_url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     let after = call(reqwest::Method::GET, "/v1/services/web", None).await.1;
     assert_eq!(after["id"], before["id"]);
     assert_eq!(after["fqdn"], before["fqdn"]);

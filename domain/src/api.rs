@@ -120,6 +120,18 @@ pub enum ErrorCode {
     CertificateChainInvalid,
     /// An uploaded certificate's names do not cover the domain.
     CertificateNameMismatch,
+    /// A join token's secret is not one this platform issued (mistyped, forged, or from another platform).
+    JoinTokenInvalid,
+    /// The join token was exchanged already: each works once.
+    JoinTokenUsed,
+    /// The join token's time ran out before it was used.
+    JoinTokenExpired,
+    /// The join token was revoked before it was used.
+    JoinTokenRevoked,
+    /// The join token's tenant was deleted.
+    JoinTokenTenantDeleted,
+    /// Too many requests from this source; the response says when to retry (`Retry-After`).
+    TooManyRequests,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
     /// PostgreSQL did not answer within the API's bound; the response says when to retry (`Retry-After`).
@@ -180,6 +192,12 @@ impl ErrorCode {
             Self::CertificateKeyMismatch => "certificate_key_mismatch",
             Self::CertificateChainInvalid => "certificate_chain_invalid",
             Self::CertificateNameMismatch => "certificate_name_mismatch",
+            Self::JoinTokenInvalid => "join_token_invalid",
+            Self::JoinTokenUsed => "join_token_used",
+            Self::JoinTokenExpired => "join_token_expired",
+            Self::JoinTokenRevoked => "join_token_revoked",
+            Self::JoinTokenTenantDeleted => "join_token_tenant_deleted",
+            Self::TooManyRequests => "too_many_requests",
             Self::Unavailable => "unavailable",
             Self::DatabaseUnavailable => "database_unavailable",
             Self::InternalError => "internal_error",
@@ -413,6 +431,93 @@ pub struct CreatedToken {
     pub token: Token,
     /// The bearer JWT. It is not stored and cannot be shown again.
     pub jwt: String,
+}
+
+/// Create a one-time join token: a secret that `cloudctl remote add NAME TOKEN` exchanges once for an API token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinToken {
+    /// Tenant name or id of the token it yields; only admins may name another tenant. Default: the caller's.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Scopes of the token it yields, at least one, only ones the caller holds. Default: read and write.
+    #[serde(default)]
+    #[schema(min_items = 1)]
+    pub scopes: Option<Vec<Scope>>,
+    /// Seconds the join token may wait to be used (60 s to 30 days). Default: 1 hour.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 60, 2_592_000>")]
+    #[schema(minimum = 60, maximum = 2592000)]
+    pub expires_in_seconds: Option<u64>,
+    /// Lifetime in seconds of the token it yields (60 s to 10 years). Default: 30 days.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 60, 315_360_000>")]
+    #[schema(minimum = 60, maximum = 315360000)]
+    pub token_expires_in_seconds: Option<u64>,
+    /// Free text to recognise it (and the token it yields), at most 256 characters.
+    #[serde(default)]
+    #[schema(max_length = 256)]
+    pub description: String,
+}
+
+/// Where a join token stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinTokenState {
+    /// Waiting to be used.
+    Pending,
+    /// Exchanged for a token.
+    Used,
+    /// Revoked before use.
+    Revoked,
+    /// Not used in time.
+    Expired,
+}
+
+/// A join token's record (its secret is never stored, only a hash of it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenInfo {
+    /// Id, for revoking it.
+    pub id: Uuid,
+    /// Tenant of the token it yields.
+    pub tenant: String,
+    /// Scopes of the token it yields.
+    pub scopes: Vec<Scope>,
+    /// Free text.
+    pub description: String,
+    /// Where it stands.
+    pub state: JoinTokenState,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working if unused.
+    pub expires_at: DateTime<Utc>,
+    /// When it was exchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<DateTime<Utc>>,
+    /// The token it was exchanged for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<Uuid>,
+    /// When it was revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A new join token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedJoinToken {
+    /// Its record.
+    #[serde(flatten)]
+    pub info: JoinTokenInfo,
+    /// The join token to hand over: base64url of the API's URLs, the certificate to pin, the one-time secret and
+    /// the expiry. It is not stored and cannot be shown again.
+    pub join_token: String,
+}
+
+/// Exchange a join token's secret for an API token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The secret from the join token.
+    #[schema(min_length = 1, max_length = 256)]
+    pub secret: String,
 }
 
 /// Who the caller is.

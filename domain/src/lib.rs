@@ -10,6 +10,7 @@ pub mod duration;
 pub mod generate;
 pub mod int;
 pub mod ipam;
+pub mod join;
 pub mod names;
 pub mod placement;
 pub mod ports;

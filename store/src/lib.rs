@@ -15,6 +15,7 @@ mod feed;
 mod idempotency;
 mod images;
 mod instances;
+mod join_tokens;
 mod log_feed;
 mod nodes;
 mod page;
@@ -37,6 +38,7 @@ pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ow
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
+pub use join_tokens::JoinGrant;
 pub use log_feed::{LOGS_CHANNEL, LogFeed, LogFollower, LogUpdate};
 pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, NodeRegistration, Observation, Peer, Registered};
 pub use page::Cursor;
@@ -153,6 +155,9 @@ pub enum StoreError {
     /// An image that cannot be run as it is (e.g. it names no program).
     #[error("{0}")]
     InvalidImage(String),
+    /// A join token's secret was refused.
+    #[error(transparent)]
+    JoinRefused(#[from] cloud_domain::join::JoinRefusal),
     /// The database failed or is unreachable.
     #[error("database error")]
     Database(#[source] sqlx::Error),

@@ -61,12 +61,25 @@ impl Store {
         description: &str,
     ) -> Result<Token, StoreError> {
         self.bounded(async {
-            let id = Uuid::new_v4();
-            let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
             let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO tokens (id, tenant_id, scopes, expires_at, description) VALUES ($1, $2, $3, $4, $5)",
-            )
+            let token = Self::create_token_in(&mut tx, tenant, scopes, expires_at, description).await?;
+            tx.commit().await?;
+            Ok(token)
+        })
+        .await
+    }
+
+    /// Records a new token inside a transaction, with its event.
+    pub(crate) async fn create_token_in(
+        tx: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        scopes: &[Scope],
+        expires_at: DateTime<Utc>,
+        description: &str,
+    ) -> Result<Token, StoreError> {
+        let id = Uuid::new_v4();
+        let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+        sqlx::query("INSERT INTO tokens (id, tenant_id, scopes, expires_at, description) VALUES ($1, $2, $3, $4, $5)")
             .bind(id)
             .bind(tenant)
             .bind(&scopes)
@@ -74,12 +87,9 @@ impl Store {
             .bind(description)
             .execute(&mut *tx)
             .await?;
-            let token = Self::token_in(&mut tx, id).await?;
-            record_event(&mut tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
-            tx.commit().await?;
-            Ok(token)
-        })
-        .await
+        let token = Self::token_in(&mut *tx, id).await?;
+        record_event(&mut *tx, Some(tenant), "token", id, EventAction::Created, &token).await?;
+        Ok(token)
     }
 
     async fn token_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Token, StoreError> {

@@ -241,7 +241,7 @@ async fn serve(
 ) -> (TokenSigner, actix_web::dev::ServerHandle) {
     let state = AppState::new(store.clone(), config.clone()).await.expect("API state");
     let signer = state.signer.clone();
-    let server = cloud_api::serve(actix_web::web::Data::new(state), listener).expect("serving");
+    let server = cloud_api::serve(actix_web::web::Data::new(state), listener, None).expect("serving");
     let handle = server.handle();
     tokio::spawn(server);
     (signer, handle)

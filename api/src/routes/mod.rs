@@ -4,6 +4,7 @@ mod certificates;
 mod events;
 mod images;
 mod instances;
+mod join;
 mod services;
 mod system;
 mod tenants;
@@ -26,6 +27,10 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(tokens::create_token)
             .service(tokens::list_tokens)
             .service(tokens::revoke_token)
+            .service(join::create_join_token)
+            .service(join::list_join_tokens)
+            .service(join::revoke_join_token)
+            .service(join::join)
             .service(services::create_service)
             .service(services::list_services)
             .service(services::get_service)

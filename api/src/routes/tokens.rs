@@ -24,28 +24,8 @@ pub(crate) async fn create_token(
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();
-    let tenant = match &body.tenant {
-        None => auth.tenant,
-        Some(key) => {
-            let t = state.store.tenant(key).await?;
-            if t.id != auth.tenant && !auth.is_admin() {
-                return Err(cloud_store::StoreError::NotFound { kind: "tenant", key: key.clone() }.into());
-            }
-            t.id
-        }
-    };
-    let mut scopes = body.scopes.unwrap_or_else(|| vec![Scope::Read, Scope::Write]);
-    scopes.sort();
-    scopes.dedup();
-    if scopes.is_empty() {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "scopes must name at least one of read, write, admin"));
-    }
-    if let Some(s) = scopes.iter().find(|s| !auth.is_admin() && !auth.scopes.contains(s)) {
-        return Err(ApiError::new(
-            ErrorCode::InsufficientScope,
-            format!("cannot grant the '{}' scope: the calling token does not hold it", s.as_str()),
-        ));
-    }
+    let tenant = tenant_for(&state, &auth, body.tenant.as_deref()).await?;
+    let scopes = grantable(&auth, body.scopes)?;
     // The body's bounds (60 s to 10 years) were checked as it was read.
     let lifetime = body.expires_in_seconds.unwrap_or(DEFAULT_LIFETIME);
     if body.description.chars().count() > 256 {
@@ -61,6 +41,33 @@ pub(crate) async fn create_token(
     )
     .await?;
     Ok(HttpResponse::Created().json(created))
+}
+
+/// The tenant a new token is for: the caller's, or (admins only) the one named; another tenant is not found.
+pub(super) async fn tenant_for(state: &AppState, auth: &Auth, named: Option<&str>) -> ApiResult<Uuid> {
+    let Some(key) = named else { return Ok(auth.tenant) };
+    let t = state.store.tenant(key).await?;
+    if t.id != auth.tenant && !auth.is_admin() {
+        return Err(cloud_store::StoreError::NotFound { kind: "tenant", key: key.to_owned() }.into());
+    }
+    Ok(t.id)
+}
+
+/// The scopes asked for (default read and write), each one the caller holds (admins hold all).
+pub(super) fn grantable(auth: &Auth, asked: Option<Vec<Scope>>) -> ApiResult<Vec<Scope>> {
+    let mut scopes = asked.unwrap_or_else(|| vec![Scope::Read, Scope::Write]);
+    scopes.sort();
+    scopes.dedup();
+    if scopes.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "scopes must name at least one of read, write, admin"));
+    }
+    if let Some(s) = scopes.iter().find(|s| !auth.is_admin() && !auth.scopes.contains(s)) {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            format!("cannot grant the '{}' scope: the calling token does not hold it", s.as_str()),
+        ));
+    }
+    Ok(scopes)
 }
 
 /// List the tenant's tokens (without their secrets).

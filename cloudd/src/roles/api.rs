@@ -13,20 +13,34 @@ use crate::config::Config;
 use crate::ops::Probe;
 
 /// The API serving.
-pub struct Api(actix_web::dev::ServerHandle);
+pub struct Api {
+    handle: actix_web::dev::ServerHandle,
+    /// Its TLS (which keeps a platform certificate valid), `None` for plain HTTP.
+    pub tls: Option<cloud_api::tls::ServedTls>,
+    /// Where clients reach it.
+    pub urls: Vec<String>,
+}
 
 impl super::Role for Api {
     const NAME: &'static str = "api";
 
     async fn start(cfg: &Config, store: Store) -> anyhow::Result<Self> {
-        let state = AppState::new(store, cfg.api_config()?).await.context("preparing the API")?;
+        let config = cfg.api_config()?;
+        let key = config.secret_key.clone().context(
+            "the API needs the platform secret key (platform.secret_key_file): it seals the token signing key",
+        )?;
+        let tls = cloud_api::tls::prepare(&config, &store, &key).await.context("preparing the API's TLS")?;
+        let urls = cloud_api::tls::public_urls(&config);
+        let mut state = AppState::new(store, config).await.context("preparing the API")?;
+        state.join = cloud_api::JoinSettings { urls: urls.clone(), fingerprint: tls.as_ref().map(|t| t.pin.clone()) };
         let listener =
             TcpListener::bind(cfg.api.listen).with_context(|| format!("binding the API to {}", cfg.api.listen))?;
-        let server = cloud_api::serve(actix_web::web::Data::new(state), listener)?;
+        let server_config = tls.as_ref().map(|t| t.server_config.clone());
+        let server = cloud_api::serve(actix_web::web::Data::new(state), listener, server_config)?;
         let handle = server.handle();
         tokio::spawn(server);
-        tracing::info!(listen = %cfg.api.listen, "API serving");
-        Ok(Self(handle))
+        tracing::info!(listen = %cfg.api.listen, tls = ?cfg.api.tls, "API serving");
+        Ok(Self { handle, tls, urls })
     }
 
     fn ops(&self, _: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
@@ -34,7 +48,7 @@ impl super::Role for Api {
     }
 
     async fn shutdown(self) {
-        self.0.stop(true).await;
+        self.handle.stop(true).await;
     }
 }
 

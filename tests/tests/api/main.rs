@@ -8,6 +8,7 @@ mod feed;
 mod hosts;
 mod images;
 mod instances;
+mod join;
 mod logs;
 mod malformed;
 mod oci;

@@ -1,0 +1,221 @@
+//! The API's own TLS: a certificate of the platform CA for the API's names (kept valid in the background), or
+//! the operator's certificate and key; and what clients pin, which join tokens carry.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use cloud_certs::PlatformCa;
+use cloud_certs::seal::SecretKey;
+use cloud_store::Store;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::ApiConfig;
+
+/// How the API is served (`api.tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS with a certificate of the platform CA for the API's names, renewed before it ends.
+    #[default]
+    Platform,
+    /// TLS with `api.tls_cert_file` and `api.tls_key_file`.
+    Files,
+    /// Plain HTTP: a TLS-terminating proxy is in front.
+    Off,
+}
+
+/// Why the API cannot serve TLS.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The platform CA could not be loaded.
+    #[error("cannot load the platform CA for the API's certificate")]
+    Ca(#[source] cloud_certs::CertsError),
+    /// The platform CA could not issue or the API could not take the certificate.
+    #[error("cannot issue the API's certificate")]
+    Issue(#[source] cloud_certs::wildcard::WildcardError),
+    /// `tls = "files"` without both files.
+    #[error("api.tls = \"files\" needs api.tls_cert_file and api.tls_key_file")]
+    MissingFiles,
+    /// A configured file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file holds no usable certificate or key.
+    #[error("{path} holds no {what} in PEM")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What it should hold.
+        what: &'static str,
+    },
+    /// The key is of a type rustls cannot sign with, or does not match.
+    #[error("the API's private key cannot be used")]
+    Key(#[source] rustls::Error),
+}
+
+/// The TLS the API serves.
+pub struct ServedTls {
+    /// For the listener.
+    pub server_config: rustls::ServerConfig,
+    /// What clients pin: the platform CA's fingerprint, or the configured leaf's.
+    pub pin: String,
+    /// Keeps a platform certificate valid; aborted when dropped.
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ServedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedTls").field("pin", &self.pin).finish_non_exhaustive()
+    }
+}
+
+impl Drop for ServedTls {
+    fn drop(&mut self) {
+        if let Some(task) = self.renewal.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The one certificate the API serves, whatever name (or none) the client asks for; replaced at renewal.
+#[derive(Debug, Default)]
+struct CurrentCert(RwLock<Option<Arc<CertifiedKey>>>);
+
+impl CurrentCert {
+    fn set(&self, key: CertifiedKey) {
+        if let Ok(mut current) = self.0.write() {
+            *current = Some(Arc::new(key));
+        }
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().and_then(|k| k.clone())
+    }
+}
+
+fn certified(chain_pem: &[u8], key_pem: &[u8], path: &str) -> Result<CertifiedKey, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::Pem { path: path.into(), what: "certificate" })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem { path: path.into(), what: "certificate" });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::Pem { path: path.into(), what: "key" })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(TlsError::Key)?;
+    Ok(certified)
+}
+
+fn server_config(current: Arc<CurrentCert>) -> rustls::ServerConfig {
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default versions")
+        .with_no_client_auth()
+        .with_cert_resolver(current)
+}
+
+/// The names a platform certificate of the API covers: localhost and the loopback addresses, the listen
+/// address unless it is a wildcard, the hosts of the public URLs, and the configured names.
+pub fn api_names(config: &ApiConfig) -> Vec<String> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !config.listen.ip().is_unspecified() {
+        names.push(config.listen.ip().to_string());
+    }
+    for url in &config.public_urls {
+        if let Some(host) = url.split("://").nth(1).and_then(|rest| rest.split(['/', '?']).next()) {
+            let host = host.parse::<SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_else(|_| {
+                let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                bare.trim_start_matches('[').trim_end_matches(']').to_owned()
+            });
+            names.push(host);
+        }
+    }
+    names.extend(config.tls_names.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.parse::<IpAddr>().map(|ip| ip.to_string()).unwrap_or_else(|_| n.to_lowercase())));
+    names
+}
+
+/// The URLs join tokens name: the configured ones, else the listen address's (loopback for a wildcard).
+pub fn public_urls(config: &ApiConfig) -> Vec<String> {
+    if !config.public_urls.is_empty() {
+        return config.public_urls.iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+    }
+    let scheme = if config.tls == TlsMode::Off { "http" } else { "https" };
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { IpAddr::from([127, 0, 0, 1]) } else { IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]) });
+    }
+    vec![format!("{scheme}://{addr}")]
+}
+
+/// The TLS the configuration asks for; `None` for plain HTTP.
+pub async fn prepare(config: &ApiConfig, store: &Store, key: &SecretKey) -> Result<Option<ServedTls>, TlsError> {
+    match config.tls {
+        TlsMode::Off => Ok(None),
+        TlsMode::Files => {
+            let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
+                return Err(TlsError::MissingFiles);
+            };
+            let read =
+                |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.display().to_string(), source });
+            let certified = certified(&read(cert)?, &read(key)?, &cert.display().to_string())?;
+            let pin = cloud_domain::join::fingerprint(&certified.cert[0]);
+            let current = Arc::new(CurrentCert::default());
+            current.set(certified);
+            Ok(Some(ServedTls { server_config: server_config(current), pin, renewal: None }))
+        }
+        TlsMode::Platform => {
+            let ca = PlatformCa::load_or_create(store, key).await.map_err(TlsError::Ca)?;
+            let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+                .map_err(|_| TlsError::Pem { path: "the platform CA".into(), what: "certificate" })?;
+            let pin = cloud_domain::join::fingerprint(&ca_der);
+            let current = Arc::new(CurrentCert::default());
+            let renewed = current.clone();
+            let renewal = cloud_certs::wildcard::serve_and_renew_names(ca, api_names(config), move |issued| {
+                renewed.set(certified(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes(), "issued")?);
+                Ok(())
+            })
+            .map_err(TlsError::Issue)?;
+            Ok(Some(ServedTls { server_config: server_config(current), pin, renewal: Some(renewal) }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_certificate_covers_loopback_the_listen_address_and_the_public_urls() {
+        let config = ApiConfig {
+            listen: "10.0.0.5:7300".parse().unwrap(),
+            public_urls: vec!["https://api.example.com:7300/".into(), "https://[fd00::1]:7300".into()],
+            tls_names: vec!["API.example.com".into(), "cloud.internal".into()],
+            ..ApiConfig::default()
+        };
+        assert_eq!(
+            api_names(&config),
+            ["localhost", "127.0.0.1", "::1", "10.0.0.5", "api.example.com", "fd00::1", "cloud.internal"]
+        );
+        assert_eq!(public_urls(&config), ["https://api.example.com:7300", "https://[fd00::1]:7300"]);
+        let wildcard = ApiConfig { listen: "0.0.0.0:7300".parse().unwrap(), ..ApiConfig::default() };
+        assert_eq!(api_names(&wildcard), ["localhost", "127.0.0.1", "::1"]);
+        assert_eq!(public_urls(&wildcard), ["https://127.0.0.1:7300"]);
+        let plain = ApiConfig { tls: TlsMode::Off, ..ApiConfig::default() };
+        assert_eq!(public_urls(&plain), ["http://127.0.0.1:7300"]);
+    }
+}
