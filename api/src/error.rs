@@ -109,7 +109,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | IdempotencyKeyInProgress
         | TenantNotEmpty
         | LimitsConflict
-        | NamesConflict => StatusCode::CONFLICT,
+        | NamesConflict
+        | NodeUnavailable => StatusCode::CONFLICT,
         PayloadTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IdempotencyKeyReused
@@ -167,6 +168,7 @@ impl From<StoreError> for ApiError {
             StoreError::QuotaExceeded { .. } => Self::new(C::QuotaExceeded, detail),
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
+            StoreError::NodeUnavailable { .. } => Self::new(C::NodeUnavailable, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
             StoreError::Limits(e) => e.into(),
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),

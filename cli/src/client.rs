@@ -23,6 +23,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("DELETE", "/v1/instances/{instance}"),
     ("POST", "/v1/instances/{instance}/start"),
     ("POST", "/v1/instances/{instance}/stop"),
+    ("POST", "/v1/instances/{instance}/move"),
     ("GET", "/v1/instances/{instance}/logs"),
     ("GET", "/v1/images"),
     ("POST", "/v1/images"),

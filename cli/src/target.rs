@@ -158,7 +158,8 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
             InstanceCmd::Get { name }
             | InstanceCmd::Start { name }
             | InstanceCmd::Stop { name }
-            | InstanceCmd::Logs { name, .. } => vec![Name(name)],
+            | InstanceCmd::Logs { name, .. }
+            | InstanceCmd::Move { name, .. } => vec![Name(name)],
         },
         Command::Image(cmd) => match cmd {
             ImageCmd::List { remote } => vec![List(remote)],

@@ -71,6 +71,12 @@ fn start_dev() -> Dev {
 /// `cloudd dev` with its tenants' networks in `10.<octet>.0.0/16` (`127.<octet>` without root), so that
 /// several may run at once, and `config` as its configuration file.
 fn start_dev_with(octet: u8, config: &str) -> Dev {
+    start_dev_on(octet, config, None)
+}
+
+/// [`start_dev_with`] on a PostgreSQL database of the test's (`DATABASE_URL`) instead of the embedded one, so that
+/// other roles can join it.
+fn start_dev_on(octet: u8, config: &str, database_url: Option<&str>) -> Dev {
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let api = format!("https://127.0.0.1:{port}");
@@ -95,6 +101,7 @@ fn start_dev_with(octet: u8, config: &str) -> Dev {
         .env("CLOUD_EDGE_HTTP_LISTEN", "127.0.0.1:0")
         .env("CLOUD_RESOLVER", owner_dns.addr().to_string())
         .env_remove("DATABASE_URL")
+        .envs(database_url.map(|url| ("DATABASE_URL", url)))
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -570,4 +577,142 @@ fn a_join_token_adds_a_pinned_remote_once_without_a_prompt() {
     refused(eve.path(), &["remote", "add", "prod", fresh.trim()], &other);
     let out = cloudctl_in(eve.path(), &["remote", "add", "prod", fresh.trim()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("is not the pinned {pin}")));
+}
+
+#[test]
+fn an_instance_moves_to_another_node_and_the_service_keeps_answering_through_the_edge() {
+    if !is_root() {
+        eprintln!("skipped: two node agents on one host need root (namespaces and bridges)");
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let database = runtime.block_on(cloud_tests::fresh_database());
+    let dev = start_dev_on(215, "", Some(&database));
+    ok(&dev, &["service", "create", "web", "443:8080"]);
+    ok(&dev, &["deploy", "--service", "web", "--image", "hello", "-R", "2"]);
+    let instances = json(&ok(&dev, &["instance", "list", "-o", "json"]));
+    let first_node = instances[0]["node"].as_str().unwrap().to_owned();
+    let (name, ip) = (instances[0]["name"].as_str().unwrap().to_owned(), instances[0]["private_ip"].clone());
+
+    // A second node agent joins the platform's database.
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dev.home.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"second\"\nstate_dir = \"{}\"\nops_listen = \"127.0.0.1:{ops}\"\n",
+            dev.home.path().join("second").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dev.home.path().join("second.log")).unwrap();
+    let second = Command::new(bin("cloudd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("node")
+        .env("DATABASE_URL", &database)
+        .env("CLOUD_SECRET_KEY_FILE", dev.home.path().join("data/secret.key"))
+        .env("CLOUD_TENANT_POOL", "10.215.0.0/16")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _second = Stopped(second);
+    runtime.block_on(async {
+        let t0 = Instant::now();
+        while !reqwest::get(format!("http://127.0.0.1:{ops}/readyz")).await.is_ok_and(|r| r.status() == 200) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the second node agent did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Requests through the edge all along the move: none fails, and afterwards the moved instance answers.
+    let fqdn = ok(&dev, &["service", "get", "web", "-o", "value=fqdn"]).trim().to_owned();
+    let client = edge_client(&dev, &fqdn);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = runtime.spawn(request_loop(client.clone(), fqdn.clone(), stop.clone()));
+    let moved = ok(&dev, &["instance", "move", &name, "--node", "second", "-o", "json"]);
+    let moved = json(&moved);
+    assert_eq!((moved["node"].as_str(), moved["state"].as_str()), (Some("second"), Some("running")), "{moved}");
+    assert_eq!(moved["private_ip"], ip, "the instance keeps its private IP");
+    let seen_after = runtime.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            let body = get_through_edge(&client, &fqdn).await.unwrap_or_default();
+            if body.starts_with(&format!("hello from {name} ")) {
+                return true;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return false;
+            }
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures) = runtime.block_on(load).unwrap();
+    assert!(seen_after, "the moved instance never answered through the edge");
+    assert!(served > 10, "too few requests during the move: {served}");
+    assert_eq!(failures, Vec::<String>::new(), "requests failed during the move ({served} served)");
+
+    // Refusals: an unknown node, the node it is on, a missing instance.
+    fails(&dev, &["instance", "move", &name, "--node", "nowhere"], "node \"nowhere\" not found");
+    fails(&dev, &["instance", "move", &name, "--node", "second"], "already");
+    fails(&dev, &["instance", "move", "missing", "--node", &first_node], "not found");
+}
+
+/// Kills and reaps a child when dropped.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe_free_kill(self.0.id(), "TERM");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client of the dev's edge for `fqdn`, trusting only its platform CA.
+fn edge_client(dev: &Dev, fqdn: &str) -> reqwest::Client {
+    let ca = std::fs::read(dev.home.path().join("data/ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .resolve(fqdn, dev.edge_https())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// One request through the edge; the body of a 200, else what went wrong.
+async fn get_through_edge(client: &reqwest::Client, fqdn: &str) -> Result<String, String> {
+    let res = client.get(format!("https://{fqdn}/")).send().await.map_err(|e| cloud_domain::error_chain(&e))?;
+    let status = res.status();
+    let body = res.text().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("{status}: {body}"));
+    }
+    Ok(body)
+}
+
+/// Requests one after another until `stop`: how many were answered, and the failures.
+async fn request_loop(
+    client: reqwest::Client,
+    fqdn: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, Vec<String>) {
+    let (mut served, mut failures) = (0, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match get_through_edge(&client, &fqdn).await {
+            Ok(_) => served += 1,
+            Err(e) => failures.push(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (served, failures)
 }

@@ -132,6 +132,8 @@ pub enum ErrorCode {
     JoinTokenTenantDeleted,
     /// Too many requests from this source; the response says when to retry (`Retry-After`).
     TooManyRequests,
+    /// The node an instance should move to is down or lacks the memory for it.
+    NodeUnavailable,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
     /// PostgreSQL did not answer within the API's bound; the response says when to retry (`Retry-After`).
@@ -198,6 +200,7 @@ impl ErrorCode {
             Self::JoinTokenRevoked => "join_token_revoked",
             Self::JoinTokenTenantDeleted => "join_token_tenant_deleted",
             Self::TooManyRequests => "too_many_requests",
+            Self::NodeUnavailable => "node_unavailable",
             Self::Unavailable => "unavailable",
             Self::DatabaseUnavailable => "database_unavailable",
             Self::InternalError => "internal_error",
@@ -518,6 +521,15 @@ pub struct JoinRequest {
     /// The secret from the join token.
     #[schema(min_length = 1, max_length = 256)]
     pub secret: String,
+}
+
+/// Move an instance to another node.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveInstance {
+    /// The node's name (as instances show it in `node`).
+    #[schema(min_length = 1, max_length = 253)]
+    pub node: String,
 }
 
 /// Who the caller is.

@@ -404,6 +404,81 @@ impl Store {
         self.bounded(async { self.transition(tenant, key, state::stop).await }).await
     }
 
+    /// Moves an instance to the node named `node`, which must have heartbeated within `live` and have the memory
+    /// for it. One that runs is handed over: its node stops it, then the new node starts it (see `report`); one
+    /// that does not run is reassigned at once. Name, private IP, service and configuration stay.
+    pub async fn move_instance(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        node: &str,
+        live: std::time::Duration,
+    ) -> Result<Instance, StoreError> {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            // Placement and moves see one another's decisions.
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(crate::nodes::SCHEDULER_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            let instances = Table { select: "SELECT id, name, state, node_id, memory_mb FROM instances", alias: "" };
+            let found: Option<(Uuid, String, String, Option<Uuid>, i32)> =
+                page::find(&mut *tx, instances, Visible::Tenant(tenant), key, RowLock::Update).await?;
+            let (id, name, current, on, memory) =
+                found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
+            let target: Option<(Uuid, bool, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT n.id, n.heartbeat_at > now() - interval '{}',
+                        n.memory_mb - coalesce(sum(i.memory_mb), 0)::bigint
+                 FROM nodes n LEFT JOIN instances i ON i.node_id = n.id AND i.id <> $2
+                 WHERE n.name = $1 GROUP BY n.id",
+                crate::nodes::interval(live)
+            )))
+            .bind(node)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (target, alive, free) =
+                target.ok_or_else(|| StoreError::NotFound { kind: "node", key: node.to_owned() })?;
+            let unavailable = |why: String| StoreError::NodeUnavailable { node: node.to_owned(), why };
+            if !alive {
+                return Err(unavailable("it has not been heard from lately (down or gone)".into()));
+            }
+            if free < i64::from(memory) {
+                return Err(unavailable(format!("it has {free} MiB free and the instance needs {memory} MiB")));
+            }
+            if on == Some(target) {
+                return Err(StoreError::Invalid(format!("instance {name} is on node {node} already")));
+            }
+            let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
+            let runs = on.is_some()
+                && matches!(current, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping);
+            if runs {
+                sqlx::query("UPDATE instances SET move_to = $2, state_reason = $3, updated_at = now() WHERE id = $1")
+                    .bind(id)
+                    .bind(target)
+                    .bind(format!("moving to node {node}"))
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query(
+                    "UPDATE instances SET node_id = $2, move_to = NULL, state_reason = $3, updated_at = now(),
+                         state = CASE WHEN desired_state = 'running' THEN 'pending' ELSE state END
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(target)
+                .bind(format!("moved to node {node}"))
+                .execute(&mut *tx)
+                .await?;
+            }
+            let view = Self::instance_view(&mut tx, id).await?;
+            record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
+            tx.commit().await?;
+            Ok(view)
+        })
+        .await
+    }
+
     async fn transition(
         &self,
         tenant: Uuid,

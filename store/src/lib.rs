@@ -143,6 +143,14 @@ pub enum StoreError {
         /// What ran out.
         what: &'static str,
     },
+    /// The node an instance should move to cannot take it now.
+    #[error("node {node} cannot take the instance: {why}")]
+    NodeUnavailable {
+        /// The node.
+        node: String,
+        /// Why not.
+        why: String,
+    },
     /// An instance state change that its current state does not allow.
     #[error(transparent)]
     State(#[from] StateError),

@@ -17,7 +17,7 @@ use crate::page::{self, RowLock, Table, Visible};
 use crate::{Store, StoreError, record_event};
 
 /// Advisory lock key serialising scheduling passes platform-wide.
-const SCHEDULER_LOCK: i64 = 7_265_748;
+pub(crate) const SCHEDULER_LOCK: i64 = 7_265_748;
 
 /// Advisory lock key serialising registrations of overlay nodes: who holds an underlay address and which overlay
 /// addresses are free are read and changed in one step.
@@ -178,7 +178,7 @@ fn v4(ip: Option<IpAddr>) -> Option<Ipv4Addr> {
     }
 }
 
-fn interval(d: Duration) -> String {
+pub(crate) fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
@@ -425,15 +425,20 @@ impl Store {
                 } else {
                     ("pending", format!("node {node} was lost; rescheduling"))
                 };
+                // One that was moving goes where it was moving to (`move_to`), whatever its restart policy.
                 sqlx::query(
-                    "UPDATE instances SET node_id = NULL, updated_at = now(), state_reason = $2,
-                     state = CASE WHEN desired_state = 'running' THEN $3 ELSE 'stopped' END,
-                     desired_state = CASE WHEN $3 = 'failed' THEN 'stopped' ELSE desired_state END
+                    "UPDATE instances SET node_id = move_to, updated_at = now(),
+                     state_reason = CASE WHEN move_to IS NULL THEN $2 ELSE $4 END,
+                     state = CASE WHEN desired_state <> 'running' THEN 'stopped' WHEN move_to IS NULL THEN $3
+                                  ELSE 'pending' END,
+                     desired_state = CASE WHEN $3 = 'failed' AND move_to IS NULL THEN 'stopped' ELSE desired_state END,
+                     move_to = NULL
                  WHERE id = $1",
                 )
                 .bind(id)
                 .bind(reason)
                 .bind(state)
+                .bind(format!("node {node} was lost while it was moving away"))
                 .execute(&mut *tx)
                 .await?;
                 let view = Self::instance_view(&mut tx, *id).await?;
@@ -450,7 +455,7 @@ impl Store {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
             let released: Vec<(Uuid, Uuid)> = sqlx::query_as(
-                "UPDATE instances SET node_id = NULL, updated_at = now(),
+                "UPDATE instances SET node_id = move_to, move_to = NULL, updated_at = now(),
                  state = CASE WHEN desired_state = 'running' THEN 'pending' ELSE 'stopped' END,
                  state_reason = CASE WHEN desired_state = 'running' THEN 'its node shut down; rescheduling' END
              WHERE node_id = $1 RETURNING id, tenant_id",
@@ -485,8 +490,10 @@ impl Store {
         self.bounded(async {
             let rows: Vec<AssignmentRow> = sqlx::query_as(
                 "SELECT i.id, i.tenant_id, t.network::text AS network, i.name, s.name AS service, i.image_digest,
-                        i.args, i.env, i.memory_mb, i.port, i.restart_policy, i.desired_state, i.state, i.private_ip,
-                        i.restart_count
+                        i.args, i.env, i.memory_mb, i.port, i.restart_policy,
+                        -- Moving away: this node stops it, and the stop hands it over (see `report`).
+                        CASE WHEN i.move_to IS NULL THEN i.desired_state ELSE 'stopped' END AS desired_state,
+                        i.state, i.private_ip, i.restart_count
                  FROM instances i JOIN tenants t ON t.id = i.tenant_id LEFT JOIN services s ON s.id = i.service_id
                  WHERE i.node_id = $1 ORDER BY i.created_at",
             )
@@ -525,6 +532,26 @@ impl Store {
     pub async fn report(&self, node: Uuid, id: Uuid, obs: &Observation) -> Result<bool, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
+            // The stop of a moving instance hands it to its new node, keeping what the tenant wants of it.
+            if matches!(obs.state, InstanceState::Stopped | InstanceState::Failed) {
+                let moved: Option<(Uuid,)> = sqlx::query_as(
+                    "UPDATE instances i SET node_id = i.move_to, move_to = NULL, updated_at = now(),
+                         state = CASE WHEN i.desired_state = 'running' THEN 'pending' ELSE 'stopped' END,
+                         state_reason = 'moved from node ' || n.name, stopped_at = now()
+                     FROM nodes n WHERE i.id = $1 AND i.node_id = $2 AND i.move_to IS NOT NULL AND n.id = $2
+                     RETURNING i.tenant_id",
+                )
+                .bind(id)
+                .bind(node)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((tenant,)) = moved {
+                    let view = Self::instance_view(&mut tx, id).await?;
+                    record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
+                    tx.commit().await?;
+                    return Ok(true);
+                }
+            }
             let updated: Option<(Uuid,)> = sqlx::query_as(
                 "UPDATE instances SET state = $3, state_reason = $4, exit_code = $5,
                      boot_time_us = coalesce($6, boot_time_us),

@@ -1,7 +1,9 @@
 //! Instances.
 
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
-use cloud_domain::api::{CreateInstance, CreatedInstances, ErrorCode, Instance, LogLine, Page, Problem, Scope};
+use cloud_domain::api::{
+    CreateInstance, CreatedInstances, ErrorCode, Instance, LogLine, MoveInstance, Page, Problem, Scope,
+};
 use cloud_domain::names::{NameKind, validate_name};
 use cloud_domain::ports::expand_inputs;
 use cloud_store::{LogUpdate, NewInstances};
@@ -154,6 +156,35 @@ pub(crate) async fn stop_instance(
 ) -> ApiResult<web::Json<Instance>> {
     auth.require(Scope::Write)?;
     Ok(web::Json(state.store.stop_instance(auth.tenant, &path).await?))
+}
+
+/// How recently a node must have heartbeated to take a moved instance: a little over node agents' default live
+/// window, so that a node the scheduler would use is never refused.
+const NODE_LIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Move an instance to another node. A running instance is stopped on its node and then started on the new
+/// one (never both at once), with the same name, private IP, service and configuration; the edge and the DNS
+/// follow its state. One that does not run is reassigned at once.
+#[utoipa::path(tag = "instances", security(("bearer" = [])),
+    params(("instance" = String, Path, description = "Instance name or id")),
+    request_body = MoveInstance,
+    responses(
+        (status = 200, description = "The instance, moving (its `state_reason` says where) or moved", body = Instance),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/instances/{instance}/move")]
+pub(crate) async fn move_instance(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+    body: crate::json::Json<MoveInstance>,
+) -> ApiResult<web::Json<Instance>> {
+    auth.require(Scope::Write)?;
+    let node = body.into_inner().node;
+    if node.is_empty() || node.len() > 253 {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "node must be a node's name, 1 to 253 characters"));
+    }
+    Ok(web::Json(state.store.move_instance(auth.tenant, &path, &node, NODE_LIVE).await?))
 }
 
 /// Which log lines to return.

@@ -47,6 +47,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(instances::delete_instance)
             .service(instances::start_instance)
             .service(instances::stop_instance)
+            .service(instances::move_instance)
             .service(instances::instance_logs)
             .service(images::create_image)
             .service(images::list_images)

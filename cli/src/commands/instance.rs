@@ -1,11 +1,15 @@
 //! `cloudctl instance`: instances, their state and their output.
 
-use anyhow::Context;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 use clap::Subcommand;
-use cloud_domain::api::{Instance, LogLine};
+use cloud_domain::api::{Instance, LogLine, MoveInstance};
+use cloud_domain::state::{DesiredState, InstanceState};
 
 use crate::client::{Client, seg};
 use crate::output::{self, Format, print};
+use crate::progress::Progress;
 use crate::stream;
 use crate::target::ListRemote;
 
@@ -51,6 +55,21 @@ pub enum InstanceCmd {
     Stop {
         /// Name or id.
         name: String,
+    },
+    /// Move an instance to another node: stopped on its node, then started on the new one, with the same name,
+    /// private IP, service and configuration (the edge and the DNS follow). Waits until it runs there.
+    #[command(
+        after_help = "Examples:\n  cloudctl instance move web-1 --node node-2\n  cloudctl instance move prod:web-1 --node node-3"
+    )]
+    Move {
+        /// Name or id.
+        name: String,
+        /// The node to run it on (`cloudctl instance get` shows where it runs now).
+        #[arg(long)]
+        node: String,
+        /// Seconds to wait until it runs there.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
     /// Show an instance's output.
     #[command(after_help = "Example:\n  cloudctl instance logs web-1 -f")]
@@ -106,8 +125,52 @@ pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::R
             print(out, &[i], output::instances, name_of_instance, true)?;
         }
         InstanceCmd::Logs { name, follow, tail } => logs(c, name, *follow, *tail).await?,
+        InstanceCmd::Move { name, node, timeout } => {
+            let before: Instance = c.get(&format!("/v1/instances/{}", seg(name))).await?;
+            let body = MoveInstance { node: node.clone() };
+            let _: Instance = c.post(&format!("/v1/instances/{}/move", seg(name)), &body).await?;
+            let moved = wait_on_node(c, &before, node, Duration::from_secs(*timeout)).await?;
+            let from = before.node.as_deref().unwrap_or("no node");
+            eprintln!("moved instance {} from {from} to {node}", moved.name);
+            print(out, &[moved], output::instances, name_of_instance, true)?;
+        }
     }
     Ok(())
+}
+
+/// Waits until the instance is on `node` and, if it was wanted running, runs there; shows the steps.
+async fn wait_on_node(c: &Client, before: &Instance, node: &str, timeout: Duration) -> anyhow::Result<Instance> {
+    let mut progress = Progress::new();
+    let path = format!("/v1/instances/{}", before.id);
+    let t0 = Instant::now();
+    loop {
+        let now: Instance = c.get(&path).await?;
+        let there = now.node.as_deref() == Some(node);
+        let reason = now.state_reason.clone().unwrap_or_default();
+        if there && now.state == InstanceState::Failed {
+            bail!("instance {} failed on {node}: {reason}", now.name);
+        }
+        if there && (now.state == InstanceState::Running || now.desired_state != DesiredState::Running) {
+            progress.done(&format!("on {node}, {} ({:.1}s)", now.state, t0.elapsed().as_secs_f32()));
+            return Ok(now);
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "instance {} is not running on {node} after {}s: {} {reason}",
+                now.name,
+                timeout.as_secs(),
+                now.state
+            );
+        }
+        let at = now.node.as_deref().unwrap_or("no node");
+        progress.step(&format!(
+            "{} on {at}: {}{}",
+            now.name,
+            now.state,
+            if reason.is_empty() { String::new() } else { format!(" ({reason})") }
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 pub(crate) async fn logs(c: &Client, name: &str, follow: bool, tail: u32) -> anyhow::Result<()> {
