@@ -169,6 +169,7 @@ impl From<StoreError> for ApiError {
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
             StoreError::NodeUnavailable { .. } => Self::new(C::NodeUnavailable, detail),
+            StoreError::NotRunning { .. } => Self::new(C::InvalidStateTransition, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
             StoreError::Limits(e) => e.into(),
             StoreError::InvalidImage(_) => Self::new(C::InvalidImage, detail),

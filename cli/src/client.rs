@@ -24,6 +24,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/v1/instances/{instance}/start"),
     ("POST", "/v1/instances/{instance}/stop"),
     ("POST", "/v1/instances/{instance}/move"),
+    ("GET", "/v1/instances/{instance}/exec"),
     ("GET", "/v1/instances/{instance}/logs"),
     ("GET", "/v1/images"),
     ("POST", "/v1/images"),
@@ -51,6 +52,7 @@ pub struct Client {
     name: String,
     base: String,
     token: String,
+    remote: Remote,
 }
 
 /// Escapes a name or id for a path segment (names are DNS labels, but input is input).
@@ -77,6 +79,17 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") {
             bail!("remote \"{name}\": the URL must start with http:// or https://, not \"{}\"", remote.url);
         }
+        Ok(Self {
+            http: Self::builder(name, remote)?.build()?,
+            name: name.to_owned(),
+            base: remote.url.trim_end_matches('/').to_owned(),
+            token,
+            remote: remote.clone(),
+        })
+    }
+
+    /// An HTTP client that trusts what the remote says to trust.
+    fn builder(name: &str, remote: &Remote) -> anyhow::Result<reqwest::ClientBuilder> {
         let mut builder = reqwest::Client::builder().user_agent(concat!("cloudctl/", env!("CARGO_PKG_VERSION")));
         if let Some(pin) = &remote.fingerprint {
             builder = builder.use_preconfigured_tls(crate::pin::Pinned::new(Some(pin.clone())).client_config());
@@ -85,12 +98,32 @@ impl Client {
                 std::fs::read(ca).with_context(|| format!("reading the CA of remote \"{name}\" ({})", ca.display()))?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
         }
-        Ok(Self {
-            http: builder.build()?,
-            name: name.to_owned(),
-            base: remote.url.trim_end_matches('/').to_owned(),
-            token,
-        })
+        Ok(builder)
+    }
+
+    /// Opens a WebSocket on a path of the API (HTTP/1.1 upgrade, over the remote's TLS and token); an API
+    /// refusal is its problem detail.
+    pub async fn websocket(&self, path: &str) -> anyhow::Result<tokio_tungstenite::WebSocketStream<reqwest::Upgraded>> {
+        // HTTP/2 carries no upgrade; the same trust on HTTP/1.1.
+        let http = Self::builder(&self.name, &self.remote)?.http1_only().build()?;
+        let req = http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key());
+        let res = req.send().await.map_err(|e| self.unreachable(&e))?;
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.failure(res).await);
+        }
+        let upgraded = res.upgrade().await.map_err(|e| self.unreachable(&e))?;
+        Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+            upgraded,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await)
     }
 
     /// The remote's name.

@@ -159,7 +159,8 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
             | InstanceCmd::Start { name }
             | InstanceCmd::Stop { name }
             | InstanceCmd::Logs { name, .. }
-            | InstanceCmd::Move { name, .. } => vec![Name(name)],
+            | InstanceCmd::Move { name, .. }
+            | InstanceCmd::Exec { name, .. } => vec![Name(name)],
         },
         Command::Image(cmd) => match cmd {
             ImageCmd::List { remote } => vec![List(remote)],

@@ -716,3 +716,115 @@ async fn request_loop(
     }
     (served, failures)
 }
+
+/// Runs cloudctl in `home` with extra environment and `input` on stdin.
+fn cloudctl_with(home: &Path, args: &[&str], env: &[(&str, &str)], input: &str) -> Output {
+    let mut child = Command::new(bin("cloudctl"))
+        .args(args)
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env_remove("CLOUD_API_URL")
+        .env_remove("CLOUD_TOKEN")
+        .env_remove("CLOUD_REMOTE")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants() {
+    if !is_root() {
+        eprintln!("skipped: sandboxes (and so exec) need root here");
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let database = runtime.block_on(cloud_tests::fresh_database());
+    let dev = start_dev_on(216, "", Some(&database));
+    let files = tempfile::tempdir().unwrap();
+    let app = files.path().join("box");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("manifest.json"), r#"{"command": ["./run"], "port": 8080}"#).unwrap();
+    std::fs::write(app.join("run"), "#!/bin/sh\nexec busybox httpd -f -p \"$PRIVATE_IP:$PORT\"\n").unwrap();
+    std::fs::set_permissions(app.join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    ok(&dev, &["deploy", app.to_str().unwrap(), "-p", "443:8080", "--name", "box", "-e", "GREETING=from-env"]);
+    let home = dev.home.path();
+
+    // A command: its output apart from its errors, its exit code cloudctl's, inside the sandbox.
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "uid=65534(nobody) gid=65534(nobody)\n", "the image's user");
+    let script = "echo $GREETING; hostname; cat /proc/self/uid_map; ps -o comm; echo oops >&2; exit 7";
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "sh", "-c", script], &[], "");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!((out.status.code(), stderr.as_ref()), (Some(7), "oops\n"), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(&lines[..2], ["from-env", "box"], "the instance's environment and hostname: {stdout}");
+    let map: Vec<&str> = lines[2].split_whitespace().collect();
+    assert!(
+        map.len() == 3 && map[1] != "0" && map[2] == "65536",
+        "its own range of host ids, not the host's: {stdout}"
+    );
+    // Its own pid namespace: the sandbox's init, its program and this command, nothing of the host.
+    assert!(!stdout.contains("cloudd") && !stdout.contains("postgres"), "{stdout}");
+    // Standard input reaches it, and its end too.
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "sh", "-c", "wc -l"], &[], "a\nb\nc\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    fails(&dev, &["instance", "exec", "box", "--", "/nonexistent"], "cannot run /nonexistent");
+
+    // Interactive: a shell on a terminal, driven through a pseudo-terminal as a user's would be.
+    let command = format!("{} instance exec box", bin("cloudctl").display());
+    let out = cloudctl_script(home, &command, "stty size; echo hi-$((6*7)); exit 3\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("hi-42"), "{text}");
+    // The terminal's size reached the instance's terminal (script's pty is 24x80 when it has no terminal).
+    assert!(text.lines().any(|l| l.split_whitespace().count() == 2 && l.trim().ends_with(" 80")), "{text}");
+
+    // Another tenant's token cannot exec into it, nor can a read-only token of its own.
+    ok(&dev, &["tenant", "create", "other"]);
+    let other = ok(&dev, &["token", "create", "--tenant", "other"]);
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[("CLOUD_TOKEN", other.trim())], "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not found") && out.stdout.is_empty(), "{err}");
+    let reader = ok(&dev, &["token", "create", "--scope", "read"]);
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[("CLOUD_TOKEN", reader.trim())], "");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("insufficient_scope"));
+
+    // Each exec is in the tenant's events: who ran what in which instance.
+    let audited: Vec<(serde_json::Value,)> = runtime.block_on(async {
+        let pool = cloud_store::connect(&database, 1).await.unwrap();
+        sqlx::query_as("SELECT payload FROM events WHERE resource_type = 'exec' ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    });
+    assert_eq!(audited.len(), 5, "{audited:?}");
+    assert_eq!(
+        (&audited[0].0["instance"], &audited[0].0["command"]),
+        (&serde_json::json!("box"), &serde_json::json!(["id"]))
+    );
+    assert_eq!(audited[4].0["tty"], serde_json::json!(true));
+}
+
+/// Runs `command` under `script`, which gives it a pseudo-terminal and types `input` into it.
+fn cloudctl_script(home: &Path, command: &str, input: &str) -> Output {
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", command, "/dev/null"])
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env_remove("CLOUD_API_URL")
+        .env_remove("CLOUD_TOKEN")
+        .env_remove("CLOUD_REMOTE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}

@@ -979,7 +979,8 @@ pub enum EventAction {
 pub struct Event {
     /// Position in the change feed; resume with `since=<version>`.
     pub version: i64,
-    /// `tenant`, `token`, `service`, `instance` or `image`.
+    /// `tenant`, `token`, `join_token`, `service`, `instance`, `image`, `certificate` or `exec` (a command run in
+    /// an instance: who ran what, for the audit).
     pub resource_type: String,
     /// The resource's id.
     pub resource_id: Uuid,

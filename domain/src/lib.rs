@@ -7,6 +7,7 @@
 pub mod api;
 pub mod domains;
 pub mod duration;
+pub mod exec;
 pub mod generate;
 pub mod int;
 pub mod ipam;

@@ -9,6 +9,7 @@
 //! their namespaces left and starts again what should run. Without root (loopback mode) instances are host
 //! processes with no isolation.
 
+mod exec;
 mod hosts;
 mod images;
 mod logs;
@@ -107,6 +108,10 @@ pub struct NodeConfig {
     /// Where the process running the agent serves its `/healthz`, `/readyz` and `/metrics` (see
     /// [`NodeHandle::metrics_text`]).
     pub ops_listen: std::net::SocketAddr,
+    /// Where the agent takes the API's `instance exec` connections (each must present a session the API recorded
+    /// in PostgreSQL); port 0 takes any free port, and the node records the one it got. Reachable by the API
+    /// only: across hosts, the underlay address. `None` (in code only): exec is off on this node.
+    pub exec_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -157,6 +162,7 @@ impl NodeConfig {
             dns: None,
             logs: LogLimits::default(),
             ops_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9154)),
+            exec_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         }
     }
 }
@@ -236,6 +242,15 @@ pub enum NodeError {
     /// The overlay between hosts could not start.
     #[error("the overlay between hosts")]
     Overlay(#[from] cloud_overlay::OverlayError),
+    /// The exec listener could not be bound.
+    #[error("cannot listen for exec connections on {listen}")]
+    Exec {
+        /// The configured address.
+        listen: std::net::SocketAddr,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database failed.
     #[error("database")]
     Store(#[from] StoreError),
@@ -436,6 +451,24 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
         remove_earlier_versions(&state_dir);
     })
     .await;
+    let exec = match config.exec_listen {
+        Some(listen) => {
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.map_err(|source| NodeError::Exec { listen, source })?;
+            let mut bound = listener.local_addr().map_err(|source| NodeError::Exec { listen, source })?;
+            // A wildcard is not an address to reach: the underlay's, else loopback.
+            if bound.ip().is_unspecified() {
+                bound.set_ip(config.underlay_address.map_or(Ipv4Addr::LOCALHOST, |a| a).into());
+            }
+            store.set_exec_address(node, Some(&bound.to_string())).await?;
+            tracing::info!(%bound, "taking exec connections");
+            Some(listener)
+        }
+        None => {
+            store.set_exec_address(node, None).await?;
+            None
+        }
+    };
     let (logs_tx, logs_rx) = logs::LogQueue::new(logs::QUEUE_BYTES);
     let (reports, reports_rx) = reports::Reports::new();
     let shared = Arc::new(Shared {
@@ -455,7 +488,7 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
     tracing::info!(%node, name = %shared.config.name, "node agent up");
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = shared.metrics.clone();
-    let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx, reports_rx));
+    let task = tokio::spawn(run(shared, feed, stop_rx, logs_rx, reports_rx, exec));
     Ok(NodeHandle { node, metrics, stop: stop_tx, task })
 }
 
@@ -502,6 +535,7 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     logs_rx: mpsc::UnboundedReceiver<logs::Queued>,
     reports_rx: mpsc::UnboundedReceiver<reports::Pending>,
+    exec: Option<tokio::net::TcpListener>,
 ) {
     let mut shipper = AbortOnDrop(tokio::spawn(ship_logs(shared.store.clone(), logs_rx)));
     let mut reports = AbortOnDrop(tokio::spawn(reports::write(
@@ -514,6 +548,7 @@ async fn run(
     // Owned here, so that aborting the agent aborts every supervisor, whose child processes then die.
     let mut tasks = tokio::task::JoinSet::new();
     let mut supervisors: HashMap<Uuid, Supervisor> = HashMap::new();
+    let exec = exec.map(|listener| tasks.spawn(exec::serve(shared.clone(), listener)));
     let heartbeat = {
         let shared = shared.clone();
         tasks.spawn(async move {
@@ -591,6 +626,10 @@ async fn run(
     }
     tracing::info!("node agent stopping");
     heartbeat.abort();
+    // No new exec; those running end with their instances.
+    if let Some(exec) = exec {
+        exec.abort();
+    }
     // Peers are no longer followed: routes stay as they are while the instances stop, and go with the overlay.
     if let Some(peers) = peers {
         peers.abort();

@@ -18,6 +18,7 @@
 //! shared; microVMs are the stronger boundary where hosts have KVM).
 
 mod cgroups;
+mod exec;
 pub mod ids;
 mod mounts;
 mod seccomp;
@@ -34,10 +35,14 @@ use cloud_builtin::INIT;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
+pub use exec::{Exec, ExecEnd, ExecStdio, WinSize, resize};
 pub use ids::{IdPool, IdRange};
 
 /// Where a sandbox's init is, inside.
 pub const INIT_PATH: &str = "/dev/init";
+
+/// Where a sandbox's init listens for exec requests, inside (`sock` in it).
+pub const EXEC_DIR: &str = "/dev/.exec";
 
 /// Why a sandbox could not be set up, started or removed.
 #[derive(Debug, thiserror::Error)]
@@ -496,6 +501,7 @@ fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32, init: &Path) -> Result<
         hosts: bundle.join("hosts"),
         hostname: bundle.join("hostname"),
         init: init.to_owned(),
+        exec: bundle.join("exec"),
         root: None,
     };
     write_bundle(spec, bundle, spec::Ids::Range(base), &account, &files)
@@ -522,6 +528,7 @@ fn prepare_rootless(spec: &SandboxSpec, bundle: &Path, ids: spec::Ids, init: &Pa
         hosts: bundle.join("hosts"),
         hostname: bundle.join("hostname"),
         init: init.to_owned(),
+        exec: bundle.join("exec"),
         root: Some(root.clone()),
     };
     write_bundle(spec, bundle, ids, &account, &files)
@@ -542,6 +549,15 @@ fn write_bundle(
     }
     std::fs::write(&files.hosts, hosts).map_err(err("writing hosts".into()))?;
     std::fs::write(&files.hostname, format!("{}\n", spec.hostname)).map_err(err("writing hostname".into()))?;
+    // The init makes its exec socket here as the sandbox's user; nobody else inside or outside may.
+    let (uid, gid) = match ids {
+        spec::Ids::Range(base) => (base + account.uid, base + account.gid),
+        spec::Ids::Own { uid, gid } => (uid, gid),
+    };
+    std::fs::create_dir_all(&files.exec).map_err(err("creating the exec directory".into()))?;
+    std::os::unix::fs::chown(&files.exec, Some(uid), Some(gid)).map_err(err("chown the exec directory".into()))?;
+    std::fs::set_permissions(&files.exec, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(err("restricting the exec directory".into()))?;
     let config = spec::config(spec, ids, account, files);
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).expect("JSON serializes"))
         .map_err(err("writing config.json".into()))

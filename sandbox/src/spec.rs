@@ -83,6 +83,8 @@ pub(crate) fn config(spec: &SandboxSpec, ids: Ids, account: &Account, files: &Bu
         bind(&files.hostname, "/etc/hostname"),
         // The init, the one host file a sandbox runs (root-owned, so nobody's inside: read-only to it).
         json!({"destination": crate::INIT_PATH, "type": "bind", "source": files.init, "options": ["bind", "ro", "nosuid", "nodev"]}),
+        // Where the init takes `instance exec` requests from the agent (see exec.rs): the sandbox's own directory.
+        json!({"destination": crate::EXEC_DIR, "type": "bind", "source": files.exec, "options": ["bind", "rw", "nosuid", "nodev", "noexec"]}),
     ];
     if let Some(resolv) = &spec.resolv_conf {
         mounts.push(bind(resolv, "/etc/resolv.conf"));
@@ -173,6 +175,8 @@ pub(crate) struct BundleFiles {
     pub hosts: std::path::PathBuf,
     pub hostname: std::path::PathBuf,
     pub init: std::path::PathBuf,
+    /// The directory of the init's exec socket, the sandbox user's own.
+    pub exec: std::path::PathBuf,
     /// The root filesystem when it is a directory of its own (rootless: the flattened image), else `rootfs`.
     pub root: Option<std::path::PathBuf>,
 }

@@ -11,6 +11,7 @@
 mod bundle;
 mod certificates;
 mod domains;
+mod exec;
 mod feed;
 mod idempotency;
 mod images;
@@ -35,6 +36,7 @@ use sqlx::postgres::PgPoolOptions;
 pub use bundle::{BundleError, parse_bundle, special_file};
 pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
+pub use exec::{ExecClaim, ExecTarget, NewExec};
 pub use feed::{CHANGES_CHANNEL, ChangeFeed};
 pub use idempotency::IdempotencyBegin;
 pub use instances::NewInstances;
@@ -142,6 +144,14 @@ pub enum StoreError {
     CapacityExhausted {
         /// What ran out.
         what: &'static str,
+    },
+    /// The instance must run for this (exec).
+    #[error("instance {name} is {state}: it must be running")]
+    NotRunning {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: String,
     },
     /// The node an instance should move to cannot take it now.
     #[error("node {node} cannot take the instance: {why}")]

@@ -2,6 +2,7 @@
 
 mod certificates;
 mod events;
+mod exec;
 mod images;
 mod instances;
 mod join;
@@ -48,6 +49,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(instances::start_instance)
             .service(instances::stop_instance)
             .service(instances::move_instance)
+            .service(exec::exec_instance)
             .service(instances::instance_logs)
             .service(images::create_image)
             .service(images::list_images)

@@ -71,6 +71,24 @@ pub enum InstanceCmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Run a command in an instance's sandbox (a shell by default), as `lxc exec` and `kubectl exec` do: on a
+    /// terminal when stdin and stdout are terminals (or with -t), its exit code cloudctl's own.
+    #[command(
+        after_help = "Examples:\n  cloudctl instance exec web-1\n  cloudctl instance exec web-1 -- id\n  cloudctl instance exec prod:web-1 -- sh -c 'ps; df -h'\n  echo 'select 1;' | cloudctl instance exec db-1 -T -- psql"
+    )]
+    Exec {
+        /// Name or id.
+        name: String,
+        /// Run on a terminal even when stdin or stdout is not one.
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never run on a terminal (stdout and stderr stay apart).
+        #[arg(short = 'T', long)]
+        no_tty: bool,
+        /// The command and its arguments, after `--` (default /bin/sh).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show an instance's output.
     #[command(after_help = "Example:\n  cloudctl instance logs web-1 -f")]
     Logs {
@@ -125,6 +143,13 @@ pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::R
             print(out, &[i], output::instances, name_of_instance, true)?;
         }
         InstanceCmd::Logs { name, follow, tail } => logs(c, name, *follow, *tail).await?,
+        InstanceCmd::Exec { name, tty, no_tty, command } => {
+            use std::io::IsTerminal;
+            let on_terminal = *tty || (!*no_tty && std::io::stdin().is_terminal() && std::io::stdout().is_terminal());
+            let code = super::exec::run(c, name, command, on_terminal).await?;
+            // Now, rather than after the runtime waits on a read of stdin that may never end.
+            std::process::exit(code);
+        }
         InstanceCmd::Move { name, node, timeout } => {
             let before: Instance = c.get(&format!("/v1/instances/{}", seg(name))).await?;
             let body = MoveInstance { node: node.clone() };

@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod deploy;
+pub mod exec;
 pub mod image;
 pub mod instance;
 pub mod remote;
