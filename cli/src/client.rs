@@ -30,6 +30,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/v1/images"),
     ("GET", "/v1/images/{image}"),
     ("DELETE", "/v1/images/{image}"),
+    ("GET", "/v1/images/{image}/archive"),
     ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants"),
     ("GET", "/v1/tenants/{tenant}"),

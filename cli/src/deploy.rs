@@ -8,6 +8,7 @@ use cloud_domain::api::{CreateInstance, CreatedInstances, Instance, PortInput, S
 use cloud_domain::state::InstanceState;
 
 use crate::client::{Client, seg};
+use crate::output::{self, Format};
 use crate::progress::Progress;
 
 /// Creates the instances and waits until all run (unless they are not started).
@@ -56,6 +57,18 @@ pub async fn create_and_wait(
         progress.step(&format!("waiting: {}", states.join(", ")));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Prints what was created in the chosen format (`deploy`, `instance copy`).
+pub fn print(out: &Format, created: &CreatedInstances) -> anyhow::Result<()> {
+    match out {
+        Format::Table => print!("{}", summary(created)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(created)?),
+        Format::Yaml => print!("{}", output::yaml(created)?),
+        Format::Name => created.instances.iter().for_each(|i| println!("{}", i.name)),
+        Format::Value(path) => output::values(&[created], path)?,
+    }
+    Ok(())
 }
 
 /// What `deploy` prints on success: the URL when the service serves https, then each instance.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use cloud_domain::api::{Image, PullImage};
 use futures_util::StreamExt;
 use reqwest::Method;
@@ -144,27 +145,56 @@ pub async fn push(client: &Client, name: &str, upload: Upload) -> anyhow::Result
     const CHUNK: usize = 256 << 10;
     let total = upload.body.len() as u64;
     let content_type = upload.content_type();
+    let body = Bytes::from(upload.body);
+    let chunks = futures_util::stream::iter(0..body.len().div_ceil(CHUNK))
+        .map(move |i| Ok::<_, std::io::Error>(body.slice(i * CHUNK..((i + 1) * CHUNK).min(body.len()))));
+    let shown = Shown { sending: format!("uploading {name}"), sent: format!("pushed {name}") };
+    send(client, name, content_type, Some(total), chunks, shown).await
+}
+
+/// How an upload is shown on stderr: `sending` while bytes go, `sent` the line kept on a terminal after.
+pub struct Shown {
+    /// What is being sent, e.g. `uploading app`.
+    pub sending: String,
+    /// What was done, e.g. `pushed app`.
+    pub sent: String,
+}
+
+/// Uploads an image arriving as `chunks` (of `total` bytes when known) under a name, showing how much is sent.
+pub async fn send<S, E>(
+    client: &Client,
+    name: &str,
+    content_type: &str,
+    total: Option<u64>,
+    chunks: S,
+    shown: Shown,
+) -> anyhow::Result<Image>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     let progress = Arc::new(Mutex::new(Progress::new()));
-    let (what, shown) = (format!("uploading {name}"), progress.clone());
-    let body = upload.body;
-    let chunks = futures_util::stream::iter(0..body.len().div_ceil(CHUNK)).map(move |i| {
-        let chunk = body[i * CHUNK..((i + 1) * CHUNK).min(body.len())].to_vec();
-        let sent = (i * CHUNK + chunk.len()) as u64;
-        if let Ok(mut p) = shown.lock() {
+    let (what, counter) = (shown.sending, progress.clone());
+    let mut sent = 0u64;
+    let chunks = chunks.inspect(move |chunk| {
+        let Ok(chunk) = chunk else { return };
+        sent += chunk.len() as u64;
+        let total = total.unwrap_or(sent).max(sent);
+        if let Ok(mut p) = counter.lock() {
             match sent == total && p.is_tty() {
                 // The answer comes once the platform has checked every blob: say why it takes a moment.
                 true => p.step(&format!("{what}: {} sent; the platform is verifying it", progress::size(total))),
                 false => p.bytes(&what, sent, total),
             }
         }
-        Ok::<_, std::io::Error>(chunk)
     });
-    let req = client
+    let mut req = client
         .request(Method::POST, &format!("/v1/images?name={}", seg(name)))
-        .header(reqwest::header::CONTENT_TYPE, content_type)
-        .header(reqwest::header::CONTENT_LENGTH, total)
-        .body(reqwest::Body::wrap_stream(chunks));
-    let res = client.send(req).await;
+        .header(reqwest::header::CONTENT_TYPE, content_type);
+    if let Some(total) = total {
+        req = req.header(reqwest::header::CONTENT_LENGTH, total);
+    }
+    let res = client.send(req.body(reqwest::Body::wrap_stream(chunks))).await;
     let tty = match progress.lock() {
         Ok(mut p) => {
             p.clear();
@@ -174,7 +204,7 @@ pub async fn push(client: &Client, name: &str, upload: Upload) -> anyhow::Result
     };
     let image: Image = res?.json().await?;
     if tty {
-        Progress::new().done(&format!("pushed {name} ({})", progress::size(total)));
+        Progress::new().done(&format!("{} ({})", shown.sent, progress::size(total.unwrap_or(image.size_bytes))));
     }
     Ok(image)
 }

@@ -37,7 +37,7 @@ pub use crate::commands::token::TokenCmd;
     name = "cloudctl",
     version,
     about = "Manage services, instances and images on the cloud platform",
-    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/web:v1 -p 443:80\n  cloudctl image push ./app.oci.tar --name app\n  cloudctl instance list -o json\n  cloudctl service get prod:my-service\n\nA name can carry its remote, as with lxc: prod:my-service, or prod: alone for a list."
+    after_help = "Examples:\n  cloudctl service create my-service 443:8080\n  cloudctl deploy --service my-service --image hello\n  cloudctl deploy ./app -p 443:8080\n  cloudctl deploy --image 127.0.0.1:5000/web:v1 -p 443:80\n  cloudctl image push ./app.oci.tar --name app\n  cloudctl instance list -o json\n  cloudctl service get prod:my-service\n  cloudctl instance copy local:web prod:\n\nA name can carry its remote, as with lxc: prod:my-service, or prod: alone for a list."
 )]
 pub struct Cli {
     /// Remote to talk to (default: the names' REMOTE: prefix, which also overrides CLOUD_REMOTE, else the configured
@@ -139,6 +139,8 @@ async fn run(mut cli: Cli, remote_typed: bool, env: &dyn Fn(&str) -> Option<Stri
         Command::Ca { install } => commands::ca::run(&connect()?, *install).await,
         Command::Service(cmd) => commands::service::run(&connect()?, cmd, out).await,
         Command::Deploy(args) => commands::deploy::run(&connect()?, args, out).await,
+        // A copy's names are on two remotes: it connects to each (the chosen remote is the default for both).
+        Command::Instance(InstanceCmd::Copy(args)) => commands::copy::run(args, remote.as_deref(), out, env).await,
         Command::Instance(cmd) => commands::instance::run(&connect()?, cmd, out).await,
         Command::Image(cmd) => commands::image::run(&connect()?, cmd, out).await,
         Command::Tenant(cmd) => commands::tenant::run(&connect()?, cmd, out).await,

@@ -5,6 +5,9 @@
 //! remote and its handler sees plain names. Only arguments that name a service, instance, image or tenant are
 //! split: port specs, image references, paths and `KEY=VALUE` pairs have colons of their own, and resource names
 //! never do (they are DNS labels), so a colon in a name argument can only be a remote prefix.
+//!
+//! `instance copy` is the exception: its two names are on two remotes by design (`lxc copy c1 prod:`), so it
+//! is left alone here and splits them itself ([`crate::commands::copy`]).
 
 use std::fmt;
 
@@ -155,6 +158,9 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
         Command::Instance(cmd) => match cmd {
             InstanceCmd::List { remote, .. } => vec![List(remote)],
             InstanceCmd::Delete { names } => vec![Names(names)],
+            // Its two names are on two remotes by design: it parses them itself (commands::copy), and the
+            // remote chosen here is only the default of a name without one.
+            InstanceCmd::Copy(_) => Vec::new(),
             InstanceCmd::Get { name }
             | InstanceCmd::Start { name }
             | InstanceCmd::Stop { name }
@@ -343,6 +349,9 @@ mod tests {
             ("cloudctl image pull ghcr.io/org/app:1.2", Ok(None)),
             ("cloudctl image pull ghcr.io/org/app:1.2 --name prod:app", some("prod")),
             ("cloudctl token revoke a:b", Ok(None)),
+            // A copy's two ends are its own: only --remote (or CLOUD_REMOTE) is chosen here, as their default.
+            ("cloudctl instance copy a:web b:web", Ok(None)),
+            ("cloudctl --remote a instance copy web b:", some("a")),
             // Refusals.
             ("cloudctl service get prod:", Err(AddressError::MissingName { arg: "prod:".into() })),
             ("cloudctl instance delete prod:a prod:", Err(AddressError::MissingName { arg: "prod:".into() })),

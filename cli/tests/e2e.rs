@@ -379,6 +379,7 @@ fn help_matches_its_snapshots() {
         ("help-deploy.txt", vec!["deploy", "--help"]),
         ("help-image-push.txt", vec!["image", "push", "--help"]),
         ("help-ca.txt", vec!["ca", "--help"]),
+        ("help-instance-copy.txt", vec!["instance", "copy", "--help"]),
     ] {
         let out = Command::new(bin("cloudctl")).args(&args).env_remove("CLOUD_REMOTE").output().unwrap();
         assert!(out.status.success());
@@ -827,4 +828,123 @@ fn cloudctl_script(home: &Path, command: &str, input: &str) -> Output {
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// Runs cloudctl and asserts success; returns stdout and stderr (where progress goes).
+#[track_caller]
+fn ok_with_progress(dev: &Dev, args: &[&str]) -> (String, String) {
+    let out = ctl(dev, args);
+    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+    assert!(out.status.success(), "cloudctl {args:?} failed: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+/// `instance copy` between two platforms, as `lxc copy foo:c1 local:` between two LXD hosts: the second platform
+/// is a remote of the first one's user, added with a join token; an instance is made again there from its
+/// image (sent along when missing), with its settings and its service's ports, and answers through that
+/// platform's edge.
+#[test]
+fn instances_are_copied_to_another_platform() {
+    use cloud_tests::registry::{self, ArchiveFormat, web_image};
+
+    let a = start_dev_with(213, "");
+    let b = start_dev_with(214, "");
+    let join = ok(&b, &["token", "create", "--join"]);
+    ok(&a, &["remote", "add", "b", join.trim()]);
+
+    // On a: hello behind an ephemeral service, and an image of the user's own behind none.
+    let web = json(&ok(
+        &a,
+        &["deploy", "-p", "443:8080", "--image", "hello", "--name", "web", "-e", "MODE=copy", "-o", "json"],
+    ));
+    let service = web["service"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(web["service"]["persistent"], false);
+    let files = tempfile::tempdir().unwrap();
+    let archive = registry::skopeo_archive(&web_image(8080, "a page"), files.path(), ArchiveFormat::Oci);
+    ok(&a, &["image", "push", archive.to_str().unwrap(), "--name", "site"]);
+    let page = json(&ok(&a, &["deploy", "--image", "site", "--name", "page", "-e", "A=1", "-m", "64", "-o", "json"]));
+    let site_v1 = page["instances"][0]["image_digest"].as_str().unwrap().to_owned();
+
+    // hello is built into b as well, the same build: nothing to send. The ephemeral service is made on b as a
+    // persistent one with the same ports.
+    let (copied, progress) = ok_with_progress(&a, &["instance", "copy", "local:web", "b:web2"]);
+    assert!(progress.contains("image hello: remote \"b\" has it already"), "{progress}");
+    assert!(progress.contains(&format!("created service {service} ")), "{progress}");
+    let on_b = json(&ok(&b, &["instance", "get", "web2", "-o", "json"]));
+    assert_eq!(on_b["state"], "running", "{on_b}");
+    assert_eq!(on_b["env"], serde_json::json!({"MODE": "copy"}));
+    assert_eq!((&on_b["image"], &on_b["image_digest"]), (&"hello".into(), &web["instances"][0]["image_digest"]));
+    assert_eq!((&on_b["port"], &on_b["restart_policy"]), (&web["instances"][0]["port"], &"never".into()));
+    assert_eq!(on_b["service"]["name"], service.as_str());
+    let service_b = json(&ok(&b, &["service", "get", &service, "-o", "json"]));
+    assert_eq!((&service_b["ports"], &service_b["persistent"]), (&web["service"]["ports"], &true.into()));
+    let (fqdn, ip) = (service_b["fqdn"].as_str().unwrap(), on_b["private_ip"].as_str().unwrap());
+    assert_ne!(fqdn, web["service"]["fqdn"].as_str().unwrap(), "b names its own service");
+    assert!(ip.starts_with(if is_root() { "10.214." } else { "127.214." }), "{on_b}");
+    assert!(copied.contains(&format!("https://{fqdn}\n")) && copied.contains("instance: web2  running"), "{copied}");
+
+    // It answers through b's edge, under b's CA.
+    let edge = b.edge_https();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--retry", "10", "--retry-delay", "1", "--max-time", "20", "--cacert"])
+        .arg(b.home.path().join("data/ca.pem"))
+        .arg("--connect-to")
+        .arg(format!("{fqdn}:443:{}:{}", edge.ip(), edge.port()))
+        .arg(format!("https://{fqdn}/"))
+        .output()
+        .expect("curl");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(answer, format!("hello from web2 ({ip})\n"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // b lacks the user's image: it is sent along, keeps its digest, and runs there; once there, it is not sent
+    // again.
+    let (_, progress) = ok_with_progress(&a, &["instance", "copy", "local:page", "b:"]);
+    assert!(progress.contains("copying image site (sha256:") && progress.contains("to remote \"b\""), "{progress}");
+    let on_b = json(&ok(&b, &["instance", "get", "page", "-o", "json"]));
+    assert_eq!((&on_b["state"], &on_b["image_digest"]), (&"running".into(), &site_v1.as_str().into()), "{on_b}");
+    assert_eq!(
+        (&on_b["env"], &on_b["memory_mb"], &on_b["service"]),
+        (&serde_json::json!({"A": "1"}), &64.into(), &Value::Null)
+    );
+    assert_eq!(json(&ok(&b, &["image", "get", "site", "-o", "json"]))["digest"], site_v1.as_str());
+    let (_, progress) = ok_with_progress(&a, &["instance", "copy", "page", "b:page-2"]);
+    assert!(progress.contains("image site: remote \"b\" has it already"), "{progress}");
+
+    // Within one remote, without prefixes: the copy joins the instance's own service.
+    ok(&a, &["instance", "copy", "web", "web-copy"]);
+    let copy = json(&ok(&a, &["instance", "get", "web-copy", "-o", "json"]));
+    assert_eq!((&copy["state"], &copy["service"]["name"]), (&"running".into(), &service.as_str().into()), "{copy}");
+
+    // The image pushed again: copies still run the version the instance runs, which needs a name of its own
+    // where the name now holds the new one.
+    let archive = registry::skopeo_archive(&web_image(8080, "another page"), files.path(), ArchiveFormat::Oci);
+    ok(&a, &["image", "push", archive.to_str().unwrap(), "--name", "site"]);
+    fails(&a, &["instance", "copy", "page", "page-old"], "has another image named site");
+    ok(&a, &["instance", "copy", "page", "page-old", "--image-name", "site-v1", "--no-start"]);
+    let old = json(&ok(&a, &["instance", "get", "page-old", "-o", "json"]));
+    assert_eq!((&old["image"], &old["image_digest"]), (&"site-v1".into(), &site_v1.as_str().into()), "{old}");
+
+    // Refusals, in one line, before anything is made.
+    let before = ok(&b, &["instance", "list", "-o", "name"]);
+    fails(&a, &["instance", "copy", "local:nope", "b:"], "instance \"nope\" not found");
+    fails(&a, &["instance", "copy", "local:web", "b:web2"], "remote \"b\" has an instance web2 already");
+    fails(&a, &["instance", "copy", "local:web", "c:web"], "no remote \"c\"");
+    fails(&a, &["instance", "copy", "web", "local:"], "would be instance web itself");
+    fails(&a, &["instance", "copy", "web", "b:Web"], "invalid character 'W'");
+    assert_eq!(ok(&b, &["instance", "list", "-o", "name"]), before);
+    assert_eq!(ok(&b, &["service", "list", "-o", "name"]), format!("{service}\n"));
+
+    // b refuses the instance itself (its tenant is at its quota): the service made for it goes again, and the
+    // error, after the progress lines, says so.
+    ok(&a, &["service", "create", "other", "443:8080"]);
+    ok(&a, &["deploy", "--service", "other", "--image", "hello", "--name", "o1", "--no-start"]);
+    let count = before.lines().count().to_string();
+    ok(&b, &["tenant", "update", "default", "--max-instances", &count]);
+    let out = ctl(&a, &["instance", "copy", "o1", "b:"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("created service other "), "{err}");
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("error: creating instance o1 on remote \"b\": quota exceeded"), "{err}");
+    assert!(last.ends_with("(quota_exceeded); service other, made for it, was removed"), "{err}");
+    assert_eq!(ok(&b, &["service", "list", "-o", "name"]), format!("{service}\n"));
 }

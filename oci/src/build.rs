@@ -7,6 +7,7 @@ use std::io::Write;
 use bytes::Bytes;
 use serde_json::json;
 
+use crate::export::LayoutArchive;
 use crate::spec::{Descriptor, Manifest, TargetPlatform, media};
 use crate::{Blob, Compression, Digest, Image, ImageConfig, LayerInfo};
 
@@ -145,31 +146,18 @@ fn descriptor(media_type: &str, blob: &Blob) -> Descriptor {
     }
 }
 
-/// The image as an OCI image layout in a tar, as `skopeo copy ... oci-archive:` writes one.
+/// The image as an OCI image layout in a tar, as `skopeo copy ... oci-archive:` writes one (and as the API exports
+/// it: [`LayoutArchive`]).
 pub fn oci_archive(image: &Image, tag: &str) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, path, data).expect("writing to memory");
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": media::OCI_INDEX,
-        "manifests": [{
-            "mediaType": media::OCI_MANIFEST,
-            "digest": image.digest.to_string(),
-            "size": image.manifest.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-        }],
-    });
-    add("index.json", &serde_json::to_vec(&index).expect("JSON serializes"));
-    add(&format!("blobs/sha256/{}", image.digest.hex()), &image.manifest);
-    add(&format!("blobs/sha256/{}", image.config_blob.digest.hex()), &image.config_blob.data);
-    for b in &image.layer_blobs {
-        add(&format!("blobs/sha256/{}", b.digest.hex()), &b.data);
+    let layout = LayoutArchive::new(image.manifest.clone(), tag).expect("a manifest this crate wrote parses");
+    let mut out = layout.head().to_vec();
+    for digest in layout.blobs() {
+        let blob = std::iter::once(&image.config_blob)
+            .chain(&image.layer_blobs)
+            .find(|b| &b.digest == digest)
+            .expect("the manifest names the image's own blobs");
+        LayoutArchive::entry(digest, blob.data.clone()).iter().for_each(|part| out.extend_from_slice(part));
     }
-    tar.into_inner().expect("writing to memory")
+    out.extend_from_slice(&LayoutArchive::tail());
+    out
 }

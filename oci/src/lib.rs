@@ -6,11 +6,12 @@
 //! digests, archives and layers are bounded in size and entries, layer paths that climb out or write through a
 //! link are refused, and what would carry privilege out of an image (setuid and setgid bits, device nodes) is
 //! neutralised while unpacking. The crate knows nothing of PostgreSQL or of sandboxes: the API stores what
-//! [`archive`] and [`registry`] return, node agents unpack with [`layer`].
+//! [`archive`] and [`registry`] return and exports with [`export`], node agents unpack with [`layer`].
 
 pub mod archive;
 pub mod build;
 mod digest;
+pub mod export;
 pub mod layer;
 pub mod reference;
 pub mod registry;

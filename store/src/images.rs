@@ -245,6 +245,49 @@ impl Store {
         row.map(|(d,)| d).ok_or_else(missing)
     }
 
+    /// Fails unless `digest` is a version of `image` the tenant may read: its current one, or one that the
+    /// tenant's instances of it still run (a name pushed again leaves its instances on the version they were
+    /// created with, and that version's blobs stay while they do).
+    pub async fn check_image_version(&self, tenant: Uuid, image: &Image, digest: &str) -> Result<(), StoreError> {
+        if image.digest == digest {
+            return Ok(());
+        }
+        self.bounded(async {
+            let (runs,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM instances WHERE tenant_id = $1 AND image_id = $2 AND image_digest = $3)",
+            )
+            .bind(tenant)
+            .bind(image.id)
+            .bind(digest)
+            .fetch_one(&self.pool)
+            .await?;
+            match runs {
+                true => Ok(()),
+                false => Err(StoreError::NotFound { kind: "image version", key: format!("{}@{digest}", image.name) }),
+            }
+        })
+        .await
+    }
+
+    /// The sizes of blobs in bytes, in the order asked; a blob not stored is not found.
+    pub async fn image_blob_sizes(&self, digests: &[&str]) -> Result<Vec<u64>, StoreError> {
+        self.bounded(async {
+            let rows: Vec<(String, i32)> =
+                sqlx::query_as("SELECT digest, octet_length(data) FROM image_blobs WHERE digest = ANY($1)")
+                    .bind(digests)
+                    .fetch_all(&self.pool)
+                    .await?;
+            digests
+                .iter()
+                .map(|d| match rows.iter().find(|(r, _)| r == d) {
+                    Some((_, size)) => Ok(*size as u64),
+                    None => Err(StoreError::NotFound { kind: "image blob", key: (*d).to_owned() }),
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// A page of the images visible to the tenant (built-in and its own) in creation order.
     pub async fn list_images(
         &self,

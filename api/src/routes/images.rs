@@ -1,12 +1,15 @@
-//! Images: uploads (OCI image archives, docker archives, directory bundles) and pulls from registries.
+//! Images: uploads (OCI image archives, docker archives, directory bundles), pulls from registries, and exports
+//! in the form uploads take.
 
+use actix_web::body::SizedStream;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use cloud_domain::api::{ErrorCode, Image, ImageArchive, ImageManifest, Page, Problem, PullImage, Scope};
 use cloud_domain::names::{NameKind, validate_name};
-use cloud_oci::{Compression, Limits, Reference, TargetPlatform};
-use cloud_store::BundleError;
-use futures_util::StreamExt;
+use cloud_oci::export::LayoutArchive;
+use cloud_oci::{Compression, Digest, Limits, Reference, TargetPlatform};
+use cloud_store::{BundleError, Store, StoreError};
+use futures_util::{StreamExt, TryStreamExt, stream};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -187,6 +190,104 @@ pub(crate) async fn get_image(
 ) -> ApiResult<web::Json<Image>> {
     auth.require(Scope::Read)?;
     Ok(web::Json(state.store.image(auth.tenant, &path).await?))
+}
+
+/// Which version of an image to export.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ArchiveQuery {
+    /// A version other than the image's current one, by digest: one that the tenant's instances still run (a
+    /// name pushed again leaves its instances on the version they were created with).
+    #[param(pattern = "^sha256:[0-9a-f]{64}$")]
+    digest: Option<String>,
+}
+
+/// Export an image as an archive that uploads back as the same image.
+///
+/// An OCI image answers as an OCI image layout in a tar (`application/x-tar`, what `skopeo copy ...
+/// oci-archive:` writes) holding the manifest, config and layers exactly as stored; a directory bundle answers
+/// as the bundle itself (`application/gzip`). Either, uploaded with `POST /v1/images?name=N` here or on another
+/// platform, is the same image with the same digest. Built-in images export too. The archive is sent one blob
+/// at a time, with its `Content-Length` known up front.
+#[utoipa::path(tag = "images", security(("bearer" = [])),
+    params(("image" = String, Path, description = "Image name or id"), ArchiveQuery),
+    responses(
+        (status = 200, description = "The image as an archive", content(
+            (ImageArchive = "application/x-tar"),
+            (ImageArchive = "application/gzip"),
+        )),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[get("/images/{image}/archive")]
+pub(crate) async fn export_image(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<String>,
+    query: web::Query<ArchiveQuery>,
+) -> ApiResult<HttpResponse> {
+    auth.require(Scope::Read)?;
+    let image = state.store.image(auth.tenant, &path).await?;
+    let digest = match &query.digest {
+        Some(d) => {
+            Digest::parse(d).map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidQuery,
+                    format!("digest {d:?} is not sha256: and 64 lowercase hex digits"),
+                )
+            })?;
+            state.store.check_image_version(auth.tenant, &image, d).await?;
+            d.clone()
+        }
+        None => image.digest.clone(),
+    };
+    // A version is told apart by its content rather than by the image's `format`, which is the current version's.
+    let first = web::Bytes::from(state.store.image_bundle(&digest).await?);
+    if Compression::detect(&first) == Compression::Gzip {
+        return Ok(HttpResponse::Ok()
+            .content_type("application/gzip")
+            .insert_header(attachment(&image.name, "tar.gz"))
+            .body(first));
+    }
+    let layout = LayoutArchive::new(first, &image.name).map_err(|e| ApiError::internal(&e))?;
+    let names: Vec<&str> = layout.blobs().iter().map(Digest::as_str).collect();
+    let sizes = state.store.image_blob_sizes(&names).await?;
+    let size = layout.size(sizes);
+    let body = archive_stream(state.store.clone(), layout);
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-tar")
+        .insert_header(attachment(&image.name, "oci.tar"))
+        .body(SizedStream::new(size, body)))
+}
+
+/// `Content-Disposition` naming the file as `cloudctl image push` would name the image back.
+fn attachment(name: &str, extension: &str) -> (header::HeaderName, String) {
+    (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.{extension}\""))
+}
+
+/// The archive's bytes, each blob read from the store only when the client has taken the previous one. A blob
+/// that cannot be read now (the database gone, the image deleted meanwhile) ends the body short of its
+/// `Content-Length`, which the client sees as a failed transfer.
+fn archive_stream(
+    store: Store,
+    layout: LayoutArchive,
+) -> impl futures_util::Stream<Item = Result<web::Bytes, std::io::Error>> + 'static {
+    type Part = Result<web::Bytes, StoreError>;
+    let image = layout.digest().clone();
+    let blobs = stream::iter(layout.blobs().to_vec()).then(move |digest| {
+        let store = store.clone();
+        async move {
+            let data = store.image_bundle(digest.as_str()).await?;
+            Ok::<_, StoreError>(stream::iter(LayoutArchive::entry(&digest, data.into()).map(Part::Ok)))
+        }
+    });
+    stream::once(async move { Part::Ok(layout.head()) })
+        .chain(blobs.try_flatten())
+        .chain(stream::once(async { Part::Ok(LayoutArchive::tail()) }))
+        .map_err(move |e| {
+            tracing::error!(error = %crate::error::chain(&e), %image, "exporting an image: its archive ends short");
+            std::io::Error::other("the image could not be read")
+        })
 }
 
 /// Delete one of the tenant's images; refused while instances use it.

@@ -54,6 +54,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(images::create_image)
             .service(images::list_images)
             .service(images::get_image)
+            .service(images::export_image)
             .service(images::delete_image)
             .service(events::stream_events),
     );

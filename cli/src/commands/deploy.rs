@@ -11,7 +11,7 @@ use cloud_domain::api::CreateInstance;
 use cloud_domain::state::RestartPolicy;
 
 use crate::client::Client;
-use crate::output::{self, Format};
+use crate::output::Format;
 use crate::{deploy, image, progress};
 
 /// `cloudctl deploy ...`
@@ -127,13 +127,7 @@ pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::R
         start: !args.no_start,
     };
     let created = deploy::create_and_wait(c, req, Duration::from_secs(args.timeout)).await?;
-    match out {
-        Format::Table => print!("{}", deploy::summary(&created)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&created)?),
-        Format::Yaml => print!("{}", output::yaml(&created)?),
-        Format::Name => created.instances.iter().for_each(|i| println!("{}", i.name)),
-        Format::Value(path) => output::values(&[&created], path)?,
-    }
+    deploy::print(&out, &created)?;
     if args.follow
         && let Some(first) = created.instances.first()
     {

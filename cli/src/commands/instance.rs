@@ -101,6 +101,11 @@ pub enum InstanceCmd {
         #[arg(long, default_value_t = 100)]
         tail: u32,
     },
+    /// Copy an instance to another remote or under another name.
+    #[command(
+        after_help = "Examples:\n  cloudctl instance copy local:web prod:\n  cloudctl instance copy local:web prod:web-2\n  cloudctl instance copy web-1 web-1-copy\n  cloudctl instance copy prod:app staging:app --image-name app-prod --no-start\n\nA side without REMOTE: is on the default remote (--remote, CLOUD_REMOTE, else the configured one). The copy\nruns the version of the image the instance runs, with its environment, arguments, port, memory and restart\npolicy, and joins the destination's service of the same name, created with the same ports when missing."
+    )]
+    Copy(crate::commands::copy::CopyArgs),
 }
 
 fn name_of_instance(i: &Instance) -> String {
@@ -159,6 +164,8 @@ pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::R
             eprintln!("moved instance {} from {from} to {node}", moved.name);
             print(out, &[moved], output::instances, name_of_instance, true)?;
         }
+        // Copy talks to two remotes: the crate root runs it before connecting to one.
+        InstanceCmd::Copy(_) => unreachable!("crate::run runs instance copy"),
     }
     Ok(())
 }

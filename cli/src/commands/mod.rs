@@ -2,6 +2,7 @@
 //! top-level parsing and dispatch are in the crate root.
 
 pub mod ca;
+pub mod copy;
 pub mod deploy;
 pub mod exec;
 pub mod image;

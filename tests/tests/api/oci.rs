@@ -1,7 +1,9 @@
 //! OCI images: archives written by skopeo uploaded, pulls from a real registry on loopback, layers stored once,
-//! and every way an image is refused, each with its code and nothing stored.
+//! every way an image is refused, each with its code and nothing stored, and exports that upload back as the same
+//! image.
 
 use cloud_api::ApiConfig;
+use cloud_domain::api::Scope;
 use cloud_oci::build::{self, LayerBuilder};
 use cloud_oci::{Digest, Image, ImageConfig, TargetPlatform};
 use cloud_tests::TestApi;
@@ -427,4 +429,127 @@ async fn refused_pulls_answer_a_code_naming_the_problem_and_store_nothing() {
     std::fs::write(&data, bytes).unwrap();
     pull(&api, "app", &tampered).await.problem(400, "image_digest_mismatch", &hex[..12]);
     assert_eq!(stored(&api).await, before_all);
+}
+
+/// `GET /v1/images/{image}/archive` as `token`: the status, content type and body as bytes.
+async fn export(api: &TestApi, token: &str, path: &str) -> (u16, String, Vec<u8>) {
+    let res = reqwest::Client::new().get(api.url(path)).bearer_auth(token).send().await.unwrap();
+    let status = res.status().as_u16();
+    let content_type = res.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let length = res.content_length();
+    let body = res.bytes().await.unwrap().to_vec();
+    if status == 200 {
+        assert_eq!(length, Some(body.len() as u64), "{path}: Content-Length is the body's length");
+    }
+    (status, content_type, body)
+}
+
+/// Asserts an export succeeded as an OCI archive and returns it.
+async fn exported(api: &TestApi, token: &str, path: &str) -> Vec<u8> {
+    let (status, content_type, body) = export(api, token, path).await;
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    assert_eq!(content_type, "application/x-tar", "{path}");
+    body
+}
+
+/// An export is the problem `code` naming `needle`.
+async fn export_refused(api: &TestApi, token: &str, path: &str, status: u16, code: &str, needle: &str) {
+    let res = reqwest::Client::new().get(api.url(path)).bearer_auth(token).send().await.unwrap();
+    crate::into_res(res).await.problem(status, code, needle);
+}
+
+#[tokio::test]
+async fn an_exported_image_uploads_as_the_same_image_for_another_name_or_tenant() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    let (globex, other) = api.tenant("globex", &[Scope::Read, Scope::Write]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ct = "application/x-tar";
+
+    // Written by skopeo, stored, exported, and stored again under another name and by another tenant.
+    let image = sample_image(9000, "export");
+    let skopeo = std::fs::read(registry::skopeo_archive(&image, dir.path(), ArchiveFormat::Oci)).unwrap();
+    let stored = upload(&api, t, "web", ct, skopeo).await;
+    assert_eq!(stored.status, 201, "{}", stored.body);
+    let digest = stored.body["digest"].as_str().unwrap().to_owned();
+    let archive = exported(&api, t, "/v1/images/web/archive").await;
+    assert_eq!(archive_digest(&archive), digest);
+    assert_eq!(
+        exported(&api, t, &format!("/v1/images/{}/archive", stored.body["id"].as_str().unwrap())).await,
+        archive
+    );
+    for (token, name) in [(t, "web-again"), (&other, "web")] {
+        let again = upload(&api, token, name, ct, archive.clone()).await;
+        assert_eq!((again.status, &again.body["digest"]), (201, &json!(digest)), "{name}: {}", again.body);
+        assert_eq!((&again.body["command"], &again.body["port"]), (&stored.body["command"], &json!(9000)));
+    }
+    // What skopeo makes of it: the same manifest, byte for byte.
+    let file = dir.path().join("exported.tar");
+    std::fs::write(&file, &archive).unwrap();
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", &format!("oci-archive:{}", file.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(Digest::of(&out.stdout).to_string(), digest);
+
+    // A docker archive is stored with the OCI manifest written for it, and exports as that.
+    let docker = std::fs::read(registry::skopeo_archive(&image, dir.path(), ArchiveFormat::Docker)).unwrap();
+    let from_docker = upload(&api, t, "from-docker", ct, docker).await;
+    let archive = exported(&api, t, "/v1/images/from-docker/archive").await;
+    let again = upload(&api, &other, "from-docker", ct, archive).await;
+    assert_eq!((again.status, &again.body["digest"]), (201, &from_docker.body["digest"]), "{}", again.body);
+
+    // The built-in hello, which the README deploys, exports too.
+    let hello = get(&api, "/v1/images/hello", t).await.body["digest"].as_str().unwrap().to_owned();
+    let archive = exported(&api, &other, "/v1/images/hello/archive").await;
+    let again = upload(&api, &other, "hello-copy", ct, archive).await;
+    assert_eq!((again.status, again.body["digest"].as_str()), (201, Some(hello.as_str())), "{}", again.body);
+
+    // A bundle exports as itself.
+    let bundle = crate::images::bundle(r#"{"command": ["./run"], "port": 9001}"#);
+    let app = crate::images::upload(&api, t, "app", &bundle).await;
+    let (status, content_type, body) = export(&api, t, "/v1/images/app/archive").await;
+    assert_eq!((status, content_type.as_str()), (200, "application/gzip"));
+    assert_eq!(body, bundle);
+    let again = crate::images::upload(&api, &other, "app", &body).await;
+    assert_eq!(again.body["digest"], app.body["digest"]);
+
+    // Read scope is enough; another tenant's image is not found, by name or id; nor is a missing one.
+    let reader = api.issue_token(&globex, &[Scope::Read]).await.jwt;
+    exported(&api, &reader, "/v1/images/web/archive").await;
+    let acme_web = stored.body["id"].as_str().unwrap();
+    let (_, initech) = api.tenant("initech", &[Scope::Read, Scope::Write]).await;
+    export_refused(&api, &initech, "/v1/images/web/archive", 404, "not_found", "web").await;
+    export_refused(&api, &initech, &format!("/v1/images/{acme_web}/archive"), 404, "not_found", acme_web).await;
+    export_refused(&api, t, "/v1/images/nothing/archive", 404, "not_found", "nothing").await;
+    let res = reqwest::Client::new().get(api.url("/v1/images/web/archive")).send().await.unwrap();
+    crate::into_res(res).await.problem(401, "missing_token", "Bearer");
+}
+
+#[tokio::test]
+async fn an_image_pushed_again_still_exports_the_version_its_instances_run() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    let ct = "application/x-tar";
+    let (v1, v2) = (sample_image(8080, "v1"), sample_image(8080, "v2"));
+    assert_eq!(upload(&api, t, "web", ct, build::oci_archive(&v1, "v1")).await.status, 201);
+    let inst = post(&api, "/v1/instances", t, json!({"image": "web", "name": "w1"})).await;
+    assert_eq!(inst.body["instances"][0]["image_digest"], v1.digest.as_str(), "{}", inst.body);
+    assert_eq!(upload(&api, t, "web", ct, build::oci_archive(&v2, "v2")).await.status, 201);
+
+    assert_eq!(archive_digest(&exported(&api, t, "/v1/images/web/archive").await), v2.digest.as_str());
+    let old = format!("/v1/images/web/archive?digest={}", v1.digest);
+    assert_eq!(archive_digest(&exported(&api, t, &old).await), v1.digest.as_str());
+    let current = format!("/v1/images/web/archive?digest={}", v2.digest);
+    assert_eq!(archive_digest(&exported(&api, t, &current).await), v2.digest.as_str());
+
+    // A version no instance runs, another tenant asking, a digest that is not one.
+    let never = format!("/v1/images/web/archive?digest={}", Digest::of(b"never stored"));
+    export_refused(&api, t, &never, 404, "not_found", "web@sha256:").await;
+    let (_, other) = api.tenant("globex", &[Scope::Read, Scope::Write]).await;
+    assert_eq!(upload(&api, &other, "web", ct, build::oci_archive(&v2, "v2")).await.status, 201);
+    export_refused(&api, &other, &old, 404, "not_found", v1.digest.as_str()).await;
+    export_refused(&api, t, "/v1/images/web/archive?digest=sha256:AB", 400, "invalid_query", "sha256:AB").await;
+    export_refused(&api, t, "/v1/images/web/archive?tag=v1", 400, "invalid_query", "tag").await;
 }
