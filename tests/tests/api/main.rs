@@ -16,6 +16,7 @@ mod openapi;
 mod services;
 mod sse;
 mod tenants;
+mod tls;
 mod token_attacks;
 
 use cloud_tests::TestApi;
