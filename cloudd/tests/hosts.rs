@@ -291,6 +291,26 @@ async fn three_hosts_serve_one_platform_through_an_encrypted_overlay() {
         );
     }
 
+    // An instance moves to another host: stopped on its own, then started on the other with its private IP, and
+    // every edge reaches it there.
+    let mover = webs.iter().find(|i| i["node"] == "h1").expect("a web instance on h1");
+    let (name, private_ip) = (field(mover, "name"), field(mover, "private_ip"));
+    let path = format!("/v1/instances/{name}");
+    let (status, moved) =
+        call(&acme, reqwest::Method::POST, &format!("{path}/move"), Some(json!({"node": "h2"}))).await;
+    assert_eq!(status, 200, "{moved}");
+    p.wait("the moved instance running on h2", Duration::from_secs(60), async || {
+        let i = call(&acme, reqwest::Method::GET, &path, None).await.1;
+        i["node"] == "h2" && i["state"] == "running" && i["private_ip"] == private_ip.as_str()
+    })
+    .await;
+    for edge in [1, 2] {
+        p.wait(&format!("edge {edge} reaching {name} on h2"), Duration::from_secs(60), async || {
+            get(edge, &web_fqdn, "/").await.is_some_and(|b| b.split_whitespace().nth(2) == Some(name.as_str()))
+        })
+        .await;
+    }
+
     // Host 3 dies: its agent is killed and its underlay cut. Its instances come back on the other hosts and every
     // edge serves them again within 30 s.
     let lost = Instant::now();
