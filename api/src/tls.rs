@@ -1,5 +1,6 @@
-//! The API's own TLS: a certificate of the platform CA for the API's names (kept valid in the background), or
-//! the operator's certificate and key; and what clients pin, which join tokens carry.
+//! The API's own TLS: a certificate of the platform CA for the API's names (kept valid in the background), the
+//! operator's certificate and key, or a certificate from the ACME CA that the certificate manager orders for the
+//! API's DNS names (followed from PostgreSQL); and what clients pin, which join tokens carry.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -24,6 +25,9 @@ pub enum TlsMode {
     Platform,
     /// TLS with `api.tls_cert_file` and `api.tls_key_file`.
     Files,
+    /// TLS with a certificate of the ACME CA for the API's DNS names, which the certificate manager (`[certs]`)
+    /// orders with dns-01 answered by our DNS; a certificate of the platform CA until it has one.
+    Acme,
     /// Plain HTTP: a TLS-terminating proxy is in front.
     Off,
 }
@@ -61,14 +65,26 @@ pub enum TlsError {
     /// The key is of a type rustls cannot sign with, or does not match.
     #[error("the API's private key cannot be used")]
     Key(#[source] rustls::Error),
+    /// `tls = "acme"` without a DNS name to order a certificate for.
+    #[error(
+        "api.tls = \"acme\" needs a DNS name in api.tls_names or api.public_urls (an ACME CA certifies no IP address)"
+    )]
+    NoAcmeName,
+    /// The database failed.
+    #[error("cannot record or read the API's certificate")]
+    Store(#[from] cloud_store::StoreError),
+    /// A stored certificate's key does not open with the configured secret key.
+    #[error("the API's stored certificate key cannot be opened with this secret key")]
+    Seal(#[from] cloud_certs::seal::SealError),
 }
 
 /// The TLS the API serves.
 pub struct ServedTls {
     /// For the listener.
     pub server_config: rustls::ServerConfig,
-    /// What clients pin: the platform CA's fingerprint, or the configured leaf's.
-    pub pin: String,
+    /// What clients pin: the platform CA's fingerprint, or the configured leaf's; `None` for an ACME certificate,
+    /// which clients check against the public roots.
+    pub pin: Option<String>,
     /// Keeps a platform certificate valid; aborted when dropped.
     renewal: Option<tokio::task::JoinHandle<()>>,
 }
@@ -163,7 +179,7 @@ pub fn public_urls(config: &ApiConfig) -> Vec<String> {
 }
 
 /// The TLS the configuration asks for; `None` for plain HTTP.
-pub async fn prepare(config: &ApiConfig, store: &Store, key: &SecretKey) -> Result<Option<ServedTls>, TlsError> {
+pub async fn prepare(config: &ApiConfig, store: &Store, key: &Arc<SecretKey>) -> Result<Option<ServedTls>, TlsError> {
     match config.tls {
         TlsMode::Off => Ok(None),
         TlsMode::Files => {
@@ -176,7 +192,7 @@ pub async fn prepare(config: &ApiConfig, store: &Store, key: &SecretKey) -> Resu
             let pin = cloud_domain::join::fingerprint(&certified.cert[0]);
             let current = Arc::new(CurrentCert::default());
             current.set(certified);
-            Ok(Some(ServedTls { server_config: server_config(current), pin, renewal: None }))
+            Ok(Some(ServedTls { server_config: server_config(current), pin: Some(pin), renewal: None }))
         }
         TlsMode::Platform => {
             let ca = PlatformCa::load_or_create(store, key).await.map_err(TlsError::Ca)?;
@@ -190,9 +206,74 @@ pub async fn prepare(config: &ApiConfig, store: &Store, key: &SecretKey) -> Resu
                 Ok(())
             })
             .map_err(TlsError::Issue)?;
-            Ok(Some(ServedTls { server_config: server_config(current), pin, renewal: Some(renewal) }))
+            Ok(Some(ServedTls { server_config: server_config(current), pin: Some(pin), renewal: Some(renewal) }))
+        }
+        TlsMode::Acme => {
+            let names = acme_names(config);
+            if names.is_empty() {
+                return Err(TlsError::NoAcmeName);
+            }
+            store.want_platform_certificate(API_CERTIFICATE, &names).await?;
+            // Serving at once, with the platform CA's certificate until the manager has the ACME one.
+            let ca = PlatformCa::load_or_create(store, key).await.map_err(TlsError::Ca)?;
+            let current = Arc::new(CurrentCert::default());
+            let bridge = ca.issue(&api_names(config), cloud_certs::wildcard::VALIDITY).map_err(TlsError::Ca)?;
+            current.set(certified(bridge.chain_pem.as_bytes(), bridge.key_pem.as_bytes(), "issued")?);
+            let mut served = None;
+            follow_acme(store, key, &current, &mut served).await?;
+            let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
+            let (store, key, follower) = (store.clone(), key.clone(), current.clone());
+            let renewal = tokio::spawn(async move {
+                let mut changes = feed.subscribe();
+                loop {
+                    // The manager's store of a new certificate is an event; the clock is the safety net.
+                    let _ = tokio::time::timeout(ACME_RECHECK, changes.changed()).await;
+                    if let Err(e) = follow_acme(&store, &key, &follower, &mut served).await {
+                        tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot load the API's ACME certificate");
+                    }
+                }
+            });
+            Ok(Some(ServedTls { server_config: server_config(current), pin: None, renewal: Some(renewal) }))
         }
     }
+}
+
+/// The purpose the API's ACME certificate is stored under.
+const API_CERTIFICATE: &str = "api";
+
+/// How often the API looks for a new ACME certificate besides the change feed's events.
+const ACME_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The DNS names an ACME certificate of the API is for: the configured names and the public URLs' hosts,
+/// without IP addresses and `localhost`.
+pub fn acme_names(config: &ApiConfig) -> Vec<String> {
+    let local = ["localhost", "127.0.0.1", "::1"];
+    api_names(config)
+        .into_iter()
+        .filter(|n| n.parse::<IpAddr>().is_err() && !local.contains(&n.as_str()))
+        .map(|n| n.trim_end_matches('.').to_lowercase())
+        .collect()
+}
+
+/// Serves the stored ACME certificate if it is newer than the one served (`served`: its store time).
+async fn follow_acme(
+    store: &Store,
+    key: &SecretKey,
+    current: &CurrentCert,
+    served: &mut Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), TlsError> {
+    let (stored, error) = store.platform_certificate(API_CERTIFICATE).await?;
+    let Some(stored) = stored.filter(|c| Some(c.updated_at) != *served) else {
+        if let Some(error) = error.filter(|_| served.is_none()) {
+            tracing::warn!(%error, "no ACME certificate for the API yet: serving the platform CA's");
+        }
+        return Ok(());
+    };
+    let key_pem = key.open(&stored.key_sealed)?;
+    current.set(certified(stored.chain_pem.as_bytes(), &key_pem, "the stored ACME certificate")?);
+    *served = Some(stored.updated_at);
+    tracing::info!(names = ?stored.names, not_after = %stored.not_after, "serving the API's ACME certificate");
+    Ok(())
 }
 
 #[cfg(test)]

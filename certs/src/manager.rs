@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloud_store::{DueDomain, NewCertificate, Store, StoreError};
+use cloud_store::{DueDomain, DuePlatformCertificate, NewCertificate, Store, StoreError};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::acme::{AcmeClient, AcmeConfig, AcmeError, ChallengeKind, ChallengeResponder, ResponderError};
@@ -173,6 +173,8 @@ pub struct PassReport {
     pub issued: Vec<String>,
     /// Orders that failed, with the reason recorded.
     pub failed: Vec<String>,
+    /// Certificates of the platform's own servers obtained or renewed, by purpose (`api`).
+    pub platform_issued: Vec<String>,
 }
 
 /// The certificate manager.
@@ -256,9 +258,66 @@ impl CertManager {
                     Err(OrderFailure::Manager(e)) => return Err(e),
                 }
             }
+            for due in self.store.platform_certificates_due(self.config.renew_before, self.config.retry_after).await? {
+                let lease = format!("platform:{}", due.name);
+                if !self.store.take_acme_lease(&lease, &self.config.holder, self.lease_ttl()).await? {
+                    continue;
+                }
+                let lease_end = tokio::time::Instant::now() + self.lease_ttl();
+                let outcome = self.order_platform(&due, lease_end).await;
+                persist("release of an ACME lease", lease_end, || {
+                    self.store.release_acme_lease(&lease, &self.config.holder)
+                })
+                .await?;
+                match outcome {
+                    Ok(()) => {
+                        self.orders.with_label_values(&["issued"]).inc();
+                        report.platform_issued.push(due.name);
+                    }
+                    Err(OrderFailure::Acme(e)) => {
+                        let reason = cloud_domain::error_chain(&e);
+                        tracing::warn!(certificate = %due.name, names = ?due.names, %reason, "ACME order failed");
+                        persist("reason of a failed ACME order", lease_end, || {
+                            self.store.record_platform_certificate_error(&due.name, &reason)
+                        })
+                        .await?;
+                        self.orders.with_label_values(&["failed"]).inc();
+                        report.failed.push(due.name);
+                    }
+                    Err(OrderFailure::Manager(e)) => return Err(e),
+                }
+            }
         }
         self.pass_ok.set(1);
         Ok(report)
+    }
+
+    /// Orders a certificate of the platform's own (the API's): always dns-01, answered by our DNS, since its
+    /// names need not lead to an edge.
+    async fn order_platform(
+        &mut self,
+        due: &DuePlatformCertificate,
+        lease_end: tokio::time::Instant,
+    ) -> Result<(), OrderFailure> {
+        let responder = StoreResponder {
+            store: self.store.clone(),
+            dns_servers: self.config.dns_servers.clone(),
+            dns_propagation: self.config.dns_propagation,
+        };
+        let client = self.client().await.map_err(OrderFailure::Manager)?.clone();
+        let issued = client.order(&due.names, ChallengeKind::Dns01, &responder).await.map_err(OrderFailure::Acme)?;
+        let now = time::OffsetDateTime::now_utc();
+        let checked = crate::upload::check_upload(&issued.chain_pem, &issued.key_pem, &due.names[0], now)
+            .map_err(|e| OrderFailure::Acme(AcmeError::BadCertificate(e)))?;
+        let sealed = self.key.seal(issued.key_pem.as_bytes()).map_err(|e| OrderFailure::Manager(e.into()))?;
+        let not_after = chrono::DateTime::from_timestamp(checked.not_after.unix_timestamp(), 0).unwrap_or_default();
+        persist("an issued certificate", lease_end, || {
+            self.store.put_platform_certificate(&due.name, &due.names, &issued.chain_pem, &sealed, not_after)
+        })
+        .await
+        .map_err(|e| OrderFailure::Manager(e.into()))?;
+        tracing::info!(certificate = %due.name, names = ?due.names, %not_after, "ACME certificate stored");
+        Ok(())
     }
 
     /// Passes every `interval` until the task is dropped.

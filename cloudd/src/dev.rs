@@ -62,7 +62,7 @@ async fn serve_dev(cfg: &Config, url: &str, data_dir: PathBuf) -> anyhow::Result
     let certs = Certs::start(cfg, store.clone()).await?;
     let api = Api::start(cfg, store).await?;
     let api_url = api.urls.first().cloned().context("the API has no URL")?;
-    let pin = api.tls.as_ref().map(|t| t.pin.clone());
+    let pin = api.tls.as_ref().and_then(|t| t.pin.clone());
     let config_path = write_local_remote(&api_url, &created.jwt, pin)?;
     println!("cloudd dev is up.");
     println!("  API:       {api_url}/v1   (docs: {api_url}/docs/)");

@@ -167,3 +167,95 @@ async fn certificates_are_obtained_via_http_01_through_the_edge_and_dns_01_throu
     edge.shutdown().await;
     dns.shutdown().await;
 }
+
+// curl runs synchronously: the API needs other threads meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_certificate_comes_from_the_acme_ca_through_the_certificate_manager() {
+    let key = Arc::new(SecretKey::from_bytes(&[6; 32]));
+    // A zone under a name pebble validates (names under `.localhost` never validated here).
+    let settings = cloud_store::Settings { base_domain: "cloud.example.test".into(), ..Default::default() };
+    let store = cloud_tests::fresh_store_with(settings).await;
+    let dns_config = cloud_dns::DnsConfig {
+        public_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        rate_limit: None,
+        ..cloud_dns::DnsConfig::default()
+    };
+    let dns =
+        cloud_dns::start(store.clone(), ChangeFeed::start(store.clone()).await.unwrap(), dns_config).await.unwrap();
+    let dns_addr = dns.public_addrs()[0];
+    // Nothing is validated over http-01 here.
+    let pebble = Pebble::start(dns_addr, 9).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pebble-root.pem");
+    std::fs::write(&root, pebble.issuer_root_pem().await).unwrap();
+
+    // The API's name is in the platform's zone, which our DNS answers: dns-01 works for it.
+    let name = "api.dev.cloud.example.test";
+    let config = cloud_api::ApiConfig {
+        tls: cloud_api::tls::TlsMode::Acme,
+        tls_names: vec![name.into()],
+        secret_key: Some(key.clone()),
+        ..Default::default()
+    };
+    let without = cloud_api::ApiConfig { tls_names: vec!["10.0.0.1".into()], ..config.clone() };
+    let refused = cloud_api::tls::prepare(&without, &store, &key).await.unwrap_err();
+    assert!(refused.to_string().contains("needs a DNS name"), "{refused}");
+    let tls = cloud_api::tls::prepare(&config, &store, &key).await.unwrap().unwrap();
+    assert_eq!(tls.pin, None, "a publicly trusted certificate is not pinned");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = cloud_api::AppState::new(store.clone(), config.clone()).await.unwrap();
+    let server = cloud_api::serve(actix_web::web::Data::new(state), listener, Some(tls.server_config.clone())).unwrap();
+    let handle = server.handle();
+    tokio::spawn(server);
+    let healthz = |ca: &std::path::Path| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(ca)
+            .arg("--resolve")
+            .arg(format!("{name}:{}:127.0.0.1", addr.port()))
+            .arg(format!("https://{name}:{}/healthz", addr.port()))
+            .output()
+            .expect("curl");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Serving at once, with the platform CA's certificate until the manager has ordered one.
+    let platform_ca = dir.path().join("platform-ca.pem");
+    std::fs::write(&platform_ca, cloud_certs::PlatformCa::stored_certificate(&store).await.unwrap().unwrap()).unwrap();
+    assert_eq!(healthz(&platform_ca).as_deref(), Some("ok\n"));
+    assert_eq!(healthz(&root), None);
+
+    let mut acme = AcmeConfig::new(pebble.directory_url.clone());
+    acme.root_pem = Some(pebble.listener_ca_pem.clone());
+    acme.timeout = Duration::from_secs(60);
+    let mut manager = CertManager::new(
+        store.clone(),
+        key.clone(),
+        OwnershipChecker::new(Some("127.0.0.1:9".parse().unwrap())),
+        ManagerConfig {
+            acme: Some(acme),
+            challenge: ChallengeKind::Http01,
+            dns_servers: vec![dns_addr],
+            holder: "test".into(),
+            ..ManagerConfig::default()
+        },
+    );
+    let report = manager.pass().await.unwrap();
+    let (_, error) = store.platform_certificate("api").await.unwrap();
+    assert_eq!(
+        (report.platform_issued.as_slice(), report.failed.as_slice()),
+        (&["api".to_owned()][..], &[][..]),
+        "{error:?}"
+    );
+    // The API follows the store: the ACME certificate, verified against the ACME CA's root alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while healthz(&root).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the API never served its ACME certificate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(manager.pass().await.unwrap().platform_issued.is_empty(), "nothing more is due");
+    let leftover = store.zone_data().await.unwrap().acme_challenges;
+    assert!(leftover.is_empty(), "challenge records withdrawn: {leftover:?}");
+    handle.stop(false).await;
+    dns.shutdown().await;
+}

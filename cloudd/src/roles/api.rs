@@ -32,7 +32,8 @@ impl super::Role for Api {
         let tls = cloud_api::tls::prepare(&config, &store, &key).await.context("preparing the API's TLS")?;
         let urls = cloud_api::tls::public_urls(&config);
         let mut state = AppState::new(store, config).await.context("preparing the API")?;
-        state.join = cloud_api::JoinSettings { urls: urls.clone(), fingerprint: tls.as_ref().map(|t| t.pin.clone()) };
+        state.join =
+            cloud_api::JoinSettings { urls: urls.clone(), fingerprint: tls.as_ref().and_then(|t| t.pin.clone()) };
         let listener =
             TcpListener::bind(cfg.api.listen).with_context(|| format!("binding the API to {}", cfg.api.listen))?;
         let server_config = tls.as_ref().map(|t| t.server_config.clone());

@@ -28,7 +28,7 @@ async fn the_operators_certificate_is_served_and_bad_files_are_named() {
     };
     let served = prepare(&config, &store, &key).await.unwrap().expect("TLS");
     let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).next().unwrap().unwrap();
-    assert_eq!(served.pin, cloud_domain::join::fingerprint(&leaf), "clients pin the configured leaf");
+    assert_eq!(served.pin, Some(cloud_domain::join::fingerprint(&leaf)), "clients pin the configured leaf");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
