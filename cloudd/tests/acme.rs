@@ -34,6 +34,18 @@ fn curl(root: &std::path::Path, name: &str, https: SocketAddr) -> Result<String,
     }
 }
 
+/// Our DNS on a loopback port, following the store: what pebble resolves every name through.
+async fn start_dns(store: &cloud_store::Store) -> (cloud_dns::DnsHandle, SocketAddr) {
+    let config = cloud_dns::DnsConfig {
+        public_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        rate_limit: None,
+        ..cloud_dns::DnsConfig::default()
+    };
+    let dns = cloud_dns::start(store.clone(), ChangeFeed::start(store.clone()).await.unwrap(), config).await.unwrap();
+    let addr = dns.public_addrs()[0];
+    (dns, addr)
+}
+
 fn leaf_of(chain: &str) -> String {
     chain.split_inclusive("-----END CERTIFICATE-----").next().unwrap().trim().to_owned()
 }
@@ -48,14 +60,7 @@ async fn certificates_are_obtained_via_http_01_through_the_edge_and_dns_01_throu
     )
     .await;
     let store = api.store.clone();
-    let dns_config = cloud_dns::DnsConfig {
-        public_listen: vec!["127.0.0.1:0".parse().unwrap()],
-        rate_limit: None,
-        ..cloud_dns::DnsConfig::default()
-    };
-    let dns =
-        cloud_dns::start(store.clone(), ChangeFeed::start(store.clone()).await.unwrap(), dns_config).await.unwrap();
-    let dns_addr = dns.public_addrs()[0];
+    let (dns, dns_addr) = start_dns(&store).await;
     let edge_config = EdgeConfig {
         https_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
@@ -175,14 +180,7 @@ async fn the_apis_certificate_comes_from_the_acme_ca_through_the_certificate_man
     // A zone under a name pebble validates (names under `.localhost` never validated here).
     let settings = cloud_store::Settings { base_domain: "cloud.example.test".into(), ..Default::default() };
     let store = cloud_tests::fresh_store_with(settings).await;
-    let dns_config = cloud_dns::DnsConfig {
-        public_listen: vec!["127.0.0.1:0".parse().unwrap()],
-        rate_limit: None,
-        ..cloud_dns::DnsConfig::default()
-    };
-    let dns =
-        cloud_dns::start(store.clone(), ChangeFeed::start(store.clone()).await.unwrap(), dns_config).await.unwrap();
-    let dns_addr = dns.public_addrs()[0];
+    let (dns, dns_addr) = start_dns(&store).await;
     // Nothing is validated over http-01 here.
     let pebble = Pebble::start(dns_addr, 9).await;
     let dir = tempfile::tempdir().unwrap();

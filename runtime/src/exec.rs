@@ -144,9 +144,11 @@ async fn relay(
                         return sink.close().await;
                     }
                 }
-                // A terminal's reader ends with the command's last process; pipes at their last writer.
-                if terminal.is_some() {
-                    output_open = output_open && drain_soon(&mut out_rx, &mut sink).await?;
+                // Pipes end at their last writer. A terminal's reader may be blocked in a read that outlives the
+                // command: what it still has comes within moments, and then the output is over.
+                if terminal.is_some() && output_open {
+                    drain_soon(&mut out_rx, &mut sink).await?;
+                    output_open = false;
                 }
             }
             message = incoming.next() => match message {
@@ -177,21 +179,20 @@ async fn relay(
     }
 }
 
-/// After the command ended on a terminal, what is still buffered comes within moments; then the terminal's reader
-/// is dropped (its other copies in the sandbox are gone). Returns whether output may still come.
+/// Sends what output comes within moments of a terminal command's end.
 async fn drain_soon(
     out_rx: &mut mpsc::Receiver<Frame>,
     sink: &mut futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
-) -> Result<bool, tokio_tungstenite::tungstenite::Error> {
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let deadline = tokio::time::sleep(std::time::Duration::from_millis(200));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             frame = out_rx.recv() => match frame {
                 Some(frame) => sink.send(Message::binary(frame.encode())).await?,
-                None => return Ok(false),
+                None => return Ok(()),
             },
-            _ = &mut deadline => return Ok(false),
+            _ = &mut deadline => return Ok(()),
         }
     }
 }

@@ -421,10 +421,10 @@ impl Store {
                 .bind(crate::nodes::SCHEDULER_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            let instances = Table { select: "SELECT id, name, state, node_id, memory_mb FROM instances", alias: "" };
-            let found: Option<(Uuid, String, String, Option<Uuid>, i32)> =
+            let instances = Table { select: "SELECT id, state, node_id, memory_mb, move_to FROM instances", alias: "" };
+            let found: Option<(Uuid, String, Option<Uuid>, i32, Option<Uuid>)> =
                 page::find(&mut *tx, instances, Visible::Tenant(tenant), key, RowLock::Update).await?;
-            let (id, name, current, on, memory) =
+            let (id, current, on, memory, move_to) =
                 found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
             let target: Option<(Uuid, bool, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT n.id, n.heartbeat_at > now() - interval '{}',
@@ -446,37 +446,52 @@ impl Store {
             if free < i64::from(memory) {
                 return Err(unavailable(format!("it has {free} MiB free and the instance needs {memory} MiB")));
             }
+            // Already there: nothing to do, or a move away to call off (before its node has stopped it).
             if on == Some(target) {
-                return Err(StoreError::Invalid(format!("instance {name} is on node {node} already")));
+                if move_to.is_none() {
+                    return Self::instance_view(&mut tx, id).await;
+                }
+                sqlx::query(
+                    "UPDATE instances SET move_to = NULL, state_reason = NULL, updated_at = now() WHERE id = $1",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                return Self::commit_updated(tx, tenant, id).await;
             }
             let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
             let runs = on.is_some()
                 && matches!(current, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping);
-            if runs {
-                sqlx::query("UPDATE instances SET move_to = $2, state_reason = $3, updated_at = now() WHERE id = $1")
-                    .bind(id)
-                    .bind(target)
-                    .bind(format!("moving to node {node}"))
-                    .execute(&mut *tx)
-                    .await?;
-            } else {
-                sqlx::query(
-                    "UPDATE instances SET node_id = $2, move_to = NULL, state_reason = $3, updated_at = now(),
-                         state = CASE WHEN desired_state = 'running' THEN 'pending' ELSE state END
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(target)
-                .bind(format!("moved to node {node}"))
-                .execute(&mut *tx)
-                .await?;
-            }
-            let view = Self::instance_view(&mut tx, id).await?;
-            record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
-            tx.commit().await?;
-            Ok(view)
+            // A running one is handed over by its node (move_to); any other is reassigned now.
+            let reason = if runs { format!("moving to node {node}") } else { format!("moved to node {node}") };
+            sqlx::query(
+                "UPDATE instances SET move_to = CASE WHEN $4 THEN $2 END,
+                     node_id = CASE WHEN $4 THEN node_id ELSE $2 END,
+                     state = CASE WHEN NOT $4 AND desired_state = 'running' THEN 'pending' ELSE state END,
+                     state_reason = $3, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(target)
+            .bind(reason)
+            .bind(runs)
+            .execute(&mut *tx)
+            .await?;
+            Self::commit_updated(tx, tenant, id).await
         })
         .await
+    }
+
+    /// Records the instance's event and commits: what every change of one instance ends with.
+    async fn commit_updated(
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<Instance, StoreError> {
+        let view = Self::instance_view(&mut tx, id).await?;
+        record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
+        tx.commit().await?;
+        Ok(view)
     }
 
     async fn transition(
@@ -502,9 +517,6 @@ impl Store {
         .bind(next.state.as_str())
         .execute(&mut *tx)
         .await?;
-        let view = Self::instance_view(&mut tx, id).await?;
-        record_event(&mut tx, Some(tenant), "instance", id, EventAction::Updated, &view).await?;
-        tx.commit().await?;
-        Ok(view)
+        Self::commit_updated(tx, tenant, id).await
     }
 }

@@ -21,24 +21,35 @@ use crate::{AppState, Auth};
 const SESSION_TTL: Duration = Duration::from_secs(30);
 /// How long reaching a node may take.
 const NODE_CONNECT: Duration = Duration::from_secs(5);
-/// The most arguments, and bytes per argument, a command may have.
-const MAX_ARGS: usize = 256;
-const MAX_ARG_BYTES: usize = 4096;
+/// The most arguments, and characters per argument, a command may have: what fits in a request head (128 KiB
+/// here) however they are encoded. A longer script goes through standard input.
+const MAX_ARGS: usize = 32;
+const MAX_ARG_CHARS: usize = 256;
 
-/// What to run: `command` once per argument (the program first), `tty` for a terminal of `cols` x `rows`.
+/// What to run: `command` once per argument (the program first), `tty` for a terminal of `cols` x `rows`. For the
+/// document only: the query is read as pairs, since `command` repeats.
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct ExecQuery {
-    /// The program and its arguments, one `command` parameter each, in order (at most 256, 4096 bytes each).
-    command: Vec<String>,
+    /// The program and its arguments, one `command` parameter each, in order (1 to 32 of them).
+    #[param(inline, min_items = 1, max_items = 32)]
+    command: Vec<CommandArg>,
     /// Run it on a terminal (stdout and stderr are then one stream). Default false.
     tty: Option<bool>,
-    /// The terminal's columns (1 to 65535, default 80).
+    /// The terminal's columns (default 80).
+    #[param(minimum = 1)]
     cols: Option<u16>,
-    /// The terminal's rows (1 to 65535, default 24).
+    /// The terminal's rows (default 24).
+    #[param(minimum = 1)]
     rows: Option<u16>,
 }
+
+/// One argument of a command: 1 to 256 characters, no NUL.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(min_length = 1, max_length = 256, pattern = "^[^\\x00]+$")]
+#[allow(dead_code)]
+struct CommandArg(String);
 
 fn parse(pairs: &[(String, String)]) -> ApiResult<(Vec<String>, Option<(u16, u16)>)> {
     let bad = |detail: String| ApiError::new(ErrorCode::InvalidQuery, detail);
@@ -58,11 +69,14 @@ fn parse(pairs: &[(String, String)]) -> ApiResult<(Vec<String>, Option<(u16, u16
             other => return Err(bad(format!("unknown query parameter {other:?} (command, tty, cols, rows)"))),
         }
     }
-    if command.is_empty() || command[0].is_empty() {
+    if command.is_empty() {
         return Err(bad("command must name the program to run (command=/bin/sh)".into()));
     }
-    if command.len() > MAX_ARGS || command.iter().any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0')) {
-        return Err(bad(format!("command takes at most {MAX_ARGS} arguments of {MAX_ARG_BYTES} bytes, without NUL")));
+    let fits = |a: &String| !a.is_empty() && a.chars().count() <= MAX_ARG_CHARS && !a.contains('\0');
+    if command.len() > MAX_ARGS || !command.iter().all(fits) {
+        return Err(bad(format!(
+            "command takes 1 to {MAX_ARGS} arguments of 1 to {MAX_ARG_CHARS} characters each, without NUL"
+        )));
     }
     Ok((command, tty.then_some((cols, rows))))
 }
@@ -72,7 +86,15 @@ fn parse(pairs: &[(String, String)]) -> ApiResult<(Vec<String>, Option<(u16, u16
 /// rows as two big-endian u16), 5 exit (i32 big-endian, last), 6 stdin closed. Write scope; recorded as an `exec`
 /// event. Refusals come before the upgrade, as problem documents.
 #[utoipa::path(tag = "instances", security(("bearer" = [])),
-    params(("instance" = String, Path, description = "Instance name or id"), ExecQuery),
+    params(
+        ("instance" = String, Path, description = "Instance name or id"),
+        ExecQuery,
+        ("Upgrade" = String, Header, description = "The WebSocket handshake: `websocket`", pattern = "^websocket$"),
+        ("Connection" = String, Header, description = "The WebSocket handshake: `Upgrade`", pattern = "^Upgrade$"),
+        ("Sec-WebSocket-Version" = String, Header, description = "The WebSocket handshake: `13`", pattern = "^13$"),
+        ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake: 16 random bytes, base64",
+            pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$"),
+    ),
     responses(
         (status = 101, description = "Switching to the WebSocket carrying the command's frames"),
         (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),

@@ -160,8 +160,10 @@ pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::R
             let body = MoveInstance { node: node.clone() };
             let _: Instance = c.post(&format!("/v1/instances/{}/move", seg(name)), &body).await?;
             let moved = wait_on_node(c, &before, node, Duration::from_secs(*timeout)).await?;
-            let from = before.node.as_deref().unwrap_or("no node");
-            eprintln!("moved instance {} from {from} to {node}", moved.name);
+            match before.node.as_deref() {
+                Some(from) if from == node => eprintln!("instance {} is on node {node} already", moved.name),
+                from => eprintln!("moved instance {} from {} to {node}", moved.name, from.unwrap_or("no node")),
+            }
             print(out, &[moved], output::instances, name_of_instance, true)?;
         }
         // Copy talks to two remotes: the crate root runs it before connecting to one.
