@@ -4,14 +4,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use cloud_certs::PlatformCa;
 use cloud_certs::seal::SecretKey;
+use cloud_certs::served::{CurrentCert, ServedError, server_config};
 use cloud_store::Store;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::ApiConfig;
@@ -103,44 +103,13 @@ impl Drop for ServedTls {
     }
 }
 
-/// The one certificate the API serves, whatever name (or none) the client asks for; replaced at renewal.
-#[derive(Debug, Default)]
-struct CurrentCert(RwLock<Option<Arc<CertifiedKey>>>);
-
-impl CurrentCert {
-    fn set(&self, key: CertifiedKey) {
-        if let Ok(mut current) = self.0.write() {
-            *current = Some(Arc::new(key));
-        }
-    }
-}
-
-impl ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.read().ok().and_then(|k| k.clone())
-    }
-}
-
+/// A certificate and key as served, the files' trouble named by `path`.
 fn certified(chain_pem: &[u8], key_pem: &[u8], path: &str) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|_| TlsError::Pem { path: path.into(), what: "certificate" })?;
-    if chain.is_empty() {
-        return Err(TlsError::Pem { path: path.into(), what: "certificate" });
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::Pem { path: path.into(), what: "key" })?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
-    let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(TlsError::Key)?;
-    Ok(certified)
-}
-
-fn server_config(current: Arc<CurrentCert>) -> rustls::ServerConfig {
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports the default versions")
-        .with_no_client_auth()
-        .with_cert_resolver(current)
+    cloud_certs::served::certified(chain_pem, key_pem).map_err(|e| match e {
+        ServedError::NoKey => TlsError::Pem { path: path.into(), what: "key" },
+        ServedError::Key(e) => TlsError::Key(e),
+        _ => TlsError::Pem { path: path.into(), what: "certificate" },
+    })
 }
 
 /// The names a platform certificate of the API covers: localhost and the loopback addresses, the listen
@@ -199,13 +168,8 @@ pub async fn prepare(config: &ApiConfig, store: &Store, key: &Arc<SecretKey>) ->
             let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
                 .map_err(|_| TlsError::Pem { path: "the platform CA".into(), what: "certificate" })?;
             let pin = cloud_domain::join::fingerprint(&ca_der);
-            let current = Arc::new(CurrentCert::default());
-            let renewed = current.clone();
-            let renewal = cloud_certs::wildcard::serve_and_renew_names(ca, api_names(config), move |issued| {
-                renewed.set(certified(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes(), "issued")?);
-                Ok(())
-            })
-            .map_err(TlsError::Issue)?;
+            let (current, renewal) =
+                cloud_certs::served::platform_certificate(ca, api_names(config)).map_err(TlsError::Issue)?;
             Ok(Some(ServedTls { server_config: server_config(current), pin: Some(pin), renewal: Some(renewal) }))
         }
         TlsMode::Acme => {

@@ -16,6 +16,7 @@ pub mod acme;
 pub mod manager;
 pub mod ownership;
 pub mod seal;
+pub mod served;
 pub mod upload;
 pub mod wildcard;
 

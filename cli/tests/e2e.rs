@@ -738,18 +738,20 @@ async fn request_loop(
 /// Runs cloudctl in `home` with extra environment and `input` on stdin.
 fn cloudctl_with(home: &Path, args: &[&str], env: &[(&str, &str)], input: &str) -> Output {
     let mut cmd = Command::new(bin("cloudctl"));
-    cmd.args(args).envs(env.iter().copied());
-    with_input(cmd, home, input)
+    cmd.args(args);
+    with_input(cmd, home, env, input)
 }
 
-/// Runs `cmd` as a user whose home is `home`, without the overriding variables, with `input` on stdin.
-fn with_input(mut cmd: Command, home: &Path, input: &str) -> Output {
+/// Runs `cmd` as a user whose home is `home`, with none of the overriding variables but those of `env`, with
+/// `input` on stdin.
+fn with_input(mut cmd: Command, home: &Path, env: &[(&str, &str)], input: &str) -> Output {
     let mut child = cmd
         .env("HOME", home)
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env_remove("CLOUD_API_URL")
         .env_remove("CLOUD_TOKEN")
         .env_remove("CLOUD_REMOTE")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -812,7 +814,8 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
     assert!(!out.status.success() && err.contains("not found") && out.stdout.is_empty(), "{err}");
     let reader = ok(&dev, &["token", "create", "--scope", "read"]);
     let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[("CLOUD_TOKEN", reader.trim())], "");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("insufficient_scope"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("insufficient_scope"), "{err}");
 
     // Each exec is in the tenant's events: who ran what in which instance.
     let audited: Vec<(serde_json::Value,)> = runtime.block_on(async {
@@ -823,6 +826,12 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
             .unwrap()
     });
     assert_eq!(audited.len(), 5, "{audited:?}");
+    // The API reached the node over TLS with a certificate of the platform CA for the node's address.
+    let exec_address: (String,) = runtime.block_on(async {
+        let pool = cloud_store::connect(&database, 1).await.unwrap();
+        sqlx::query_as("SELECT exec_address FROM nodes").fetch_one(&pool).await.unwrap()
+    });
+    assert!(exec_address.0.starts_with("wss://127.0.0.1:"), "{exec_address:?}");
     assert_eq!(
         (&audited[0].0["instance"], &audited[0].0["command"]),
         (&serde_json::json!("box"), &serde_json::json!(["id"]))
@@ -834,7 +843,7 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
 fn cloudctl_script(home: &Path, command: &str, input: &str) -> Output {
     let mut cmd = Command::new("script");
     cmd.args(["-q", "-e", "-c", command, "/dev/null"]);
-    with_input(cmd, home, input)
+    with_input(cmd, home, &[], input)
 }
 
 /// Runs cloudctl and asserts success; returns stdout and stderr (where progress goes).

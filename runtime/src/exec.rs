@@ -1,5 +1,6 @@
-//! The node's side of `instance exec`: a WebSocket listener that the API connects to with an exec session it
-//! recorded in PostgreSQL. The session's id is in the path and its secret in the `Authorization` header; the
+//! The node's side of `instance exec`: a WebSocket listener (over TLS with a certificate of the platform CA for
+//! the listener's address, when the agent has the platform secret key) that the API connects to with an exec
+//! session it recorded in PostgreSQL. The session's id is in the path and its secret in the `Authorization` header; the
 //! store hands the session over once, to this node, while its instance runs here. The command then runs inside
 //! the instance's sandbox (by its init, see cloud-sandbox) and its input, output, terminal size and exit code travel as
 //! [`cloud_domain::exec::Frame`]s.
@@ -9,8 +10,8 @@ use std::sync::Arc;
 
 use cloud_domain::exec::Frame;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,8 +20,37 @@ use uuid::Uuid;
 
 use crate::Shared;
 
+/// The exec listener's TLS: a certificate of the platform CA for its address, renewed in the background.
+pub(crate) struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Tls {
+    /// Issues the listener's certificate for `address`.
+    pub(crate) async fn start(
+        store: &cloud_store::Store,
+        key: &cloud_certs::seal::SecretKey,
+        address: std::net::IpAddr,
+    ) -> Result<Self, crate::NodeError> {
+        let boxed = |e: Box<dyn std::error::Error + Send + Sync>| crate::NodeError::ExecCertificate(e);
+        let ca = cloud_certs::PlatformCa::load_or_create(store, key).await.map_err(|e| boxed(Box::new(e)))?;
+        let (current, renewal) =
+            cloud_certs::served::platform_certificate(ca, vec![address.to_string()]).map_err(|e| boxed(Box::new(e)))?;
+        let config = cloud_certs::served::server_config(current);
+        Ok(Self { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), renewal })
+    }
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
 /// Takes exec connections until the agent stops.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls>) {
+    let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -30,9 +60,16 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            if let Err(e) = session(shared, stream).await {
+            let ended = match acceptor {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => session(shared, stream).await,
+                    Err(e) => return tracing::info!(%peer, error = %e, "exec connection without TLS"),
+                },
+                None => session(shared, stream).await,
+            };
+            if let Err(e) = ended {
                 tracing::info!(%peer, error = %e, "exec connection ended");
             }
         });
@@ -48,7 +85,10 @@ struct Presented {
 
 // The handshake callback's error type is tungstenite's (a whole HTTP response).
 #[allow(clippy::result_large_err)]
-async fn session(shared: Arc<Shared>, stream: TcpStream) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    stream: S,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let mut presented = Presented::default();
     let callback = |req: &Request, res: Response| -> Result<Response, ErrorResponse> {
         presented.session = req.uri().path().strip_prefix("/exec/").and_then(|id| id.parse().ok());
@@ -86,7 +126,10 @@ async fn session(shared: Arc<Shared>, stream: TcpStream) -> Result<(), tokio_tun
     relay(ws, exec).await
 }
 
-async fn fail(ws: &mut WebSocketStream<TcpStream>, why: &str) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    why: &str,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     ws.send(Message::binary(Frame::Error(why.to_owned()).encode())).await?;
     ws.close(None).await
 }
@@ -104,8 +147,8 @@ fn pump(mut from: impl AsyncRead + Unpin + Send + 'static, to: mpsc::Sender<Fram
 }
 
 /// Relays frames between the connection and the command until it ends, then sends its exit code.
-async fn relay(
-    ws: WebSocketStream<TcpStream>,
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: WebSocketStream<S>,
     exec: cloud_sandbox::Exec,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let cloud_sandbox::Exec { stdio, mut end } = exec;
@@ -180,9 +223,9 @@ async fn relay(
 }
 
 /// Sends what output comes within moments of a terminal command's end.
-async fn drain_soon(
+async fn drain_soon<S: AsyncRead + AsyncWrite + Unpin>(
     out_rx: &mut mpsc::Receiver<Frame>,
-    sink: &mut futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let deadline = tokio::time::sleep(std::time::Duration::from_millis(200));
     tokio::pin!(deadline);

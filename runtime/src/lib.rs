@@ -112,6 +112,10 @@ pub struct NodeConfig {
     /// in PostgreSQL); port 0 takes any free port, and the node records the one it got. Reachable by the API
     /// only: across hosts, the underlay address. `None` (in code only): exec is off on this node.
     pub exec_listen: Option<std::net::SocketAddr>,
+    /// The platform secret key (`platform.secret_key_file`), given by the caller: with it the exec listener speaks
+    /// TLS with a certificate of the platform CA, which the API checks; without it, plain WebSocket.
+    #[serde(skip)]
+    pub secret_key: Option<std::sync::Arc<cloud_certs::seal::SecretKey>>,
 }
 
 impl Default for NodeConfig {
@@ -163,6 +167,7 @@ impl NodeConfig {
             logs: LogLimits::default(),
             ops_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9154)),
             exec_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            secret_key: None,
         }
     }
 }
@@ -242,6 +247,9 @@ pub enum NodeError {
     /// The overlay between hosts could not start.
     #[error("the overlay between hosts")]
     Overlay(#[from] cloud_overlay::OverlayError),
+    /// The exec listener's certificate could not be made.
+    #[error("cannot make the exec listener's certificate")]
+    ExecCertificate(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The exec listener could not be bound.
     #[error("cannot listen for exec connections on {listen}")]
     Exec {
@@ -460,9 +468,14 @@ pub async fn start(store: Store, feed: ChangeFeed, config: NodeConfig) -> Result
             if bound.ip().is_unspecified() {
                 bound.set_ip(config.underlay_address.map_or(Ipv4Addr::LOCALHOST, |a| a).into());
             }
-            store.set_exec_address(node, Some(&bound.to_string())).await?;
-            tracing::info!(%bound, "taking exec connections");
-            Some(listener)
+            let tls = match &config.secret_key {
+                Some(key) => Some(exec::Tls::start(&store, key, bound.ip()).await?),
+                None => None,
+            };
+            let url = format!("{}://{bound}", if tls.is_some() { "wss" } else { "ws" });
+            store.set_exec_address(node, Some(&url)).await?;
+            tracing::info!(%url, "taking exec connections");
+            Some((listener, tls))
         }
         None => {
             store.set_exec_address(node, None).await?;
@@ -535,7 +548,7 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     logs_rx: mpsc::UnboundedReceiver<logs::Queued>,
     reports_rx: mpsc::UnboundedReceiver<reports::Pending>,
-    exec: Option<tokio::net::TcpListener>,
+    exec: Option<(tokio::net::TcpListener, Option<exec::Tls>)>,
 ) {
     let mut shipper = AbortOnDrop(tokio::spawn(ship_logs(shared.store.clone(), logs_rx)));
     let mut reports = AbortOnDrop(tokio::spawn(reports::write(
@@ -548,7 +561,7 @@ async fn run(
     // Owned here, so that aborting the agent aborts every supervisor, whose child processes then die.
     let mut tasks = tokio::task::JoinSet::new();
     let mut supervisors: HashMap<Uuid, Supervisor> = HashMap::new();
-    let exec = exec.map(|listener| tasks.spawn(exec::serve(shared.clone(), listener)));
+    let exec = exec.map(|(listener, tls)| tasks.spawn(exec::serve(shared.clone(), listener, tls)));
     let heartbeat = {
         let shared = shared.clone();
         tasks.spawn(async move {

@@ -139,13 +139,27 @@ pub(crate) async fn exec_instance(
         tracing::warn!(node = %target.node, address = %target.exec_address, %why, "cannot reach a node for exec");
         ApiError::new(ErrorCode::Unavailable, format!("cannot reach node {} to exec: {why}", target.node))
     };
-    let mut request = format!("ws://{}/exec/{}", target.exec_address, target.session)
+    // `wss://` when the node serves a certificate of the platform CA for its address, which is then checked.
+    let (tls, authority) = match target.exec_address.split_once("://") {
+        Some((scheme, authority)) => (scheme == "wss", authority),
+        None => (false, target.exec_address.as_str()),
+    };
+    let scheme = if tls { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://{authority}/exec/{}", target.session)
         .into_client_request()
         .map_err(|e| unreachable(e.to_string()))?;
     let bearer = format!("Bearer {secret}").parse().map_err(|_| unreachable("a secret that is no header".into()))?;
     request.headers_mut().insert("authorization", bearer);
+    let connector = match tls {
+        true => Some(node_connector(super::system::platform_ca(&state).await?, authority).map_err(unreachable)?),
+        false => None,
+    };
     let connect = async {
-        let stream = tokio::net::TcpStream::connect(&target.exec_address).await?;
+        let tcp = tokio::net::TcpStream::connect(authority).await?;
+        let stream: Box<dyn NodeIo> = match connector {
+            Some((connector, name)) => Box::new(connector.connect(name, tcp).await?),
+            None => Box::new(tcp),
+        };
         tokio_tungstenite::client_async(request, stream).await.map_err(std::io::Error::other)
     };
     let (node, _) = tokio::time::timeout(NODE_CONNECT, connect)
@@ -157,11 +171,38 @@ pub(crate) async fn exec_instance(
     Ok(response)
 }
 
+/// A connection to a node's exec listener, with or without TLS.
+trait NodeIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> NodeIo for T {}
+
+/// A TLS connector that trusts the platform CA alone, and the name to check: the node's address (`host:port`).
+fn node_connector(
+    ca_pem: &str,
+    authority: &str,
+) -> Result<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>), String> {
+    use rustls::pki_types::pem::PemObject;
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).map_err(|e| e.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = match authority.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_owned(),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    Ok((tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), name))
+}
+
 /// Frames both ways until either side ends.
 async fn relay(
     mut client_out: actix_ws::Session,
     mut client_in: actix_ws::MessageStream,
-    node: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    node: tokio_tungstenite::WebSocketStream<Box<dyn NodeIo>>,
 ) {
     let (mut node_out, mut node_in) = node.split();
     loop {

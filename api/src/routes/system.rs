@@ -46,6 +46,12 @@ pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 ))]
 #[get("/ca.pem")]
 pub(crate) async fn ca_pem(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let pem = platform_ca(&state).await?;
+    Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(pem.to_owned()))
+}
+
+/// The platform CA's certificate, read once (and made, if nobody has yet: the API holds the platform secret key).
+pub(crate) async fn platform_ca(state: &AppState) -> ApiResult<&str> {
     let pem = state
         .ca_pem
         .get_or_try_init(|| async {
@@ -59,12 +65,11 @@ pub(crate) async fn ca_pem(state: web::Data<AppState>) -> ApiResult<HttpResponse
             if let Some(pem) = cloud_certs::PlatformCa::stored_certificate(&state.store).await.map_err(logged)? {
                 return Ok(pem);
             }
-            // Nobody created it yet: we hold the platform secret key, so we may.
             let ca = cloud_certs::PlatformCa::load_or_create(&state.store, &state.secret_key).await.map_err(logged)?;
             Ok::<_, ApiError>(ca.cert_pem().to_owned())
         })
         .await?;
-    Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(pem.clone()))
+    Ok(pem)
 }
 
 /// The caller's tenant and token.

@@ -20,6 +20,7 @@ impl Node {
         let feed = cloud_store::ChangeFeed::start(store.clone()).await?;
         let mut node_cfg = cfg.node.clone();
         node_cfg.dns = node_cfg.dns.or(dns);
+        node_cfg.secret_key = cfg.secret_key()?.map(Arc::new);
         let node = cloud_runtime::start(store, feed, node_cfg).await.context("starting the node agent")?;
         Ok(Self(node))
     }
