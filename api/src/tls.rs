@@ -2,7 +2,7 @@
 //! operator's certificate and key, or a certificate from the ACME CA that the certificate manager orders for the
 //! API's DNS names (followed from PostgreSQL); and what clients pin, which join tokens carry.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -121,10 +121,11 @@ pub fn api_names(config: &ApiConfig) -> Vec<String> {
     }
     for url in &config.public_urls {
         if let Some(host) = url.split("://").nth(1).and_then(|rest| rest.split(['/', '?']).next()) {
-            let host = host.parse::<SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_else(|_| {
-                let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                bare.trim_start_matches('[').trim_end_matches(']').to_owned()
-            });
+            let host = match host.strip_prefix('[') {
+                // An IPv6 address, with or without a port.
+                Some(v6) => v6.split(']').next().unwrap_or(v6).to_owned(),
+                None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
+            };
             names.push(host);
         }
     }
@@ -248,15 +249,22 @@ mod tests {
     fn the_certificate_covers_loopback_the_listen_address_and_the_public_urls() {
         let config = ApiConfig {
             listen: "10.0.0.5:7300".parse().unwrap(),
-            public_urls: vec!["https://api.example.com:7300/".into(), "https://[fd00::1]:7300".into()],
+            public_urls: vec![
+                "https://api.example.com:7300/".into(),
+                "https://[fd00::1]:7300".into(),
+                "https://[fd00::2]".into(),
+            ],
             tls_names: vec!["API.example.com".into(), "cloud.internal".into()],
             ..ApiConfig::default()
         };
         assert_eq!(
             api_names(&config),
-            ["localhost", "127.0.0.1", "::1", "10.0.0.5", "api.example.com", "fd00::1", "cloud.internal"]
+            ["localhost", "127.0.0.1", "::1", "10.0.0.5", "api.example.com", "fd00::1", "fd00::2", "cloud.internal"]
         );
-        assert_eq!(public_urls(&config), ["https://api.example.com:7300", "https://[fd00::1]:7300"]);
+        assert_eq!(
+            public_urls(&config),
+            ["https://api.example.com:7300", "https://[fd00::1]:7300", "https://[fd00::2]"]
+        );
         let wildcard = ApiConfig { listen: "0.0.0.0:7300".parse().unwrap(), ..ApiConfig::default() };
         assert_eq!(api_names(&wildcard), ["localhost", "127.0.0.1", "::1"]);
         assert_eq!(public_urls(&wildcard), ["https://127.0.0.1:7300"]);
