@@ -205,6 +205,7 @@ impl AppState {
         (name = "instances", description = "Running copies of images with private IPs."),
         (name = "images", description = "OCI images (uploaded archives or pulled from registries) and directory bundles."),
         (name = "certificates", description = "Certificates for custom domains."),
+        (name = "secrets", description = "Environment variables whose values are sealed and never shown again."),
         (name = "events", description = "The tenant's change stream."),
         (name = "system", description = "Health, readiness and metrics.")
     )

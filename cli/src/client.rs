@@ -43,6 +43,9 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/v1/join-tokens"),
     ("DELETE", "/v1/join-tokens/{id}"),
     ("POST", "/v1/join"),
+    ("GET", "/v1/secrets"),
+    ("PUT", "/v1/secrets/{key}"),
+    ("DELETE", "/v1/secrets/{key}"),
     ("GET", "/v1/events"),
 ];
 

@@ -78,6 +78,9 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Manage secrets: environment variables whose values are never shown again.
+    #[command(subcommand)]
+    Secret(crate::commands::secret::SecretCmd),
     /// Show the current remote, tenant and token.
     #[command(after_help = "Example:\n  cloudctl whoami -o json")]
     Whoami,
@@ -145,6 +148,7 @@ async fn run(mut cli: Cli, remote_typed: bool, env: &dyn Fn(&str) -> Option<Stri
         Command::Image(cmd) => commands::image::run(&connect()?, cmd, out).await,
         Command::Tenant(cmd) => commands::tenant::run(&connect()?, cmd, out).await,
         Command::Token(cmd) => commands::token::run(&connect()?, cmd, out).await,
+        Command::Secret(cmd) => commands::secret::run(&connect()?, cmd, out).await,
     }
 }
 

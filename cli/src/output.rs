@@ -280,6 +280,24 @@ pub fn tokens(items: &[Token]) -> Table {
     }
 }
 
+/// Secrets as a table (they have no values to show).
+pub fn secrets(items: &[cloud_domain::api::Secret]) -> Table {
+    Table {
+        headers: vec!["NAME", "SERVICE", "VERSION", "UPDATED"],
+        rows: items
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.service.clone().unwrap_or_else(|| "-".into()),
+                    s.version.to_string(),
+                    s.updated_at.format("%Y-%m-%d %H:%M").to_string(),
+                ]
+            })
+            .collect(),
+    }
+}
+
 /// Join tokens as a table.
 pub fn join_tokens(items: &[cloud_domain::api::JoinTokenInfo]) -> Table {
     let state = |s: cloud_domain::api::JoinTokenState| {

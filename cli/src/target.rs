@@ -180,9 +180,12 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
             | TenantCmd::Update { name, .. }
             | TenantCmd::Delete { name } => vec![Name(name)],
         },
-        Command::Remote(_) | Command::Token(_) | Command::Whoami | Command::Ca { .. } | Command::Completion { .. } => {
-            Vec::new()
-        }
+        Command::Remote(_)
+        | Command::Token(_)
+        | Command::Secret(_)
+        | Command::Whoami
+        | Command::Ca { .. }
+        | Command::Completion { .. } => Vec::new(),
     }
 }
 

@@ -772,8 +772,18 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
     std::fs::write(app.join("manifest.json"), r#"{"command": ["./run"], "port": 8080}"#).unwrap();
     std::fs::write(app.join("run"), "#!/bin/sh\nexec busybox httpd -f -p \"$PRIVATE_IP:$PORT\"\n").unwrap();
     std::fs::set_permissions(app.join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // A secret of the tenant: in the instance's environment, nowhere else.
+    let secret = "sealed-Token-9f2c";
+    ok(&dev, &["secret", "set", &format!("SHOP_TOKEN={secret}")]);
     ok(&dev, &["deploy", app.to_str().unwrap(), "-p", "443:8080", "--name", "box", "-e", "GREETING=from-env"]);
     let home = dev.home.path();
+    let listed = ok(&dev, &["secret", "list", "-o", "json"]);
+    assert!(listed.contains("SHOP_TOKEN") && !listed.contains(secret), "{listed}");
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "sh", "-c", "echo $SHOP_TOKEN"], &[], "");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{secret}\n"));
+    for shown in [ok(&dev, &["instance", "get", "box", "-o", "json"]), ok(&dev, &["instance", "logs", "box"])] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
 
     // A command: its output apart from its errors, its exit code cloudctl's, inside the sandbox.
     let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[], "");
@@ -825,18 +835,32 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
             .await
             .unwrap()
     });
-    assert_eq!(audited.len(), 5, "{audited:?}");
+    assert_eq!(audited.len(), 6, "{audited:?}");
     // The API reached the node over TLS with a certificate of the platform CA for the node's address.
     let exec_address: (String,) = runtime.block_on(async {
         let pool = cloud_store::connect(&database, 1).await.unwrap();
         sqlx::query_as("SELECT exec_address FROM nodes").fetch_one(&pool).await.unwrap()
     });
     assert!(exec_address.0.starts_with("wss://127.0.0.1:"), "{exec_address:?}");
+    // The secret is in no event and no column in clear.
+    let leaked: (i64,) = runtime.block_on(async {
+        let pool = cloud_store::connect(&database, 1).await.unwrap();
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events WHERE payload::text LIKE '%' || $1 || '%')
+                  + (SELECT count(*) FROM secrets WHERE position(convert_to($1, 'UTF8') in value_sealed) > 0)
+                  + (SELECT count(*) FROM instances WHERE env::text LIKE '%' || $1 || '%')",
+        )
+        .bind(secret)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    });
+    assert_eq!(leaked.0, 0, "the secret in clear in the database");
     assert_eq!(
-        (&audited[0].0["instance"], &audited[0].0["command"]),
+        (&audited[1].0["instance"], &audited[1].0["command"]),
         (&serde_json::json!("box"), &serde_json::json!(["id"]))
     );
-    assert_eq!(audited[4].0["tty"], serde_json::json!(true));
+    assert_eq!(audited[5].0["tty"], serde_json::json!(true));
 }
 
 /// Runs `command` under `script`, which gives it a pseudo-terminal and types `input` into it.

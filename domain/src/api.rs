@@ -532,6 +532,35 @@ pub struct MoveInstance {
     pub node: String,
 }
 
+/// Set a secret: an environment variable of the tenant's instances (or of one service's) whose value is sealed at
+/// rest and never shown again.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecret {
+    /// The value, at most 65536 characters (64 KiB of ASCII), without NUL (an environment cannot hold one).
+    #[schema(max_length = 65536, pattern = "^[^\\x00]*$")]
+    pub value: String,
+    /// Only for this service's instances (name or id); default: every instance of the tenant.
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// A secret as it is shown: its name and version, never its value.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Secret {
+    /// The environment variable's name.
+    pub name: String,
+    /// The service it is for; none: every instance of the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// 1 when set first, one more at each change.
+    pub version: i32,
+    /// When it was first set.
+    pub created_at: DateTime<Utc>,
+    /// When it was last set.
+    pub updated_at: DateTime<Utc>,
+}
+
 /// Who the caller is.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {

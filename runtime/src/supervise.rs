@@ -229,6 +229,23 @@ fn resolv_conf_path(shared: &Shared, id: uuid::Uuid) -> std::path::PathBuf {
     shared.config.state_dir.join("resolv").join(format!("{}.conf", id.simple()))
 }
 
+/// The assignment with its secrets opened into its environment (over variables of the same name).
+async fn secrets(shared: &Shared, a: &Assignment) -> Result<Assignment, String> {
+    let sealed = shared.store.instance_secrets(a.id).await.map_err(|e| format!("secrets: {e}"))?;
+    if sealed.is_empty() {
+        return Ok(a.clone());
+    }
+    let Some(key) = &shared.config.secret_key else {
+        return Err("the instance has secrets and this node lacks the platform secret key that opens them".into());
+    };
+    let mut with = a.clone();
+    for (name, value) in sealed {
+        let opened = key.open(&value).map_err(|_| format!("secret {name} does not open with this node's key"))?;
+        with.env.insert(name, String::from_utf8_lossy(&opened).into_owned());
+    }
+    Ok(with)
+}
+
 /// Starts the instance once and follows it until it ends or the tenant wants something else.
 async fn run_once(
     shared: &Arc<Shared>,
@@ -243,7 +260,12 @@ async fn run_once(
         Ok(x) => x,
         Err(e) => return ended(format!("image: {}", cloud_domain::error_chain(&e)), None),
     };
-    let launch = match image.run.launch(a) {
+    // Secrets are read at each start, so a changed one reaches the next start; opened here only.
+    let with_secrets = match secrets(shared, a).await {
+        Ok(a) => a,
+        Err(reason) => return ended(reason, None),
+    };
+    let launch = match image.run.launch(&with_secrets) {
         Ok(l) => l,
         Err(reason) => return ended(reason, None),
     };

@@ -22,6 +22,7 @@ mod nodes;
 mod page;
 mod platform_certificates;
 mod routes;
+mod secrets;
 mod services;
 mod tenants;
 mod tokens;

@@ -6,6 +6,7 @@ mod exec;
 mod images;
 mod instances;
 mod join;
+mod secrets;
 mod services;
 mod system;
 mod tenants;
@@ -32,6 +33,9 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(join::list_join_tokens)
             .service(join::revoke_join_token)
             .service(join::join)
+            .service(secrets::set_secret)
+            .service(secrets::list_secrets)
+            .service(secrets::delete_secret)
             .service(services::create_service)
             .service(services::list_services)
             .service(services::get_service)
