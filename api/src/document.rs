@@ -30,6 +30,10 @@ pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
         merge(at(schemas, &format!("/{component}/properties/name")), name());
     }
     merge(at(schemas, "/CreateInstance/properties/image"), json!({"minLength": 1}));
+    // An environment and an argument list cannot hold NUL (nor can PostgreSQL's text).
+    let no_nul = json!({"pattern": "^[^\\x00]*$"});
+    merge(at(schemas, "/CreateInstance/properties/env/additionalProperties"), no_nul.clone());
+    merge(at(schemas, "/CreateInstance/properties/args/items"), no_nul);
     // An existing service, or ports for a new ephemeral one: not both.
     merge(
         at(schemas, "/CreateInstance"),

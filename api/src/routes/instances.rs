@@ -48,6 +48,12 @@ pub(crate) async fn create_instance(
             return Err(invalid(format!("env name \"{key}\" is set by the platform and cannot be overridden")));
         }
     }
+    if let Some((key, _)) = body.env.iter().find(|(_, v)| v.contains('\0')) {
+        return Err(invalid(format!("env value of \"{key}\" holds NUL, which an environment cannot")));
+    }
+    if body.args.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("an argument holds NUL, which a command line cannot".into()));
+    }
     if body.service.is_some() && body.ports.is_some() {
         return Err(invalid(
             "give either service (attach to an existing service) or ports (create an ephemeral one), not both".into(),

@@ -233,3 +233,17 @@ mod ipnet_lite {
         }
     }
 }
+
+#[tokio::test]
+async fn nul_in_an_environment_value_or_an_argument_is_refused_before_anything_is_stored() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    for body in [
+        json!({"image": "hello", "name": "a", "env": {"X": "a\u{0}b"}}),
+        json!({"image": "hello", "name": "a", "args": ["a\u{0}b"]}),
+    ] {
+        let res = crate::post(&api, "/v1/instances", t, body.clone()).await;
+        res.problem(400, "invalid_request", "NUL");
+    }
+    assert_eq!(crate::get(&api, "/v1/instances", t).await.body["items"], json!([]));
+}
