@@ -32,8 +32,11 @@ pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
     merge(at(schemas, "/CreateInstance/properties/image"), json!({"minLength": 1}));
     // An environment and an argument list cannot hold NUL (nor can PostgreSQL's text).
     let no_nul = json!({"pattern": "^[^\\x00]*$"});
-    merge(at(schemas, "/CreateInstance/properties/env/additionalProperties"), no_nul.clone());
-    merge(at(schemas, "/CreateInstance/properties/args/items"), no_nul);
+    for component in ["CreateInstance", "CreateRollout"] {
+        merge(at(schemas, &format!("/{component}/properties/env/additionalProperties")), no_nul.clone());
+        merge(at(schemas, &format!("/{component}/properties/args/items")), no_nul.clone());
+    }
+    merge(at(schemas, "/CreateRollout/properties/image"), json!({"minLength": 1}));
     // An existing service, or ports for a new ephemeral one: not both.
     merge(
         at(schemas, "/CreateInstance"),
@@ -42,10 +45,12 @@ pub(crate) fn finish(doc: &mut Value, settings: &Settings) {
             "properties": {"service": {"type": "string"}, "ports": {"type": "array"}},
         }}),
     );
-    merge(
-        at(schemas, "/CreateInstance/properties/env"),
-        json!({"propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {"enum": PLATFORM_ENV}}}),
-    );
+    for component in ["CreateInstance", "CreateRollout"] {
+        merge(
+            at(schemas, &format!("/{component}/properties/env")),
+            json!({"propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {"enum": PLATFORM_ENV}}}),
+        );
+    }
     merge(at(schemas, "/PullImage/properties/reference"), reference());
     for variant in at(schemas, "/PortInput/oneOf").as_array_mut().into_iter().flatten() {
         if variant["type"] == "string" {

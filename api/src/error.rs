@@ -110,7 +110,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | TenantNotEmpty
         | LimitsConflict
         | NamesConflict
-        | NodeUnavailable => StatusCode::CONFLICT,
+        | NodeUnavailable
+        | RolloutInProgress => StatusCode::CONFLICT,
         PayloadTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IdempotencyKeyReused
@@ -169,6 +170,7 @@ impl From<StoreError> for ApiError {
             StoreError::CapacityExhausted { .. } => Self::new(C::CapacityExhausted, detail),
             StoreError::State(_) => Self::new(C::InvalidStateTransition, detail),
             StoreError::NodeUnavailable { .. } => Self::new(C::NodeUnavailable, detail),
+            StoreError::RolloutInProgress { .. } => Self::new(C::RolloutInProgress, detail),
             StoreError::NotRunning { .. } => Self::new(C::InvalidStateTransition, detail),
             StoreError::Invalid(_) => Self::new(C::InvalidRequest, detail),
             StoreError::Limits(e) => e.into(),

@@ -6,6 +6,7 @@
 //! serves it and checked in under `openapi/`.
 
 pub mod auth;
+pub mod controller;
 mod document;
 pub mod error;
 mod idempotency;

@@ -1,8 +1,8 @@
 //! The program of the built-in `hello` image: answers every HTTP request with the instance's name and private
 //! IP, so a response tells which instance served it. Also what a user debugging routing wants: a connection
 //! that starts with a PROXY protocol v2 header gets a line naming the client it announces; `GET /echo` answers
-//! with the request head as received (to see the headers the edge adds); `GET /sleep/<ms>` answers after that
-//! long (to hold a request in flight).
+//! with the request head as received (to see the headers the edge adds); `GET /sleep/<ms>` sends its head at once
+//! and its body after that long (a response in progress, held in flight).
 //!
 //! Built by `build.rs` with the standard library only and linked statically: the image holds this one file and
 //! nothing of the host.
@@ -66,16 +66,17 @@ fn serve(mut conn: TcpStream, mut body: String) {
         while let Some(end) = buf[..seen].windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
             let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let text = if path == "/echo" {
-                head.clone()
-            } else {
-                if let Some(ms) = path.strip_prefix("/sleep/").and_then(|ms| ms.parse().ok()) {
-                    std::thread::sleep(Duration::from_millis(ms));
+            let text = if path == "/echo" { head.clone() } else { body.clone() };
+            let mut res = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n", text.len());
+            if let Some(ms) = path.strip_prefix("/sleep/").and_then(|ms| ms.parse().ok()) {
+                if conn.write_all(res.as_bytes()).is_err() {
+                    return;
                 }
-                body.clone()
-            };
-            let res =
-                format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}", text.len());
+                std::thread::sleep(Duration::from_millis(ms));
+                res.clear();
+            }
+            // One write otherwise: a second small one would wait for the first one's (delayed) ACK.
+            res.push_str(&text);
             if conn.write_all(res.as_bytes()).is_err() {
                 return;
             }

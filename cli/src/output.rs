@@ -2,7 +2,7 @@
 //! for scripts.
 
 use anyhow::bail;
-use cloud_domain::api::{Image, Instance, Service, Tenant, Token};
+use cloud_domain::api::{Image, Instance, Rollout, Service, Tenant, Token};
 use serde::Serialize;
 use serde_json::Value;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
@@ -215,6 +215,28 @@ pub fn instances(items: &[Instance]) -> Table {
                     i.node.clone().unwrap_or_else(|| "-".into()),
                     i.restart_count.to_string(),
                     age(i.created_at),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// Rollout rows.
+pub fn rollouts(items: &[Rollout]) -> Table {
+    Table {
+        headers: vec!["ID", "STATE", "IMAGE", "STRATEGY", "NEW", "OLD LEFT", "AGE", "REASON"],
+        rows: items
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.to_string(),
+                    r.state.to_string(),
+                    r.image.clone(),
+                    r.strategy.to_string(),
+                    format!("{}/{}", r.new_ready, r.replicas),
+                    r.old_remaining.to_string(),
+                    age(r.created_at),
+                    r.state_reason.clone().unwrap_or_default(),
                 ]
             })
             .collect(),

@@ -150,6 +150,9 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
             ServiceCmd::Get { name }
             | ServiceCmd::Update { name, .. }
             | ServiceCmd::Verify { name, .. }
+            | ServiceCmd::Autoscale { name, .. }
+            | ServiceCmd::Restart { name }
+            | ServiceCmd::Rollouts { name }
             | ServiceCmd::Delete { name, .. } => vec![Name(name)],
         },
         Command::Deploy(args) => {
@@ -157,7 +160,7 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
         }
         Command::Instance(cmd) => match cmd {
             InstanceCmd::List { remote, .. } => vec![List(remote)],
-            InstanceCmd::Delete { names } => vec![Names(names)],
+            InstanceCmd::Delete { names, .. } => vec![Names(names)],
             // Its two names are on two remotes by design: it parses them itself (commands::copy), and the
             // remote chosen here is only the default of a name without one.
             InstanceCmd::Copy(_) => Vec::new(),
@@ -384,7 +387,7 @@ mod tests {
     #[test]
     fn handlers_get_plain_names_and_untouched_values() {
         let (_, cmd) = choose("cloudctl instance delete prod:a prod:b", None).unwrap();
-        assert!(matches!(cmd, Command::Instance(InstanceCmd::Delete { names }) if names == ["a", "b"]));
+        assert!(matches!(cmd, Command::Instance(InstanceCmd::Delete { names, .. }) if names == ["a", "b"]));
         let (_, cmd) = choose("cloudctl service create prod:web 443:8080", None).unwrap();
         assert!(matches!(cmd, Command::Service(ServiceCmd::Create { args, .. }) if args == ["web", "443:8080"]));
         let (_, cmd) = choose("cloudctl instance list prod: -w", None).unwrap();

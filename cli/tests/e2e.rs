@@ -981,3 +981,212 @@ fn instances_are_copied_to_another_platform() {
     assert!(last.ends_with("(quota_exceeded); service other, made for it, was removed"), "{err}");
     assert_eq!(ok(&b, &["service", "list", "-o", "name"]), format!("{service}\n"));
 }
+
+/// Names of the service's instances that are wanted running, from `instance list`.
+fn serving_instances(dev: &Dev, service: &str) -> Vec<String> {
+    let all = json(&ok(dev, &["instance", "list", "-o", "json"]));
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["service"]["name"] == service && i["state"] == "running")
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `path` through the edge from `loops` concurrent request loops until `stop`: how many were answered, and the
+/// failures, with the instance names that answered.
+async fn load_loops(
+    client: reqwest::Client,
+    fqdn: String,
+    path: &'static str,
+    loops: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> (usize, Vec<String>, std::collections::BTreeSet<String>) {
+    let mut tasks = Vec::new();
+    for _ in 0..loops {
+        let (client, fqdn, stop, answered) = (client.clone(), fqdn.clone(), stop.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut served, mut failures, mut names) = (0, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let res = client.get(format!("https://{fqdn}{path}")).send().await;
+                match res {
+                    Ok(r) if r.status() == 200 => match r.text().await {
+                        Ok(body) => {
+                            served += 1;
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let name = body.strip_prefix("hello from ").and_then(|b| b.split_whitespace().next());
+                            names.extend(name.map(str::to_owned));
+                        }
+                        // The answer broke off: its instance went while it was in flight.
+                        Err(e) => failures.push(format!("body: {}", cloud_domain::error_chain(&e))),
+                    },
+                    Ok(r) => failures.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => failures.push(cloud_domain::error_chain(&e)),
+                }
+            }
+            (served, failures, names)
+        }));
+    }
+    let (mut served, mut failures, mut names) = (0, Vec::new(), std::collections::BTreeSet::new());
+    for t in tasks {
+        let (s, f, n) = t.await.unwrap();
+        served += s;
+        failures.extend(f);
+        names.extend(n);
+    }
+    (served, failures, names)
+}
+
+/// Day-2 deploys through the real edge: a rollout replaces a service's instances under a steady request loop
+/// without a failed request, a rollout to an image that cannot start leaves the old instances serving, and a
+/// deletion under load drains the instance first.
+#[test]
+fn rollouts_and_deletions_under_load_lose_no_request() {
+    let Some((runtime, _database, dev)) = dev_on_a_database(217, "sandboxes need root here") else {
+        return;
+    };
+    ok(&dev, &["service", "create", "web", "443:8080"]);
+    ok(&dev, &["deploy", "--service", "web", "--image", "hello", "-R", "2"]);
+    let old = serving_instances(&dev, "web");
+    assert_eq!(old.len(), 2, "{old:?}");
+    let fqdn = ok(&dev, &["service", "get", "web", "-o", "value=fqdn"]).trim().to_owned();
+    let client = edge_client(&dev, &fqdn);
+
+    // A rollout under a steady loop of requests: none fails, and at the end only new instances answer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = runtime.spawn(load_loops(client.clone(), fqdn.clone(), "/", 2, stop.clone(), answered.clone()));
+    let t0 = Instant::now();
+    let (out, progress) =
+        ok_with_progress(&dev, &["deploy", "--service", "web", "--image", "hello", "--rollout", "replace"]);
+    let new = serving_instances(&dev, "web");
+    // The loop goes on until the old instances have drained and gone.
+    loop {
+        let listed = ok(&dev, &["instance", "list", "-o", "name"]);
+        if !old.iter().any(|o| listed.lines().any(|l| l == o)) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "old instances still there: {listed}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures, _) = runtime.block_on(load).unwrap();
+    assert_eq!(failures, Vec::<String>::new(), "requests failed during the rollout ({served} served)");
+    let rate = served as f64 / t0.elapsed().as_secs_f64();
+    assert!(rate >= 20.0, "the loop made {rate:.1} requests/s: too few to show anything");
+    assert!(progress.contains("rolling out hello to service web") && progress.contains("rolled out"), "{progress}");
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(new.len(), 2, "as many new instances as old ones: {new:?}");
+    assert!(new.iter().all(|n| !old.contains(n)), "old {old:?} still serve beside {new:?}");
+    let after = runtime.block_on(async {
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let body = get_through_edge(&client, &fqdn).await.unwrap();
+            names.insert(body.split_whitespace().nth(2).unwrap().to_owned());
+        }
+        names
+    });
+    assert!(after.iter().all(|n| new.contains(n)), "answered by {after:?}, not only by the new {new:?}");
+    let history = json(&ok(&dev, &["service", "rollouts", "web", "-o", "json"]));
+    assert_eq!(history[0]["state"], "succeeded", "{history}");
+
+    // An image whose program exits at once: the rollout fails, saying why, and the instances serve on.
+    let files = tempfile::tempdir().unwrap();
+    let app = files.path().join("broken");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("manifest.json"), r#"{"command": ["./run"], "port": 8080}"#).unwrap();
+    std::fs::write(app.join("run"), "#!/bin/sh\necho cannot start >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(app.join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    ok(&dev, &["image", "push", app.to_str().unwrap()]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = runtime.spawn(load_loops(client.clone(), fqdn.clone(), "/", 2, stop.clone(), answered.clone()));
+    let failed = ctl(&dev, &["deploy", "--service", "web", "--image", "broken", "--rollout-wait", "20"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures, names) = runtime.block_on(load).unwrap();
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "a rollout to a broken image succeeded: {said}");
+    assert!(said.contains("rollout of broken to service web failed: new instance broken-"), "{said}");
+    assert!(said.contains("2 instance(s) keep serving"), "{said}");
+    assert_eq!(failures, Vec::<String>::new(), "requests failed during the failed rollout ({served} served)");
+    assert!(names.iter().all(|n| new.contains(n)), "answered by {names:?}");
+    assert_eq!(serving_instances(&dev, "web"), new, "the failed rollout left the serving instances as they were");
+    let listed = json(&ok(&dev, &["instance", "list", "-o", "json"]));
+    assert!(
+        listed.as_array().unwrap().iter().all(|i| i["image"] != "broken"),
+        "the failed new instance was removed: {listed}"
+    );
+
+    // Deleting an instance while slow requests are in flight on it: they finish, and nothing new reaches it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = runtime.spawn(load_loops(client.clone(), fqdn.clone(), "/sleep/400", 6, stop.clone(), answered.clone()));
+    // Once every loop has had an answer, six requests are in flight at any moment, spread over both instances.
+    let t0 = Instant::now();
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 12 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the slow requests are not answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, progress) = ok_with_progress(&dev, &["instance", "delete", &new[0]]);
+    assert!(progress.contains("draining"), "the deletion drained first: {progress}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures, _) = runtime.block_on(load).unwrap();
+    assert_eq!(failures, Vec::<String>::new(), "requests failed as an instance was deleted ({served} served)");
+    assert_eq!(serving_instances(&dev, "web"), vec![new[1].clone()]);
+    fails(&dev, &["instance", "get", &new[0]], "not found");
+
+    // A secret set with --restart: a rolling restart hands it to a new instance.
+    let (_, progress) = ok_with_progress(&dev, &["secret", "set", "--service", "web", "API_KEY=k1", "--restart"]);
+    assert!(
+        progress.contains("set secret API_KEY") && progress.contains("rolled out hello to service web"),
+        "{progress}"
+    );
+    let restarted = serving_instances(&dev, "web");
+    assert!(restarted.len() == 1 && restarted[0] != new[1], "{restarted:?} replaced {}", new[1]);
+}
+
+/// Autoscale on the edges' in-flight counts: a sustained load of slow requests made here adds instances up to the
+/// maximum, and once it stops they drain away to the minimum, with no failed request on the way down.
+#[test]
+fn autoscale_follows_the_load_up_and_down() {
+    let Some((runtime, _database, dev)) = dev_on_a_database(218, "sandboxes need root here") else {
+        return;
+    };
+    ok(&dev, &["service", "create", "web", "443:8080"]);
+    ok(&dev, &["deploy", "--service", "web", "--image", "hello"]);
+    fails(&dev, &["service", "autoscale", "web", "--min", "3", "--max", "2", "--target", "2"], "min 3 is above max 2");
+    fails(&dev, &["service", "autoscale", "web", "--min", "1", "--max", "3", "--target", "0"], "target_in_flight");
+    let set =
+        ok(&dev, &["service", "autoscale", "web", "--min", "1", "--max", "3", "--target", "2", "--cooldown", "2"]);
+    assert_eq!(set.trim(), "service web: 1 to 3 instances, 2 requests in flight per instance, cooldown 2s");
+    let fqdn = ok(&dev, &["service", "get", "web", "-o", "value=fqdn"]).trim().to_owned();
+    let client = edge_client(&dev, &fqdn);
+
+    // Eight slow requests always in flight, at a target of 2 per instance: up to the maximum, 3.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = runtime.spawn(load_loops(client.clone(), fqdn.clone(), "/sleep/300", 8, stop.clone(), answered));
+    let t0 = Instant::now();
+    let mut seen = 1;
+    while seen < 3 {
+        seen = serving_instances(&dev, "web").len();
+        assert!(t0.elapsed() < Duration::from_secs(90), "autoscale did not reach 3 instances: {seen}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let grown = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures, names) = runtime.block_on(load).unwrap();
+    assert_eq!(failures, Vec::<String>::new(), "requests failed while scaling up ({served} served)");
+    assert!(names.len() >= 2, "the added instances took requests: {names:?}");
+    let events = ok(&dev, &["service", "get", "web", "-o", "json"]);
+    assert_eq!(json(&events)["autoscale"]["max"], 3);
+
+    // No load: one at a time after each cooldown, down to the minimum; the surplus instances drain and go.
+    let t1 = Instant::now();
+    while ok(&dev, &["instance", "list", "-o", "name"]).lines().count() > 1 {
+        assert!(t1.elapsed() < Duration::from_secs(90), "autoscale did not come back down to 1 (grew in {grown:?})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(serving_instances(&dev, "web").len(), 1, "the minimum stays");
+    ok(&dev, &["service", "autoscale", "web", "--off"]);
+    assert_eq!(json(&ok(&dev, &["service", "get", "web", "-o", "json"]))["autoscale"], Value::Null);
+}

@@ -250,7 +250,8 @@ fn the_readme_walkthrough_works_verbatim_and_survives_a_restart() {
     check(demo, demo.stdout.contains("instance: demo  running"));
     check(list, list.stdout.starts_with("NAME"));
     assert_eq!(names(list), ["my-service", "demo"], "{}", list.stdout);
-    check(delete, delete.stderr == "deleted instance demo and its ephemeral service demo\n");
+    // It drained first (the edge sent it nothing new, what was in flight finished), then went.
+    check(delete, delete.stderr == "instance demo: draining\ndeleted instance demo and its ephemeral service demo\n");
     check(list_after, true);
     assert_eq!(names(list_after), ["my-service"], "{}", list_after.stdout);
 

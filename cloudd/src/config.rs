@@ -159,6 +159,9 @@ pub struct PlatformSection {
     pub resolver: Option<SocketAddr>,
     /// Days an unverified custom-domain claim lasts before it lapses and is removed (1 to 365).
     pub domain_claim_days: u32,
+    /// Seconds an instance being stopped or deleted gets to finish the requests in flight after the edges stop
+    /// sending it new ones (1 to 3600).
+    pub drain_timeout_seconds: u32,
     /// File holding the platform secret key (64 hex digits) that seals the token signing key and certificate
     /// keys in the database. The same file on every API, edge and certificate manager; required by them. Default
     /// none; `cloudd dev`: `<data_dir>/secret.key`, created on first start.
@@ -177,6 +180,7 @@ impl Default for PlatformSection {
             tcp_ports: PortRange { low: *s.tcp_ports.start(), high: *s.tcp_ports.end() },
             resolver: None,
             domain_claim_days: (s.domain_claim_ttl.as_secs() / 86400) as u32,
+            drain_timeout_seconds: s.drain_timeout.as_secs() as u32,
             secret_key_file: None,
         }
     }
@@ -270,6 +274,9 @@ impl Config {
         if !(1..=365).contains(&p.domain_claim_days) {
             bail!("platform.domain_claim_days = {} must be between 1 and 365", p.domain_claim_days);
         }
+        if !(1..=3600).contains(&p.drain_timeout_seconds) {
+            bail!("platform.drain_timeout_seconds = {} must be between 1 and 3600", p.drain_timeout_seconds);
+        }
         let database_timeout = match self.database_timeout_seconds {
             None => cloud_store::DEFAULT_DATABASE_TIMEOUT,
             Some(0) => bail!("database_timeout_seconds = 0: an operation needs at least a second"),
@@ -284,6 +291,7 @@ impl Config {
             tcp_ports: p.tcp_ports.low..=p.tcp_ports.high,
             ip_hold: cloud_store::Settings::default().ip_hold,
             domain_claim_ttl: std::time::Duration::from_secs(u64::from(p.domain_claim_days) * 86400),
+            drain_timeout: std::time::Duration::from_secs(u64::from(p.drain_timeout_seconds)),
             database_timeout,
         })
     }

@@ -90,7 +90,8 @@ impl Fixture {
         let secret = Arc::new(cloud_certs::seal::SecretKey::from_bytes(&[k as u8; 32]));
         let mut api_config = cloud_api::ApiConfig { secret_key: Some(secret.clone()), ..Default::default() };
         api(&mut api_config);
-        let api = TestApi::start_with_settings(settings, api_config).await;
+        let mut api = TestApi::start_with_settings(settings, api_config).await;
+        api.start_controller();
         // Shared by every run: each agent removes what the agents of earlier tests and runs left there.
         let state = std::env::temp_dir().join("cloud-edge-test");
         let mut c = NodeConfig::new(format!("edge-n{k}"), state);

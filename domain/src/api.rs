@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::int;
 use crate::ports::{PortMapping, PortSpec};
 use crate::service;
-use crate::state::{DesiredState, InstanceState, RestartPolicy};
+use crate::state::{DesiredState, InstanceState, RestartPolicy, RolloutState, RolloutStrategy};
 
 /// Stable, machine-readable error codes carried in every problem document's `code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -134,6 +134,8 @@ pub enum ErrorCode {
     TooManyRequests,
     /// The node an instance should move to is down or lacks the memory for it.
     NodeUnavailable,
+    /// The service already has a rollout under way: wait for it to end.
+    RolloutInProgress,
     /// The service is temporarily unavailable (e.g. the database is unreachable).
     Unavailable,
     /// PostgreSQL did not answer within the API's bound; the response says when to retry (`Retry-After`).
@@ -201,6 +203,7 @@ impl ErrorCode {
             Self::JoinTokenTenantDeleted => "join_token_tenant_deleted",
             Self::TooManyRequests => "too_many_requests",
             Self::NodeUnavailable => "node_unavailable",
+            Self::RolloutInProgress => "rollout_in_progress",
             Self::Unavailable => "unavailable",
             Self::DatabaseUnavailable => "database_unavailable",
             Self::InternalError => "internal_error",
@@ -691,6 +694,8 @@ pub struct Service {
     pub persistent: bool,
     /// Extra names routed to this service.
     pub domains: Vec<Domain>,
+    /// How the platform adds and removes instances on load; absent: it does not.
+    pub autoscale: Option<Autoscale>,
     /// The service's instances.
     pub instances: Vec<InstanceSummary>,
     /// Private name `<service>.internal`.
@@ -753,6 +758,104 @@ pub struct UpdateService {
     /// verification and token; an expired claim listed again is claimed anew.
     #[serde(default)]
     pub domains: Option<Vec<String>>,
+}
+
+/// A service's autoscale policy: between `min` and `max` instances, aiming at `target_in_flight` requests (or
+/// connections) in flight per instance, as the edges count them. Instances are added as soon as the load stays
+/// above the target, and drained away one cooldown after the last change once it stays below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    /// Fewest instances (0 to 64); with 0 and `scale_to_zero_after`, the last instance still stops when idle.
+    #[serde(deserialize_with = "int::exact::<_, _, 0, 64>")]
+    #[schema(minimum = 0, maximum = 64)]
+    pub min: u32,
+    /// Most instances (1 to 64, at least `min`).
+    #[serde(deserialize_with = "int::exact::<_, _, 1, 64>")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub max: u32,
+    /// Requests in flight per instance to aim at (1 to 100000).
+    #[serde(deserialize_with = "int::exact::<_, _, 1, 100_000>")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub target_in_flight: u32,
+    /// Seconds after a change before instances are removed (0 to 86400, default 30).
+    #[serde(default = "default_cooldown", deserialize_with = "int::exact::<_, _, 0, 86_400>")]
+    #[schema(minimum = 0, maximum = 86400)]
+    pub cooldown_seconds: u32,
+}
+
+fn default_cooldown() -> u32 {
+    30
+}
+
+/// Start a rollout: new instances for a service, each running before an old one drains.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    /// Image name or id of the new instances; absent: the image the service's newest instance runs (a rolling
+    /// restart, e.g. after a secret changed).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// What happens to the old instances (default `replace`).
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// How many new instances (1 to 64); default: as many as the service runs now, at least 1.
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 64>")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub replicas: Option<u32>,
+    /// New instances started ahead of the old ones' removal (1 to 64, default 1).
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 64>")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub max_surge: Option<u32>,
+    /// Seconds a new instance gets to run and listen before the rollout fails (1 to 3600, default 120).
+    #[serde(default, deserialize_with = "int::optional::<_, _, 1, 3600>")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub ready_timeout_seconds: Option<u32>,
+    /// Environment of the new instances; absent: that of the service's newest instance.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Arguments of the new instances; absent: those of the service's newest instance.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+}
+
+/// A rollout and how far it got.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Rollout {
+    /// Unique id.
+    pub id: Uuid,
+    /// The service rolled out.
+    pub service: String,
+    /// Image of the new instances.
+    pub image: String,
+    /// Its digest.
+    pub image_digest: String,
+    /// What happens to the old instances.
+    pub strategy: RolloutStrategy,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Why it failed or was cancelled; for a running one, what it waits for.
+    pub state_reason: Option<String>,
+    /// New instances wanted.
+    pub replicas: u32,
+    /// New instances started ahead of the old ones' removal.
+    pub max_surge: u32,
+    /// Seconds a new instance gets to become ready.
+    pub ready_timeout_seconds: u32,
+    /// The instances it replaces, as they are now (gone ones are left out).
+    pub old_instances: Vec<InstanceSummary>,
+    /// The instances it made, as they are now.
+    pub new_instances: Vec<InstanceSummary>,
+    /// Old instances still to drain or stop.
+    pub old_remaining: u32,
+    /// New instances running.
+    pub new_ready: u32,
+    /// When it started.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// The service an instance belongs to.

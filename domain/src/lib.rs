@@ -5,6 +5,7 @@
 //! instances run. Storage and transport live in other crates; this crate only computes.
 
 pub mod api;
+pub mod autoscale;
 pub mod domains;
 pub mod duration;
 pub mod exec;

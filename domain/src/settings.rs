@@ -35,6 +35,9 @@ pub struct Settings {
     /// How long an unverified custom-domain claim lasts: long enough for an owner to publish a TXT record, short
     /// enough that an abandoned or squatting claim does not linger.
     pub domain_claim_ttl: Duration,
+    /// How long an instance being stopped or deleted may take to finish the requests in flight once no edge
+    /// sends it new ones; it stops at the end of this time whatever is left.
+    pub drain_timeout: Duration,
     /// How long one operation may wait for PostgreSQL, taking a connection included, before it fails with
     /// `cloud_store::StoreError::Unresponsive`: a frozen, overloaded or cut-off server makes callers fail in
     /// bounded time instead of hanging (a server that froze leaves its TCP connections open, so nothing else would
@@ -54,6 +57,7 @@ impl Default for Settings {
             tcp_ports: 30000..=32767,
             ip_hold: Duration::from_secs(60),
             domain_claim_ttl: Duration::from_secs(7 * 86400),
+            drain_timeout: Duration::from_secs(30),
             database_timeout: DEFAULT_DATABASE_TIMEOUT,
         }
     }

@@ -54,6 +54,9 @@ wire_enum! {
         Starting = "starting",
         /// Accepting connections.
         Running = "running",
+        /// Being stopped or deleted: the edges send it no new requests, those in flight finish (within the
+        /// platform's drain timeout), then it stops or goes.
+        Draining = "draining",
         /// Being stopped.
         Stopping = "stopping",
         /// Not running, by request.
@@ -84,6 +87,40 @@ wire_enum! {
         Always = "always",
         /// Only after a non-zero exit.
         OnFailure = "on-failure",
+    }
+}
+
+wire_enum! {
+    /// What a rollout does with the instances it replaces (kraft cloud's vocabulary).
+    RolloutStrategy {
+        /// Each old instance drains and is deleted once a new one runs.
+        Replace = "replace",
+        /// Each old instance drains and stops (kept, to start again) once a new one runs.
+        Stop = "stop",
+        /// The old instances stay; the new ones join them.
+        Keep = "keep",
+    }
+}
+
+wire_enum! {
+    /// Where a rollout is.
+    RolloutState {
+        /// Under way.
+        Running = "running",
+        /// Every new instance runs and no old one serves.
+        Succeeded = "succeeded",
+        /// A new instance failed or did not become ready in time: the rollout stopped, and the instances that
+        /// were healthy keep serving.
+        Failed = "failed",
+        /// Cancelled by the tenant, or overtaken by the service's deletion.
+        Cancelled = "cancelled",
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for RolloutStrategy {
+    fn default() -> Self {
+        Self::Replace
     }
 }
 
@@ -118,20 +155,23 @@ pub fn start(current: InstanceState) -> Result<Transition, StateError> {
     use InstanceState::*;
     match current {
         Stopped | Failed => Ok(Transition { desired: DesiredState::Running, state: Pending }),
-        Stopping => Err(StateError::NotAllowed("instance is stopping; start it once it is stopped".into())),
+        Draining | Stopping => {
+            Err(StateError::NotAllowed(format!("instance is {current}; start it once it is stopped")))
+        }
         Deleted => Err(StateError::NotAllowed("instance is deleted".into())),
         Pending | Starting | Running => Err(StateError::NotAllowed(format!("instance is already {current}"))),
     }
 }
 
-/// Asks an instance to stop. One that never started is stopped at once.
+/// Asks an instance to stop. One that never started is stopped at once; one that serves drains first.
 pub fn stop(current: InstanceState) -> Result<Transition, StateError> {
     use InstanceState::*;
     let to = |state| Ok(Transition { desired: DesiredState::Stopped, state });
     match current {
         Pending | Failed => to(Stopped),
-        Starting | Running => to(Stopping),
-        Stopping | Stopped => Err(StateError::NotAllowed(format!("instance is already {current}"))),
+        Starting => to(Stopping),
+        Running => to(Draining),
+        Draining | Stopping | Stopped => Err(StateError::NotAllowed(format!("instance is already {current}"))),
         Deleted => Err(StateError::NotAllowed("instance is deleted".into())),
     }
 }
@@ -150,7 +190,7 @@ mod tests {
         let wire = |all: &[&str]| all.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             documented::<InstanceState>(),
-            wire(&["pending", "starting", "running", "stopping", "stopped", "failed", "deleted"])
+            wire(&["pending", "starting", "running", "draining", "stopping", "stopped", "failed", "deleted"])
         );
         assert_eq!(documented::<DesiredState>(), wire(&["running", "stopped"]));
         assert_eq!(documented::<RestartPolicy>(), wire(&["never", "always", "on-failure"]));
@@ -163,10 +203,11 @@ mod tests {
     fn start_and_stop_follow_the_table() {
         let run = |s| Transition { desired: DesiredState::Running, state: s };
         let halt = |s| Transition { desired: DesiredState::Stopped, state: s };
-        let cases: [(InstanceState, Result<Transition, &str>, Result<Transition, &str>); 7] = [
+        let cases: [(InstanceState, Result<Transition, &str>, Result<Transition, &str>); 8] = [
             (Pending, Err("instance is already pending"), Ok(halt(Stopped))),
             (Starting, Err("instance is already starting"), Ok(halt(Stopping))),
-            (Running, Err("instance is already running"), Ok(halt(Stopping))),
+            (Running, Err("instance is already running"), Ok(halt(Draining))),
+            (Draining, Err("instance is draining; start it once it is stopped"), Err("instance is already draining")),
             (Stopping, Err("instance is stopping; start it once it is stopped"), Err("instance is already stopping")),
             (Stopped, Ok(run(Pending)), Err("instance is already stopped")),
             (Failed, Ok(run(Pending)), Ok(halt(Stopped))),
@@ -186,7 +227,7 @@ mod tests {
         }
         assert_eq!(RestartPolicy::OnFailure.as_str(), "on-failure");
         assert!("sometimes".parse::<RestartPolicy>().unwrap_err().contains("on-failure"));
-        for s in [Pending, Starting, Running, Stopping, Stopped, Failed, Deleted] {
+        for s in [Pending, Starting, Running, Draining, Stopping, Stopped, Failed, Deleted] {
             assert_eq!(s.as_str().parse::<InstanceState>(), Ok(s));
         }
     }

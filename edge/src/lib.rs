@@ -33,6 +33,7 @@ use cloud_store::{ChangeFeed, RouteChanges, Store, StoreError};
 use prometheus::{Encoder, Registry};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::access_log::AccessWriter;
 pub use crate::access_log::{AccessLog, LogTarget};
@@ -80,6 +81,10 @@ pub struct EdgeConfig {
     /// How long a request to a service scaled to zero waits for an instance to start.
     #[serde(rename = "wake_timeout_seconds", with = "cloud_domain::duration::seconds")]
     pub wake_timeout: Duration,
+    /// How often the edge tells PostgreSQL the version it routes by and its requests in flight per instance
+    /// (what ends drains and drives autoscale).
+    #[serde(rename = "load_report_interval_seconds", with = "cloud_domain::duration::seconds")]
+    pub load_report_interval: Duration,
     /// Opens the keys of tenants' certificates stored in the database; without it only the certificates given
     /// through the [`CertStore`] are served. Not a setting: the caller opens the key file.
     #[serde(skip)]
@@ -111,6 +116,7 @@ impl Default for EdgeConfig {
             resync_interval: Duration::from_secs(60),
             retry_interval: Duration::from_secs(1),
             wake_timeout: Duration::from_secs(30),
+            load_report_interval: Duration::from_secs(1),
             secret_key: None,
             threads: 0,
             upstream_pool_size: 1024,
@@ -177,6 +183,11 @@ pub(crate) struct Shared {
     pub(crate) open: AtomicUsize,
     /// The runtime that started the edge, where database work runs (see [`cores`]).
     control: tokio::runtime::Handle,
+    /// This edge in its load reports.
+    pub(crate) edge_id: Uuid,
+    /// Backends no longer routed to that still have requests or connections in flight (a draining instance's),
+    /// kept until those end so that the load reports count them.
+    pub(crate) retired: std::sync::Mutex<Vec<Arc<table::Backend>>>,
 }
 
 impl Shared {
@@ -296,6 +307,9 @@ impl EdgeHandle {
         for t in &self.tasks {
             t.abort();
         }
+        if let Err(e) = self.shared.store.remove_edge(self.shared.edge_id).await {
+            tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot withdraw the edge's load report");
+        }
         self.cores.exit().await;
     }
 }
@@ -325,6 +339,8 @@ pub async fn start(
         config: config.clone(),
         open: AtomicUsize::new(0),
         control: tokio::runtime::Handle::current(),
+        edge_id: Uuid::new_v4(),
+        retired: std::sync::Mutex::new(Vec::new()),
     });
 
     let threads = match config.threads {
@@ -362,7 +378,8 @@ pub async fn start(
     tasks.extend([
         tokio::spawn(follow(store, feed, shared.clone(), ports.clone(), stopped.clone())),
         tokio::spawn(check_health(shared.clone(), stopped.clone())),
-        tokio::spawn(stop_idle(shared.clone(), stopped)),
+        tokio::spawn(stop_idle(shared.clone(), stopped.clone())),
+        tokio::spawn(report_load(shared.clone(), stopped)),
     ]);
     tracing::info!(https = %https_addr, http = %http_addr, threads, services = shared.table.load().len(), "edge serving");
     Ok(EdgeHandle { shared, registry, https_addr, http_addr, cores, ports, stop, tasks })
@@ -414,6 +431,7 @@ async fn follow(
                 let changed = table.version != current.version || full;
                 shared.metrics.table_version.set(table.version);
                 shared.metrics.table_services.set(table.len() as i64);
+                retire(&shared, &current, &table);
                 shared.table.store(Arc::new(table));
                 shared.swapped.notify_waiters();
                 if changed {
@@ -427,6 +445,54 @@ async fn follow(
                 retrying = true;
                 shared.metrics.table_stale.set(1);
             }
+        }
+    }
+}
+
+/// Keeps the backends `next` drops that still have something in flight, for the load reports.
+fn retire(shared: &Shared, current: &RouteTable, next: &RouteTable) {
+    let kept: std::collections::HashSet<*const table::Backend> = next.backends().map(|(_, b)| Arc::as_ptr(b)).collect();
+    let mut retired = shared.retired.lock().expect("retired lock");
+    retired.retain(|b| b.in_flight() > 0);
+    for (_, b) in current.backends() {
+        if !kept.contains(&Arc::as_ptr(b)) && b.in_flight() > 0 {
+            retired.push(b.clone());
+        }
+    }
+}
+
+/// Reports to PostgreSQL, every `load_report_interval`, the version routed by and what is in flight per instance.
+async fn report_load(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "edge".into(), |h| h.trim().to_owned());
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(shared.config.load_report_interval) => {}
+        }
+        let table = shared.table.load_full();
+        let mut load: std::collections::HashMap<Uuid, u32> = std::collections::HashMap::new();
+        for (_, b) in table.backends() {
+            if b.in_flight() > 0 {
+                *load.entry(b.id).or_default() += b.in_flight();
+            }
+        }
+        {
+            let mut retired = shared.retired.lock().expect("retired lock");
+            retired.retain(|b| b.in_flight() > 0);
+            for b in retired.iter() {
+                *load.entry(b.id).or_default() += b.in_flight();
+            }
+        }
+        let load: Vec<(Uuid, u32)> = load.into_iter().collect();
+        match shared.store.report_edge(shared.edge_id, &name, table.version, &load).await {
+            Ok(()) if std::mem::take(&mut failing) => tracing::info!("load reports reach PostgreSQL again"),
+            Ok(()) => {}
+            Err(e) if !std::mem::replace(&mut failing, true) => {
+                tracing::warn!(error = %cloud_domain::error_chain(&e), "cannot report the edge's load");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -697,8 +697,13 @@ async fn reconcile(
                 });
             }
             None => {
-                let active =
-                    matches!(a.state, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping);
+                let active = matches!(
+                    a.state,
+                    InstanceState::Starting
+                        | InstanceState::Running
+                        | InstanceState::Draining
+                        | InstanceState::Stopping
+                );
                 if a.desired == DesiredState::Running || active {
                     let (tx, rx) = watch::channel(want);
                     let task = tasks.spawn(supervise::supervise(shared.clone(), a.clone(), rx));

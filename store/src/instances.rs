@@ -40,6 +40,22 @@ pub struct NewInstances {
     pub start: bool,
 }
 
+/// What instances are made of, resolved: the image by id and digest, the service by id.
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceSpec {
+    pub(crate) image_id: Uuid,
+    pub(crate) image_name: String,
+    pub(crate) digest: String,
+    pub(crate) service_id: Option<Uuid>,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) memory_mb: u32,
+    pub(crate) restart_policy: RestartPolicy,
+    pub(crate) port: i32,
+    pub(crate) start: bool,
+    pub(crate) rollout_id: Option<Uuid>,
+}
+
 #[derive(sqlx::FromRow)]
 struct InstanceRow {
     id: Uuid,
@@ -124,6 +140,145 @@ impl Store {
         Ok(row.into())
     }
 
+    /// Refuses `replicas` more instances of `memory_mb` each beyond the tenant's quotas.
+    pub(crate) async fn check_instance_quotas(
+        conn: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        quotas: &cloud_domain::api::Quotas,
+        replicas: u32,
+        memory_mb: u32,
+    ) -> Result<(), StoreError> {
+        let (count, memory): (i64, i64) =
+            sqlx::query_as("SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&mut *conn)
+                .await?;
+        let replicas = i64::from(replicas);
+        if count + replicas > quotas.max_instances as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_instances is {} and the tenant has {count}; {replicas} more do not fit",
+                    quotas.max_instances
+                ),
+            });
+        }
+        let wanted = replicas * i64::from(memory_mb);
+        if memory + wanted > quotas.max_memory_mb as i64 {
+            return Err(StoreError::QuotaExceeded {
+                detail: format!(
+                    "max_memory_mb is {} and the tenant uses {memory}; {wanted} more do not fit",
+                    quotas.max_memory_mb
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts one instance per entry of `names` (a generated name for `None`) with private IPs from the
+    /// tenant's `network`, inside the caller's transaction (which holds the tenant's lock), recording their events.
+    pub(crate) async fn insert_instances_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        network: ipnet::Ipv4Net,
+        spec: &InstanceSpec,
+        names: Vec<Option<String>>,
+    ) -> Result<Vec<Instance>, StoreError> {
+        sqlx::query("DELETE FROM released_private_ips WHERE tenant_id = $1 AND released_at < now() - $2")
+            .bind(tenant)
+            .bind(self.settings.ip_hold)
+            .execute(&mut *tx)
+            .await?;
+        let used: Vec<(IpAddr,)> = sqlx::query_as(
+            "SELECT private_ip FROM instances WHERE tenant_id = $1 UNION ALL
+             SELECT ip FROM released_private_ips WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut used: BTreeSet<Ipv4Addr> = used
+            .into_iter()
+            .filter_map(|(ip,)| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+
+        let (last,): (Option<IpAddr>,) = sqlx::query_as("SELECT last_private_ip FROM tenants WHERE id = $1")
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut cursor = match last {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => None,
+        };
+
+        let (desired, state) = if spec.start {
+            (DesiredState::Running, InstanceState::Pending)
+        } else {
+            (DesiredState::Stopped, InstanceState::Stopped)
+        };
+        let mut created = Vec::new();
+        for name in names {
+            let ip = ipam::next_free_host(network, &used, cursor)
+                .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
+            used.insert(ip);
+            cursor = Some(ip);
+            let id = Uuid::new_v4();
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let chosen =
+                    name.clone().unwrap_or_else(|| generate::instance_name(&spec.image_name, &mut rand::rng()));
+                sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
+                let res = sqlx::query(
+                    "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
+                         memory_mb, restart_policy, desired_state, state, private_ip, port, rollout_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                )
+                .bind(id)
+                .bind(tenant)
+                .bind(spec.service_id)
+                .bind(spec.image_id)
+                .bind(&spec.digest)
+                .bind(&chosen)
+                .bind(&spec.args)
+                .bind(sqlx::types::Json(&spec.env))
+                .bind(spec.memory_mb as i32)
+                .bind(spec.restart_policy.as_str())
+                .bind(desired.as_str())
+                .bind(state.as_str())
+                .bind(IpAddr::V4(ip))
+                .bind(spec.port)
+                .bind(spec.rollout_id)
+                .execute(&mut *tx)
+                .await;
+                match res {
+                    Ok(_) => break,
+                    Err(e) if violated_constraint(&e).as_deref() == Some("instances_tenant_id_name_key") => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT insert_instance").execute(&mut *tx).await?;
+                        if name.is_some() {
+                            return Err(StoreError::AlreadyExists { kind: "instance", name: chosen });
+                        }
+                        if attempt >= 8 {
+                            return Err(StoreError::CapacityExhausted { what: "generated instance names" });
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let view = Self::instance_view(&mut *tx, id).await?;
+            record_event(&mut *tx, Some(tenant), "instance", id, EventAction::Created, &view).await?;
+            created.push(view);
+        }
+        sqlx::query("UPDATE tenants SET last_private_ip = $2 WHERE id = $1")
+            .bind(tenant)
+            .bind(cursor.map(IpAddr::V4))
+            .execute(&mut *tx)
+            .await?;
+        Ok(created)
+    }
+
     /// Creates instances (and an ephemeral service when ports are given) in one transaction.
     pub async fn create_instances(&self, tenant: Uuid, new: NewInstances) -> Result<CreatedInstances, StoreError> {
         self.bounded(async {
@@ -143,31 +298,6 @@ impl Store {
                 image.ok_or_else(|| StoreError::NotFound { kind: "image", key: new.image.clone() })?;
             let port = new.port.map_or(image_port, i32::from);
 
-            let (count, memory): (i64, i64) = sqlx::query_as(
-                "SELECT count(*), coalesce(sum(memory_mb), 0)::bigint FROM instances WHERE tenant_id = $1",
-            )
-            .bind(tenant)
-            .fetch_one(&mut *tx)
-            .await?;
-            let replicas = new.replicas as i64;
-            if count + replicas > quotas.max_instances as i64 {
-                return Err(StoreError::QuotaExceeded {
-                    detail: format!(
-                        "max_instances is {} and the tenant has {count}; {replicas} more do not fit",
-                        quotas.max_instances
-                    ),
-                });
-            }
-            let wanted = replicas * new.memory_mb as i64;
-            if memory + wanted > quotas.max_memory_mb as i64 {
-                return Err(StoreError::QuotaExceeded {
-                    detail: format!(
-                        "max_memory_mb is {} and the tenant uses {memory}; {wanted} more do not fit",
-                        quotas.max_memory_mb
-                    ),
-                });
-            }
-
             let mut names = Vec::new();
             for i in 1..=new.replicas {
                 names.push(match (&new.name, new.replicas) {
@@ -176,6 +306,8 @@ impl Store {
                     (None, _) => None,
                 });
             }
+            // Quotas first: nothing (an ephemeral service included) is made for instances that do not fit.
+            Self::check_instance_quotas(&mut tx, tenant, &quotas, new.replicas, new.memory_mb).await?;
 
             let service_id = match (&new.service, &new.ports) {
                 (Some(key), _) => Some(Self::service_id(&mut tx, tenant, key, RowLock::Share).await?.0),
@@ -207,91 +339,20 @@ impl Store {
                 (None, None) => None,
             };
 
-            sqlx::query("DELETE FROM released_private_ips WHERE tenant_id = $1 AND released_at < now() - $2")
-                .bind(tenant)
-                .bind(self.settings.ip_hold)
-                .execute(&mut *tx)
-                .await?;
-            let used: Vec<(IpAddr,)> = sqlx::query_as(
-                "SELECT private_ip FROM instances WHERE tenant_id = $1 UNION ALL
-                 SELECT ip FROM released_private_ips WHERE tenant_id = $1",
-            )
-            .bind(tenant)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut used: BTreeSet<Ipv4Addr> = used
-                .into_iter()
-                .filter_map(|(ip,)| match ip {
-                    IpAddr::V4(v4) => Some(v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-
-            let (last,): (Option<IpAddr>,) = sqlx::query_as("SELECT last_private_ip FROM tenants WHERE id = $1")
-                .bind(tenant)
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut cursor = match last {
-                Some(IpAddr::V4(v4)) => Some(v4),
-                _ => None,
+            let spec = InstanceSpec {
+                image_id,
+                image_name: image_name.clone(),
+                digest: digest.clone(),
+                service_id,
+                args: new.args.clone(),
+                env: new.env.clone(),
+                memory_mb: new.memory_mb,
+                restart_policy: new.restart_policy,
+                port,
+                start: new.start,
+                rollout_id: None,
             };
-
-            let (desired, state) = if new.start {
-                (DesiredState::Running, InstanceState::Pending)
-            } else {
-                (DesiredState::Stopped, InstanceState::Stopped)
-            };
-            let mut created = Vec::new();
-            for name in names {
-                let ip = ipam::next_free_host(network, &used, cursor)
-                    .ok_or(StoreError::CapacityExhausted { what: "private IPs in the tenant network" })?;
-                used.insert(ip);
-                cursor = Some(ip);
-                let id = Uuid::new_v4();
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let chosen = name.clone().unwrap_or_else(|| generate::instance_name(&image_name, &mut rand::rng()));
-                    sqlx::query("SAVEPOINT insert_instance").execute(&mut *tx).await?;
-                    let res = sqlx::query(
-                        "INSERT INTO instances (id, tenant_id, service_id, image_id, image_digest, name, args, env,
-                             memory_mb, restart_policy, desired_state, state, private_ip, port)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                    )
-                    .bind(id)
-                    .bind(tenant)
-                    .bind(service_id)
-                    .bind(image_id)
-                    .bind(&digest)
-                    .bind(&chosen)
-                    .bind(&new.args)
-                    .bind(sqlx::types::Json(&new.env))
-                    .bind(new.memory_mb as i32)
-                    .bind(new.restart_policy.as_str())
-                    .bind(desired.as_str())
-                    .bind(state.as_str())
-                    .bind(IpAddr::V4(ip))
-                    .bind(port)
-                    .execute(&mut *tx)
-                    .await;
-                    match res {
-                        Ok(_) => break,
-                        Err(e) if violated_constraint(&e).as_deref() == Some("instances_tenant_id_name_key") => {
-                            sqlx::query("ROLLBACK TO SAVEPOINT insert_instance").execute(&mut *tx).await?;
-                            if name.is_some() {
-                                return Err(StoreError::AlreadyExists { kind: "instance", name: chosen });
-                            }
-                            if attempt >= 8 {
-                                return Err(StoreError::CapacityExhausted { what: "generated instance names" });
-                            }
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                let view = Self::instance_view(&mut tx, id).await?;
-                record_event(&mut tx, Some(tenant), "instance", id, EventAction::Created, &view).await?;
-                created.push(view);
-            }
+            let created = self.insert_instances_in(&mut tx, tenant, network, &spec, names).await?;
             let service = match service_id {
                 Some(id) => {
                     let view = self.service_in(&mut tx, tenant, id).await?;
@@ -302,11 +363,6 @@ impl Store {
                 }
                 None => None,
             };
-            sqlx::query("UPDATE tenants SET last_private_ip = $2 WHERE id = $1")
-                .bind(tenant)
-                .bind(cursor.map(IpAddr::V4))
-                .execute(&mut *tx)
-                .await?;
             tx.commit().await?;
             Ok(CreatedInstances { instances: created, service })
         })
@@ -338,8 +394,9 @@ impl Store {
         .await
     }
 
-    /// Deletes an instance; an ephemeral service left without instances goes in the same transaction.
-    pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<(), StoreError> {
+    /// Deletes an instance; an ephemeral service left without instances goes in the same transaction. A running
+    /// instance drains first and is returned (it goes once the drain ends); `None` when it went at once.
+    pub async fn delete_instance(&self, tenant: Uuid, key: &str) -> Result<Option<Instance>, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
             let instances = Table { select: "SELECT id, service_id FROM instances", alias: "" };
@@ -351,12 +408,21 @@ impl Store {
                 // deletions of the last instances sees none left.
                 sqlx::query("SELECT 1 FROM services WHERE id = $1 FOR UPDATE").bind(service).execute(&mut *tx).await?;
             }
+            let (state,): (String,) = sqlx::query_as("SELECT state FROM instances WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if matches!(state.parse(), Ok(InstanceState::Running | InstanceState::Draining)) {
+                let view = self.drain_in(&mut tx, tenant, id, crate::drain::DrainThen::Delete).await?;
+                tx.commit().await?;
+                return Ok(Some(view));
+            }
             self.delete_instances_in(&mut tx, tenant, &[id]).await?;
             if let Some(service) = service {
                 self.reap_ephemeral(&mut tx, tenant, service).await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(None)
         })
         .await
     }
@@ -461,7 +527,13 @@ impl Store {
             }
             let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
             let runs = on.is_some()
-                && matches!(current, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping);
+                && matches!(
+                    current,
+                    InstanceState::Starting
+                        | InstanceState::Running
+                        | InstanceState::Draining
+                        | InstanceState::Stopping
+                );
             // A running one is handed over by its node (move_to); any other is reassigned now.
             let reason = if runs { format!("moving to node {node}") } else { format!("moved to node {node}") };
             sqlx::query(
@@ -507,6 +579,11 @@ impl Store {
         let (id, current) = found.ok_or_else(|| StoreError::NotFound { kind: "instance", key: key.to_owned() })?;
         let current: InstanceState = current.parse().unwrap_or(InstanceState::Pending);
         let next = rule(current)?;
+        if next.state == InstanceState::Draining {
+            let view = self.drain_in(&mut tx, tenant, id, crate::drain::DrainThen::Stop).await?;
+            tx.commit().await?;
+            return Ok(view);
+        }
         sqlx::query(
             "UPDATE instances SET desired_state = $2, state = $3, state_reason = NULL, updated_at = now(), idle_stopped = false,
                  stopped_at = CASE WHEN $3 = 'stopped' THEN now() ELSE stopped_at END

@@ -8,9 +8,11 @@
 //! Callers validate tenant input with `cloud-domain` first; the store trusts validated values and checks what
 //! only the database can know (existence, uniqueness, quotas).
 
+mod autoscale;
 mod bundle;
 mod certificates;
 mod domains;
+mod drain;
 mod exec;
 mod feed;
 mod idempotency;
@@ -21,6 +23,7 @@ mod log_feed;
 mod nodes;
 mod page;
 mod platform_certificates;
+mod rollouts;
 mod routes;
 mod secrets;
 mod services;
@@ -35,6 +38,7 @@ use cloud_domain::state::StateError;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+pub use autoscale::AutoscaleInput;
 pub use bundle::{BundleError, parse_bundle, special_file};
 pub use certificates::{DueDomain, NewCertificate, ServedCertificate};
 pub use domains::{PendingDomain, txt_name as ownership_txt_name, txt_value as ownership_txt_value};
@@ -47,6 +51,7 @@ pub use log_feed::{LOGS_CHANNEL, LogFeed, LogFollower, LogUpdate};
 pub use nodes::{Assignment, LOG_BYTES_KEPT, LOG_LINES_KEPT, NodeRegistration, Observation, Peer, Registered};
 pub use page::Cursor;
 pub use platform_certificates::{DuePlatformCertificate, PlatformCertificate};
+pub use rollouts::NewRollout;
 pub use routes::{RouteBackend, RouteChanges, RouteData, ServiceRoute};
 pub use services::{NewService, ServiceChange};
 pub use tokens::TokenStatus;
@@ -163,6 +168,14 @@ pub enum StoreError {
         node: String,
         /// Why not.
         why: String,
+    },
+    /// The service has a rollout under way.
+    #[error("service {service} has a rollout under way ({rollout}): wait for it to end")]
+    RolloutInProgress {
+        /// The service.
+        service: String,
+        /// The rollout under way.
+        rollout: uuid::Uuid,
     },
     /// An instance state change that its current state does not allow.
     #[error(transparent)]

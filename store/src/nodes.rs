@@ -23,9 +23,13 @@ pub(crate) const SCHEDULER_LOCK: i64 = 7_265_748;
 /// addresses are free are read and changed in one step.
 const HOSTS_LOCK: i64 = 7_265_749;
 
+/// Advisory lock key (session-level) the one acting controller holds (see `Store::lead`). Every key of ours is in
+/// this list or in the migrations (7_265_746, the events' numbering; `TCP_PORT_LOCK` 7_265_747 in services.rs).
+pub(crate) const CONTROLLER_LOCK: i64 = 7_265_750;
+
 /// Instance states in which an instance holds its private IP on its node: assigned and not ended. A pending one is
 /// about to start there, so peers route to it before it answers rather than after.
-const HOLDING_STATES: [&str; 4] = ["pending", "starting", "running", "stopping"];
+const HOLDING_STATES: [&str; 5] = ["pending", "starting", "running", "draining", "stopping"];
 
 /// Log lines kept per instance; older ones are dropped as new ones arrive.
 pub const LOG_LINES_KEPT: i64 = 2000;
@@ -492,7 +496,9 @@ impl Store {
                 "SELECT i.id, i.tenant_id, t.network::text AS network, i.name, s.name AS service, i.image_digest,
                         i.args, i.env, i.memory_mb, i.port, i.restart_policy,
                         -- Moving away: this node stops it, and the stop hands it over (see `report`).
-                        CASE WHEN i.move_to IS NULL THEN i.desired_state ELSE 'stopped' END AS desired_state,
+                        -- Draining: it serves what is in flight until the drain ends (see `finish_drains`).
+                        CASE WHEN i.state = 'draining' THEN 'running'
+                             WHEN i.move_to IS NULL THEN i.desired_state ELSE 'stopped' END AS desired_state,
                         i.state, i.private_ip, i.restart_count
                  FROM instances i JOIN tenants t ON t.id = i.tenant_id LEFT JOIN services s ON s.id = i.service_id
                  WHERE i.node_id = $1 ORDER BY i.created_at",
@@ -553,7 +559,12 @@ impl Store {
                 }
             }
             let updated: Option<(Uuid,)> = sqlx::query_as(
-                "UPDATE instances SET state = $3, state_reason = $4, exit_code = $5,
+                "UPDATE instances SET
+                     -- A draining instance stays so while it runs: the edges must not route to it again.
+                     state = CASE WHEN state = 'draining' AND $3 IN ('starting', 'running') THEN state ELSE $3 END,
+                     state_reason = CASE WHEN state = 'draining' AND $3 IN ('starting', 'running')
+                         THEN state_reason ELSE $4 END,
+                     exit_code = $5,
                      boot_time_us = coalesce($6, boot_time_us),
                      restart_count = $7, updated_at = now(),
                      started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,

@@ -72,6 +72,10 @@ struct ServiceRow {
     hard_limit: Option<i32>,
     scale_to_zero_after: Option<i32>,
     persistent: bool,
+    autoscale_min: Option<i32>,
+    autoscale_max: Option<i32>,
+    autoscale_target: Option<i32>,
+    autoscale_cooldown: Option<i32>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -79,7 +83,8 @@ struct ServiceRow {
 /// service, name, custom, token, verified, expires_at, expired, taken
 type DomainRow = (Uuid, String, bool, String, bool, Option<DateTime<Utc>>, bool, bool);
 
-const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after, persistent, created_at, updated_at FROM services";
+const SELECT_SERVICE: &str = "SELECT id, name, fqdn, soft_limit, hard_limit, scale_to_zero_after, persistent,
+    autoscale_min, autoscale_max, autoscale_target, autoscale_cooldown, created_at, updated_at FROM services";
 
 /// Why a tenant cannot attach a name twice.
 const OTHER_SERVICE: &str = "is already attached to another service of this tenant";
@@ -394,6 +399,15 @@ impl Store {
                     hard_limit: r.hard_limit.map(|v| v as u32),
                     scale_to_zero_after: r.scale_to_zero_after.map(|v| v as u32),
                     persistent: r.persistent,
+                    autoscale: match (r.autoscale_min, r.autoscale_max, r.autoscale_target, r.autoscale_cooldown) {
+                        (Some(min), Some(max), Some(target), Some(cooldown)) => Some(cloud_domain::api::Autoscale {
+                            min: min as u32,
+                            max: max as u32,
+                            target_in_flight: target as u32,
+                            cooldown_seconds: cooldown as u32,
+                        }),
+                        _ => None,
+                    },
                     domains: Vec::new(),
                     instances: Vec::new(),
                     private_fqdn: format!("{}.internal", r.name),

@@ -141,6 +141,16 @@ pub struct TestApi {
     pub signer: TokenSigner,
     config: ApiConfig,
     handle: actix_web::dev::ServerHandle,
+    controller: Option<Controller>,
+}
+
+/// The platform's controller, stopped with its [`TestApi`].
+struct Controller(tokio::task::JoinHandle<()>);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl TestApi {
@@ -167,7 +177,13 @@ impl TestApi {
         let (signer, handle) = serve(&store, &config, listener).await;
         let admin = [Scope::Read, Scope::Write, Scope::Admin];
         let (tenant, created) = tenant_with_token(&store, &signer, "acme", &admin).await;
-        Self { base, store, tenant, token: created.jwt, secret_key, signer, config, handle }
+        Self { base, store, tenant, token: created.jwt, secret_key, signer, config, handle, controller: None }
+    }
+
+    /// Runs the platform's controller beside the API, as `cloudd api` does (drains end, rollouts and autoscale
+    /// move on). Tests that step those by hand leave it off.
+    pub fn start_controller(&mut self) {
+        self.controller = Some(Controller(tokio::spawn(cloud_api::controller::run(self.store.clone()))));
     }
 
     /// Stops the API, cutting its connections, and starts it again on the same address over the same database,

@@ -38,22 +38,7 @@ pub(crate) async fn create_instance(
     }
     // replicas, port and memory_mb were checked against their bounds as the body was read.
     let memory_mb = body.memory_mb.unwrap_or(128);
-    for key in body.env.keys() {
-        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(invalid(format!("env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*")));
-        }
-        if crate::document::PLATFORM_ENV.contains(&key.as_str()) {
-            return Err(invalid(format!("env name \"{key}\" is set by the platform and cannot be overridden")));
-        }
-    }
-    if let Some((key, _)) = body.env.iter().find(|(_, v)| v.contains('\0')) {
-        return Err(invalid(format!("env value of \"{key}\" holds NUL, which an environment cannot")));
-    }
-    if body.args.iter().any(|a| a.contains('\0')) {
-        return Err(invalid("an argument holds NUL, which a command line cannot".into()));
-    }
+    check_env_args(&body.env, &body.args)?;
     if body.service.is_some() && body.ports.is_some() {
         return Err(invalid(
             "give either service (attach to an existing service) or ports (create an ephemeral one), not both".into(),
@@ -76,6 +61,29 @@ pub(crate) async fn create_instance(
     };
     let created = state.store.create_instances(auth.tenant, new).await?;
     Ok(HttpResponse::Created().json(created))
+}
+
+/// Refuses environment names that are not variable names or that the platform sets, and NUL in values or
+/// arguments.
+pub(crate) fn check_env_args(env: &std::collections::BTreeMap<String, String>, args: &[String]) -> ApiResult<()> {
+    let invalid = |msg: String| ApiError::new(ErrorCode::InvalidRequest, msg);
+    for key in env.keys() {
+        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(invalid(format!("env name \"{key}\" must match [A-Za-z_][A-Za-z0-9_]*")));
+        }
+        if crate::document::PLATFORM_ENV.contains(&key.as_str()) {
+            return Err(invalid(format!("env name \"{key}\" is set by the platform and cannot be overridden")));
+        }
+    }
+    if let Some((key, _)) = env.iter().find(|(_, v)| v.contains('\0')) {
+        return Err(invalid(format!("env value of \"{key}\" holds NUL, which an environment cannot")));
+    }
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("an argument holds NUL, which a command line cannot".into()));
+    }
+    Ok(())
 }
 
 /// List the tenant's instances, oldest first.
@@ -112,10 +120,13 @@ pub(crate) async fn get_instance(
     Ok(web::Json(state.store.instance(auth.tenant, &path).await?))
 }
 
-/// Delete an instance. Its ephemeral service goes with it when it was the last instance.
+/// Delete an instance. Its ephemeral service goes with it when it was the last instance. A running instance
+/// drains first: the edges send it no new requests, those in flight finish (within the platform's drain
+/// timeout), then it goes; the answer is then 202 with the instance, `draining`.
 #[utoipa::path(tag = "instances", security(("bearer" = [])),
     params(("instance" = String, Path, description = "Instance name or id")),
     responses(
+        (status = 202, description = "Draining; deleted once its requests in flight have finished", body = Instance),
         (status = 204, description = "Deleted"),
         (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
 ))]
@@ -126,8 +137,10 @@ pub(crate) async fn delete_instance(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
-    state.store.delete_instance(auth.tenant, &path).await?;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(match state.store.delete_instance(auth.tenant, &path).await? {
+        Some(draining) => HttpResponse::Accepted().json(draining),
+        None => HttpResponse::NoContent().finish(),
+    })
 }
 
 /// Start a stopped or failed instance.

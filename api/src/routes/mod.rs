@@ -6,6 +6,7 @@ mod exec;
 mod images;
 mod instances;
 mod join;
+mod rollouts;
 mod secrets;
 mod services;
 mod system;
@@ -46,6 +47,11 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(certificates::get_certificate)
             .service(certificates::delete_certificate)
             .service(services::delete_service)
+            .service(rollouts::create_rollout)
+            .service(rollouts::list_rollouts)
+            .service(rollouts::get_rollout)
+            .service(rollouts::set_autoscale)
+            .service(rollouts::delete_autoscale)
             .service(instances::create_instance)
             .service(instances::list_instances)
             .service(instances::get_instance)

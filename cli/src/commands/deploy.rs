@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
-use cloud_domain::api::CreateInstance;
-use cloud_domain::state::RestartPolicy;
+use cloud_domain::api::{CreateInstance, CreateRollout, Image, Instance};
+use cloud_domain::state::{RestartPolicy, RolloutStrategy};
 
 use crate::client::Client;
 use crate::output::Format;
@@ -42,12 +42,22 @@ pub struct DeployArgs {
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
-    /// Number of instances.
-    #[arg(long = "replicas", short = 'R', default_value_t = 1)]
-    replicas: u32,
-    /// Restart policy.
-    #[arg(long, default_value = "never", value_parser = parse_restart)]
-    restart: RestartPolicy,
+    /// Number of instances (default 1; with a rollout, as many as the service runs).
+    #[arg(long = "replicas", short = 'R')]
+    replicas: Option<u32>,
+    /// Restart policy (default never).
+    #[arg(long, value_parser = parse_restart)]
+    restart: Option<RestartPolicy>,
+    /// Replace the service's instances: new ones start, and each old one drains and goes (`replace`) or stops
+    /// (`stop`) once a new one runs, or stays (`keep`). Default `replace` when the service runs another image.
+    #[arg(long, value_name = "STRATEGY", requires = "service", value_parser = parse_strategy)]
+    rollout: Option<RolloutStrategy>,
+    /// With a rollout: new instances started ahead of the old ones' removal.
+    #[arg(long, value_name = "N")]
+    max_surge: Option<u32>,
+    /// With a rollout: seconds each new instance gets to run and listen before the rollout fails.
+    #[arg(long, value_name = "SECONDS")]
+    rollout_wait: Option<u32>,
     /// Memory limit per instance, MiB.
     #[arg(long, short)]
     memory: Option<u32>,
@@ -66,6 +76,10 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
     s.parse()
 }
 
+fn parse_strategy(s: &str) -> Result<RolloutStrategy, String> {
+    s.parse()
+}
+
 pub(crate) fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     pairs
         .iter()
@@ -74,6 +88,19 @@ pub(crate) fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, Str
             _ => bail!("-e {p}: write KEY=VALUE"),
         })
         .collect()
+}
+
+/// `replace` when the service runs instances of another image than `image` (a new deploy of it), else none
+/// (the new instances join those that run, as before).
+async fn default_rollout(c: &Client, service: &str, image: &str) -> anyhow::Result<Option<RolloutStrategy>> {
+    let wanted: Image = c.get(&format!("/v1/images/{}", crate::client::seg(image))).await?;
+    let instances: Vec<Instance> = c.list_all("/v1/instances").await?;
+    let other = instances.iter().any(|i| {
+        i.service.as_ref().is_some_and(|s| s.name == service || s.id.to_string() == service)
+            && i.desired_state == cloud_domain::state::DesiredState::Running
+            && i.image_digest != wanted.digest
+    });
+    Ok(other.then_some(RolloutStrategy::Replace))
 }
 
 pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::Result<()> {
@@ -113,6 +140,39 @@ pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::R
             "nothing to deploy: give a directory or archive (cloudctl deploy ./app), --image NAME or --image REGISTRY/REPO:TAG"
         ),
     };
+    let strategy = match (args.rollout, &args.service) {
+        (Some(s), _) => Some(s),
+        (None, Some(service)) => default_rollout(c, service, &image).await?,
+        (None, None) => None,
+    };
+    if let (Some(strategy), Some(service)) = (strategy, &args.service) {
+        let fixed = [
+            (args.name.is_some(), "--name"),
+            (args.no_start, "--no-start"),
+            (args.memory.is_some(), "--memory"),
+            (args.internal_port.is_some(), "--internal-port"),
+            (args.restart.is_some(), "--restart"),
+        ];
+        if let Some((_, flag)) = fixed.iter().find(|(given, _)| *given) {
+            bail!(
+                "{flag} does not go with a rollout: its new instances take the configuration of the service's newest instance (and -e, -R)"
+            );
+        }
+        let req = CreateRollout {
+            image: Some(image),
+            strategy,
+            replicas: args.replicas,
+            max_surge: args.max_surge,
+            ready_timeout_seconds: args.rollout_wait,
+            env: if args.env.is_empty() { None } else { Some(env) },
+            args: None,
+        };
+        let done = super::rollout::roll_out(c, service, &req).await?;
+        return crate::output::print(out, &[done], crate::output::rollouts, |r| r.id.to_string(), true);
+    }
+    if args.rollout_wait.is_some() || args.max_surge.is_some() {
+        bail!("--max-surge and --rollout-wait go with a rollout (--rollout, or a service running another image)");
+    }
     let req = CreateInstance {
         image,
         name: args.name.clone(),
@@ -120,8 +180,8 @@ pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::R
         args: Vec::new(),
         service: args.service.clone(),
         ports,
-        replicas: args.replicas,
-        restart_policy: args.restart,
+        replicas: args.replicas.unwrap_or(1),
+        restart_policy: args.restart.unwrap_or_default(),
         memory_mb: args.memory,
         port: args.internal_port,
         start: !args.no_start,

@@ -43,6 +43,10 @@ pub enum InstanceCmd {
         /// Names or ids.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Return once the deletion is accepted: a running instance drains (its requests in flight finish,
+        /// no new one reaches it) before it goes, which is otherwise waited for.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Start a stopped instance.
     #[command(after_help = "Example:\n  cloudctl instance start web-1")]
@@ -121,11 +125,18 @@ pub(crate) async fn run(c: &Client, cmd: &InstanceCmd, out: Format) -> anyhow::R
             let i: Instance = c.get(&format!("/v1/instances/{}", seg(name))).await?;
             print(out, &[i], output::instances, name_of_instance, true)?;
         }
-        InstanceCmd::Delete { names } => {
+        InstanceCmd::Delete { names, no_wait } => {
             for name in names {
                 let path = format!("/v1/instances/{}", seg(name));
                 let before: Instance = c.get(&path).await?;
-                c.delete(&path).await?;
+                let res = c.send(c.request(reqwest::Method::DELETE, &path)).await?;
+                if res.status() == reqwest::StatusCode::ACCEPTED {
+                    if *no_wait {
+                        eprintln!("instance {name} is draining; it goes once its requests in flight have finished");
+                        continue;
+                    }
+                    wait_gone(c, &path, name).await?;
+                }
                 // An ephemeral service goes in the same transaction as its last instance: say so.
                 let service_went = match &before.service {
                     Some(s) => c
@@ -203,6 +214,28 @@ async fn wait_on_node(c: &Client, before: &Instance, node: &str, timeout: Durati
             now.state,
             if reason.is_empty() { String::new() } else { format!(" ({reason})") }
         ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until a draining instance is gone, showing its state.
+pub(crate) async fn wait_gone(c: &Client, path: &str, name: &str) -> anyhow::Result<()> {
+    let mut progress = Progress::new();
+    let t0 = Instant::now();
+    loop {
+        let res = c.request(reqwest::Method::GET, path).send().await.map_err(|e| c.unreachable(&e))?;
+        if res.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        if !res.status().is_success() {
+            return Err(c.failure(res).await);
+        }
+        let now: Instance = res.json().await?;
+        // A log gets a line per state; a terminal sees the time pass too.
+        match progress.is_tty() {
+            true => progress.step(&format!("instance {name}: {} ({:.0}s)", now.state, t0.elapsed().as_secs_f32())),
+            false => progress.step(&format!("instance {name}: {}", now.state)),
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

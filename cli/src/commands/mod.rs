@@ -8,6 +8,7 @@ pub mod exec;
 pub mod image;
 pub mod instance;
 pub mod remote;
+pub mod rollout;
 pub mod secret;
 pub mod service;
 pub mod tenant;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use cloud_domain::api::{Secret, SetSecret};
+use cloud_domain::api::{CreateRollout, Secret, Service, SetSecret};
 
 use crate::client::{Client, seg};
 use crate::output::{self, Format};
@@ -22,6 +22,10 @@ pub enum SecretCmd {
         /// Only for this service's instances.
         #[arg(long)]
         service: Option<String>,
+        /// Then restart the instances that see the secrets (the service's, or every service's for a tenant
+        /// secret) one at a time, as `service restart` does, so that they get the new values.
+        #[arg(long)]
+        restart: bool,
     },
     /// List secrets: names, services and versions, never values.
     #[command(after_help = "Example:\n  cloudctl secret list", visible_alias = "ls")]
@@ -39,7 +43,7 @@ pub enum SecretCmd {
 
 pub(crate) async fn run(c: &Client, cmd: &SecretCmd, out: Format) -> anyhow::Result<()> {
     match cmd {
-        SecretCmd::Set { pairs, service } => {
+        SecretCmd::Set { pairs, service, restart } => {
             let mut parsed = Vec::new();
             for pair in pairs {
                 let Some((name, value)) = pair.split_once('=') else {
@@ -52,6 +56,18 @@ pub(crate) async fn run(c: &Client, cmd: &SecretCmd, out: Format) -> anyhow::Res
                 let req = c.request(reqwest::Method::PUT, &format!("/v1/secrets/{}", seg(name))).json(&body);
                 let secret: Secret = c.send(req).await?.json().await.context("reading the secret")?;
                 eprintln!("set secret {} (version {})", secret.name, secret.version);
+            }
+            if *restart {
+                let services: Vec<String> = match service {
+                    Some(s) => vec![s.clone()],
+                    None => {
+                        let all: Vec<Service> = c.list_all("/v1/services").await?;
+                        all.into_iter().filter(|s| !s.instances.is_empty()).map(|s| s.name).collect()
+                    }
+                };
+                for s in services {
+                    super::rollout::roll_out(c, &s, &CreateRollout::default()).await?;
+                }
             }
         }
         SecretCmd::List => {

@@ -1,7 +1,7 @@
 //! `cloudctl service`: services, their ports, limits and custom domains.
 
 use clap::{Args, Subcommand};
-use cloud_domain::api::{CreateService, DomainState, Service, UpdateService};
+use cloud_domain::api::{Autoscale, CreateRollout, CreateService, DomainState, Rollout, Service, UpdateService};
 
 use crate::client::{Client, seg};
 use crate::deploy;
@@ -67,6 +67,43 @@ pub enum ServiceCmd {
         name: String,
         /// The custom domain.
         domain: String,
+    },
+    /// Set how the platform scales a service on load: instances are added while the requests in flight per
+    /// instance stay above the target, and drained away after the cooldown when below.
+    #[command(
+        after_help = "Examples:\n  cloudctl service autoscale web --min 1 --max 5 --target 20\n  cloudctl service autoscale web --off"
+    )]
+    Autoscale {
+        /// Name or id.
+        name: String,
+        /// Fewest instances.
+        #[arg(long, required_unless_present = "off")]
+        min: Option<u32>,
+        /// Most instances.
+        #[arg(long, required_unless_present = "off")]
+        max: Option<u32>,
+        /// Requests in flight per instance to aim at.
+        #[arg(long, required_unless_present = "off")]
+        target: Option<u32>,
+        /// Seconds after a change before instances are removed.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        cooldown: u32,
+        /// Stop autoscaling (the instances stay as they are).
+        #[arg(long, conflicts_with_all = ["min", "max", "target"])]
+        off: bool,
+    },
+    /// Restart a service's instances one at a time (a rollout of the same image and configuration): each new
+    /// instance runs before an old one drains, so the service keeps answering. New secrets take effect.
+    #[command(after_help = "Example:\n  cloudctl service restart web")]
+    Restart {
+        /// Name or id.
+        name: String,
+    },
+    /// A service's latest rollouts, newest first.
+    #[command(after_help = "Example:\n  cloudctl service rollouts web")]
+    Rollouts {
+        /// Name or id.
+        name: String,
     },
     /// Delete a service.
     #[command(after_help = "Example:\n  cloudctl service delete my-service --force", visible_alias = "rm")]
@@ -174,6 +211,34 @@ pub(crate) async fn run(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Re
                 ),
                 _ => print(out, &[s], output::services, name_of_service, true)?,
             }
+        }
+        ServiceCmd::Autoscale { name, min, max, target, cooldown, off } => {
+            let path = format!("/v1/services/{}/autoscale", seg(name));
+            let s: Service = match (off, min, max, target) {
+                (true, ..) => c.send(c.request(reqwest::Method::DELETE, &path)).await?.json().await?,
+                (false, Some(min), Some(max), Some(target)) => {
+                    let policy =
+                        Autoscale { min: *min, max: *max, target_in_flight: *target, cooldown_seconds: *cooldown };
+                    c.send(c.request(reqwest::Method::PUT, &path).json(&policy)).await?.json().await?
+                }
+                _ => anyhow::bail!("give --min, --max and --target, or --off"),
+            };
+            match (out, s.autoscale) {
+                (Format::Table, Some(a)) => println!(
+                    "service {}: {} to {} instances, {} requests in flight per instance, cooldown {}s",
+                    s.name, a.min, a.max, a.target_in_flight, a.cooldown_seconds
+                ),
+                (Format::Table, None) => println!("service {}: not autoscaled", s.name),
+                _ => print(out, &[s], output::services, name_of_service, true)?,
+            }
+        }
+        ServiceCmd::Restart { name } => {
+            let done = super::rollout::roll_out(c, name, &CreateRollout::default()).await?;
+            print(out, &[done], output::rollouts, |r| r.id.to_string(), true)?;
+        }
+        ServiceCmd::Rollouts { name } => {
+            let all: Vec<Rollout> = c.get(&format!("/v1/services/{}/rollouts", seg(name))).await?;
+            print(out, &all, output::rollouts, |r| r.id.to_string(), false)?;
         }
         ServiceCmd::Delete { name, force } => {
             let q = if *force { "?force=true" } else { "" };

@@ -15,6 +15,8 @@ use crate::ops::Probe;
 /// The API serving.
 pub struct Api {
     handle: actix_web::dev::ServerHandle,
+    /// Ends drains, moves rollouts on, autoscales (acting only while it leads; see `cloud_api::controller`).
+    controller: tokio::task::JoinHandle<()>,
     /// Its TLS (which keeps a platform certificate valid), `None` for plain HTTP.
     pub tls: Option<cloud_api::tls::ServedTls>,
     /// Where clients reach it.
@@ -31,6 +33,7 @@ impl super::Role for Api {
         )?;
         let tls = cloud_api::tls::prepare(&config, &store, &key).await.context("preparing the API's TLS")?;
         let urls = cloud_api::tls::public_urls(&config);
+        let controller_store = store.clone();
         let mut state = AppState::new(store, config).await.context("preparing the API")?;
         state.join =
             cloud_api::JoinSettings { urls: urls.clone(), fingerprint: tls.as_ref().and_then(|t| t.pin.clone()) };
@@ -40,8 +43,9 @@ impl super::Role for Api {
         let server = cloud_api::serve(actix_web::web::Data::new(state), listener, server_config)?;
         let handle = server.handle();
         tokio::spawn(server);
+        let controller = tokio::spawn(cloud_api::controller::run(controller_store));
         tracing::info!(listen = %cfg.api.listen, tls = ?cfg.api.tls, "API serving");
-        Ok(Self { handle, tls, urls })
+        Ok(Self { handle, controller, tls, urls })
     }
 
     fn ops(&self, _: &Config) -> Option<(SocketAddr, Arc<dyn Probe>)> {
@@ -49,6 +53,7 @@ impl super::Role for Api {
     }
 
     async fn shutdown(self) {
+        self.controller.abort();
         self.handle.stop(true).await;
     }
 }

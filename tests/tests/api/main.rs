@@ -13,6 +13,7 @@ mod logs;
 mod malformed;
 mod oci;
 mod openapi;
+mod rollouts;
 mod secrets;
 mod services;
 mod sse;
