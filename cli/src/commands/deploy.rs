@@ -49,7 +49,8 @@ pub struct DeployArgs {
     #[arg(long, value_parser = parse_restart)]
     restart: Option<RestartPolicy>,
     /// Replace the service's instances: new ones start, and each old one drains and goes (`replace`) or stops
-    /// (`stop`) once a new one runs, or stays (`keep`). Default `replace` when the service runs another image.
+    /// (`stop`) once a new one runs, or stays (`keep`). Default `replace` when the service runs another image and
+    /// no instance options (--name, --memory, ...) are given.
     #[arg(long, value_name = "STRATEGY", requires = "service", value_parser = parse_strategy)]
     rollout: Option<RolloutStrategy>,
     /// With a rollout: new instances started ahead of the old ones' removal.
@@ -140,20 +141,23 @@ pub(crate) async fn run(c: &Client, args: &DeployArgs, out: Format) -> anyhow::R
             "nothing to deploy: give a directory or archive (cloudctl deploy ./app), --image NAME or --image REGISTRY/REPO:TAG"
         ),
     };
-    let strategy = match (args.rollout, &args.service) {
-        (Some(s), _) => Some(s),
-        (None, Some(service)) => default_rollout(c, service, &image).await?,
-        (None, None) => None,
+    // What a rollout's new instances take from the service's newest instance instead.
+    let fixed = [
+        (args.name.is_some(), "--name"),
+        (args.no_start, "--no-start"),
+        (args.memory.is_some(), "--memory"),
+        (args.internal_port.is_some(), "--internal-port"),
+        (args.restart.is_some(), "--restart"),
+    ];
+    let given = fixed.iter().find(|(given, _)| *given).map(|(_, flag)| *flag);
+    let strategy = match (args.rollout, &args.service, given) {
+        (Some(s), _, _) => Some(s),
+        // Instances configured here join the service, as before rollouts.
+        (None, Some(service), None) => default_rollout(c, service, &image).await?,
+        (None, _, _) => None,
     };
     if let (Some(strategy), Some(service)) = (strategy, &args.service) {
-        let fixed = [
-            (args.name.is_some(), "--name"),
-            (args.no_start, "--no-start"),
-            (args.memory.is_some(), "--memory"),
-            (args.internal_port.is_some(), "--internal-port"),
-            (args.restart.is_some(), "--restart"),
-        ];
-        if let Some((_, flag)) = fixed.iter().find(|(given, _)| *given) {
+        if let Some(flag) = given {
             bail!(
                 "{flag} does not go with a rollout: its new instances take the configuration of the service's newest instance (and -e, -R)"
             );

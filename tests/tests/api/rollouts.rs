@@ -282,3 +282,25 @@ async fn autoscale_policies_are_checked_and_decisions_carried_out() {
     assert_eq!(draining.len(), 1);
     assert_eq!(call(&api, Method::DELETE, path, Some(t), None).await.body["autoscale"], Value::Null);
 }
+
+#[tokio::test]
+async fn one_controller_acts_at_a_time_and_another_takes_over_when_it_goes() {
+    let api = TestApi::start().await;
+    // A second API process on the same database: its own pool, as another replica has.
+    let options = (*api.store.pool().connect_options()).clone();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
+    let other = cloud_store::Store::new(pool, Default::default());
+    let (mut first, mut second) = (None, None);
+    assert!(api.store.lead(&mut first).await, "the first to ask leads");
+    assert!(!other.lead(&mut second).await, "a second replica waits");
+    assert!(api.store.lead(&mut first).await, "and the leader keeps leading");
+    assert!(!other.lead(&mut second).await);
+    // The leader's process (and so its connection) goes: the other takes over.
+    drop(first.take());
+    let t0 = std::time::Instant::now();
+    while !other.lead(&mut second).await {
+        assert!(t0.elapsed() < Duration::from_secs(30), "nobody took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!api.store.lead(&mut first).await, "the old leader now waits");
+}
