@@ -784,6 +784,9 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
     for shown in [ok(&dev, &["instance", "get", "box", "-o", "json"]), ok(&dev, &["instance", "logs", "box"])] {
         assert!(!shown.contains(secret), "{shown}");
     }
+    // Nor in the platform's own log (every role of cloudd dev writes there).
+    let log = std::fs::read_to_string(dev.home.path().join("cloudd.log")).unwrap();
+    assert!(!log.contains(secret), "the secret is in cloudd's log");
 
     // A command: its output apart from its errors, its exit code cloudctl's, inside the sandbox.
     let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[], "");

@@ -249,13 +249,21 @@ impl TestApi {
     }
 }
 
-/// Serves the API over `store` on `listener`.
+/// Serves the API over `store`'s database on `listener`, with a pool of its own as the API's process has: its
+/// workers run on runtimes of their own, and a connection one of them opened is dead once the API stops, so the
+/// test's pool must not hold one.
 async fn serve(
     store: &Store,
     config: &ApiConfig,
     listener: TcpListener,
 ) -> (TokenSigner, actix_web::dev::ServerHandle) {
-    let state = AppState::new(store.clone(), config.clone()).await.expect("API state");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(store.pool().options().get_max_connections())
+        .connect_with((*store.pool().connect_options()).clone())
+        .await
+        .expect("connecting the API to the test database");
+    let own = Store::new(pool, store.settings().clone());
+    let state = AppState::new(own, config.clone()).await.expect("API state");
     let signer = state.signer.clone();
     let server = cloud_api::serve(actix_web::web::Data::new(state), listener, None).expect("serving");
     let handle = server.handle();
