@@ -305,13 +305,14 @@ pub fn tokens(items: &[Token]) -> Table {
 /// Secrets as a table (they have no values to show).
 pub fn secrets(items: &[cloud_domain::api::Secret]) -> Table {
     Table {
-        headers: vec!["NAME", "SERVICE", "VERSION", "UPDATED"],
+        headers: vec!["NAME", "SERVICE", "AS", "VERSION", "UPDATED"],
         rows: items
             .iter()
             .map(|s| {
                 vec![
                     s.name.clone(),
                     s.service.clone().unwrap_or_else(|| "-".into()),
+                    if s.file { format!("/run/secrets/{}", s.name) } else { "env".into() },
                     s.version.to_string(),
                     s.updated_at.format("%Y-%m-%d %H:%M").to_string(),
                 ]

@@ -775,18 +775,31 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
     // A secret of the tenant: in the instance's environment, nowhere else.
     let secret = "sealed-Token-9f2c";
     ok(&dev, &["secret", "set", &format!("SHOP_TOKEN={secret}")]);
+    // And one as a file: /run/secrets/TLS_KEY, the instance user's alone, read-only, not in the environment.
+    let file_secret = "file-Secret-77b1";
+    ok(&dev, &["secret", "set", "--file", &format!("TLS_KEY={file_secret}")]);
     ok(&dev, &["deploy", app.to_str().unwrap(), "-p", "443:8080", "--name", "box", "-e", "GREETING=from-env"]);
     let home = dev.home.path();
     let listed = ok(&dev, &["secret", "list", "-o", "json"]);
     assert!(listed.contains("SHOP_TOKEN") && !listed.contains(secret), "{listed}");
     let out = cloudctl_with(home, &["instance", "exec", "box", "--", "sh", "-c", "echo $SHOP_TOKEN"], &[], "");
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{secret}\n"));
+    let script = "cat /run/secrets/TLS_KEY; echo; stat -c '%U %a' /run/secrets/TLS_KEY; echo ${TLS_KEY:-unset}; \
+                  echo x > /run/secrets/TLS_KEY || echo read-only";
+    let out = cloudctl_with(home, &["instance", "exec", "box", "--", "sh", "-c", script], &[], "");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        format!("{file_secret}\nnobody 400\nunset\nread-only\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for shown in [ok(&dev, &["instance", "get", "box", "-o", "json"]), ok(&dev, &["instance", "logs", "box"])] {
-        assert!(!shown.contains(secret), "{shown}");
+        assert!(!shown.contains(secret) && !shown.contains(file_secret), "{shown}");
     }
     // Nor in the platform's own log (every role of cloudd dev writes there).
     let log = std::fs::read_to_string(dev.home.path().join("cloudd.log")).unwrap();
-    assert!(!log.contains(secret), "the secret is in cloudd's log");
+    assert!(!log.contains(secret) && !log.contains(file_secret), "a secret is in cloudd's log");
 
     // A command: its output apart from its errors, its exit code cloudctl's, inside the sandbox.
     let out = cloudctl_with(home, &["instance", "exec", "box", "--", "id"], &[], "");
@@ -838,32 +851,34 @@ fn exec_runs_commands_inside_the_sandbox_interactively_and_never_across_tenants(
             .await
             .unwrap()
     });
-    assert_eq!(audited.len(), 6, "{audited:?}");
+    assert_eq!(audited.len(), 7, "{audited:?}");
     // The API reached the node over TLS with a certificate of the platform CA for the node's address.
     let exec_address: (String,) = runtime.block_on(async {
         let pool = cloud_store::connect(&database, 1).await.unwrap();
         sqlx::query_as("SELECT exec_address FROM nodes").fetch_one(&pool).await.unwrap()
     });
     assert!(exec_address.0.starts_with("wss://127.0.0.1:"), "{exec_address:?}");
-    // The secret is in no event and no column in clear.
-    let leaked: (i64,) = runtime.block_on(async {
-        let pool = cloud_store::connect(&database, 1).await.unwrap();
-        sqlx::query_as(
-            "SELECT (SELECT count(*) FROM events WHERE payload::text LIKE '%' || $1 || '%')
-                  + (SELECT count(*) FROM secrets WHERE position(convert_to($1, 'UTF8') in value_sealed) > 0)
-                  + (SELECT count(*) FROM instances WHERE env::text LIKE '%' || $1 || '%')",
-        )
-        .bind(secret)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    });
-    assert_eq!(leaked.0, 0, "the secret in clear in the database");
+    // The secrets are in no event and no column in clear.
+    for value in [secret, file_secret] {
+        let leaked: (i64,) = runtime.block_on(async {
+            let pool = cloud_store::connect(&database, 1).await.unwrap();
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM events WHERE payload::text LIKE '%' || $1 || '%')
+                      + (SELECT count(*) FROM secrets WHERE position(convert_to($1, 'UTF8') in value_sealed) > 0)
+                      + (SELECT count(*) FROM instances WHERE env::text LIKE '%' || $1 || '%')",
+            )
+            .bind(value)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        });
+        assert_eq!(leaked.0, 0, "a secret in clear in the database");
+    }
     assert_eq!(
-        (&audited[1].0["instance"], &audited[1].0["command"]),
+        (&audited[2].0["instance"], &audited[2].0["command"]),
         (&serde_json::json!("box"), &serde_json::json!(["id"]))
     );
-    assert_eq!(audited[5].0["tty"], serde_json::json!(true));
+    assert_eq!(audited[6].0["tty"], serde_json::json!(true));
 }
 
 /// Runs `command` under `script`, which gives it a pseudo-terminal and types `input` into it.

@@ -546,6 +546,10 @@ pub struct SetSecret {
     /// Only for this service's instances (name or id); default: every instance of the tenant.
     #[serde(default)]
     pub service: Option<String>,
+    /// Give it as the file `/run/secrets/<name>` (read-only, readable by the instance's user alone, in memory)
+    /// instead of an environment variable.
+    #[serde(default)]
+    pub file: bool,
 }
 
 /// A secret as it is shown: its name and version, never its value.
@@ -558,6 +562,8 @@ pub struct Secret {
     pub service: Option<String>,
     /// 1 when set first, one more at each change.
     pub version: i32,
+    /// Given as the file `/run/secrets/<name>` rather than an environment variable.
+    pub file: bool,
     /// When it was first set.
     pub created_at: DateTime<Utc>,
     /// When it was last set.

@@ -229,21 +229,29 @@ fn resolv_conf_path(shared: &Shared, id: uuid::Uuid) -> std::path::PathBuf {
     shared.config.state_dir.join("resolv").join(format!("{}.conf", id.simple()))
 }
 
-/// The assignment with its secrets opened into its environment (over variables of the same name).
-async fn secrets(shared: &Shared, a: &Assignment) -> Result<Assignment, String> {
+/// The assignment with its secrets opened: variables into its environment (over plain ones of the same name), and
+/// the files it gets in `/run/secrets`.
+async fn secrets(shared: &Shared, a: &Assignment) -> Result<(Assignment, Vec<(String, Vec<u8>)>), String> {
     let sealed = shared.store.instance_secrets(a.id).await.map_err(|e| format!("secrets: {e}"))?;
     if sealed.is_empty() {
-        return Ok(a.clone());
+        return Ok((a.clone(), Vec::new()));
     }
     let Some(key) = &shared.config.secret_key else {
         return Err("the instance has secrets and this node lacks the platform secret key that opens them".into());
     };
-    let mut with = a.clone();
-    for (name, value) in sealed {
+    let (mut with, mut files) = (a.clone(), Vec::new());
+    for (name, value, as_file) in sealed {
         let opened = key.open(&value).map_err(|_| format!("secret {name} does not open with this node's key"))?;
-        with.env.insert(name, String::from_utf8_lossy(&opened).into_owned());
+        // A service's secret comes after the tenant's of the same name and wins, as a file or a variable.
+        with.env.remove(&name);
+        files.retain(|(n, _): &(String, Vec<u8>)| *n != name);
+        if as_file {
+            files.push((name, opened));
+        } else {
+            with.env.insert(name, String::from_utf8_lossy(&opened).into_owned());
+        }
     }
-    Ok(with)
+    Ok((with, files))
 }
 
 /// Starts the instance once and follows it until it ends or the tenant wants something else.
@@ -261,8 +269,8 @@ async fn run_once(
         Err(e) => return ended(format!("image: {}", cloud_domain::error_chain(&e)), None),
     };
     // Secrets are read at each start, so a changed one reaches the next start; opened here only.
-    let with_secrets = match secrets(shared, a).await {
-        Ok(a) => a,
+    let (with_secrets, secret_files) = match secrets(shared, a).await {
+        Ok(x) => x,
         Err(reason) => return ended(reason, None),
     };
     let launch = match image.run.launch(&with_secrets) {
@@ -310,6 +318,7 @@ async fn run_once(
                 network,
                 address: Some(a.private_ip.into()),
                 resolv_conf,
+                secret_files,
                 limits: cloud_sandbox::Limits {
                     memory_bytes: u64::from(a.memory_mb) << 20,
                     pids: shared.config.pids_limit,
@@ -324,6 +333,14 @@ async fn run_once(
         None => {
             if !a.private_ip.is_loopback() {
                 return ended(loopback_only(a.private_ip), None);
+            }
+            if let Some((name, _)) = secret_files.first() {
+                return ended(
+                    format!(
+                        "secret {name} is a file, which a host process (no sandboxes on this node) cannot be given"
+                    ),
+                    None,
+                );
             }
             let host = HostLaunch::from_image(&image.layers[0], &image.run.cwd, launch.argv.clone(), launch.env);
             match spawn(&host) {

@@ -110,6 +110,9 @@ pub struct SandboxSpec {
     pub address: Option<std::net::IpAddr>,
     /// Shown as `/etc/resolv.conf`.
     pub resolv_conf: Option<PathBuf>,
+    /// Files shown read-only in `/run/secrets` (name, content), readable by the sandbox's user alone; kept in
+    /// memory on the host (a tmpfs of the sandbox's own) when the agent is root.
+    pub secret_files: Vec<(String, Vec<u8>)>,
     /// Resource limits.
     pub limits: Limits,
 }
@@ -503,6 +506,7 @@ fn prepare(spec: &SandboxSpec, bundle: &Path, base: u32, init: &Path) -> Result<
         init: init.to_owned(),
         exec: bundle.join("exec"),
         root: None,
+        secrets: (!spec.secret_files.is_empty()).then(|| bundle.join("secrets")),
     };
     write_bundle(spec, bundle, spec::Ids::Range(base), &account, &files)
 }
@@ -530,6 +534,7 @@ fn prepare_rootless(spec: &SandboxSpec, bundle: &Path, ids: spec::Ids, init: &Pa
         init: init.to_owned(),
         exec: bundle.join("exec"),
         root: Some(root.clone()),
+        secrets: (!spec.secret_files.is_empty()).then(|| bundle.join("secrets")),
     };
     write_bundle(spec, bundle, ids, &account, &files)
 }
@@ -558,9 +563,40 @@ fn write_bundle(
     std::os::unix::fs::chown(&files.exec, Some(uid), Some(gid)).map_err(err("chown the exec directory".into()))?;
     std::fs::set_permissions(&files.exec, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(err("restricting the exec directory".into()))?;
+    if let Some(dir) = &files.secrets {
+        write_secrets(dir, &spec.secret_files, ids, (uid, gid))?;
+    }
     let config = spec::config(spec, ids, account, files);
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).expect("JSON serializes"))
         .map_err(err("writing config.json".into()))
+}
+
+/// Writes the secret files into `dir`, the sandbox user's (`owner`) alone: a tmpfs of their own when the agent is
+/// root, so that no value reaches a disk; a rootless agent (which cannot mount) writes them in the bundle, itself
+/// readable by the agent alone.
+fn write_secrets(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    ids: spec::Ids,
+    owner: (u32, u32),
+) -> Result<(), SandboxError> {
+    let err = |what: String| move |e| SandboxError::Io { what, source: e };
+    std::fs::create_dir_all(dir).map_err(err("creating the secrets directory".into()))?;
+    if let spec::Ids::Range(_) = ids {
+        let bytes: u64 = files.iter().map(|(_, v)| v.len() as u64 + 4096).sum::<u64>() + 4096;
+        mounts::tmpfs(dir, bytes, owner.0, owner.1, 0o500).map_err(err("mounting the secrets' memory".into()))?;
+    }
+    for (name, value) in files {
+        // Names are environment variable names ([A-Za-z_][A-Za-z0-9_]*): no path in them.
+        let path = dir.join(name);
+        std::fs::write(&path, value).map_err(err(format!("writing secret {name}")))?;
+        std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1)).map_err(err(format!("chown secret {name}")))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .map_err(err(format!("restricting secret {name}")))?;
+    }
+    std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)).map_err(err("chown the secrets directory".into()))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o500))
+        .map_err(err("restricting the secrets directory".into()))
 }
 
 /// Unmounts and deletes a bundle directory.
@@ -574,6 +610,7 @@ fn teardown(bundle: &Path) -> Result<(), SandboxError> {
         return std::fs::remove_dir_all(bundle).map_err(err(format!("removing {}", bundle.display())));
     }
     mounts::unmount(&bundle.join("rootfs")).map_err(err("unmounting the root filesystem".into()))?;
+    mounts::unmount(&bundle.join("secrets")).map_err(err("unmounting the secrets".into()))?;
     if let Ok(layers) = std::fs::read_dir(bundle.join("l")) {
         for l in layers.flatten() {
             mounts::unmount(&l.path()).map_err(err(format!("unmounting {}", l.path().display())))?;

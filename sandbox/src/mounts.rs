@@ -174,6 +174,18 @@ fn attach(mount: &OwnedFd, target: &std::ffi::CStr) -> io::Result<()> {
     .map(drop)
 }
 
+/// Mounts a memory file system of at most `bytes` at `target`, owned by `uid`:`gid` with `mode`, where nothing
+/// runs or is a device: what a sandbox's secret files live in, never on disk.
+#[allow(unsafe_code)]
+pub(crate) fn tmpfs(target: &Path, bytes: u64, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    let t = cstr(target)?;
+    let data = CString::new(format!("size={bytes},uid={uid},gid={gid},mode={mode:o}")).map_err(io::Error::other)?;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: mount with valid NUL-terminated strings.
+    check(unsafe { libc::mount(c"tmpfs".as_ptr(), t.as_ptr(), c"tmpfs".as_ptr(), flags, data.as_ptr().cast()) }.into())
+        .map(drop)
+}
+
 /// Detaches whatever is mounted at `target` (lazily: a process still inside keeps its view until it ends).
 /// Not mounted is fine.
 #[allow(unsafe_code)]

@@ -95,6 +95,10 @@ pub(crate) fn config(spec: &SandboxSpec, ids: Ids, account: &Account, files: &Bu
             mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
         }
     }
+    if let Some(secrets) = &files.secrets {
+        // After /run (rootless), so that it shows over it.
+        mounts.push(bind(secrets, "/run/secrets"));
+    }
     let mut namespaces = vec![
         json!({"type": "pid"}),
         json!({"type": "ipc"}),
@@ -179,6 +183,8 @@ pub(crate) struct BundleFiles {
     pub exec: std::path::PathBuf,
     /// The root filesystem when it is a directory of its own (rootless: the flattened image), else `rootfs`.
     pub root: Option<std::path::PathBuf>,
+    /// The directory of its secret files, when it has some: `/run/secrets` inside.
+    pub secrets: Option<std::path::PathBuf>,
 }
 
 /// This process's hard limit on open files.

@@ -73,6 +73,7 @@ fn spec(f: &Fixture, id: &str, script: &str) -> SandboxSpec {
         network: Network::Own,
         address: None,
         resolv_conf: None,
+        secret_files: Vec::new(),
         limits: Limits { memory_bytes: 64 << 20, pids: 64, cpu_millicores: Some(500) },
     }
 }
@@ -268,6 +269,7 @@ async fn rootless_child(dir: PathBuf) {
         network: Network::Host,
         address: None,
         resolv_conf: None,
+        secret_files: Vec::new(),
         limits: Limits { memory_bytes: 64 << 20, pids: 64, cpu_millicores: None },
     };
     let s = sandboxes.start(&spec).await.unwrap();

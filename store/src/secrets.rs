@@ -14,6 +14,7 @@ struct SecretRow {
     name: String,
     service: Option<String>,
     version: i32,
+    as_file: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -24,13 +25,14 @@ impl From<SecretRow> for Secret {
             name: r.name,
             service: r.service,
             version: r.version,
+            file: r.as_file,
             created_at: r.created_at,
             updated_at: r.updated_at,
         }
     }
 }
 
-const SELECT_SECRET: &str = "SELECT x.id, x.name, s.name AS service, x.version, x.created_at, x.updated_at
+const SELECT_SECRET: &str = "SELECT x.id, x.name, s.name AS service, x.version, x.as_file, x.created_at, x.updated_at
         FROM secrets x LEFT JOIN services s ON s.id = x.service_id";
 const SECRETS: Table = Table { select: SELECT_SECRET, alias: "x." };
 
@@ -42,6 +44,7 @@ impl Store {
         name: &str,
         service: Option<&str>,
         value_sealed: &[u8],
+        as_file: bool,
     ) -> Result<Secret, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
@@ -50,9 +53,10 @@ impl Store {
                 None => None,
             };
             let (id,): (Uuid,) = sqlx::query_as(
-                "INSERT INTO secrets (id, tenant_id, service_id, name, value_sealed) VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO secrets (id, tenant_id, service_id, name, value_sealed, as_file)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (tenant_id, service_id, name) DO UPDATE
-                     SET value_sealed = $5, version = secrets.version + 1, updated_at = now()
+                     SET value_sealed = $5, as_file = $6, version = secrets.version + 1, updated_at = now()
                  RETURNING id",
             )
             .bind(Uuid::new_v4())
@@ -60,6 +64,7 @@ impl Store {
             .bind(service_id)
             .bind(name)
             .bind(value_sealed)
+            .bind(as_file)
             .fetch_one(&mut *tx)
             .await?;
             let row: SecretRow = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_SECRET} WHERE x.id = $1")))
@@ -100,7 +105,7 @@ impl Store {
             let row: Option<SecretRow> = sqlx::query_as(
                 "WITH gone AS (DELETE FROM secrets WHERE tenant_id = $1 AND name = $2
                      AND service_id IS NOT DISTINCT FROM $3 RETURNING *)
-                 SELECT x.id, x.name, s.name AS service, x.version, x.created_at, x.updated_at
+                 SELECT x.id, x.name, s.name AS service, x.version, x.as_file, x.created_at, x.updated_at
                  FROM gone x LEFT JOIN services s ON s.id = x.service_id",
             )
             .bind(tenant)
@@ -117,11 +122,12 @@ impl Store {
         .await
     }
 
-    /// The sealed secrets an instance gets, by name: its tenant's, then its service's over them.
-    pub async fn instance_secrets(&self, instance: Uuid) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// The sealed secrets an instance gets, by name: its tenant's, then its service's over them; each with
+    /// whether it is a file rather than an environment variable.
+    pub async fn instance_secrets(&self, instance: Uuid) -> Result<Vec<(String, Vec<u8>, bool)>, StoreError> {
         self.bounded(async {
-            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
-                "SELECT x.name, x.value_sealed FROM secrets x JOIN instances i ON i.tenant_id = x.tenant_id
+            let rows: Vec<(String, Vec<u8>, bool)> = sqlx::query_as(
+                "SELECT x.name, x.value_sealed, x.as_file FROM secrets x JOIN instances i ON i.tenant_id = x.tenant_id
                  WHERE i.id = $1 AND (x.service_id IS NULL OR x.service_id = i.service_id)
                  ORDER BY x.service_id IS NOT NULL, x.name",
             )

@@ -66,7 +66,7 @@ pub(crate) async fn set_secret(
         tracing::error!(error = %cloud_domain::error_chain(&e), "cannot seal a secret");
         ApiError::new(ErrorCode::InternalError, "the secret could not be sealed")
     })?;
-    Ok(web::Json(state.store.set_secret(auth.tenant, &path, body.service.as_deref(), &sealed).await?))
+    Ok(web::Json(state.store.set_secret(auth.tenant, &path, body.service.as_deref(), &sealed, body.file).await?))
 }
 
 /// List the tenant's secrets: names and versions, never values.

@@ -13,7 +13,7 @@ use crate::output::{self, Format};
 pub enum SecretCmd {
     /// Set secrets (a new version of those that exist); instances get them at their next start.
     #[command(
-        after_help = "Examples:\n  cloudctl secret set DATABASE_URL=postgres://... API_KEY=abc\n  cloudctl secret set --service web SESSION_KEY=xyz"
+        after_help = "Examples:\n  cloudctl secret set DATABASE_URL=postgres://... API_KEY=abc\n  cloudctl secret set --service web SESSION_KEY=xyz --restart\n  cloudctl secret set --file TLS_KEY=\"$(cat key.pem)\""
     )]
     Set {
         /// KEY=VALUE pairs.
@@ -22,6 +22,10 @@ pub enum SecretCmd {
         /// Only for this service's instances.
         #[arg(long)]
         service: Option<String>,
+        /// Give them as files, `/run/secrets/KEY` (read-only, the instance user's alone, in memory), instead of
+        /// environment variables.
+        #[arg(long)]
+        file: bool,
         /// Then restart the instances that see the secrets (the service's, or every service's for a tenant
         /// secret) one at a time, as `service restart` does, so that they get the new values.
         #[arg(long)]
@@ -43,7 +47,7 @@ pub enum SecretCmd {
 
 pub(crate) async fn run(c: &Client, cmd: &SecretCmd, out: Format) -> anyhow::Result<()> {
     match cmd {
-        SecretCmd::Set { pairs, service, restart } => {
+        SecretCmd::Set { pairs, service, file, restart } => {
             let mut parsed = Vec::new();
             for pair in pairs {
                 let Some((name, value)) = pair.split_once('=') else {
@@ -52,7 +56,7 @@ pub(crate) async fn run(c: &Client, cmd: &SecretCmd, out: Format) -> anyhow::Res
                 parsed.push((name, value));
             }
             for (name, value) in parsed {
-                let body = SetSecret { value: value.to_owned(), service: service.clone() };
+                let body = SetSecret { value: value.to_owned(), service: service.clone(), file: *file };
                 let req = c.request(reqwest::Method::PUT, &format!("/v1/secrets/{}", seg(name))).json(&body);
                 let secret: Secret = c.send(req).await?.json().await.context("reading the secret")?;
                 eprintln!("set secret {} (version {})", secret.name, secret.version);

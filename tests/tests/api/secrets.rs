@@ -22,8 +22,9 @@ async fn a_secret_is_kept_sealed_and_never_shown_again() {
     let again = put("API_KEY", json!({ "value": format!("{value}-2") })).await;
     assert_eq!(again.body["version"], 2);
     create_service(&api, t, json!({"name": "web", "ports": ["443:8080"]})).await;
-    let scoped = put("API_KEY", json!({ "value": "for-web", "service": "web" })).await;
+    let scoped = put("API_KEY", json!({ "value": "for-web", "service": "web", "file": true })).await;
     assert_eq!((scoped.status, scoped.body["service"].as_str()), (200, Some("web")));
+    assert_eq!((scoped.body["file"].as_bool(), again.body["file"].as_bool()), (Some(true), Some(false)));
 
     let listed = get(&api, "/v1/secrets", t).await;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 2);
