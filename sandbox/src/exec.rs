@@ -54,16 +54,25 @@ pub struct Exec {
 #[derive(Debug)]
 pub struct ExecEnd {
     control: tokio::net::UnixStream,
+    /// What the init has answered so far: kept here, so that a wait dropped half-way (in a `select!`) loses none
+    /// of it.
+    answer: Vec<u8>,
 }
 
 impl ExecEnd {
     /// Waits for the command's end: its exit code (128 + signal for a signal), or why it could not run.
+    /// Cancel-safe: a wait dropped before it returns may be started again and loses nothing.
     pub async fn wait(&mut self) -> Result<i32, String> {
-        let mut answer = Vec::new();
-        if let Err(e) = self.control.read_to_end(&mut answer).await {
-            return Err(format!("lost the sandbox's answer: {e}"));
+        let mut chunk = [0u8; 1024];
+        loop {
+            // `read` is cancel-safe, and what it returns is kept before the next await.
+            match self.control.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => self.answer.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("lost the sandbox's answer: {e}")),
+            }
         }
-        match answer.split_first() {
+        match self.answer.split_first() {
             Some((0, code)) => code.try_into().map(i32::from_be_bytes).map_err(|_| "a garbled answer".to_owned()),
             Some((1, why)) => Err(String::from_utf8_lossy(why).into_owned()),
             _ => Err("the sandbox ended before the command did".into()),
@@ -116,7 +125,7 @@ impl Sandboxes {
         drop(theirs);
         stream.set_nonblocking(true).map_err(io("watching the command"))?;
         let control = tokio::net::UnixStream::from_std(stream).map_err(io("watching the command"))?;
-        Ok(Exec { stdio, end: ExecEnd { control } })
+        Ok(Exec { stdio, end: ExecEnd { control, answer: Vec::new() } })
     }
 }
 
@@ -189,4 +198,28 @@ fn send_with_fds(socket: RawFd, data: &[u8], fds: &[OwnedFd]) -> std::io::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::ExecEnd;
+
+    /// The relay waits for the end inside a `select!` that drops the wait whenever output comes first: an answer
+    /// read by a dropped wait must still be there for the next one (it once was lost, and a command's exit code
+    /// became "the sandbox ended before the command did").
+    #[tokio::test]
+    async fn a_wait_dropped_half_way_loses_no_part_of_the_answer() {
+        let (control, mut init) = tokio::net::UnixStream::pair().unwrap();
+        let mut end = ExecEnd { control, answer: Vec::new() };
+        init.write_all(&[0, 0, 0, 0, 3]).await.unwrap();
+        // The answer has come, the end of the connection not yet: this wait reads it and is dropped.
+        let first = tokio::time::timeout(Duration::from_millis(100), end.wait()).await;
+        assert!(first.is_err(), "no end of file yet: {first:?}");
+        drop(init);
+        assert_eq!(end.wait().await, Ok(3));
+    }
 }
