@@ -153,6 +153,7 @@ fn slots(cmd: &mut Command) -> Vec<Slot<'_>> {
             | ServiceCmd::Autoscale { name, .. }
             | ServiceCmd::Restart { name }
             | ServiceCmd::Rollouts { name }
+            | ServiceCmd::CancelRollout { name, .. }
             | ServiceCmd::Delete { name, .. } => vec![Name(name)],
         },
         Command::Deploy(args) => {

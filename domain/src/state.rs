@@ -112,7 +112,7 @@ wire_enum! {
         /// A new instance failed or did not become ready in time: the rollout stopped, and the instances that
         /// were healthy keep serving.
         Failed = "failed",
-        /// Cancelled by the tenant, or overtaken by the service's deletion.
+        /// Cancelled by the tenant: the new instances that did not run went, the others stayed.
         Cancelled = "cancelled",
     }
 }

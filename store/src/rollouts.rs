@@ -258,6 +258,39 @@ impl Store {
         .await
     }
 
+    /// Cancels a rollout under way: the new instances that do not run yet go, every other instance stays as it
+    /// is (those draining finish draining). Refused for a rollout that has ended.
+    pub async fn cancel_rollout(&self, tenant: Uuid, service: &str, id: Uuid) -> Result<Rollout, StoreError> {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            // The tenant first, as the controller's steps take it.
+            Self::lock_tenant(&mut tx, tenant).await?;
+            let (service_id, _, _) = Self::service_id(&mut tx, tenant, service, RowLock::None).await?;
+            let found: Option<(String,)> =
+                sqlx::query_as("SELECT state FROM rollouts WHERE id = $1 AND service_id = $2 FOR UPDATE")
+                    .bind(id)
+                    .bind(service_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let (state,) = found.ok_or_else(|| StoreError::NotFound { kind: "rollout", key: id.to_string() })?;
+            if state != "running" {
+                return Err(StoreError::State(cloud_domain::state::StateError::NotAllowed(format!(
+                    "rollout {id} is {state}: only a running one can be cancelled"
+                ))));
+            }
+            let (_, row) = Self::rollout_view(&mut tx, id).await?;
+            let old = members(&mut tx, "id = ANY($1)", &row.old_instances).await?;
+            let new = members(&mut tx, "rollout_id = ANY($1)", [id]).await?;
+            let unready: Vec<Uuid> = new.iter().filter(|m| !is_running(m)).map(|m| m.0).collect();
+            self.delete_instances_in(&mut tx, tenant, &unready).await?;
+            let serving = old.iter().filter(|m| m.6).count() + new.iter().filter(|m| is_running(m)).count();
+            let reason = format!("cancelled; {serving} instance(s) keep serving");
+            self.finish_rollout(tx, tenant, id, RolloutState::Cancelled, &reason).await?;
+            self.rollout(tenant, service, id).await
+        })
+        .await
+    }
+
     /// Moves every rollout under way one step: fails it when a new instance failed or was not ready in time
     /// (removing the new instances that do not run), drains old instances that running new ones replace,
     /// starts new ones within the surge, and ends it when done. Returns how many changed.

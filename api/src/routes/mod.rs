@@ -50,6 +50,7 @@ pub(crate) fn configure(cfg: &mut ServiceConfig) {
             .service(rollouts::create_rollout)
             .service(rollouts::list_rollouts)
             .service(rollouts::get_rollout)
+            .service(rollouts::cancel_rollout)
             .service(rollouts::set_autoscale)
             .service(rollouts::delete_autoscale)
             .service(instances::create_instance)

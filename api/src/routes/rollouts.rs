@@ -86,6 +86,27 @@ pub(crate) async fn get_rollout(
     Ok(web::Json(state.store.rollout(auth.tenant, &service, id).await?))
 }
 
+/// Cancel a rollout under way: its new instances that do not run yet go; every other instance stays as it is.
+#[utoipa::path(tag = "services", security(("bearer" = [])),
+    params(
+        ("service" = String, Path, description = "Service name or id"),
+        ("rollout" = Uuid, Path, description = "Rollout id"),
+    ),
+    responses(
+        (status = 200, description = "The rollout, cancelled", body = Rollout),
+        (status = "4XX", description = "Problem", body = Problem, content_type = "application/problem+json"),
+))]
+#[post("/services/{service}/rollouts/{rollout}/cancel")]
+pub(crate) async fn cancel_rollout(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<(String, Uuid)>,
+) -> ApiResult<web::Json<Rollout>> {
+    auth.require(Scope::Write)?;
+    let (service, id) = path.into_inner();
+    Ok(web::Json(state.store.cancel_rollout(auth.tenant, &service, id).await?))
+}
+
 /// Set the service's autoscale policy: instances are added while the requests in flight per instance stay above
 /// the target, and drained away after the cooldown when below, between min and max. New instances copy the
 /// service's newest one.

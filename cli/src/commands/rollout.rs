@@ -14,8 +14,9 @@ use crate::progress::Progress;
 pub(crate) async fn roll_out(c: &Client, service: &str, req: &CreateRollout) -> anyhow::Result<Rollout> {
     let started: Rollout = c.post(&format!("/v1/services/{}/rollouts", seg(service)), req).await?;
     eprintln!(
-        "rolling out {} to service {} ({}, {} new instance(s)); interrupting leaves it running",
-        started.image, started.service, started.strategy, started.replicas
+        "rolling out {} to service {} ({}, {} new instance(s)); interrupting leaves it running (cloudctl service \
+         cancel-rollout {} stops it)",
+        started.image, started.service, started.strategy, started.replicas, started.service
     );
     follow(c, service, started).await
 }

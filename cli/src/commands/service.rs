@@ -105,6 +105,15 @@ pub enum ServiceCmd {
         /// Name or id.
         name: String,
     },
+    /// Cancel a service's rollout under way: its new instances that do not run yet go; every other instance
+    /// stays as it is.
+    #[command(after_help = "Example:\n  cloudctl service cancel-rollout web")]
+    CancelRollout {
+        /// Name or id.
+        name: String,
+        /// The rollout's id (default: the one under way).
+        id: Option<String>,
+    },
     /// Delete a service.
     #[command(after_help = "Example:\n  cloudctl service delete my-service --force", visible_alias = "rm")]
     Delete {
@@ -239,6 +248,23 @@ pub(crate) async fn run(c: &Client, cmd: &ServiceCmd, out: Format) -> anyhow::Re
         ServiceCmd::Rollouts { name } => {
             let all: Vec<Rollout> = c.get(&format!("/v1/services/{}/rollouts", seg(name))).await?;
             print(out, &all, output::rollouts, |r| r.id.to_string(), false)?;
+        }
+        ServiceCmd::CancelRollout { name, id } => {
+            let id = match id {
+                Some(id) => id.clone(),
+                None => {
+                    let all: Vec<Rollout> = c.get(&format!("/v1/services/{}/rollouts", seg(name))).await?;
+                    let running = all.iter().find(|r| r.state == cloud_domain::state::RolloutState::Running);
+                    let running = running.ok_or_else(|| anyhow::anyhow!("service {name} has no rollout under way"))?;
+                    running.id.to_string()
+                }
+            };
+            let path = format!("/v1/services/{}/rollouts/{}/cancel", seg(name), seg(&id));
+            let r: Rollout = c.post(&path, &serde_json::json!({})).await?;
+            match out {
+                Format::Table => eprintln!("cancelled rollout {id}: {}", r.state_reason.unwrap_or_default()),
+                _ => print(out, &[r], output::rollouts, |r| r.id.to_string(), true)?,
+            }
         }
         ServiceCmd::Delete { name, force } => {
             let q = if *force { "?force=true" } else { "" };

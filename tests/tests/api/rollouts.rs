@@ -304,3 +304,32 @@ async fn one_controller_acts_at_a_time_and_another_takes_over_when_it_goes() {
     }
     assert!(!api.store.lead(&mut first).await, "the old leader now waits");
 }
+
+#[tokio::test]
+async fn a_rollout_under_way_can_be_cancelled_once() {
+    let api = TestApi::start().await;
+    let t = &api.token;
+    create_service(&api, t, json!({"name": "web", "ports": ["443:8080"]})).await;
+    let made = post(&api, "/v1/instances", t, json!({"image": "hello", "service": "web"})).await;
+    let old = ids(&made.body["instances"]);
+    run(&api, &old).await;
+    let started = post(&api, "/v1/services/web/rollouts", t, json!({})).await;
+    let id = started.body["id"].as_str().unwrap().to_owned();
+    api.store.step_rollouts().await.unwrap();
+    let path = format!("/v1/services/web/rollouts/{id}");
+    let new = ids(&get(&api, &path, t).await.body["new_instances"]);
+    assert_eq!(new.len(), 1);
+
+    let (_, other) = api.tenant("hooli", &[Scope::Read, Scope::Write]).await;
+    post(&api, &format!("{path}/cancel"), &other, json!({})).await.problem(404, "not_found", "web");
+    let cancelled = post(&api, &format!("{path}/cancel"), t, json!({})).await;
+    assert_eq!(cancelled.body["state"], "cancelled", "{}", cancelled.body);
+    assert_eq!(cancelled.body["state_reason"], "cancelled; 1 instance(s) keep serving");
+    assert_eq!(state_of(&api, new[0]).await, None, "the new instance that did not run went");
+    assert_eq!(state_of(&api, old[0]).await.as_deref(), Some("running"), "the old one serves on");
+    post(&api, &format!("{path}/cancel"), t, json!({})).await.problem(409, "invalid_state_transition", "cancelled");
+    // Nothing moves it on any more, and the service may have a new one.
+    api.store.step_rollouts().await.unwrap();
+    assert_eq!(get(&api, &path, t).await.body["state"], "cancelled");
+    assert_eq!(post(&api, "/v1/services/web/rollouts", t, json!({})).await.status, 201);
+}
