@@ -451,14 +451,9 @@ async fn follow(
 
 /// Keeps the backends `next` drops that still have something in flight, for the load reports.
 fn retire(shared: &Shared, current: &RouteTable, next: &RouteTable) {
-    let kept: std::collections::HashSet<*const table::Backend> = next.backends().map(|(_, b)| Arc::as_ptr(b)).collect();
     let mut retired = shared.retired.lock().expect("retired lock");
     retired.retain(|b| b.in_flight() > 0);
-    for (_, b) in current.backends() {
-        if !kept.contains(&Arc::as_ptr(b)) && b.in_flight() > 0 {
-            retired.push(b.clone());
-        }
-    }
+    retired.extend(current.dropped_backends(next).filter(|b| b.in_flight() > 0).cloned());
 }
 
 /// Reports to PostgreSQL, every `load_report_interval`, the version routed by and what is in flight per instance.

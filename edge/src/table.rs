@@ -295,6 +295,21 @@ impl RouteTable {
         self.services.is_empty()
     }
 
+    /// The backends of this table that `next` no longer routes to. A service `next` shares unchanged (the same
+    /// `Arc`, as [`Self::apply`] leaves the untouched ones) is skipped, so a change costs what it touched; a
+    /// backend kept across tables is the same `Arc` (see `build`).
+    pub fn dropped_backends<'a>(&'a self, next: &'a RouteTable) -> impl Iterator<Item = &'a Arc<Backend>> + 'a {
+        self.services
+            .iter()
+            .map(move |(id, old)| (old, next.services.get(id)))
+            .filter(|(old, now)| !now.is_some_and(|n| Arc::ptr_eq(n, old)))
+            .flat_map(|(old, now)| {
+                old.backends
+                    .iter()
+                    .filter(move |b| !now.is_some_and(|n| n.backends.iter().any(|nb| Arc::ptr_eq(nb, b))))
+            })
+    }
+
     /// Every backend of every service (for health checks).
     pub fn backends(&self) -> impl Iterator<Item = (&Arc<Service>, &Arc<Backend>)> {
         self.services.values().flat_map(|s| s.backends.iter().map(move |b| (s, b)))
@@ -412,6 +427,14 @@ mod tests {
         assert_eq!(a.backends[0].in_flight(), 0);
         // The old table is untouched.
         assert!(t.by_host("b.z").is_some() && t.by_host("www.a.com").is_none());
+        // What t2 no longer routes to: service 1's other backend and service 2's, not the one kept.
+        let mut dropped: Vec<Uuid> = t.dropped_backends(&t2).map(|b| b.id).collect();
+        dropped.sort();
+        let mut want: Vec<Uuid> = t.backends().map(|(_, b)| b.id).filter(|id| *id != busy).collect();
+        want.sort();
+        assert_eq!((dropped.len(), dropped), (2, want));
+        // A table that changed nothing drops nothing.
+        assert_eq!(t2.dropped_backends(&t2.apply(3, Vec::new(), &[])).count(), 0);
     }
 
     #[test]

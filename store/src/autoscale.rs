@@ -9,7 +9,6 @@ use cloud_domain::api::{Autoscale, EventAction, Service};
 use uuid::Uuid;
 
 use crate::drain::DrainThen;
-use crate::instances::InstanceSpec;
 use crate::page::RowLock;
 use crate::{Store, StoreError, record_event};
 
@@ -118,42 +117,8 @@ impl Store {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
             let (quotas, network, _) = Self::lock_tenant(&mut tx, tenant).await?;
-            type Template = (
-                Uuid,
-                String,
-                String,
-                Vec<String>,
-                sqlx::types::Json<std::collections::BTreeMap<String, String>>,
-                i32,
-                i32,
-                String,
-            );
-            let template: Option<Template> = sqlx::query_as(
-                "SELECT i.image_id, m.name, i.image_digest, i.args, i.env, i.memory_mb, i.port, i.restart_policy
-                 FROM instances i JOIN images m ON m.id = i.image_id
-                 WHERE i.service_id = $1 AND i.drain_then IS NULL AND i.desired_state = 'running'
-                 ORDER BY i.created_at DESC, i.id DESC LIMIT 1",
-            )
-            .bind(service)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((image_id, image_name, digest, args, env, memory_mb, port, restart_policy)) = template else {
-                return Ok(0);
-            };
-            Self::check_instance_quotas(&mut tx, tenant, &quotas, count, memory_mb as u32).await?;
-            let spec = InstanceSpec {
-                image_id,
-                image_name,
-                digest,
-                service_id: Some(service),
-                args,
-                env: env.0,
-                memory_mb: memory_mb as u32,
-                restart_policy: restart_policy.parse().unwrap_or_default(),
-                port,
-                start: true,
-                rollout_id: None,
-            };
+            let Some(spec) = Self::newest_serving(&mut tx, service).await? else { return Ok(0) };
+            Self::check_instance_quotas(&mut tx, tenant, &quotas, count, spec.memory_mb).await?;
             self.insert_instances_in(&mut tx, tenant, network, &spec, vec![None; count as usize]).await?;
             self.note_scaled(&mut tx, tenant, service).await?;
             tx.commit().await?;

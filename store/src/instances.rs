@@ -140,6 +140,37 @@ impl Store {
         Ok(row.into())
     }
 
+    /// What a copy of the service's newest serving instance (wanted running, not draining) is made of: the
+    /// template of autoscale's additions and of what a rollout is not given.
+    pub(crate) async fn newest_serving(
+        conn: &mut sqlx::PgConnection,
+        service: Uuid,
+    ) -> Result<Option<InstanceSpec>, StoreError> {
+        type Row = (Uuid, String, String, Vec<String>, sqlx::types::Json<BTreeMap<String, String>>, i32, i32, String);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT i.image_id, m.name, i.image_digest, i.args, i.env, i.memory_mb, i.port, i.restart_policy
+             FROM instances i JOIN images m ON m.id = i.image_id
+             WHERE i.service_id = $1 AND i.drain_then IS NULL AND i.desired_state = 'running'
+             ORDER BY i.created_at DESC, i.id DESC LIMIT 1",
+        )
+        .bind(service)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(row.map(|(image_id, image_name, digest, args, env, memory_mb, port, restart_policy)| InstanceSpec {
+            image_id,
+            image_name,
+            digest,
+            service_id: Some(service),
+            args,
+            env: env.0,
+            memory_mb: memory_mb as u32,
+            restart_policy: restart_policy.parse().unwrap_or_default(),
+            port,
+            start: true,
+            rollout_id: None,
+        }))
+    }
+
     /// Refuses `replicas` more instances of `memory_mb` each beyond the tenant's quotas.
     pub(crate) async fn check_instance_quotas(
         conn: &mut sqlx::PgConnection,

@@ -66,6 +66,14 @@ const SELECT_ROLLOUT: &str = "SELECT r.id, r.service_id, s.name AS service_name,
         r.updated_at, r.finished_at
     FROM rollouts r JOIN services s ON s.id = r.service_id JOIN images m ON m.id = r.image_id";
 
+/// A rollout read whole.
+struct Loaded {
+    view: Rollout,
+    row: RolloutRow,
+    old: Vec<Member>,
+    new: Vec<Member>,
+}
+
 /// An instance as a rollout sees it: id, name, state, private IP, created at, state reason, still serving
 /// (not draining or asked to stop).
 type Member = (Uuid, String, String, IpAddr, DateTime<Utc>, Option<String>, bool);
@@ -99,7 +107,8 @@ fn is_running(m: &Member) -> bool {
 }
 
 impl Store {
-    async fn rollout_view(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<(Rollout, RolloutRow), StoreError> {
+    /// A rollout as shown, with its row and its old and new instances as they are now.
+    async fn rollout_view(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Loaded, StoreError> {
         let row: RolloutRow = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_ROLLOUT} WHERE r.id = $1")))
             .bind(id)
             .fetch_one(&mut *conn)
@@ -125,7 +134,7 @@ impl Store {
             updated_at: row.updated_at,
             finished_at: row.finished_at,
         };
-        Ok((view, row))
+        Ok(Loaded { view, row, old, new })
     }
 
     /// Starts a rollout of a service. Nothing changes when it is refused: an unknown image, a service without
@@ -144,22 +153,7 @@ impl Store {
                 return Err(StoreError::RolloutInProgress { service: service_name, rollout });
             }
             // The newest instance serving is the template of what is not given.
-            let template: Option<(
-                Uuid,
-                String,
-                Vec<String>,
-                sqlx::types::Json<BTreeMap<String, String>>,
-                i32,
-                i32,
-                String,
-            )> = sqlx::query_as(
-                "SELECT image_id, image_digest, args, env, memory_mb, port, restart_policy FROM instances
-                     WHERE service_id = $1 AND drain_then IS NULL AND desired_state = 'running'
-                     ORDER BY created_at DESC, id DESC LIMIT 1",
-            )
-            .bind(service_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let template = Self::newest_serving(&mut tx, service_id).await?;
             let (image_id, digest, port) = match (&new.image, &template) {
                 (Some(key), _) => {
                     let images = Table { select: "SELECT id, digest, port FROM images", alias: "" };
@@ -167,7 +161,7 @@ impl Store {
                         page::find(&mut *tx, images, Visible::TenantOrBuiltin(tenant), key, RowLock::None).await?;
                     found.ok_or_else(|| StoreError::NotFound { kind: "image", key: key.clone() })?
                 }
-                (None, Some(t)) => (t.0, t.1.clone(), t.5),
+                (None, Some(t)) => (t.image_id, t.digest.clone(), t.port),
                 (None, None) => {
                     return Err(StoreError::State(cloud_domain::state::StateError::NotAllowed(format!(
                         "service {service_name} runs no instance to take the image from: give an image"
@@ -184,12 +178,12 @@ impl Store {
             let old: Vec<Uuid> = old.into_iter().map(|(id,)| id).collect();
             let replicas = new.replicas.unwrap_or((old.len() as u32).max(1));
             let max_surge = new.max_surge.unwrap_or(1);
-            let memory_mb = template.as_ref().map_or(128, |t| t.4 as u32);
+            let memory_mb = template.as_ref().map_or(128, |t| t.memory_mb);
             let first_batch = if new.strategy == RolloutStrategy::Keep { replicas } else { replicas.min(max_surge) };
             Self::check_instance_quotas(&mut tx, tenant, &quotas, first_batch, memory_mb).await?;
-            let env = new.env.or_else(|| template.as_ref().map(|t| t.3.0.clone())).unwrap_or_default();
-            let args = new.args.or_else(|| template.as_ref().map(|t| t.2.clone())).unwrap_or_default();
-            let restart_policy = template.as_ref().map_or("never".to_owned(), |t| t.6.clone());
+            let env = new.env.or_else(|| template.as_ref().map(|t| t.env.clone())).unwrap_or_default();
+            let args = new.args.or_else(|| template.as_ref().map(|t| t.args.clone())).unwrap_or_default();
+            let restart_policy = template.as_ref().map_or(RestartPolicy::Never, |t| t.restart_policy);
             let id = Uuid::new_v4();
             sqlx::query(
                 "INSERT INTO rollouts (id, tenant_id, service_id, image_id, image_digest, strategy, state, state_reason,
@@ -209,11 +203,11 @@ impl Store {
             .bind(sqlx::types::Json(&env))
             .bind(memory_mb as i32)
             .bind(port)
-            .bind(&restart_policy)
+            .bind(restart_policy.as_str())
             .bind(&old)
             .execute(&mut *tx)
             .await?;
-            let (view, _) = Self::rollout_view(&mut tx, id).await?;
+            let view = Self::rollout_view(&mut tx, id).await?.view;
             record_event(&mut tx, Some(tenant), "rollout", id, EventAction::Created, &view).await?;
             tx.commit().await?;
             Ok(view)
@@ -232,7 +226,7 @@ impl Store {
                 .fetch_optional(&mut *conn)
                 .await?;
             let (id,) = found.ok_or_else(|| StoreError::NotFound { kind: "rollout", key: id.to_string() })?;
-            Ok(Self::rollout_view(&mut conn, id).await?.0)
+            Ok(Self::rollout_view(&mut conn, id).await?.view)
         })
         .await
     }
@@ -251,7 +245,7 @@ impl Store {
             .await?;
             let mut out = Vec::with_capacity(ids.len());
             for (id,) in ids {
-                out.push(Self::rollout_view(&mut conn, id).await?.0);
+                out.push(Self::rollout_view(&mut conn, id).await?.view);
             }
             Ok(out)
         })
@@ -278,9 +272,7 @@ impl Store {
                     "rollout {id} is {state}: only a running one can be cancelled"
                 ))));
             }
-            let (_, row) = Self::rollout_view(&mut tx, id).await?;
-            let old = members(&mut tx, "id = ANY($1)", &row.old_instances).await?;
-            let new = members(&mut tx, "rollout_id = ANY($1)", [id]).await?;
+            let Loaded { old, new, .. } = Self::rollout_view(&mut tx, id).await?;
             let unready: Vec<Uuid> = new.iter().filter(|m| !is_running(m)).map(|m| m.0).collect();
             self.delete_instances_in(&mut tx, tenant, &unready).await?;
             let serving = old.iter().filter(|m| m.6).count() + new.iter().filter(|m| is_running(m)).count();
@@ -322,10 +314,8 @@ impl Store {
         if locked.is_none_or(|(s,)| s != "running") {
             return Ok(false);
         }
-        let (_, row) = Self::rollout_view(&mut tx, id).await?;
+        let Loaded { row, old, new, .. } = Self::rollout_view(&mut tx, id).await?;
         let strategy: RolloutStrategy = row.strategy.parse().unwrap_or_default();
-        let old = members(&mut tx, "id = ANY($1)", &row.old_instances).await?;
-        let new = members(&mut tx, "rollout_id = ANY($1)", [row.id]).await?;
         let ready_timeout = chrono::Duration::seconds(i64::from(row.ready_timeout));
         let now = Utc::now();
 
@@ -410,7 +400,7 @@ impl Store {
                 .bind(&reason)
                 .execute(&mut *tx)
                 .await?;
-            let (view, _) = Self::rollout_view(&mut tx, id).await?;
+            let view = Self::rollout_view(&mut tx, id).await?.view;
             record_event(&mut tx, Some(tenant), "rollout", id, EventAction::Updated, &view).await?;
             tx.commit().await?;
             return Ok(true);
@@ -436,7 +426,7 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        let (view, _) = Self::rollout_view(&mut tx, id).await?;
+        let view = Self::rollout_view(&mut tx, id).await?.view;
         record_event(&mut tx, Some(tenant), "rollout", id, EventAction::Updated, &view).await?;
         tx.commit().await?;
         Ok(())

@@ -29,12 +29,7 @@ pub(crate) async fn create_rollout(
 ) -> ApiResult<HttpResponse> {
     auth.require(Scope::Write)?;
     let body = body.into_inner();
-    if let Some(env) = &body.env {
-        super::instances::check_env_args(env, &[])?;
-    }
-    if let Some(args) = &body.args {
-        super::instances::check_env_args(&Default::default(), args)?;
-    }
+    super::instances::check_env_args(&body.env.clone().unwrap_or_default(), body.args.as_deref().unwrap_or_default())?;
     let new = NewRollout {
         image: body.image,
         strategy: body.strategy,
